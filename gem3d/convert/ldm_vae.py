@@ -1,0 +1,320 @@
+"""Conversion helpers between latent-diffusion's KL autoencoder and ``diffusers.AutoencoderKL``.
+
+latent-diffusion ("LDM") layout: ``encoder.down.{i}.block.{j}.*``, ``encoder.mid.block_1.*``,
+``encoder.mid.attn_1.{norm,q,k,v,proj_out}.*`` (1x1 convs), ``decoder.up.{i}.*`` (numbered from the
+lowest resolution), ``quant_conv.*``, ``post_quant_conv.*``; usually behind a prefix
+(``first_stage_model.`` in a full LatentDiffusion checkpoint, none in an autoencoder-only one).
+
+The LDM -> diffusers direction is diffusers' own ``convert_ldm_vae_checkpoint`` (exact);
+the reverse direction (:func:`diffusers_to_ldm_state_dict`) is its inverse, for exporting.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LDM_AUTOENCODER_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+LDM_PREFIXES = ("first_stage_model.", "vae.")
+DEFAULT_SCALE_FACTOR = 0.18215
+
+# every key latent-diffusion's Encoder/Decoder accept, with the values diffusers' AutoencoderKL can represent
+DDCONFIG_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch")
+DDCONFIG_FIXED = {
+    "double_z": True,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+    "resamp_with_conv": True,
+    "give_pre_end": False,
+    "tanh_out": False,
+    "use_linear_attn": False,
+    "attn_type": "vanilla",
+}
+DDCONFIG_KEYS = DDCONFIG_REQUIRED + tuple(DDCONFIG_FIXED)
+NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps=1e-6), as diffusers' VAE does
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _plain(config: Any) -> Any:
+    """OmegaConf node / Mapping -> plain python containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(config, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(config, Mapping):
+        return {k: _plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [_plain(v) for v in config]
+    return config
+
+
+def read_config(config: str | Path | Mapping) -> dict:
+    """A YAML path, OmegaConf node or dict -> plain dict (clear error for a missing file)."""
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"autoencoder config file not found: {str(path)!r}")
+        from omegaconf import OmegaConf
+
+        return _plain(OmegaConf.load(path))
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a path, a dict or an OmegaConf node, got {type(config).__name__}")
+    return _plain(config)
+
+
+def find_autoencoder_params(config: str | Path | Mapping) -> dict:
+    """Locate the autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) in any latent-diffusion layout.
+
+    Accepted layouts: a full model config (``model.params.first_stage_config.params``), an autoencoder-only
+    config (``model.params``), a ``first_stage_config`` node (``params``) or the params themselves.
+    """
+    cfg = read_config(config)
+    candidates = [
+        ("model.params.first_stage_config.params", lambda c: c["model"]["params"]["first_stage_config"]["params"]),
+        ("model.params", lambda c: c["model"]["params"]),
+        ("first_stage_config.params", lambda c: c["first_stage_config"]["params"]),
+        ("params", lambda c: c["params"]),
+        ("<top level>", lambda c: c),
+    ]
+    for _, get in candidates:
+        try:
+            params = get(cfg)
+        except (KeyError, TypeError):
+            continue
+        if isinstance(params, Mapping) and "ddconfig" in params:
+            return dict(params)
+    where = ", ".join(name for name, _ in candidates)
+    raise KeyError(f"no autoencoder 'ddconfig' found in the config; looked under: {where} (top-level keys: {sorted(cfg)})")
+
+
+def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
+    """Check that a latent-diffusion ``ddconfig`` can be held exactly by ``diffusers.AutoencoderKL``.
+
+    Returns a plain dict with the optional keys filled with their latent-diffusion defaults.
+    """
+    dd = _plain(dict(ddconfig))
+    unknown = sorted(set(dd) - set(DDCONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown ddconfig key(s) {unknown}; allowed keys: {list(DDCONFIG_KEYS)}")
+    missing = [k for k in DDCONFIG_REQUIRED if k not in dd]
+    if missing:
+        raise ValueError(f"ddconfig is missing required key(s) {missing}; required: {list(DDCONFIG_REQUIRED)}")
+    for key in ("ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"):
+        value = dd[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"ddconfig.{key} must be a positive int, got {value!r}")
+    ch_mult = dd["ch_mult"]
+    if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ch_mult
+    ):
+        raise ValueError(f"ddconfig.ch_mult must be a non-empty list of positive ints, got {ch_mult!r}")
+    bad_groups = [dd["ch"] * m for m in ch_mult if (dd["ch"] * m) % NORM_NUM_GROUPS]
+    if bad_groups:
+        raise ValueError(
+            f"ddconfig.ch * ch_mult gives channel counts {bad_groups} that are not divisible by the "
+            f"{NORM_NUM_GROUPS} GroupNorm groups; got ch={dd['ch']!r}, ch_mult={list(ch_mult)!r}"
+        )
+    for key, allowed in DDCONFIG_FIXED.items():
+        value = dd.setdefault(key, allowed)
+        same = list(value) == allowed if isinstance(allowed, list) and isinstance(value, (list, tuple)) else value == allowed
+        if not same:
+            raise ValueError(
+                f"ddconfig.{key}={value!r} is not supported by diffusers.AutoencoderKL; allowed: {allowed!r}"
+                + (" (attention only in the middle block, as in kl-f8)" if key == "attn_resolutions" else "")
+            )
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim != dd["z_channels"]:
+        raise ValueError(
+            f"embed_dim={embed_dim!r} must equal ddconfig.z_channels={dd['z_channels']!r} "
+            "(diffusers.AutoencoderKL uses one latent channel count)"
+        )
+    dd["ch_mult"] = list(ch_mult)
+    return dd
+
+
+def wrap_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float | None = None) -> dict:
+    """Wrap a ddconfig in the full LatentDiffusion layout diffusers' converters expect
+    (``model.params.first_stage_config.params.ddconfig``)."""
+    params: dict[str, Any] = {"first_stage_config": {"params": {"embed_dim": embed_dim, "ddconfig": dict(ddconfig)}}}
+    if scale_factor is not None:
+        params["scale_factor"] = float(scale_factor)
+    return {"model": {"params": params}}
+
+
+def diffusers_config_from_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR) -> dict:
+    """latent-diffusion ``ddconfig`` -> ``AutoencoderKL`` kwargs (via diffusers' ``create_vae_diffusers_config_from_ldm``)."""
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+
+    dd = validate_ddconfig(ddconfig, embed_dim)
+    # an empty checkpoint makes diffusers guess a default sample size; the ddconfig's resolution is the truth
+    config = create_vae_diffusers_config_from_ldm(wrap_ddconfig(dd, embed_dim, scale_factor), {})
+    config["sample_size"] = dd["resolution"]
+    config["norm_num_groups"] = NORM_NUM_GROUPS
+    return config
+
+
+# ------------------------------------------------------------------------------------------ state dicts
+LDM_MARKER = "encoder.down.0.block.0.conv1.weight"
+DIFFUSERS_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> tuple[str, str]:
+    """Which autoencoder layout a state dict holds and behind which prefix -> (``"ldm"|"diffusers"``, prefix).
+
+    ``prefix=None`` detects it; with several candidates (a LatentDiffusion checkpoint also holds
+    ``cond_stage_model.*``) ``first_stage_model.`` wins, otherwise pass ``prefix`` explicitly.
+    """
+    found = []
+    for layout, marker in (("ldm", LDM_MARKER), ("diffusers", DIFFUSERS_MARKER)):
+        found += [(layout, k[: -len(marker)]) for k in state_dict if k.endswith(marker)]
+    if prefix is not None:
+        found = [c for c in found if c[1] == prefix]
+    if not found:
+        raise KeyError(
+            f"no autoencoder weights found{'' if prefix is None else f' under prefix {prefix!r}'}: expected a key "
+            f"ending in {LDM_MARKER!r} (LDM layout) or {DIFFUSERS_MARKER!r} (diffusers layout); "
+            f"first keys found: {sorted(state_dict)[:5]}"
+        )
+    if len(found) > 1:
+        preferred = [c for c in found if c[1] in LDM_PREFIXES]
+        if len(preferred) != 1:
+            raise ValueError(f"several autoencoders in this state dict, prefixes {[c[1] for c in found]}; pass prefix=")
+        found = preferred
+    return found[0]
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str, parts: tuple[str, ...] = LDM_AUTOENCODER_PARTS) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` that start with one of ``parts``, with the prefix removed."""
+    out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k: v for k, v in out.items() if k.startswith(parts)}
+
+
+def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Bare LDM autoencoder weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
+
+    ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none; anything else (``loss.*``,
+    ``cond_stage_model.*``, UNet weights) is dropped.
+    """
+    layout, prefix = detect_layout(state_dict, prefix)
+    if layout != "ldm":
+        raise ValueError(f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout")
+    return strip_prefix(state_dict, prefix)
+
+
+def find_scale_factor(config: str | Path | Mapping) -> float | None:
+    """``model.params.scale_factor`` of a full LatentDiffusion config, or ``None``."""
+    cfg = read_config(config)
+    try:
+        value = cfg["model"]["params"]["scale_factor"]
+    except (KeyError, TypeError):
+        return None
+    return None if value is None else float(value)
+
+
+def ldm_to_diffusers_state_dict(ldm_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping) -> dict[str, torch.Tensor]:
+    """Bare LDM autoencoder weights -> ``AutoencoderKL`` state dict (diffusers' ``convert_ldm_vae_checkpoint``)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return convert_ldm_vae_checkpoint(dict(ldm_state_dict), dict(diffusers_config))
+
+
+_RENAMES_TO_LDM = [  # (diffusers regex, LDM replacement) applied in order; up-block indices fixed afterwards
+    (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+]
+_ATTENTION_TO_LDM = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
+    """``AutoencoderKL`` state dict -> bare LDM layout (inverse of :func:`ldm_to_diffusers_state_dict`).
+
+    ``num_levels`` = ``len(block_out_channels)`` (diffusers numbers decoder levels from the lowest
+    resolution up, LDM from the highest down).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, repl in _RENAMES_TO_LDM:
+            new = re.sub(pattern, repl, new)
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", new)
+        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.", new)
+        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".mid.attn_1." in new:
+            head, tail = new.split(".mid.attn_1.")
+            for src, dst in _ATTENTION_TO_LDM.items():
+                if tail.startswith(src):
+                    tail = dst + tail[len(src):]
+                    break
+            new = f"{head}.mid.attn_1.{tail}"
+            if value.ndim == 2:  # Linear -> 1x1 conv
+                value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _numpy_safe_globals() -> list:
+    """numpy scalar/dtype reconstructors, harmless and common in old Lightning checkpoints."""
+    import numpy as np
+
+    names = []
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    scalar = getattr(getattr(core, "multiarray", None), "scalar", None)
+    if scalar is not None:
+        names.append(scalar)
+    names.append(np.dtype)
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        names += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType") if hasattr(dtypes, n)]
+    return names
+
+
+def _unsupported_global(err: Exception) -> str:
+    """The object torch refused, e.g. `` (Unsupported global: GLOBAL mymodule.MyClass)``, or ''."""
+    match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
+    return f" ({match[0]})" if match else ""
+
+
+def load_checkpoint_file(path: str | Path, *, trust: bool = False) -> dict:
+    """Read a ``.ckpt``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+
+    ``trust=True`` falls back to ``weights_only=False``, which can run arbitrary code from the file:
+    use it only for files whose source you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise pickle.UnpicklingError(
+                f"could not load {str(path)!r} with torch.load(weights_only=True): it holds objects outside "
+                f"the safe allowlist{_unsupported_global(err)}. "
+                "If you trust the source of this file, pass trust=True (or set `trust: true` in the config) "
+                "to load it with weights_only=False, which can execute code stored in the file."
+            ) from err
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def state_dict_of(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint (Lightning ``state_dict`` or a bare state dict)."""
+    sd = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint holds no tensors (keys: {sorted(checkpoint)[:10]})")
+    return sd

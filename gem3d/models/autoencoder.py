@@ -1,0 +1,365 @@
+"""The first stage: a KL autoencoder (latent-diffusion's KL-f8 by default) held by ``diffusers.AutoencoderKL``.
+
+Images are ``(N, C, H, W)`` in [-1, 1] (or clips ``(B, F, C, H, W)``); latents are ``(N, z, H/f, W/f)``
+multiplied by ``scale_factor`` (0.18215 for KL-f8), the space the diffusion model works in.
+Encoding and decoding run in chunks of ``chunk_size`` slices to bound memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+from tqdm.auto import tqdm
+
+from gem3d.convert import ldm_vae
+
+DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
+DEFAULT_CHUNK_SIZE = 16
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "first_stage"
+KL_F8_CONFIG = CONFIG_DIR / "kl-f8.yaml"
+
+# keys a gem3d first-stage config (``first_stage_config.params``) may hold
+FROM_CONFIG_KEYS = (
+    "ddconfig", "embed_dim", "diffusers", "diffusers_dir", "ckpt_path", "prefix", "trust",
+    "scale_factor", "chunk_size", "frozen", "lossconfig", "monitor",
+)  # fmt: skip
+
+
+def _autoencoder_kl():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
+
+
+def _check_positive(name: str, value: Any, kind: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, (kind, int)) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+class FirstStage(nn.Module):
+    """Wraps ``diffusers.AutoencoderKL`` as ``.vae``; frozen (eval, no grads) unless :meth:`unfreeze` is called.
+
+    Args:
+        vae: the ``AutoencoderKL``.
+        scale_factor: latent multiplier (latent = posterior sample or mean x scale_factor).
+        chunk_size: slices per encoder/decoder call.
+        frozen: start frozen (default) or trainable.
+    """
+
+    def __init__(self, vae, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True):
+        super().__init__()
+        AutoencoderKL = _autoencoder_kl()
+        if not isinstance(vae, AutoencoderKL):
+            raise TypeError(f"vae must be a diffusers.AutoencoderKL, got {type(vae).__name__}")
+        _check_positive("scale_factor", scale_factor, float)
+        _check_positive("chunk_size", chunk_size, int)
+        self.vae = vae
+        self.scale_factor = float(scale_factor)
+        self.chunk_size = int(chunk_size)
+        self.vae.register_to_config(scaling_factor=self.scale_factor)
+        self.frozen = False
+        if frozen:
+            self.freeze()
+
+    # ------------------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_ldm_ddconfig(
+        cls, ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
+    ) -> FirstStage:
+        """Random-weight model from latent-diffusion's ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``, ...)."""
+        config = ldm_vae.diffusers_config_from_ddconfig(ddconfig, embed_dim, scale_factor)
+        return cls(_autoencoder_kl()(**config), scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
+
+    @classmethod
+    def from_diffusers_config(
+        cls, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True, **kwargs: Any
+    ) -> FirstStage:
+        """Random-weight model from native ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``,
+        ``latent_channels``, ``norm_num_groups``, ``sample_size``, ``in_channels``, ``out_channels``, ...).
+        Block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
+        AutoencoderKL = _autoencoder_kl()
+        allowed = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown AutoencoderKL option(s) {unknown}; allowed: {allowed}")
+        blocks = kwargs.get("block_out_channels", (64,))
+        if not isinstance(blocks, (list, tuple)) or not blocks or not all(isinstance(b, int) and b > 0 for b in blocks):
+            raise ValueError(f"block_out_channels must be a non-empty list of positive ints, got {blocks!r}")
+        groups = kwargs.get("norm_num_groups", 32)
+        if not isinstance(groups, int) or groups < 1 or any(b % groups for b in blocks):
+            raise ValueError(f"every block_out_channels entry {list(blocks)} must be divisible by norm_num_groups={groups!r}")
+        kwargs.setdefault("down_block_types", ["DownEncoderBlock2D"] * len(blocks))
+        kwargs.setdefault("up_block_types", ["UpDecoderBlock2D"] * len(blocks))
+        for key in ("down_block_types", "up_block_types"):
+            if len(kwargs[key]) != len(blocks):
+                raise ValueError(f"{key} has {len(kwargs[key])} entries but block_out_channels has {len(blocks)}: {list(kwargs[key])}")
+        if scale_factor is None:
+            scale_factor = kwargs.get("scaling_factor", DEFAULT_SCALE_FACTOR)
+        kwargs["scaling_factor"] = scale_factor
+        return cls(AutoencoderKL(**kwargs), scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
+
+    @classmethod
+    def from_ldm_config(
+        cls, config: str | Path | Mapping = KL_F8_CONFIG, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
+    ) -> FirstStage:
+        """Random-weight model from a latent-diffusion YAML (full model or autoencoder-only layout).
+        ``scale_factor`` defaults to the config's ``model.params.scale_factor``, else 0.18215."""
+        params = ldm_vae.find_autoencoder_params(config)
+        if "embed_dim" not in params:
+            raise KeyError(f"autoencoder params hold no 'embed_dim' (keys: {sorted(params)})")
+        if scale_factor is None:
+            scale_factor = ldm_vae.find_scale_factor(config) or DEFAULT_SCALE_FACTOR
+        return cls.from_ldm_ddconfig(params["ddconfig"], params["embed_dim"], scale_factor, chunk_size, frozen)
+
+    @classmethod
+    def from_ldm_checkpoint(
+        cls,
+        ckpt_path: str | Path,
+        config_path: str | Path | Mapping = KL_F8_CONFIG,
+        *,
+        trust: bool = False,
+        prefix: str | None = None,
+        scale_factor: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        frozen: bool = True,
+    ) -> FirstStage:
+        """Load latent-diffusion weights offline: its ``kl-f8/model.ckpt`` (autoencoder-only, the default config
+        ``configs/first_stage/kl-f8.yaml``) or a LatentDiffusion checkpoint (``first_stage_model.*``) with its config."""
+        model = cls.from_ldm_config(config_path, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
+        state_dict = ldm_vae.state_dict_of(ldm_vae.load_checkpoint_file(ckpt_path, trust=trust))
+        return model.load_ldm_state_dict(state_dict, prefix=prefix)
+
+    @classmethod
+    def from_diffusers_dir(
+        cls, path: str | Path, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
+    ) -> FirstStage:
+        """Load a *local* diffusers ``AutoencoderKL`` folder (``config.json`` + weights); never the hub.
+        ``scale_factor`` defaults to the folder's ``scaling_factor``."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"not a local diffusers model folder (no config.json): {str(path)!r}")
+        vae = _autoencoder_kl().from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+        if scale_factor is None:
+            scale_factor = float(vae.config.scaling_factor)
+        return cls(vae, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
+
+    @classmethod
+    def from_config(cls, params: Mapping) -> FirstStage:
+        """Build (and optionally load) from a gem3d config node (``first_stage_config.params``).
+
+        Architecture: ``ddconfig`` + ``embed_dim`` (latent-diffusion) or ``diffusers`` (AutoencoderKL kwargs) or
+        ``diffusers_dir``. Weights: ``ckpt_path`` (LDM or gem3d layout, detected), with ``prefix`` and ``trust``.
+        """
+        params = ldm_vae.read_config(params)
+        unknown = sorted(set(params) - set(FROM_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown first-stage config key(s) {unknown}; allowed: {list(FROM_CONFIG_KEYS)}")
+        common = {k: params[k] for k in ("chunk_size", "frozen") if k in params}
+        sources = [k for k in ("ddconfig", "diffusers", "diffusers_dir") if k in params]
+        if len(sources) != 1:
+            raise ValueError(f"give exactly one of 'ddconfig', 'diffusers', 'diffusers_dir'; got {sources}")
+        if "ddconfig" in params:
+            if "embed_dim" not in params:
+                raise KeyError("first-stage config with 'ddconfig' needs 'embed_dim'")
+            sf = params.get("scale_factor", DEFAULT_SCALE_FACTOR)
+            model = cls.from_ldm_ddconfig(params["ddconfig"], params["embed_dim"], sf, **common)
+        elif "diffusers" in params:
+            model = cls.from_diffusers_config(scale_factor=params.get("scale_factor"), **common, **dict(params["diffusers"]))
+        else:
+            model = cls.from_diffusers_dir(params["diffusers_dir"], scale_factor=params.get("scale_factor"), **common)
+        if params.get("ckpt_path"):
+            model.load_checkpoint(params["ckpt_path"], trust=bool(params.get("trust", False)), prefix=params.get("prefix"))
+        return model
+
+    # -------------------------------------------------------------------------------------- weights
+    def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
+        """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
+        ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
+        bare = ldm_vae.extract_ldm_autoencoder(state_dict, prefix)
+        converted = ldm_vae.ldm_to_diffusers_state_dict(bare, self.vae.config)
+        self._load_vae_state_dict(converted, source="LDM")
+        return self
+
+    def load_diffusers_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
+        """Load diffusers-layout weights: a bare ``AutoencoderKL`` state dict, a :class:`FirstStage` one (``vae.*``)
+        or any checkpoint holding it behind a prefix (``first_stage.vae.*``); strict. Returns self."""
+        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
+        if layout != "diffusers":
+            raise ValueError(f"the weights under prefix {prefix!r} are in the LDM layout; use load_ldm_state_dict")
+        self._load_vae_state_dict(ldm_vae.strip_prefix(state_dict, prefix), source="diffusers")
+        return self
+
+    def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
+        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``, gem3d Lightning ``.ckpt``,
+        ``.pt`` or ``.safetensors``. ``trust=True`` allows non-weights pickles (runs code from the file)."""
+        state_dict = ldm_vae.state_dict_of(ldm_vae.load_checkpoint_file(path, trust=trust))
+        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
+        if layout == "ldm":
+            return self.load_ldm_state_dict(state_dict, prefix)
+        return self.load_diffusers_state_dict(state_dict, prefix)
+
+    def _load_vae_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        expected = self.vae.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong = [f"{k}: {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{source} autoencoder weights do not fit this architecture (check the config): "
+                f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+                f"{len(wrong)} with another shape {wrong[:5]}"
+            )
+        self.vae.load_state_dict(dict(state_dict), strict=True)
+
+    def to_ldm_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The weights in latent-diffusion's layout (e.g. ``prefix="first_stage_model."``)."""
+        levels = len(self.vae.config.block_out_channels)
+        bare = ldm_vae.diffusers_to_ldm_state_dict(self.vae.state_dict(), levels)
+        return {prefix + k: v for k, v in bare.items()}
+
+    def save_diffusers_dir(self, path: str | Path, safe_serialization: bool = True) -> Path:
+        """Write a diffusers folder (``scaling_factor`` = this ``scale_factor``); load with :meth:`from_diffusers_dir`."""
+        self.vae.register_to_config(scaling_factor=self.scale_factor)
+        self.vae.save_pretrained(str(path), safe_serialization=safe_serialization)
+        return Path(path)
+
+    # ------------------------------------------------------------------------------ training state
+    def freeze(self) -> FirstStage:
+        """No gradients, eval mode; ``.train()`` keeps it in eval mode while frozen."""
+        self.frozen = True
+        self.vae.requires_grad_(False)
+        return self.train(False)
+
+    def unfreeze(self) -> FirstStage:
+        """Make trainable (autoencoder training): gradients on, train mode."""
+        self.frozen = False
+        self.vae.requires_grad_(True)
+        return self.train(True)
+
+    def train(self, mode: bool = True) -> FirstStage:
+        return super().train(mode and not self.frozen)
+
+    # ---------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial factor f between image and latent (8 for KL-f8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(z, H/f, W/f)`` for an image of ``height x width`` pixels."""
+        f = self.downsample_factor
+        return self.latent_channels, height // f, width // f
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}, chunk_size={self.chunk_size}, frozen={self.frozen}, f={self.downsample_factor}"
+
+    # --------------------------------------------------------------------------------- encode/decode
+    def _chunks(self, x: torch.Tensor, progress: bool, desc: str) -> Iterator[torch.Tensor]:
+        starts = range(0, x.shape[0], self.chunk_size)
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            yield x[start : start + self.chunk_size]
+
+    def _prepare_images(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1|C, H, W)`` -> ``(N, C, H, W)`` on the model's device/dtype; grey repeated to C channels."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"images must be a tensor (N, C, H, W) or (B, F, C, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
+        n, c, h, w = x.shape
+        if n == 0:
+            raise ValueError("images hold no slices (N = 0)")
+        if c not in (1, self.in_channels):
+            raise ValueError(f"images have {c} channels; allowed: 1 (grey, repeated) or {self.in_channels}")
+        f = self.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} must be divisible by the downsample factor {f}")
+        if c == 1 and self.in_channels != 1:
+            x = repeat(x, "n 1 h w -> n c h w", c=self.in_channels)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def posterior(self, x: torch.Tensor):
+        """Encoder posterior (diffusers ``DiagonalGaussianDistribution``) of ``x (N, 1|C, H, W)``, unchunked (training)."""
+        return self.vae.encode(self._prepare_images(x)).latent_dist
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
+        """Reconstruction for autoencoder training -> ``(recon (N, C_out, H, W), posterior)`` (unscaled latent space)."""
+        posterior = self.posterior(x)
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mean
+        return self.vae.decode(z).sample, posterior
+
+    def encode(
+        self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None, progress: bool = False
+    ) -> torch.Tensor:
+        """Images in [-1, 1] ``(N, 1|3, H, W)`` (or ``(B, F, 1|3, H, W)``) -> scaled latents ``(N, z, H/f, W/f)``.
+
+        ``sample=True`` draws the posterior sample (training; one draw over all slices, so chunking does not
+        change it), else the posterior mean (inference).
+        """
+        clip = x.ndim == 5
+        if clip:
+            batch = x.shape[0]
+            x = rearrange(x, "b f c h w -> (b f) c h w")
+        x = self._prepare_images(x)
+        means, stds = [], []
+        for chunk in self._chunks(x, progress, "encode"):
+            dist = self.vae.encode(chunk).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        z = torch.cat(means)
+        if sample:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = z + torch.cat(stds) * noise
+        z = z * self.scale_factor
+        return rearrange(z, "(b f) c h w -> b f c h w", b=batch) if clip else z
+
+    def encode_mask(self, grey: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Grey mask images ``(N, 1, H, W)`` (label levels in [-1, 1], below -1 outside the body) -> scaled
+        posterior-mean latents ``(N, z, H/f, W/f)``; no clamping. Clips ``(B, F, 1, H, W)`` also work."""
+        if grey.ndim not in (4, 5) or grey.shape[-3] != 1:
+            raise ValueError(f"grey masks must be (N, 1, H, W) or (B, F, 1, H, W), got shape {tuple(grey.shape)}")
+        return self.encode(grey, sample=False, progress=progress)
+
+    def decode(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Scaled latents ``(N, z, h, w)`` (or ``(B, F, z, h, w)``) -> images ``(N, C_out, h*f, w*f)`` (not clamped)."""
+        clip = z.ndim == 5
+        if clip:
+            batch = z.shape[0]
+            z = rearrange(z, "b f c h w -> (b f) c h w")
+        if z.ndim != 4 or z.shape[1] != self.latent_channels or z.shape[0] == 0:
+            raise ValueError(f"latents must be (N, {self.latent_channels}, h, w) with N >= 1, got shape {tuple(z.shape)}")
+        z = z.to(device=self.device, dtype=self.dtype) / self.scale_factor
+        images = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z, progress, "decode")])
+        return rearrange(images, "(b f) c h w -> b f c h w", b=batch) if clip else images
+
+    def decode_grey(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Scaled latents -> grey images ``(N, 1, H, W)`` (channel mean of :meth:`decode`)."""
+        images = self.decode(z, progress=progress)
+        return images.mean(dim=-3, keepdim=True)
+
+    @torch.no_grad()
+    def estimate_scale_factor(self, x: torch.Tensor, progress: bool = False) -> float:
+        """``1 / std`` of the unscaled posterior-mean latents of ``x`` (latent-diffusion's ``scale_by_std``)."""
+        z = self.encode(x, progress=progress) / self.scale_factor
+        return float(1.0 / z.float().flatten().std())
