@@ -1,0 +1,214 @@
+"""Run manifests: one JSON file of sample records, rewritten atomically after every sample.
+
+A record is a JSON-able dict that describes one generated sample. Its key is
+``(case, setting, sample)``; a resumable run skips keys the manifest already ``has``.
+Fields written by ``make_record``::
+
+    case, setting, sample, seed,
+    informed   {"source": case name | "generated" | None, "index": int | None, "position": float | None},
+    mask_edits [ {"edit": name, ...parameters} ],
+    sampler, steps, checkpoint_sha256, seconds,
+    files      {"image": relative path, "label": relative path, ...}
+
+Each data-parallel rank writes its own manifest; ``merge_manifests`` joins them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from .nifti import _json_default, atomic_write_json
+
+__all__ = ["Manifest", "ManifestKey", "make_record", "record_key", "merge", "merge_manifests", "file_sha256", "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 1
+KEY_FIELDS = ("case", "setting", "sample")
+ManifestKey = tuple  # (case: str, setting: str, sample: int)
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk_size``-byte chunks (checkpoints can be GBs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot hash {path}: not a file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_key(record_or_key: Mapping[str, Any] | Iterable[Any]) -> tuple[str, str, int]:
+    """``(case, setting, sample)`` from a record dict or a 3-tuple, with types normalised."""
+    if isinstance(record_or_key, Mapping):
+        missing = [k for k in KEY_FIELDS if k not in record_or_key]
+        if missing:
+            raise KeyError(f"record lacks key field(s) {missing}; a record needs {list(KEY_FIELDS)}, got keys {sorted(record_or_key)}")
+        parts = [record_or_key[k] for k in KEY_FIELDS]
+    else:
+        parts = list(record_or_key)
+        if len(parts) != 3:
+            raise ValueError(f"a manifest key is (case, setting, sample), got {tuple(parts)!r}")
+    case, setting, sample = parts
+    if isinstance(sample, bool) or int(sample) != sample or int(sample) < 0:
+        raise ValueError(f"sample index must be a non-negative int, got {sample!r}")
+    return str(case), str(setting), int(sample)
+
+
+def make_record(
+    case: str,
+    setting: str,
+    sample: int,
+    seed: int,
+    *,
+    informed: Mapping[str, Any] | None = None,
+    mask_edits: list[Mapping[str, Any]] | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    checkpoint_sha256: str | None = None,
+    seconds: float | None = None,
+    files: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A manifest record with the standard fields (``extra`` fields are kept as given)."""
+    record: dict[str, Any] = {
+        "case": str(case),
+        "setting": str(setting),
+        "sample": int(sample),
+        "seed": int(seed),
+        "informed": dict(informed) if informed is not None else None,
+        "mask_edits": [dict(e) for e in mask_edits] if mask_edits is not None else [],
+        "sampler": sampler,
+        "steps": steps,
+        "checkpoint_sha256": checkpoint_sha256,
+        "seconds": None if seconds is None else float(seconds),
+        "files": {str(k): str(v) for k, v in (files or {}).items()},
+    }
+    record.update(extra)
+    return record
+
+
+def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON round trip of ``record`` (numpy scalars -> Python, tuples -> lists)."""
+    return json.loads(json.dumps(dict(record), default=_json_default))
+
+
+class Manifest:
+    """The records of one run, stored at ``path`` (JSON ``{"version": 1, "records": [...]}``).
+
+    Loads the file if it exists (unless ``load=False``: start empty and overwrite it on the next
+    write). ``add`` appends a record and rewrites the file atomically.
+    """
+
+    def __init__(self, path: str | os.PathLike, load: bool = True):
+        self.path = Path(path)
+        self._records: list[dict[str, Any]] = []
+        self._index: dict[tuple[str, str, int], int] = {}
+        if load and self.path.exists():
+            for record in self._read(self.path):
+                self._insert(record, replace=False, source=self.path)
+
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, Any]]:
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"manifest {path} is not valid JSON: {err}") from err
+        if isinstance(payload, list):  # bare list of records
+            return payload
+        if not isinstance(payload, dict) or "records" not in payload:
+            raise ValueError(f"manifest {path} must hold {{'version': ..., 'records': [...]}}, got {type(payload).__name__}")
+        version = payload.get("version", MANIFEST_VERSION)
+        if version != MANIFEST_VERSION:
+            raise ValueError(f"manifest {path} has version {version!r}; this gem3d reads version {MANIFEST_VERSION}")
+        return list(payload["records"])
+
+    def _insert(self, record: Mapping[str, Any], replace: bool, source: Any = None) -> dict[str, Any]:
+        if not isinstance(record, Mapping):
+            raise TypeError(f"a manifest record must be a dict, got {type(record).__name__}")
+        key = record_key(record)
+        plain = _plain(record)
+        plain["sample"] = key[2]
+        if key in self._index:
+            if not replace:
+                where = f" (in {source})" if source is not None else ""
+                raise ValueError(f"manifest {self.path} already has a record for {key}{where}; pass replace=True to overwrite it")
+            self._records[self._index[key]] = plain
+        else:
+            self._index[key] = len(self._records)
+            self._records.append(plain)
+        return plain
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records in insertion order (a copy of the list; do not edit the dicts in place)."""
+        return list(self._records)
+
+    def keys(self) -> list[tuple[str, str, int]]:
+        return list(self._index)
+
+    def has(self, key: Mapping[str, Any] | Iterable[Any]) -> bool:
+        """Whether a record with key ``(case, setting, sample)`` (or a record's key) is present."""
+        return record_key(key) in self._index
+
+    def get(self, key: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any] | None:
+        index = self._index.get(record_key(key))
+        return None if index is None else self._records[index]
+
+    def add(self, record: Mapping[str, Any], replace: bool = False) -> dict[str, Any]:
+        """Add ``record`` and rewrite the manifest atomically. Duplicate keys fail unless ``replace``."""
+        plain = self._insert(record, replace=replace)
+        self.save()
+        return plain
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write all records (to ``path``, default the manifest's own path) atomically."""
+        return atomic_write_json(path or self.path, {"version": MANIFEST_VERSION, "records": self._records})
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(list(self._records))
+
+    def __contains__(self, key: Any) -> bool:
+        return self.has(key)
+
+    def __repr__(self) -> str:
+        return f"Manifest({str(self.path)!r}, records={len(self)})"
+
+    @classmethod
+    def merge(cls, paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> "Manifest":
+        """See ``merge_manifests``."""
+        return merge_manifests(paths, out)
+
+
+def merge_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Manifest:
+    """Merge per-rank manifests into ``out`` (written atomically), records sorted by key.
+
+    Identical records under one key (e.g. a file listed twice) collapse into one; two different
+    records under one key are an error that names both files.
+    """
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"manifest(s) to merge not found: {missing}")
+    seen: dict[tuple[str, str, int], tuple[dict[str, Any], Path]] = {}
+    for path in paths:
+        for record in Manifest(path).records:
+            key = record_key(record)
+            if key in seen and seen[key][0] != record:
+                raise ValueError(f"conflicting records for {key} in {seen[key][1]} and {path}")
+            seen.setdefault(key, (record, path))
+    merged = Manifest(out, load=False)
+    for key in sorted(seen):
+        merged._insert(seen[key][0], replace=False)
+    merged.save()
+    return merged
+
+
+merge = merge_manifests  # CONTRACT.md name

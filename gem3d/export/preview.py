@@ -1,0 +1,243 @@
+"""PNG previews: axial / coronal / sagittal slices of a few volumes, with the mask as contours and as a row.
+
+Layout (``panel_size`` = p, ``TITLE_HEIGHT`` = t): a header strip with the column names, then one
+strip of height ``t`` (the row title) plus one row of three ``p x p`` panels per volume, and a last
+row with the mask in label colours when a mask is given. Total size ``(3p, t + rows * (t + p))``.
+
+Volumes are canonical ``(D, H, W)`` arrays (slice axis first). Each panel keeps the physical aspect
+ratio from ``spacing`` (mm per voxel along D, H, W) and is centred in its square cell. Views: axial
+fixes D; the other two fix H or W, with D drawn vertically (superior up).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .nifti import atomic_path
+
+__all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
+
+TITLE_HEIGHT = 14
+# (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
+VIEWS: tuple[tuple[str, int], ...] = (("axial", 0), ("coronal", 2), ("sagittal", 1))
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),  # 1 red
+    (60, 180, 75),  # 2 green
+    (0, 130, 200),  # 3 blue
+    (255, 225, 25),  # 4 yellow
+    (240, 50, 230),  # 5 magenta
+    (70, 240, 240),  # 6 cyan
+    (245, 130, 48),  # 7 orange
+    (145, 30, 180),  # 8 purple
+)
+_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
+_OUTSIDE_BODY = (40, 40, 40)
+
+
+def label_colour(value: int) -> tuple[int, int, int]:
+    """RGB colour of label ``value`` (> 0; the palette repeats after 8 labels)."""
+    if value <= 0:
+        raise ValueError(f"only labels > 0 have a colour, got {value}")
+    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
+
+
+def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a preview with ``num_volumes`` rows (+ the mask row)."""
+    rows = num_volumes + int(with_mask)
+    return 3 * panel_size, TITLE_HEIGHT + rows * (TITLE_HEIGHT + panel_size)
+
+
+def window_intensity(volume: np.ndarray, percentiles: Sequence[float] = (0.5, 99.5)) -> tuple[float, float]:
+    """Display window ``(low, high)`` of a volume from intensity percentiles of its finite voxels."""
+    finite = volume[np.isfinite(volume)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, percentiles))
+    if high <= low:
+        high = low + 1.0
+    return low, high
+
+
+def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
+    if mask is not None and np.any(mask > 0):
+        coords = np.argwhere(mask > 0)
+        return tuple(int(round(c)) for c in coords.mean(axis=0))  # type: ignore[return-value]
+    return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
+
+
+def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """2-D slice for display: rows top -> bottom, columns left -> right."""
+    plane = np.take(volume, index, axis=axis)
+    if axis == 0:  # (H, W): W vertical (anterior up), H horizontal
+        return plane.T[::-1]
+    return plane[::-1]  # (D, other): D vertical, superior up
+
+
+def _view_spacing(spacing: Sequence[float], axis: int) -> tuple[float, float]:
+    """(row, column) pixel size in mm for ``_view``."""
+    d, h, w = (float(s) for s in spacing)
+    if axis == 0:
+        return w, h
+    return d, (w if axis == 1 else h)
+
+
+def _fit(rows: int, cols: int, row_mm: float, col_mm: float, panel: int) -> tuple[int, int]:
+    """Display ``(height, width)`` of a ``rows x cols`` image with the given pixel sizes inside ``panel``."""
+    height_mm, width_mm = rows * row_mm, cols * col_mm
+    k = panel / max(height_mm, width_mm)
+    return max(1, min(panel, round(height_mm * k))), max(1, min(panel, round(width_mm * k)))
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood)."""
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    differs = np.zeros(labels.shape, dtype=bool)
+    for dr, dc in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        differs |= padded[dr : dr + labels.shape[0], dc : dc + labels.shape[1]] != centre
+    return differs & (labels > 0)
+
+
+def _panel(
+    grey: np.ndarray | None,
+    labels: np.ndarray | None,
+    row_mm: float,
+    col_mm: float,
+    panel: int,
+    contours: bool,
+    filled: bool,
+) -> Image.Image:
+    """One ``panel x panel`` RGB cell: grey image (already in [0, 255]) and/or labels, centred."""
+    ref = grey if grey is not None else labels
+    assert ref is not None
+    height, width = _fit(ref.shape[0], ref.shape[1], row_mm, col_mm, panel)
+    if grey is not None:
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+        rgb = np.repeat(np.asarray(image)[..., None], 3, axis=-1).copy()
+    else:
+        rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    if labels is not None:
+        lab_img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32)).resize((width, height), Image.NEAREST)
+        lab = np.asarray(lab_img).astype(np.int64)
+        if filled:
+            rgb[lab < 0] = _OUTSIDE_BODY
+            for value in np.unique(lab[lab > 0]):
+                rgb[lab == value] = label_colour(int(value))
+        if contours:
+            edge = _boundary(lab)
+            for value in np.unique(lab[edge]):
+                rgb[edge & (lab == value)] = label_colour(int(value))
+    cell = Image.new("RGB", (panel, panel), (0, 0, 0))
+    cell.paste(Image.fromarray(rgb), ((panel - width) // 2, (panel - height) // 2))
+    return cell
+
+
+def save_preview(
+    path: str | os.PathLike,
+    volumes: Sequence[tuple[str, np.ndarray]],
+    mask: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    max_label: int | None = None,
+    *,
+    panel_size: int = 160,
+    contours: bool | Sequence[str] = True,
+    percentiles: Sequence[float] = (0.5, 99.5),
+    index: Sequence[int] | None = None,
+) -> Path:
+    """Write a PNG preview and return its path (written atomically).
+
+    - ``volumes``: ``[(title, (D, H, W) array), ...]``, all of one shape; each is windowed on its own
+      intensity ``percentiles``.
+    - ``mask``: ``(D, H, W)`` labels (``-1`` outside the body allowed) drawn as a filled last row and,
+      with ``contours``, as coloured outlines on the volumes (``True``: all, or a list of titles).
+    - ``spacing``: mm per voxel along (D, H, W), for the aspect ratio.
+    - ``max_label``: if given, mask values above it are an error and the legend lists 1..max_label.
+    - ``index``: the ``(d, h, w)`` voxel the three views go through (default: the centre of mass of
+      ``mask > 0``, or the volume centre).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"preview path must end with .png, got {path.name!r}")
+    if not volumes and mask is None:
+        raise ValueError("save_preview needs at least one volume or a mask")
+    if panel_size < 16:
+        raise ValueError(f"panel_size must be >= 16 pixels, got {panel_size}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers (mm along D, H, W), got {spacing}")
+    arrays: list[tuple[str, np.ndarray]] = []
+    for item in volumes:
+        if len(item) != 2:
+            raise ValueError(f"each volume must be a (title, array) pair, got {item!r:.80}")
+        title, array = item
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim != 3:
+            raise ValueError(f"volume {title!r} must be (D, H, W), got shape {array.shape}")
+        arrays.append((str(title), array))
+    shape = arrays[0][1].shape if arrays else np.asarray(mask).shape
+    for title, array in arrays:
+        if array.shape != shape:
+            raise ValueError(f"volume {title!r} has shape {array.shape}, expected {shape} like the first volume")
+    label = None
+    if mask is not None:
+        label = np.asarray(mask)
+        if label.shape != tuple(shape):
+            raise ValueError(f"mask shape {label.shape} does not match volume shape {tuple(shape)}")
+        label = np.rint(label).astype(np.int64)
+        if max_label is not None and label.size and label.max() > max_label:
+            raise ValueError(f"mask holds label {label.max()} above max_label={max_label}")
+    if index is None:
+        centre = _centre_index(shape, label)
+    else:
+        centre = tuple(int(i) for i in index)
+        if len(centre) != 3 or any(not 0 <= c < s for c, s in zip(centre, shape)):
+            raise ValueError(f"index {centre} is outside the volume shape {tuple(shape)}")
+    if isinstance(contours, bool):
+        contour_titles = {t for t, _ in arrays} if contours else set()
+    else:
+        contour_titles = set(contours)
+        unknown = contour_titles - {t for t, _ in arrays}
+        if unknown:
+            raise ValueError(f"contours names unknown volume titles {sorted(unknown)}; titles: {[t for t, _ in arrays]}")
+
+    width, height = preview_size(len(arrays), label is not None, panel_size)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for column, (name, axis) in enumerate(VIEWS):
+        draw.text((column * panel_size + 3, 1), f"{name} {'DHW'[axis]}={centre[axis]}", fill=(255, 255, 255), font=font)
+
+    top = TITLE_HEIGHT
+    rows: list[tuple[str, np.ndarray | None, bool, bool]] = []
+    for title, array in arrays:
+        rows.append((title, array, label is not None and title in contour_titles, False))
+    if label is not None:
+        present = sorted(int(v) for v in np.unique(label) if v > 0)
+        legend_values = list(range(1, max_label + 1)) if max_label is not None else present
+        legend = ", ".join(f"{v} {_COLOUR_NAMES[(v - 1) % len(_COLOUR_NAMES)]}" for v in legend_values)
+        rows.append((f"mask ({legend})" if legend else "mask (empty)", None, False, True))
+
+    for title, array, with_contours, filled in rows:
+        caption = title
+        if array is not None:
+            low, high = window_intensity(array, percentiles)
+            caption = f"{title}  [{low:.3g}, {high:.3g}]"
+            grey_volume = (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0
+        draw.text((3, top + 1), caption, fill=(255, 255, 255), font=font)
+        top += TITLE_HEIGHT
+        for column, (_, axis) in enumerate(VIEWS):
+            row_mm, col_mm = _view_spacing(spacing, axis)
+            grey = _view(grey_volume, axis, centre[axis]) if array is not None else None
+            labels = _view(label, axis, centre[axis]) if (label is not None and (with_contours or filled)) else None
+            cell = _panel(grey, labels, row_mm, col_mm, panel_size, contours=with_contours, filled=filled)
+            canvas.paste(cell, (column * panel_size, top))
+        top += panel_size
+
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from gem3d.export.preview import LABEL_COLOURS, TITLE_HEIGHT, preview_size, save_preview
+
+PANEL = 64
+
+
+def phantom(shape=(12, 24, 20)):
+    d, h, w = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    image = (1.0 + np.sin(h / 3.0) + np.cos(w / 4.0) + d / shape[0]).astype(np.float32)
+    label = np.zeros(shape, np.int16)
+    lesion = ((d - 6) / 3.0) ** 2 + ((h - 8) / 4.0) ** 2 + ((w - 12) / 4.0) ** 2 <= 1
+    label[lesion] = 1
+    label[lesion & (((h - 8) / 2.0) ** 2 + ((w - 12) / 2.0) ** 2 <= 1)] = 2
+    return image, label
+
+
+def panel(png: np.ndarray, row: int, column: int) -> np.ndarray:
+    top = TITLE_HEIGHT + row * (TITLE_HEIGHT + PANEL) + TITLE_HEIGHT
+    return png[top : top + PANEL, column * PANEL : (column + 1) * PANEL]
+
+
+def content_box(cell: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.nonzero(cell.sum(axis=-1) > 0)
+    return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+def test_preview_size_and_content(tmp_path):
+    image, label = phantom()
+    noisy = image + np.random.default_rng(0).normal(0, 0.2, image.shape).astype(np.float32)
+    path = save_preview(tmp_path / "p.png", [("real", image), ("synthetic", noisy)], mask=label, panel_size=PANEL, max_label=2)
+    assert path == tmp_path / "p.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    with Image.open(path) as handle:
+        assert handle.format == "PNG" and handle.mode == "RGB"
+        png = np.asarray(handle)
+    assert (png.shape[1], png.shape[0]) == (3 * PANEL, TITLE_HEIGHT + 3 * (TITLE_HEIGHT + PANEL)) == preview_size(2, True, PANEL)
+    for row in range(2):
+        for column in range(3):
+            cell = panel(png, row, column)
+            assert cell.std() > 10, (row, column)
+            assert np.any(np.all(cell == LABEL_COLOURS[0], axis=-1)), (row, column)  # contour of label 1
+    for column in range(3):
+        mask_cell = panel(png, 2, column)
+        for colour in LABEL_COLOURS[:2]:
+            assert np.any(np.all(mask_cell == colour, axis=-1)), column
+    # the title strips hold text (white pixels)
+    assert np.any(png[:TITLE_HEIGHT] > 128)
+
+
+def test_preview_aspect_follows_spacing(tmp_path):
+    image, _ = phantom((12, 24, 24))
+    path = save_preview(tmp_path / "a.png", [("v", image + 1.0)], spacing=(4.0, 1.0, 1.0), panel_size=PANEL, contours=False)
+    with Image.open(path) as handle:
+        png = np.asarray(handle)
+    assert png.shape[:2] == preview_size(1, False, PANEL)[::-1]
+    axial_h, axial_w = content_box(panel(png, 0, 0))
+    coronal_h, coronal_w = content_box(panel(png, 0, 1))
+    assert abs(axial_h - axial_w) <= 1  # 24 mm x 24 mm
+    assert coronal_h == PANEL and abs(coronal_w - PANEL // 2) <= 1  # 48 mm tall, 24 mm wide
+
+
+def test_preview_validates_inputs(tmp_path):
+    image, label = phantom()
+    with pytest.raises(ValueError, match=r"mask shape \(12, 24, 19\)"):
+        save_preview(tmp_path / "x.png", [("v", image)], mask=label[..., :19])
+    with pytest.raises(ValueError, match="above max_label=1"):
+        save_preview(tmp_path / "x.png", [("v", image)], mask=label, max_label=1)
+    with pytest.raises(ValueError, match="expected"):
+        save_preview(tmp_path / "x.png", [("a", image), ("b", image[:, :10])])
+    with pytest.raises(ValueError, match=r"\.png"):
+        save_preview(tmp_path / "x.jpg", [("v", image)])
+    assert list(tmp_path.iterdir()) == []
