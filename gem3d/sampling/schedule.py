@@ -1,0 +1,96 @@
+"""The training noise schedule and the original's DDIM timestep spacing.
+
+GEM-3D (like latent-diffusion) uses 1000 steps with betas linear in sqrt: ``betas = linspace(sqrt(0.00085),
+sqrt(0.012), 1000)**2``, computed in float64 and stored as float32; ``alphas_cumprod`` is the float64 cumulative
+product stored as float32 (these are exactly the ``betas`` / ``alphas_cumprod`` buffers of the original checkpoints).
+diffusers' ``beta_schedule="scaled_linear"`` is the same formula evaluated in float32 (betas differ by up to 2e-9,
+``alphas_cumprod`` by up to 5e-7), so :func:`make_train_scheduler` passes the float64-derived values explicitly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "BETA_START",
+    "BETA_END",
+    "betas_tensor",
+    "alphas_cumprod_tensor",
+    "make_train_scheduler",
+    "original_ddim_timesteps",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START = 0.00085
+BETA_END = 0.012
+
+
+def _validate_schedule_args(num_train_timesteps: int, beta_start: float, beta_end: float) -> None:
+    if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    if not (0.0 < beta_start < beta_end < 1.0):
+        raise ValueError(
+            f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}"
+        )
+
+
+def betas_tensor(
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
+) -> torch.Tensor:
+    """``linspace(sqrt(beta_start), sqrt(beta_end), T)**2`` in float64, returned as float32 ``(T,)``."""
+    _validate_schedule_args(num_train_timesteps, beta_start, beta_end)
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return torch.from_numpy(betas).to(torch.float32)
+
+
+def alphas_cumprod_tensor(
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
+) -> torch.Tensor:
+    """``cumprod(1 - betas)`` in float64, returned as float32 ``(T,)`` (the original's ``alphas_cumprod`` buffer)."""
+    _validate_schedule_args(num_train_timesteps, beta_start, beta_end)
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
+
+
+def make_train_scheduler(
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
+) -> DDPMScheduler:
+    """The training schedule as a diffusers ``DDPMScheduler`` (eps-prediction, ``scaled_linear``).
+
+    Its ``betas`` and ``alphas_cumprod`` are the float64-computed values stored as float32, so ``add_noise`` is
+    bit-compatible with the original's ``q_sample``.
+    """
+    betas = betas_tensor(num_train_timesteps, beta_start, beta_end)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule="scaled_linear",
+        trained_betas=betas.numpy(),
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    # diffusers recomputes the cumulative product in float32; use the float64 one (the original's buffer).
+    scheduler.alphas_cumprod = alphas_cumprod_tensor(num_train_timesteps, beta_start, beta_end)
+    return scheduler
+
+
+def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The original's "uniform" DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` as a LongTensor.
+
+    For ``steps`` dividing ``T`` this has ``steps`` entries (``1, 6, ..., 996`` for 200 steps); otherwise it has
+    ``ceil(T / (T // steps))`` entries, as in the original. The model is called with these timesteps.
+    """
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an int in [1, {num_train_timesteps}], got {steps!r}")
+    timesteps = torch.arange(0, num_train_timesteps, num_train_timesteps // steps, dtype=torch.long) + 1
+    if int(timesteps[-1]) >= num_train_timesteps:
+        raise ValueError(
+            f"steps={steps} gives the original spacing timesteps up to {int(timesteps[-1])}, beyond the last training "
+            f"timestep {num_train_timesteps - 1} (the original fails here too); choose steps so that "
+            f"({num_train_timesteps} // steps) * (len - 1) + 1 < {num_train_timesteps}, e.g. a divisor of {num_train_timesteps}"
+        )
+    return timesteps

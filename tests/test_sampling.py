@@ -1,0 +1,309 @@
+"""Tests for gem3d.sampling.schedule and gem3d.sampling.samplers."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from gem3d.sampling import (
+    KnownFrames,
+    alphas_cumprod_tensor,
+    betas_tensor,
+    ddim_timesteps,
+    make_train_scheduler,
+    original_ddim_timesteps,
+    sample_ddim,
+    sample_dpmpp,
+)
+
+SHAPE = (2, 5, 4, 8, 8)  # (B, F, C, h, w)
+
+
+def formula_betas() -> torch.Tensor:
+    betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    return torch.from_numpy(betas).float()
+
+
+def formula_alphas_cumprod() -> torch.Tensor:
+    betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    return torch.from_numpy(np.cumprod(1.0 - betas)).float()
+
+
+def analytic_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth, timestep- and frame-dependent eps that couples the frames of a clip (through their mean)."""
+    assert t.dtype == torch.long and t.shape == (x.shape[0],)
+    frame = torch.arange(x.shape[1], dtype=x.dtype).view(1, -1, 1, 1, 1)
+    scale = (t.to(x.dtype) / 1000.0).view(-1, 1, 1, 1, 1)
+    return 0.6 * torch.tanh(x) + 0.2 * torch.sin(3 * x + frame) * scale + 0.1 * scale + 0.2 * x.mean(1, keepdim=True)
+
+
+def hand_ddim(eps_fn, x_T, alphas_cumprod, timesteps_ascending, eta=0.0, noises=None):
+    """DDIM written from the formulas (METHOD §7), independent of diffusers."""
+    ac = alphas_cumprod.double()
+    ts = [int(t) for t in timesteps_ascending]
+    prev = [ac[0]] + [ac[t] for t in ts[:-1]]
+    x = x_T.double()
+    for i in reversed(range(len(ts))):
+        t, a_t, a_prev = ts[i], ac[ts[i]], prev[i]
+        eps = eps_fn(x.float(), torch.full((x.shape[0],), t, dtype=torch.long)).double()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * noises[i]
+    return x.float()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_schedule_equals_formula_float64_stored_float32():
+    assert torch.equal(betas_tensor(), formula_betas())
+    assert torch.equal(alphas_cumprod_tensor(), formula_alphas_cumprod())
+    scheduler = make_train_scheduler()
+    assert isinstance(scheduler, DDPMScheduler)
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert scheduler.config.num_train_timesteps == 1000
+    assert torch.equal(scheduler.betas, formula_betas())
+    assert torch.equal(scheduler.alphas_cumprod, formula_alphas_cumprod())
+    # diffusers' own scaled_linear is the same formula in float32: equal up to float32 rounding only
+    plain = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert torch.allclose(plain.betas, formula_betas(), rtol=0, atol=1e-8)
+    assert torch.allclose(plain.alphas_cumprod, formula_alphas_cumprod(), rtol=0, atol=1e-6)
+
+
+def test_schedule_equals_original_checkpoint_buffers(original_fixtures):
+    sd = torch.load(original_fixtures / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(sd["betas"], betas_tensor())
+    assert torch.equal(sd["alphas_cumprod"], alphas_cumprod_tensor())
+
+
+def test_train_scheduler_add_noise_uses_float64_cumprod():
+    scheduler = make_train_scheduler()
+    z0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    ac = formula_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    assert torch.allclose(scheduler.add_noise(z0, noise, t), ac.sqrt() * z0 + (1 - ac).sqrt() * noise, atol=1e-6)
+
+
+def test_original_ddim_timesteps():
+    assert original_ddim_timesteps(10).tolist() == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901]
+    t200 = original_ddim_timesteps(200)
+    assert len(t200) == 200 and t200[0] == 1 and t200[-1] == 996 and t200.dtype == torch.long
+    assert original_ddim_timesteps(30).tolist() == [1 + 33 * k for k in range(31)]  # as the original: 31 entries
+    with pytest.raises(ValueError, match="steps"):
+        original_ddim_timesteps(0)
+    with pytest.raises(ValueError, match="beyond the last training timestep"):
+        original_ddim_timesteps(3)  # 0, 333, 666, 999 -> 1000
+
+
+def test_ddim_timesteps_spacings():
+    # diffusers DDIMScheduler(leading, steps_offset=1) gives exactly the original's timesteps
+    assert ddim_timesteps(10, "original").tolist() == list(range(901, 0, -100))
+    assert ddim_timesteps(10, "leading").tolist() == list(range(901, 0, -100))
+    assert ddim_timesteps(200, "original").tolist() == original_ddim_timesteps(200).flip(0).tolist()
+    assert ddim_timesteps(10, "diffusers").tolist() == list(range(999, 0, -100))
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        ddim_timesteps(10, "uniform")
+
+
+# ---------------------------------------------------------------------------------------------- DDIM
+
+
+def test_sample_signatures_match():
+    ddim = inspect.signature(sample_ddim).parameters
+    dpm = inspect.signature(sample_dpmpp).parameters
+    assert list(ddim)[:3] == list(dpm)[:3] == ["eps_fn", "x_T", "alphas_cumprod"]
+    for name in ("steps", "known", "generator", "progress"):
+        assert ddim[name].kind is inspect.Parameter.KEYWORD_ONLY and dpm[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert ddim["eta"].default == 1.0 and ddim["spacing"].default == "original"
+
+
+def test_ddim_eta0_matches_hand_written_loop():
+    ac = alphas_cumprod_tensor()
+    x_T = torch.randn(SHAPE)
+    for steps in (10, 25, 30):  # 30: the original spacing has 31 timesteps (1000 // 30 = 33 apart)
+        out = sample_ddim(analytic_eps, x_T, ac, steps=steps, eta=0.0, progress=steps == 10)
+        ref = hand_ddim(analytic_eps, x_T, ac, original_ddim_timesteps(steps))
+        assert out.shape == x_T.shape
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_ddim_calls_model_with_original_timesteps():
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(t.clone())
+        return analytic_eps(x, t)
+
+    sample_ddim(eps_fn, torch.randn(SHAPE), alphas_cumprod_tensor(), steps=10, eta=0.0)
+    assert [int(t[0]) for t in seen] == list(range(901, 0, -100))
+    assert all(t.shape == (SHAPE[0],) and torch.all(t == t[0]) for t in seen)
+
+
+def test_ddim_eta1_matches_hand_written_loop_with_same_noise():
+    ac = alphas_cumprod_tensor()
+    x_T = torch.randn(SHAPE)
+    out = sample_ddim(analytic_eps, x_T, ac, steps=10, eta=1.0, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    noises_in_step_order = [torch.randn(SHAPE, generator=gen).double() for _ in range(10)]
+    ref = hand_ddim(analytic_eps, x_T, ac, original_ddim_timesteps(10), eta=1.0, noises=noises_in_step_order[::-1])
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+
+
+def test_ddim_eta1_seeded_determinism():
+    ac, x_T = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    a = sample_ddim(analytic_eps, x_T, ac, steps=10, generator=torch.Generator().manual_seed(3))
+    b = sample_ddim(analytic_eps, x_T, ac, steps=10, generator=torch.Generator().manual_seed(3))
+    c = sample_ddim(analytic_eps, x_T, ac, steps=10, generator=torch.Generator().manual_seed(4))
+    d = sample_ddim(analytic_eps, x_T, ac, steps=10, eta=0.0)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, d)
+
+
+def test_ddim_validation_messages():
+    ac, x_T = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=r"x_T must be a tensor \(B,F,C,h,w\)"):
+        sample_ddim(analytic_eps, x_T[0], ac, steps=10)
+    with pytest.raises(ValueError, match="steps must be an int in"):
+        sample_ddim(analytic_eps, x_T, ac, steps=0)
+    with pytest.raises(ValueError, match="eta must be"):
+        sample_ddim(analytic_eps, x_T, ac, steps=10, eta=-1.0)
+    with pytest.raises(ValueError, match="noise_level must be one of"):
+        KnownFrames(torch.zeros(2, 5, dtype=torch.bool), torch.zeros(SHAPE), noise_level="index")
+    with pytest.raises(ValueError, match="eps_fn returned shape"):
+        sample_ddim(lambda x, t: x[:, :1], x_T, ac, steps=2)
+
+
+# ---------------------------------------------------------------------------------------------- known frames
+
+
+def make_known():
+    mask = torch.zeros(SHAPE[:2], dtype=torch.bool)
+    mask[0, 0] = True  # upward window: the first frame is known
+    mask[1, -2:] = True  # downward window: the last two frames are known
+    return mask, torch.randn(SHAPE)
+
+
+@pytest.mark.parametrize("noise_level", ["timestep", "original"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_known_frames_are_returned_exactly(sampler, noise_level):
+    mask, latents = make_known()
+    known = KnownFrames(mask, latents, noise_level)
+    x_T = torch.randn(SHAPE)
+    kwargs = dict(steps=8, known=known, generator=torch.Generator().manual_seed(0))
+    fn = sample_ddim if sampler == "ddim" else sample_dpmpp
+    out = fn(analytic_eps, x_T, alphas_cumprod_tensor(), **kwargs)
+    assert torch.equal(out[mask], latents[mask])
+    free = fn(analytic_eps, x_T, alphas_cumprod_tensor(), steps=8, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out[~mask], free[~mask])  # the known frames steer the others
+    again = fn(analytic_eps, x_T, alphas_cumprod_tensor(), **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("noise_level", ["timestep", "original"])
+def test_known_frames_noise_level_seen_by_the_model(noise_level):
+    """The model sees the known frames at the clip's timestep ("timestep") or at alphas_cumprod[step index]."""
+    ac = alphas_cumprod_tensor()
+    steps = 10
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    mask[0, 0] = True
+    # a huge constant latent makes the noise negligible: the known frame / z0 ~ sqrt(alpha)
+    latents = torch.full((1, 3, 1, 4, 4), 1.0e4)
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append((int(t[0]), float(x[0, 0].mean()) / 1.0e4))
+        return torch.zeros_like(x)
+
+    sample_ddim(eps_fn, torch.randn(1, 3, 1, 4, 4), ac, steps=steps, eta=0.0, known=KnownFrames(mask, latents, noise_level))
+    timesteps = [t for t, _ in seen]
+    assert timesteps == list(range(901, 0, -100))
+    for k, (t, ratio) in enumerate(seen):
+        if noise_level == "timestep":
+            expected = float(ac[t]) ** 0.5
+        else:
+            expected = float(ac[-1]) ** 0.5 if k == 0 else float(ac[steps - k]) ** 0.5  # after step index steps-k
+        assert abs(ratio - expected) < 1e-3, (k, t, ratio, expected)
+
+
+def test_dpmpp_runs_deterministically_and_denoises_a_fixed_point():
+    ac = alphas_cumprod_tensor()
+    z0 = torch.randn(SHAPE)
+    noise = torch.randn(SHAPE)
+
+    def oracle_eps(x, t):  # the exact eps for data concentrated at z0
+        a = ac[t].view(-1, 1, 1, 1, 1)
+        return (x - a.sqrt() * z0) / (1 - a).sqrt()
+
+    x_T = ac[999].sqrt() * z0 + (1 - ac[999]).sqrt() * noise
+    out = sample_dpmpp(oracle_eps, x_T, ac, steps=10)
+    assert torch.allclose(out, z0, atol=1e-4)
+    assert torch.equal(out, sample_dpmpp(oracle_eps, x_T, ac, steps=10))
+
+
+# ---------------------------------------------------------------------------------------------- fixtures (the UNet)
+
+
+def _original_config(model_dir):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(next((model_dir / "configs").glob("*.yaml")))
+
+
+def _build_original_unet(model_dir):
+    from omegaconf import OmegaConf
+
+    from gem3d.models.unet import UNetModel
+
+    unet_config = _original_config(model_dir).model.params.unet_config
+    params = OmegaConf.to_container(unet_config.params)
+    accepted = inspect.signature(UNetModel).parameters
+    kwargs = {k: v for k, v in params.items() if k in accepted}
+    volumetric = unet_config.target.endswith("openaimodel_pseudo3D.UNetModel")
+    unet = UNetModel(**kwargs, volumetric=volumetric)
+    sd = torch.load(model_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    prefix = "model.diffusion_model."
+    unet.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+    return unet.eval(), volumetric
+
+
+@pytest.fixture
+def one_thread():
+    """The shared 2-core machine: 2 intra-op threads under load run this test ~15x slower than 1 thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ddim_reproduces_original_fixture(original_fixtures, one_thread):
+    folders = [p for p in sorted(original_fixtures.iterdir()) if (p / "vectors.pt").is_file()]
+    concat = [p for p in folders if _original_config(p).model.params.get("conditioning_key") == "concat"]
+    assert [p.name for p in concat] == ["base_stage2", "stage1", "stage2"]
+    for model_dir in concat:
+        unet, volumetric = _build_original_unet(model_dir)
+        v = torch.load(model_dir / "vectors.pt", weights_only=True)
+        rows = v["ddim_xT"].shape[0]
+        assert torch.equal(original_ddim_timesteps(int(v["ddim_steps"])), v["ddim_timesteps"])
+        # stage 2 / base: the 16 rows are one clip of 16 slices; stage 1: 16 independent slices (clips of 1)
+        clip = (1, rows) if volumetric else (rows, 1)
+        cond = v["cond"].reshape(*clip, *v["cond"].shape[1:])
+
+        def eps_fn(x, t):
+            b, f = x.shape[:2]
+            inp = torch.cat([x, cond], dim=2).reshape(b * f, -1, *x.shape[3:])
+            out = unet(inp, t.repeat_interleave(f), num_frames=f if volumetric else None)
+            return out.reshape(b, f, *out.shape[1:])
+
+        x_T = v["ddim_xT"].reshape(*clip, *v["ddim_xT"].shape[1:])
+        with torch.no_grad():
+            out = sample_ddim(eps_fn, x_T, alphas_cumprod_tensor(), steps=int(v["ddim_steps"]), eta=0.0)
+        out = out.reshape(rows, *out.shape[2:])
+        err = (out - v["ddim_out"]).abs().max().item()
+        print(f"{model_dir.name}: max |ddim_out - ours| = {err:.2e}")
+        assert err < 1e-4, (model_dir.name, err)
