@@ -1,0 +1,229 @@
+"""Integrity checks of an nnU-Net raw dataset before training or inference: one `Problem` per finding."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .case import AFFINE_ATOL_MM
+from .geometry import Geometry
+from .nnunet import REQUIRED_KEYS, parse_labels
+
+# problem kinds
+JSON_MISSING = "dataset_json_missing"
+JSON_INVALID = "dataset_json_invalid"
+JSON_KEY_MISSING = "dataset_json_key_missing"
+JSON_BAD_LABELS = "dataset_json_bad_labels"
+NUM_TRAINING = "num_training_mismatch"
+NO_CASES = "no_training_cases"
+IMAGE_MISSING = "image_missing"
+LABEL_MISSING = "label_missing"
+CHANNEL_MISSING = "channel_missing"
+UNREADABLE = "unreadable"
+NOT_3D = "not_3d"
+SHAPE_MISMATCH = "shape_mismatch"
+AFFINE_MISMATCH = "affine_mismatch"
+UNDECLARED_LABEL = "undeclared_label"
+NON_INTEGER_LABEL = "non_integer_label"
+NON_FINITE = "non_finite"
+TOO_FEW_SLICES = "too_few_slices"
+KINDS = (JSON_MISSING, JSON_INVALID, JSON_KEY_MISSING, JSON_BAD_LABELS, NUM_TRAINING, NO_CASES, IMAGE_MISSING,
+         LABEL_MISSING, CHANNEL_MISSING, UNREADABLE, NOT_3D, SHAPE_MISMATCH, AFFINE_MISMATCH, UNDECLARED_LABEL,
+         NON_INTEGER_LABEL, NON_FINITE, TOO_FEW_SLICES)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: kind (one of KINDS), case ("-" for the dataset), file (relative to the dataset), value."""
+
+    kind: str
+    case: str
+    file: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: case={self.case} file={self.file} value={self.value}"
+
+
+@dataclass
+class DatasetSummary:
+    num_training: int = 0
+    num_test: int = 0
+    labels: dict = field(default_factory=dict)
+    slices: list = field(default_factory=list)
+    shapes: set = field(default_factory=set)
+
+    def line(self, root: Path) -> str:
+        slices = f"{min(self.slices)}..{max(self.slices)}" if self.slices else "-"
+        shapes = ", ".join(str(s) for s in sorted(self.shapes)[:4]) + (" ..." if len(self.shapes) > 4 else "")
+        return (f"OK {root}: {self.num_training} training cases, {self.num_test} test cases, labels {self.labels}, "
+                f"slices {slices}, shapes {shapes}")
+
+
+def _read(path: Path, root: Path, case: str, problems: list[Problem]) -> tuple[np.ndarray, Geometry] | None:
+    rel = str(path.relative_to(root))
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # corrupt / truncated / not NIfTI
+        problems.append(Problem(UNREADABLE, case, rel, f"{type(exc).__name__}: {exc}"))
+        return None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        problems.append(Problem(NOT_3D, case, rel, f"shape {tuple(data.shape)}"))
+        return None
+    try:
+        geometry = Geometry(np.asarray(img.affine, dtype=np.float64), data.shape)
+    except ValueError as exc:
+        problems.append(Problem(UNREADABLE, case, rel, f"bad affine: {exc}"))
+        return None
+    return data, geometry
+
+
+def _check_json(root: Path, problems: list[Problem]) -> dict:
+    path = root / "dataset.json"
+    if not path.is_file():
+        problems.append(Problem(JSON_MISSING, "-", "dataset.json", "absent"))
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(Problem(JSON_INVALID, "-", "dataset.json", str(exc)))
+        return {}
+    if not isinstance(meta, dict):
+        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"top level is {type(meta).__name__}, not object"))
+        return {}
+    for key in (*REQUIRED_KEYS, "numTraining"):
+        if key not in meta:
+            problems.append(Problem(JSON_KEY_MISSING, "-", "dataset.json", key))
+    if "channel_names" in meta and (not isinstance(meta["channel_names"], dict) or not meta["channel_names"]):
+        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"channel_names={meta['channel_names']!r}"))
+        meta.pop("channel_names")
+    if "labels" in meta:
+        try:
+            meta["labels"] = parse_labels(meta["labels"])
+        except ValueError as exc:
+            problems.append(Problem(JSON_BAD_LABELS, "-", "dataset.json", str(exc)))
+            meta.pop("labels")
+    return meta
+
+
+def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axis: int,
+                  problems: list[Problem], summary: DatasetSummary) -> int:
+    ending = meta.get("file_ending", ".nii.gz")
+    channels = sorted(int(c) for c in meta.get("channel_names", {"0": ""}) if str(c).isdigit()) or [0]
+    labels = set(meta["labels"].values()) if "labels" in meta else None
+    image_dir, label_dir = root / f"images{split}", root / f"labels{split}"
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    by_case: dict[str, dict[int, Path]] = {}
+    if image_dir.is_dir():
+        for p in sorted(image_dir.iterdir()):
+            m = pattern.match(p.name)
+            if m:
+                by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
+    label_files = {p.name[: -len(ending)]: p for p in sorted(label_dir.glob(f"*{ending}"))} if label_dir.is_dir() else {}
+    if split == "Tr":
+        for name in sorted(set(label_files) - set(by_case)):
+            problems.append(Problem(IMAGE_MISSING, name, f"images{split}/{name}_0000{ending}",
+                                    f"label {label_files[name].name} has no image"))
+    for name in sorted(by_case):
+        files = by_case[name]
+        for c in channels:
+            if c not in files:
+                problems.append(Problem(CHANNEL_MISSING, name, f"images{split}/{name}_{c:04d}{ending}",
+                                        f"channel {c} absent (channels {channels})"))
+        reads = [(p, _read(p, root, name, problems)) for c, p in sorted(files.items())]
+        reads = [(p, r) for p, r in reads if r is not None]
+        for p, (data, _) in reads:
+            if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+                n_bad = int((~np.isfinite(data)).sum())
+                problems.append(Problem(NON_FINITE, name, str(p.relative_to(root)), f"{n_bad} non-finite voxels"))
+        if reads:
+            ref_path, (ref_data, ref_geom) = reads[0]
+            slices = Geometry(ref_geom.affine, ref_geom.shape, slice_axis).canonical_shape[0]
+            summary.slices.append(slices)
+            summary.shapes.add(tuple(ref_geom.shape))
+            if slices < min_slices:
+                problems.append(Problem(TOO_FEW_SLICES, name, str(ref_path.relative_to(root)),
+                                        f"{slices} slices < {min_slices} (slice axis {slice_axis})"))
+            others = reads[1:]
+        else:
+            ref_geom, others = None, []
+        label_path = label_files.get(name)
+        if label_path is None:
+            if split == "Tr":
+                problems.append(Problem(LABEL_MISSING, name, f"labels{split}/{name}{ending}", "absent"))
+        else:
+            read = _read(label_path, root, name, problems)
+            if read is not None:
+                others.append((label_path, read))
+                data = read[0]
+                if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.rint(data))):
+                    bad = data[~np.isfinite(data) | (data != np.rint(data))]
+                    problems.append(Problem(NON_INTEGER_LABEL, name, str(label_path.relative_to(root)),
+                                            f"values such as {bad[:3].tolist()}"))
+                elif labels is not None:
+                    undeclared = sorted(set(np.unique(data).astype(int).tolist()) - labels)
+                    if undeclared:
+                        problems.append(Problem(UNDECLARED_LABEL, name, str(label_path.relative_to(root)),
+                                                f"{undeclared} not in dataset.json labels {sorted(labels)}"))
+        if ref_geom is not None:
+            for p, (_, geom) in others:
+                rel = str(p.relative_to(root))
+                if geom.shape != ref_geom.shape:
+                    problems.append(Problem(SHAPE_MISMATCH, name, rel, f"{geom.shape} vs image {ref_geom.shape}"))
+                elif not np.allclose(geom.affine, ref_geom.affine, atol=AFFINE_ATOL_MM, rtol=0):
+                    diff = float(np.abs(geom.affine - ref_geom.affine).max())
+                    problems.append(Problem(AFFINE_MISMATCH, name, rel, f"max |affine diff| {diff:.4g} mm"))
+    return len(by_case)
+
+
+def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16,
+                               slice_axis: int = 2) -> tuple[list[Problem], DatasetSummary]:
+    """`check_dataset` plus a summary of what was found."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    problems: list[Problem] = []
+    summary = DatasetSummary()
+    meta = _check_json(root, problems)
+    summary.labels = meta.get("labels", {})
+    summary.num_training = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
+    summary.num_test = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
+    if summary.num_training == 0:
+        problems.append(Problem(NO_CASES, "-", "imagesTr", "no <case>_0000 images"))
+    n_declared = meta.get("numTraining")
+    if n_declared is not None and n_declared != summary.num_training:
+        problems.append(Problem(NUM_TRAINING, "-", "dataset.json",
+                                f"numTraining={n_declared!r} but imagesTr holds {summary.num_training} cases"))
+    return problems, summary
+
+
+def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2) -> list[Problem]:
+    """Check every case of an nnU-Net raw dataset: dataset.json valid; image and label present and paired (every
+    channel); same shape and affine; label values integer and declared; finite intensities; >= `min_slices` slices
+    along the canonical slice axis. Returns the problems found (empty = OK)."""
+    return check_dataset_with_summary(dataset_dir, min_slices, slice_axis)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check an nnU-Net raw dataset for gem3d.")
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("--min-slices", type=int, default=16, help="slices a case needs for one window (16)")
+    parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices")
+    args = parser.parse_args(argv)
+    problems, summary = check_dataset_with_summary(args.dataset_dir, args.min_slices, args.slice_axis)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset_dir}")
+        return 1
+    print(summary.line(args.dataset_dir))
+    return 0

@@ -1,0 +1,384 @@
+"""Cached preprocessed volumes, deterministic splits, and the torch datasets (clips, slices, volumes).
+
+Randomness: item `i` of a dataset at epoch `e` draws from `np.random.default_rng([seed, e, i])`, so it is the same in
+every process and worker; its case comes from seeded permutations of all cases (each case equally often). Indices >= len(dataset) address later epochs (`index = epoch_offset * len + i`), which lets
+a sampler move to the next epoch without reaching into worker copies (see `EpochSampler`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from .geometry import Geometry
+from .nnunet import open_dataset
+from .preprocess import PreparedCase, PreprocessConfig, label_to_grey, prepare_case
+
+CACHE_VERSION = 1
+SPLIT_KEYS = ("train", "val", "test")
+
+
+# ----- cache ---------------------------------------------------------------------------------------------------
+def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
+    """12 hex digits identifying (preprocess config, split, cache format)."""
+    payload = json.dumps({"cfg": cfg.to_dict(), "split": split, "version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def _fingerprint(paths: list[Path | None]) -> list[list]:
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        st = Path(p).stat()
+        out.append([Path(p).name, int(st.st_size), int(st.st_mtime_ns)])
+    return out
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr))
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class VolumeCache:
+    """Prepares each case of a dataset once into memory-mapped `.npy` files plus a meta json (geometry, stats,
+    source fingerprint) under `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`. A changed source file
+    (size or mtime) is prepared again. `.names` lists the cases, `.get(name)` returns a PreparedCase whose arrays
+    are read-only memmaps."""
+
+    def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
+                 split: str = "Tr"):
+        if isinstance(cfg, dict):
+            cfg = PreprocessConfig.from_dict(cfg)
+        self.dataset_dir = Path(dataset_dir)
+        self.dataset = open_dataset(self.dataset_dir)
+        self.cfg = cfg
+        self.split = split
+        base = Path(cache_dir) if cache_dir is not None else self.dataset_dir / ".gem3d_cache"
+        self.cache_dir = base / config_hash(cfg, split)
+        self.names: list[str] = self.dataset.case_names(split)
+        if not self.names:
+            raise FileNotFoundError(f"no {split} cases found in {self.dataset_dir}")
+        labels = getattr(self.dataset, "labels", None)
+        if labels and max(labels.values()) > cfg.max_label:
+            raise ValueError(
+                f"dataset.json labels {labels} exceed preprocess.max_label={cfg.max_label}; set max_label to "
+                f"{max(labels.values())}"
+            )
+        self.prepared_count = 0  # cases prepared (not read from the cache) by this instance
+        self._loaded: dict[str, PreparedCase] = {}
+        self._meta: dict[str, dict] = {}
+
+    def __getstate__(self) -> dict:  # do not pickle memmaps into DataLoader workers
+        state = dict(self.__dict__)
+        state["_loaded"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _paths(self, name: str) -> tuple[Path, Path, Path]:
+        return (self.cache_dir / f"{name}_image.npy", self.cache_dir / f"{name}_label.npy",
+                self.cache_dir / f"{name}.json")
+
+    def _source_paths(self, name: str) -> list[Path | None]:
+        label = self.dataset.label_path(name, self.split)
+        return [self.dataset.image_path(name, self.split), label if label.is_file() else None]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.names:
+            shown = self.names[:8] + (["..."] if len(self.names) > 8 else [])
+            raise KeyError(f"case {name!r} not in {self.dataset_dir} ({self.split}); cases: {shown}")
+
+    def meta(self, name: str) -> dict:
+        """The cached meta of one case (prepares the case when needed)."""
+        self._check_name(name)
+        if name in self._meta:
+            return self._meta[name]
+        image_path, label_path, meta_path = self._paths(name)
+        fingerprint = _fingerprint(self._source_paths(name))
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("fingerprint") == fingerprint and image_path.is_file():
+                self._meta[name] = meta
+                return meta
+        self._meta[name] = self._prepare(name, fingerprint)
+        return self._meta[name]
+
+    def _prepare(self, name: str, fingerprint: list) -> dict:
+        case = self.dataset.load_case(name, self.split, slice_axis=self.cfg.slice_axis)
+        prepared = prepare_case(case, self.cfg)
+        image_path, label_path, meta_path = self._paths(name)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npy(image_path, prepared.image)
+        if prepared.label is not None:
+            _atomic_save_npy(label_path, prepared.label)
+        meta = {
+            "name": name,
+            "fingerprint": fingerprint,
+            "geometry": prepared.geometry.to_dict(),
+            "stats": prepared.stats,
+            "canonical_hw": list(prepared.canonical_hw),
+            "max_label": prepared.max_label,
+            "shape": list(prepared.image.shape),
+            "has_label": prepared.label is not None,
+        }
+        _atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+        self.prepared_count += 1
+        self._loaded.pop(name, None)
+        return meta
+
+    def num_slices(self, name: str) -> int:
+        return int(self.meta(name)["shape"][0])
+
+    def get(self, name: str) -> PreparedCase:
+        """PreparedCase with memory-mapped image (D, S, S) and label (D, S, S) (or None)."""
+        meta = self.meta(name)
+        if name in self._loaded:
+            return self._loaded[name]
+        image_path, label_path, _ = self._paths(name)
+        prepared = PreparedCase(
+            name=name,
+            image=np.load(image_path, mmap_mode="r"),
+            label=np.load(label_path, mmap_mode="r") if meta["has_label"] else None,
+            stats=meta["stats"],
+            geometry=Geometry.from_dict(meta["geometry"]),
+            canonical_hw=tuple(meta["canonical_hw"]),
+            max_label=int(meta["max_label"]),
+        )
+        self._loaded[name] = prepared
+        return prepared
+
+    def prepare_all(self, progress: bool = False) -> None:
+        for name in tqdm(self.names, desc="preparing cases", disable=not progress):
+            self.meta(name)
+
+    def __repr__(self) -> str:
+        return f"VolumeCache({str(self.dataset_dir)!r}, cases={len(self.names)}, cache_dir={str(self.cache_dir)!r})"
+
+
+# ----- splits --------------------------------------------------------------------------------------------------
+def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
+                test_fraction: float = 0.0) -> dict[str, list[str]]:
+    """Deterministic disjoint split of `names` (order-independent): each non-zero fraction gets >= 1 case while
+    >= 1 case stays for training. Returns dict(train=[...], val=[...], test=[...]), each sorted."""
+    names = sorted(set(names))
+    for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{key} must lie in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    n = len(names)
+    if n == 0:
+        raise ValueError("make_splits needs at least one case name")
+
+    def count(frac: float) -> int:
+        return max(1, int(round(frac * n))) if frac > 0 else 0
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
+    while n_val + n_test > n - 1 and (n_val or n_test):  # keep one training case
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [names[i] for i in order]
+    return {
+        "val": sorted(shuffled[:n_val]),
+        "test": sorted(shuffled[n_val:n_val + n_test]),
+        "train": sorted(shuffled[n_val + n_test:]),
+    }
+
+
+def write_splits(path: str | Path, splits: dict[str, list[str]], **info: Any) -> None:
+    """Write splits (+ optional info such as seed) as JSON, atomically."""
+    missing = [k for k in ("train", "val") if k not in splits]
+    if missing:
+        raise KeyError(f"splits lack {missing}; need keys {list(SPLIT_KEYS)}")
+    payload = {k: sorted(splits.get(k, [])) for k in SPLIT_KEYS}
+    payload.update(info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path, payload)
+
+
+def read_splits(path: str | Path, fold: int = 0) -> dict[str, list[str]]:
+    """Read gem3d `splits.json` or nnU-Net `splits_final.json` (a list of folds; `fold` picks one)."""
+    path = Path(path)
+    obj = json.loads(path.read_text())
+    if isinstance(obj, list):
+        if not 0 <= fold < len(obj):
+            raise ValueError(f"{path} has {len(obj)} folds; fold must be in [0, {len(obj) - 1}], got {fold}")
+        obj = obj[fold]
+    if not isinstance(obj, dict) or "train" not in obj or "val" not in obj:
+        raise ValueError(f"{path} must hold {{'train': [...], 'val': [...], 'test': [...]}}, got {str(obj)[:200]}")
+    return {k: list(obj.get(k, [])) for k in SPLIT_KEYS}
+
+
+def load_or_create_splits(dataset_dir: str | Path, names: list[str] | None = None, seed: int = 0,
+                          val_fraction: float = 0.2, test_fraction: float = 0.0,
+                          path: str | Path | None = None) -> dict[str, list[str]]:
+    """Read `<dataset_dir>/splits.json` (or `path`), or make and write it. Cases named there must exist."""
+    dataset_dir = Path(dataset_dir)
+    path = Path(path) if path is not None else dataset_dir / "splits.json"
+    if names is None:
+        names = open_dataset(dataset_dir).case_names("Tr")
+    if path.is_file():
+        splits = read_splits(path)
+        listed = [n for k in SPLIT_KEYS for n in splits[k]]
+        unknown = sorted(set(listed) - set(names))
+        if unknown:
+            raise ValueError(f"{path} names cases that are not in the dataset: {unknown[:10]}; delete it to re-split")
+        unlisted = sorted(set(names) - set(listed))
+        if unlisted:
+            warnings.warn(f"{len(unlisted)} cases are in no split of {path}, e.g. {unlisted[:5]}", stacklevel=2)
+        return splits
+    splits = make_splits(names, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    write_splits(path, splits, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return splits
+
+
+# ----- torch datasets --------------------------------------------------------------------------------------------
+class _EpochDataset(Dataset):
+    """Shared logic: names, seed, epoch, length, per-item rng."""
+
+    def __init__(self, cache: VolumeCache, names: list[str], seed: int = 0, length: int | None = None):
+        names = list(names)
+        if not names:
+            raise ValueError(f"{type(self).__name__} needs at least one case name")
+        for name in names:
+            cache._check_name(name)
+        if length is not None and length < 1:
+            raise ValueError(f"length must be >= 1 or None, got {length}")
+        self.cache, self.names, self.seed = cache, names, int(seed)
+        self.length = int(length) if length is not None else len(names)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _locate(self, index: int) -> tuple[str, np.random.Generator]:
+        if index < 0:
+            raise IndexError(f"index must be >= 0, got {index}")
+        epoch_offset, i = divmod(int(index), self.length)
+        epoch = self.epoch + epoch_offset
+        # cases: consecutive seeded permutations of all names, walked through across items and epochs, so every
+        # case comes up equally often whatever `length` is
+        cycle, position = divmod(epoch * self.length + i, len(self.names))
+        order = np.random.default_rng([self.seed, cycle, 0xCA5E]).permutation(len(self.names))
+        return self.names[int(order[position])], np.random.default_rng([self.seed, epoch, i])
+
+    def _labelled(self, name: str) -> PreparedCase:
+        prepared = self.cache.get(name)
+        if prepared.label is None:
+            raise ValueError(f"case {name!r} has no label; {type(self).__name__} needs labelled cases")
+        return prepared
+
+
+def _slices(arr: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(arr[start:stop], dtype=np.float32))
+
+
+class ClipDataset(_EpochDataset):
+    """Random clips of `clip_len` consecutive slices. Item: image (F, 1, S, S) f32 in [-1, 1]; mask (F, 1, S, S)
+    f32 grey; informed (1, S, S) = image[informed_index]; informed_index in [0, F) (inside the clip); start (first
+    slice); case; num_slices."""
+
+    def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
+                 length: int | None = None):
+        super().__init__(cache, names, seed, length)
+        if clip_len < 1:
+            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+        self.clip_len = int(clip_len)
+        short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
+        if short:
+            raise ValueError(f"cases with fewer slices than clip_len={self.clip_len}: {short} (name: slices)")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, rng = self._locate(index)
+        prepared = self._labelled(name)
+        d = prepared.num_slices
+        start = int(rng.integers(0, d - self.clip_len + 1))
+        informed_index = int(rng.integers(0, self.clip_len))
+        stop = start + self.clip_len
+        image = _slices(prepared.image, start, stop)
+        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
+        return {
+            "image": rearrange(image, "f h w -> f 1 h w"),
+            "mask": rearrange(mask, "f h w -> f 1 h w"),
+            "informed": rearrange(image[informed_index], "h w -> 1 h w").clone(),
+            "informed_index": informed_index,
+            "start": start,
+            "case": name,
+            "num_slices": d,
+        }
+
+
+class SliceDataset(_EpochDataset):
+    """Random single slices. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices in [0, 1),
+    index, case."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, rng = self._locate(index)
+        prepared = self._labelled(name)
+        d = prepared.num_slices
+        k = int(rng.integers(0, d))
+        image = _slices(prepared.image, k, k + 1)
+        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[k:k + 1]), prepared.max_label))
+        return {"image": image, "mask": mask, "pos": torch.tensor(k / d, dtype=torch.float32), "index": k,
+                "case": name}
+
+
+class VolumeDataset(Dataset):
+    """Whole prepared volumes, one per name. Item: PreparedCase (memory-mapped)."""
+
+    def __init__(self, cache: VolumeCache, names: list[str]):
+        for name in names:
+            cache._check_name(name)
+        self.cache, self.names = cache, list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> PreparedCase:
+        return self.cache.get(self.names[index])
+
+
+class EpochSampler(Sampler[int]):
+    """Yields `epoch * len(dataset) + i` for a (seeded, per-epoch) permutation of i, so `_EpochDataset` items change
+    with the epoch even inside persistent DataLoader workers. Lightning calls `set_epoch` on it."""
+
+    def __init__(self, length: int, shuffle: bool = True, seed: int = 0):
+        self.length, self.shuffle, self.seed, self.epoch = int(length), bool(shuffle), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        order = (np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.length) if self.shuffle
+                 else np.arange(self.length))
+        offset = self.epoch * self.length
+        return iter((offset + int(i)) for i in order)

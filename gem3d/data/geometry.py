@@ -1,0 +1,170 @@
+"""Voxel geometry: reorientation to the canonical `(D, H, W)` layout and back onto the exact source grid.
+
+The model sees every volume in one layout: the closest RAS orientation of the source array (nibabel.orientations),
+with `slice_axis` (0 = sagittal, 1 = coronal, 2 = axial, in RAS axes) moved to the front. `Geometry.to_source`
+is the exact inverse (axis permutation and flips only, no resampling), so any canonical array can be written back
+with the source affine and shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+SLICE_AXES = (0, 1, 2)
+_RAS = nio.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(eq=False)
+class Geometry:
+    """Source-file geometry of one volume.
+
+    affine: (4, 4) float64 voxel -> world (mm, RAS+) of the source file; shape: source array shape (3 ints);
+    slice_axis: axis of the RAS-canonical array that becomes the first (slice) axis.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    slice_axis: int = 2
+    _to_ras: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
+            raise ValueError(f"affine must be a finite (4, 4) matrix, got shape {self.affine.shape}: {self.affine}")
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be 3 positive ints, got {self.shape}")
+        if self.slice_axis not in SLICE_AXES:
+            raise ValueError(f"slice_axis must be one of {SLICE_AXES} (RAS axes; 2 = axial), got {self.slice_axis!r}")
+        if abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
+            raise ValueError(f"affine is singular: {self.affine.tolist()}")
+        self._to_ras = nio.ornt_transform(nio.io_orientation(self.affine), _RAS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        return (self.shape, self.slice_axis) == (other.shape, other.slice_axis) and bool(
+            np.array_equal(self.affine, other.affine))
+
+    __hash__ = None  # mutable
+
+    # ----- orientation -------------------------------------------------------------------------------------
+    @property
+    def source_axcodes(self) -> tuple[str, str, str]:
+        """Closest axis codes of the source array, e.g. ('L', 'P', 'S')."""
+        return tuple(nio.aff2axcodes(self.affine))
+
+    @property
+    def ras_shape(self) -> tuple[int, int, int]:
+        """Shape of the source array once reoriented to RAS (before moving the slice axis)."""
+        order = self._to_ras[:, 0].astype(int)  # source axis i goes to RAS axis order[i]
+        out = [0, 0, 0]
+        for src_axis, ras_axis in enumerate(order):
+            out[ras_axis] = self.shape[src_axis]
+        return tuple(out)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) shape of `to_canonical(array)`."""
+        ras = self.ras_shape
+        rest = [a for a in SLICE_AXES if a != self.slice_axis]
+        return (ras[self.slice_axis], ras[rest[0]], ras[rest[1]])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical (D, H, W) axes."""
+        src_zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        order = self._to_ras[:, 0].astype(int)
+        ras = [0.0, 0.0, 0.0]
+        for src_axis, ras_axis in enumerate(order):
+            ras[ras_axis] = float(src_zooms[src_axis])
+        rest = [a for a in SLICE_AXES if a != self.slice_axis]
+        return (ras[self.slice_axis], ras[rest[0]], ras[rest[1]])
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """(4, 4) voxel -> world affine of the canonical (D, H, W) array (same world positions as the source)."""
+        ras_affine = self.affine @ nio.inv_ornt_aff(self._to_ras, self.shape)
+        rest = [a for a in SLICE_AXES if a != self.slice_axis]
+        perm = np.zeros((4, 4))
+        for canon_axis, ras_axis in enumerate([self.slice_axis, *rest]):
+            perm[ras_axis, canon_axis] = 1.0
+        perm[3, 3] = 1.0
+        return ras_affine @ perm
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        """Source-grid array (shape == self.shape) -> canonical (D, H, W) array (a contiguous copy)."""
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != self.shape:
+            raise ValueError(f"array shape {tuple(arr.shape)} does not match the geometry's source shape {self.shape}")
+        ras = nio.apply_orientation(arr, self._to_ras)
+        return np.ascontiguousarray(np.moveaxis(ras, self.slice_axis, 0))
+
+    def to_source(self, arr_dhw: np.ndarray) -> np.ndarray:
+        """Canonical (D, H, W) array -> source-grid array (exact inverse of `to_canonical`)."""
+        arr_dhw = np.asarray(arr_dhw)
+        if tuple(arr_dhw.shape) != self.canonical_shape:
+            raise ValueError(
+                f"canonical array shape {tuple(arr_dhw.shape)} does not match the geometry's canonical shape "
+                f"{self.canonical_shape} (source shape {self.shape}, slice_axis {self.slice_axis})"
+            )
+        ras = np.moveaxis(arr_dhw, 0, self.slice_axis)
+        back = nio.ornt_transform(_RAS, nio.io_orientation(self.affine))
+        out = np.ascontiguousarray(nio.apply_orientation(ras, back))
+        assert out.shape == self.shape
+        return out
+
+    # ----- serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"affine": self.affine.tolist(), "shape": list(self.shape), "slice_axis": int(self.slice_axis)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        missing = {"affine", "shape"} - set(d)
+        if missing:
+            raise KeyError(f"geometry dict lacks {sorted(missing)}; has {sorted(d)}")
+        return cls(affine=np.asarray(d["affine"], dtype=np.float64), shape=tuple(d["shape"]),
+                   slice_axis=int(d.get("slice_axis", 2)))
+
+    @classmethod
+    def identity(cls, shape: tuple[int, int, int], slice_axis: int = 0) -> "Geometry":
+        """Identity affine (1 mm voxels), e.g. for nnU-Net preprocessed arrays whose axis 0 is already the slice axis."""
+        return cls(affine=np.eye(4), shape=tuple(shape), slice_axis=slice_axis)
+
+
+def load_nifti(
+    path: str | Path, channel: int | None = None, dtype=np.float32, slice_axis: int = 2
+) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI file -> (source-grid array (X, Y, Z) as `dtype`, its Geometry).
+
+    4-D files are accepted when they have one channel, or when `channel` picks one of them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise ValueError(f"cannot read {path} as NIfTI: {exc}") from exc
+    shape = tuple(img.shape)
+    if len(shape) == 4:
+        n = shape[3]
+        if channel is None:
+            if n != 1:
+                raise ValueError(f"{path} is 4-D with {n} channels (shape {shape}); pass channel in [0, {n - 1}]")
+            channel = 0
+        if not 0 <= channel < n:
+            raise ValueError(f"channel {channel} out of range for {path} with {n} channels (allowed 0..{n - 1})")
+        data = np.asanyarray(img.dataobj[..., channel])
+    elif len(shape) == 3:
+        if channel not in (None, 0):
+            raise ValueError(f"{path} is 3-D (shape {shape}); channel must be None or 0, got {channel}")
+        data = np.asanyarray(img.dataobj)
+    else:
+        raise ValueError(f"{path} must hold 3-D data (or 4-D with channels), got shape {shape}")
+    data = np.asarray(data, dtype=dtype)
+    return data, Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=data.shape, slice_axis=slice_axis)

@@ -1,0 +1,233 @@
+"""Cache, splits, clip / slice / volume datasets and the LightningDataModule on tiny nnU-Net datasets."""
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from gem3d.data.datasets import (
+    ClipDataset,
+    EpochSampler,
+    SliceDataset,
+    VolumeCache,
+    VolumeDataset,
+    load_or_create_splits,
+    make_splits,
+    read_splits,
+    write_splits,
+)
+from gem3d.data.module import Gem3dDataModule
+from gem3d.data.nnunet import RawDataset, open_dataset
+from gem3d.data.preprocess import PreprocessConfig, label_to_grey
+
+LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
+
+
+def write_raw_dataset(root, n_cases=5, shape=(12, 10, 20), seed=0, labels=LABELS, affine=None):
+    """Tiny nnU-Net raw dataset: nonzero 'head' box, a lesion with labels 1..3; (X, Y, Z) RAS, Z = slices."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    if affine is None:
+        affine = np.diag([2.0, 2.0, 3.0, 1.0])
+        affine[:3, 3] = [-10, -12, 5]
+    names = []
+    for i in range(n_cases):
+        name = f"case_{i:03d}"
+        image = np.zeros(shape, np.float32)
+        image[1:-1, 1:-1, :] = rng.uniform(10, 100, size=(shape[0] - 2, shape[1] - 2, shape[2]))
+        label = np.zeros(shape, np.uint8)
+        cx, cy = rng.integers(3, shape[0] - 3), rng.integers(3, shape[1] - 3)
+        label[cx - 2:cx + 2, cy - 2:cy + 2, 2:-2] = 1
+        label[cx - 1:cx + 1, cy - 1:cy + 1, 4:-4] = 3
+        label[cx, cy, 6:-6] = 2
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"{name}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"{name}.nii.gz"))
+        names.append(name)
+    meta = {"channel_names": {"0": "FLAIR"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return names
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    root = tmp_path / "Dataset001_Tiny"
+    write_raw_dataset(root)
+    return root
+
+
+CFG = PreprocessConfig(size=16, max_label=3)
+
+
+def test_raw_dataset_reads_cases(dataset):
+    ds = RawDataset(dataset)
+    assert ds.case_names() == [f"case_{i:03d}" for i in range(5)] and ds.max_label == 3
+    assert ds.case_names("Ts") == []
+    case = ds.load_case("case_001")
+    assert case.image.shape == (20, 12, 10) and case.geometry.spacing == (3.0, 2.0, 2.0)
+    with pytest.raises(FileNotFoundError, match="case_999"):
+        ds.load_case("case_999")
+    assert isinstance(open_dataset(dataset), RawDataset)
+
+
+def test_cache_is_reused_and_refreshed(dataset, tmp_path):
+    cache = VolumeCache(dataset, CFG)
+    prepared = cache.get("case_000")
+    assert isinstance(prepared.image, np.memmap) and prepared.image.shape == (20, 16, 16)
+    assert prepared.label.dtype == np.int16 and cache.prepared_count == 1
+    assert cache.cache_dir.parent == dataset / ".gem3d_cache"
+    cache.prepare_all()
+    assert cache.prepared_count == 5
+    again = VolumeCache(dataset, CFG)
+    np.testing.assert_array_equal(again.get("case_000").image, prepared.image)
+    again.prepare_all()
+    assert again.prepared_count == 0 and again.num_slices("case_003") == 20
+    # a changed source file is prepared again; another config gets another folder
+    src = dataset / "imagesTr" / "case_002_0000.nii.gz"
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = VolumeCache(dataset, CFG)
+    third.prepare_all()
+    assert third.prepared_count == 1
+    other = VolumeCache(dataset, PreprocessConfig(size=8), cache_dir=tmp_path / "elsewhere")
+    assert other.cache_dir != cache.cache_dir and other.get("case_000").image.shape == (20, 8, 8)
+    with pytest.raises(KeyError, match="case_999"):
+        cache.get("case_999")
+    with pytest.raises(ValueError, match="max_label=2"):
+        VolumeCache(dataset, PreprocessConfig(size=16, max_label=2))
+
+
+def test_clip_dataset_shapes_ranges_determinism(dataset):
+    cache = VolumeCache(dataset, CFG)
+    names = cache.names
+    ds = ClipDataset(cache, names, clip_len=6, seed=3, length=10)
+    assert len(ds) == 10
+    item = ds[4]
+    assert item["image"].shape == (6, 1, 16, 16) and item["mask"].shape == (6, 1, 16, 16)
+    assert item["informed"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
+    assert 0 <= item["informed_index"] < 6 and 0 <= item["start"] <= 20 - 6
+    torch.testing.assert_close(item["informed"], item["image"][item["informed_index"]])
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    levels = torch.from_numpy(label_to_grey(np.arange(-1, 4), 3))
+    assert torch.isin(item["mask"], levels).all() and item["case"] in names
+    # 10 items over 5 cases: every case twice per epoch; with 3 items per epoch, all cases still come up
+    assert sorted(ds[i]["case"] for i in range(10)) == sorted(names * 2)
+    few = ClipDataset(cache, names, clip_len=6, seed=3, length=3)
+    assert {few[i]["case"] for i in range(15)} == set(names)
+    prepared = cache.get(item["case"])
+    np.testing.assert_array_equal(item["image"][:, 0].numpy(),
+                                  prepared.image[item["start"]:item["start"] + 6])
+    # deterministic for (seed, index, epoch); epochs differ; index + len addresses the next epoch
+    same = ClipDataset(cache, names, clip_len=6, seed=3, length=10)
+    starts = [(ds[i]["start"], ds[i]["informed_index"]) for i in range(10)]
+    assert starts == [(same[i]["start"], same[i]["informed_index"]) for i in range(10)]
+    ahead = [(ds[i + 10]["start"], ds[i + 10]["informed_index"]) for i in range(10)]
+    ds.set_epoch(1)
+    assert [(ds[i]["start"], ds[i]["informed_index"]) for i in range(10)] == ahead != starts
+    other_seed = ClipDataset(cache, names, clip_len=6, seed=4, length=10)
+    assert [(other_seed[i]["start"], other_seed[i]["informed_index"]) for i in range(10)] != starts
+
+
+def test_clip_dataset_refuses_short_cases(dataset):
+    cache = VolumeCache(dataset, CFG)
+    with pytest.raises(ValueError, match=r"fewer slices than clip_len=21.*'case_000': 20"):
+        ClipDataset(cache, cache.names, clip_len=21)
+
+
+def test_slice_and_volume_datasets(dataset):
+    cache = VolumeCache(dataset, CFG)
+    ds = SliceDataset(cache, cache.names[:2], seed=1, length=7)
+    items = [ds[i] for i in range(7)]
+    for item in items:
+        assert item["image"].shape == (1, 16, 16) and item["mask"].shape == (1, 16, 16)
+        assert item["pos"].dtype == torch.float32 and 0 <= float(item["pos"]) < 1
+        assert float(item["pos"]) == pytest.approx(item["index"] / 20)
+        np.testing.assert_array_equal(item["image"][0].numpy(), cache.get(item["case"]).image[item["index"]])
+    assert [i["index"] for i in items] == [SliceDataset(cache, cache.names[:2], seed=1, length=7)[k]["index"]
+                                            for k in range(7)]
+    vols = VolumeDataset(cache, cache.names)
+    assert len(vols) == 5 and vols[2].name == "case_002" and vols[2].image.shape == (20, 16, 16)
+
+
+def test_splits_deterministic_disjoint_complete(tmp_path):
+    names = [f"c{i:02d}" for i in range(23)]
+    a = make_splits(names, seed=5, val_fraction=0.2, test_fraction=0.1)
+    assert a == make_splits(list(reversed(names)), seed=5, val_fraction=0.2, test_fraction=0.1)
+    assert a != make_splits(names, seed=6, val_fraction=0.2, test_fraction=0.1)
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (16, 5, 2)
+    assert sorted(a["train"] + a["val"] + a["test"]) == names
+    assert not (set(a["train"]) & set(a["val"])) and not (set(a["val"]) & set(a["test"]))
+    small = make_splits(["x", "y"], val_fraction=0.2, test_fraction=0.2)
+    assert len(small["train"]) == 1 and len(small["val"]) + len(small["test"]) == 1
+    with pytest.raises(ValueError, match="val_fraction must lie in"):
+        make_splits(names, val_fraction=1.5)
+    path = tmp_path / "s.json"
+    write_splits(path, a, seed=5)
+    assert read_splits(path) == a
+    nnunet = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]
+    (tmp_path / "splits_final.json").write_text(json.dumps(nnunet))
+    assert read_splits(tmp_path / "splits_final.json", fold=1) == {"train": ["a", "c"], "val": ["b"], "test": []}
+
+
+def test_load_or_create_splits_writes_once(dataset):
+    splits = load_or_create_splits(dataset, seed=0, val_fraction=0.4)
+    assert (dataset / "splits.json").is_file() and len(splits["val"]) == 2
+    # an existing file wins over new arguments (the split is a record, not recomputed)
+    assert load_or_create_splits(dataset, seed=9, val_fraction=0.2) == splits
+    (dataset / "splits.json").write_text(json.dumps({"train": ["ghost"], "val": []}))
+    with pytest.raises(ValueError, match=r"not in the dataset: \['ghost'\]"):
+        load_or_create_splits(dataset)
+
+
+def test_epoch_sampler_moves_items_to_the_next_epoch():
+    sampler = EpochSampler(4, shuffle=True, seed=0)
+    first = list(sampler)
+    assert sorted(first) == [0, 1, 2, 3]
+    sampler.set_epoch(2)
+    assert sorted(list(sampler)) == [8, 9, 10, 11]
+    assert list(EpochSampler(4, shuffle=False)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["clip", "slice"])
+def test_datamodule_uses_train_and_val_splits(dataset, kind):
+    dm = Gem3dDataModule(dataset, kind=kind, preprocess={"size": 16, "max_label": 3}, clip_len=4, batch_size=2,
+                         seed=0, val_fraction=0.4, samples_per_epoch=6)
+    dm.prepare_data()
+    dm.setup("fit")
+    train_cases, val_cases = set(dm.splits["train"]), set(dm.splits["val"])
+    assert len(val_cases) == 2 and not train_cases & val_cases
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    batch = batches[0]
+    expected = (2, 4, 1, 16, 16) if kind == "clip" else (2, 1, 16, 16)
+    assert batch["image"].shape == expected and batch["mask"].shape == expected
+    assert {c for b in batches for c in b["case"]} <= train_cases
+    val = list(dm.val_dataloader())
+    assert {c for b in val for c in b["case"]} == val_cases
+    if kind == "clip":
+        assert batch["informed"].shape == (2, 1, 16, 16) and batch["informed_index"].shape == (2,)
+    else:
+        assert batch["pos"].shape == (2,)
+    assert [v.name for v in dm.volumes("val")] == sorted(val_cases)
+    with pytest.raises(ValueError, match=r"kind must be one of \('clip', 'slice'\)"):
+        Gem3dDataModule(dataset, kind="volume")
+
+
+def test_preprocessed_folder_through_the_cache(tmp_path):
+    folder = tmp_path / "Dataset002_Pre" / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        seg = rng.integers(0, 2, size=(1, 8, 12, 12)).astype(np.int8)
+        seg[:, :, :2] = -1
+        np.savez(folder / f"p_{i}.npz", data=rng.normal(size=(1, 8, 12, 12)).astype(np.float32), seg=seg)
+    (tmp_path / "Dataset002_Pre" / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
+    cache = VolumeCache(tmp_path / "Dataset002_Pre", PreprocessConfig(size=12, max_label=1, body="none"))
+    assert cache.names == ["p_0", "p_1"]
+    prepared = cache.get("p_1")
+    assert prepared.image.shape == (8, 12, 12) and (prepared.label[:, :2] == -1).all()
+    item = ClipDataset(cache, cache.names, clip_len=8)[0]
+    assert item["mask"].min() == pytest.approx(-3.0)  # -1 - 2/max_label with max_label 1
