@@ -1,0 +1,460 @@
+"""Reading original GEM-3D model folders (a latent-diffusion fork) without unpickling arbitrary code.
+
+A model folder, as the original inference scripts read it (``infer_model/<name>/``)::
+
+    <name>/checkpoints/last.ckpt        Lightning checkpoint: {'state_dict', 'epoch', 'global_step', ...}
+    <name>/configs/<...>-project.yaml   the original model config (target/params)
+
+State-dict layout of the original ``LatentDiffusion``:
+
+- ``model.diffusion_model.*``: the UNet's raw weights. Names equal gem3d's :class:`~gem3d.models.unet.UNetModel`
+  (identity mapping), so the prefix-stripped dict loads with ``strict=True``.
+- ``model_ema.*``: the EMA shadow, where EMA was on. Its names are the wrapper's parameter names with the dots
+  removed (``model_ema.diffusion_modelinput_blocks00weight``), plus ``model_ema.decay`` / ``model_ema.num_updates``.
+  They are mapped back through the raw names.
+- ``first_stage_model.*``: the KL autoencoder in latent-diffusion layout (``cond_stage_model.*`` may hold a copy).
+- schedule buffers (``betas``, ``alphas_cumprod``, ...).
+
+Everything (UNet kwargs, conditioning, schedule, first stage) is derived from the folder's own config.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from omegaconf import OmegaConf
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "OriginalModel",
+    "safe_load_checkpoint",
+    "checkpoint_allowlist",
+    "is_original_model_dir",
+    "find_original_config",
+    "read_original_model_dir",
+    "original_unet_params",
+    "ema_key",
+    "UNET_PREFIX",
+    "FIRST_STAGE_PREFIX",
+    "EMA_PREFIX",
+]
+
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+PSEUDO3D_TARGET_MARK = "openaimodel_pseudo3D"
+TRUST_HINT = (
+    "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
+    "fully and can run arbitrary code."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safe checkpoint loading
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds pickled objects outside gem3d's allowlist; ``unsafe_globals`` names them."""
+
+    def __init__(self, message: str, unsafe_globals: list[str]):
+        super().__init__(message)
+        self.unsafe_globals = unsafe_globals
+
+
+class _PickledCallbackClass:
+    """Stand-in for a Lightning callback *class* that old (PL < 1.5) checkpoints use as a ``callbacks`` dict key."""
+
+
+def _placeholder(full_name: str) -> type:
+    module, _, name = full_name.rpartition(".")
+    return type(name, (_PickledCallbackClass,), {"__module__": module, "__qualname__": name})
+
+
+def _dict_ignoring_factory(default_factory: Any = None) -> dict:
+    """Stand-in for ``collections.defaultdict`` while unpickling: a plain dict (the factory is dropped)."""
+    return {}
+
+
+def _optional(module_name: str, attribute: str) -> Any | None:
+    try:
+        module = __import__(module_name, fromlist=[attribute])
+        return getattr(module, attribute)
+    except (ImportError, AttributeError):
+        return None
+
+
+def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
+    """The non-tensor globals that Lightning / latent-diffusion checkpoints hold and that are safe to rebuild.
+
+    Containers and plain values (builtins, ``collections``, ``typing.Any``), omegaconf configs and their nodes,
+    Lightning's ``AttributeDict`` (under its PL 1.x and 2.x names) and ``collections.defaultdict`` (both read
+    back as plain dicts: torch's safe unpickler only fills plain dicts), numpy scalars/arrays (``best_model_score``),
+    ``pathlib`` paths, ``argparse.Namespace`` hyper-parameters, and the callback classes that PL < 1.5 used as
+    ``callbacks`` keys (mapped to inert placeholders, never to the real classes).
+    """
+    import argparse
+    import builtins
+    import collections
+    import pathlib
+    import typing
+
+    allow: list[Callable | tuple[Callable, str]] = [
+        typing.Any, collections.OrderedDict, argparse.Namespace,
+        pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+    ]
+    allow += [(getattr(builtins, n), f"builtins.{n}") for n in
+              ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bool", "object")]
+    allow.append((type(None), "builtins.NoneType"))
+
+    for module_name, names in {
+        "omegaconf.dictconfig": ["DictConfig"],
+        "omegaconf.listconfig": ["ListConfig"],
+        "omegaconf.base": ["ContainerMetadata", "Metadata", "UnionNode"],
+        "omegaconf.nodes": ["AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode",
+                            "PathNode", "ValueNode", "InterpolationResultNode"],
+    }.items():
+        for name in names:
+            obj = _optional(module_name, name)
+            if obj is not None:
+                allow.append((obj, f"{module_name}.{name}"))
+
+    # torch's safe unpickler fills only plain dicts, so dict subclasses are read back as plain dicts.
+    for name in ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
+                 "lightning_fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.AttributeDict"):
+        allow.append((dict, name))
+    allow.append((_dict_ignoring_factory, "collections.defaultdict"))
+
+    for package in ("pytorch_lightning", "lightning.pytorch"):
+        for name in ("callbacks.model_checkpoint.ModelCheckpoint", "callbacks.early_stopping.EarlyStopping"):
+            full = f"{package}.{name}"
+            allow.append((_placeholder(full), full))
+
+    try:
+        import numpy as np
+
+        multiarray = _optional("numpy._core", "multiarray") or _optional("numpy.core", "multiarray")
+        for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            allow.append((multiarray._reconstruct, f"{core}._reconstruct"))
+            allow.append((multiarray.scalar, f"{core}.scalar"))
+        allow += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+        for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+            obj = _optional("numpy.dtypes", dtype_name)
+            if obj is not None:
+                allow.append((obj, f"numpy.dtypes.{dtype_name}"))
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    return allow
+
+
+def _allowlisted_names() -> set[str]:
+    names = set()
+    for entry in checkpoint_allowlist():
+        if isinstance(entry, tuple):
+            names.add(entry[1])
+        else:
+            names.add(f"{entry.__module__}.{entry.__qualname__}")
+    return names
+
+
+def _offending_globals(path: Path, error: Exception) -> list[str]:
+    found: list[str] = []
+    try:
+        allowed = _allowlisted_names()
+        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+    except Exception:  # legacy (non-zip) format or unreadable pickle: fall back to the error text
+        found = []
+    if not found:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(error)) or re.findall(r"Unsupported global: ([\w.]+)", str(error))
+    return sorted(set(found))
+
+
+def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
+    """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist.
+
+    Args:
+        path: checkpoint file.
+        trust: if the safe load fails, unpickle fully (``weights_only=False``). Only for files you trust.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file holds objects outside the allowlist (named in the message) and
+            ``trust`` is False. Nothing of it is unpickled beyond the allowlisted objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(checkpoint_allowlist()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if trust:
+            warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully because trust=True")
+            return torch.load(path, map_location=map_location, weights_only=False)
+        offending = _offending_globals(path, error)
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to unpickle {', '.join(offending) or 'objects'} — not on gem3d's allowlist of "
+            f"checkpoint objects (weights_only=True failed: {str(error).splitlines()[0] if str(error) else error!r}). "
+            + TRUST_HINT,
+            offending,
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model folder
+
+
+def find_original_config(path: str | Path) -> Path:
+    """``<path>/configs/*-project.yaml`` (the latest by name if several). Raises FileNotFoundError."""
+    path = Path(path)
+    candidates = sorted((path / "configs").glob("*-project.yaml"))
+    if not candidates:
+        raise FileNotFoundError(
+            f"{path}: no original model config; expected configs/<name>-project.yaml "
+            f"(found: {sorted(p.name for p in (path / 'configs').glob('*')) if (path / 'configs').is_dir() else 'no configs/ folder'})"
+        )
+    return candidates[-1]
+
+
+def is_original_model_dir(path: str | Path) -> bool:
+    """True if ``path`` holds ``checkpoints/last.ckpt`` and a ``configs/*-project.yaml`` with a ``unet_config``."""
+    path = Path(path)
+    if not (path / "checkpoints" / "last.ckpt").is_file():
+        return False
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(find_original_config(path)), resolve=True)
+    except Exception:
+        return False
+    params = (config.get("model") or {}).get("params") or {}
+    return isinstance(params, dict) and isinstance(params.get("unet_config"), dict)
+
+
+# UNet kwargs of the original openaimodel that gem3d takes over, with the original's defaults.
+_UNET_TAKEN = {
+    "in_channels": None, "out_channels": None, "model_channels": None, "channel_mult": (1, 2, 4, 8),
+    "num_res_blocks": None, "attention_resolutions": None, "num_head_channels": -1, "num_heads": -1,
+    "use_spatial_transformer": False, "transformer_depth": 1, "context_dim": None, "use_checkpoint": False,
+    "dropout": 0.0,
+}
+# Original kwargs that do not change the network (or only its dtype).
+_UNET_IGNORED = {"image_size", "legacy", "use_fp16"}
+# Original kwargs that gem3d supports only at these values.
+_UNET_FIXED = {
+    "dims": 2, "conv_resample": True, "use_scale_shift_norm": False, "resblock_updown": False,
+    "use_new_attention_order": False, "num_classes": None, "n_embed": None,
+}
+
+
+def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[str] | None = None,
+                         source: str = "config") -> dict[str, Any]:
+    """Map the original ``unet_config`` (``target`` + ``params``) to :class:`UNetModel` kwargs.
+
+    ``volumetric`` is True when the target is ``openaimodel_pseudo3D.UNetModel`` or when the state dict has
+    ``*_tem`` keys. Attention rates the network never reaches are dropped (the original ignores them too).
+    """
+    from gem3d.models.unet import is_volumetric_parameter_name
+
+    target = str(unet_config.get("target", ""))
+    params = dict(unet_config.get("params") or {})
+    unknown = sorted(set(params) - set(_UNET_TAKEN) - _UNET_IGNORED - set(_UNET_FIXED) - {"num_heads_upsample"})
+    if unknown:
+        raise ValueError(f"{source}: unet_config.params has keys gem3d does not know: {unknown}")
+    for key, allowed in _UNET_FIXED.items():
+        if key in params and params[key] != allowed:
+            raise NotImplementedError(
+                f"{source}: unet_config.params.{key}={params[key]!r} is not supported (gem3d supports {allowed!r})"
+            )
+    out: dict[str, Any] = {}
+    for key, default in _UNET_TAKEN.items():
+        value = params.get(key, default)
+        if value is None and key not in ("context_dim",):
+            raise KeyError(f"{source}: unet_config.params.{key} is required")
+        out[key] = value
+    heads_up = params.get("num_heads_upsample", -1)
+    if heads_up not in (-1, out["num_heads"]):
+        raise NotImplementedError(f"{source}: num_heads_upsample={heads_up!r} differs from num_heads={out['num_heads']!r}")
+    out["channel_mult"] = [int(m) for m in out["channel_mult"]]
+    reachable = {2**level for level in range(len(out["channel_mult"]))}
+    out["attention_resolutions"] = [int(r) for r in out["attention_resolutions"] if int(r) in reachable]
+    if not out["use_spatial_transformer"]:
+        out["context_dim"] = None
+    out["dropout"] = float(out["dropout"])
+    keys = unet_state_keys or []
+    out["volumetric"] = PSEUDO3D_TARGET_MARK in target or any(is_volumetric_parameter_name(k) for k in keys)
+    return out
+
+
+def ema_key(unet_key: str) -> str:
+    """Raw UNet name (``input_blocks.0.0.weight``) -> the original's EMA name (``model_ema.diffusion_modelinput_blocks00weight``)."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+@dataclass
+class OriginalModel:
+    """Everything gem3d needs from an original GEM-3D model folder (see :func:`read_original_model_dir`)."""
+
+    path: Path
+    config_path: Path
+    checkpoint_path: Path
+    config: dict  # the full original config, plain containers
+    model_target: str
+    unet_target: str
+    unet_params: dict  # gem3d UNetModel kwargs
+    unet_state_dict: dict  # raw (or EMA, if requested) UNet weights, gem3d names
+    uses_ema_weights: bool  # unet_state_dict holds the EMA weights
+    has_ema: bool
+    first_stage_ddconfig: dict
+    first_stage_embed_dim: int
+    first_stage_state_dict: dict  # LDM layout, prefix stripped (empty if the checkpoint holds none)
+    first_stage_ckpt_path: str | None  # first_stage_config.params.ckpt_path, if the config names one
+    scale_factor: float
+    conditioning_key: str | None
+    cond_stage_key: str | None
+    first_stage_key: str | None
+    fix_t: bool
+    latent_channels: int
+    concat_channels: int  # channels of the concat condition (0, z: mask only, 2z: mask + informed)
+    uses_informed_slice: bool
+    linear_start: float
+    linear_end: float
+    timesteps: int
+    beta_schedule: str
+    parameterization: str
+    position_embed_dim: int | None  # crossattn: width of the position embedding context
+    alphas_cumprod: torch.Tensor | None = None  # schedule buffer from the checkpoint, if present
+    checkpoint_meta: dict = field(default_factory=dict)  # epoch, global_step, pytorch-lightning_version
+
+    @property
+    def volumetric(self) -> bool:
+        return bool(self.unet_params["volumetric"])
+
+    def build_unet(self, **overrides: Any):
+        """A gem3d :class:`UNetModel` from ``unet_params`` (plus ``overrides``) with ``unet_state_dict`` loaded strictly."""
+        from gem3d.models.unet import UNetModel
+
+        unet = UNetModel(**{**self.unet_params, **overrides})
+        unet.load_state_dict(self.unet_state_dict, strict=True)
+        return unet
+
+
+def read_original_model_dir(
+    path: str | Path, ema: bool = False, trust: bool = False, checkpoint: str | Path | None = None
+) -> OriginalModel:
+    """Read an original GEM-3D model folder.
+
+    Args:
+        path: the folder (``checkpoints/last.ckpt`` + ``configs/*-project.yaml``).
+        ema: take the UNet weights from the EMA shadow (``model_ema.*``); error if the checkpoint has none.
+        trust: passed to :func:`safe_load_checkpoint`.
+        checkpoint: another checkpoint file instead of ``checkpoints/last.ckpt``.
+    """
+    path = Path(path)
+    config_path = find_original_config(path)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else path / "checkpoints" / "last.ckpt"
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    model_cfg = config.get("model")
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("params"), dict):
+        raise KeyError(f"{config_path}: expected model.target and model.params")
+    params = model_cfg["params"]
+    for key in ("unet_config", "first_stage_config"):
+        if not isinstance(params.get(key), dict):
+            raise KeyError(f"{config_path}: model.params.{key} is missing")
+
+    loaded = safe_load_checkpoint(ckpt_path, trust=trust)
+    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{ckpt_path}: expected a dict with a 'state_dict', got {type(loaded).__name__}")
+    raw_unet = _strip(state_dict, UNET_PREFIX)
+    if not raw_unet:
+        raise KeyError(f"{ckpt_path}: no '{UNET_PREFIX}*' weights in the state dict (keys like {list(state_dict)[:4]})")
+
+    unet_params = original_unet_params(params["unet_config"], list(raw_unet), source=str(config_path))
+    ema_names = [k for k in state_dict if k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING]
+    has_ema = bool(ema_names)
+    if ema:
+        if not has_ema:
+            raise KeyError(
+                f"{ckpt_path}: ema=True but the checkpoint holds no EMA weights ('{EMA_PREFIX}*'; use_ema="
+                f"{params.get('use_ema')!r} in {config_path.name}); use ema=False for the raw weights"
+            )
+        unet_state_dict, fallback = {}, []
+        for key, value in raw_unet.items():
+            shadow = state_dict.get(ema_key(key))
+            if shadow is None:
+                fallback.append(key)
+                unet_state_dict[key] = value
+            else:
+                unet_state_dict[key] = shadow
+        if fallback:
+            warnings.warn(f"{ckpt_path}: {len(fallback)} UNet tensors have no EMA copy, raw weights used: {fallback[:6]}")
+    else:
+        unet_state_dict = raw_unet
+
+    first_cfg = params["first_stage_config"].get("params") or {}
+    first_sd = _strip(state_dict, FIRST_STAGE_PREFIX)
+    first_ckpt = first_cfg.get("ckpt_path")
+    if not first_sd and not first_ckpt:
+        warnings.warn(f"{ckpt_path}: no first-stage weights in the checkpoint and no first_stage_config ckpt_path")
+
+    conditioning_key = params.get("conditioning_key")
+    latent_channels = int(params.get("channels", 4))
+    in_channels = int(unet_params["in_channels"])
+    concat_channels = in_channels - latent_channels if conditioning_key in ("concat", "hybrid") else 0
+    if conditioning_key in ("concat", "hybrid") and concat_channels not in (latent_channels, 2 * latent_channels):
+        raise ValueError(
+            f"{config_path}: in_channels={in_channels} with {latent_channels}-channel latents gives a "
+            f"{concat_channels}-channel concat condition; expected {latent_channels} (mask) or "
+            f"{2 * latent_channels} (mask + informed slice)"
+        )
+    position_dim = None
+    if conditioning_key in ("crossattn", "hybrid"):
+        cond_cfg = params.get("cond_stage_config")
+        if isinstance(cond_cfg, dict) and "dim" in (cond_cfg.get("params") or {}):
+            position_dim = int(cond_cfg["params"]["dim"])
+        else:
+            position_dim = unet_params.get("context_dim")
+
+    alphas_cumprod = state_dict.get("alphas_cumprod")
+    return OriginalModel(
+        path=path,
+        config_path=config_path,
+        checkpoint_path=ckpt_path,
+        config=config,
+        model_target=str(model_cfg.get("target", "")),
+        unet_target=str(params["unet_config"].get("target", "")),
+        unet_params=unet_params,
+        unet_state_dict=unet_state_dict,
+        uses_ema_weights=bool(ema),
+        has_ema=has_ema,
+        first_stage_ddconfig=dict(first_cfg.get("ddconfig") or {}),
+        first_stage_embed_dim=int(first_cfg.get("embed_dim", 4)),
+        first_stage_state_dict=first_sd,
+        first_stage_ckpt_path=None if first_ckpt is None else str(first_ckpt),
+        scale_factor=float(params.get("scale_factor", 1.0)),
+        conditioning_key=conditioning_key,
+        cond_stage_key=params.get("cond_stage_key"),
+        first_stage_key=params.get("first_stage_key"),
+        fix_t=bool(params.get("fix_t", False)),
+        latent_channels=latent_channels,
+        concat_channels=concat_channels,
+        uses_informed_slice=concat_channels == 2 * latent_channels,
+        linear_start=float(params.get("linear_start", 1e-4)),
+        linear_end=float(params.get("linear_end", 2e-2)),
+        timesteps=int(params.get("timesteps", 1000)),
+        beta_schedule=str(params.get("beta_schedule", "linear")),
+        parameterization=str(params.get("parameterization", "eps")),
+        position_embed_dim=position_dim,
+        alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.detach().clone(),
+        checkpoint_meta={k: loaded[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in loaded},
+    )

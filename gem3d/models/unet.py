@@ -1,0 +1,746 @@
+"""The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric.
+
+Written from the layout in METHOD.md §3 and §7. One class, :class:`UNetModel`, covers
+
+- the stage-1 slice denoiser and the baseline (concat conditioning, self-attention ``AttentionBlock``),
+- the position-conditioned slice model (``use_spatial_transformer=True``, cross-attention on a context),
+- stage 2 / baseline stage 2 (``volumetric=True``): after every 3x3 convolution a temporal
+  ``Conv1d(C, C, 3, padding=1)`` across the slices of a clip (Dirac weight, zero bias, replaces its input),
+  and after every spatial self-attention a temporal self-attention across the slices (the block's same
+  GroupNorm, ``qkv_tem`` 1x1 to 3C, the same head count, zero-initialised ``proj_out_tem``, residual).
+  The slice count comes from the input (``num_frames`` or a 5-D ``(B, F, C, H, W)`` input), never a constant.
+
+Checkpoint compatibility — the key mapping is the identity
+-----------------------------------------------------------
+Parameter names equal those of the original GEM-3D / latent-diffusion UNet, so the original's
+``model.diffusion_model.*`` weights (prefix stripped) load with ``load_state_dict(sd, strict=True)``:
+
+- ``time_embed.{0,2}``; ``input_blocks.0.0`` (input conv), ``input_blocks.0.1.temporal_conv`` (volumetric);
+- ResBlock: ``in_layers.{0: GroupNorm, 2: conv}``, ``emb_layers.1``, ``out_layers.{0: GroupNorm, 3: conv}``,
+  ``skip_connection`` (1x1, only when channels change), volumetric ``in_layers_tem.temporal_conv`` and
+  ``out_layers_tem.temporal_conv``;
+- AttentionBlock: ``norm``, ``qkv``, ``proj_out``, volumetric ``qkv_tem``, ``proj_out_tem``;
+- SpatialTransformer: ``norm``, ``proj_in``, ``transformer_blocks.N.{attn1,attn2}.{to_q,to_k,to_v,to_out.0}``,
+  ``transformer_blocks.N.ff.net.{0.proj,2}``, ``transformer_blocks.N.norm{1,2,3}``, ``proj_out``;
+- Downsample ``op`` (+ ``op_tem.temporal_conv``), Upsample ``conv`` (+ ``conv_tem.temporal_conv``);
+- ``middle_block.{0,1,2}``, ``output_blocks.*``, ``out.{0: GroupNorm, 2: conv}``, volumetric ``out_tem.temporal_conv``.
+
+Layouts: 2D layers see ``(N, C, H, W)``; a volumetric model sees ``N = B*F`` rows, clip-major (all F slices of
+clip 0 first). Temporal layers view the features as ``(B*H*W, C, F)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gem3d.models.conditioning import timestep_embedding
+
+__all__ = [
+    "UNetModel",
+    "SliceWeightsLoadResult",
+    "is_volumetric_parameter_name",
+    "GroupNorm32",
+    "TemporalConv",
+    "ResBlock",
+    "AttentionBlock",
+    "SpatialTransformer",
+    "Downsample",
+    "Upsample",
+]
+
+NORM_GROUPS = 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def is_volumetric_parameter_name(name: str) -> bool:
+    """True for the names of the volumetric (temporal) layers: a ``*_tem`` component or ``temporal_conv``."""
+    return any(part.endswith("_tem") or part == "temporal_conv" for part in name.split("."))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` in place and return it."""
+    for param in module.parameters():
+        nn.init.zeros_(param)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm (32 groups) computed in float32 (input and affine parameters), returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    return GroupNorm32(NORM_GROUPS, channels, eps=eps)
+
+
+def legacy_qkv_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention with the original's *legacy* head order.
+
+    ``qkv (B, 3C, T)``: channels are split into heads first, then into q, k, v of ``C/heads`` each.
+    Returns ``(B, C, T)`` (heads outermost). Scale ``1/sqrt(C/heads)``.
+    """
+    q, k, v = rearrange(qkv, "b (h three d) t -> three b h t d", h=heads, three=3)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "b h t d -> b (h d) t")
+
+
+def frames_to_sequences(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``(B*F, C, H, W)`` clip-major -> ``(B*H*W, C, F)``: one sequence over the slices per spatial position."""
+    return rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames)
+
+
+def sequences_to_frames(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`frames_to_sequences`."""
+    return rearrange(x, "(b h w) c f -> (b f) c h w", h=height, w=width)
+
+
+def _require_num_frames(num_frames: int | None, rows: int, where: str) -> int:
+    if num_frames is None:
+        raise ValueError(f"{where}: a volumetric layer needs num_frames (slices per clip), got None")
+    if num_frames < 1 or rows % num_frames:
+        raise ValueError(f"{where}: {rows} rows are not a whole number of clips of num_frames={num_frames}")
+    return int(num_frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layers
+
+
+class TemporalConv(nn.Module):
+    """Temporal ``Conv1d(C, C, 3, padding=1)`` across the slices at every spatial position.
+
+    Replaces its input (no residual); identity at initialisation (Dirac weight, zero bias).
+    ``(B*F, C, H, W) -> (B*F, C, H, W)``.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.temporal_conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.reset_identity()
+
+    def reset_identity(self) -> None:
+        nn.init.dirac_(self.temporal_conv.weight)
+        nn.init.zeros_(self.temporal_conv.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+        num_frames = _require_num_frames(num_frames, x.shape[0], "TemporalConv")
+        height, width = x.shape[-2:]
+        y = self.temporal_conv(frames_to_sequences(x, num_frames))
+        return sequences_to_frames(y, height, width)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with the time embedding added as a per-channel bias (no scale-shift).
+
+    ``h = in_layers(x) [-> in_layers_tem] + emb_layers(emb); h = out_layers(h) [-> out_layers_tem];
+    return skip_connection(x) + h``.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, volumetric: bool):
+        super().__init__()
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+        self.volumetric = volumetric
+        if volumetric:
+            self.in_layers_tem = TemporalConv(out_channels)
+            self.out_layers_tem = TemporalConv(out_channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        h = self.in_layers(x)
+        if self.volumetric:
+            h = self.in_layers_tem(h, num_frames)
+        h = h + rearrange(self.emb_layers(emb).type(h.dtype), "n c -> n c 1 1")
+        h = self.out_layers(h)
+        if self.volumetric:
+            h = self.out_layers_tem(h, num_frames)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention over the H*W positions (legacy head order), plus, when volumetric, a temporal
+    self-attention over the F slices at every position that reuses the block's ``norm``.
+
+    ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, heads: int, volumetric: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.volumetric = volumetric
+        if volumetric:
+            self.qkv_tem = nn.Conv1d(channels, 3 * channels, 1)
+            self.proj_out_tem = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def reset_temporal(self) -> None:
+        """Temporal attention back to its initial state (default ``qkv_tem``, zero ``proj_out_tem``)."""
+        if self.volumetric:
+            self.qkv_tem.reset_parameters()
+            zero_module(self.proj_out_tem)
+
+    def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        tokens = rearrange(x, "n c h w -> n c (h w)")
+        tokens = tokens + self.proj_out(legacy_qkv_attention(self.qkv(self.norm(tokens)), self.heads))
+        out = rearrange(tokens, "n c (h w) -> n c h w", h=height, w=width)
+        if self.volumetric:
+            num_frames = _require_num_frames(num_frames, x.shape[0], "AttentionBlock")
+            seq = frames_to_sequences(out, num_frames)
+            seq = seq + self.proj_out_tem(legacy_qkv_attention(self.qkv_tem(self.norm(seq)), self.heads))
+            out = sequences_to_frames(seq, height, width)
+        return out
+
+
+class CrossAttention(nn.Module):
+    """Multi-head (cross-)attention on token sequences; heads split as ``(h d)``, heads outermost."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (N, T, query_dim)``, ``context (N, L, context_dim)`` or None (self-attention)."""
+        context = x if context is None else context
+        q, k, v = (
+            rearrange(t, "n l (h d) -> n h l d", h=self.heads)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v.type(q.dtype))
+        return self.to_out(rearrange(out, "n h l d -> n l (h d)"))
+
+
+class GEGLU(nn.Module):
+    """``Linear(dim, 2*inner)`` split into value (first half) and gate (second half); ``value * gelu(gate)``."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: ``net = [GEGLU(dim -> 4 dim), Dropout, Linear(4 dim -> dim)]``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)``."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim=context_dim, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (eps 1e-6) -> 1x1 ``proj_in`` -> transformer blocks over H*W tokens -> zero 1x1 ``proj_out``, residual.
+
+    ``x (N, C, H, W)``, ``context (N, L, context_dim)`` -> ``(N, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = normalization(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+        )
+        self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        h = rearrange(self.proj_in(self.norm(x)), "n c h w -> n (h w) c")
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = rearrange(h, "n (h w) c -> n c h w", h=height, w=width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """``op``: conv 3x3 stride 2 padding 1 (+ ``op_tem`` when volumetric)."""
+
+    def __init__(self, channels: int, volumetric: bool):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.volumetric = volumetric
+        if volumetric:
+            self.op_tem = TemporalConv(channels)
+
+    def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        x = self.op(x)
+        return self.op_tem(x, num_frames) if self.volumetric else x
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then ``conv`` 3x3 (+ ``conv_tem`` when volumetric)."""
+
+    def __init__(self, channels: int, volumetric: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.volumetric = volumetric
+        if volumetric:
+            self.conv_tem = TemporalConv(channels)
+
+    def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        x = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv_tem(x, num_frames) if self.volumetric else x
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """A UNet block: runs its layers in order, handing each the inputs it needs (emb, context, num_frames).
+
+    With ``use_checkpoint`` the whole block is recomputed in the backward pass (training only).
+    """
+
+    def __init__(self, layers: Iterable[nn.Module], use_checkpoint: bool = False):
+        super().__init__(layers)
+        self.use_checkpoint = use_checkpoint
+
+    def _run(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, num_frames: int | None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, num_frames)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, (AttentionBlock, TemporalConv, Downsample, Upsample)):
+                x = layer(x, num_frames)
+            else:
+                x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None, num_frames: int | None = None) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._run, x, emb, context, num_frames, use_reentrant=False)
+        return self._run(x, emb, context, num_frames)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class SliceWeightsLoadResult:
+    """Summary of :meth:`UNetModel.load_slice_weights`."""
+
+    loaded: list[str] = field(default_factory=list)  # 2D keys copied from the state dict
+    missing_temporal: list[str] = field(default_factory=list)  # volumetric keys left at their current (identity) init
+    unexpected: list[str] = field(default_factory=list)  # keys of the state dict that were not loaded
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} slice (2D) tensors; {len(self.missing_temporal)} volumetric tensors kept at "
+            f"initialisation; {len(self.unexpected)} unexpected keys ignored"
+            + (f": {self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}" if self.unexpected else "")
+        )
+
+
+class UNetModel(nn.Module):
+    """ADM / latent-diffusion UNet; 2D slice denoiser, optionally with volumetric (temporal) layers.
+
+    Args:
+        in_channels: input channels (noisy latent + concat condition, e.g. 12 = 4 + 4 mask + 4 informed).
+        out_channels: predicted channels (4 for eps of a 4-channel latent).
+        model_channels: base width ``mc``; the time embedding is ``4 * mc`` wide.
+        channel_mult: width multiplier per level (one level per entry; a Downsample between levels).
+        num_res_blocks: ResBlocks per level on the way down (``+1`` on the way up).
+        attention_resolutions: downsample rates (1, 2, 4, ...) whose levels get attention.
+        num_head_channels: channels per head (heads = C / num_head_channels); -1 to use ``num_heads``.
+        num_heads: fixed head count, used only when ``num_head_channels == -1``.
+        use_spatial_transformer: SpatialTransformer (self + cross-attention) instead of AttentionBlock.
+        transformer_depth: transformer blocks per SpatialTransformer.
+        context_dim: cross-attention context width (required with the spatial transformer).
+        use_checkpoint: gradient checkpointing per block while training.
+        dropout: dropout in the ResBlocks (and transformer).
+        volumetric: add the temporal layers of GEM-3D stage 2 (identity at initialisation).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        model_channels: int,
+        channel_mult: Sequence[int],
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        num_head_channels: int = 32,
+        num_heads: int = -1,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        use_checkpoint: bool = False,
+        dropout: float = 0.0,
+        volumetric: bool = False,
+    ):
+        super().__init__()
+        channel_mult = tuple(int(m) for m in channel_mult)
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        self._validate(
+            in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+            num_head_channels, num_heads, use_spatial_transformer, transformer_depth, context_dim, dropout, volumetric,
+        )
+        self.config = dict(
+            in_channels=int(in_channels), out_channels=int(out_channels), model_channels=int(model_channels),
+            channel_mult=list(channel_mult), num_res_blocks=int(num_res_blocks),
+            attention_resolutions=list(attention_resolutions), num_head_channels=int(num_head_channels),
+            num_heads=int(num_heads), use_spatial_transformer=bool(use_spatial_transformer),
+            transformer_depth=int(transformer_depth), context_dim=None if context_dim is None else int(context_dim),
+            use_checkpoint=bool(use_checkpoint), dropout=float(dropout), volumetric=bool(volumetric),
+        )
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.model_channels = int(model_channels)
+        self.channel_mult = channel_mult
+        self.num_res_blocks = int(num_res_blocks)
+        self.attention_resolutions = attention_resolutions
+        self.num_head_channels = int(num_head_channels)
+        self.num_heads = int(num_heads)
+        self.use_spatial_transformer = bool(use_spatial_transformer)
+        self.context_dim = None if context_dim is None else int(context_dim)
+        self.use_checkpoint = bool(use_checkpoint)
+        self.volumetric = bool(volumetric)
+
+        mc = self.model_channels
+        emb_dim = 4 * mc
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def block(*layers: nn.Module) -> TimestepEmbedSequential:
+            return TimestepEmbedSequential(layers, use_checkpoint=self.use_checkpoint)
+
+        def attention(channels: int) -> nn.Module:
+            heads, dim_head = self._heads(channels)
+            if self.use_spatial_transformer:
+                return SpatialTransformer(channels, heads, dim_head, transformer_depth, self.context_dim, dropout)
+            return AttentionBlock(channels, heads, self.volumetric)
+
+        def resblock(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, dropout, self.volumetric)
+
+        first = [nn.Conv2d(self.in_channels, mc, 3, padding=1)]
+        if self.volumetric:
+            first.append(TemporalConv(mc))
+        self.input_blocks = nn.ModuleList([block(*first)])
+        skip_channels = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers: list[nn.Module] = [resblock(ch, mult * mc)]
+                ch = mult * mc
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(block(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(block(Downsample(ch, self.volumetric)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = block(resblock(ch, ch), attention(ch), resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                if level and i == self.num_res_blocks:
+                    layers.append(Upsample(ch, self.volumetric))
+                    ds //= 2
+                self.output_blocks.append(block(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        )
+        if self.volumetric:
+            self.out_tem = TemporalConv(self.out_channels)
+
+    # ------------------------------------------------------------------ config
+
+    def _heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) for an attention layer of ``channels``."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    @staticmethod
+    def _validate(
+        in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+        num_head_channels, num_heads, use_spatial_transformer, transformer_depth, context_dim, dropout, volumetric,
+    ) -> None:
+        def positive_int(name: str, value) -> None:
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"UNetModel: {name} must be a positive integer, got {value!r}")
+
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("model_channels", model_channels), ("num_res_blocks", num_res_blocks),
+                            ("transformer_depth", transformer_depth)):
+            positive_int(name, value)
+        if not channel_mult or any(m < 1 for m in channel_mult):
+            raise ValueError(f"UNetModel: channel_mult must be a non-empty list of positive integers, got {list(channel_mult)}")
+        widths = sorted({model_channels * m for m in channel_mult})
+        bad = [w for w in widths if w % NORM_GROUPS]
+        if bad:
+            raise ValueError(
+                f"UNetModel: every level width model_channels * mult must be divisible by the {NORM_GROUPS} GroupNorm "
+                f"groups; model_channels={model_channels}, channel_mult={list(channel_mult)} give widths {widths} "
+                f"(not divisible: {bad}); use a model_channels that is a multiple of {NORM_GROUPS}"
+            )
+        reachable = [2**level for level in range(len(channel_mult))]
+        unreachable = [r for r in attention_resolutions if r not in reachable]
+        if unreachable:
+            raise ValueError(
+                f"UNetModel: attention_resolutions are downsample rates; {unreachable} is not one of the rates "
+                f"{reachable} reached with channel_mult={list(channel_mult)}"
+            )
+        if num_head_channels == -1:
+            if isinstance(num_heads, bool) or int(num_heads) != num_heads or num_heads < 1:
+                raise ValueError(
+                    f"UNetModel: with num_head_channels=-1, num_heads must be a positive integer, got {num_heads!r}"
+                )
+            attn_widths = sorted({model_channels * m for m in channel_mult})
+            bad = [w for w in attn_widths if w % num_heads]
+            if bad:
+                raise ValueError(f"UNetModel: attention widths {bad} are not divisible by num_heads={num_heads}")
+        else:
+            positive_int("num_head_channels (or -1 to use num_heads)", num_head_channels)
+            bad = [w for w in widths if w % num_head_channels]
+            if bad:
+                raise ValueError(
+                    f"UNetModel: level widths {bad} are not divisible by num_head_channels={num_head_channels} "
+                    f"(all widths: {widths})"
+                )
+        if use_spatial_transformer:
+            if context_dim is None:
+                raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention context width)")
+            positive_int("context_dim", context_dim)
+            if volumetric:
+                raise ValueError(
+                    "UNetModel: volumetric=True is defined for AttentionBlock UNets only (use_spatial_transformer=False); "
+                    "the original pseudo-3D UNet has no temporal layers for spatial transformers"
+                )
+        elif context_dim is not None:
+            raise ValueError(
+                f"UNetModel: context_dim={context_dim!r} is only used by the spatial transformer; "
+                "set use_spatial_transformer=True or context_dim=None"
+            )
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"UNetModel: dropout must be in [0, 1), got {dropout!r}")
+
+    # ------------------------------------------------------------------ volumetric helpers
+
+    def volumetric_parameter_names(self) -> list[str]:
+        """Names of the temporal-layer parameters (empty for a 2D model)."""
+        return [name for name, _ in self.named_parameters() if is_volumetric_parameter_name(name)]
+
+    def volumetric_parameters(self) -> Iterator[nn.Parameter]:
+        """The temporal-layer parameters (what stage 2 trains)."""
+        for name, param in self.named_parameters():
+            if is_volumetric_parameter_name(name):
+                yield param
+
+    def freeze_non_volumetric(self) -> None:
+        """``requires_grad = False`` for every 2D parameter, True for the temporal ones (stage-2 training)."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_volumetric_parameter_name(name))
+
+    def reset_volumetric_layers(self) -> None:
+        """Temporal layers back to identity: Dirac convs, default ``qkv_tem``, zero ``proj_out_tem``."""
+        for module in self.modules():
+            if isinstance(module, TemporalConv):
+                module.reset_identity()
+            elif isinstance(module, AttentionBlock):
+                module.reset_temporal()
+
+    def load_slice_weights(self, state_dict_2d: Mapping[str, torch.Tensor], prefix: str | None = None) -> SliceWeightsLoadResult:
+        """Load a 2D (slice) UNet's weights into this model; temporal layers keep their current (identity) values.
+
+        Args:
+            state_dict_2d: 2D UNet weights with this model's names (``input_blocks.0.0.weight``, ...).
+            prefix: if given, only keys starting with it are used, with the prefix stripped
+                (e.g. ``"model.diffusion_model."`` for an original checkpoint's state dict).
+
+        Raises:
+            KeyError: a non-temporal parameter or buffer of this model is missing from the state dict.
+            ValueError: a tensor's shape differs from this model's.
+        """
+        if prefix:
+            state_dict_2d = {k[len(prefix):]: v for k, v in state_dict_2d.items() if k.startswith(prefix)}
+        own = self.state_dict()
+        wanted = [k for k in own if not is_volumetric_parameter_name(k)]
+        missing = [k for k in wanted if k not in state_dict_2d]
+        if missing:
+            raise KeyError(
+                f"load_slice_weights: {len(missing)} slice (2D) tensors are missing from the state dict, e.g. "
+                f"{missing[:8]}; got {len(state_dict_2d)} keys such as {list(state_dict_2d)[:4]}"
+                + ("" if prefix else " (pass prefix='model.diffusion_model.' for an original checkpoint)")
+            )
+        mismatched = [
+            f"{k}: model {tuple(own[k].shape)} vs state dict {tuple(state_dict_2d[k].shape)}"
+            for k in wanted if tuple(own[k].shape) != tuple(state_dict_2d[k].shape)
+        ]
+        if mismatched:
+            raise ValueError(f"load_slice_weights: shape mismatch for {len(mismatched)} tensors: {mismatched[:8]}")
+        merged = dict(own)
+        merged.update({k: state_dict_2d[k] for k in wanted})
+        self.load_state_dict(merged, strict=True)
+        wanted_set = set(wanted)
+        return SliceWeightsLoadResult(
+            loaded=wanted,
+            missing_temporal=[k for k in own if is_volumetric_parameter_name(k)],
+            unexpected=[k for k in state_dict_2d if k not in wanted_set],
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _prepare_context(self, context: torch.Tensor | None, rows: int, clips: int | None) -> torch.Tensor | None:
+        if not self.use_spatial_transformer:
+            if context is not None:
+                raise ValueError("UNetModel: got a context, but this model has no spatial transformer (use_spatial_transformer=False)")
+            return None
+        if context is None:
+            raise ValueError(f"UNetModel: this model cross-attends to a context of width {self.context_dim}; got context=None")
+        if context.ndim == 2:
+            context = rearrange(context, "n d -> n 1 d")
+        if context.ndim != 3 or context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"UNetModel: context must be (N, L, {self.context_dim}) or (N, {self.context_dim}), "
+                f"got shape {tuple(context.shape)}"
+            )
+        if clips is not None and context.shape[0] == clips and clips != rows:
+            context = repeat(context, "b l d -> (b f) l d", f=rows // clips)
+        if context.shape[0] != rows:
+            raise ValueError(f"UNetModel: context has {context.shape[0]} rows, the input has {rows}")
+        return context
+
+    @staticmethod
+    def _prepare_timesteps(timesteps: torch.Tensor | float | int, rows: int, clips: int | None, device) -> torch.Tensor:
+        timesteps = torch.as_tensor(timesteps, device=device)
+        if timesteps.ndim == 0:
+            timesteps = repeat(timesteps, " -> n", n=rows)
+        if timesteps.ndim != 1:
+            raise ValueError(f"UNetModel: timesteps must be a scalar or 1-D, got shape {tuple(timesteps.shape)}")
+        if clips is not None and timesteps.shape[0] == clips and clips != rows:
+            timesteps = repeat(timesteps, "b -> (b f)", f=rows // clips)
+        if timesteps.shape[0] != rows:
+            raise ValueError(
+                f"UNetModel: {timesteps.shape[0]} timesteps for {rows} input rows"
+                + (f" ({clips} clips)" if clips is not None else "")
+            )
+        return timesteps
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float | int,
+        context: torch.Tensor | None = None,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
+        """Predict the model output (eps) for noisy inputs.
+
+        Args:
+            x: ``(N, C_in, H, W)``; for a volumetric model ``N = B*F`` clip-major with ``num_frames=F``.
+                Or clips ``(B, F, C_in, H, W)`` (F taken from the shape), returned as ``(B, F, C_out, H, W)``.
+            timesteps: ``(N,)``, ``(B,)`` for clips (one per clip), or a scalar.
+            context: cross-attention context ``(N, L, D)`` or ``(N, D)`` (one token); ``(B, ...)`` per clip is repeated.
+            num_frames: slices per clip for 4-D input to a volumetric model.
+
+        H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        """
+        clips: int | None = None
+        five_d = x.ndim == 5
+        if five_d:
+            clips, frames = x.shape[:2]
+            if num_frames is not None and num_frames != frames:
+                raise ValueError(f"UNetModel: num_frames={num_frames} disagrees with the 5-D input's F={frames}")
+            num_frames = frames
+            x = rearrange(x, "b f c h w -> (b f) c h w")
+        elif x.ndim != 4:
+            raise ValueError(f"UNetModel: x must be (N,C,H,W) or (B,F,C,H,W), got shape {tuple(x.shape)}")
+        rows, channels, height, width = x.shape
+        if channels != self.in_channels:
+            raise ValueError(f"UNetModel: x has {channels} channels, the model expects in_channels={self.in_channels}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"UNetModel: spatial size {height}x{width} must be divisible by {factor} "
+                f"(2 ** (levels - 1) for channel_mult={list(self.channel_mult)})"
+            )
+        if self.volumetric:
+            num_frames = _require_num_frames(num_frames, rows, "UNetModel (volumetric)")
+            if clips is None:
+                clips = rows // num_frames
+        elif not five_d:
+            num_frames = None
+
+        timesteps = self._prepare_timesteps(timesteps, rows, clips, x.device)
+        context = self._prepare_context(context, rows, clips)
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(t_emb)
+
+        frames = num_frames if self.volumetric else None
+        h = x
+        skips = []
+        for module in self.input_blocks:
+            h = module(h, emb, context, frames)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, frames)
+        for module in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = module(h, emb, context, frames)
+        h = self.out(h)
+        if self.volumetric:
+            h = self.out_tem(h, frames)
+        if five_d:
+            h = rearrange(h, "(b f) c h w -> b f c h w", b=clips)
+        return h

@@ -1,0 +1,243 @@
+"""gem3d.convert.original: reading original GEM-3D model folders, EMA mapping, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from gem3d.convert.original import (
+    UnsafeCheckpointError,
+    ema_key,
+    is_original_model_dir,
+    read_original_model_dir,
+    safe_load_checkpoint,
+)
+
+UNPICKLE_CALLS: list[str] = []
+
+
+def _record_unpickle(tag: str) -> str:
+    UNPICKLE_CALLS.append(tag)
+    return tag
+
+
+class ArbitraryPayload:
+    """An object whose unpickling runs a function: what a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        return (_record_unpickle, ("ran",))
+
+
+def model_dirs(root: Path) -> list[Path]:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and is_original_model_dir(p))
+    assert dirs, f"no original model folders under {root}"
+    return dirs
+
+
+def load_config(folder: Path) -> dict:
+    (config_path,) = (folder / "configs").glob("*-project.yaml")
+    return yaml.safe_load(config_path.read_text())
+
+
+def copy_with_config(folder: Path, tmp_path: Path, edit) -> Path:
+    """A copy of a model folder (checkpoint linked) whose config went through ``edit(config_dict)``."""
+    target = tmp_path / folder.name
+    (target / "checkpoints").mkdir(parents=True)
+    (target / "configs").mkdir()
+    (target / "checkpoints" / "last.ckpt").symlink_to(folder / "checkpoints" / "last.ckpt")
+    config = load_config(folder)
+    edit(config)
+    (target / "configs" / f"{folder.name}-project.yaml").write_text(yaml.safe_dump(config))
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# folders
+
+
+def test_every_folder_is_read_from_its_own_config(original_fixtures):
+    for folder in model_dirs(original_fixtures):
+        config = load_config(folder)["model"]
+        params = config["params"]
+        unet_cfg = params["unet_config"]
+        original = read_original_model_dir(folder)
+        vectors = torch.load(folder / "vectors.pt", weights_only=True)
+        name = folder.name
+
+        assert original.model_target == config["target"] and original.unet_target == unet_cfg["target"], name
+        for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_head_channels",
+                    "use_spatial_transformer", "transformer_depth"):
+            assert original.unet_params[key] == unet_cfg["params"][key], (name, key)
+        assert original.unet_params["channel_mult"] == list(unet_cfg["params"]["channel_mult"]), name
+        assert original.volumetric == ("pseudo3D" in unet_cfg["target"]), name
+        assert original.volumetric == any("_tem" in k for k in original.unet_state_dict), name
+        assert original.conditioning_key == params["conditioning_key"] and original.cond_stage_key == params["cond_stage_key"]
+        assert original.fix_t == bool(params.get("fix_t", False)), name
+        assert (original.linear_start, original.linear_end, original.timesteps) == (
+            params["linear_start"], params["linear_end"], params["timesteps"]), name
+        assert original.scale_factor == params["scale_factor"], name
+        assert original.has_ema == bool(params["use_ema"]), name
+
+        if original.conditioning_key == "concat":
+            assert original.concat_channels == vectors["cond"].shape[1], name
+            assert original.uses_informed_slice == (unet_cfg["params"]["in_channels"] == 12), name
+            assert original.position_embed_dim is None
+        else:
+            assert original.concat_channels == 0 and not original.uses_informed_slice
+            assert original.position_embed_dim == params["cond_stage_config"]["params"]["dim"] == vectors["cond"].shape[1]
+            assert original.unet_params["context_dim"] == unet_cfg["params"]["context_dim"]
+
+        first = params["first_stage_config"]["params"]
+        assert original.first_stage_ddconfig == first["ddconfig"] and original.first_stage_embed_dim == first["embed_dim"]
+        assert original.first_stage_state_dict and all(
+            k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in original.first_stage_state_dict
+        ), name
+        if "scale_factor" in vectors:
+            assert original.scale_factor == pytest.approx(float(vectors["scale_factor"]))
+
+        # The schedule buffers agree with the config's linear-in-sqrt schedule.
+        betas = np.linspace(original.linear_start**0.5, original.linear_end**0.5, original.timesteps, dtype=np.float64) ** 2
+        np.testing.assert_allclose(original.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
+
+
+def test_expected_settings_of_the_four_fixtures(original_fixtures):
+    stage1, stage2, base, slice_ = (read_original_model_dir(original_fixtures / n)
+                                    for n in ("stage1", "stage2", "base_stage2", "slice"))
+    assert (stage1.volumetric, stage1.uses_informed_slice, stage1.concat_channels) == (False, True, 8)
+    assert (stage2.volumetric, stage2.uses_informed_slice, stage2.fix_t) == (True, True, True)
+    assert (base.volumetric, base.uses_informed_slice, base.concat_channels) == (True, False, 4)
+    assert (slice_.conditioning_key, slice_.position_embed_dim, slice_.unet_params["use_spatial_transformer"]) == (
+        "crossattn", 32, True)
+
+
+def test_ema_weights_are_mapped_back_and_differ(original_fixtures):
+    for folder in model_dirs(original_fixtures):
+        raw = read_original_model_dir(folder)
+        if not raw.has_ema:
+            with pytest.raises(KeyError, match="EMA"):
+                read_original_model_dir(folder, ema=True)
+            continue
+        ema = read_original_model_dir(folder, ema=True)
+        state = safe_load_checkpoint(folder / "checkpoints" / "last.ckpt")["state_dict"]
+        assert ema.uses_ema_weights and set(ema.unet_state_dict) == set(raw.unet_state_dict)
+        for key, value in ema.unet_state_dict.items():
+            assert torch.equal(value, state[ema_key(key)]), key
+        assert any(not torch.equal(ema.unet_state_dict[k], raw.unet_state_dict[k]) for k in raw.unet_state_dict)
+
+        vectors = torch.load(folder / "vectors.pt", weights_only=True)
+        raw_unet, ema_unet = raw.build_unet().eval(), ema.build_unet().eval()
+        if raw.conditioning_key == "crossattn":
+            args = (vectors["x"], vectors["t"]), {"context": vectors["cond"]}
+        else:
+            args = (torch.cat([vectors["x"], vectors["cond"]], 1), vectors["t"]), {}
+        with torch.no_grad():
+            out_raw, out_ema = raw_unet(*args[0], **args[1]), ema_unet(*args[0], **args[1])
+        assert torch.allclose(out_raw, vectors["eps"], atol=1e-4)
+        assert (out_ema - out_raw).abs().max() > 1e-3, folder.name
+
+
+def test_ema_key_matches_original_names(original_fixtures):
+    state = safe_load_checkpoint(original_fixtures / "stage1" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert ema_key("input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+    ema_names = {k for k in state if k.startswith("model_ema.")} - {"model_ema.decay", "model_ema.num_updates"}
+    raw_names = [k[len("model.diffusion_model."):] for k in state if k.startswith("model.diffusion_model.")]
+    assert {ema_key(k) for k in raw_names} == ema_names
+
+
+def test_not_a_model_folder(tmp_path, original_fixtures):
+    assert not is_original_model_dir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").symlink_to(original_fixtures / "stage1" / "checkpoints" / "last.ckpt")
+    assert not is_original_model_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="project.yaml"):
+        read_original_model_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, error, message",
+    [
+        (lambda c: c["model"]["params"]["unet_config"]["params"].update(use_scale_shift_norm=True),
+         NotImplementedError, "use_scale_shift_norm"),
+        (lambda c: c["model"]["params"]["unet_config"]["params"].update(mystery_option=3), ValueError, "mystery_option"),
+        (lambda c: c["model"]["params"].update(channels=3), ValueError, "concat condition"),
+        (lambda c: c["model"]["params"].pop("unet_config"), KeyError, "unet_config"),
+    ],
+)
+def test_config_problems_are_named(tmp_path, original_fixtures, edit, error, message):
+    folder = copy_with_config(original_fixtures / "stage1", tmp_path, edit)
+    with pytest.raises(error, match=message):
+        read_original_model_dir(folder)
+
+
+def test_unreachable_attention_rates_are_dropped(tmp_path, original_fixtures):
+    folder = copy_with_config(
+        original_fixtures / "stage1", tmp_path,
+        lambda c: c["model"]["params"]["unet_config"]["params"].update(attention_resolutions=[16, 4, 2]),
+    )
+    original = read_original_model_dir(folder)
+    assert original.unet_params["attention_resolutions"] == [4, 2]
+    original.build_unet()  # still loads strictly
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safe loading
+
+
+def test_refuses_arbitrary_pickled_objects_unless_trusted(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": ArbitraryPayload()}, path)
+    UNPICKLE_CALLS.clear()
+    offending = f"{_record_unpickle.__module__}._record_unpickle"
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_load_checkpoint(path)
+    message = str(info.value)
+    assert offending in message and "trust=True" in message and "--trust-checkpoint" in message
+    assert info.value.unsafe_globals == [offending]
+    assert UNPICKLE_CALLS == []  # nothing was executed
+
+    with pytest.warns(UserWarning, match="trust=True"):
+        loaded = safe_load_checkpoint(path, trust=True)
+    assert loaded["payload"] == "ran" and UNPICKLE_CALLS == ["ran"]
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+
+
+def test_loads_lightning_checkpoint_objects_without_trust(tmp_path):
+    """What Lightning / latent-diffusion checkpoints hold besides tensors: hyper-parameters (AttributeDict with
+    omegaconf configs), callback states (PL 1.x keys them by class), numpy scalars, paths, defaultdicts."""
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+    from pytorch_lightning.utilities.parsing import AttributeDict
+
+    config = OmegaConf.create({"model": {"target": "ldm.x", "params": {"lr": 1e-4, "mult": [1, 2], "ref": "${model.target}"}}})
+    checkpoint = {
+        "state_dict": collections.OrderedDict(w=torch.arange(3.0)),
+        "epoch": 2,
+        "global_step": 10,
+        "pytorch-lightning_version": "1.4.2",
+        "hyper_parameters": AttributeDict(config=config, lr=1e-4),
+        "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "/x.ckpt"}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "foreach": None}]}],
+        "extra": {"score": np.float64(0.25), "array": np.arange(3), "dir": Path("/tmp/logs"),
+                  "counts": collections.defaultdict(int, a=2)},
+    }
+    path = tmp_path / "lightning.ckpt"
+    torch.save(checkpoint, path)
+    loaded = safe_load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(3.0))
+    assert loaded["hyper_parameters"]["config"].model.params.ref == "ldm.x"
+    assert loaded["hyper_parameters"]["lr"] == 1e-4
+    (callback_key,) = loaded["callbacks"]
+    assert callback_key.__name__ == "ModelCheckpoint" and callback_key is not ModelCheckpoint  # inert stand-in
+    assert loaded["callbacks"][callback_key]["best_model_path"] == "/x.ckpt"
+    assert loaded["extra"]["score"] == 0.25 and loaded["extra"]["array"].tolist() == [0, 1, 2]
+    assert loaded["extra"]["dir"] == Path("/tmp/logs") and loaded["extra"]["counts"] == {"a": 2}
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        safe_load_checkpoint(tmp_path / "nothing.ckpt")
