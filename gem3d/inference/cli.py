@@ -1,0 +1,135 @@
+"""The one command line shared by every ``scripts/inference_<dataset>_<setting>.py``.
+
+Defaults come from ``configs/inference/<dataset>.yaml``; flags override them::
+
+    python scripts/inference_brain_ic.py --data DATASET --out OUT --cases 5 --samples-per-case 2 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from gem3d.inference.settings import SETTINGS, get_setting
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs" / "inference"
+
+
+def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
+    """``configs/inference/<dataset>.yaml`` as a plain dict."""
+    path = Path(config_dir) / f"{dataset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
+        raise FileNotFoundError(f"no inference config for dataset {dataset!r} at {path}; known: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _bool_flag(parser, name: str, help: str):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{name}", dest=name.replace("-", "_"), action="store_true", default=None, help=help)
+    group.add_argument(f"--no-{name}", dest=name.replace("-", "_"), action="store_false")
+
+
+def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
+    spec = get_setting(setting)
+    p = argparse.ArgumentParser(
+        prog=f"inference_{dataset}_{setting}.py",
+        description=f"GEM-3D inference, setting '{setting}': {spec.description}. Defaults: configs/inference/{dataset}.yaml",
+    )
+    p.add_argument("--model", type=Path, help="model dir (training run, converted or original GEM-3D folder)")
+    p.add_argument("--slice-model", type=Path, help="position-conditioned slice model dir (ig, igma, slice)")
+    p.add_argument("--data", type=Path, help="nnU-Net raw dataset folder")
+    p.add_argument("--split", choices=("Tr", "Ts"), help="imagesTr/labelsTr or imagesTs/labelsTs")
+    p.add_argument("--out", type=Path, help="output root; samples go to OUT/<setting>/")
+    p.add_argument("--cases", help="N (first N), all, split:val / split:test (splits.json), or name,name,...")
+    p.add_argument("--samples-per-case", type=int)
+    p.add_argument("--steps", type=int, help="sampling steps (paper: 200)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp"))
+    p.add_argument("--eta", type=float, help="DDIM eta (paper: 1)")
+    p.add_argument("--window", type=int, help="slices per window (paper: 16)")
+    p.add_argument("--overlap", type=int, help="known slices carried between windows (paper: 1)")
+    p.add_argument("--known-noise", choices=("timestep", "original"),
+                   help="noise level of known frames: the clip's timestep (default) or the original's step index")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
+    p.add_argument("--num-processes", type=int, help="shard over N CPU processes (testing the sharding)")
+    _bool_flag(p, "ema", "sample with the EMA weights (default: the model's own choice)")
+    p.add_argument("--informed-from", help="counterfactual: take the informed slice from CASE[:POS] (ic, icma)")
+    p.add_argument("--informed-select", choices=("brightest", "darkest"),
+                   help="de-enhancement: pick informed slices from the brightest/darkest decile of candidates")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling arbitrary objects from the checkpoint (only for files you trust)")
+    p.add_argument("--no-previews", action="store_true", help="skip the PNG previews")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
+    from gem3d.inference.engine import InferenceConfig
+    from gem3d.inference.volume import SamplerOptions
+
+    spec = get_setting(setting)
+    defaults = load_inference_config(dataset, args.config_dir)
+    models = defaults.get("models", {}) or {}
+
+    def pick(arg, key, fallback=None):
+        return arg if arg is not None else defaults.get(key, fallback)
+
+    sampler = dict(defaults.get("sampler", {}) or {})
+    for key, value in (("steps", args.steps), ("sampler", args.sampler), ("eta", args.eta), ("window", args.window),
+                       ("overlap", args.overlap), ("known_noise", args.known_noise)):
+        if value is not None:
+            sampler[key] = value
+    model_default = models.get("baseline" if spec.model == "baseline" else "volume")
+    model = args.model or (Path(model_default) if model_default and spec.needs_volume_model else None)
+    slice_default = models.get("slice")
+    slice_model = args.slice_model or (Path(slice_default) if slice_default and spec.needs_slice_model else None)
+    if defaults.get("data") is None and args.data is None:
+        raise ValueError(f"no dataset: pass --data or set data: in configs/inference/{dataset}.yaml")
+    return InferenceConfig(
+        setting=setting,
+        data=Path(pick(args.data, "data")),
+        out=Path(pick(args.out, "out", f"outputs/{dataset}")),
+        model=model,
+        slice_model=slice_model,
+        split=pick(args.split, "split", "Tr"),
+        cases=None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases")),
+        samples_per_case=int(pick(args.samples_per_case, "samples_per_case", 1)),
+        sampler=SamplerOptions(**sampler),
+        seed=int(pick(args.seed, "seed", 0)),
+        device=pick(args.device, "device", "cpu"),
+        ema=args.ema if args.ema is not None else defaults.get("ema"),
+        informed_from=args.informed_from,
+        informed_select=args.informed_select,
+        mask_edit=dict(defaults.get("mask_edit", {}) or {}),
+        preprocess=defaults.get("preprocess"),
+        previews=not args.no_previews,
+        progress=not args.no_progress,
+        trust_checkpoint=bool(args.trust_checkpoint),
+    )
+
+
+def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/inference_<dataset>_<setting>.py``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if setting not in SETTINGS:
+        raise SystemExit(f"unknown setting {setting!r}; choose one of {sorted(SETTINGS)}")
+    args = build_parser(dataset, setting).parse_args(argv)
+    from gem3d.inference.engine import run_inference
+
+    gpus = [int(g) for g in args.gpus.strip(",").split(",")] if args.gpus else None
+    try:
+        cfg = config_from_args(dataset, setting, args)
+        manifest = run_inference(cfg, gpus=gpus, num_processes=args.num_processes or 1)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{setting}: samples and manifest in {manifest.parent}")
+    return 0

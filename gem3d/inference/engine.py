@@ -1,0 +1,378 @@
+"""The one inference engine: every setting of :mod:`gem3d.inference.settings` runs through :class:`Enhancer`.
+
+Per sample it picks the informed slice and the mask the setting asks for, samples the volume, writes
+``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the exact grid of the input label,
+``<case>_gt.nii.gz`` where the real image is the ground truth of that mask, ``previews/<case>_s<k>.png`` and a
+``manifest.json`` record. Finished samples are skipped on a rerun; every sample has its own seed derived from
+``(seed, case, k)``, so the outputs do not depend on how cases are sharded across processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gem3d.data.nnunet import open_dataset
+from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, prepare_case, restore_volume
+from gem3d.export.manifest import Manifest, make_record, merge_manifests
+from gem3d.export.nifti import save_nifti
+from gem3d.export.preview import save_preview
+from gem3d.inference import mask_edit
+from gem3d.inference.model_dir import LoadedModel, load_model_dir
+from gem3d.inference.settings import Setting, get_setting
+from gem3d.inference.volume import (
+    SamplerOptions,
+    decode_volume,
+    encode_informed_slice,
+    encode_mask_volume,
+    sample_slice_latents,
+    sample_volume_latents,
+)
+
+INFORMED_SELECT_RULES = ("brightest", "darkest")
+
+
+@dataclass
+class InferenceConfig:
+    """Everything one run needs (the CLI and ``configs/inference/*.yaml`` fill it).
+
+    data: nnU-Net raw dataset folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``);
+    model / slice_model: model dirs (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``);
+    cases: ``None``/``"all"``, a count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``;
+    informed_from: counterfactual ``CASE[:POS]`` (POS relative, in [0, 1]); informed_select: de-enhancement rule
+    (``brightest``/``darkest`` decile of candidate slices); mask_edit: keyword arguments of ``icma_edit``;
+    preprocess: overrides the model's own data preprocessing; ema: None = the model's default.
+    """
+
+    setting: str
+    data: Path
+    out: Path
+    model: Path | None = None
+    slice_model: Path | None = None
+    split: str = "Tr"
+    cases: str | None = None
+    samples_per_case: int = 1
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
+    seed: int = 0
+    device: str = "cpu"
+    ema: bool | None = None
+    informed_from: str | None = None
+    informed_select: str | None = None
+    mask_edit: dict = field(default_factory=dict)
+    preprocess: dict | None = None
+    previews: bool = True
+    progress: bool = True
+    trust_checkpoint: bool = False
+
+    def __post_init__(self):
+        self.setting_spec: Setting = get_setting(self.setting)
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.samples_per_case < 1:
+            raise ValueError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
+        if self.informed_select is not None and self.informed_select not in INFORMED_SELECT_RULES:
+            raise ValueError(f"informed_select={self.informed_select!r} is not one of {list(INFORMED_SELECT_RULES)}")
+        if (self.informed_from or self.informed_select) and self.setting_spec.informed != "other_case":
+            raise ValueError(
+                f"--informed-from/--informed-select choose a real informed slice; setting {self.setting!r} takes "
+                f"its informed slice from {self.setting_spec.informed!r} (use ic or icma)"
+            )
+        if self.setting_spec.needs_volume_model and self.model is None:
+            raise ValueError(f"setting {self.setting!r} needs a volume model dir (--model)")
+        if self.setting_spec.needs_slice_model and self.slice_model is None:
+            raise ValueError(f"setting {self.setting!r} needs a slice model dir (--slice-model)")
+
+    @property
+    def setting_dir(self) -> Path:
+        return self.out / self.setting
+
+
+def sample_seed(seed: int, case: str, sample: int) -> int:
+    """A stable per-sample seed from the run seed, the case name and the sample index."""
+    return (int(seed) * 1_000_003 + zlib.crc32(f"{case}/{sample}".encode())) % (2**63 - 1)
+
+
+def parse_informed_from(text: str) -> tuple[str, float | None]:
+    """``CASE`` or ``CASE:POS`` (POS in [0, 1]) -> (case, pos or None)."""
+    name, _, pos = text.partition(":")
+    if not name:
+        raise ValueError(f"--informed-from must be CASE or CASE:POS, got {text!r}")
+    if not pos:
+        return name, None
+    value = float(pos)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--informed-from position must be in [0, 1], got {value} in {text!r}")
+    return name, value
+
+
+def slice_index(pos: float, num_slices: int) -> int:
+    """Relative position in [0, 1] -> slice index in [0, num_slices)."""
+    return min(int(pos * num_slices), num_slices - 1)
+
+
+class Enhancer:
+    """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``."""
+
+    def __init__(self, cfg: InferenceConfig):
+        self.cfg = cfg
+        self.setting = cfg.setting_spec
+        self.dataset = open_dataset(cfg.data)
+        self.device = torch.device(cfg.device)
+        self.volume_model: LoadedModel | None = None
+        self.slice_model: LoadedModel | None = None
+        if self.setting.needs_volume_model:
+            self.volume_model = load_model_dir(cfg.model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
+            expected = "baseline" if self.setting.model == "baseline" else "gem3d"
+            got = "gem3d" if self.volume_model.model.spec.use_informed else "baseline"
+            if got != expected or not self.volume_model.model.spec.volumetric:
+                raise ValueError(
+                    f"setting {cfg.setting!r} needs a {expected} volume model; {cfg.model} holds variant "
+                    f"{self.volume_model.model.variant!r}"
+                )
+        if self.setting.needs_slice_model:
+            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
+            if self.slice_model.model.variant != "position":
+                raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
+        self.preprocess = self._preprocess_config()
+        self.names = self.dataset.case_names(cfg.split)
+        self._prepared: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _preprocess_config(self) -> PreprocessConfig:
+        cfg = self.cfg.preprocess
+        for loaded in (self.volume_model, self.slice_model):
+            if cfg is None and loaded is not None and loaded.preprocess is not None:
+                cfg = loaded.preprocess
+        if cfg is None:
+            raise ValueError(
+                "no preprocessing config: the model dir's config has no data.params.preprocess; pass one in the "
+                "inference config (preprocess:)"
+            )
+        return PreprocessConfig.from_dict(dict(cfg))
+
+    def select_cases(self) -> list[str]:
+        """The cases to enhance, from ``cfg.cases``."""
+        spec = self.cfg.cases
+        if spec in (None, "", "all"):
+            return list(self.names)
+        if spec.isdigit():
+            return list(self.names[: int(spec)])
+        if spec.startswith("split:"):
+            from gem3d.data.datasets import read_splits
+
+            which = spec.split(":", 1)[1]
+            path = self.cfg.data / "splits.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"--cases {spec}: {path} does not exist (it is written by training)")
+            splits = read_splits(path)
+            if which not in splits:
+                raise ValueError(f"--cases {spec}: splits.json has {sorted(splits)}, not {which!r}")
+            return list(splits[which])
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise ValueError(f"--cases: unknown case(s) {unknown}; the dataset has {self.names}")
+        return names
+
+    def load_case(self, name: str):
+        return self.dataset.load_case(name, split=self.cfg.split, slice_axis=self.preprocess.slice_axis)
+
+    def prepared(self, name: str):
+        if name not in self._prepared:
+            self._prepared[name] = prepare_case(self.load_case(name), self.preprocess)
+        return self._prepared[name]
+
+    # ----------------------------------------------------------------------------------------- informed slice
+    def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> dict:
+        """Where the informed slice comes from: ``{"source", "case", "index", "pos", "target_index", "image"?}``."""
+        kind = self.setting.informed
+        if kind == "none":
+            return {"source": "none"}
+        if kind == "own_middle":
+            s = num_slices // 2
+            return {"source": "own_middle", "case": case, "index": s, "pos": s / num_slices, "target_index": s,
+                    "image": self.prepared(case).image[s]}
+        if kind == "generated":
+            s = int(rng.integers(num_slices))
+            return {"source": "generated", "case": None, "index": None, "pos": s / num_slices, "target_index": s}
+        # other_case: a real slice of another case at the same relative position
+        donors = [n for n in self.names if n != case]
+        pos = float(rng.uniform(0.0, 1.0))
+        if self.cfg.informed_from:
+            donor, fixed = parse_informed_from(self.cfg.informed_from)
+            if donor not in self.names:
+                raise ValueError(f"--informed-from: case {donor!r} is not in {self.cfg.data} ({self.cfg.split})")
+            pos = pos if fixed is None else fixed
+        elif not donors:
+            raise ValueError(f"setting {self.cfg.setting!r} needs another case to take the informed slice from")
+        elif self.cfg.informed_select:
+            donor = self._select_donor(donors, pos, rng)
+        else:
+            donor = donors[int(rng.integers(len(donors)))]
+        prepared = self.prepared(donor)
+        index = slice_index(pos, prepared.num_slices)
+        return {"source": "other_case", "case": donor, "index": index, "pos": pos,
+                "target_index": slice_index(pos, num_slices), "image": prepared.image[index],
+                "rule": self.cfg.informed_select}
+
+    def _select_donor(self, donors: list[str], pos: float, rng: np.random.Generator) -> str:
+        """De-enhancement: the donor among the brightest / darkest decile of candidate slices at ``pos``
+        (mean intensity inside the body)."""
+        brightness = []
+        for name in donors:
+            prepared = self.prepared(name)
+            index = slice_index(pos, prepared.num_slices)
+            image = np.asarray(prepared.image[index])
+            body = np.asarray(prepared.label[index]) >= 0 if prepared.label is not None else np.ones_like(image, bool)
+            brightness.append(float(image[body].mean()) if body.any() else -1.0)
+        order = np.argsort(brightness)
+        if self.cfg.informed_select == "brightest":
+            order = order[::-1]
+        decile = order[: max(1, len(order) // 10)]
+        return donors[int(decile[int(rng.integers(len(decile)))])]
+
+    # ----------------------------------------------------------------------------------------- one sample
+    def output_paths(self, case: str, k: int) -> dict[str, Path]:
+        base = self.cfg.setting_dir
+        paths = {"image": base / f"{case}_s{k}_image.nii.gz"}
+        if self.setting.mask != "none":
+            paths["label"] = base / f"{case}_s{k}_label.nii.gz"
+        if self.cfg.previews:
+            paths["preview"] = base / "previews" / f"{case}_s{k}.png"
+        return paths
+
+    def generate(self, case_name: str, k: int) -> dict:
+        """Generate, write and describe sample ``k`` of ``case_name``; returns its manifest record."""
+        t0 = time.perf_counter()
+        seed = sample_seed(self.cfg.seed, case_name, k)
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        case = self.load_case(case_name)
+        if case.label is None:
+            raise ValueError(f"case {case_name!r} has no label: GEM-3D generates a volume from its mask")
+        label = np.asarray(case.label).astype(np.int16)
+        edits = None
+        if self.setting.mask == "edited":
+            body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
+            label, edits = mask_edit.icma_edit(label, body, rng, **self.cfg.mask_edit)
+            label = np.maximum(label, 0).astype(np.int16)
+        prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
+        num_slices = prepared.num_slices
+        informed = self.choose_informed(case_name, num_slices, rng)
+        options = self.cfg.sampler
+        progress = self.cfg.progress
+
+        if self.setting.model == "slice":
+            loaded = self.slice_model
+            f = loaded.model.first_stage.downsample_factor
+            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
+            positions = torch.arange(num_slices, dtype=torch.float32) / num_slices
+            latents = sample_slice_latents(loaded.model, positions, hw, options, generator)
+        else:
+            loaded = self.volume_model
+            model = loaded.model
+            mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False)
+            informed_latent = None
+            if informed["source"] == "generated":
+                f = self.slice_model.model.first_stage.downsample_factor
+                hw = tuple(s // f for s in prepared.image.shape[1:])
+                informed_latent = sample_slice_latents(
+                    self.slice_model.model, torch.tensor([informed["pos"]]), hw, options, generator
+                )[0]
+            elif "image" in informed:
+                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed["image"])))
+            latents = sample_volume_latents(
+                model, mask_latent, informed_latent, informed.get("target_index"), options, generator, progress=progress
+            )
+        volume = decode_volume(loaded.model, latents).cpu().numpy()
+        image_source = restore_volume(volume, prepared)
+
+        paths = self.output_paths(case_name, k)
+        geometry = case.geometry
+        save_nifti(image_source, geometry, paths["image"])
+        if "label" in paths:
+            save_nifti(geometry.to_source(label), geometry, paths["label"], dtype=np.int16)
+        if self.setting.mask == "own":
+            gt = self.cfg.setting_dir / f"{case_name}_gt.nii.gz"
+            if not gt.exists():
+                save_nifti(geometry.to_source(np.asarray(case.image, np.float32)), geometry, gt)
+            paths["gt"] = gt
+        if "preview" in paths:
+            save_preview(
+                paths["preview"],
+                [("real", np.asarray(case.image)), (f"{self.cfg.setting} s{k}", geometry.to_canonical(image_source))],
+                mask=label if self.setting.mask != "none" else None,
+                spacing=geometry.spacing,
+                max_label=self.preprocess.max_label,
+            )
+        informed_record = {k_: v for k_, v in informed.items() if k_ != "image"}
+        return make_record(
+            case_name, self.cfg.setting, k, seed,
+            informed=informed_record,
+            mask_edits=edits,
+            sampler=options.to_dict(),
+            steps=options.steps,
+            checkpoint_sha256=loaded.sha256,
+            seconds=round(time.perf_counter() - t0, 3),
+            files={name: str(p.relative_to(self.cfg.setting_dir)) for name, p in paths.items()},
+        )
+
+    # ----------------------------------------------------------------------------------------- the run
+    def jobs(self) -> list[tuple[str, int]]:
+        return [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)]
+
+    def is_done(self, manifest: Manifest, case: str, k: int) -> bool:
+        key = (case, self.cfg.setting, k)
+        return manifest.has(key) and all(p.exists() for p in self.output_paths(case, k).values())
+
+    def run(self, rank: int = 0, world_size: int = 1) -> Path:
+        """Generate this rank's share of the samples; returns the manifest it wrote."""
+        self.cfg.setting_dir.mkdir(parents=True, exist_ok=True)
+        merged = Manifest(self.cfg.setting_dir / "manifest.json")
+        own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
+        manifest = merged if world_size == 1 else Manifest(own_path)
+        jobs = self.jobs()[rank::world_size]
+        todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
+        bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
+                   disable=not self.cfg.progress)
+        for case, k in bar:
+            manifest.add(self.generate(case, k), replace=True)
+        return own_path
+
+
+def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
+    """Merge ``manifest.rank*.json`` (and an existing ``manifest.json``) into ``manifest.json``."""
+    out = setting_dir / "manifest.json"
+    paths = [p for p in [out, *(setting_dir / f"manifest.rank{r}.json" for r in range(world_size))] if p.exists()]
+    merge_manifests(paths, out)
+    for r in range(world_size):
+        (setting_dir / f"manifest.rank{r}.json").unlink(missing_ok=True)
+    return out
+
+
+def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:
+    """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes
+    with Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end."""
+    devices = len(gpus) if gpus else num_processes
+    if devices <= 1:
+        if gpus:
+            cfg.device = f"cuda:{gpus[0]}"
+        return Enhancer(cfg).run()
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cuda" if gpus else "cpu", devices=gpus or devices, strategy="ddp")
+    fabric.launch()
+    cfg.device = str(fabric.device)
+    Enhancer(cfg).run(rank=fabric.global_rank, world_size=fabric.world_size)
+    fabric.barrier()
+    out = cfg.setting_dir / "manifest.json"
+    if fabric.global_rank == 0:
+        merge_rank_manifests(cfg.setting_dir, fabric.world_size)
+    fabric.barrier()
+    return out

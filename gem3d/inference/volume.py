@@ -1,0 +1,164 @@
+"""Sampling whole volumes (and single informed slices) with a loaded model: the glue between
+:class:`gem3d.diffusion.Gem3dLDM`, the clip samplers and the bi-directional propagation.
+
+Shapes: masks and images ``(D, S, S)`` in [-1, 1] (the grey mask goes below -1 outside the body); latents
+``(D, C, h, w)`` scaled by the first stage's scale factor.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from einops import rearrange
+
+from gem3d.sampling.propagation import (
+    WindowJob,
+    informed_latents_for_jobs,
+    known_frames_for_jobs,
+    propagate_volume,
+)
+from gem3d.sampling.samplers import NOISE_LEVELS, sample_ddim, sample_dpmpp
+
+SAMPLERS = {"ddim": sample_ddim, "dpmpp": sample_dpmpp}
+
+
+@dataclass
+class SamplerOptions:
+    """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
+    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's
+    timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows
+    in one batch)."""
+
+    sampler: str = "ddim"
+    steps: int = 200
+    eta: float = 1.0
+    window: int = 16
+    overlap: int = 1
+    known_noise: str = "timestep"
+    batch_directions: bool = True
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r} is not one of {sorted(SAMPLERS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if self.known_noise not in NOISE_LEVELS:
+            raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
+        if not 0.0 <= float(self.eta):
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+        if self.window < 1 or not 0 <= self.overlap < self.window:
+            raise ValueError(f"need window >= 1 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def sample(self, eps_fn, x_T, alphas_cumprod, *, known=None, generator=None, progress=False):
+        """Run the chosen clip sampler on ``x_T (B, F, C, h, w)``."""
+        kwargs = {"eta": float(self.eta)} if self.sampler == "ddim" else {}
+        return SAMPLERS[self.sampler](
+            eps_fn, x_T, alphas_cumprod, steps=self.steps, known=known, generator=generator, progress=progress, **kwargs
+        )
+
+
+def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Seeded noise drawn on the generator's device, then moved (same numbers on any device)."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+@torch.no_grad()
+def encode_informed_slice(model, image: torch.Tensor) -> torch.Tensor:
+    """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training)."""
+    x = rearrange(image.to(model.device, torch.float32), "h w -> 1 1 h w")
+    return model.first_stage.encode(x, sample=False)[0]
+
+
+@torch.no_grad()
+def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode)."""
+    x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
+    return model.first_stage.encode_mask(x, progress=progress)
+
+
+@torch.no_grad()
+def decode_volume(model, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1] (chunked decode)."""
+    grey = model.first_stage.decode_grey(latents.to(model.device), progress=progress)
+    return rearrange(grey, "d 1 h w -> d h w").clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def sample_volume_latents(
+    model,
+    mask_latent: torch.Tensor,
+    informed_latent: torch.Tensor | None,
+    start: int | None,
+    options: SamplerOptions,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> torch.Tensor:
+    """All slice latents ``(D, C, h, w)`` of one volume.
+
+    ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D), or None with a
+    mask-only (baseline) model, whose windows are sampled independently (the paper's baseline).
+    """
+    num_slices, c, h, w = mask_latent.shape
+    uses_informed = bool(model.spec.use_informed)
+    if uses_informed and informed_latent is None:
+        raise ValueError(f"model variant {model.variant!r} needs an informed slice; got none")
+    if not uses_informed and informed_latent is not None:
+        raise ValueError(f"model variant {model.variant!r} is mask-only; informed_latent must be None")
+    alphas_cumprod = model.alphas_cumprod.to(model.device)
+
+    def sample_batch(jobs: list[WindowJob]) -> list[torch.Tensor]:
+        frames = len(jobs[0].indices)
+        x_T = _randn((len(jobs), frames, c, h, w), generator, model.device)
+        masks = torch.stack([mask_latent[job.indices] for job in jobs]).to(model.device)
+        informed = informed_latents_for_jobs(jobs)
+        cond = model.condition(masks, None if informed is None else informed.to(model.device))
+        known = known_frames_for_jobs(jobs, (c, h, w), options.known_noise, device=model.device)
+        out = options.sample(model.model_fn(cond), x_T, alphas_cumprod, known=known, generator=generator)
+        return list(out)
+
+    def sample_windows(jobs: list[WindowJob]) -> list[torch.Tensor]:
+        if options.batch_directions and len({len(j.indices) for j in jobs}) == 1:
+            return sample_batch(jobs)
+        return [sample_batch([job])[0] for job in jobs]
+
+    mode = "informed" if uses_informed else "base"
+    return propagate_volume(
+        sample_windows,
+        num_slices,
+        start if uses_informed else None,
+        None if informed_latent is None else informed_latent.to(model.device),
+        options.window,
+        options.overlap,
+        mode=mode,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def sample_slice_latents(
+    slice_model,
+    positions: torch.Tensor,
+    latent_hw: tuple[int, int],
+    options: SamplerOptions,
+    generator: torch.Generator,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Latents ``(N, C, h, w)`` of slices generated by the position-conditioned slice model at relative positions
+    ``positions (N,)`` in [0, 1]; ``latent_hw`` = the slice size / the first stage's factor."""
+    if slice_model.spec.conditioning != "crossattn":
+        raise ValueError(f"the slice model must be a position variant, got {slice_model.variant!r}")
+    positions = torch.as_tensor(positions, dtype=torch.float32).reshape(-1)
+    if positions.numel() and (positions.min() < 0 or positions.max() > 1):
+        raise ValueError(f"positions must lie in [0, 1], got {positions.tolist()}")
+    c, (h, w) = slice_model.first_stage.latent_channels, latent_hw
+    alphas_cumprod = slice_model.alphas_cumprod.to(slice_model.device)
+    outputs = []
+    for chunk in positions.split(batch_size):
+        x_T = _randn((len(chunk), 1, c, h, w), generator, slice_model.device)
+        cond = slice_model.condition(pos=chunk, num_frames=1)
+        out = options.sample(slice_model.model_fn(cond), x_T, alphas_cumprod, generator=generator)
+        outputs.append(rearrange(out, "b 1 c h w -> b c h w"))
+    return torch.cat(outputs) if outputs else torch.empty(0, c, h, w)

@@ -1,0 +1,5 @@
+"""GEM-3D inference on the brain dataset, setting 'ig' (see gem3d/inference/settings.py; --help for flags)."""
+from gem3d.inference.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(dataset="brain", setting="ig"))
