@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# CI and developers run the suite with pytest-xdist on 2 cores: one intra-op thread per worker avoids
+# oversubscription (measured: a fixture test went from 22.6 s to 1.5 s under load).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
