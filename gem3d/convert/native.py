@@ -8,11 +8,18 @@ A *converted* model dir (written by :func:`convert_model_dir`, ``scripts/convert
 ```
 
 and loads without the original-format code path or any other file (the first stage is described by its
-architecture only; its weights are in the safetensors file).
+architecture only, as ``FirstStage.from_diffusers_config`` kwargs; its weights are in the safetensors file).
+
+An original folder is mapped on load (:func:`load_original_model`): UNet kwargs from ``unet_config``, the variant
+from ``conditioning_key`` / in_channels / the pseudo-3D target, the first stage from ``first_stage_config``
+(``FirstStage.from_ldm_ddconfig``) with the checkpoint's ``first_stage_model.*`` weights or, if it has none,
+latent-diffusion's ``kl-f8/model.ckpt`` at ``first_stage_config.params.ckpt_path``, and
+``condition_latent_factor = 1 / scale_factor`` (the original conditions on the unscaled posterior mode).
 """
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,8 @@ import torch
 from omegaconf import OmegaConf
 
 UNET_TARGET = "gem3d.models.unet.UNetModel"
-FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_config"
+LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
+DIFFUSERS_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_diffusers_config"
 MODEL_TARGET = "gem3d.diffusion.Gem3dLDM"
 
 
@@ -45,10 +53,12 @@ def gem3d_kwargs_from_original(orig) -> dict[str, Any]:
     return {
         "unet_config": {"target": UNET_TARGET, "params": dict(orig.unet_params)},
         "first_stage_config": {
-            "target": FIRST_STAGE_TARGET,
+            "target": LDM_FIRST_STAGE_TARGET,
             "params": {"ddconfig": dict(orig.first_stage_ddconfig), "embed_dim": int(orig.first_stage_embed_dim),
                        "scale_factor": float(orig.scale_factor)},
         },
+        # the original conditions on the *unscaled* posterior mode (its cond stage is the bare first stage)
+        "condition_latent_factor": 1.0 / float(orig.scale_factor),
         "variant": variant,
         "use_ema": False,
         "sample_with_ema": False,
@@ -57,6 +67,41 @@ def gem3d_kwargs_from_original(orig) -> dict[str, Any]:
         "beta_start": float(orig.linear_start),
         "beta_end": float(orig.linear_end),
     }
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
+
+
+def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path: Path | None = None) -> Path:
+    """The file a ``first_stage_config.params.ckpt_path`` names. A relative path (latent-diffusion configs use
+    ``models/first_stage_models/kl-f8/model.ckpt``, relative to its repository) is tried against the current
+    directory, the model folder and the gem3d checkout, in that order."""
+    ckpt_path = Path(ckpt_path).expanduser()
+    candidates = [ckpt_path] if ckpt_path.is_absolute() else [Path.cwd() / ckpt_path, model_dir / ckpt_path,
+                                                              REPO_ROOT / ckpt_path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f" (set in {config_path})" if config_path is not None else ""
+    raise FileNotFoundError(
+        f"first_stage_config.params.ckpt_path={str(ckpt_path)!r}{where} not found; tried "
+        f"{[str(c) for c in candidates]}. Put latent-diffusion's kl-f8 model.ckpt there, or edit ckpt_path to "
+        f"its absolute path"
+    )
+
+
+def load_first_stage_checkpoint(first_stage, path: Path, trust: bool = False):
+    """Load latent-diffusion autoencoder weights (``kl-f8/model.ckpt``: ``encoder.*``, ``decoder.*``,
+    ``quant_conv.*``, ``post_quant_conv.*``; ``loss.*`` ignored) with the safe loader (``trust`` opt-in)."""
+    from gem3d.convert import ldm_vae
+    from gem3d.convert.original import safe_load_checkpoint
+
+    state_dict = ldm_vae.state_dict_of(safe_load_checkpoint(path, trust=trust))
+    layout, prefix = ldm_vae.detect_layout(state_dict, None)
+    if layout == "ldm":
+        return first_stage.load_ldm_state_dict(state_dict, prefix)
+    return first_stage.load_diffusers_state_dict(state_dict, prefix)
 
 
 def _build(kwargs: dict):
@@ -85,11 +130,13 @@ def load_original_model(path: str | Path, ema: bool | None = None, trust: bool =
     if orig.first_stage_state_dict:
         model.first_stage.load_ldm_state_dict(orig.first_stage_state_dict)
     elif orig.first_stage_ckpt_path:
-        model.first_stage.load_checkpoint(orig.first_stage_ckpt_path, trust=trust)
+        ckpt = resolve_first_stage_ckpt(orig.first_stage_ckpt_path, Path(path), orig.config_path)
+        load_first_stage_checkpoint(model.first_stage, ckpt, trust=trust)
     else:
         raise FileNotFoundError(
-            f"{path}: the checkpoint holds no first-stage weights and first_stage_config names no ckpt_path; put "
-            f"latent-diffusion's kl-f8 model.ckpt next to it and set first_stage_config.params.ckpt_path"
+            f"{path}: the checkpoint holds no first-stage weights and {orig.config_path.name} names no "
+            f"first_stage_config.params.ckpt_path; download latent-diffusion's kl-f8 model.ckpt to "
+            f"{REPO_ROOT / KL_F8_DEFAULT} and set ckpt_path: {KL_F8_DEFAULT} in that config"
         )
     if orig.alphas_cumprod is not None:
         stored = orig.alphas_cumprod.to(torch.float32)
@@ -106,10 +153,10 @@ def first_stage_architecture(first_stage) -> dict:
 
     allowed = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(first_stage.vae.config).items() if k in allowed}
+    arch.pop("scaling_factor", None)
     return {
-        "target": FIRST_STAGE_TARGET,
-        "params": {"diffusers": arch, "scale_factor": float(first_stage.scale_factor),
-                   "chunk_size": int(first_stage.chunk_size)},
+        "target": DIFFUSERS_FIRST_STAGE_TARGET,
+        "params": {**arch, "scale_factor": float(first_stage.scale_factor), "chunk_size": int(first_stage.chunk_size)},
     }
 
 
@@ -125,17 +172,71 @@ def model_kwargs(model) -> dict[str, Any]:
     return kwargs
 
 
+def source_kind(src: str | Path) -> str:
+    """``"converted"``, ``"original"`` or ``"run"`` for a model folder; FileNotFoundError / ValueError naming what
+    is missing otherwise (before anything is loaded)."""
+    from gem3d.inference.model_dir import CONVERTED_CONFIG, CONVERTED_WEIGHTS, is_converted_model_dir
+
+    src = Path(src)
+    expected = (
+        "expected an original GEM-3D model folder or a gem3d run (checkpoints/last.ckpt + configs/*-project.yaml) "
+        f"or a converted folder ({CONVERTED_WEIGHTS} + {CONVERTED_CONFIG})"
+    )
+    if not src.exists():
+        raise FileNotFoundError(f"source model folder {str(src)!r} does not exist; {expected}")
+    if not src.is_dir():
+        raise ValueError(f"source {str(src)!r} is a file, not a model folder; {expected}")
+    if is_converted_model_dir(src):
+        return "converted"
+    has_ckpt = (src / "checkpoints" / "last.ckpt").is_file()
+    configs = sorted((src / "configs").glob("*-project.yaml"))
+    if not has_ckpt or not configs:
+        missing = [name for name, ok in (("checkpoints/last.ckpt", has_ckpt), ("configs/*-project.yaml", bool(configs)))
+                   if not ok]
+        raise FileNotFoundError(f"{str(src)!r} is not a model folder: missing {missing}; {expected}")
+    target = str(OmegaConf.select(OmegaConf.load(configs[-1]), "model.target") or "")
+    return "run" if target.startswith("gem3d.") else "original"
+
+
+def read_preprocess(path: str | Path) -> dict:
+    """The preprocessing of a YAML file: ``preprocess`` (``configs/inference/*.yaml``) or
+    ``data.params.preprocess`` (training configs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preprocess config {str(path)!r} not found")
+    config = OmegaConf.load(path)
+    for key in ("preprocess", "data.params.preprocess"):
+        node = OmegaConf.select(config, key)
+        if node is not None:
+            value = OmegaConf.to_container(node, resolve=True)
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {key} must be a mapping, got {value!r}")
+            return value
+    raise KeyError(f"{path}: no 'preprocess' or 'data.params.preprocess' key")
+
+
 def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None, trust: bool = False,
                       preprocess: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a native gem3d model dir from any model dir (original GEM-3D folder, gem3d run, converted dir)."""
+    """Write a native gem3d model dir from any model dir (original GEM-3D folder, gem3d run, converted dir).
+
+    ``ema``: True = the EMA weights (error if there are none), False/None = the raw ones for original folders
+    (None: the run's own choice for gem3d runs). ``preprocess`` is stored as ``data.params.preprocess``.
+    """
     from safetensors.torch import save_file
 
     from gem3d.export.nifti import atomic_path
     from gem3d.inference.model_dir import CONVERTED_CONFIG, CONVERTED_WEIGHTS, load_model_dir
 
-    dst = Path(dst)
+    src, dst = Path(src), Path(dst)
+    source_kind(src)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"destination {str(dst)!r} is the source folder; choose a new folder")
     if (dst / CONVERTED_WEIGHTS).exists() and not overwrite:
         raise FileExistsError(f"{dst} already holds a converted model; pass overwrite=True (--overwrite) to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"destination {str(dst)!r} is a file")
+    if (dst / "checkpoints" / "last.ckpt").exists():
+        raise FileExistsError(f"destination {str(dst)!r} holds another model (checkpoints/last.ckpt); choose a new folder")
     loaded = load_model_dir(src, ema=ema, trust=trust)
     model = loaded.model
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("ema.")}
@@ -150,6 +251,8 @@ def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None,
         save_file(state, str(tmp), metadata={"format": "gem3d", "ema": str(bool(loaded.ema))})
     with atomic_path(dst / CONVERTED_CONFIG) as tmp:
         OmegaConf.save(OmegaConf.create(config), tmp)
+    for name in (CONVERTED_WEIGHTS, CONVERTED_CONFIG):
+        os.chmod(dst / name, 0o644)  # the atomic temporary file is private
     return dst
 
 
