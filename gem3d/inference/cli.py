@@ -131,5 +131,6 @@ def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{setting}: samples and manifest in {manifest.parent}")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, from the first process of a sharded run
+        print(f"{setting}: samples and manifest in {manifest.parent}")
     return 0

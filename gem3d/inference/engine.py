@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from gem3d.inference.volume import (
 )
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
+PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 
 @dataclass
@@ -73,11 +75,15 @@ class InferenceConfig:
 
     def __post_init__(self):
         self.setting_spec: Setting = get_setting(self.setting)
+        if self.cases is not None and not isinstance(self.cases, str):
+            self.cases = str(self.cases)  # a count from YAML
         self.data, self.out = Path(self.data), Path(self.out)
         if self.samples_per_case < 1:
             raise ValueError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
         if self.informed_select is not None and self.informed_select not in INFORMED_SELECT_RULES:
             raise ValueError(f"informed_select={self.informed_select!r} is not one of {list(INFORMED_SELECT_RULES)}")
+        if self.informed_from is not None:
+            parse_informed_from(self.informed_from)
         if (self.informed_from or self.informed_select) and self.setting_spec.informed != "other_case":
             raise ValueError(
                 f"--informed-from/--informed-select choose a real informed slice; setting {self.setting!r} takes "
@@ -105,7 +111,10 @@ def parse_informed_from(text: str) -> tuple[str, float | None]:
         raise ValueError(f"--informed-from must be CASE or CASE:POS, got {text!r}")
     if not pos:
         return name, None
-    value = float(pos)
+    try:
+        value = float(pos)
+    except ValueError:
+        raise ValueError(f"--informed-from position must be a number in [0, 1], got {pos!r} in {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"--informed-from position must be in [0, 1], got {value} in {text!r}")
     return name, value
@@ -139,9 +148,25 @@ class Enhancer:
             self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
             if self.slice_model.model.variant != "position":
                 raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
+        if self.volume_model is not None and self.slice_model is not None:
+            # the generated informed slice's latent goes straight into the volume model: same latent space needed
+            shapes = [(m.model.first_stage.latent_channels, m.model.first_stage.downsample_factor)
+                      for m in (self.volume_model, self.slice_model)]
+            if shapes[0] != shapes[1]:
+                raise ValueError(
+                    f"the slice model {cfg.slice_model} and the volume model {cfg.model} must share one autoencoder; "
+                    f"their first stages give (latent channels, factor) {shapes[1]} and {shapes[0]}"
+                )
         self.preprocess = self._preprocess_config()
         self.names = self.dataset.case_names(cfg.split)
-        self._prepared: dict[str, Any] = {}
+        self._prepared: OrderedDict[str, Any] = OrderedDict()  # a few recently used cases (donors repeat)
+        self._brightness: dict[str, np.ndarray] = {}  # per case: mean body intensity per slice (informed_select)
+        if cfg.informed_from:
+            donor, _ = parse_informed_from(cfg.informed_from)
+            if donor not in self.names:
+                raise ValueError(
+                    f"--informed-from: case {donor!r} is not in {cfg.data} (split {cfg.split}); cases: {self.names}"
+                )
 
     # ----------------------------------------------------------------------------------------- setup
     def _preprocess_config(self) -> PreprocessConfig:
@@ -184,23 +209,41 @@ class Enhancer:
         return self.dataset.load_case(name, split=self.cfg.split, slice_axis=self.preprocess.slice_axis)
 
     def prepared(self, name: str):
-        if name not in self._prepared:
+        """The preprocessed case (the last ``PREPARED_CACHE`` are kept in memory)."""
+        if name in self._prepared:
+            self._prepared.move_to_end(name)
+        else:
             self._prepared[name] = prepare_case(self.load_case(name), self.preprocess)
+            while len(self._prepared) > PREPARED_CACHE:
+                self._prepared.popitem(last=False)
         return self._prepared[name]
+
+    def brightness_profile(self, name: str) -> np.ndarray:
+        """``(D,)`` mean normalised intensity inside the body of every slice of case ``name`` (computed once)."""
+        if name not in self._brightness:
+            prepared = self.prepared(name)
+            image = np.asarray(prepared.image)
+            body = np.asarray(prepared.label) >= 0 if prepared.label is not None else np.ones(image.shape, bool)
+            count = body.sum(axis=(1, 2))
+            total = np.where(body, image, 0.0).sum(axis=(1, 2))
+            self._brightness[name] = np.where(count > 0, total / np.maximum(count, 1), -1.0)
+        return self._brightness[name]
 
     # ----------------------------------------------------------------------------------------- informed slice
     def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> dict:
-        """Where the informed slice comes from: ``{"source", "case", "index", "pos", "target_index", "image"?}``."""
+        """Where the informed slice comes from: ``{"source", "case", "index", "position", "target_index", "image"?}``
+        (``index``: slice of the donor ``case``; ``position``: relative, in [0, 1]; ``target_index``: the slice of the
+        generated volume the informed slice stands for, where propagation starts)."""
         kind = self.setting.informed
         if kind == "none":
             return {"source": "none"}
         if kind == "own_middle":
             s = num_slices // 2
-            return {"source": "own_middle", "case": case, "index": s, "pos": s / num_slices, "target_index": s,
+            return {"source": "own_middle", "case": case, "index": s, "position": s / num_slices, "target_index": s,
                     "image": self.prepared(case).image[s]}
         if kind == "generated":
             s = int(rng.integers(num_slices))
-            return {"source": "generated", "case": None, "index": None, "pos": s / num_slices, "target_index": s}
+            return {"source": "generated", "case": None, "index": None, "position": s / num_slices, "target_index": s}
         # other_case: a real slice of another case at the same relative position
         donors = [n for n in self.names if n != case]
         pos = float(rng.uniform(0.0, 1.0))
@@ -217,7 +260,7 @@ class Enhancer:
             donor = donors[int(rng.integers(len(donors)))]
         prepared = self.prepared(donor)
         index = slice_index(pos, prepared.num_slices)
-        return {"source": "other_case", "case": donor, "index": index, "pos": pos,
+        return {"source": "other_case", "case": donor, "index": index, "position": pos,
                 "target_index": slice_index(pos, num_slices), "image": prepared.image[index],
                 "rule": self.cfg.informed_select}
 
@@ -226,12 +269,9 @@ class Enhancer:
         (mean intensity inside the body)."""
         brightness = []
         for name in donors:
-            prepared = self.prepared(name)
-            index = slice_index(pos, prepared.num_slices)
-            image = np.asarray(prepared.image[index])
-            body = np.asarray(prepared.label[index]) >= 0 if prepared.label is not None else np.ones_like(image, bool)
-            brightness.append(float(image[body].mean()) if body.any() else -1.0)
-        order = np.argsort(brightness)
+            profile = self.brightness_profile(name)
+            brightness.append(float(profile[slice_index(pos, len(profile))]))
+        order = np.argsort(brightness, kind="stable")
         if self.cfg.informed_select == "brightest":
             order = order[::-1]
         decile = order[: max(1, len(order) // 10)]
@@ -283,7 +323,7 @@ class Enhancer:
                 f = self.slice_model.model.first_stage.downsample_factor
                 hw = tuple(s // f for s in prepared.image.shape[1:])
                 informed_latent = sample_slice_latents(
-                    self.slice_model.model, torch.tensor([informed["pos"]]), hw, options, generator
+                    self.slice_model.model, torch.tensor([informed["position"]]), hw, options, generator
                 )[0]
             elif "image" in informed:
                 informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed["image"])))
@@ -315,7 +355,7 @@ class Enhancer:
         return make_record(
             case_name, self.cfg.setting, k, seed,
             informed=informed_record,
-            mask_edits=edits,
+            mask_edits=None if edits is None else [edits],
             sampler=options.to_dict(),
             steps=options.steps,
             checkpoint_sha256=loaded.sha256,
@@ -347,18 +387,31 @@ class Enhancer:
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
-    """Merge ``manifest.rank*.json`` (and an existing ``manifest.json``) into ``manifest.json``."""
+    """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them.
+
+    The ranks' records are merged with each other (:func:`merge_manifests`: a key in two rank files must hold the
+    same record) and then replace the records of an earlier run under the same key (a regenerated sample)."""
     out = setting_dir / "manifest.json"
-    paths = [p for p in [out, *(setting_dir / f"manifest.rank{r}.json" for r in range(world_size))] if p.exists()]
-    merge_manifests(paths, out)
-    for r in range(world_size):
-        (setting_dir / f"manifest.rank{r}.json").unlink(missing_ok=True)
+    rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
+    if rank_paths:
+        merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
+        manifest = Manifest(out)
+        for record in merged_ranks.records:
+            manifest.add(record, replace=True)
+        merged_ranks.path.unlink(missing_ok=True)
+    elif not out.exists():
+        Manifest(out).save()
+    for path in rank_paths:
+        path.unlink(missing_ok=True)
     return out
 
 
 def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:
     """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes
-    with Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end."""
+    with Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end.
+
+    Sharded runs must start from a script (``scripts/inference_*.py --num-processes N`` / ``--gpus``): Fabric's
+    launcher starts the other ranks by re-running ``sys.argv``. Every rank returns the merged manifest's path."""
     devices = len(gpus) if gpus else num_processes
     if devices <= 1:
         if gpus:

@@ -18,6 +18,7 @@ from gem3d.sampling.propagation import (
     propagate_volume,
 )
 from gem3d.sampling.samplers import NOISE_LEVELS, sample_ddim, sample_dpmpp
+from gem3d.sampling.schedule import original_ddim_timesteps
 
 SAMPLERS = {"ddim": sample_ddim, "dpmpp": sample_dpmpp}
 
@@ -42,6 +43,8 @@ class SamplerOptions:
             raise ValueError(f"sampler={self.sampler!r} is not one of {sorted(SAMPLERS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if self.sampler == "ddim":
+            original_ddim_timesteps(self.steps)  # fails early for step counts the original spacing cannot take
         if self.known_noise not in NOISE_LEVELS:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
         if not 0.0 <= float(self.eta):

@@ -1,0 +1,115 @@
+"""scripts/inference_<dataset>_<setting>.py and gem3d.inference.cli: the shared command line, errors, sharding."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from gem3d.export.manifest import Manifest
+from gem3d.inference import cli
+from gem3d.inference.engine import InferenceConfig, run_inference
+from gem3d.inference.settings import SETTINGS
+from gem3d.inference.volume import SamplerOptions
+from tests import _tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return _tiny_models.tiny_setup(tmp_path_factory)
+
+
+def run_script(script: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_dataset_and_setting_has_a_thin_script():
+    for dataset in ("brain", "abdomen", "demo"):
+        assert (ROOT / "configs" / "inference" / f"{dataset}.yaml").is_file()
+        for setting in SETTINGS:
+            script = ROOT / "scripts" / f"inference_{dataset}_{setting}.py"
+            text = script.read_text()
+            assert f'main(dataset="{dataset}", setting="{setting}")' in text
+            assert len(text.splitlines()) <= 15
+
+
+def test_demo_test_script_runs_end_to_end(tiny, tmp_path):
+    result = run_script("inference_demo_test.py", "--data", tiny["data"], "--model", tiny["volume_stage"],
+                        "--out", tmp_path, "--steps", "2", "--no-progress", "--cases", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test: samples and manifest in" in result.stdout
+    records = Manifest(tmp_path / "test" / "manifest.json").records
+    assert [r["case"] for r in records] == tiny["names"][:2]
+    assert all((tmp_path / "test" / f).is_file() for r in records for f in r["files"].values())
+
+
+def test_missing_model_dir_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
+    code = cli.main("demo", "ic", ["--data", str(tiny["data"]), "--model", str(tmp_path / "no_model"),
+                                   "--out", str(tmp_path), "--steps", "2", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model dir") and "no_model" in err and "does not exist" in err
+
+
+def _main(tiny, setting, *args, dataset="demo"):
+    base = ["--data", str(tiny["data"]), "--model", str(tiny["volume_stage"]), "--slice-model", str(tiny["position"]),
+            "--steps", "2", "--no-progress", "--no-previews"]
+    return cli.main(dataset, setting, base + [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "setting,args,message",
+    [
+        ("test", ["--cases", "GEM3DDemo_000,nope"], "unknown case(s) ['nope']"),
+        ("ig", ["--informed-from", "GEM3DDemo_001"], "use ic or icma"),
+        ("ic", ["--informed-from", "nope:0.5"], "'nope' is not in"),
+        ("test", ["--steps", "3"], "steps=3"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(tiny, tmp_path, capsys, setting, args, message):
+    assert _main(tiny, setting, "--out", tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / setting / "manifest.json").exists() or not Manifest(tmp_path / setting / "manifest.json").records
+
+
+def test_flags_override_the_dataset_config(tiny, tmp_path):
+    args = cli.build_parser("demo", "icma").parse_args(
+        ["--data", str(tiny["data"]), "--model", "m", "--out", str(tmp_path), "--steps", "4", "--sampler", "dpmpp",
+         "--window", "8", "--overlap", "2", "--seed", "5", "--cases", "3", "--samples-per-case", "2", "--no-ema",
+         "--informed-select", "darkest"])
+    cfg = cli.config_from_args("demo", "icma", args)
+    assert (cfg.sampler.steps, cfg.sampler.sampler, cfg.sampler.window, cfg.sampler.overlap) == (4, "dpmpp", 8, 2)
+    assert cfg.sampler.eta == 1.0 and cfg.sampler.known_noise == "timestep"  # from configs/inference/demo.yaml
+    assert (cfg.seed, cfg.cases, cfg.samples_per_case, cfg.ema, cfg.informed_select) == (5, "3", 2, False, "darkest")
+    assert cfg.model == Path("m") and cfg.mask_edit["distance"] == [4, 10] and cfg.device == "cpu"
+    defaults = cli.config_from_args("demo", "base", cli.build_parser("demo", "base").parse_args([]))
+    assert defaults.model == Path("demo_out/models/demo_base") and defaults.cases == "split:val"
+
+
+def test_sharding_over_two_processes_matches_one_process(tiny, tmp_path):
+    cases = "3"
+    one = run_inference(InferenceConfig(setting="ic", data=tiny["data"], out=tmp_path / "one", model=tiny["volume_stage"],
+                                        cases=cases, sampler=SamplerOptions(steps=2), progress=False, previews=False))
+    result = run_script("inference_demo_ic.py", "--data", tiny["data"], "--model", tiny["volume_stage"],
+                        "--out", tmp_path / "two", "--steps", "2", "--no-progress", "--no-previews", "--cases", cases,
+                        "--num-processes", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ic: samples and manifest in") == 1
+    folder = tmp_path / "two" / "ic"
+    assert sorted(p.name for p in folder.glob("manifest*.json")) == ["manifest.json"]  # no rank files left
+    single, sharded = Manifest(one).records, Manifest(folder / "manifest.json").records
+    assert [r["case"] for r in sharded] == [r["case"] for r in single] == tiny["names"][:3]
+    for a, b in zip(single, sharded):
+        assert (a["seed"], a["informed"], a["files"]) == (b["seed"], b["informed"], b["files"])
+        image_a = np.asarray(nib.load(str(one.parent / a["files"]["image"])).dataobj)
+        image_b = np.asarray(nib.load(str(folder / b["files"]["image"])).dataobj)
+        np.testing.assert_allclose(image_a, image_b, rtol=1e-5, atol=1e-4 * float(np.abs(image_a).max()))

@@ -1,0 +1,247 @@
+"""gem3d.inference.engine / model_dir: every setting end to end on tiny models and a tiny demo dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from gem3d.data.nnunet import RawDataset
+from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
+from gem3d.export.manifest import Manifest, file_sha256
+from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
+from gem3d.inference.model_dir import load_model_dir
+from gem3d.inference.settings import SETTINGS
+from gem3d.inference.volume import SamplerOptions
+from tests import _tiny_models
+
+EDIT = {"distance": [2, 6], "reference_size": None}
+RECORD_FIELDS = {"case", "setting", "sample", "seed", "informed", "mask_edits", "sampler", "steps",
+                 "checkpoint_sha256", "seconds", "files"}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return _tiny_models.tiny_setup(tmp_path_factory)
+
+
+def make_config(tiny, setting: str, out: Path, **overrides) -> InferenceConfig:
+    model = tiny["baseline_volume"] if setting == "base" else tiny["volume_stage"]
+    kwargs = dict(setting=setting, data=tiny["data"], out=out, model=model, slice_model=tiny["position"],
+                  sampler=SamplerOptions(steps=2), progress=False, mask_edit=EDIT)
+    kwargs.update(overrides)
+    return InferenceConfig(**kwargs)
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def body_mask(tiny, case: str) -> np.ndarray:
+    """The body region the engine uses, on the source grid."""
+    loaded = RawDataset(tiny["data"]).load_case(case)
+    cfg = PreprocessConfig.from_dict(_tiny_models.PREPROCESS)
+    return loaded.geometry.to_source(compute_body_mask(loaded.image, cfg) | (loaded.label > 0))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """Every setting on an axis-aligned case and the oblique one: {setting: (setting_dir, manifest records)}."""
+    out = tmp_path_factory.mktemp("all_settings")
+    cases = f"{tiny['names'][0]},{tiny['oblique']}"
+    result = {}
+    for setting in SETTINGS:
+        path = run_inference(make_config(tiny, setting, out, cases=cases))
+        result[setting] = (path.parent, Manifest(path).records)
+    return result
+
+
+def test_every_setting_writes_its_samples_on_the_input_label_grid(tiny, runs):
+    for setting, (folder, records) in runs.items():
+        assert folder.name == setting
+        assert sorted(r["case"] for r in records) == sorted([tiny["names"][0], tiny["oblique"]]), setting
+        for record in records:
+            case = record["case"]
+            label_in, affine_in = load(tiny["data"] / "labelsTr" / f"{case}.nii.gz")
+            image_in, _ = load(tiny["data"] / "imagesTr" / f"{case}_0000.nii.gz")
+            files = record["files"]
+            image, affine = load(folder / files["image"])
+            assert image.shape == label_in.shape and np.array_equal(affine, affine_in), (setting, case)
+            assert np.isfinite(image).all()
+            span = float(image_in.max() - image_in.min())  # intensities restored to the input's range
+            assert image.min() >= image_in.min() - 1e-3 * span and image.max() <= image_in.max() + 1e-3 * span
+            assert (folder / files["preview"]).is_file()
+            if setting == "slice":
+                assert "label" not in files
+                continue
+            label, label_affine = load(folder / files["label"])
+            assert label.shape == label_in.shape and np.array_equal(label_affine, affine_in), (setting, case)
+            if SETTINGS[setting].mask == "own":
+                assert np.array_equal(label, label_in), (setting, case)
+                gt, gt_affine = load(folder / files["gt"])
+                assert np.array_equal(gt_affine, affine_in) and np.allclose(gt, image_in)
+            else:  # edited: lesions stay inside the body (the demo's nonzero brain, holes filled), labels stay valid
+                assert label.min() >= 0 and label.max() <= 3
+                assert set(np.unique(label)) <= set(np.unique(label_in))
+                assert not np.any((label > 0) & ~body_mask(tiny, case)), (setting, case)
+                assert (label > 0).sum() > 0 and not np.array_equal(label, label_in)
+
+
+def test_oblique_case_is_really_oblique_and_permuted(tiny):
+    _, affine = load(tiny["data"] / "labelsTr" / f"{tiny['oblique']}.nii.gz")
+    assert nib.aff2axcodes(affine) != ("R", "A", "S")
+    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    assert np.abs(direction).max(axis=0).min() < 0.99  # not aligned with the world axes
+
+
+def test_manifest_records_describe_each_sample(tiny, runs):
+    sha = file_sha256(tiny["volume_stage"] / "checkpoints" / "last.ckpt")
+    for setting, (folder, records) in runs.items():
+        on_disk = json.loads((folder / "manifest.json").read_text())["records"]
+        assert len(on_disk) == len(records) == 2
+        for record in records:
+            assert RECORD_FIELDS <= set(record), setting
+            assert record["setting"] == setting and record["sample"] == 0
+            assert record["sampler"]["sampler"] == "ddim" and record["steps"] == 2
+            assert record["seconds"] > 0 and len(record["checkpoint_sha256"]) == 64
+            assert all((folder / f).is_file() for f in record["files"].values())
+            informed = record["informed"]
+            source = SETTINGS[setting].informed
+            assert informed["source"] == source
+            if source == "other_case":
+                assert informed["case"] in tiny["names"] and informed["case"] != record["case"]
+                assert 0 <= informed["position"] <= 1 and isinstance(informed["index"], int)
+            elif source == "own_middle":
+                assert informed["case"] == record["case"] and informed["index"] == 24 // 2
+            elif source == "generated":
+                assert 0 <= informed["position"] <= 1
+            if SETTINGS[setting].mask == "edited":
+                assert record["mask_edits"][0]["edit"] == "icma_edit"
+                assert [s["edit"] for s in record["mask_edits"][0]["steps"]] == ["rotate", "flip", "move_toward_centre"]
+            else:
+                assert record["mask_edits"] == []
+    assert all(r["checkpoint_sha256"] == sha for r in runs["ic"][1])
+
+
+def test_rerun_skips_finished_samples_and_regenerates_deleted_ones(tiny, tmp_path, monkeypatch):
+    cases = f"{tiny['names'][0]},{tiny['names'][1]}"
+    manifest = run_inference(make_config(tiny, "test", tmp_path, cases=cases))
+    folder = manifest.parent
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+
+    calls = []
+    original = Enhancer.generate
+
+    def counting(self, case, k):
+        calls.append((case, k))
+        return original(self, case, k)
+
+    monkeypatch.setattr(Enhancer, "generate", counting)
+    run_inference(make_config(tiny, "test", tmp_path, cases=cases))
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+    deleted = folder / f"{tiny['names'][1]}_s0_image.nii.gz"
+    deleted.unlink()
+    run_inference(make_config(tiny, "test", tmp_path, cases=cases))
+    assert calls == [(tiny["names"][1], 0)]
+    assert deleted.is_file()
+    untouched = [p for p in files if tiny["names"][0] in p.name]
+    assert untouched and all(p.stat().st_mtime_ns == mtimes[p] for p in untouched)
+    assert len(Manifest(manifest).records) == 2
+
+
+def test_same_seed_same_output_other_seed_differs(tiny, tmp_path):
+    case = tiny["names"][0]
+    images = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        path = run_inference(make_config(tiny, "ic", tmp_path / name, cases=case, seed=seed, previews=False))
+        record = Manifest(path).records[0]
+        images[name] = (load(path.parent / record["files"]["image"])[0], record["informed"])
+    assert np.array_equal(images["a"][0], images["b"][0]) and images["a"][1] == images["b"][1]
+    assert not np.array_equal(images["a"][0], images["c"][0])
+
+
+def test_counterfactual_informed_from_uses_that_case_and_position(tiny, tmp_path):
+    case, donor = tiny["names"][0], tiny["names"][2]
+    path = run_inference(make_config(tiny, "ic", tmp_path, cases=case, informed_from=f"{donor}:0.5", previews=False))
+    informed = Manifest(path).records[0]["informed"]
+    assert informed["case"] == donor and informed["position"] == 0.5
+    assert informed["index"] == 12 and informed["target_index"] == 12
+
+
+def test_informed_select_brightest_and_darkest_pick_different_donors(tiny, tmp_path):
+    case = tiny["names"][0]
+    picked = {}
+    for rule in ("brightest", "darkest"):
+        path = run_inference(make_config(tiny, "ic", tmp_path / rule, cases=case, informed_select=rule, previews=False))
+        informed = Manifest(path).records[0]["informed"]
+        assert informed["rule"] == rule
+        picked[rule] = informed
+    assert picked["brightest"]["position"] == picked["darkest"]["position"]  # same seed: same candidate position
+    assert picked["brightest"]["case"] != picked["darkest"]["case"]
+    # the choice follows the mean normalised intensity inside the body at that position
+    enhancer = Enhancer(make_config(tiny, "ic", tmp_path / "x", cases=case))
+    pos = picked["brightest"]["position"]
+
+    def brightness(name):
+        prepared = enhancer.prepared(name)
+        index = min(int(pos * prepared.num_slices), prepared.num_slices - 1)
+        return float(prepared.image[index][prepared.label[index] >= 0].mean())
+
+    donors = [n for n in tiny["names"] if n != case]
+    values = {n: brightness(n) for n in donors}
+    assert picked["brightest"]["case"] == max(values, key=values.get)
+    assert picked["darkest"]["case"] == min(values, key=values.get)
+
+
+def test_several_samples_per_case_have_their_own_seeds(tiny, tmp_path):
+    path = run_inference(make_config(tiny, "base", tmp_path, cases=1, samples_per_case=2, previews=False))
+    records = Manifest(path).records
+    assert [r["sample"] for r in records] == [0, 1] and records[0]["seed"] != records[1]["seed"]
+    a, b = (load(path.parent / r["files"]["image"])[0] for r in records)
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "setting,overrides,error,match",
+    [
+        ("ig", {"informed_from": "x"}, ValueError, "use ic or icma"),
+        ("test", {"informed_select": "brightest"}, ValueError, "use ic or icma"),
+        ("ic", {"informed_select": "loudest"}, ValueError, "informed_select='loudest'"),
+        ("ic", {"informed_from": "a:1.5"}, ValueError, r"position must be in \[0, 1\]"),
+        ("ic", {"informed_from": "a:mid"}, ValueError, "must be a number"),
+        ("ic", {"model": None}, ValueError, "needs a volume model dir"),
+        ("ig", {"slice_model": None}, ValueError, "needs a slice model dir"),
+        ("ic", {"samples_per_case": 0}, ValueError, "samples_per_case"),
+        ("nope", {}, ValueError, "unknown inference setting 'nope'"),
+    ],
+)
+def test_config_errors_name_the_problem(tiny, tmp_path, setting, overrides, error, match):
+    with pytest.raises(error, match=match):
+        make_config(tiny, setting, tmp_path, **overrides)
+
+
+def test_enhancer_errors_name_the_problem(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown case"):
+        Enhancer(make_config(tiny, "test", tmp_path, cases="nope")).select_cases()
+    with pytest.raises(ValueError, match="not in"):
+        Enhancer(make_config(tiny, "ic", tmp_path, informed_from="nope:0.5"))
+    with pytest.raises(ValueError, match="needs a baseline volume model"):
+        Enhancer(make_config(tiny, "base", tmp_path, model=tiny["volume_stage"]))
+    with pytest.raises(ValueError, match="not 'position'"):
+        Enhancer(make_config(tiny, "ig", tmp_path, slice_model=tiny["volume_stage"]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Enhancer(make_config(tiny, "test", tmp_path, model=tmp_path / "missing"))
+
+
+def test_load_model_dir_reads_a_training_run(tiny):
+    loaded = load_model_dir(tiny["volume_stage"])
+    assert loaded.kind == "run" and loaded.model.variant == "volume_stage" and not loaded.model.training
+    assert loaded.preprocess["size"] == 32 and loaded.preprocess["max_label"] == 3
+    assert loaded.sha256 == file_sha256(tiny["volume_stage"] / "checkpoints" / "last.ckpt")
+    assert load_model_dir(tiny["volume_stage"] / "checkpoints" / "last.ckpt").model.variant == "volume_stage"

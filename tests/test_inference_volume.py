@@ -1,0 +1,168 @@
+"""gem3d.inference.volume: sampling whole volumes with a model (fake denoisers and tiny models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gem3d.diffusion import VARIANTS
+from gem3d.inference.volume import (
+    SamplerOptions,
+    decode_volume,
+    encode_informed_slice,
+    encode_mask_volume,
+    sample_slice_latents,
+    sample_volume_latents,
+)
+from gem3d.sampling.propagation import plan_windows
+from gem3d.sampling.schedule import make_train_scheduler
+from tests import _tiny_models
+
+C, H, W = 4, 3, 3
+
+
+class FakeModel:
+    """A stand-in for Gem3dLDM whose denoiser predicts ``x0 = mask latent (+ informed latent)`` exactly.
+
+    DPM-Solver++ ends on sigma 0, so a sampled slice is exactly that target, whatever the noise: the result does not
+    depend on the order of random draws, and the propagation can be checked value by value.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.spec = VARIANTS[variant]
+        self.alphas_cumprod = torch.as_tensor(make_train_scheduler().alphas_cumprod, dtype=torch.float32)
+        self.batch_sizes: list[int] = []
+
+    def condition(self, mask_latent, informed_latent=None):
+        assert mask_latent.ndim == 5
+        target = mask_latent if informed_latent is None else mask_latent + informed_latent[:, None]
+        return {"target": target}
+
+    def model_fn(self, cond):
+        target = cond["target"]
+
+        def eps_fn(x, t):
+            self.batch_sizes.append(x.shape[0])
+            a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1).to(x.dtype)
+            return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+        return eps_fn
+
+
+def _mask_latent(num_slices: int) -> torch.Tensor:
+    """Distinct per-slice values so a slice in the wrong place is caught."""
+    values = torch.arange(num_slices, dtype=torch.float32)
+    return values.reshape(-1, 1, 1, 1).expand(num_slices, C, H, W).clone()
+
+
+def _sample(model, num_slices, start, informed, batch_directions=True, window=4, overlap=1, seed=0):
+    options = SamplerOptions(sampler="dpmpp", steps=3, window=window, overlap=overlap, batch_directions=batch_directions)
+    return sample_volume_latents(model, _mask_latent(num_slices), informed, start, options, torch.Generator().manual_seed(seed))
+
+
+def _expected_informed(num_slices: int, start: int, informed: float, window: int, overlap: int) -> torch.Tensor:
+    """What FakeModel must produce: each window's new slices = their mask + the window's informed latent, which is
+    the real informed slice for the first window and the generated slice at the window's informed index otherwise."""
+    mask = _mask_latent(num_slices)
+    out: list[torch.Tensor | None] = [None] * num_slices
+    up, down = plan_windows(num_slices, start, window, overlap)
+    for win in up + down:  # upward windows depend on earlier upward ones, downward ones on the first and earlier ones
+        inf = torch.full((C, H, W), informed) if win.informed_index is None else out[win.informed_index]
+        for index in win.new_indices:
+            out[index] = mask[index] + inf
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "num_slices,start,window,overlap",
+    [(24, 0, 4, 1), (24, 23, 4, 1), (24, 10, 16, 1), (5, 2, 16, 1), (17, 8, 6, 2), (1, 0, 4, 0)],
+)
+def test_informed_windows_cover_every_slice_once_with_the_right_condition(num_slices, start, window, overlap):
+    model = FakeModel("volume_stage")
+    informed = torch.full((C, H, W), 100.0)
+    latents = _sample(model, num_slices, start, informed, window=window, overlap=overlap)
+    assert latents.shape == (num_slices, C, H, W)
+    expected = _expected_informed(num_slices, start, 100.0, window, overlap)
+    torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-4)
+    # the informed slice's own index comes from the first window: its mask + the real informed latent
+    torch.testing.assert_close(latents[start], _mask_latent(num_slices)[start] + 100.0, atol=1e-3, rtol=1e-4)
+
+
+def test_batching_directions_on_and_off_give_the_same_volume():
+    on_model, off_model = FakeModel("volume_stage"), FakeModel("volume_stage")
+    informed = torch.full((C, H, W), 7.0)
+    on = _sample(on_model, 24, 11, informed, batch_directions=True)
+    off = _sample(off_model, 24, 11, informed, batch_directions=False)
+    torch.testing.assert_close(on, off, atol=1e-3, rtol=1e-4)
+    assert max(on_model.batch_sizes) == 2  # the upward and downward windows went into one batch
+    assert max(off_model.batch_sizes) == 1
+
+
+def test_baseline_mode_samples_each_slice_from_its_own_mask_without_informed_slice():
+    model = FakeModel("baseline_volume")
+    latents = _sample(model, 10, None, None, window=4)
+    assert latents.shape == (10, C, H, W)
+    torch.testing.assert_close(latents, _mask_latent(10), atol=1e-3, rtol=1e-4)
+
+
+def test_informed_slice_presence_must_match_the_variant():
+    with pytest.raises(ValueError, match="needs an informed slice"):
+        _sample(FakeModel("volume_stage"), 8, 0, None)
+    with pytest.raises(ValueError, match="mask-only"):
+        _sample(FakeModel("baseline_volume"), 8, 0, torch.zeros(C, H, W))
+
+
+def test_ddim_with_noise_is_seeded():
+    model = FakeModel("volume_stage")
+    informed = torch.zeros(C, H, W)
+    options = SamplerOptions(sampler="ddim", steps=2, eta=1.0, window=4)
+    runs = [sample_volume_latents(model, _mask_latent(9), informed, 4, options, torch.Generator().manual_seed(s))
+            for s in (0, 0, 1)]
+    assert runs[0].shape == (9, C, H, W)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"sampler": "euler"}, "sampler='euler'"), ({"steps": 0}, "steps"), ({"steps": 3}, "steps=3"), ({"known_noise": "x"}, "known_noise"),
+     ({"eta": -1.0}, "eta"), ({"window": 4, "overlap": 4}, "overlap")],
+)
+def test_sampler_options_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerOptions(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- tiny real models
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return _tiny_models.tiny_setup(tmp_path_factory)
+
+
+def test_tiny_models_encode_sample_and_decode_a_volume(tiny):
+    from gem3d.inference.model_dir import load_model_dir
+
+    volume = load_model_dir(tiny["volume_stage"]).model
+    slice_model = load_model_dir(tiny["position"]).model
+    grey_mask = torch.rand(7, 32, 32) * 2 - 1
+    mask_latent = encode_mask_volume(volume, grey_mask)
+    assert mask_latent.shape == (7, 4, 8, 8)
+    informed = encode_informed_slice(volume, grey_mask[3])
+    assert informed.shape == (4, 8, 8)
+    options = SamplerOptions(steps=2, window=4)
+    latents = sample_volume_latents(volume, mask_latent, informed, 3, options, torch.Generator().manual_seed(0))
+    assert latents.shape == (7, 4, 8, 8) and torch.isfinite(latents).all()
+    decoded = decode_volume(volume, latents)
+    assert decoded.shape == (7, 32, 32) and decoded.min() >= -1 and decoded.max() <= 1
+
+    slices = sample_slice_latents(slice_model, torch.tensor([0.0, 0.5, 1.0]), (8, 8), options,
+                                  torch.Generator().manual_seed(0), batch_size=2)
+    assert slices.shape == (3, 4, 8, 8) and torch.isfinite(slices).all()
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 1\]"):
+        sample_slice_latents(slice_model, torch.tensor([1.5]), (8, 8), options, torch.Generator())
+    with pytest.raises(ValueError, match="position variant"):
+        sample_slice_latents(volume, torch.tensor([0.5]), (8, 8), options, torch.Generator())
