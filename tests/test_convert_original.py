@@ -159,6 +159,21 @@ def test_not_a_model_folder(tmp_path, original_fixtures):
         read_original_model_dir(tmp_path)
 
 
+def test_gem3d_run_is_not_an_original_folder(tmp_path, original_fixtures):
+    """gem3d's own runs have a unet_config too; their gem3d model target tells them apart."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(original_fixtures / "stage1", tmp_path / "run")
+    config_path = next((tmp_path / "run" / "configs").glob("*-project.yaml"))
+    assert is_original_model_dir(tmp_path / "run")
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["target"] = "gem3d.diffusion.Gem3dLDM"
+    config_path.write_text(yaml.safe_dump(config))
+    assert not is_original_model_dir(tmp_path / "run")
+
+
 @pytest.mark.parametrize(
     "edit, error, message",
     [

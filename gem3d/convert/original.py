@@ -224,7 +224,8 @@ def find_original_config(path: str | Path) -> Path:
 
 
 def is_original_model_dir(path: str | Path) -> bool:
-    """True if ``path`` holds ``checkpoints/last.ckpt`` and a ``configs/*-project.yaml`` with a ``unet_config``."""
+    """True if ``path`` holds ``checkpoints/last.ckpt`` and a ``configs/*-project.yaml`` with a ``unet_config``
+    whose ``model.target`` is not one of gem3d's own classes (gem3d training runs have a ``unet_config`` too)."""
     path = Path(path)
     if not (path / "checkpoints" / "last.ckpt").is_file():
         return False
@@ -232,7 +233,10 @@ def is_original_model_dir(path: str | Path) -> bool:
         config = OmegaConf.to_container(OmegaConf.load(find_original_config(path)), resolve=True)
     except Exception:
         return False
-    params = (config.get("model") or {}).get("params") or {}
+    model = config.get("model") or {}
+    params = model.get("params") or {}
+    if str(model.get("target", "")).startswith("gem3d."):
+        return False
     return isinstance(params, dict) and isinstance(params.get("unet_config"), dict)
 
 

@@ -82,24 +82,7 @@ def load_model_dir(
     return LoadedModel(model, preprocess, Path(checkpoint), file_sha256(checkpoint), kind, used_ema)
 
 
-def _model_target(folder: Path) -> str | None:
-    """``model.target`` of the newest ``configs/*-project.yaml`` in ``folder`` (None if there is none)."""
-    configs = sorted((folder / "configs").glob("*-project.yaml"))
-    if not configs:
-        return None
-    try:
-        target = OmegaConf.select(OmegaConf.load(configs[-1]), "model.target")
-    except Exception:  # an unreadable config is reported by the loader that reads it
-        return None
-    return None if target is None else str(target)
-
-
 def _is_original(path: Path) -> bool:
-    """An original GEM-3D folder: its project config has a ``unet_config`` (as gem3d runs have too) and a model
-    target outside gem3d (``ldm.models.diffusion...``)."""
     from gem3d.convert.original import is_original_model_dir
 
-    target = _model_target(path)
-    if target is not None and target.startswith("gem3d."):
-        return False
     return is_original_model_dir(path)
