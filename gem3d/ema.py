@@ -1,0 +1,100 @@
+"""Exponential moving average of a module's trainable parameters.
+
+A small module (so the shadow lives in the owner's ``state_dict`` and a resumed run restores it):
+``shadow[name] <- shadow[name] - (1 - decay_n) * (shadow[name] - param)`` with the warm-up
+``decay_n = min(decay, (1 + n) / (10 + n))`` where ``n`` counts the updates so far.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def shadow_key(name: str) -> str:
+    """Parameter name -> buffer name (buffers may not contain dots)."""
+    return name.replace(".", "__")
+
+
+class EMA(nn.Module):
+    """Shadow copies of ``model``'s trainable parameters.
+
+    Args:
+        model: the module whose parameters are averaged (only ``requires_grad`` ones).
+        decay: the asymptotic decay in (0, 1).
+        use_num_updates: warm-up ``min(decay, (1+n)/(10+n))``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
+        super().__init__()
+        if not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.use_num_updates = bool(use_num_updates)
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+        self.names: list[str] = [n for n, p in model.named_parameters() if p.requires_grad]
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                self.register_buffer(shadow_key(name), param.detach().clone())
+        self._stored: list[torch.Tensor] | None = None
+
+    def current_decay(self) -> float:
+        """Decay used by the next update (after the warm-up rule)."""
+        n = int(self.num_updates)
+        if not self.use_num_updates:
+            return self.decay
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    def _pairs(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        params = dict(model.named_parameters())
+        buffers = dict(self.named_buffers())
+        for name in self.names:
+            if name not in params:
+                raise KeyError(f"EMA tracks parameter {name!r} which the model does not have")
+            yield buffers[shadow_key(name)], params[name]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s current parameters."""
+        decay = self.current_decay()
+        self.num_updates += 1
+        for shadow, param in self._pairs(model):
+            shadow.sub_((1.0 - decay) * (shadow - param.detach().to(shadow.dtype)))
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the shadow values into ``model``'s parameters."""
+        for shadow, param in self._pairs(model):
+            param.copy_(shadow.to(param.dtype))
+
+    @torch.no_grad()
+    def store(self, model: nn.Module) -> None:
+        """Remember ``model``'s current parameters (to ``restore`` after ``copy_to``)."""
+        self._stored = [param.detach().clone() for _, param in self._pairs(model)]
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Put back the parameters saved by ``store``."""
+        if self._stored is None:
+            raise RuntimeError("EMA.restore called without a matching EMA.store")
+        for saved, (_, param) in zip(self._stored, self._pairs(model)):
+            param.copy_(saved)
+        self._stored = None
+
+    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: EMA value}`` with the model's own (dotted) names."""
+        buffers = dict(self.named_buffers())
+        return {name: buffers[shadow_key(name)] for name in self.names}
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Context in which ``model`` holds the EMA weights."""
+        self.store(model)
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            self.restore(model)

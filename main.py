@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Training entry point, compatible with latent-diffusion's ``main.py`` flags.
+
+    python main.py --base configs/latent-diffusion/demo_stage1.yaml -t [--gpus 0,1,] [-n NAME] [-l LOGDIR] [-s SEED] \
+        [model.params.base_learning_rate=1e-5 lightning.trainer.max_steps=20 ...]
+    python main.py -r LOGDIR_OR_CKPT -t [overrides ...]      # resume: config, global step, optimiser, EMA
+
+A run writes ``LOGDIR/<timestamp>_<name>/``: ``checkpoints/{last.ckpt, step-*.ckpt}``,
+``configs/<timestamp>-project.yaml`` / ``-lightning.yaml`` and TensorBoard logs under ``tensorboard/``.
+SIGUSR1 saves ``last.ckpt`` and goes on; SIGTERM saves it and exits cleanly.
+
+Config layout: ``model: {target, params}``, ``data: {target, params}``, ``lightning: {trainer: {...},
+modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``. Every ``lightning.trainer`` key goes to
+``lightning.Trainer`` as is (``accelerator``, ``devices``, ``strategy``, ``max_steps``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+TOP_LEVEL_KEYS = ("model", "data", "lightning")
+LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
+RUN_DIR_ENV = "GEM3D_RUN_LOGDIR"  # shared with the DDP child processes Lightning launches
+PATH_KEYS = ("ckpt_path", "config_path", "diffusers_dir")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                        help="config files, merged left to right; trailing key=value overrides come last")
+    parser.add_argument("-t", "--train", nargs="?", const=True, default=False, type=_str2bool, help="train")
+    parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. '0,1,' (absent: CPU)")
+    parser.add_argument("-r", "--resume", type=str, default="", help="resume from a run folder or a checkpoint")
+    parser.add_argument("-n", "--name", type=str, default="", help="run name postfix (default: the first config's name)")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the runs")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="global seed")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name")
+    return parser
+
+
+def _str2bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if str(value).lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def _normalise_train_flag(argv: Sequence[str]) -> list[str]:
+    """``-t`` followed by an override (``-t key=value``) means ``-t true``; ``-t false`` stays explicit."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token in ("-t", "--train"):
+            following = out[i + 1] if i + 1 < len(out) else None
+            if following is None or following.lower() not in ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"):
+                out[i] = "--train=true"
+    return out
+
+
+def parse_gpus(gpus: str | None) -> list[int] | None:
+    """``'0,1,'`` -> ``[0, 1]``; None/'' -> None (CPU)."""
+    if gpus is None or str(gpus).strip() in ("", ","):
+        return None
+    try:
+        return [int(g) for g in str(gpus).split(",") if g.strip() != ""]
+    except ValueError as err:
+        raise ValueError(f"--gpus={gpus!r}: expected comma-separated GPU ids such as '0,1,'") from err
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """Merge the YAML files in order, then the dotlist ``overrides``; check the top-level layout."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--base config {path!r}: no such file")
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        raise ValueError(f"unrecognised arguments {bad}; overrides look like 'lightning.trainer.max_steps=20'")
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in paths], OmegaConf.from_dotlist(list(overrides)))
+    validate_config(config)
+    return config
+
+
+def validate_config(config: DictConfig) -> None:
+    unknown = sorted(set(config.keys()) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise KeyError(f"unknown top-level config key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}")
+    for key in ("model", "data"):
+        if key not in config:
+            raise KeyError(f"config has no '{key}' section (with target/params)")
+        node = config[key]
+        extra = sorted(set(node.keys()) - {"target", "params", "base_learning_rate"})
+        if "target" not in node or extra:
+            raise KeyError(f"config '{key}' must hold 'target' and 'params'; got keys {sorted(node.keys())}")
+    lightning_cfg = config.get("lightning") or {}
+    unknown = sorted(set(lightning_cfg.keys()) - set(LIGHTNING_KEYS))
+    if unknown:
+        raise KeyError(f"unknown 'lightning' config key(s) {unknown}; allowed: {list(LIGHTNING_KEYS)}")
+
+
+def check_paths(config: DictConfig) -> None:
+    """Fail at start-up on placeholder or missing paths, naming the key and the value."""
+    from gem3d.config import check_existing_path
+    from gem3d.diffusion import resolve_checkpoint
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for key in node.keys():
+                value = node[key]
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                if str(key) in PATH_KEYS and value is not None:
+                    if str(key) == "ckpt_path":
+                        resolve_checkpoint(value, key=dotted)
+                    else:
+                        check_existing_path(dotted, value, kind="path")
+                else:
+                    walk(value, dotted)
+
+    walk(config.model, "model")
+    data_params = config.data.get("params") or {}
+    if "dataset_dir" in data_params:
+        check_existing_path("data.params.dataset_dir", data_params.dataset_dir, kind="directory")
+
+
+def check_variant_data(config: DictConfig) -> None:
+    """The position variant reads slices, every other variant clips."""
+    from gem3d.diffusion import VARIANTS
+
+    variant = (config.model.get("params") or {}).get("variant")
+    kind = (config.data.get("params") or {}).get("kind", "clip")
+    if variant in VARIANTS and VARIANTS[variant].data_kind != kind:
+        raise ValueError(
+            f"model.params.variant={variant!r} trains on {VARIANTS[variant].data_kind!r} batches but "
+            f"data.params.kind={kind!r}; set data.params.kind={VARIANTS[variant].data_kind}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """``-r`` value -> (run folder, checkpoint file)."""
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume!r}: no such run folder or checkpoint")
+    if path.is_file():
+        if path.parent.name != "checkpoints":
+            raise ValueError(f"--resume {resume!r}: a checkpoint must sit in <run>/checkpoints/")
+        return path.parent.parent, path
+    ckpt = path / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {resume!r}: the run folder has no checkpoints/last.ckpt")
+    return path, ckpt
+
+
+def make_run_dir(opt: argparse.Namespace, now: str) -> Path:
+    if opt.name:
+        name = opt.name
+    elif opt.base:
+        name = Path(opt.base[0]).stem
+    else:
+        name = ""
+    return Path(opt.logdir) / f"{now}_{name}{opt.postfix}"
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+def _callbacks():
+    import lightning as L
+
+    class SignalCheckpoint(L.Callback):
+        """Saves ``last.ckpt`` on SIGUSR1 (then goes on) and on SIGTERM (then Lightning stops cleanly), and at the
+        end of training."""
+
+        def __init__(self, ckpt_dir: Path):
+            self.ckpt_dir = Path(ckpt_dir)
+            self.usr1 = False
+            self._previous = None
+            self._last_saved_step = -1
+
+        def _on_usr1(self, signum, frame) -> None:
+            self.usr1 = True
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            if hasattr(signal, "SIGUSR1"):
+                try:
+                    self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+                except ValueError:  # not the main thread
+                    self._previous = None
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            if self._previous is not None:
+                signal.signal(signal.SIGUSR1, self._previous)
+                self._previous = None
+
+        def save(self, trainer, reason: str) -> None:
+            path = self.ckpt_dir / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            self._last_saved_step = trainer.global_step
+            if trainer.is_global_zero:
+                print(f"[{reason}] saved {path} at global step {trainer.global_step}", flush=True)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            request = self.usr1 or bool(trainer.received_sigterm)
+            if trainer.world_size > 1:
+                request = trainer.strategy.reduce_boolean_decision(request, all=False)
+            if request:
+                self.save(trainer, "SIGTERM" if trainer.received_sigterm else "SIGUSR1")
+                self.usr1 = False
+
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            # SIGTERM arriving after this callback's batch-end check: Lightning stops at the end of that batch
+            if isinstance(exception, SIGTERMException) and trainer.global_step != self._last_saved_step:
+                self.save(trainer, "SIGTERM")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            saved_by_model_checkpoint = getattr(trainer.checkpoint_callback, "_last_global_step_saved", -1)
+            if trainer.global_step not in (self._last_saved_step, saved_by_model_checkpoint):
+                self.save(trainer, "end of training")
+
+    return SignalCheckpoint
+
+
+def build_trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> dict:
+    """``lightning.trainer`` as Trainer kwargs, with ``--gpus`` and CPU defaults applied."""
+    kwargs = dict(OmegaConf.to_container(config.get("lightning", {}).get("trainer", {}) or {}, resolve=True))
+    gpus = parse_gpus(opt.gpus)
+    if gpus is not None:
+        kwargs["accelerator"] = "gpu"
+        kwargs["devices"] = gpus
+        if len(gpus) > 1:
+            kwargs.setdefault("strategy", "ddp")
+    else:
+        kwargs.setdefault("accelerator", "cpu")
+        kwargs.setdefault("devices", 1)
+    devices = kwargs.get("devices")
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) else (int(devices) if str(devices).isdigit() else 1)
+    if n_devices > 1:
+        kwargs.setdefault("strategy", "ddp")
+    return kwargs
+
+
+def resolve_strategy(strategy: Any) -> Any:
+    """``"ddp"`` -> ``DDPStrategy(broadcast_buffers=False)``: the EMA shadow and the frozen first stage are buffers
+    that are identical on every rank, so DDP need not re-broadcast them (a UNet-sized copy) every step."""
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(broadcast_buffers=False)
+    return strategy
+
+
+def number_of_devices(kwargs: dict) -> int:
+    devices = kwargs.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        parsed = parse_gpus(devices)
+        return len(parsed) if parsed else 1
+    return max(int(devices), 1) if devices not in (None, -1) else 1
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run training; returns 0 on success (also after a SIGTERM-triggered clean stop)."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None):
+    """Parse ``argv``, build model / data / trainer from the configs and fit (``-t``) or validate.
+    Returns the ``lightning.Trainer`` (its ``.lightning_module``, ``.callback_metrics``, ``.global_step``)."""
+    parser = get_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opt, overrides = parser.parse_known_args(_normalise_train_flag(argv))
+
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from gem3d.config import instantiate_from_config
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen first stage
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    if opt.name and opt.resume:
+        raise ValueError("-n/--name cannot be combined with -r/--resume (the run keeps its name)")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    inherited_run_dir = os.environ.get(RUN_DIR_ENV)  # set: this is a DDP child process of rank 0
+    is_child = bool(inherited_run_dir)
+    ckpt_path = None
+    base = list(opt.base)
+    if opt.resume:
+        run_dir, ckpt = resolve_resume(opt.resume)
+        ckpt_path = str(ckpt)
+        saved = sorted(glob.glob(str(run_dir / "configs" / "*.yaml")))
+        if not saved:
+            raise FileNotFoundError(f"--resume {opt.resume!r}: no configs/*.yaml in {run_dir}")
+        base = saved + base
+    elif inherited_run_dir:
+        run_dir = Path(inherited_run_dir)
+    else:
+        if not opt.base:
+            raise ValueError("give at least one config with --base (or --resume a run)")
+        run_dir = make_run_dir(opt, now)
+
+    config = load_config(base, overrides)
+    check_paths(config)
+    check_variant_data(config)
+    L.seed_everything(opt.seed, workers=True)
+
+    trainer_kwargs = build_trainer_kwargs(config, opt)
+    ckpt_dir = run_dir / "checkpoints"
+    cfg_dir = run_dir / "configs"
+    lightning_cfg = config.get("lightning") or OmegaConf.create()
+    mc_params = dict(OmegaConf.to_container((lightning_cfg.get("modelcheckpoint") or {}).get("params") or {}, resolve=True))
+    mc_params = {
+        "dirpath": str(ckpt_dir),
+        "filename": "step-{step:06d}",
+        "auto_insert_metric_name": False,
+        "save_last": True,
+        "save_top_k": -1,
+        "every_n_train_steps": 1000,
+        "enable_version_counter": False,  # last.ckpt is overwritten, never last-v1.ckpt
+        **mc_params,
+    }
+    callbacks = [ModelCheckpoint(**mc_params), _callbacks()(ckpt_dir), LearningRateMonitor(logging_interval="step")]
+    for name, cb_cfg in (lightning_cfg.get("callbacks") or {}).items():
+        try:
+            callbacks.append(instantiate_from_config(cb_cfg))
+        except Exception as err:
+            raise type(err)(f"lightning.callbacks.{name}: {err}") from err
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
+    trainer_kwargs.setdefault("default_root_dir", str(run_dir))
+    trainer = L.Trainer(**{**trainer_kwargs, "strategy": resolve_strategy(trainer_kwargs.get("strategy", "auto"))},
+                        callbacks=callbacks, logger=logger)
+
+    model = instantiate_from_config(config.model)
+    if "base_learning_rate" in config.model:  # latent-diffusion puts it next to target/params
+        model.base_learning_rate = float(config.model.base_learning_rate)
+    data = instantiate_from_config(config.data)
+
+    batch_size = int((config.data.get("params") or {}).get("batch_size", 1))
+    accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
+    ngpu = number_of_devices(trainer_kwargs)
+    if hasattr(model, "set_learning_rate"):
+        model.set_learning_rate(ngpu=ngpu, batch_size=batch_size, accumulate=accumulate)
+
+    if trainer.is_global_zero and not is_child:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        project = OmegaConf.create({k: config[k] for k in ("model", "data")})
+        OmegaConf.save(project, cfg_dir / f"{now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"lightning": lightning_cfg}), cfg_dir / f"{now}-lightning.yaml")
+        print(f"run folder: {run_dir}", flush=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        if opt.train:
+            try:
+                trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+            except SIGTERMException:
+                print("SIGTERM: checkpoint saved, stopping", flush=True)
+        else:
+            trainer.validate(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        if not is_child:
+            os.environ.pop(RUN_DIR_ENV, None)
+    return trainer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
