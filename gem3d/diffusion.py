@@ -111,9 +111,12 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
     return check_existing_path(key, str(candidate))
 
 
-def load_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path") -> dict:
-    """``torch.load(weights_only=True)`` of a (resolved) checkpoint on the CPU."""
-    return torch.load(resolve_checkpoint(path, key), map_location="cpu", weights_only=True)
+def load_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path", trust: bool = False) -> dict:
+    """A (resolved) checkpoint on the CPU through :func:`gem3d.checkpoint.safe_load_checkpoint`
+    (``weights_only=True`` with gem3d's allowlist; ``trust=True`` unpickles fully, only for files you trust)."""
+    from gem3d.checkpoint import safe_load_checkpoint
+
+    return safe_load_checkpoint(resolve_checkpoint(path, key), trust=trust)
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -687,6 +690,7 @@ def load_ldm_from_run(
     use_ema: bool | None = None,
     first_stage_config: Mapping | None = None,
     map_location: str | torch.device = "cpu",
+    trust: bool = False,
 ) -> Gem3dLDM:
     """A :class:`Gem3dLDM` in eval mode from a run folder / ``.ckpt`` / glob written by ``main.py``.
 
@@ -694,9 +698,10 @@ def load_ldm_from_run(
     re-read: the checkpoint holds every weight, first stage included). The first stage's architecture comes from
     ``first_stage_config`` if given, else from the checkpoint's ``first_stage_architecture`` (written by every
     gem3d run, so moved run folders load without the autoencoder files), else from the stored config.
-    ``use_ema`` (default: the run's ``sample_with_ema``) copies the EMA weights into the UNet.
+    ``use_ema`` (default: the run's ``sample_with_ema``) copies the EMA weights into the UNet. ``trust``: see
+    :func:`load_checkpoint_file`.
     """
-    ckpt = load_checkpoint_file(run, key="run")
+    ckpt = load_checkpoint_file(run, key="run", trust=trust)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if "unet_config" not in hparams:
         raise KeyError(f"{run!r} is not a Gem3dLDM checkpoint (no hyper_parameters.unet_config)")

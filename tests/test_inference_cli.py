@@ -91,8 +91,34 @@ def test_flags_override_the_dataset_config(tiny, tmp_path):
     assert cfg.sampler.eta == 1.0 and cfg.sampler.known_noise == "timestep"  # from configs/inference/demo.yaml
     assert (cfg.seed, cfg.cases, cfg.samples_per_case, cfg.ema, cfg.informed_select) == (5, "3", 2, False, "darkest")
     assert cfg.model == Path("m") and cfg.mask_edit["distance"] == [4, 10] and cfg.device == "cpu"
+    assert cfg.slice_ema is None  # --no-ema is the volume model's; the slice model keeps its own default
+    ig = cli.config_from_args("demo", "ig", cli.build_parser("demo", "ig").parse_args(
+        ["--data", str(tiny["data"]), "--model", "m", "--slice-model", "s", "--no-ema", "--slice-ema"]))
+    assert (ig.ema, ig.slice_ema) == (False, True)
     defaults = cli.config_from_args("demo", "base", cli.build_parser("demo", "base").parse_args([]))
     assert defaults.model == Path("demo_out/models/demo_base") and defaults.cases == "split:val"
+
+
+def test_refused_checkpoint_exits_2_naming_the_trust_flag(tiny, tmp_path, capsys):
+    """A checkpoint holding a non-allowlisted pickled object: exit 2 with the --trust-checkpoint hint, no traceback."""
+    import shutil
+
+    import torch
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(Path(tiny["volume_stage"]), model_dir)
+    ckpt_path = model_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["callbacks"] = {"x": _Unlisted()}
+    torch.save(ckpt, ckpt_path)
+    code = cli.main("demo", "test", ["--data", str(tiny["data"]), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                                     "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "--trust-checkpoint" in err and "_Unlisted" in err
+
+
+class _Unlisted:
+    pass
 
 
 def test_sharding_over_two_processes_matches_one_process(tiny, tmp_path):

@@ -11,7 +11,6 @@ the reverse direction (:func:`diffusers_to_ldm_state_dict`) is its inverse, for 
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -263,34 +262,11 @@ def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_leve
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _numpy_safe_globals() -> list:
-    """numpy scalar/dtype reconstructors, harmless and common in old Lightning checkpoints."""
-    import numpy as np
-
-    names = []
-    core = getattr(np, "_core", None) or getattr(np, "core", None)
-    scalar = getattr(getattr(core, "multiarray", None), "scalar", None)
-    if scalar is not None:
-        names.append(scalar)
-    names.append(np.dtype)
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        names += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType") if hasattr(dtypes, n)]
-    return names
-
-
-def _unsupported_global(err: Exception) -> str:
-    """The object torch refused, e.g. `` (Unsupported global: GLOBAL mymodule.MyClass)``, or ''."""
-    match = re.search(r"Unsupported global: GLOBAL [\w.]+", str(err))
-    return f" ({match[0]})" if match else ""
-
-
 def load_checkpoint_file(path: str | Path, *, trust: bool = False) -> dict:
-    """Read a ``.ckpt``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
+    """Read a ``.ckpt``/``.pt``/``.bin`` (:func:`gem3d.checkpoint.safe_load_checkpoint`: ``weights_only=True`` and
+    gem3d's allowlist; ``trust=True`` unpickles fully, only for files you trust) or ``.safetensors`` file."""
+    from gem3d.checkpoint import safe_load_checkpoint
 
-    ``trust=True`` falls back to ``weights_only=False``, which can run arbitrary code from the file:
-    use it only for files whose source you trust.
-    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
@@ -298,18 +274,7 @@ def load_checkpoint_file(path: str | Path, *, trust: bool = False) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not trust:
-            raise pickle.UnpicklingError(
-                f"could not load {str(path)!r} with torch.load(weights_only=True): it holds objects outside "
-                f"the safe allowlist{_unsupported_global(err)}. "
-                "If you trust the source of this file, pass trust=True (or set `trust: true` in the config) "
-                "to load it with weights_only=False, which can execute code stored in the file."
-            ) from err
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load_checkpoint(path, trust=trust)
 
 
 def state_dict_of(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:

@@ -7,6 +7,7 @@ Defaults come from ``configs/inference/<dataset>.yaml``; flags override them::
 from __future__ import annotations
 
 import argparse
+import pickle
 import os
 import sys
 from pathlib import Path
@@ -59,7 +60,8 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
     p.add_argument("--num-processes", type=int, help="shard over N CPU processes (testing the sharding)")
-    _bool_flag(p, "ema", "sample with the EMA weights (default: the model's own choice)")
+    _bool_flag(p, "ema", "sample the volume model with its EMA weights (default: the model's own choice)")
+    _bool_flag(p, "slice-ema", "sample the slice model with its EMA weights (default: the model's own choice)")
     p.add_argument("--informed-from", help="counterfactual: take the informed slice from CASE[:POS] (ic, icma)")
     p.add_argument("--informed-select", choices=("brightest", "darkest"),
                    help="de-enhancement: pick informed slices from the brightest/darkest decile of candidates")
@@ -106,6 +108,7 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         seed=int(pick(args.seed, "seed", 0)),
         device=pick(args.device, "device", "cpu"),
         ema=args.ema if args.ema is not None else defaults.get("ema"),
+        slice_ema=args.slice_ema if args.slice_ema is not None else defaults.get("slice_ema"),
         informed_from=args.informed_from,
         informed_select=args.informed_select,
         mask_edit=dict(defaults.get("mask_edit", {}) or {}),
@@ -128,7 +131,7 @@ def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(dataset, setting, args)
         manifest = run_inference(cfg, gpus=gpus, num_processes=args.num_processes or 1)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, pickle.UnpicklingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, from the first process of a sharded run

@@ -50,7 +50,8 @@ class InferenceConfig:
     cases: ``None``/``"all"``, a count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``;
     informed_from: counterfactual ``CASE[:POS]`` (POS relative, in [0, 1]); informed_select: de-enhancement rule
     (``brightest``/``darkest`` decile of candidate slices); mask_edit: keyword arguments of ``icma_edit``;
-    preprocess: overrides the model's own data preprocessing; ema: None = the model's default.
+    preprocess: overrides the model's own data preprocessing; ema / slice_ema: EMA weights for the volume / slice
+    model (None = the model's default; the published stage-2 models have no EMA, their slice models do).
     """
 
     setting: str
@@ -65,6 +66,7 @@ class InferenceConfig:
     seed: int = 0
     device: str = "cpu"
     ema: bool | None = None
+    slice_ema: bool | None = None
     informed_from: str | None = None
     informed_select: str | None = None
     mask_edit: dict = field(default_factory=dict)
@@ -145,7 +147,7 @@ class Enhancer:
                     f"{self.volume_model.model.variant!r}"
                 )
         if self.setting.needs_slice_model:
-            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
+            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
             if self.slice_model.model.variant != "position":
                 raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
         if self.volume_model is not None and self.slice_model is not None:

@@ -74,7 +74,7 @@ def load_model_dir(
         from gem3d.diffusion import load_ldm_from_run, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(path, key="model dir")
-        model = load_ldm_from_run(checkpoint, use_ema=ema)
+        model = load_ldm_from_run(checkpoint, use_ema=ema, trust=trust)
         used_ema = bool(getattr(model, "loaded_with_ema", False))
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
         preprocess, kind = _project_preprocess(run_dir), "run"
