@@ -19,7 +19,7 @@ from einops import rearrange
 
 
 def _as_tensor(x) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    return torch.as_tensor(np.array(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
