@@ -24,27 +24,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (model dir name, config, extra overrides given the models trained so far)
-TRAINING = [
-    ("demo_autoencoder", "demo_autoencoder", []),
-    ("demo_stage1", "demo_stage1", ["first_stage"]),
-    ("demo_slice", "demo_slice", ["first_stage"]),
-    ("demo_base_stage1", "demo_base_stage1", ["first_stage"]),
-    ("demo", "demo_stage2", ["first_stage", "stage1:demo_stage1"]),
-    ("demo_base", "demo_base_stage2", ["first_stage", "stage1:demo_base_stage1"]),
-]
+# model dir name -> (config, the model dirs it needs: the first stage and/or a stage-1 checkpoint)
+TRAINING = {
+    "demo_autoencoder": ("demo_autoencoder", []),
+    "demo_stage1": ("demo_stage1", ["first_stage"]),
+    "demo_slice": ("demo_slice", ["first_stage"]),
+    "demo_base_stage1": ("demo_base_stage1", ["first_stage"]),
+    "demo": ("demo_stage2", ["first_stage", "stage1:demo_stage1"]),
+    "demo_base": ("demo_base_stage2", ["first_stage", "stage1:demo_base_stage1"]),
+}
 SETTINGS = ["test", "ic", "icma", "ig", "igma", "base"]
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Run a command, teeing its output to ``log``; fail loudly with the log's tail."""
+def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
+    """Run a command, writing its output to ``log``; fail loudly with the log's tail. ``threads``: torch/OpenMP
+    threads of the child (1 when two trainings share the 2 cores)."""
     print("$", " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-40:]
-        raise SystemExit(f"command failed ({proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
+        raise RuntimeError(f"command failed ({proc.returncode}); last lines of {log}:\n" + "\n".join(tail))
 
 
 def newest_run(logdir: Path, name: str) -> Path:
@@ -54,39 +58,63 @@ def newest_run(logdir: Path, name: str) -> Path:
     return runs[-1]
 
 
-def train_models(out: Path, dataset: Path, steps_scale: float) -> dict[str, Path]:
+def train_one(name: str, out: Path, dataset: Path, steps_scale: float, threads: int | None) -> Path:
+    """Train one demo model with main.py and link its run folder as ``out/models/<name>``."""
+    config, needs = TRAINING[name]
     models, logdir = out / "models", out / "logs"
-    models.mkdir(parents=True, exist_ok=True)
-    trained: dict[str, Path] = {}
-    for name, config, needs in TRAINING:
-        target = models / name
-        if (target / "checkpoints" / "last.ckpt").is_file():
-            print(f"[demo] {name}: already trained ({target})")
-            trained[name] = target
-            continue
-        overrides = [f"data.params.dataset_dir={dataset}"]
-        for need in needs:
-            if need == "first_stage":
-                ae = trained["demo_autoencoder"] / "checkpoints" / "last.ckpt"
-                overrides.append(f"model.params.first_stage_config.params.ckpt_path={ae}")
-            elif need.startswith("stage1:"):
-                overrides.append(f"model.params.ckpt_path={trained[need.split(':', 1)[1]] / 'checkpoints' / 'last.ckpt'}")
-        if steps_scale != 1.0:
-            from omegaconf import OmegaConf
+    overrides = [f"data.params.dataset_dir={dataset}"]
+    for need in needs:
+        if need == "first_stage":
+            overrides.append(f"model.params.first_stage_config.params.ckpt_path={models / 'demo_autoencoder' / 'checkpoints' / 'last.ckpt'}")
+        else:
+            overrides.append(f"model.params.ckpt_path={models / need.split(':', 1)[1] / 'checkpoints' / 'last.ckpt'}")
+    if steps_scale != 1.0:
+        from omegaconf import OmegaConf
 
-            cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{config}.yaml")
-            steps = int(OmegaConf.select(cfg, "lightning.trainer.max_steps"))
-            overrides.append(f"lightning.trainer.max_steps={max(2, int(steps * steps_scale))}")
-        t0 = time.perf_counter()
-        run([sys.executable, "main.py", "--base", f"configs/latent-diffusion/{config}.yaml", "-t", "-n", name,
-             "-l", str(logdir), *overrides], out / "train_logs" / f"{name}.log")
-        run_dir = newest_run(logdir, name)
-        if target.exists() or target.is_symlink():
-            target.unlink() if target.is_symlink() else shutil.rmtree(target)
-        target.symlink_to(run_dir.resolve(), target_is_directory=True)
-        trained[name] = target
-        print(f"[demo] {name}: trained in {time.perf_counter() - t0:.0f} s -> {run_dir}")
-    return trained
+        cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{config}.yaml")
+        steps = int(OmegaConf.select(cfg, "lightning.trainer.max_steps"))
+        overrides.append(f"lightning.trainer.max_steps={max(2, int(steps * steps_scale))}")
+    t0 = time.perf_counter()
+    run([sys.executable, "main.py", "--base", f"configs/latent-diffusion/{config}.yaml", "-t", "-n", name,
+         "-l", str(logdir), *overrides], out / "train_logs" / f"{name}.log", threads)
+    run_dir = newest_run(logdir, name)
+    target = models / name
+    if target.is_symlink() or target.exists():
+        target.unlink() if target.is_symlink() else shutil.rmtree(target)
+    target.symlink_to(run_dir.resolve(), target_is_directory=True)
+    print(f"[demo] {name}: trained in {time.perf_counter() - t0:.0f} s -> {run_dir}", flush=True)
+    return target
+
+
+def train_models(out: Path, dataset: Path, steps_scale: float, jobs: int) -> dict[str, Path]:
+    """Train every demo model, ``jobs`` at a time as their dependencies allow (one thread each when parallel);
+    models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    models = out / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    done = {n: models / n for n in TRAINING if (models / n / "checkpoints" / "last.ckpt").is_file()}
+    for name in done:
+        print(f"[demo] {name}: already trained ({done[name]})")
+
+    def ready(name: str) -> bool:
+        needs = ["demo_autoencoder" if n == "first_stage" else n.split(":", 1)[1] for n in TRAINING[name][1]]
+        return all(n in done for n in needs)
+
+    pending = [n for n in TRAINING if n not in done]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict = {}
+        while pending or running:
+            for name in [n for n in pending if ready(n)][: jobs - len(running)]:
+                pending.remove(name)
+                parallel = jobs > 1 and (len(running) > 0 or sum(ready(n) for n in pending) > 0)
+                running[pool.submit(train_one, name, out, dataset, steps_scale, 1 if parallel else None)] = name
+            if not running:
+                raise RuntimeError(f"cannot train {pending}: their dependencies failed")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = future.result()
+    return done
 
 
 def main(argv=None) -> int:
@@ -96,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale every training run's max_steps (quick checks)")
     p.add_argument("--sampling-steps", type=int, default=None, help="override the demo's DDIM steps")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run at once (one thread each when > 1)")
     args = p.parse_args(argv)
     out = args.out.resolve()
     dataset = out / "dataset"
@@ -109,7 +138,7 @@ def main(argv=None) -> int:
     print(f"[demo] dataset ready: {dataset}")
 
     # 2. training
-    models = train_models(out, dataset, args.steps_scale)
+    models = train_models(out, dataset, args.steps_scale, args.jobs)
 
     # 3. inference on the held-out cases
     from gem3d.inference.engine import InferenceConfig, run_inference
@@ -159,4 +188,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except RuntimeError as err:
+        print(f"[demo] failed: {err}", file=sys.stderr)
+        raise SystemExit(1)
