@@ -25,19 +25,7 @@ from gem3d.convert.native import (
 from gem3d.inference.model_dir import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-UNPICKLE_CALLS: list[str] = []
-
-
-def _record_unpickle(tag: str) -> str:
-    UNPICKLE_CALLS.append(tag)
-    return tag
-
-
-class ArbitraryPayload:
-    """An object whose unpickling runs a function: what a malicious checkpoint would carry."""
-
-    def __reduce__(self):
-        return (_record_unpickle, ("ran",))
+from tests._payload import UNPICKLE_CALLS, ArbitraryPayload  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +181,7 @@ def test_cli_refuses_non_allowlisted_objects_unless_trusted(cli, raw_only_folder
     UNPICKLE_CALLS.clear()
     assert cli.main([str(src), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
-    assert "--trust-checkpoint" in err and "_record_unpickle" in err
+    assert "--trust-checkpoint" in err and "record_unpickle" in err
     assert UNPICKLE_CALLS == [] and not (tmp_path / "dst").exists()
     with pytest.warns(UserWarning, match="trust=True"):
         assert cli.main([str(src), str(tmp_path / "dst"), "--trust-checkpoint"]) == 0
@@ -284,7 +272,7 @@ def test_kl_f8_checkpoint_with_arbitrary_object_needs_trust(autoencoder_folder, 
     UNPICKLE_CALLS.clear()
     with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint") as info:
         load_model_dir(folder)
-    assert "_record_unpickle" in str(info.value) and UNPICKLE_CALLS == []
+    assert "record_unpickle" in str(info.value) and UNPICKLE_CALLS == []
     with pytest.warns(UserWarning, match="trust=True"):
         model = load_model_dir(folder, trust=True).model
     assert UNPICKLE_CALLS == ["ran"]

@@ -19,19 +19,7 @@ from gem3d.convert.original import (
     safe_load_checkpoint,
 )
 
-UNPICKLE_CALLS: list[str] = []
-
-
-def _record_unpickle(tag: str) -> str:
-    UNPICKLE_CALLS.append(tag)
-    return tag
-
-
-class ArbitraryPayload:
-    """An object whose unpickling runs a function: what a malicious checkpoint would carry."""
-
-    def __reduce__(self):
-        return (_record_unpickle, ("ran",))
+from tests._payload import UNPICKLE_CALLS, ArbitraryPayload, record_unpickle  # noqa: E402
 
 
 def model_dirs(root: Path) -> list[Path]:
@@ -208,7 +196,7 @@ def test_refuses_arbitrary_pickled_objects_unless_trusted(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "payload": ArbitraryPayload()}, path)
     UNPICKLE_CALLS.clear()
-    offending = f"{_record_unpickle.__module__}._record_unpickle"
+    offending = f"{record_unpickle.__module__}.record_unpickle"
     with pytest.raises(UnsafeCheckpointError) as info:
         safe_load_checkpoint(path)
     message = str(info.value)

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from gem3d.data.preprocess import largest_component
+
 DEMO_NAME = "Dataset900_GEM3DDemo"
 CASE_PREFIX = "GEM3DDemo"
 DEMO_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
@@ -102,17 +104,8 @@ def warp_template(rng: np.random.Generator, t1: np.ndarray, brain: np.ndarray, t
     image = ndimage.map_coordinates(t1, coords, order=1, mode="constant", cval=0.0)
     mask = ndimage.map_coordinates(brain.astype(np.float32), coords, order=1, mode="constant", cval=0.0) > 0.5
     mask = ndimage.binary_fill_holes(mask)
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     return image.astype(np.float32) * mask, mask
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labelled, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labelled.ravel())
-    sizes[0] = 0
-    return labelled == int(np.argmax(sizes))
 
 
 def place_tumours(rng: np.random.Generator, brain: np.ndarray, count: int) -> tuple[np.ndarray, list[dict]]:

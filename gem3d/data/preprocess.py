@@ -73,7 +73,8 @@ class PreprocessConfig:
 
 
 # ----- body region ---------------------------------------------------------------------------------------------
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a boolean mask (the mask itself when it has at most one)."""
     labelled, n = ndimage.label(mask)
     if n <= 1:
         return mask
@@ -101,7 +102,7 @@ def compute_body_mask(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     else:
         mask = image > cfg.body_threshold
         if cfg.body_largest_component:
-            mask = _largest_component(mask)
+            mask = largest_component(mask)
     if cfg.body_fill_holes and mask.any():
         mask = _fill_holes_per_slice(mask)
     return mask.astype(bool)
