@@ -164,6 +164,8 @@ def main(argv=None) -> int:
         "the same run. Random tiny models: these figures describe cost, not sample quality.",
         "",
         f"Device: `{args.device}` ({machine}); {'quick' if args.quick else 'full'} run, {time.strftime('%Y-%m-%d')}.",
+        "GPU figures: `python bench/run_all.py --device cuda` on a GPU machine (none measured yet)."
+        if not args.device.startswith("cuda") else "",
         "",
         "| what | variant | time | ratio |",
         "|---|---|---|---|",
