@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +17,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
+
+from gem3d.export.nifti import atomic_path, atomic_write_json
 
 from .geometry import Geometry
 from .nnunet import open_dataset
@@ -45,16 +46,8 @@ def _fingerprint(paths: list[Path | None]) -> list[list]:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(arr))
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, np.ascontiguousarray(arr))
 
 
 class VolumeCache:
@@ -140,7 +133,7 @@ class VolumeCache:
             "shape": list(prepared.image.shape),
             "has_label": prepared.label is not None,
         }
-        _atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
         self.prepared_count += 1
         self._loaded.pop(name, None)
         return meta
@@ -216,7 +209,7 @@ def write_splits(path: str | Path, splits: dict[str, list[str]], **info: Any) ->
     payload.update(info)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, payload)
+    atomic_write_json(path, payload)
 
 
 def read_splits(path: str | Path, fold: int = 0) -> dict[str, list[str]]:
