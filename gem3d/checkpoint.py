@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "TRUST_HINT", "checkpoint_allowlist", "safe_load_checkpoint"]
+__all__ = ["UnsafeCheckpointError", "TRUST_HINT", "checkpoint_allowlist", "safe_load_checkpoint", "with_prefix"]
 
 TRUST_HINT = (
     "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
@@ -173,3 +173,8 @@ def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: st
         ) from error
 
 
+
+
+def with_prefix(state_dict, prefix: str) -> dict:
+    """The entries of ``state_dict`` whose names start with ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

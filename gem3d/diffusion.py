@@ -33,6 +33,7 @@ from einops import rearrange, repeat
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
+from gem3d.checkpoint import with_prefix
 from gem3d.config import check_existing_path, instantiate_from_config, is_placeholder, to_plain
 from gem3d.ema import EMA
 
@@ -119,10 +120,6 @@ def load_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path", trust:
     return safe_load_checkpoint(resolve_checkpoint(path, key), trust=trust)
 
 
-def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def unet_state_dict_from_checkpoint(ckpt: Mapping, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The UNet weights of a gem3d ``Gem3dLDM`` checkpoint (``unet.*`` or, with ``use_ema``, the EMA shadow) or of
     an original GEM-3D / latent-diffusion one (``model.diffusion_model.*``)."""
@@ -131,12 +128,12 @@ def unet_state_dict_from_checkpoint(ckpt: Mapping, use_ema: bool = False) -> dic
         ema = {k: v for k, v in state_dict.items() if k.startswith("ema.") and k != "ema.num_updates"}
         if not ema:
             raise KeyError("use_ema=True but the checkpoint holds no EMA weights ('ema.*')")
-        raw = _strip(state_dict, "unet.")
+        raw = with_prefix(state_dict, "unet.")
         from gem3d.ema import shadow_key
 
         return {name: ema.get("ema." + shadow_key(name), value) for name, value in raw.items()}
     for prefix in ("unet.", "model.diffusion_model."):
-        found = _strip(state_dict, prefix)
+        found = with_prefix(state_dict, prefix)
         if found:
             return found
     raise KeyError(f"no UNet weights ('unet.*' or 'model.diffusion_model.*') among {len(state_dict)} keys, e.g. {list(state_dict)[:5]}")
@@ -673,7 +670,7 @@ def load_first_stage_from_run(ckpt_path: str, scale_factor: float | None = None,
         raise KeyError(f"{ckpt_path!r} is not an AutoencoderModule checkpoint (no hyper_parameters.first_stage_config)")
     first_stage = instantiate_from_config(hparams["first_stage_config"])
     state_dict = ckpt["state_dict"]
-    first_stage.load_state_dict(_strip(state_dict, "first_stage."), strict=True)
+    first_stage.load_state_dict(with_prefix(state_dict, "first_stage."), strict=True)
     if scale_factor is None:
         sf = hparams.get("scale_factor", "auto")
         scale_factor = float(1.0 / float(state_dict["latent_std"])) if sf == "auto" else float(sf)

@@ -28,7 +28,13 @@ from typing import Any, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from gem3d.checkpoint import TRUST_HINT, UnsafeCheckpointError, checkpoint_allowlist, safe_load_checkpoint  # noqa: F401
+from gem3d.checkpoint import (  # noqa: F401  (re-exported: the public names of this module)
+    TRUST_HINT,
+    UnsafeCheckpointError,
+    checkpoint_allowlist,
+    safe_load_checkpoint,
+    with_prefix,
+)
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -145,10 +151,6 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 @dataclass
 class OriginalModel:
     """Everything gem3d needs from an original GEM-3D model folder (see :func:`read_original_model_dir`)."""
@@ -224,7 +226,7 @@ def read_original_model_dir(
     state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{ckpt_path}: expected a dict with a 'state_dict', got {type(loaded).__name__}")
-    raw_unet = _strip(state_dict, UNET_PREFIX)
+    raw_unet = with_prefix(state_dict, UNET_PREFIX)
     if not raw_unet:
         raise KeyError(f"{ckpt_path}: no '{UNET_PREFIX}*' weights in the state dict (keys like {list(state_dict)[:4]})")
 
@@ -251,7 +253,7 @@ def read_original_model_dir(
         unet_state_dict = raw_unet
 
     first_cfg = params["first_stage_config"].get("params") or {}
-    first_sd = _strip(state_dict, FIRST_STAGE_PREFIX)
+    first_sd = with_prefix(state_dict, FIRST_STAGE_PREFIX)
     first_ckpt = first_cfg.get("ckpt_path")
     if not first_sd and not first_ckpt:
         warnings.warn(f"{ckpt_path}: no first-stage weights in the checkpoint and no first_stage_config ckpt_path")
