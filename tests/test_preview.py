@@ -73,3 +73,19 @@ def test_preview_validates_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
         save_preview(tmp_path / "x.jpg", [("v", image)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_contours_only_on_the_named_rows(tmp_path):
+    """contours=[title] outlines the mask on that row only (the engine uses it for edited masks)."""
+    image, label = phantom()
+    volumes = [("real", image), ("synthetic", image)]
+
+    def render(name, contours):
+        path = save_preview(tmp_path / name, volumes, mask=label, panel_size=PANEL, contours=contours)
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    none, both, only = render("n.png", False), render("b.png", True), render("o.png", ["synthetic"])
+    for column in range(3):
+        assert np.array_equal(panel(only, 0, column), panel(none, 0, column))  # the real row: no outline
+        assert np.array_equal(panel(only, 1, column), panel(both, 1, column))  # the synthetic row: outlined
+    assert not np.array_equal(panel(both, 1, 0), panel(none, 1, 0))

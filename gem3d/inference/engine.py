@@ -346,12 +346,15 @@ class Enhancer:
                 save_nifti(geometry.to_source(np.asarray(case.image, np.float32)), geometry, gt)
             paths["gt"] = gt
         if "preview" in paths:
+            title = f"{self.cfg.setting} s{k}"
             save_preview(
                 paths["preview"],
-                [("real", np.asarray(case.image)), (f"{self.cfg.setting} s{k}", geometry.to_canonical(image_source))],
+                [("real", np.asarray(case.image)), (title, geometry.to_canonical(image_source))],
                 mask=label if self.setting.mask != "none" else None,
                 spacing=geometry.spacing,
                 max_label=self.preprocess.max_label,
+                # an edited mask is not the real image's: outline it on the synthetic volume only
+                contours=[title] if self.setting.mask == "edited" else True,
             )
         informed_record = {k_: v for k_, v in informed.items() if k_ != "image"}
         return make_record(
