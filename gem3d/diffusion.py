@@ -33,7 +33,7 @@ from einops import rearrange, repeat
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
-from gem3d.checkpoint import with_prefix
+from gem3d.checkpoint import safe_load_checkpoint, with_prefix
 from gem3d.config import check_existing_path, instantiate_from_config, is_placeholder, to_plain
 from gem3d.ema import EMA
 
@@ -115,8 +115,6 @@ def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
 def load_checkpoint_file(path: str | os.PathLike, key: str = "ckpt_path", trust: bool = False) -> dict:
     """A (resolved) checkpoint on the CPU through :func:`gem3d.checkpoint.safe_load_checkpoint`
     (``weights_only=True`` with gem3d's allowlist; ``trust=True`` unpickles fully, only for files you trust)."""
-    from gem3d.checkpoint import safe_load_checkpoint
-
     return safe_load_checkpoint(resolve_checkpoint(path, key), trust=trust)
 
 
@@ -244,7 +242,7 @@ class Gem3dLDM(L.LightningModule):
                     f"main.py --resume to continue a run)"
                 )
             resolved = resolve_checkpoint(ckpt_path, key="model.params.ckpt_path")
-            ckpt = torch.load(resolved, map_location="cpu", weights_only=True)
+            ckpt = safe_load_checkpoint(resolved)
             self.unet.load_slice_weights(unet_state_dict_from_checkpoint(ckpt, use_ema=ckpt_use_ema))
             weights = "EMA" if ckpt_use_ema else "raw"
             rank_zero_info(f"Loaded the stage-1 UNet weights ({weights}) of {resolved} into the {variant} UNet")
@@ -252,9 +250,7 @@ class Gem3dLDM(L.LightningModule):
             rank_zero_warn(f"variant={variant!r} without ckpt_path: the 2D UNet weights start from scratch")
 
         if self.spec.train_only_volumetric:
-            volumetric = {id(p) for p in self.unet.volumetric_parameters()}
-            for param in self.unet.parameters():
-                param.requires_grad_(id(param) in volumetric)
+            self.unet.freeze_non_volumetric()
 
         from gem3d.sampling.schedule import make_train_scheduler
 
@@ -707,7 +703,7 @@ def load_ldm_from_run(
         hparams["first_stage_config"] = to_plain(first_stage_config)
     elif "first_stage_architecture" in ckpt:
         hparams["first_stage_config"] = ckpt["first_stage_architecture"]
-    with _quiet_volume_warning():
+    with quiet_missing_stage1_warning():
         model = Gem3dLDM(**hparams)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     if "first_stage_scale_factor" in ckpt:
@@ -722,7 +718,8 @@ def load_ldm_from_run(
 
 
 @contextmanager
-def _quiet_volume_warning():
+def quiet_missing_stage1_warning():
+    """Silence the "without ckpt_path" warning while rebuilding a model whose checkpoint holds every weight."""
     import warnings
 
     with warnings.catch_warnings():

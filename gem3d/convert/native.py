@@ -18,9 +18,7 @@ latent-diffusion's ``kl-f8/model.ckpt`` at ``first_stage_config.params.ckpt_path
 """
 from __future__ import annotations
 
-import inspect
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from omegaconf import OmegaConf
 
 UNET_TARGET = "gem3d.models.unet.UNetModel"
 LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
-DIFFUSERS_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_diffusers_config"
 MODEL_TARGET = "gem3d.diffusion.Gem3dLDM"
 
 
@@ -91,24 +88,10 @@ def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path
     )
 
 
-def load_first_stage_checkpoint(first_stage, path: Path, trust: bool = False):
-    """Load latent-diffusion autoencoder weights (``kl-f8/model.ckpt``: ``encoder.*``, ``decoder.*``,
-    ``quant_conv.*``, ``post_quant_conv.*``; ``loss.*`` ignored) with the safe loader (``trust`` opt-in)."""
-    from gem3d.convert import ldm_vae
-    from gem3d.convert.original import safe_load_checkpoint
-
-    state_dict = ldm_vae.state_dict_of(safe_load_checkpoint(path, trust=trust))
-    layout, prefix = ldm_vae.detect_layout(state_dict, None)
-    if layout == "ldm":
-        return first_stage.load_ldm_state_dict(state_dict, prefix)
-    return first_stage.load_diffusers_state_dict(state_dict, prefix)
-
-
 def _build(kwargs: dict):
-    from gem3d.diffusion import Gem3dLDM
+    from gem3d.diffusion import Gem3dLDM, quiet_missing_stage1_warning
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*without ckpt_path.*")
+    with quiet_missing_stage1_warning():
         return Gem3dLDM(**kwargs)
 
 
@@ -131,7 +114,7 @@ def load_original_model(path: str | Path, ema: bool | None = None, trust: bool =
         model.first_stage.load_ldm_state_dict(orig.first_stage_state_dict)
     elif orig.first_stage_ckpt_path:
         ckpt = resolve_first_stage_ckpt(orig.first_stage_ckpt_path, Path(path), orig.config_path)
-        load_first_stage_checkpoint(model.first_stage, ckpt, trust=trust)
+        model.first_stage.load_checkpoint(ckpt, trust=trust)
     else:
         raise FileNotFoundError(
             f"{path}: the checkpoint holds no first-stage weights and {orig.config_path.name} names no "
@@ -147,24 +130,13 @@ def load_original_model(path: str | Path, ema: bool | None = None, trust: bool =
 
 
 # ---------------------------------------------------------------------------------------------- converted dirs
-def first_stage_architecture(first_stage) -> dict:
-    """An architecture-only ``first_stage_config`` for a loaded :class:`FirstStage` (diffusers kwargs)."""
-    from diffusers import AutoencoderKL
-
-    allowed = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(first_stage.vae.config).items() if k in allowed}
-    arch.pop("scaling_factor", None)
-    return {
-        "target": DIFFUSERS_FIRST_STAGE_TARGET,
-        "params": {**arch, "scale_factor": float(first_stage.scale_factor), "chunk_size": int(first_stage.chunk_size)},
-    }
-
-
 def model_kwargs(model) -> dict[str, Any]:
     """The constructor kwargs of a loaded ``Gem3dLDM``, with an architecture-only first stage and no
     checkpoint paths, so the model can be rebuilt from a converted dir alone."""
     kwargs = {k: v for k, v in dict(model.hparams).items()}
     kwargs = OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True)
+    from gem3d.diffusion import first_stage_architecture
+
     kwargs["first_stage_config"] = first_stage_architecture(model.first_stage)
     kwargs["ckpt_path"] = None
     kwargs["use_ema"] = False
