@@ -28,7 +28,16 @@ from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gem3d.checkpoint import resolve_checkpoint  # noqa: E402
+from gem3d.config import check_existing_path, instantiate_from_config  # noqa: E402
+from gem3d.denoiser import VARIANTS  # noqa: E402
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
@@ -119,8 +128,6 @@ def validate_config(config: DictConfig) -> None:
 
 def check_paths(config: DictConfig) -> None:
     """Fail at start-up on placeholder or missing paths, naming the key and the value."""
-    from gem3d.config import check_existing_path
-    from gem3d.diffusion import resolve_checkpoint
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, DictConfig):
@@ -143,7 +150,6 @@ def check_paths(config: DictConfig) -> None:
 
 def check_variant_data(config: DictConfig) -> None:
     """The position variant reads slices, every other variant clips."""
-    from gem3d.diffusion import VARIANTS
 
     variant = (config.model.get("params") or {}).get("variant")
     kind = (config.data.get("params") or {}).get("kind", "clip")
@@ -186,7 +192,6 @@ def make_run_dir(opt: argparse.Namespace, now: str) -> Path:
 
 
 def _callbacks():
-    import lightning as L
 
     class SignalCheckpoint(L.Callback):
         """Saves ``last.ckpt`` on SIGUSR1 (then goes on) and on SIGTERM (then Lightning stops cleanly), and at the
@@ -229,8 +234,7 @@ def _callbacks():
                 self.usr1 = False
 
         def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-            from lightning.pytorch.utilities.exceptions import SIGTERMException
-
+        
             # SIGTERM arriving after this callback's batch-end check: Lightning stops at the end of that batch
             if isinstance(exception, SIGTERMException) and trainer.global_step != self._last_saved_step:
                 self.save(trainer, "SIGTERM")
@@ -266,7 +270,6 @@ def resolve_strategy(strategy: Any) -> Any:
     """``"ddp"`` -> ``DDPStrategy(broadcast_buffers=False)``: the EMA shadow and the frozen first stage are buffers
     that are identical on every rank, so DDP need not re-broadcast them (a UNet-sized copy) every step."""
     if strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(broadcast_buffers=False)
     return strategy
@@ -298,12 +301,6 @@ def run(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     opt, overrides = parser.parse_known_args(_normalise_train_flag(argv))
 
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from gem3d.config import instantiate_from_config
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen first stage
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

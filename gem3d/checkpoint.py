@@ -8,22 +8,37 @@ Lightning checkpoints can hold pickled Python objects next to the weights. gem3d
 
 from __future__ import annotations
 
+import glob
+import os
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
-__all__ = ["UnsafeCheckpointError", "TRUST_HINT", "checkpoint_allowlist", "safe_load_checkpoint", "with_prefix"]
+from gem3d.config import check_existing_path, is_placeholder
+from gem3d.ema import shadow_key
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "TRUST_HINT",
+    "checkpoint_allowlist",
+    "safe_load_checkpoint",
+    "resolve_checkpoint",
+    "load_checkpoint",
+    "state_dict_of",
+    "unet_state_dict",
+    "with_prefix",
+]
 
 TRUST_HINT = (
     "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
     "fully and can run arbitrary code."
 )
-
-
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -173,8 +188,62 @@ def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: st
         ) from error
 
 
-
-
 def with_prefix(state_dict, prefix: str) -> dict:
     """The entries of ``state_dict`` whose names start with ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def resolve_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> Path:
+    """A checkpoint file from a file, a run folder (``<run>/checkpoints/last.ckpt``) or a glob (newest match,
+    e.g. ``logs/*_demo_stage1``); placeholders and missing paths fail naming ``key`` and the value."""
+    value = str(path)
+    if is_placeholder(value):
+        check_existing_path(key, value)  # raises with the placeholder message
+    if any(ch in value for ch in "*?["):
+        matches = sorted(glob.glob(os.path.expanduser(value)))
+        if not matches:
+            raise FileNotFoundError(f"{key}={value!r}: no file or folder matches this pattern")
+        value = matches[-1]
+    candidate = Path(value).expanduser()
+    if candidate.is_dir():
+        candidate = candidate / "checkpoints" / "last.ckpt"
+        if not candidate.is_file():
+            raise FileNotFoundError(f"{key}={str(path)!r}: folder has no checkpoints/last.ckpt")
+        return candidate
+    return check_existing_path(key, str(candidate))
+
+
+def load_checkpoint(path: str | os.PathLike, key: str = "ckpt_path", trust: bool = False) -> Mapping:
+    """Any checkpoint gem3d reads, on the CPU: ``path`` as :func:`resolve_checkpoint` takes it; ``.safetensors``
+    files through safetensors, everything else through :func:`safe_load_checkpoint` (``trust``: see there)."""
+    resolved = resolve_checkpoint(path, key)
+    if resolved.suffix == ".safetensors":
+        return load_file(str(resolved), device="cpu")
+    return safe_load_checkpoint(resolved, trust=trust)
+
+
+def state_dict_of(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint (Lightning ``state_dict`` or a bare state dict)."""
+    sd = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint holds no tensors (keys: {sorted(checkpoint)[:10]})")
+    return sd
+
+
+def unet_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The UNet weights of a gem3d checkpoint (``unet.*``, or with ``use_ema`` the EMA shadow ``ema.*`` over them)
+    or of an original GEM-3D / latent-diffusion one (``model.diffusion_model.*``)."""
+    state_dict = state_dict_of(checkpoint)
+    if use_ema:
+        ema = {k: v for k, v in state_dict.items() if k.startswith("ema.") and k != "ema.num_updates"}
+        if not ema:
+            raise KeyError("use_ema=True but the checkpoint holds no EMA weights ('ema.*')")
+        raw = with_prefix(state_dict, "unet.")
+        return {name: ema.get("ema." + shadow_key(name), value) for name, value in raw.items()}
+    for prefix in ("unet.", "model.diffusion_model."):
+        found = with_prefix(state_dict, prefix)
+        if found:
+            return found
+    raise KeyError(
+        f"no UNet weights ('unet.*' or 'model.diffusion_model.*') among {len(state_dict)} keys, e.g. {list(state_dict)[:5]}"
+    )

@@ -2,7 +2,7 @@
 
 ``build_model_dir(folder, variant)`` writes a folder laid out like a ``main.py`` training run
 (``checkpoints/last.ckpt`` with ``state_dict`` + ``hyper_parameters``, ``configs/tiny-project.yaml`` with
-``data.params.preprocess``), holding a :class:`gem3d.diffusion.Gem3dLDM` with a tiny UNet and a tiny f=2 first stage
+``data.params.preprocess``), holding a :class:`gem3d.training.ldm.Gem3dLDM` with a tiny UNet and a tiny f=2 first stage
 (f=4: 32x32 slices -> 4x8x8 latents). Weights are seeded random values, so the zero-initialised output layers predict
 something and the outputs depend on the seed, the mask and the informed slice.
 
@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import yaml
+
+from gem3d.training.ldm import Gem3dLDM
 
 PREPROCESS = {"size": 32, "max_label": 3, "intensity": "minmax", "body": "nonzero", "slice_axis": 2}
 FIRST_STAGE = {
@@ -51,8 +53,6 @@ def randomise_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 
 def build_model(variant: str, seed: int = 0):
-    from gem3d.diffusion import Gem3dLDM
-
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # "volume stage without ckpt_path": intended, the weights are random anyway
         warnings.simplefilter("ignore", UserWarning)
@@ -71,7 +71,7 @@ def build_model_dir(folder: str | Path, variant: str, seed: int = 0, preprocess:
     ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0, "global_step": 0}
     torch.save(ckpt, folder / "checkpoints" / "last.ckpt")
     project = {
-        "model": {"target": "gem3d.diffusion.Gem3dLDM", "params": dict(model.hparams)},
+        "model": {"target": "gem3d.training.ldm.Gem3dLDM", "params": dict(model.hparams)},
         "data": {"target": "gem3d.data.module.Gem3dDataModule",
                  "params": {"dataset_dir": "unused", "preprocess": dict(preprocess or PREPROCESS)}},
     }

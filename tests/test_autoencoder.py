@@ -1,4 +1,4 @@
-"""Tests for gem3d.models.autoencoder.FirstStage and gem3d.convert.ldm_vae."""
+"""Tests for gem3d.models.autoencoder.FirstStage and gem3d.models.ldm_vae."""
 
 import os
 import pickle
@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gem3d.convert import ldm_vae
+from gem3d.models import ldm_vae
 from gem3d.models.autoencoder import KL_F8_CONFIG, FirstStage
 
 TINY_DDCONFIG = dict(

@@ -21,7 +21,8 @@ import main as main_module  # noqa: E402
 from gem3d.config import get_obj_from_str, is_placeholder, to_plain  # noqa: E402
 from gem3d.data.module import Gem3dDataModule  # noqa: E402
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
-from gem3d.diffusion import VARIANTS, Gem3dLDM  # noqa: E402
+from gem3d.denoiser import VARIANTS  # noqa: E402
+from gem3d.training import Gem3dLDM  # noqa: E402
 from gem3d.models.unet import UNetModel  # noqa: E402
 
 CONFIG_DIR = ROOT / "configs" / "latent-diffusion"
@@ -149,9 +150,9 @@ def test_demo_configs_use_the_demo_dataset_and_autoencoder():
             continue
         config = load(name)
         assert config.data.params.dataset_dir == "demo_out/dataset" and config.data.params.preprocess.size == 64
-        assert config.model.params.first_stage_config.target == "gem3d.diffusion.load_first_stage_from_run"
+        assert config.model.params.first_stage_config.target == "gem3d.models.autoencoder.FirstStage.from_run"
         if VARIANTS[config.model.params.variant].volumetric:
             assert "demo_" in config.model.params.ckpt_path and not is_placeholder(config.model.params.ckpt_path)
     ae = load("demo_autoencoder")
-    assert ae.model.target == "gem3d.diffusion.AutoencoderModule"
+    assert ae.model.target == "gem3d.training.autoencoder.AutoencoderModule"
     assert len(ae.model.params.first_stage_config.params.block_out_channels) == 3  # f = 4

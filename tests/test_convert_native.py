@@ -1,4 +1,4 @@
-"""gem3d.convert.native and scripts/convert_gem3d_checkpoint.py: converted model dirs, the command line, and
+"""gem3d.convert and scripts/convert_gem3d_checkpoint.py: converted model dirs, the command line, and
 latent-diffusion kl-f8 style first-stage checkpoints (``first_stage_config.params.ckpt_path``)."""
 
 from __future__ import annotations
@@ -14,15 +14,9 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from gem3d.convert.native import (
-    KL_F8_DEFAULT,
-    convert_model_dir,
-    load_converted_model,
-    read_preprocess,
-    resolve_first_stage_ckpt,
-    source_kind,
-)
-from gem3d.inference.model_dir import load_model_dir
+from gem3d.convert import convert_model_dir
+from gem3d.model_dirs import detect_layout, load_model_dir, read_preprocess
+from gem3d.model_dirs.original import KL_F8_DEFAULT, resolve_first_stage_ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 from tests._payload import UNPICKLE_CALLS, ArbitraryPayload  # noqa: E402
@@ -98,20 +92,20 @@ def test_cli_converts_and_the_result_loads_natively(cli, ema_folder, tmp_path, c
     assert cli.main([str(ema_folder), str(dst), "--preprocess-from", str(ROOT / "configs" / "inference" / "brain.yaml")]) == 0
     assert "raw weights" in capsys.readouterr().out
     config = OmegaConf.to_container(OmegaConf.load(dst / "configs" / "model.yaml"))
-    assert config["model"]["target"] == "gem3d.diffusion.Gem3dLDM"
+    assert config["model"]["target"] == "gem3d.denoiser.Denoiser"
     assert config["source"]["kind"] == "original" and config["source"]["ema"] is False
     brain = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "inference" / "brain.yaml"))
     assert config["data"]["params"]["preprocess"] == brain["preprocess"]
     # nothing in the config refers to a file: the weights file holds every tensor
     assert "ckpt_path" not in config["model"]["params"]["first_stage_config"]["params"]
-    assert config["model"]["params"]["ckpt_path"] is None
+    assert "ckpt_path" not in config["model"]["params"]
     raw_unet = {k[len("model.diffusion_model."):]: v for k, v in _state(ema_folder).items() if k.startswith("model.diffusion_model.")}
     weights = load_file(str(dst / "weights.safetensors"))
     for key, value in raw_unet.items():
         assert torch.equal(weights["unet." + key], value), key
-    model, preprocess, used_ema = load_converted_model(dst)
-    assert preprocess == brain["preprocess"] and used_ema is False
-    assert source_kind(dst) == "converted"
+    loaded = load_model_dir(dst)
+    assert loaded.preprocess == brain["preprocess"] and loaded.ema is False and loaded.kind == "converted"
+    assert detect_layout(dst) == "converted"
 
 
 def test_cli_ema_stores_the_ema_weights(cli, ema_folder, tmp_path, capsys):
@@ -298,4 +292,4 @@ def test_converted_config_rebuilds_the_original_first_stage(autoencoder_folder, 
     # the original conditions on the unscaled posterior mode: gem3d's conditioning latents are divided back
     assert params["condition_latent_factor"] == pytest.approx(1.0 / scale)
     with pytest.raises(ValueError, match="converted with raw weights"):
-        load_converted_model(dst, ema=True)
+        load_model_dir(dst, ema=True)

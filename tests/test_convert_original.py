@@ -1,4 +1,4 @@
-"""gem3d.convert.original: reading original GEM-3D model folders, EMA mapping, safe checkpoint loading."""
+"""gem3d.model_dirs.original: reading original GEM-3D model folders, EMA mapping, safe checkpoint loading."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from gem3d.convert.original import (
-    UnsafeCheckpointError,
-    ema_key,
-    is_original_model_dir,
-    read_original_model_dir,
-    safe_load_checkpoint,
-)
+from gem3d.checkpoint import UnsafeCheckpointError, safe_load_checkpoint
+from gem3d.model_dirs.original import ema_key, is_original_model_dir, read_original_model_dir
 
 from tests._payload import UNPICKLE_CALLS, ArbitraryPayload, record_unpickle  # noqa: E402
 
@@ -157,7 +152,7 @@ def test_gem3d_run_is_not_an_original_folder(tmp_path, original_fixtures):
     config_path = next((tmp_path / "run" / "configs").glob("*-project.yaml"))
     assert is_original_model_dir(tmp_path / "run")
     config = yaml.safe_load(config_path.read_text())
-    config["model"]["target"] = "gem3d.diffusion.Gem3dLDM"
+    config["model"]["target"] = "gem3d.training.ldm.Gem3dLDM"
     config_path.write_text(yaml.safe_dump(config))
     assert not is_original_model_dir(tmp_path / "run")
 

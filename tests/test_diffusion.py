@@ -7,15 +7,11 @@ import copy
 import pytest
 import torch
 
-from gem3d.diffusion import (
-    VARIANTS,
-    AutoencoderModule,
-    Gem3dLDM,
-    learning_rate_message,
-    load_first_stage_from_run,
-    load_ldm_from_run,
-    scaled_learning_rate,
-)
+from gem3d.denoiser import VARIANTS
+from gem3d.model_dirs import load_model_dir
+from gem3d.models.autoencoder import FirstStage
+from gem3d.training import AutoencoderModule, Gem3dLDM
+from gem3d.training.common import learning_rate_message, scaled_learning_rate
 from gem3d.ema import EMA
 from gem3d.models.conditioning import position_embedding
 
@@ -158,7 +154,7 @@ def test_position_variant_context_and_loss():
     torch.testing.assert_close(cond["context"], position_embedding(batch["pos"], 16))
     t = torch.full((3,), 500)
     with torch.no_grad():
-        other = model.eps(z, t, model.condition(pos=torch.tensor([0.3, 0.9, 0.1]), num_frames=1))
+        other = model.eps(z, t, model.condition(pos=torch.tensor([0.3, 0.9, 0.1])))
         same = model.eps(z, t, cond)
     assert not torch.allclose(other, same)  # the position matters
     assert torch.isfinite(model.loss(batch))
@@ -287,9 +283,10 @@ def test_load_ldm_from_run_raw_and_ema(tmp_path):
     run.mkdir(parents=True)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "first_stage_scale_factor": 0.5}, run / "last.ckpt")
-    raw = load_ldm_from_run(tmp_path / "run", use_ema=False)
-    ema = load_ldm_from_run(str(run / "last.ckpt"))  # default: sample_with_ema
-    assert not raw.training and raw.first_stage.scale_factor == 0.5 and ema.loaded_with_ema
+    raw = load_model_dir(tmp_path / "run", ema=False).model
+    loaded_ema = load_model_dir(str(run / "last.ckpt"))  # default: sample_with_ema
+    ema = loaded_ema.model
+    assert not raw.training and raw.first_stage.scale_factor == 0.5 and loaded_ema.ema
     x, t = torch.randn(1, 2, 4, 8, 8), torch.tensor([10])
     cond = model.condition(torch.randn(1, 2, 4, 8, 8), torch.randn(1, 4, 8, 8))
     with torch.no_grad():
@@ -340,12 +337,12 @@ def test_autoencoder_module_loss_and_reload(tmp_path):
     ckpt = tmp_path / "ae" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
-    loaded = load_first_stage_from_run(str(tmp_path / "a*"))  # glob -> newest run folder
+    loaded = FirstStage.from_run(str(tmp_path / "a*"))  # glob -> newest run folder
     assert loaded.scale_factor == pytest.approx(4.0) and loaded.frozen
     with torch.no_grad():
         expected = module.first_stage.encode(batch["image"]) / module.first_stage.scale_factor * 4.0
         torch.testing.assert_close(loaded.encode(batch["image"]), expected)
-    ldm = Gem3dLDM(unet_config(12), {"target": "gem3d.diffusion.load_first_stage_from_run", "params": {"ckpt_path": str(ckpt)}})
+    ldm = Gem3dLDM(unet_config(12), {"target": "gem3d.models.autoencoder.FirstStage.from_run", "params": {"ckpt_path": str(ckpt)}})
     assert ldm.first_stage.scale_factor == pytest.approx(4.0)
     # a run folder is self-contained: it loads after the autoencoder run is gone
     run = tmp_path / "ldm" / "checkpoints"
@@ -354,7 +351,7 @@ def test_autoencoder_module_loss_and_reload(tmp_path):
     ldm.on_save_checkpoint(saved)
     torch.save(saved, run / "last.ckpt")
     ckpt.unlink()
-    reloaded = load_ldm_from_run(tmp_path / "ldm")
+    reloaded = load_model_dir(tmp_path / "ldm").model
     assert reloaded.first_stage.scale_factor == pytest.approx(4.0)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.first_stage.encode(batch["image"]), loaded.encode(batch["image"]))

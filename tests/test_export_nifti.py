@@ -7,13 +7,8 @@ import pytest
 
 from gem3d.data.geometry import Geometry, load_nifti
 from gem3d.export import nifti as nifti_module
-from gem3d.export.nifti import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    save_canonical_nifti,
-    save_nifti,
-)
+from gem3d.export.nifti import save_canonical_nifti, save_nifti
+from gem3d.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def oblique_affine() -> np.ndarray:

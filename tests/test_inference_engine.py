@@ -10,9 +10,10 @@ import pytest
 
 from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
-from gem3d.export.manifest import Manifest, file_sha256
+from gem3d.export.manifest import Manifest
+from gem3d.files import file_sha256
 from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
-from gem3d.inference.model_dir import load_model_dir
+from gem3d.model_dirs import load_model_dir
 from gem3d.inference.settings import SETTINGS
 from gem3d.inference.volume import SamplerOptions
 from tests import _tiny_models

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gem3d.diffusion import VARIANTS
+from gem3d.denoiser import VARIANTS
 from gem3d.inference.volume import (
     SamplerOptions,
     decode_volume,
@@ -144,7 +144,7 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_models_encode_sample_and_decode_a_volume(tiny):
-    from gem3d.inference.model_dir import load_model_dir
+    from gem3d.model_dirs import load_model_dir
 
     volume = load_model_dir(tiny["volume_stage"]).model
     slice_model = load_model_dir(tiny["position"]).model

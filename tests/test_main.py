@@ -22,6 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
+from gem3d.model_dirs import load_model_dir  # noqa: E402
+from gem3d.models.autoencoder import FirstStage  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "latent-diffusion"
 COMMON = [
@@ -118,9 +120,7 @@ def stage1_run(tmp_path_factory, dataset, autoencoder_run) -> tuple[Path, L.Trai
 
 
 def test_autoencoder_run_is_a_first_stage(autoencoder_run):
-    from gem3d.diffusion import load_first_stage_from_run
-
-    first_stage = load_first_stage_from_run(str(autoencoder_run))
+    first_stage = FirstStage.from_run(str(autoencoder_run))
     ckpt = load_ckpt(autoencoder_run)
     assert first_stage.scale_factor == pytest.approx(1.0 / float(ckpt["state_dict"]["latent_std"]))
     assert first_stage.downsample_factor == 4 and first_stage.frozen
@@ -146,10 +146,9 @@ def test_stage1_writes_run_folder_and_logs(stage1_run):
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"images/real", "images/mask", "images/informed", "images/sample"} <= set(events.Tags()["images"])
-    from gem3d.diffusion import load_ldm_from_run
-
-    model = load_ldm_from_run(run_dir)  # what inference does; EMA weights by default (sample_with_ema)
-    assert model.loaded_with_ema and model.variant == "slice_stage" and not model.training
+    loaded = load_model_dir(run_dir)  # what inference does; EMA weights by default (sample_with_ema)
+    model = loaded.model
+    assert loaded.ema and model.variant == "slice_stage" and not model.training
     mask = model.first_stage.encode_mask(torch.zeros(1, 4, 1, 32, 32) - 1)
     informed = model.first_stage.encode(torch.zeros(1, 1, 32, 32))
     cond = model.condition(mask, informed)

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from gem3d.export.manifest import Manifest, file_sha256, make_record, merge_manifests, record_key
+from gem3d.export.manifest import Manifest, make_record, merge_manifests, record_key
+from gem3d.files import file_sha256
 
 
 def record(case, setting="icma", sample=0, seconds=np.float32(1.5), **extra):

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from gem3d.export.nifti import atomic_write_json, save_nifti
+from gem3d.export.nifti import save_nifti
+from gem3d.files import atomic_write_json
 from gem3d.export.nnunet import find_synthetic_cases, validate_nnunet_dataset, write_nnunet_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from einops import rearrange
 from safetensors.torch import load_file
 
 from conftest import fixture_root
-from gem3d.inference.model_dir import load_model_dir
+from gem3d.convert import convert_model_dir
+from gem3d.model_dirs import load_model_dir
 from gem3d.inference.volume import SamplerOptions, decode_volume, sample_slice_latents, sample_volume_latents
 from gem3d.models.conditioning import position_embedding
 from gem3d.sampling.samplers import sample_ddim
@@ -263,21 +264,21 @@ def test_ema_and_raw_weights_are_told_apart(name):
 
 
 def _block_original_format(monkeypatch):
-    """Make every use of gem3d.convert.original fail: attribute calls and fresh imports."""
-    import gem3d.convert.original as original
+    """Make every use of the original-format code (gem3d.model_dirs.original) fail."""
+    import gem3d.model_dirs.load as load
+    import gem3d.model_dirs.original as original
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a converted model dir must load without gem3d.convert.original")
+        raise AssertionError("a converted model dir must load without gem3d.model_dirs.original")
 
     for attr in ("read_original_model_dir", "is_original_model_dir", "safe_load_checkpoint", "find_original_config"):
         monkeypatch.setattr(original, attr, refuse)
-    monkeypatch.setitem(sys.modules, "gem3d.convert.original", None)
+    for attr in ("is_original_model_dir", "load_original_denoiser"):
+        monkeypatch.setattr(load, attr, refuse)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_converted_model_gives_identical_samples(name, tmp_path, monkeypatch):
-    from gem3d.convert.native import convert_model_dir
-
     spec = folder_spec(name)
     original = loaded(name)
     dst = convert_model_dir(spec.path, tmp_path / "converted")

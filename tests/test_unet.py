@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gem3d.models.unet as unet_module
-from gem3d.convert.original import is_original_model_dir, read_original_model_dir
+from gem3d.model_dirs import is_original_model_dir, read_original_model_dir
 from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
 
 ORIGINAL_CLIP_LEN = 16  # the original's clip length (README of the fixtures: rows are clip-major clips of 16)

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from gem3d.export.nifti import atomic_path, atomic_write_json
+from gem3d.files import atomic_path, atomic_write_json
 
 from .geometry import Geometry
 from .nnunet import open_dataset

@@ -15,31 +15,18 @@ Each data-parallel rank writes its own manifest; ``merge_manifests`` joins them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .nifti import _json_default, atomic_write_json
+from gem3d.files import atomic_write_json, json_default
 
-__all__ = ["Manifest", "ManifestKey", "make_record", "record_key", "merge", "merge_manifests", "file_sha256", "MANIFEST_VERSION"]
+__all__ = ["Manifest", "ManifestKey", "make_record", "record_key", "merge", "merge_manifests", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 KEY_FIELDS = ("case", "setting", "sample")
 ManifestKey = tuple  # (case: str, setting: str, sample: int)
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk_size``-byte chunks (checkpoints can be GBs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot hash {path}: not a file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def record_key(record_or_key: Mapping[str, Any] | Iterable[Any]) -> tuple[str, str, int]:
@@ -94,7 +81,7 @@ def make_record(
 
 def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON round trip of ``record`` (numpy scalars -> Python, tuples -> lists)."""
-    return json.loads(json.dumps(dict(record), default=_json_default))
+    return json.loads(json.dumps(dict(record), default=json_default))
 
 
 class Manifest:

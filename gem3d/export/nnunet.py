@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
-from .nifti import atomic_path, atomic_write_json
+from gem3d.files import atomic_path, atomic_write_json
 
 __all__ = [
     "write_nnunet_dataset",

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .nifti import atomic_path
+from gem3d.files import atomic_path
 
 __all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
 

@@ -7,15 +7,17 @@ Defaults come from ``configs/inference/<dataset>.yaml``; flags override them::
 from __future__ import annotations
 
 import argparse
-import pickle
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from gem3d.inference.engine import InferenceConfig, run_inference
 from gem3d.inference.settings import SETTINGS, get_setting
+from gem3d.inference.volume import SamplerOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "inference"
@@ -74,9 +76,6 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
-    from gem3d.inference.engine import InferenceConfig
-    from gem3d.inference.volume import SamplerOptions
-
     spec = get_setting(setting)
     defaults = load_inference_config(dataset, args.config_dir)
     models = defaults.get("models", {}) or {}
@@ -125,8 +124,6 @@ def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
     if setting not in SETTINGS:
         raise SystemExit(f"unknown setting {setting!r}; choose one of {sorted(SETTINGS)}")
     args = build_parser(dataset, setting).parse_args(argv)
-    from gem3d.inference.engine import run_inference
-
     gpus = [int(g) for g in args.gpus.strip(",").split(",")] if args.gpus else None
     try:
         cfg = config_from_args(dataset, setting, args)

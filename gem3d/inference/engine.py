@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import OrderedDict
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from gem3d.data.datasets import read_splits
 from gem3d.data.nnunet import open_dataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, prepare_case, restore_volume
 from gem3d.export.manifest import Manifest, make_record, merge_manifests
 from gem3d.export.nifti import save_nifti
 from gem3d.export.preview import save_preview
 from gem3d.inference import mask_edit
-from gem3d.inference.model_dir import LoadedModel, load_model_dir
 from gem3d.inference.settings import Setting, get_setting
 from gem3d.inference.volume import (
     SamplerOptions,
@@ -36,6 +37,7 @@ from gem3d.inference.volume import (
     sample_slice_latents,
     sample_volume_latents,
 )
+from gem3d.model_dirs import LoadedModel, load_model_dir
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
 PREPARED_CACHE = 4  # preprocessed cases kept in memory
@@ -84,8 +86,7 @@ class InferenceConfig:
             raise ValueError(f"samples_per_case must be >= 1, got {self.samples_per_case}")
         if self.informed_select is not None and self.informed_select not in INFORMED_SELECT_RULES:
             raise ValueError(f"informed_select={self.informed_select!r} is not one of {list(INFORMED_SELECT_RULES)}")
-        if self.informed_from is not None:
-            parse_informed_from(self.informed_from)
+        self.informed_donor = None if self.informed_from is None else parse_informed_from(self.informed_from)
         if (self.informed_from or self.informed_select) and self.setting_spec.informed != "other_case":
             raise ValueError(
                 f"--informed-from/--informed-select choose a real informed slice; setting {self.setting!r} takes "
@@ -99,6 +100,32 @@ class InferenceConfig:
     @property
     def setting_dir(self) -> Path:
         return self.out / self.setting
+
+
+@dataclass(frozen=True, eq=False)
+class InformedSlice:
+    """Where a volume's informed slice comes from.
+
+    source: ``none`` | ``own_middle`` | ``generated`` | ``other_case``; case / index: the donor case and its slice
+    (None when generated); position: relative position in [0, 1]; target_index: the slice of the generated volume
+    the informed slice stands for (where propagation starts); image: the real slice ``(S, S)`` in [-1, 1], if any;
+    rule: the de-enhancement rule that chose the donor, if any.
+    """
+
+    source: str
+    case: str | None = None
+    index: int | None = None
+    position: float | None = None
+    target_index: int | None = None
+    image: Any = None
+    rule: str | None = None
+
+    def record(self) -> dict:
+        """The manifest's description: everything but the image (the rule only for donors from other cases)."""
+        if self.source == "none":
+            return {"source": "none"}
+        skip = {"image"} | (set() if self.source == "other_case" else {"rule"})
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 def sample_seed(seed: int, case: str, sample: int) -> int:
@@ -163,8 +190,8 @@ class Enhancer:
         self.names = self.dataset.case_names(cfg.split)
         self._prepared: OrderedDict[str, Any] = OrderedDict()  # a few recently used cases (donors repeat)
         self._brightness: dict[str, np.ndarray] = {}  # per case: mean body intensity per slice (informed_select)
-        if cfg.informed_from:
-            donor, _ = parse_informed_from(cfg.informed_from)
+        if cfg.informed_donor is not None:
+            donor = cfg.informed_donor[0]
             if donor not in self.names:
                 raise ValueError(
                     f"--informed-from: case {donor!r} is not in {cfg.data} (split {cfg.split}); cases: {self.names}"
@@ -191,8 +218,6 @@ class Enhancer:
         if spec.isdigit():
             return list(self.names[: int(spec)])
         if spec.startswith("split:"):
-            from gem3d.data.datasets import read_splits
-
             which = spec.split(":", 1)[1]
             path = self.cfg.data / "splits.json"
             if not path.is_file():
@@ -232,27 +257,22 @@ class Enhancer:
         return self._brightness[name]
 
     # ----------------------------------------------------------------------------------------- informed slice
-    def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> dict:
-        """Where the informed slice comes from: ``{"source", "case", "index", "position", "target_index", "image"?}``
-        (``index``: slice of the donor ``case``; ``position``: relative, in [0, 1]; ``target_index``: the slice of the
-        generated volume the informed slice stands for, where propagation starts)."""
+    def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> InformedSlice:
+        """Where the informed slice of a sample of ``case`` (``num_slices`` slices) comes from, as the setting says."""
         kind = self.setting.informed
         if kind == "none":
-            return {"source": "none"}
+            return InformedSlice("none")
         if kind == "own_middle":
             s = num_slices // 2
-            return {"source": "own_middle", "case": case, "index": s, "position": s / num_slices, "target_index": s,
-                    "image": self.prepared(case).image[s]}
+            return InformedSlice("own_middle", case, s, s / num_slices, s, self.prepared(case).image[s])
         if kind == "generated":
             s = int(rng.integers(num_slices))
-            return {"source": "generated", "case": None, "index": None, "position": s / num_slices, "target_index": s}
+            return InformedSlice("generated", position=s / num_slices, target_index=s)
         # other_case: a real slice of another case at the same relative position
         donors = [n for n in self.names if n != case]
         pos = float(rng.uniform(0.0, 1.0))
-        if self.cfg.informed_from:
-            donor, fixed = parse_informed_from(self.cfg.informed_from)
-            if donor not in self.names:
-                raise ValueError(f"--informed-from: case {donor!r} is not in {self.cfg.data} ({self.cfg.split})")
+        if self.cfg.informed_donor is not None:
+            donor, fixed = self.cfg.informed_donor
             pos = pos if fixed is None else fixed
         elif not donors:
             raise ValueError(f"setting {self.cfg.setting!r} needs another case to take the informed slice from")
@@ -262,9 +282,8 @@ class Enhancer:
             donor = donors[int(rng.integers(len(donors)))]
         prepared = self.prepared(donor)
         index = slice_index(pos, prepared.num_slices)
-        return {"source": "other_case", "case": donor, "index": index, "position": pos,
-                "target_index": slice_index(pos, num_slices), "image": prepared.image[index],
-                "rule": self.cfg.informed_select}
+        return InformedSlice("other_case", donor, index, pos, slice_index(pos, num_slices), prepared.image[index],
+                             self.cfg.informed_select)
 
     def _select_donor(self, donors: list[str], pos: float, rng: np.random.Generator) -> str:
         """De-enhancement: the donor among the brightest / darkest decile of candidate slices at ``pos``
@@ -321,16 +340,16 @@ class Enhancer:
             model = loaded.model
             mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False)
             informed_latent = None
-            if informed["source"] == "generated":
+            if informed.source == "generated":
                 f = self.slice_model.model.first_stage.downsample_factor
                 hw = tuple(s // f for s in prepared.image.shape[1:])
                 informed_latent = sample_slice_latents(
-                    self.slice_model.model, torch.tensor([informed["position"]]), hw, options, generator
+                    self.slice_model.model, torch.tensor([informed.position]), hw, options, generator
                 )[0]
-            elif "image" in informed:
-                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed["image"])))
+            elif informed.image is not None:
+                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)))
             latents = sample_volume_latents(
-                model, mask_latent, informed_latent, informed.get("target_index"), options, generator, progress=progress
+                model, mask_latent, informed_latent, informed.target_index, options, generator, progress=progress
             )
         volume = decode_volume(loaded.model, latents).cpu().numpy()
         image_source = restore_volume(volume, prepared)
@@ -356,10 +375,9 @@ class Enhancer:
                 # an edited mask is not the real image's: outline it on the synthetic volume only
                 contours=[title] if self.setting.mask == "edited" else True,
             )
-        informed_record = {k_: v for k_, v in informed.items() if k_ != "image"}
         return make_record(
             case_name, self.cfg.setting, k, seed,
-            informed=informed_record,
+            informed=informed.record(),
             mask_edits=None if edits is None else [edits],
             sampler=options.to_dict(),
             steps=options.steps,
@@ -422,8 +440,6 @@ def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_proce
         if gpus:
             cfg.device = f"cuda:{gpus[0]}"
         return Enhancer(cfg).run()
-    from lightning.fabric import Fabric
-
     fabric = Fabric(accelerator="cuda" if gpus else "cpu", devices=gpus or devices, strategy="ddp")
     fabric.launch()
     cfg.device = str(fabric.device)

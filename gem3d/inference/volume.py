@@ -1,5 +1,5 @@
 """Sampling whole volumes (and single informed slices) with a loaded model: the glue between
-:class:`gem3d.diffusion.Gem3dLDM`, the clip samplers and the bi-directional propagation.
+:class:`gem3d.denoiser.Denoiser`, the clip samplers and the bi-directional propagation.
 
 Shapes: masks and images ``(D, S, S)`` in [-1, 1] (the grey mask goes below -1 outside the body); latents
 ``(D, C, h, w)`` scaled by the first stage's scale factor.
@@ -161,7 +161,7 @@ def sample_slice_latents(
     outputs = []
     for chunk in positions.split(batch_size):
         x_T = _randn((len(chunk), 1, c, h, w), generator, slice_model.device)
-        cond = slice_model.condition(pos=chunk, num_frames=1)
+        cond = slice_model.condition(pos=chunk)
         out = options.sample(slice_model.model_fn(cond), x_T, alphas_cumprod, generator=generator)
         outputs.append(rearrange(out, "b 1 c h w -> b c h w"))
     return torch.cat(outputs) if outputs else torch.empty(0, c, h, w)

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from torch import nn
 from tqdm.auto import tqdm
 
-from gem3d.convert import ldm_vae
+from gem3d.checkpoint import load_checkpoint, state_dict_of, with_prefix
+from gem3d.config import instantiate_from_config
+from gem3d.models import ldm_vae
 
 DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
 DEFAULT_CHUNK_SIZE = 16
@@ -29,12 +33,6 @@ FROM_CONFIG_KEYS = (
     "ddconfig", "embed_dim", "diffusers", "diffusers_dir", "ckpt_path", "prefix", "trust",
     "scale_factor", "chunk_size", "frozen", "lossconfig", "monitor",
 )  # fmt: skip
-
-
-def _autoencoder_kl():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:
@@ -54,7 +52,6 @@ class FirstStage(nn.Module):
 
     def __init__(self, vae, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True):
         super().__init__()
-        AutoencoderKL = _autoencoder_kl()
         if not isinstance(vae, AutoencoderKL):
             raise TypeError(f"vae must be a diffusers.AutoencoderKL, got {type(vae).__name__}")
         _check_positive("scale_factor", scale_factor, float)
@@ -74,7 +71,7 @@ class FirstStage(nn.Module):
     ) -> FirstStage:
         """Random-weight model from latent-diffusion's ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``, ...)."""
         config = ldm_vae.diffusers_config_from_ddconfig(ddconfig, embed_dim, scale_factor)
-        return cls(_autoencoder_kl()(**config), scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
+        return cls(AutoencoderKL(**config), scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
 
     @classmethod
     def from_diffusers_config(
@@ -83,7 +80,6 @@ class FirstStage(nn.Module):
         """Random-weight model from native ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``,
         ``latent_channels``, ``norm_num_groups``, ``sample_size``, ``in_channels``, ``out_channels``, ...).
         Block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
-        AutoencoderKL = _autoencoder_kl()
         allowed = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
@@ -132,7 +128,7 @@ class FirstStage(nn.Module):
         """Load latent-diffusion weights offline: its ``kl-f8/model.ckpt`` (autoencoder-only, the default config
         ``configs/first_stage/kl-f8.yaml``) or a LatentDiffusion checkpoint (``first_stage_model.*``) with its config."""
         model = cls.from_ldm_config(config_path, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
-        state_dict = ldm_vae.state_dict_of(ldm_vae.load_checkpoint_file(ckpt_path, trust=trust))
+        state_dict = state_dict_of(load_checkpoint(ckpt_path, key="first_stage ckpt_path", trust=trust))
         return model.load_ldm_state_dict(state_dict, prefix=prefix)
 
     @classmethod
@@ -144,7 +140,7 @@ class FirstStage(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not a local diffusers model folder (no config.json): {str(path)!r}")
-        vae = _autoencoder_kl().from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
         if scale_factor is None:
             scale_factor = float(vae.config.scaling_factor)
         return cls(vae, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
@@ -177,6 +173,36 @@ class FirstStage(nn.Module):
             model.load_checkpoint(params["ckpt_path"], trust=bool(params.get("trust", False)), prefix=params.get("prefix"))
         return model
 
+    @classmethod
+    def from_run(cls, ckpt_path: str | Path, scale_factor: float | None = None, chunk_size: int | None = None) -> FirstStage:
+        """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob).
+
+        The architecture comes from the run's hyper-parameters; ``scale_factor`` defaults to the run's
+        (``auto``: 1 / latent std measured during training)."""
+        ckpt = load_checkpoint(ckpt_path, key="first_stage_config.params.ckpt_path")
+        hparams = ckpt.get("hyper_parameters") or {}
+        if "first_stage_config" not in hparams:
+            raise KeyError(f"{ckpt_path!r} is not an autoencoder run (no hyper_parameters.first_stage_config)")
+        model = instantiate_from_config(hparams["first_stage_config"])
+        state_dict = ckpt["state_dict"]
+        model.load_state_dict(with_prefix(state_dict, "first_stage."), strict=True)
+        if scale_factor is None:
+            sf = hparams.get("scale_factor", "auto")
+            scale_factor = float(1.0 / float(state_dict["latent_std"])) if sf == "auto" else float(sf)
+        model.scale_factor = float(scale_factor)
+        model.vae.register_to_config(scaling_factor=float(scale_factor))
+        if chunk_size is not None:
+            model.chunk_size = int(chunk_size)
+        return model.freeze()
+
+    def architecture(self) -> dict:
+        """A ``{target, params}`` config that rebuilds this architecture (random weights) from its ``diffusers``
+        config alone, so a model folder does not depend on the files its first stage came from."""
+        allowed = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items() if k in allowed}
+        params.update(scale_factor=float(self.scale_factor), chunk_size=int(self.chunk_size))
+        return {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config", "params": params}
+
     # -------------------------------------------------------------------------------------- weights
     def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
         """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
@@ -198,7 +224,7 @@ class FirstStage(nn.Module):
     def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
         """Load a checkpoint file in either layout (detected): LDM ``.ckpt``, gem3d Lightning ``.ckpt``,
         ``.pt`` or ``.safetensors``. ``trust=True`` allows non-weights pickles (runs code from the file)."""
-        state_dict = ldm_vae.state_dict_of(ldm_vae.load_checkpoint_file(path, trust=trust))
+        state_dict = state_dict_of(load_checkpoint(path, key="first_stage ckpt_path", trust=trust))
         layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
         if layout == "ldm":
             return self.load_ldm_state_dict(state_dict, prefix)
@@ -327,8 +353,6 @@ class FirstStage(nn.Module):
             stds.append(dist.std)
         z = torch.cat(means)
         if sample:
-            from diffusers.utils.torch_utils import randn_tensor
-
             noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = z + torch.cat(stds) * noise
         z = z * self.scale_factor

@@ -15,11 +15,13 @@ State-dict layout of the original ``LatentDiffusion``:
 - ``first_stage_model.*``: the KL autoencoder in latent-diffusion layout (``cond_stage_model.*`` may hold a copy).
 - schedule buffers (``betas``, ``alphas_cumprod``, ...).
 
-Everything (UNet kwargs, conditioning, schedule, first stage) is derived from the folder's own config.
+Everything (UNet kwargs, conditioning, schedule, first stage) is derived from the folder's own config, and
+:func:`load_original_denoiser` maps it onto a :class:`gem3d.denoiser.Denoiser`.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +30,18 @@ from typing import Any, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from gem3d.checkpoint import (  # noqa: F401  (re-exported: the public names of this module)
-    TRUST_HINT,
-    UnsafeCheckpointError,
-    checkpoint_allowlist,
-    safe_load_checkpoint,
-    with_prefix,
-)
+from gem3d.checkpoint import safe_load_checkpoint, with_prefix
+from gem3d.denoiser import Denoiser
+from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
 
 __all__ = [
-    "UnsafeCheckpointError",
     "OriginalModel",
-    "safe_load_checkpoint",
-    "checkpoint_allowlist",
     "is_original_model_dir",
     "find_original_config",
     "read_original_model_dir",
     "original_unet_params",
+    "denoiser_kwargs",
+    "load_original_denoiser",
     "ema_key",
     "UNET_PREFIX",
     "FIRST_STAGE_PREFIX",
@@ -114,8 +111,6 @@ def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[s
     ``volumetric`` is True when the target is ``openaimodel_pseudo3D.UNetModel`` or when the state dict has
     ``*_tem`` keys. Attention rates the network never reaches are dropped (the original ignores them too).
     """
-    from gem3d.models.unet import is_volumetric_parameter_name
-
     target = str(unet_config.get("target", ""))
     params = dict(unet_config.get("params") or {})
     unknown = sorted(set(params) - set(_UNET_TAKEN) - _UNET_IGNORED - set(_UNET_FIXED) - {"num_heads_upsample"})
@@ -192,8 +187,6 @@ class OriginalModel:
 
     def build_unet(self, **overrides: Any):
         """A gem3d :class:`UNetModel` from ``unet_params`` (plus ``overrides``) with ``unet_state_dict`` loaded strictly."""
-        from gem3d.models.unet import UNetModel
-
         unet = UNetModel(**{**self.unet_params, **overrides})
         unet.load_state_dict(self.unet_state_dict, strict=True)
         return unet
@@ -309,3 +302,90 @@ def read_original_model_dir(
         alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.detach().clone(),
         checkpoint_meta={k: loaded[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in loaded},
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# as a gem3d denoiser
+
+UNET_TARGET = "gem3d.models.unet.UNetModel"
+LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
+KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
+
+
+def variant_of(*, conditioning: str | None, volumetric: bool, uses_informed: bool) -> str:
+    """The gem3d variant that matches an original model's conditioning and UNet type."""
+    if conditioning == "crossattn":
+        return "position"
+    if conditioning not in ("concat", "hybrid"):
+        raise NotImplementedError(f"conditioning_key={conditioning!r} is not supported; gem3d maps 'concat' and 'crossattn'")
+    if volumetric:
+        return "volume_stage" if uses_informed else "baseline_volume"
+    return "slice_stage" if uses_informed else "baseline_slice"
+
+
+def denoiser_kwargs(orig: OriginalModel) -> dict[str, Any]:
+    """:class:`Denoiser` kwargs for an original model (architecture only: the weights are loaded separately)."""
+    variant = variant_of(conditioning=orig.conditioning_key, volumetric=orig.volumetric, uses_informed=orig.uses_informed_slice)
+    return {
+        "unet_config": {"target": UNET_TARGET, "params": dict(orig.unet_params)},
+        "first_stage_config": {
+            "target": LDM_FIRST_STAGE_TARGET,
+            "params": {"ddconfig": dict(orig.first_stage_ddconfig), "embed_dim": int(orig.first_stage_embed_dim),
+                       "scale_factor": float(orig.scale_factor)},
+        },
+        # the original conditions on the *unscaled* posterior mode (its cond stage is the bare first stage)
+        "condition_latent_factor": 1.0 / float(orig.scale_factor),
+        "variant": variant,
+        "position_embed_dim": orig.position_embed_dim if variant == "position" else None,
+        "num_train_timesteps": int(orig.timesteps),
+        "beta_start": float(orig.linear_start),
+        "beta_end": float(orig.linear_end),
+    }
+
+
+def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path: Path | None = None) -> Path:
+    """The file a ``first_stage_config.params.ckpt_path`` names. A relative path (latent-diffusion configs use
+    ``models/first_stage_models/kl-f8/model.ckpt``, relative to its repository) is tried against the current
+    directory and the model folder, in that order."""
+    ckpt_path = Path(ckpt_path).expanduser()
+    candidates = [ckpt_path] if ckpt_path.is_absolute() else [Path.cwd() / ckpt_path, model_dir / ckpt_path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f" (set in {config_path})" if config_path is not None else ""
+    raise FileNotFoundError(
+        f"first_stage_config.params.ckpt_path={str(ckpt_path)!r}{where} not found; tried "
+        f"{[str(c) for c in candidates]}. Put latent-diffusion's kl-f8 model.ckpt there, or edit ckpt_path to "
+        f"its absolute path"
+    )
+
+
+def load_original_denoiser(path: str | os.PathLike, ema: bool | None = None, trust: bool = False) -> tuple[Denoiser, Path]:
+    """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file.
+
+    ``ema`` None or False: the raw UNet weights (the fixtures' reference outputs use them); True: the EMA shadow.
+    """
+    orig = read_original_model_dir(path, ema=bool(ema), trust=trust)
+    if orig.beta_schedule != "linear" or orig.parameterization != "eps":
+        raise NotImplementedError(
+            f"{path}: beta_schedule={orig.beta_schedule!r}, parameterization={orig.parameterization!r}; gem3d supports "
+            f"the original's 'linear' (linear-in-sqrt) schedule with eps-prediction"
+        )
+    model = Denoiser(**denoiser_kwargs(orig))
+    model.unet.load_state_dict(orig.unet_state_dict, strict=True)
+    if orig.first_stage_state_dict:
+        model.first_stage.load_ldm_state_dict(orig.first_stage_state_dict)
+    elif orig.first_stage_ckpt_path:
+        ckpt = resolve_first_stage_ckpt(orig.first_stage_ckpt_path, Path(path), orig.config_path)
+        model.first_stage.load_checkpoint(ckpt, trust=trust)
+    else:
+        raise FileNotFoundError(
+            f"{path}: the checkpoint holds no first-stage weights and {orig.config_path.name} names no "
+            f"first_stage_config.params.ckpt_path; download latent-diffusion's kl-f8 model.ckpt to "
+            f"{Path(path) / KL_F8_DEFAULT} and set ckpt_path: {KL_F8_DEFAULT} in that config"
+        )
+    if orig.alphas_cumprod is not None:
+        stored = orig.alphas_cumprod.to(torch.float32)
+        if stored.shape != model.alphas_cumprod.shape or not torch.allclose(stored, model.alphas_cumprod, atol=1e-6):
+            raise ValueError(f"{path}: the checkpoint's alphas_cumprod differs from the schedule its config describes")
+    return model.eval(), orig.checkpoint_path

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+from omegaconf import OmegaConf
+
+from gem3d.config import to_plain
 
 LDM_AUTOENCODER_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -41,13 +45,7 @@ NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps
 # ----------------------------------------------------------------------------------------------- configs
 def _plain(config: Any) -> Any:
     """OmegaConf node / Mapping -> plain python containers."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(config, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(config, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    config = to_plain(config)
     if isinstance(config, Mapping):
         return {k: _plain(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
@@ -61,8 +59,6 @@ def read_config(config: str | Path | Mapping) -> dict:
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"autoencoder config file not found: {str(path)!r}")
-        from omegaconf import OmegaConf
-
         return _plain(OmegaConf.load(path))
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a path, a dict or an OmegaConf node, got {type(config).__name__}")
@@ -149,8 +145,6 @@ def wrap_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float | None 
 
 def diffusers_config_from_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR) -> dict:
     """latent-diffusion ``ddconfig`` -> ``AutoencoderKL`` kwargs (via diffusers' ``create_vae_diffusers_config_from_ldm``)."""
-    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
-
     dd = validate_ddconfig(ddconfig, embed_dim)
     # an empty checkpoint makes diffusers guess a default sample size; the ddconfig's resolution is the truth
     config = create_vae_diffusers_config_from_ldm(wrap_ddconfig(dd, embed_dim, scale_factor), {})
@@ -219,8 +213,6 @@ def find_scale_factor(config: str | Path | Mapping) -> float | None:
 
 def ldm_to_diffusers_state_dict(ldm_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping) -> dict[str, torch.Tensor]:
     """Bare LDM autoencoder weights -> ``AutoencoderKL`` state dict (diffusers' ``convert_ldm_vae_checkpoint``)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
     return convert_ldm_vae_checkpoint(dict(ldm_state_dict), dict(diffusers_config))
 
 
@@ -259,27 +251,3 @@ def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_leve
                 value = value[:, :, None, None]
         out[new] = value
     return out
-
-
-# ------------------------------------------------------------------------------------------------ files
-def load_checkpoint_file(path: str | Path, *, trust: bool = False) -> dict:
-    """Read a ``.ckpt``/``.pt``/``.bin`` (:func:`gem3d.checkpoint.safe_load_checkpoint`: ``weights_only=True`` and
-    gem3d's allowlist; ``trust=True`` unpickles fully, only for files you trust) or ``.safetensors`` file."""
-    from gem3d.checkpoint import safe_load_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return safe_load_checkpoint(path, trust=trust)
-
-
-def state_dict_of(checkpoint: Mapping) -> Mapping[str, torch.Tensor]:
-    """The tensor mapping inside a loaded checkpoint (Lightning ``state_dict`` or a bare state dict)."""
-    sd = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"checkpoint holds no tensors (keys: {sorted(checkpoint)[:10]})")
-    return sd

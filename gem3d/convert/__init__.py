@@ -1,1 +1,0 @@
-"""gem3d.convert"""

@@ -1,0 +1,214 @@
+"""The plain GEM-3D denoiser: UNet + frozen first stage + conditioning + noise schedule, and ``eps``.
+
+Sampling needs nothing else; the training LightningModules (:mod:`gem3d.training`) are denoisers that
+Lightning trains. One class serves the five variants (:data:`VARIANTS`):
+
+- ``slice_stage``: 2D denoiser on every slice of a clip, concat condition ``[noisy | mask | informed]`` (12 ch),
+  one timestep per slice;
+- ``volume_stage``: the same UNet with volumetric layers, one timestep per clip (``fix_t``);
+- ``position``: single slices, cross-attention on ``position_embedding(pos)`` as one context token;
+- ``baseline_slice`` / ``baseline_volume``: as the first two without the informed slice (8 channels).
+
+Latents: the diffusion target is the first stage's posterior sample times ``scale_factor``; the conditioning
+latents (mask slices, informed slice) are encoded the same way and live at the same scale (posterior mean times
+``scale_factor``), as in the original GEM-3D, whose ``get_input`` passes the concat condition through the same
+``get_first_stage_encoding`` as the target (METHOD §3).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from gem3d.config import instantiate_from_config, to_plain
+from gem3d.models.conditioning import concat_condition, position_embedding
+from gem3d.sampling.schedule import alphas_cumprod_tensor
+
+__all__ = ["VARIANTS", "VariantSpec", "Denoiser"]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a variant means: conditioning, UNet type, timestep sharing, trained parameters, data kind."""
+
+    conditioning: str  # "concat" | "crossattn"
+    use_informed: bool
+    volumetric: bool
+    fix_t: bool  # one timestep per clip
+    train_only_volumetric: bool
+    data_kind: str  # "clip" | "slice"
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "slice_stage": VariantSpec("concat", True, False, False, False, "clip"),
+    "volume_stage": VariantSpec("concat", True, True, True, True, "clip"),
+    "position": VariantSpec("crossattn", False, False, False, False, "slice"),
+    "baseline_slice": VariantSpec("concat", False, False, False, False, "clip"),
+    "baseline_volume": VariantSpec("concat", False, True, True, True, "clip"),
+}
+
+
+class Denoiser(nn.Module):
+    """GEM-3D's eps-prediction denoiser for one of :data:`VARIANTS`.
+
+    Args:
+        unet_config: ``{target, params}`` of :class:`gem3d.models.unet.UNetModel`.
+        first_stage_config: ``{target, params}`` building a :class:`gem3d.models.autoencoder.FirstStage`; frozen.
+        variant: one of :data:`VARIANTS`.
+        position_embed_dim: width of the position embedding (default: the UNet's ``context_dim``).
+        condition_latent_factor: multiplier of the conditioning latents; 1 for every model gem3d knows (gem3d's own
+            and the original's: both condition at the target's scale). Other values are for experiments only.
+        num_train_timesteps / beta_start / beta_end: the schedule (linear in sqrt, METHOD §3).
+    """
+
+    def __init__(
+        self,
+        unet_config: Mapping,
+        first_stage_config: Mapping,
+        variant: str = "slice_stage",
+        position_embed_dim: int | None = None,
+        condition_latent_factor: float = 1.0,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not supported; allowed: {sorted(VARIANTS)}")
+        unet_config, first_stage_config = to_plain(unet_config), to_plain(first_stage_config)
+        self.denoiser_kwargs = {
+            "unet_config": unet_config, "first_stage_config": first_stage_config, "variant": variant,
+            "position_embed_dim": position_embed_dim, "condition_latent_factor": float(condition_latent_factor),
+            "num_train_timesteps": int(num_train_timesteps), "beta_start": float(beta_start), "beta_end": float(beta_end),
+        }  # fmt: skip
+        self.variant = variant
+        self.spec = VARIANTS[variant]
+        self.condition_latent_factor = float(condition_latent_factor)
+        self.first_stage = instantiate_from_config(first_stage_config)
+        self.first_stage.freeze()
+        unet_params = dict(unet_config.get("params") or {})
+        self._validate_unet_params(unet_params, int(self.first_stage.latent_channels), position_embed_dim)
+        self.unet = instantiate_from_config(unet_config)
+        self.position_embed_dim = int(position_embed_dim or unet_params.get("context_dim") or 0) or None
+        self.num_train_timesteps = int(num_train_timesteps)
+        alphas_cumprod = alphas_cumprod_tensor(self.num_train_timesteps, beta_start, beta_end)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping) -> Denoiser:
+        """A denoiser from a superset of its kwargs (e.g. a training run's hyper-parameters)."""
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        return cls(**{k: v for k, v in dict(kwargs).items() if k in names})
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # ------------------------------------------------------------------------------------ validation
+    def _validate_unet_params(self, params: dict, latent_channels: int, position_embed_dim: int | None) -> None:
+        spec = self.spec
+        cond_channels = latent_channels * ((1 + int(spec.use_informed)) if spec.conditioning == "concat" else 0)
+        expected_in = latent_channels + cond_channels
+        got_in = params.get("in_channels")
+        if got_in != expected_in:
+            layout = {"concat": "noisy + mask" + (" + informed" if spec.use_informed else ""), "crossattn": "noisy"}[spec.conditioning]
+            raise ValueError(
+                f"unet_config.params.in_channels={got_in!r} does not fit variant={self.variant!r}: expected {expected_in} "
+                f"({layout}, {latent_channels} latent channels each)"
+            )
+        if params.get("out_channels", latent_channels) != latent_channels:
+            raise ValueError(f"unet_config.params.out_channels={params.get('out_channels')!r}; expected {latent_channels}")
+        if bool(params.get("volumetric", False)) != spec.volumetric:
+            raise ValueError(
+                f"unet_config.params.volumetric={params.get('volumetric', False)!r} does not fit variant={self.variant!r} "
+                f"(expected {spec.volumetric})"
+            )
+        if spec.conditioning == "crossattn":
+            context_dim = params.get("context_dim")
+            if not params.get("use_spatial_transformer") or not context_dim:
+                raise ValueError(
+                    f"variant='position' needs unet_config.params.use_spatial_transformer=true and a context_dim, got "
+                    f"use_spatial_transformer={params.get('use_spatial_transformer')!r}, context_dim={context_dim!r}"
+                )
+            if position_embed_dim is not None and position_embed_dim != context_dim:
+                raise ValueError(f"position_embed_dim={position_embed_dim!r} must equal unet context_dim={context_dim!r}")
+
+    # ------------------------------------------------------------------------------------ latents
+    @torch.no_grad()
+    def encode_condition_images(self, grey: torch.Tensor, *, is_mask: bool) -> torch.Tensor:
+        """Grey masks / informed slices ``(..., 1, S, S)`` -> conditioning latents (scaled posterior mean)."""
+        return self.first_stage.encode_mask(grey) if is_mask else self.first_stage.encode(grey, sample=False)
+
+    def condition(
+        self,
+        mask_latent: torch.Tensor | None = None,
+        informed_latent: torch.Tensor | None = None,
+        pos: torch.Tensor | float | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The conditioning of a batch of clips, in the form :meth:`eps` takes.
+
+        Args:
+            mask_latent: ``(B, F, z, h, w)`` scaled latents from ``FirstStage.encode_mask`` (concat variants).
+            informed_latent: ``(B, z, h, w)`` (one per clip, every slice) or ``(B, F, z, h, w)`` scaled latents
+                (``FirstStage.encode`` posterior mean, or a generated slice's latent); slice/volume stages only.
+            pos: relative slice positions ``(B,)`` in [0, 1] (position variant).
+
+        Returns:
+            ``{"concat": (B, F, Cc, h, w) | None, "context": (B, D) | None}``.
+        """
+        spec = self.spec
+        if spec.conditioning == "crossattn":
+            if pos is None:
+                raise ValueError(f"variant {self.variant!r} needs pos (relative slice positions in [0, 1])")
+            pos = torch.as_tensor(pos, dtype=torch.float32, device=self.device).reshape(-1)
+            return {"concat": None, "context": position_embedding(pos, self.position_embed_dim).to(self.device)}
+        if mask_latent is None or mask_latent.ndim != 5:
+            got = None if mask_latent is None else tuple(mask_latent.shape)
+            raise ValueError(f"variant {self.variant!r} needs mask_latent (B, F, z, h, w), got {got}")
+        if spec.use_informed and informed_latent is None:
+            raise ValueError(f"variant {self.variant!r} needs informed_latent (B, z, h, w) or (B, F, z, h, w)")
+        if not spec.use_informed and informed_latent is not None:
+            raise ValueError(f"variant {self.variant!r} is mask-only; informed_latent must be None")
+        factor = self.condition_latent_factor
+        informed = None if informed_latent is None else informed_latent * factor
+        return {"concat": concat_condition(mask_latent * factor, informed), "context": None}
+
+    # ------------------------------------------------------------------------------------ the denoiser
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """Noise prediction for clips ``x (B, F, z, h, w)`` at timesteps ``t`` ``(B,)`` (per clip) or ``(B, F)``
+        (per slice; not for the volume variants) -> ``(B, F, z, h, w)``. ``cond`` from :meth:`condition`."""
+        if x.ndim != 5:
+            raise ValueError(f"x must be clips (B, F, z, h, w), got shape {tuple(x.shape)}")
+        t = torch.as_tensor(t, device=x.device).long()
+        if t.ndim == 2:
+            if self.spec.volumetric and not bool((t == t[:, :1]).all()):
+                raise ValueError("the volume variants take one timestep per clip; got different timesteps within a clip")
+            t = rearrange(t, "b f -> (b f)")
+        h = x if cond.get("concat") is None else torch.cat([x, cond["concat"].to(x.dtype)], dim=2)
+        context = cond.get("context")
+        return self.unet(h, t, context=None if context is None else context.to(x.dtype))
+
+    forward = eps
+
+    def model_fn(self, cond: Mapping[str, torch.Tensor | None]):
+        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser."""
+
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.eps(x, t, cond)
+
+        return eps_fn
+
+    def q_sample(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward noising ``sqrt(a_t) z0 + sqrt(1 - a_t) noise`` with ``t (B, F)``."""
+        a = rearrange(self.alphas_cumprod.to(z0.device)[t].to(z0.dtype), "b f -> b f 1 1 1")
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def architecture(self) -> dict[str, Any]:
+        """The constructor kwargs that rebuild this denoiser from its weights alone (the first stage as an
+        architecture-only config, so no checkpoint paths are needed)."""
+        return {**self.denoiser_kwargs, "first_stage_config": self.first_stage.architecture()}

@@ -1,0 +1,176 @@
+"""Model folders: their three layouts, detected in one place, and loaded as a :class:`LoadedModel`.
+
+Layouts (detected in this order by :func:`detect_layout`):
+
+1. ``converted``: ``weights.safetensors`` + ``configs/model.yaml`` (written by :func:`gem3d.convert.convert_model_dir`);
+2. ``original``: a folder of the original GEM-3D code (config targets ``ldm.models...``), mapped on load
+   (:mod:`gem3d.model_dirs.original`);
+3. ``run``: a gem3d training run (``checkpoints/last.ckpt`` + ``configs/*-project.yaml``), a ``.ckpt`` file or a
+   glob matching runs (the newest).
+
+Every layout loads as a plain :class:`gem3d.denoiser.Denoiser` in eval mode, with the data preprocessing it was
+trained with (``data.params.preprocess`` of its config, if known), the weight file and its SHA-256, and whether
+the UNet holds EMA weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_of, unet_state_dict, with_prefix
+from gem3d.denoiser import Denoiser
+from gem3d.files import file_sha256
+from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
+
+__all__ = [
+    "CONVERTED_WEIGHTS",
+    "CONVERTED_CONFIG",
+    "DENOISER_TARGET",
+    "EXPECTED",
+    "LAYOUTS",
+    "LoadedModel",
+    "detect_layout",
+    "load_model_dir",
+    "read_preprocess",
+]
+
+CONVERTED_WEIGHTS = "weights.safetensors"
+CONVERTED_CONFIG = "configs/model.yaml"
+DENOISER_TARGET = "gem3d.denoiser.Denoiser"
+LEGACY_TARGETS = ("gem3d.diffusion.Gem3dLDM", "gem3d.training.ldm.Gem3dLDM")  # converted dirs of earlier versions
+LAYOUTS = ("converted", "original", "run")
+EXPECTED = (
+    f"expected a converted folder ({CONVERTED_WEIGHTS} + {CONVERTED_CONFIG}), an original GEM-3D model folder or a "
+    f"gem3d run (checkpoints/last.ckpt + configs/*-project.yaml, or a .ckpt file)"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model folder, loaded: ``model`` (eval mode), its ``preprocess`` (or None), the weight file, its SHA-256,
+    its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
+
+    model: Denoiser
+    preprocess: dict | None
+    checkpoint: Path
+    sha256: str
+    kind: str
+    ema: bool
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """One of :data:`LAYOUTS` for ``path``; FileNotFoundError naming what is missing otherwise (nothing is loaded)."""
+    text = str(path)
+    if any(ch in text for ch in "*?["):
+        return "run"  # a glob over runs, resolved when loading
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model dir {text!r} does not exist; {EXPECTED}")
+    if path.is_file():
+        return "run"
+    if (path / CONVERTED_WEIGHTS).is_file() and (path / CONVERTED_CONFIG).is_file():
+        return "converted"
+    if is_original_model_dir(path):
+        return "original"
+    if not (path / "checkpoints" / "last.ckpt").is_file():
+        missing = ["checkpoints/last.ckpt"] + ([] if list(path.glob("configs/*-project.yaml")) else ["configs/*-project.yaml"])
+        raise FileNotFoundError(f"{text!r} is not a model folder: missing {missing}; {EXPECTED}")
+    return "run"
+
+
+def read_preprocess(path: str | os.PathLike) -> dict:
+    """The preprocessing of a YAML file: ``preprocess`` (``configs/inference/*.yaml``) or ``data.params.preprocess``
+    (training configs and model folders)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preprocess config {str(path)!r} not found")
+    config = OmegaConf.load(path)
+    for key in ("preprocess", "data.params.preprocess"):
+        node = OmegaConf.select(config, key)
+        if node is not None:
+            value = OmegaConf.to_container(node, resolve=True)
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: {key} must be a mapping, got {value!r}")
+            return value
+    raise KeyError(f"{path}: no 'preprocess' or 'data.params.preprocess' key")
+
+
+def _run_preprocess(folder: Path) -> dict | None:
+    """``data.params.preprocess`` of the newest ``configs/*-project.yaml`` (or ``configs/*.yaml``) in ``folder``."""
+    configs = sorted((folder / "configs").glob("*-project.yaml")) or sorted((folder / "configs").glob("*.yaml"))
+    for path in reversed(configs):
+        try:
+            return read_preprocess(path)
+        except KeyError:
+            continue
+    return None
+
+
+def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[Denoiser, Path, bool, dict | None]:
+    """A gem3d training run: the denoiser is rebuilt from the checkpoint's hyper-parameters, the first stage's
+    architecture from its ``first_stage_architecture`` (so moved runs load without the autoencoder's files)."""
+    checkpoint = resolve_checkpoint(path, key="model dir")
+    ckpt = load_checkpoint(checkpoint, key="model dir", trust=trust)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if "unet_config" not in hparams:
+        raise KeyError(f"{str(path)!r} is not a gem3d diffusion run (its checkpoint has no hyper_parameters.unet_config)")
+    if "first_stage_architecture" in ckpt:
+        hparams["first_stage_config"] = ckpt["first_stage_architecture"]
+    model = Denoiser.from_kwargs(hparams)
+    has_ema = any(k.startswith("ema.") for k in state_dict_of(ckpt))
+    use_ema = bool(hparams.get("sample_with_ema", True)) and has_ema if ema is None else bool(ema)
+    if use_ema and not has_ema:
+        raise ValueError(f"ema=True but the run {str(path)!r} was trained without EMA")
+    model.unet.load_state_dict(unet_state_dict(ckpt, use_ema=use_ema), strict=True)
+    model.first_stage.load_state_dict(with_prefix(state_dict_of(ckpt), "first_stage."), strict=True)
+    if "first_stage_scale_factor" in ckpt:
+        model.first_stage.scale_factor = float(ckpt["first_stage_scale_factor"])
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return model, checkpoint, use_ema, _run_preprocess(run_dir)
+
+
+def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool, dict | None]:
+    """A converted folder. Its weights are whichever set (raw or EMA) was chosen at conversion; asking for the
+    other one is an error."""
+    config = OmegaConf.to_container(OmegaConf.load(path / CONVERTED_CONFIG), resolve=True)
+    converted_ema = bool((config.get("source") or {}).get("ema", False))
+    if ema is not None and bool(ema) != converted_ema:
+        raise ValueError(
+            f"{path} was converted with {'EMA' if converted_ema else 'raw'} weights; ema={ema} asks for the other set. "
+            f"Convert again with{'out' if converted_ema else ''} --ema"
+        )
+    model_cfg = config.get("model") or {}
+    target = model_cfg.get("target")
+    if target != DENOISER_TARGET and target not in LEGACY_TARGETS:
+        raise ValueError(f"{path / CONVERTED_CONFIG}: model.target={target!r}, expected {DENOISER_TARGET!r}")
+    model = Denoiser.from_kwargs(model_cfg.get("params") or {})
+    model.load_state_dict(load_file(str(path / CONVERTED_WEIGHTS)), strict=True)
+    preprocess = ((config.get("data") or {}).get("params") or {}).get("preprocess")
+    return model, path / CONVERTED_WEIGHTS, converted_ema, preprocess
+
+
+def load_model_dir(
+    path: str | os.PathLike, ema: bool | None = None, trust: bool = False, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a model folder of any layout (see the module docstring) onto ``device``.
+
+    ``ema``: None = the model's default weights (a run's ``sample_with_ema``; raw for original folders; the
+    converted set), True / False = the EMA / raw weights (an error where that set does not exist).
+    ``trust``: unpickle checkpoints fully (only for files you trust; see :mod:`gem3d.checkpoint`).
+    """
+    kind = detect_layout(path)
+    if kind == "converted":
+        model, checkpoint, used_ema, preprocess = _load_converted(Path(path), ema)
+    elif kind == "original":
+        model, checkpoint = load_original_denoiser(path, ema=ema, trust=trust)
+        used_ema, preprocess = bool(ema), None
+    else:
+        model, checkpoint, used_ema, preprocess = _load_run(path, ema, trust)
+    model = model.to(device).eval()
+    return LoadedModel(model, preprocess, Path(checkpoint), file_sha256(checkpoint), kind, used_ema)

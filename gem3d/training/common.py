@@ -1,0 +1,57 @@
+"""Small helpers shared by the training modules: latent-diffusion's lr rule and image grids."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from lightning.pytorch.utilities import rank_zero_only
+
+__all__ = ["scaled_learning_rate", "learning_rate_message", "set_learning_rate", "image_grid", "log_image_grids"]
+
+
+def scaled_learning_rate(base_lr: float, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
+    """latent-diffusion's rule: ``lr = accumulate * ngpu * batch_size * base_lr``."""
+    for name, value in (("ngpu", ngpu), ("batch_size", batch_size), ("accumulate", accumulate)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return float(accumulate * ngpu * batch_size * base_lr)
+
+
+def learning_rate_message(lr: float, base_lr: float, ngpu: int, batch_size: int, accumulate: int) -> str:
+    return (
+        f"Setting learning rate to {lr:.2e} = {accumulate} (accumulate_grad_batches) * {ngpu} (num_gpus) * "
+        f"{batch_size} (batchsize) * {base_lr:.2e} (base_lr)"
+    )
+
+
+@rank_zero_only
+def _print_rank_zero(message: str) -> None:
+    print(message, flush=True)
+
+
+def set_learning_rate(module, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
+    """Apply ``module.scale_lr`` (latent-diffusion's rule) to ``module.base_learning_rate``, set
+    ``module.learning_rate`` and print latent-diffusion's message; returns the lr."""
+    if module.scale_lr:
+        module.learning_rate = scaled_learning_rate(module.base_learning_rate, ngpu, batch_size, accumulate)
+        _print_rank_zero(learning_rate_message(module.learning_rate, module.base_learning_rate, ngpu, batch_size, accumulate))
+    else:
+        module.learning_rate = module.base_learning_rate
+        _print_rank_zero(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {module.learning_rate:.2e}")
+    return module.learning_rate
+
+
+def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of grey slices ``(F, 1, H, W)`` in about [-1, 1] -> one image ``(1, R*H, F*W)`` in [0, 1]."""
+    stacked = torch.stack([r.detach().float().cpu() for r in rows])
+    grid = rearrange(stacked, "r f 1 h w -> 1 (r h) (f w)")
+    return ((grid.clamp(-1, 1) + 1) / 2).contiguous()
+
+
+def log_image_grids(module, grids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write ``{tag: (1, H, W)}`` grids to the module's TensorBoard logger (if it is one); returns ``grids``."""
+    experiment = getattr(module.logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_image"):
+        for tag, image in grids.items():
+            experiment.add_image(f"images/{tag}", image, global_step=module.global_step)
+    return grids

@@ -1,0 +1,240 @@
+"""The GEM-3D latent diffusion model as a LightningModule: a :class:`gem3d.denoiser.Denoiser` that Lightning
+trains (eps-prediction, L2 loss, EMA, AdamW, image logging) in one of the variants of
+:data:`gem3d.denoiser.VARIANTS`. A volume stage loads its 2D UNet weights from a stage-1 checkpoint.
+
+The checkpoint keeps the denoiser's parameter names (``unet.*``, ``first_stage.*``) plus ``ema.*``, so
+:func:`gem3d.model_dirs.load_model_dir` rebuilds a plain denoiser from it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, unet_state_dict
+from gem3d.denoiser import Denoiser
+from gem3d.ema import EMA
+from gem3d.sampling.samplers import sample_ddim
+from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+
+__all__ = ["Gem3dLDM"]
+
+
+class Gem3dLDM(Denoiser, L.LightningModule):
+    """GEM-3D latent diffusion training for one variant.
+
+    Args (beside :class:`gem3d.denoiser.Denoiser`'s):
+        ckpt_path: stage-1 checkpoint (file, run folder or glob) whose UNet weights initialise a volume stage
+            (``load_slice_weights``); None trains the volume stage from scratch (with a warning).
+        ckpt_use_ema: take the stage-1 checkpoint's EMA weights instead of the raw ones.
+        use_ema / ema_decay: keep an EMA of the trained UNet parameters (in the checkpoint).
+        sample_with_ema: image logging and model loading default to the EMA weights.
+        base_learning_rate / scale_lr: AdamW lr (scaled by GPUs x batch x accumulation when ``scale_lr``).
+        weight_decay: AdamW weight decay.
+        log_images_every_n_steps: TensorBoard image grids every N steps (0: never).
+        sample_steps_for_logging: DDIM steps of the logged sample.
+    """
+
+    def __init__(
+        self,
+        unet_config: Mapping,
+        first_stage_config: Mapping,
+        variant: str = "slice_stage",
+        ckpt_path: str | None = None,
+        ckpt_use_ema: bool = False,
+        use_ema: bool = True,
+        ema_decay: float = 0.9999,
+        sample_with_ema: bool = True,
+        base_learning_rate: float = 5e-6,
+        scale_lr: bool = True,
+        weight_decay: float = 0.01,
+        position_embed_dim: int | None = None,
+        log_images_every_n_steps: int = 0,
+        sample_steps_for_logging: int = 20,
+        condition_latent_factor: float = 1.0,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+    ):
+        super().__init__(
+            unet_config, first_stage_config, variant=variant, position_embed_dim=position_embed_dim,
+            condition_latent_factor=condition_latent_factor, num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start, beta_end=beta_end,
+        )  # fmt: skip
+        self.save_hyperparameters()
+        self.base_learning_rate = float(base_learning_rate)
+        self.scale_lr = bool(scale_lr)
+        self.learning_rate = float(base_learning_rate)
+        self.weight_decay = float(weight_decay)
+        self.log_images_every_n_steps = int(log_images_every_n_steps)
+        self.sample_steps_for_logging = int(sample_steps_for_logging)
+
+        if ckpt_path is not None:
+            if not self.spec.volumetric:
+                raise ValueError(
+                    f"ckpt_path={ckpt_path!r} is only used by the volume stages (volume_stage, baseline_volume) to load "
+                    f"stage-1 UNet weights; variant={variant!r} takes none (set model.params.ckpt_path to null, or use "
+                    f"main.py --resume to continue a run)"
+                )
+            resolved = resolve_checkpoint(ckpt_path, key="model.params.ckpt_path")
+            self.unet.load_slice_weights(unet_state_dict(load_checkpoint(resolved), use_ema=ckpt_use_ema))
+            weights = "EMA" if ckpt_use_ema else "raw"
+            rank_zero_info(f"Loaded the stage-1 UNet weights ({weights}) of {resolved} into the {variant} UNet")
+        elif self.spec.volumetric:
+            rank_zero_warn(f"variant={variant!r} without ckpt_path: the 2D UNet weights start from scratch")
+        if self.spec.train_only_volumetric:
+            self.unet.freeze_non_volumetric()
+
+        self.use_ema = bool(use_ema)
+        self.ema = EMA(self.unet, decay=ema_decay) if self.use_ema else None
+        self.sample_with_ema = bool(sample_with_ema) and self.use_ema
+
+    # ------------------------------------------------------------------------------------ train mode
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage.train(False)
+        return self
+
+    # ------------------------------------------------------------------------------------ latents
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, *, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Grey images ``(B, F, 1, S, S)`` -> scaled latents ``(B, F, z, h, w)`` (posterior sample or mean)."""
+        return self.first_stage.encode(images, sample=sample, generator=generator)
+
+    def encode_batch(self, batch: Mapping, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """A data batch -> ``(z (B, F, z, h, w), cond)`` with ``cond`` from :meth:`condition`.
+
+        Clip batches: ``image``/``mask (B, F, 1, S, S)``, ``informed (B, 1, S, S)``. Slice batches (position
+        variant): ``image (B, 1, S, S)``, ``pos (B,)`` -> ``F = 1``.
+        """
+        image = batch["image"]
+        if self.spec.data_kind == "slice":
+            if image.ndim != 4:
+                raise ValueError(f"variant {self.variant!r} expects slice batches image (B, 1, S, S), got {tuple(image.shape)}")
+            z = self.encode_images(rearrange(image, "b c h w -> b 1 c h w"), sample=True, generator=generator)
+            return z, self.condition(pos=batch["pos"])
+        if image.ndim != 5:
+            raise ValueError(f"variant {self.variant!r} expects clip batches image (B, F, 1, S, S), got {tuple(image.shape)}")
+        z = self.encode_images(image, sample=True, generator=generator)
+        mask_latent = self.encode_condition_images(batch["mask"], is_mask=True)
+        informed_latent = None
+        if self.spec.use_informed:
+            informed_latent = self.encode_condition_images(batch["informed"], is_mask=False)
+        return z, self.condition(mask_latent, informed_latent)
+
+    @contextmanager
+    def ema_scope(self, enabled: bool = True) -> Iterator[None]:
+        """Temporarily swap the EMA weights into the UNet (no-op without EMA or when not ``enabled``)."""
+        if self.ema is None or not enabled:
+            yield
+            return
+        with self.ema.swapped_in(self.unet):
+            yield
+
+    def unet_state_dict(self, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
+        """The UNet weights to export: EMA when ``use_ema`` (default ``sample_with_ema``), else raw."""
+        use_ema = self.sample_with_ema if use_ema is None else use_ema
+        with self.ema_scope(use_ema):
+            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+
+    # ------------------------------------------------------------------------------------ loss
+    def sample_timesteps(self, b: int, f: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps ``(B, F)``: one per clip for the volume variants, one per slice otherwise."""
+        n = b if self.spec.fix_t else b * f
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=self.device if generator is None else generator.device)
+        t = t.to(self.device)
+        return repeat(t, "b -> b f", f=f) if self.spec.fix_t else rearrange(t, "(b f) -> b f", b=b)
+
+    def loss(self, batch: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
+        """L2 between predicted and true noise, averaged over all elements."""
+        z0, cond = self.encode_batch(batch, generator=generator)
+        b, f = z0.shape[:2]
+        t = self.sample_timesteps(b, f, generator)
+        if generator is None:
+            noise = torch.randn_like(z0)
+        else:
+            noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
+        x_t = self.q_sample(z0, t, noise)
+        return F.mse_loss(self.eps(x_t, t, cond), noise)
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        n = self.log_images_every_n_steps
+        if n > 0 and self.global_step % n == 0 and self.trainer.is_global_zero:
+            self.log_images(batch)
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        loss = self.loss(batch, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        if self.ema is not None:
+            generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+            with self.ema_scope():
+                loss_ema = self.loss(batch, generator=generator)
+            self.log("val/loss_ema", loss_ema, on_step=False, on_epoch=True, sync_dist=True)
+
+    # ------------------------------------------------------------------------------------ images
+    @torch.no_grad()
+    def sample_clip(self, cond: Mapping, shape: tuple[int, ...], steps: int, seed: int = 0) -> torch.Tensor:
+        """A DDIM sample ``shape = (B, F, z, h, w)`` (eta 1) with ``cond`` -> latents."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        x_T = torch.randn(shape, generator=generator, device=self.device)
+        with self.ema_scope(self.sample_with_ema):
+            return sample_ddim(self.model_fn(cond), x_T, self.alphas_cumprod, steps=steps, eta=1.0, generator=generator)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Image grids of the first clip of ``batch``: real, mask, informed slice, a short DDIM sample.
+        Returned as ``{tag: (1, H, W) in [0, 1]}`` and written to TensorBoard when the logger is one."""
+        was_training = self.training
+        self.eval()
+        try:
+            batch = {k: (v[:1].to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            z, cond = self.encode_batch(batch)
+            sample = self.first_stage.decode_grey(self.sample_clip(cond, tuple(z.shape), self.sample_steps_for_logging))
+            if self.spec.data_kind == "slice":  # (1, 1, S, S) slices -> one-frame rows
+                real, mask = batch["image"], batch["mask"]
+            else:
+                real, mask = batch["image"][0], batch["mask"][0]
+            grids = {"real": image_grid([real]), "mask": image_grid([mask]), "sample": image_grid([sample[0]])}
+            if self.spec.use_informed:
+                grids["informed"] = image_grid([batch["informed"]])
+            grids["real_vs_sample"] = image_grid([real, sample[0]])
+        finally:
+            self.train(was_training)
+        return log_image_grids(self, grids)
+
+    # ------------------------------------------------------------------------------------ optimiser
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters AdamW updates: the volumetric ones for the volume variants, else the whole UNet."""
+        if self.spec.train_only_volumetric:
+            return list(self.unet.volumetric_parameters())
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
+        """Apply the ``scale_lr`` rule and print latent-diffusion's message; returns the lr."""
+        return set_learning_rate(self, ngpu, batch_size, accumulate)
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError(f"variant {self.variant!r}: no trainable parameters")
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["first_stage_scale_factor"] = float(self.first_stage.scale_factor)
+        checkpoint["first_stage_architecture"] = self.first_stage.architecture()
