@@ -8,15 +8,21 @@ Lightning checkpoints can hold pickled Python objects next to the weights. gem3d
 
 from __future__ import annotations
 
+import argparse
+import builtins
+import collections
 import glob
 import os
+import pathlib
 import pickle
 import re
+import typing
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -80,12 +86,6 @@ def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
     ``pathlib`` paths, ``argparse.Namespace`` hyper-parameters, and the callback classes that PL < 1.5 used as
     ``callbacks`` keys (mapped to inert placeholders, never to the real classes).
     """
-    import argparse
-    import builtins
-    import collections
-    import pathlib
-    import typing
-
     allow: list[Callable | tuple[Callable, str]] = [
         typing.Any, collections.OrderedDict, argparse.Namespace,
         pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
@@ -117,20 +117,15 @@ def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
             full = f"{package}.{name}"
             allow.append((_placeholder(full), full))
 
-    try:
-        import numpy as np
-
-        multiarray = _optional("numpy._core", "multiarray") or _optional("numpy.core", "multiarray")
-        for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allow.append((multiarray._reconstruct, f"{core}._reconstruct"))
-            allow.append((multiarray.scalar, f"{core}.scalar"))
-        allow += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
-        for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
-            obj = _optional("numpy.dtypes", dtype_name)
-            if obj is not None:
-                allow.append((obj, f"numpy.dtypes.{dtype_name}"))
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    multiarray = _optional("numpy._core", "multiarray") or _optional("numpy.core", "multiarray")
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allow.append((multiarray._reconstruct, f"{core}._reconstruct"))
+        allow.append((multiarray.scalar, f"{core}.scalar"))
+    allow += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        obj = _optional("numpy.dtypes", dtype_name)
+        if obj is not None:
+            allow.append((obj, f"numpy.dtypes.{dtype_name}"))
     return allow
 
 
