@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "state_dict_of",
     "unet_state_dict",
+    "load_weights",
     "with_prefix",
 ]
 
@@ -242,3 +243,19 @@ def unet_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, tor
     raise KeyError(
         f"no UNet weights ('unet.*' or 'model.diffusion_model.*') among {len(state_dict)} keys, e.g. {list(state_dict)[:5]}"
     )
+
+
+def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """``module.load_state_dict(state_dict, strict=True)``, failing with one line that names the first missing,
+    unexpected and differently shaped keys (``where``: the file or part the weights came from)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {tuple(v.shape)} vs the model's {tuple(expected[k].shape)}"
+             for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{where}: the weights do not fit the model its config describes: {len(wrong)} with another shape "
+            f"{wrong[:3]}, {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    module.load_state_dict(dict(state_dict), strict=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,9 +55,25 @@ def instantiate_from_config(cfg: Mapping | DictConfig, **extra: Any) -> Any:
     params = dict(cfg.get("params") or {})
     params.update(extra)
     try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature
+        signature = None
+    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        check_keys(params, [n for n in signature.parameters if n != "self"], f"params of target {cfg['target']!r}")
+    try:
         return factory(**params)
     except TypeError as err:
         raise TypeError(f"instantiating target {cfg['target']!r} with params {sorted(params)} failed: {err}") from err
+
+
+def check_keys(given: Mapping | Any, allowed, where: str) -> None:
+    """Refuse keys of ``given`` that are not in ``allowed``, naming the closest allowed key and all of them."""
+    allowed = list(allowed)
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown key {key!r} in {where}; {hint}allowed: {sorted(allowed)}")
 
 
 def is_placeholder(value: Any) -> bool:

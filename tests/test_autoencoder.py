@@ -243,7 +243,7 @@ def test_from_ldm_checkpoint_offline(tmp_path):
     torch.testing.assert_close(model.decode(expected), source.decode(expected), atol=1e-6, rtol=0)
 
     # a checkpoint that does not fit the config names the problem
-    with pytest.raises(ValueError, match="do not fit this architecture"):
+    with pytest.raises(ValueError, match="do not fit the model"):
         FirstStage.from_ldm_checkpoint(tmp_path / "model.ckpt", "configs/first_stage/demo-f8.yaml")
     with pytest.raises(FileNotFoundError, match="no_such.ckpt"):
         FirstStage.from_ldm_checkpoint(tmp_path / "no_such.ckpt", config)

@@ -50,8 +50,10 @@ def check_same_grid(geom_a: Geometry, geom_b: Geometry, what: str = "image and l
         raise ValueError(f"{what} shapes differ: {geom_a.shape} vs {geom_b.shape}")
     if not np.allclose(geom_a.affine, geom_b.affine, atol=AFFINE_ATOL_MM, rtol=0):
         diff = float(np.abs(geom_a.affine - geom_b.affine).max())
+        rows = lambda a: np.array2string(a[:3], precision=4, separator=",", max_line_width=10_000).replace("\n", "")  # noqa: E731
         raise ValueError(
-            f"{what} affines differ (max |diff| {diff:.4g} > {AFFINE_ATOL_MM}):\n{geom_a.affine}\nvs\n{geom_b.affine}"
+            f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): {rows(geom_a.affine)} vs "
+            f"{rows(geom_b.affine)}; resample the label onto the image grid"
         )
 
 
@@ -65,6 +67,10 @@ def load_case(
     """Read an image (and optional label) NIfTI into a canonical `Case`; checks that both share one grid."""
     image_path = Path(image_path)
     image, geometry = load_nifti(image_path, channel=channel, dtype=np.float32, slice_axis=slice_axis)
+    if not np.all(np.isfinite(image)):
+        n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
+        raise ValueError(f"{image_path}: image holds {n_nan} NaN and {n_inf} Inf voxels (non-finite); expected finite "
+                         f"intensities: replace them (e.g. by the background value) first")
     label = None
     if label_path is not None:
         label_path = Path(label_path)

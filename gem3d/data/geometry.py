@@ -7,6 +7,7 @@ with the source affine and shape.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,12 +160,15 @@ def load_nifti(
             channel = 0
         if not 0 <= channel < n:
             raise ValueError(f"channel {channel} out of range for {path} with {n} channels (allowed 0..{n - 1})")
-        data = np.asanyarray(img.dataobj[..., channel])
+        index = (..., channel)
     elif len(shape) == 3:
         if channel not in (None, 0):
             raise ValueError(f"{path} is 3-D (shape {shape}); channel must be None or 0, got {channel}")
-        data = np.asanyarray(img.dataobj)
+        index = ...
     else:
-        raise ValueError(f"{path} must hold 3-D data (or 4-D with channels), got shape {shape}")
-    data = np.asarray(data, dtype=dtype)
+        raise ValueError(f"{path} must hold 3-D data (or 4-D with channels), got shape {shape} ({len(shape)}-D)")
+    try:
+        data = np.asarray(img.dataobj[index], dtype=dtype)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise ValueError(f"cannot read {path}: truncated or corrupt file ({exc}); write it again") from exc
     return data, Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=data.shape, slice_axis=slice_axis)

@@ -67,6 +67,12 @@ class RawDataset:
         self.labels: dict[str, int] = parse_labels(self.dataset_json["labels"])
         self.file_ending: str = self.dataset_json["file_ending"]
         self.channel_names: dict[str, str] = {str(k): v for k, v in self.dataset_json["channel_names"].items()}
+        for split in SPLITS:
+            labels_dir, images = self.root / f"labels{split}", set(self.case_names(split))
+            stray = sorted(p.name for p in labels_dir.glob(f"*{self.file_ending}") if p.name[: -len(self.file_ending)] not in images)
+            if stray:
+                raise ValueError(f"{labels_dir}: {stray[:3]} have no image (expected images{split}/<case>_0000"
+                                 f"{self.file_ending}); remove these labels or add their images")
 
     @property
     def max_label(self) -> int:

@@ -124,6 +124,9 @@ def normalise_intensity(
         lo, hi = (float(v) for v in np.percentile(voxels, cfg.percentiles))
     else:
         lo, hi = cfg.window
+    if hi <= lo and cfg.intensity != "window":
+        raise ValueError(f"image intensities are constant ({lo:g} everywhere{' in the body' if cfg.intensity == 'percentile' else ''}): "
+                         f"nothing to normalise with intensity={cfg.intensity!r}; check the image file")
     stats = {"mode": cfg.intensity, "lo": lo, "hi": hi}
     scale = hi - lo if hi > lo else 1.0
     x = (np.clip(image, lo, hi) - lo) / scale * 2.0 - 1.0
@@ -224,7 +227,10 @@ def prepare_case(case: Case, cfg: PreprocessConfig) -> PreparedCase:
         body = compute_body_mask(image, cfg)
     if label is not None:
         body |= label > 0
-    x, stats = normalise_intensity(image, cfg, body)
+    try:
+        x, stats = normalise_intensity(image, cfg, body)
+    except ValueError as exc:
+        raise ValueError(f"case {case.name!r} ({case.image_path or 'in memory'}): {exc}") from None
     stats["body_fraction"] = float(body.mean())
     label_out = None if label is None else np.where(body, label, -1).astype(np.int16)
     canonical_hw = (int(image.shape[1]), int(image.shape[2]))

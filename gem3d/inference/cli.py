@@ -7,6 +7,8 @@ Defaults come from ``configs/inference/<dataset>.yaml``; flags override them::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import os
 import pickle
 import sys
@@ -15,13 +17,17 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from gem3d.config import check_keys
 from gem3d.inference.engine import InferenceConfig, run_inference
+from gem3d.inference.mask_edit import icma_edit
 from gem3d.inference.settings import SETTINGS, get_setting
 from gem3d.inference.volume import SamplerOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs" / "inference"
 
+CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
+               "sampler", "mask_edit", "preprocess")
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
     """``configs/inference/<dataset>.yaml`` as a plain dict."""
@@ -29,7 +35,13 @@ def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
         raise FileNotFoundError(f"no inference config for dataset {dataset!r} at {path}; known: {known}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    check_keys(config, CONFIG_KEYS, str(path))
+    for key, allowed in (("sampler", [f.name for f in dataclasses.fields(SamplerOptions)]),
+                         ("models", ("volume", "baseline", "slice")),
+                         ("mask_edit", list(inspect.signature(icma_edit).parameters)[3:])):
+        check_keys(config.get(key) or {}, allowed, f"{key} of {path}")
+    return config
 
 
 def _bool_flag(parser, name: str, help: str):

@@ -9,12 +9,16 @@ Per sample it picks the informed slice and the mask the setting asks for, sample
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
 import time
 import zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -318,8 +322,19 @@ class Enhancer:
         if case.label is None:
             raise ValueError(f"case {case_name!r} has no label: GEM-3D generates a volume from its mask")
         label = np.asarray(case.label).astype(np.int16)
+        window = self.cfg.sampler.window
+        if self.setting.model != "slice" and case.num_slices < window:
+            raise ValueError(
+                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {window}; pass "
+                f"--window {case.num_slices} (or fewer) for such short volumes"
+            )
         edits = None
         if self.setting.mask == "edited":
+            if not (label > 0).any():
+                raise ValueError(
+                    f"case {case_name!r}: its label has no lesion voxels (values > 0) for setting {self.cfg.setting!r} "
+                    f"to edit; use ic (or ig) for this case, or exclude it with --cases"
+                )
             body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
             label, edits = mask_edit.icma_edit(label, body, rng, **self.cfg.mask_edit)
             label = np.maximum(label, 0).astype(np.int16)
@@ -396,7 +411,11 @@ class Enhancer:
 
     def run(self, rank: int = 0, world_size: int = 1) -> Path:
         """Generate this rank's share of the samples; returns the manifest it wrote."""
-        self.cfg.setting_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.cfg.setting_dir)
+        with output_lock(self.cfg.setting_dir, enabled=rank == 0):
+            return self._run(rank, world_size)
+
+    def _run(self, rank: int, world_size: int) -> Path:
         merged = Manifest(self.cfg.setting_dir / "manifest.json")
         own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
         manifest = merged if world_size == 1 else Manifest(own_path)
@@ -407,6 +426,61 @@ class Enhancer:
         for case, k in bar:
             manifest.add(self.generate(case, k), replace=True)
         return own_path
+
+
+LOCK_NAME = ".gem3d.lock"
+
+
+def prepare_output_dir(folder: Path) -> None:
+    """Create ``folder``; a path that cannot be a writable folder fails with one line naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output {str(folder)!r} is not a writable folder ({exc.strerror or exc}); choose another --out") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"output {str(folder)!r} is not a writable folder (permission denied); choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``folder/.gem3d.lock`` while a run writes there: a second run on the same folder fails naming the
+    first one's process; a lock left by a dead process on this host is taken over."""
+    if not enabled:
+        yield
+        return
+    path, me = folder / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise ValueError(
+                f"another gem3d run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to {folder} "
+                f"(lock file {path}); wait for it to finish, or choose another --out"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:

@@ -49,8 +49,8 @@ class SamplerOptions:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
         if not 0.0 <= float(self.eta):
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
-        if self.window < 1 or not 0 <= self.overlap < self.window:
-            raise ValueError(f"need window >= 1 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
+        if self.window < 2 or not 0 <= self.overlap < self.window:
+            raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, state_dict_of, unet_state_dict, with_prefix
+from gem3d.checkpoint import load_checkpoint, load_weights, resolve_checkpoint, state_dict_of, unet_state_dict, with_prefix
 from gem3d.denoiser import Denoiser
 from gem3d.files import file_sha256
 from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
@@ -127,8 +127,8 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     use_ema = bool(hparams.get("sample_with_ema", True)) and has_ema if ema is None else bool(ema)
     if use_ema and not has_ema:
         raise ValueError(f"ema=True but the run {str(path)!r} was trained without EMA")
-    model.unet.load_state_dict(unet_state_dict(ckpt, use_ema=use_ema), strict=True)
-    model.first_stage.load_state_dict(with_prefix(state_dict_of(ckpt), "first_stage."), strict=True)
+    load_weights(model.unet, unet_state_dict(ckpt, use_ema=use_ema), f"{checkpoint} (unet.*)")
+    load_weights(model.first_stage, with_prefix(state_dict_of(ckpt), "first_stage."), f"{checkpoint} (first_stage.*)")
     if "first_stage_scale_factor" in ckpt:
         model.first_stage.scale_factor = float(ckpt["first_stage_scale_factor"])
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -150,7 +150,7 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
     if target != DENOISER_TARGET and target not in LEGACY_TARGETS:
         raise ValueError(f"{path / CONVERTED_CONFIG}: model.target={target!r}, expected {DENOISER_TARGET!r}")
     model = Denoiser.from_kwargs(model_cfg.get("params") or {})
-    model.load_state_dict(load_file(str(path / CONVERTED_WEIGHTS)), strict=True)
+    load_weights(model, load_file(str(path / CONVERTED_WEIGHTS)), str(path / CONVERTED_WEIGHTS))
     preprocess = ((config.get("data") or {}).get("params") or {}).get("preprocess")
     return model, path / CONVERTED_WEIGHTS, converted_ema, preprocess
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from gem3d.checkpoint import safe_load_checkpoint, with_prefix
+from gem3d.checkpoint import load_weights, safe_load_checkpoint, with_prefix
 from gem3d.denoiser import Denoiser
 from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
 
@@ -372,7 +372,7 @@ def load_original_denoiser(path: str | os.PathLike, ema: bool | None = None, tru
             f"the original's 'linear' (linear-in-sqrt) schedule with eps-prediction"
         )
     model = Denoiser(**denoiser_kwargs(orig))
-    model.unet.load_state_dict(orig.unet_state_dict, strict=True)
+    load_weights(model.unet, orig.unet_state_dict, f"{orig.checkpoint_path} (model.diffusion_model.*)")
     if orig.first_stage_state_dict:
         model.first_stage.load_ldm_state_dict(orig.first_stage_state_dict)
     elif orig.first_stage_ckpt_path:

@@ -19,7 +19,7 @@ from einops import rearrange, repeat
 from torch import nn
 from tqdm.auto import tqdm
 
-from gem3d.checkpoint import load_checkpoint, state_dict_of, with_prefix
+from gem3d.checkpoint import load_checkpoint, load_weights, state_dict_of, with_prefix
 from gem3d.config import instantiate_from_config
 from gem3d.models import ldm_vae
 
@@ -209,7 +209,7 @@ class FirstStage(nn.Module):
         ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
         bare = ldm_vae.extract_ldm_autoencoder(state_dict, prefix)
         converted = ldm_vae.ldm_to_diffusers_state_dict(bare, self.vae.config)
-        self._load_vae_state_dict(converted, source="LDM")
+        load_weights(self.vae, converted, "LDM autoencoder weights")
         return self
 
     def load_diffusers_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
@@ -218,7 +218,7 @@ class FirstStage(nn.Module):
         layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
         if layout != "diffusers":
             raise ValueError(f"the weights under prefix {prefix!r} are in the LDM layout; use load_ldm_state_dict")
-        self._load_vae_state_dict(ldm_vae.strip_prefix(state_dict, prefix), source="diffusers")
+        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
         return self
 
     def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
@@ -229,19 +229,6 @@ class FirstStage(nn.Module):
         if layout == "ldm":
             return self.load_ldm_state_dict(state_dict, prefix)
         return self.load_diffusers_state_dict(state_dict, prefix)
-
-    def _load_vae_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-        expected = self.vae.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong = [f"{k}: {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source} autoencoder weights do not fit this architecture (check the config): "
-                f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-                f"{len(wrong)} with another shape {wrong[:5]}"
-            )
-        self.vae.load_state_dict(dict(state_dict), strict=True)
 
     def to_ldm_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The weights in latent-diffusion's layout (e.g. ``prefix="first_stage_model."``)."""
