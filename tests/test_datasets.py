@@ -21,6 +21,7 @@ from gem3d.data.datasets import (
 from gem3d.data.module import Gem3dDataModule
 from gem3d.data.nnunet import RawDataset, open_dataset
 from gem3d.data.preprocess import PreprocessConfig, label_to_grey
+from tests.test_nnunet_preprocessed import write_preprocessed_dataset
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
 
@@ -216,18 +217,13 @@ def test_datamodule_uses_train_and_val_splits(dataset, kind):
 
 
 def test_preprocessed_folder_through_the_cache(tmp_path):
-    folder = tmp_path / "Dataset002_Pre" / "nnUNetPlans_3d_fullres"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        seg = rng.integers(0, 2, size=(1, 8, 12, 12)).astype(np.int8)
-        seg[:, :, :2] = -1
-        np.savez(folder / f"p_{i}.npz", data=rng.normal(size=(1, 8, 12, 12)).astype(np.float32), seg=seg)
-    (tmp_path / "Dataset002_Pre" / "dataset.json").write_text(json.dumps(
-        {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
-    cache = VolumeCache(tmp_path / "Dataset002_Pre", PreprocessConfig(size=12, max_label=1, body="none"))
+    write_preprocessed_dataset(tmp_path / "Dataset002_Pre", "npz", cases=("p_0", "p_1"))
+    cache = VolumeCache(tmp_path / "Dataset002_Pre", PreprocessConfig(size=8, max_label=1, body="none"))
     assert cache.names == ["p_0", "p_1"]
     prepared = cache.get("p_1")
-    assert prepared.image.shape == (8, 12, 12) and (prepared.label[:, :2] == -1).all()
-    item = ClipDataset(cache, cache.names, clip_len=8)[0]
+    case = cache.dataset.load_case("p_1")
+    assert prepared.image.shape == (4, 8, 8) and prepared.geometry == case.geometry
+    assert (case.label[..., 0] == -1).all() and (case.label[..., 1:] != -1).all()  # seg[:, 0] = -1 on the source
+    assert (prepared.label[..., 0] == -1).all() and (prepared.label[..., -1] != -1).all()
+    item = ClipDataset(cache, cache.names, clip_len=4)[0]
     assert item["mask"].min() == pytest.approx(-3.0)  # -1 - 2/max_label with max_label 1

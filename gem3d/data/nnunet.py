@@ -1,8 +1,12 @@
 """nnU-Net v2 datasets: raw (`dataset.json`, `imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`, `imagesTs`)
-and preprocessed (`<Dataset>/nnUNetPlans_3d_fullres/<case>.npz` with `data` (C, D, H, W) and `seg` (1, D, H, W))."""
+and preprocessed (`<Dataset>/nnUNetPlans_3d_fullres/`: per case `<case>.b2nd` + `<case>_seg.b2nd` (nnU-Net >= 2.5,
+blosc2) or `<case>.npz` (`data` (C, X0, X1, X2), `seg` (1, X0, X1, X2)), and `<case>.pkl` with the case's geometry;
+`<Dataset>/nnUNetPlans.json` with `transpose_forward`)."""
 from __future__ import annotations
 
+import importlib
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ def _check_split(split: str) -> str:
 
 
 def read_dataset_json(root: str | Path) -> dict:
-    """Parse and validate `<root>/dataset.json` (keys channel_names, labels, file_ending; int labels)."""
+    """Parse and validate `<root>/dataset.json` (keys channel_names, labels, file_ending; labels by `parse_labels`)."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
         raise FileNotFoundError(f"no dataset.json in {root}")
@@ -35,24 +39,41 @@ def read_dataset_json(root: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise KeyError(f"{path} lacks {missing}; required keys are {list(REQUIRED_KEYS)}")
-    parse_labels(meta["labels"], where=str(path))
+    parse_labels(meta["labels"], meta.get("regions_class_order"), where=str(path))
     return meta
 
 
-def parse_labels(labels: dict, where: str = "dataset.json") -> dict[str, int]:
-    """dataset.json `labels` (name -> int) -> validated dict; region-based (list) labels are refused."""
+def parse_labels(labels: dict, regions_class_order=None, where: str = "dataset.json") -> dict[str, int]:
+    """dataset.json `labels` -> {name: the value it has in label maps}, by nnU-Net v2's rule.
+
+    Plain labels map names to ints. Region-based ones (nnU-Net's region training, e.g. BraTS) map regions to lists
+    of ints and need `regions_class_order`: region i (in file order, background and "ignore" apart) is written as
+    value regions_class_order[i]. Either way the values a label map may hold (every int named) must be unique and
+    consecutive from background 0, as nnU-Net's verify_dataset_integrity requires."""
     if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{where}: 'labels' must be a non-empty object name -> int, got {labels!r}")
-    out = {}
+        raise ValueError(f"{where}: 'labels' must be a non-empty object name -> int (or list of ints), got {labels!r}")
+    named = {}
     for key, value in labels.items():
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-            raise ValueError(f"{where}: label {key!r} must be an int (region-based labels unsupported), got {value!r}")
-        out[str(key)] = int(value)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).isdigit()
+                             for v in values):
+            raise ValueError(f"{where}: label {key!r} must be an int >= 0 or a list of them (a region), got {value!r}")
+        named[str(key)] = [int(v) for v in values]
+    out = {k: v[0] for k, v in named.items()}
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        regions = [k for k, v in named.items() if v != [0] and k != "ignore"]
+        if not isinstance(regions_class_order, (list, tuple)) or len(regions_class_order) != len(regions):
+            raise ValueError(f"{where}: region-based labels {regions} need 'regions_class_order' with one value per "
+                             f"region, got {regions_class_order!r}")
+        out.update(zip(regions, (int(v) for v in regions_class_order)))
     values = sorted(out.values())
-    if len(set(values)) != len(values):
-        raise ValueError(f"{where}: label values must be unique, got {out}")
-    if 0 not in values or min(values) < 0:
-        raise ValueError(f"{where}: labels must include background 0 and be >= 0, got {out}")
+    held = sorted({v for vs in named.values() for v in vs})
+    if len(set(values)) != len(values) or values != held:
+        raise ValueError(f"{where}: label values must be unique and each written by one label, got {out} "
+                         f"(label maps hold {held})")
+    if values != list(range(len(values))):
+        raise ValueError(f"{where}: labels must declare background = 0 and values consecutive from 0 (nnU-Net's "
+                         f"rule), got {values}")
     return out
 
 
@@ -64,7 +85,8 @@ class RawDataset:
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
         self.dataset_json = read_dataset_json(self.root)
-        self.labels: dict[str, int] = parse_labels(self.dataset_json["labels"])
+        self.labels: dict[str, int] = parse_labels(self.dataset_json["labels"],
+                                                   self.dataset_json.get("regions_class_order"))
         self.file_ending: str = self.dataset_json["file_ending"]
         self.channel_names: dict[str, str] = {str(k): v for k, v in self.dataset_json["channel_names"].items()}
         for split in SPLITS:
@@ -121,58 +143,168 @@ class RawDataset:
         return f"RawDataset({str(self.root)!r}, cases={len(self.case_names())}, labels={self.labels})"
 
 
-def read_preprocessed_case(
-    npz_path: str | Path, channel: int = 0, name: str | None = None, slice_axis: int = 0
-) -> Case:
-    """nnU-Net v2 preprocessed case (`.npz` with `data` (C, D, H, W), `seg` (1, D, H, W); or the unpacked pair
-    `<case>.npy` + `<case>_seg.npy`) -> Case with an identity geometry (array axis `slice_axis` becomes the slice
-    axis; 0 = nnU-Net's first axis) and seg -1 kept (outside the body)."""
-    path = Path(npz_path)
+# ----- preprocessed datasets -----------------------------------------------------------------------------------
+CASE_LAYOUTS = ("<case>.b2nd + <case>_seg.b2nd (nnU-Net >= 2.5, blosc2)", "<case>.npz (data, seg)",
+                "<case>.npy + <case>_seg.npy (unpacked)")
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")} | {
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")}
+
+
+class _PropertiesUnpickler(pickle.Unpickler):
+    """nnU-Net's `<case>.pkl` holds containers, numbers and numpy arrays only; anything else is refused, so reading a
+    properties file never runs code from it."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: nnU-Net case properties hold only "
+                                     "containers and numpy arrays")
+
+
+def read_properties(path: str | Path) -> dict:
+    """A case's nnU-Net properties (`<case>.pkl`), read without running code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"nnU-Net case properties not found: {path} (nnU-Net writes one .pkl per case)")
+    with path.open("rb") as f:
+        properties = _PropertiesUnpickler(f).load()
+    if not isinstance(properties, dict):
+        raise ValueError(f"{path} must hold a dict of case properties, got {type(properties).__name__}")
+    return properties
+
+
+def reader_affine(properties: dict) -> np.ndarray:
+    """(4, 4) voxel -> world (RAS+, mm) affine of the array nnU-Net's image reader returned, in its axis order
+    (z, y, x for SimpleITKIO and NibabelIO), from `sitk_stuff` (SimpleITK: spacing, origin, direction in x, y, z
+    order and LPS+ world) or `nibabel_stuff` (the NIfTI affine; `reoriented_affine` for NibabelIOWithReorient)."""
+    if "sitk_stuff" in properties:
+        sitk = properties["sitk_stuff"]
+        spacing = np.asarray(sitk["spacing"], dtype=np.float64)
+        if spacing.shape != (3,):
+            raise ValueError(f"only 3-D nnU-Net cases are supported, got sitk spacing {tuple(spacing)}")
+        lps = np.eye(4)
+        lps[:3, :3] = np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3) * spacing
+        lps[:3, 3] = sitk["origin"]
+        xyz_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS+ -> RAS+
+    elif "nibabel_stuff" in properties:
+        stuff = properties["nibabel_stuff"]
+        xyz_affine = np.asarray(stuff.get("reoriented_affine", stuff["original_affine"]), dtype=np.float64)
+    else:
+        raise KeyError(f"case properties hold neither 'sitk_stuff' nor 'nibabel_stuff' (the reader's geometry); "
+                       f"keys: {sorted(properties)}")
+    return xyz_affine[:, [2, 1, 0, 3]]  # both readers return the array with axes reversed (z, y, x)
+
+
+def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, int, int]) -> np.ndarray:
+    """(4, 4) voxel -> world (RAS+, mm) affine of a preprocessed nnU-Net array of spatial `shape`.
+
+    nnU-Net's preprocessing (default_preprocessor.run_case_npy): the reader's array is transposed by the plans'
+    `transpose_forward`, cropped to `bbox_used_for_cropping` (the nonzero box), then resampled from
+    `shape_after_cropping_and_before_resampling` to `shape` keeping the volume's outer corners, so preprocessed
+    voxel j lies at cropped index (j + 0.5) * before / after - 0.5 (a spacing of the reader's spacing times
+    before / after, the plans' target spacing up to nnU-Net's rounding of the shape). The affine undoes the three."""
+    missing = [k for k in ("bbox_used_for_cropping", "shape_after_cropping_and_before_resampling") if k not in properties]
+    if missing:
+        raise KeyError(f"case properties lack {missing} (written by nnU-Net's preprocessor); keys: {sorted(properties)}")
+    axes = [int(a) for a in transpose_forward]
+    if sorted(axes) != [0, 1, 2]:
+        raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {transpose_forward!r}")
+    transpose = np.zeros((4, 4))
+    transpose[axes, [0, 1, 2]] = 1.0  # transposed axis a is the reader's axis axes[a]
+    transpose[3, 3] = 1.0
+    scale = np.asarray(properties["shape_after_cropping_and_before_resampling"], np.float64) / np.asarray(shape)
+    crop_and_resample = np.diag([*scale, 1.0])
+    crop_and_resample[:3, 3] = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
+    return reader_affine(properties) @ transpose @ crop_and_resample
+
+
+def find_plans(folder: str | Path) -> Path:
+    """The plans file of a preprocessed configuration folder: nnU-Net names the folder `<plans>_<configuration>`
+    (e.g. nnUNetPlans_3d_fullres) and writes `<plans>.json` next to it; also looked for inside the folder, and
+    `nnUNetPlans.json` when the name gives nothing."""
+    folder = Path(folder)
+    parts = folder.name.split("_")
+    for stem in ["_".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)] + ["nnUNetPlans"]:
+        for parent in (folder.parent, folder):
+            if (parent / f"{stem}.json").is_file():
+                return parent / f"{stem}.json"
+    raise FileNotFoundError(f"no nnU-Net plans for {folder}: expected {folder.parent / 'nnUNetPlans.json'} "
+                            "(nnUNetv2_plan_and_preprocess writes it next to the preprocessed folder)")
+
+
+def _blosc2():
+    try:
+        return importlib.import_module("blosc2")  # optional: only the nnU-Net >= 2.5 layout needs it
+    except ImportError as exc:
+        raise ImportError('reading nnU-Net .b2nd files needs blosc2: pip install blosc2 (or "gem3d[nnunet]")') from exc
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if path.suffix == ".b2nd":
+        return _blosc2().open(str(path), mode="r")[:]
+    return np.load(path)
+
+
+def read_preprocessed_arrays(image_path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`data` (C, X0, X1, X2) and `seg` (1, X0, X1, X2) or None of one preprocessed case, from `<case>.b2nd`
+    (+ `<case>_seg.b2nd`), `<case>.npz` (keys data, seg) or `<case>.npy` (+ `<case>_seg.npy`)."""
+    path = Path(image_path)
     if not path.is_file():
         raise FileNotFoundError(f"preprocessed case not found: {path}")
     if path.suffix == ".npz":
         with np.load(path) as npz:
             if "data" not in npz.files:
                 raise KeyError(f"{path} lacks 'data'; holds {npz.files}")
-            data = np.asarray(npz["data"])
-            seg = np.asarray(npz["seg"]) if "seg" in npz.files else None
-    elif path.suffix == ".npy":
-        data = np.load(path)
-        seg_path = path.with_name(path.stem + "_seg.npy")
-        seg = np.load(seg_path) if seg_path.is_file() else None
-    else:
-        raise ValueError(f"preprocessed case must be .npz or .npy, got {path.name}")
+            return np.asarray(npz["data"]), (np.asarray(npz["seg"]) if "seg" in npz.files else None)
+    if path.suffix not in (".b2nd", ".npy"):
+        raise ValueError(f"preprocessed case must be one of {CASE_LAYOUTS}, got {path.name}")
+    seg_path = path.with_name(f"{path.stem}_seg{path.suffix}")
+    return _read_array(path), (_read_array(seg_path) if seg_path.is_file() else None)
+
+
+def read_preprocessed_case(image_path: str | Path, transpose_forward=(0, 1, 2), channel: int = 0,
+                           name: str | None = None, slice_axis: int = 2) -> Case:
+    """One nnU-Net v2 preprocessed case (arrays + `<case>.pkl` properties next to them) -> Case whose geometry is
+    the preprocessed grid in world space (see `preprocessed_affine`); seg -1 (outside nnU-Net's crop mask) is kept.
+    `slice_axis` is a RAS axis, as for raw datasets (2 = axial)."""
+    path = Path(image_path)
+    data, seg = read_preprocessed_arrays(path)
     if data.ndim != 4:
-        raise ValueError(f"{path}: 'data' must be (C, D, H, W), got shape {data.shape}")
+        raise ValueError(f"{path}: 'data' must be (C, X0, X1, X2), got shape {data.shape}")
     if not 0 <= channel < data.shape[0]:
         raise ValueError(f"{path}: channel {channel} out of range, data has {data.shape[0]} channels")
-    image = np.ascontiguousarray(data[channel], dtype=np.float32)
+    properties = read_properties(path.with_name(path.stem + ".pkl"))
+    geometry = Geometry(preprocessed_affine(properties, transpose_forward, data.shape[1:]), data.shape[1:], slice_axis)
     label = None
     if seg is not None:
         if seg.ndim != 4 or seg.shape[0] != 1 or seg.shape[1:] != data.shape[1:]:
             raise ValueError(f"{path}: 'seg' must be (1, {', '.join(map(str, data.shape[1:]))}), got {seg.shape}")
-        label = labels_as_int16(seg[0], where=str(path))
-    geometry = Geometry.identity(image.shape, slice_axis=slice_axis)
-    if label is not None:
-        label = geometry.to_canonical(label)
-    return Case(name=name or path.stem, image=geometry.to_canonical(image), label=label, geometry=geometry,
-                image_path=path, label_path=path)
+        label = geometry.to_canonical(labels_as_int16(seg[0], where=str(path)))
+    image = geometry.to_canonical(np.asarray(data[channel], dtype=np.float32))
+    return Case(name=name or path.stem, image=image, label=label, geometry=geometry, image_path=path,
+                label_path=path)
 
 
 class PreprocessedDataset:
-    """An nnU-Net v2 preprocessed dataset: `root` is `<Dataset>` (holding `<plans>/`) or the `<plans>` folder itself."""
+    """An nnU-Net v2 preprocessed dataset: `root` is `<Dataset>` (holding the configuration folder `plans`, e.g.
+    nnUNetPlans_3d_fullres) or that folder itself. Cases in any of `CASE_LAYOUTS`, each with `<case>.pkl`; the plans
+    file (`find_plans`) gives `transpose_forward`. Outputs are written on the preprocessed (cropped, resampled) grid."""
 
     def __init__(self, root: str | Path, plans: str = DEFAULT_PLANS):
         root = Path(root)
-        folder = root / plans if (root / plans).is_dir() else root
-        if not any(folder.glob("*.npz")) and not any(folder.glob("*.npy")):
-            raise FileNotFoundError(f"no nnU-Net preprocessed cases (*.npz / *.npy) in {folder}")
         self.root = root
-        self.folder = folder
-        json_path = next((p / "dataset.json" for p in (root, folder, folder.parent) if (p / "dataset.json").is_file()),
-                         None)
+        self.folder = root / plans if (root / plans).is_dir() else root
+        if not self.case_names():
+            raise FileNotFoundError(f"no nnU-Net preprocessed cases in {self.folder}; looked for {' / '.join(CASE_LAYOUTS)}")
+        self.plans_path = find_plans(self.folder)
+        self.plans = json.loads(self.plans_path.read_text())
+        if "transpose_forward" not in self.plans:
+            raise KeyError(f"{self.plans_path} lacks 'transpose_forward'; is it an nnU-Net v2 plans file?")
+        json_path = next((p / "dataset.json" for p in (root, self.folder, self.folder.parent)
+                          if (p / "dataset.json").is_file()), None)
         self.dataset_json = json.loads(json_path.read_text()) if json_path else {}
-        self.labels = parse_labels(self.dataset_json["labels"]) if "labels" in self.dataset_json else None
+        self.labels = (parse_labels(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
+                       if "labels" in self.dataset_json else None)
         self.file_ending = ".npz"
 
     @property
@@ -182,32 +314,28 @@ class PreprocessedDataset:
     def case_names(self, split: str = "Tr") -> list[str]:
         if _check_split(split) == "Ts":
             return []
-        names = {p.stem for p in self.folder.glob("*.npz")}
-        names |= {p.stem for p in self.folder.glob("*.npy") if not p.stem.endswith("_seg")}
-        return sorted(names)
+        names = {p.stem for pattern in ("*.b2nd", "*.npz", "*.npy") for p in self.folder.glob(pattern)}
+        return sorted(n for n in names if not n.endswith("_seg"))
 
     def image_path(self, name: str, split: str = "Tr") -> Path:
-        npz = self.folder / f"{name}.npz"
-        return npz if npz.is_file() else self.folder / f"{name}.npy"
+        paths = [self.folder / f"{name}{suffix}" for suffix in (".b2nd", ".npz", ".npy")]
+        return next((p for p in paths if p.is_file()), paths[1])
 
-    label_path = image_path
+    def label_path(self, name: str, split: str = "Tr") -> Path:
+        path = self.image_path(name, split)
+        return path if path.suffix == ".npz" else path.with_name(f"{name}_seg{path.suffix}")
 
     def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int = 0) -> Case:
-        """nnU-Net keeps arrays in (z, y, x) order, so RAS axis `slice_axis` is array axis `2 - slice_axis`
-        (the default, axial, is array axis 0: the canonical array is the stored array)."""
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be one of (0, 1, 2), got {slice_axis!r}")
-        return read_preprocessed_case(self.image_path(name, split), channel=channel, name=name,
-                                      slice_axis=2 - slice_axis)
+        return read_preprocessed_case(self.image_path(name, split), self.plans["transpose_forward"], channel=channel,
+                                      name=name, slice_axis=slice_axis)
 
 
 def open_dataset(root: str | Path, plans: str = DEFAULT_PLANS) -> RawDataset | PreprocessedDataset:
-    """RawDataset when `root` has imagesTr, else PreprocessedDataset."""
+    """RawDataset when `root` has imagesTr (or imagesTs), else PreprocessedDataset."""
     root = Path(root)
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
         return RawDataset(root)
-    if (root / plans).is_dir() or any(root.glob("*.npz")):
+    if (root / plans).is_dir() or any(p.suffix in (".npz", ".npy", ".b2nd") for p in root.glob("*.*")):
         return PreprocessedDataset(root, plans)
-    raise FileNotFoundError(
-        f"{root} is neither an nnU-Net raw dataset (imagesTr/, dataset.json) nor a preprocessed one ({plans}/*.npz)"
-    )
+    raise FileNotFoundError(f"{root} is neither an nnU-Net raw dataset (imagesTr/, dataset.json) nor a preprocessed "
+                            f"one ({plans}/ holding {' / '.join(CASE_LAYOUTS)})")
