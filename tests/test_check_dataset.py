@@ -11,6 +11,8 @@ import pytest
 
 from gem3d.data import check
 from gem3d.data.check import KINDS, check_dataset
+from gem3d.data.nnunet import RawDataset
+from gem3d.export.nnunet import validate_nnunet_dataset
 from tests.test_datasets import write_raw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,7 @@ def _image_of(root, name="case_001", channel=0):
 
 
 BREAKAGES = {
+    check.FOLDER_NAME: lambda r: r.rename(r.with_name("check_data")),  # returns the moved dataset
     check.JSON_MISSING: lambda r: (r / "dataset.json").unlink(),
     check.JSON_INVALID: lambda r: (r / "dataset.json").write_text("{not json"),
     check.JSON_KEY_MISSING: _edit_json(file_ending=None),
@@ -89,15 +92,16 @@ def test_clean_dataset_has_no_problems(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_problem_kind(tmp_path, kind):
     root = make(tmp_path)
-    BREAKAGES[kind](root)
-    problems = check_dataset(root, min_slices=4)
+    moved = BREAKAGES[kind](root)
+    root = moved if isinstance(moved, Path) else root
+    problems = check_dataset(root, min_slices=4, nnunet_name=True)
     kinds = {p.kind for p in problems}
     assert kind in kinds, problems
     found = next(p for p in problems if p.kind == kind)
     line = str(found)
     assert line.startswith(f"{kind}: case=") and "file=" in line and "value=" in line
-    if kind not in (check.JSON_MISSING, check.JSON_INVALID, check.JSON_KEY_MISSING, check.JSON_BAD_LABELS,
-                    check.NUM_TRAINING, check.NO_CASES):
+    if kind not in (check.FOLDER_NAME, check.JSON_MISSING, check.JSON_INVALID, check.JSON_KEY_MISSING,
+                    check.JSON_BAD_LABELS, check.NUM_TRAINING, check.NO_CASES):
         assert found.case == "case_001"  # the broken case is named; the intact one is not
         assert all(p.case != "case_000" for p in problems)
 
@@ -112,6 +116,48 @@ def test_problem_values_are_specific(tmp_path):
     assert "numTraining=7" in problems[check.NUM_TRAINING].value
     assert check_dataset(root, min_slices=13)[-1].kind == check.NUM_TRAINING
     assert {p.kind for p in check_dataset(make(tmp_path / "b"), min_slices=13)} == {check.TOO_FEW_SLICES}
+
+
+def test_folder_name_is_required_only_for_nnunet(tmp_path):
+    root = make(tmp_path).rename(tmp_path / "brain")
+    assert check_dataset(root, min_slices=4) == []  # gem3d reads any folder name
+    problems = check_dataset(root, min_slices=4, nnunet_name=True)
+    assert [p.kind for p in problems] == [check.FOLDER_NAME] and validate_nnunet_dataset(root) == [str(problems[0])]
+
+
+@pytest.mark.parametrize("shift_mm, same_grid", [(5e-4, True), (2e-3, False)])
+def test_one_affine_tolerance_for_checker_export_and_loader(tmp_path, shift_mm, same_grid):
+    root = make(tmp_path)
+    label = nib.load(str(_label_of(root)))
+    affine = label.affine.copy()
+    affine[0, 3] += shift_mm
+    _save(_label_of(root), np.asanyarray(label.dataobj), affine)
+    assert (check.AFFINE_MISMATCH not in {p.kind for p in check_dataset(root, min_slices=4)}) == same_grid
+    assert (validate_nnunet_dataset(root) == []) == same_grid
+    if same_grid:
+        RawDataset(root).load_case("case_001")
+    else:
+        with pytest.raises(ValueError, match="affines differ"):
+            RawDataset(root).load_case("case_001")
+
+
+def test_one_label_rule_for_checker_export_and_loader(tmp_path):
+    root = make(tmp_path)
+    regions = {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing": [3]}
+    _edit_json(labels=regions, regions_class_order=[1, 2, 3])(root)  # nnU-Net region-based training (BraTS)
+    assert check_dataset(root, min_slices=4) == [] and validate_nnunet_dataset(root) == []
+    assert RawDataset(root).labels == {"background": 0, "whole tumour": 1, "tumour core": 2, "enhancing": 3}
+    for labels, order, message in [(regions, None, "need 'regions_class_order'"),
+                                   ({"background": 0, "a": 1, "b": 2, "c": 4}, None, "consecutive from 0"),
+                                   ({"background": 0, "a": 1, "b": 1, "c": 3}, None, "unique")]:
+        meta = _json(root) | {"labels": labels}
+        meta.pop("regions_class_order", None)
+        _set_json(root, meta)
+        found = [p for p in check_dataset(root, min_slices=4) if p.kind == check.JSON_BAD_LABELS]
+        assert len(found) == 1 and message in found[0].value
+        assert str(found[0]) in validate_nnunet_dataset(root)
+        with pytest.raises(ValueError, match=message):
+            RawDataset(root)
 
 
 def test_cli_exit_codes(tmp_path):

@@ -108,13 +108,14 @@ def test_validate_catches_broken_datasets(tmp_path, sources):
     meta["numTraining"] = 3
     atomic_write_json(out / "dataset.json", meta)
     problems = "\n".join(validate_nnunet_dataset(out))
-    assert "numTraining is 3 but labelsTr holds 7 cases" in problems
+    assert "numTraining=3 but imagesTr holds 7 cases" in problems
     assert "case_000_icma_s0_0000.nii.gz" in problems and "missing" in problems
     assert "stray_0000.nii.gz" in problems
-    assert "case_001: label values [5] are not declared" in problems
-    assert "case_002: image case_002_0000.nii.gz shape (8, 9, 11)" in problems
-    assert "case_000: image case_000_0000.nii.gz affine differs" in problems
-    assert len(validate_nnunet_dataset(out)) == 6
+    assert "undeclared_label: case=case_001 file=labelsTr/case_001.nii.gz value=[5] not in dataset.json" in problems
+    assert "shape_mismatch: case=case_002 file=labelsTr/case_002.nii.gz value=(8, 9, 10) vs image (8, 9, 11)" \
+        in problems
+    assert "affine_mismatch: case=case_000 file=labelsTr/case_000.nii.gz" in problems
+    assert len(validate_nnunet_dataset(out)) == 7  # the stray image: unreadable, and without a label
 
     renamed = tmp_path / "toy_dataset"
     (renamed / "imagesTr").mkdir(parents=True)

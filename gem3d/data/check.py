@@ -1,4 +1,8 @@
-"""Integrity checks of an nnU-Net raw dataset before training or inference: one `Problem` per finding."""
+"""gem3d's one nnU-Net raw dataset check (the dataset checker, and the export's validation): one `Problem` per finding.
+
+One tolerance: image and label affines may differ by `AFFINE_ATOL_MM` (the loaders' tolerance, so a dataset that
+passes here loads). One label rule: `parse_labels` (nnU-Net's: plain or region-based labels, values consecutive from
+background 0), and every label map value must be declared."""
 from __future__ import annotations
 
 import json
@@ -9,11 +13,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .case import AFFINE_ATOL_MM
+from .case import AFFINE_ATOL_MM, affine_difference
 from .geometry import Geometry
 from .nnunet import REQUIRED_KEYS, parse_labels
 
+DATASET_FOLDER_PATTERN = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
+
 # problem kinds
+FOLDER_NAME = "folder_name"
 JSON_MISSING = "dataset_json_missing"
 JSON_INVALID = "dataset_json_invalid"
 JSON_KEY_MISSING = "dataset_json_key_missing"
@@ -31,9 +38,9 @@ UNDECLARED_LABEL = "undeclared_label"
 NON_INTEGER_LABEL = "non_integer_label"
 NON_FINITE = "non_finite"
 TOO_FEW_SLICES = "too_few_slices"
-KINDS = (JSON_MISSING, JSON_INVALID, JSON_KEY_MISSING, JSON_BAD_LABELS, NUM_TRAINING, NO_CASES, IMAGE_MISSING,
-         LABEL_MISSING, CHANNEL_MISSING, UNREADABLE, NOT_3D, SHAPE_MISMATCH, AFFINE_MISMATCH, UNDECLARED_LABEL,
-         NON_INTEGER_LABEL, NON_FINITE, TOO_FEW_SLICES)
+KINDS = (FOLDER_NAME, JSON_MISSING, JSON_INVALID, JSON_KEY_MISSING, JSON_BAD_LABELS, NUM_TRAINING, NO_CASES,
+         IMAGE_MISSING, LABEL_MISSING, CHANNEL_MISSING, UNREADABLE, NOT_3D, SHAPE_MISMATCH, AFFINE_MISMATCH,
+         UNDECLARED_LABEL, NON_INTEGER_LABEL, NON_FINITE, TOO_FEW_SLICES)
 
 
 @dataclass(frozen=True)
@@ -101,12 +108,14 @@ def _check_json(root: Path, problems: list[Problem]) -> dict:
     for key in (*REQUIRED_KEYS, "numTraining"):
         if key not in meta:
             problems.append(Problem(JSON_KEY_MISSING, "-", "dataset.json", key))
-    if "channel_names" in meta and (not isinstance(meta["channel_names"], dict) or not meta["channel_names"]):
-        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"channel_names={meta['channel_names']!r}"))
+    channels = meta.get("channel_names")
+    if channels is not None and (not isinstance(channels, dict) or not channels
+                                 or set(map(str, channels)) != {str(c) for c in range(len(channels))}):
+        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"channel_names={channels!r} (keys must be 0..n-1)"))
         meta.pop("channel_names")
     if "labels" in meta:
         try:
-            meta["labels"] = parse_labels(meta["labels"])
+            meta["labels"] = parse_labels(meta["labels"], meta.get("regions_class_order"))
         except ValueError as exc:
             problems.append(Problem(JSON_BAD_LABELS, "-", "dataset.json", str(exc)))
             meta.pop("labels")
@@ -175,28 +184,33 @@ def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axi
         if ref_geom is not None:
             for p, (_, geom) in others:
                 rel = str(p.relative_to(root))
+                diff = affine_difference(geom.affine, ref_geom.affine)
                 if geom.shape != ref_geom.shape:
                     problems.append(Problem(SHAPE_MISMATCH, name, rel, f"{geom.shape} vs image {ref_geom.shape}"))
-                elif not np.allclose(geom.affine, ref_geom.affine, atol=AFFINE_ATOL_MM, rtol=0):
-                    diff = float(np.abs(geom.affine - ref_geom.affine).max())
-                    problems.append(Problem(AFFINE_MISMATCH, name, rel, f"max |affine diff| {diff:.4g} mm"))
+                elif diff > AFFINE_ATOL_MM:
+                    problems.append(Problem(AFFINE_MISMATCH, name, rel,
+                                            f"max |affine diff| {diff:.4g} mm > {AFFINE_ATOL_MM} vs {ref_path.name}"))
     return len(by_case)
 
 
-def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16,
-                               slice_axis: int = 2) -> tuple[list[Problem], DatasetSummary]:
+def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
+                               nnunet_name: bool = False) -> tuple[list[Problem], DatasetSummary]:
     """`check_dataset` plus a summary of what was found."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     problems: list[Problem] = []
+    if nnunet_name and not DATASET_FOLDER_PATTERN.match(root.resolve().name):
+        problems.append(Problem(FOLDER_NAME, "-", ".", f"{root.resolve().name!r} is not DatasetNNN_Name "
+                                                       "(nnU-Net will not find it)"))
     summary = DatasetSummary()
     meta = _check_json(root, problems)
     summary.labels = meta.get("labels", {})
     summary.num_training = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
     summary.num_test = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
     if summary.num_training == 0:
-        problems.append(Problem(NO_CASES, "-", "imagesTr", "no <case>_0000 images"))
+        absent = [f"{d}/ is missing" for d in ("imagesTr", "labelsTr") if not (root / d).is_dir()]
+        problems.append(Problem(NO_CASES, "-", "imagesTr", "; ".join(["no <case>_0000 images", *absent])))
     n_declared = meta.get("numTraining")
     if n_declared is not None and n_declared != summary.num_training:
         problems.append(Problem(NUM_TRAINING, "-", "dataset.json",
@@ -204,11 +218,14 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16,
     return problems, summary
 
 
-def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2) -> list[Problem]:
-    """Check every case of an nnU-Net raw dataset: dataset.json valid; image and label present and paired (every
-    channel); same shape and affine; label values integer and declared; finite intensities; >= `min_slices` slices
-    along the canonical slice axis. Returns the problems found (empty = OK)."""
-    return check_dataset_with_summary(dataset_dir, min_slices, slice_axis)[0]
+def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
+                  nnunet_name: bool = False) -> list[Problem]:
+    """Check an nnU-Net raw dataset: dataset.json valid (labels by `parse_labels`, channel_names 0..n-1,
+    numTraining); every case's image and label present and paired (every channel); same shape and affine (to
+    `AFFINE_ATOL_MM`); label values integer and declared; finite intensities; >= `min_slices` slices along the
+    canonical slice axis; with `nnunet_name`, the DatasetNNN_Name folder name nnU-Net needs to find it (gem3d reads
+    any name). Returns the problems found (empty = OK)."""
+    return check_dataset_with_summary(dataset_dir, min_slices, slice_axis, nnunet_name)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--min-slices", type=int, default=16, help="slices a case needs for one window (16)")
     parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices")
+    parser.add_argument("--nnunet-name", action="store_true", help="require nnU-Net's DatasetNNN_Name folder name")
     args = parser.parse_args(argv)
-    problems, summary = check_dataset_with_summary(args.dataset_dir, args.min_slices, args.slice_axis)
+    problems, summary = check_dataset_with_summary(args.dataset_dir, args.min_slices, args.slice_axis,
+                                                   args.nnunet_name)
     for problem in problems:
         print(problem)
     if problems:

@@ -146,8 +146,10 @@ class RawDataset:
 # ----- preprocessed datasets -----------------------------------------------------------------------------------
 CASE_LAYOUTS = ("<case>.b2nd + <case>_seg.b2nd (nnU-Net >= 2.5, blosc2)", "<case>.npz (data, seg)",
                 "<case>.npy + <case>_seg.npy (unpacked)")
+CROP_KEYS = ("bbox_used_for_cropping", "shape_after_cropping_and_before_resampling")
 _PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")} | {
-    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")}
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")}
 
 
 class _PropertiesUnpickler(pickle.Unpickler):
@@ -203,9 +205,10 @@ def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, i
     `shape_after_cropping_and_before_resampling` to `shape` keeping the volume's outer corners, so preprocessed
     voxel j lies at cropped index (j + 0.5) * before / after - 0.5 (a spacing of the reader's spacing times
     before / after, the plans' target spacing up to nnU-Net's rounding of the shape). The affine undoes the three."""
-    missing = [k for k in ("bbox_used_for_cropping", "shape_after_cropping_and_before_resampling") if k not in properties]
+    missing = [k for k in CROP_KEYS if k not in properties]
     if missing:
-        raise KeyError(f"case properties lack {missing} (written by nnU-Net's preprocessor); keys: {sorted(properties)}")
+        raise KeyError(f"case properties lack {missing} (nnU-Net's preprocessor writes them); "
+                       f"keys: {sorted(properties)}")
     axes = [int(a) for a in transpose_forward]
     if sorted(axes) != [0, 1, 2]:
         raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {transpose_forward!r}")
@@ -295,7 +298,8 @@ class PreprocessedDataset:
         self.root = root
         self.folder = root / plans if (root / plans).is_dir() else root
         if not self.case_names():
-            raise FileNotFoundError(f"no nnU-Net preprocessed cases in {self.folder}; looked for {' / '.join(CASE_LAYOUTS)}")
+            raise FileNotFoundError(f"no nnU-Net preprocessed cases in {self.folder}; looked for "
+                                    f"{' / '.join(CASE_LAYOUTS)}")
         self.plans_path = find_plans(self.folder)
         self.plans = json.loads(self.plans_path.read_text())
         if "transpose_forward" not in self.plans:

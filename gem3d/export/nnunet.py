@@ -14,7 +14,6 @@ channel ``channel`` (GEM-3D generates one modality, e.g. BraTS FLAIR).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,8 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
+from gem3d.data.check import DATASET_FOLDER_PATTERN, check_dataset
+from gem3d.data.nnunet import read_dataset_json
 from gem3d.files import atomic_path, atomic_write_json
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "SYNTHETIC_IMAGE_PATTERN",
 ]
 
-DATASET_FOLDER_PATTERN = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
 SYNTHETIC_IMAGE_PATTERN = re.compile(r"^(?P<case>.+)_s(?P<sample>\d+)_image\.nii\.gz$")
 OUTPUT_ENDING = ".nii.gz"
 
@@ -89,28 +89,6 @@ def find_synthetic_cases(folder: str | os.PathLike, setting: str | None = None) 
     return sorted(cases, key=lambda c: (c.case, c.sample))
 
 
-def _read_dataset_json(root: Path) -> dict[str, Any]:
-    path = root / "dataset.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{root} is not an nnU-Net raw dataset: {path} is missing")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in meta:
-            raise ValueError(f"{path} lacks the required key {key!r} (has {sorted(meta)})")
-    return meta
-
-
-def _label_values(labels: dict[str, Any]) -> set[int]:
-    """Integer label values declared in ``dataset.json['labels']`` (region lists flattened)."""
-    values: set[int] = set()
-    for name, value in labels.items():
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, bool) or int(v) != v:
-                raise ValueError(f"label {name!r} has a non-integer value {v!r}")
-            values.add(int(v))
-    return values
-
-
 def _case_names(labels_dir: Path, ending: str) -> list[str]:
     return sorted(p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
 
@@ -155,7 +133,7 @@ def write_nnunet_dataset(
     real_dir, out_dir = Path(real_dir), Path(out_dir)
     if isinstance(synthetic_dirs, (str, os.PathLike)):
         synthetic_dirs = [synthetic_dirs]
-    meta = _read_dataset_json(real_dir)
+    meta = read_dataset_json(real_dir)
     ending = meta["file_ending"]
     if ending not in (".nii.gz", ".nii"):
         raise ValueError(f"real dataset file_ending {ending!r} is not supported; gem3d exports NIfTI ('.nii.gz' or '.nii')")
@@ -222,90 +200,11 @@ def write_nnunet_dataset(
     return out_dir
 
 
-def validate_nnunet_dataset(
-    root: str | os.PathLike,
-    check_labels: bool = True,
-    check_geometry: bool = True,
-    atol: float = 1e-4,
-) -> list[str]:
-    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid).
-
-    Checks: folder name ``DatasetNNN_Name``; ``dataset.json`` keys; every label has one image per
-    channel and every image a label; ``numTraining``; label values declared in ``labels`` (when
-    ``check_labels``); image and label shapes and affines agree (when ``check_geometry``, affines to ``atol``).
-    """
+def validate_nnunet_dataset(root: str | os.PathLike) -> list[str]:
+    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid), one line
+    each: gem3d's one dataset check (:func:`gem3d.data.check.check_dataset`, its tolerance and label rule), with
+    nnU-Net's folder name required and no minimum slice count."""
     root = Path(root)
-    problems: list[str] = []
     if not root.is_dir():
         return [f"{root} is not a folder"]
-    if not DATASET_FOLDER_PATTERN.match(root.name):
-        problems.append(f"folder name {root.name!r} does not match DatasetNNN_Name (nnU-Net will not find it)")
-    try:
-        meta = _read_dataset_json(root)
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
-        return problems + [f"dataset.json: {err}"]
-    ending = meta["file_ending"]
-    channels = sorted(int(k) for k in meta["channel_names"])
-    if channels != list(range(len(channels))) or not channels:
-        problems.append(f"channel_names keys must be 0..n-1, got {sorted(meta['channel_names'])}")
-    try:
-        declared = _label_values(meta["labels"])
-    except (TypeError, ValueError) as err:
-        problems.append(f"labels: {err}")
-        declared = set()
-    if 0 not in declared:
-        problems.append(f"labels must declare background = 0, got {meta['labels']}")
-    if sorted(declared) != list(range(len(declared))):
-        problems.append(f"label values must be consecutive from 0, got {sorted(declared)}")
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
-            problems.append(f"{folder.name}/ is missing")
-    if problems and not (images_dir.is_dir() and labels_dir.is_dir()):
-        return problems
-
-    cases = _case_names(labels_dir, ending)
-    stray_labels = sorted(p.name for p in labels_dir.iterdir() if not p.name.endswith(ending) and not p.name.startswith("."))
-    if stray_labels:
-        problems.append(f"labelsTr holds files without the ending {ending!r}: {stray_labels[:5]}")
-    if meta.get("numTraining") != len(cases):
-        problems.append(f"numTraining is {meta.get('numTraining')!r} but labelsTr holds {len(cases)} cases")
-    expected_images = {f"{case}_{c:04d}{ending}": case for case in cases for c in channels}
-    present_images = {p.name for p in images_dir.iterdir() if not p.name.startswith(".")}
-    missing = sorted(set(expected_images) - present_images)
-    if missing:
-        problems.append(f"{len(missing)} image(s) missing from imagesTr, e.g. {missing[:5]}")
-    orphans = sorted(present_images - set(expected_images))
-    if orphans:
-        problems.append(f"{len(orphans)} image(s) in imagesTr without a label (or with a wrong name), e.g. {orphans[:5]}")
-
-    for case in cases:
-        label_path = labels_dir / f"{case}{ending}"
-        try:
-            label_img = nib.load(str(label_path))
-        except Exception as err:  # noqa: BLE001 - report any unreadable file
-            problems.append(f"{case}: cannot read label {label_path.name}: {err}")
-            continue
-        if check_labels:
-            values = set(int(v) for v in np.unique(np.asanyarray(label_img.dataobj)))
-            undeclared = sorted(values - declared)
-            if undeclared:
-                problems.append(f"{case}: label values {undeclared} are not declared in dataset.json labels {sorted(declared)}")
-        if not check_geometry:
-            continue
-        for c in channels:
-            image_path = images_dir / f"{case}_{c:04d}{ending}"
-            if not image_path.is_file():
-                continue
-            try:
-                image_img = nib.load(str(image_path))
-            except Exception as err:  # noqa: BLE001
-                problems.append(f"{case}: cannot read image {image_path.name}: {err}")
-                continue
-            if image_img.shape[:3] != label_img.shape[:3]:
-                problems.append(f"{case}: image {image_path.name} shape {image_img.shape} != label shape {label_img.shape}")
-            elif not np.allclose(image_img.affine, label_img.affine, atol=atol):
-                diff = float(np.abs(image_img.affine - label_img.affine).max())
-                problems.append(f"{case}: image {image_path.name} affine differs from the label's (max difference {diff:.3g})")
-    return problems
-
+    return [str(problem) for problem in check_dataset(root, min_slices=1, nnunet_name=True)]
