@@ -11,8 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gem3d.data.case import AFFINE_ATOL_MM
 from gem3d.data.nnunet import PreprocessedDataset, open_dataset, read_properties
+from gem3d.export.manifest import Manifest
 from gem3d.export.nifti import save_canonical_nifti
+from gem3d.inference.engine import run_inference
+from tests.test_inference_engine import make_config, tiny  # noqa: F401 (the tiny models fixture)
 
 try:
     import blosc2
@@ -126,6 +130,19 @@ def test_oblique_case_lands_on_the_source_world_points(tmp_path, layout, reader)
     image = nib.load(str(written))
     np.testing.assert_allclose(np.asanyarray(image.dataobj), field(1, world_points(image.affine, image.shape)),
                                atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_engine_writes_samples_in_the_preprocessed_case_geometry(tiny, tmp_path, layout):  # noqa: F811
+    root = tmp_path / "Dataset012_Pre"
+    write_preprocessed_dataset(root, layout, cases=("case_0", "case_1"),
+                               labels={"background": 0, "edema": 1, "core": 2, "enhancing": 3})
+    manifest = run_inference(make_config(tiny, "ic", tmp_path / "out", data=root, cases="case_0"))
+    geometry = open_dataset(root).load_case("case_0").geometry
+    for kind in ("image", "label"):
+        written = nib.load(str(manifest.parent / Manifest(manifest).records[0]["files"][kind]))
+        assert written.shape == geometry.shape == PREPROCESSED_SHAPE
+        np.testing.assert_allclose(written.affine, geometry.affine, atol=AFFINE_ATOL_MM)
 
 
 @pytest.mark.skipif(blosc2 is None, reason="blosc2 not installed")
