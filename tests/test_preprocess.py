@@ -1,4 +1,6 @@
 """Preprocessing: grey mask levels, body rules, intensity round trips, resizing, restoring onto the source grid."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -168,17 +170,22 @@ def test_lesions_are_always_body_and_labels_beyond_max_fail():
 
 
 def test_preprocessed_npz_keeps_seg_minus_one_as_body(tmp_path):
+    TRANSPOSE_FORWARD = (0, 2, 1)
     rng = np.random.default_rng(0)
     data = rng.normal(size=(2, 5, 6, 7)).astype(np.float32)
     seg = rng.integers(0, 3, size=(1, 5, 6, 7)).astype(np.int8)
     seg[0, :, 0, :] = -1
     np.savez(tmp_path / "case_001.npz", data=data, seg=seg)
-    case = read_preprocessed_case(tmp_path / "case_001.npz")
+    with open(tmp_path / "case_001.pkl", "wb") as f:  # unit voxels, axes (S, R, A) after transpose: stored = canonical
+        pickle.dump({"nibabel_stuff": {"original_affine": np.eye(4)}, "shape_after_cropping_and_before_resampling":
+                     (5, 6, 7), "bbox_used_for_cropping": [[0, 5], [0, 6], [0, 7]]}, f)
+    case = read_preprocessed_case(tmp_path / "case_001.npz", TRANSPOSE_FORWARD)
     np.testing.assert_array_equal(case.image, data[0])
     np.testing.assert_array_equal(case.label, seg[0])
     assert case.name == "case_001" and case.geometry.canonical_shape == (5, 6, 7)
     prepared = prepare_case(case, PreprocessConfig(size=None, max_label=2, intensity="percentile"))
     np.testing.assert_array_equal(prepared.label == -1, seg[0] == -1)
-    assert read_preprocessed_case(tmp_path / "case_001.npz", channel=1).image[0, 0, 0] == data[1, 0, 0, 0]
+    second = read_preprocessed_case(tmp_path / "case_001.npz", TRANSPOSE_FORWARD, channel=1)
+    assert second.image[0, 0, 0] == data[1, 0, 0, 0]
     with pytest.raises(ValueError, match="channel 2 out of range"):
-        read_preprocessed_case(tmp_path / "case_001.npz", channel=2)
+        read_preprocessed_case(tmp_path / "case_001.npz", TRANSPOSE_FORWARD, channel=2)
