@@ -16,6 +16,7 @@ from gem3d.data.nnunet import PreprocessedDataset, open_dataset, read_properties
 from gem3d.export.manifest import Manifest
 from gem3d.export.nifti import save_canonical_nifti
 from gem3d.inference.engine import run_inference
+from gem3d.inference.volume import SamplerOptions
 from tests.test_inference_engine import make_config, tiny  # noqa: F401 (the tiny models fixture)
 
 try:
@@ -137,7 +138,9 @@ def test_engine_writes_samples_in_the_preprocessed_case_geometry(tiny, tmp_path,
     root = tmp_path / "Dataset012_Pre"
     write_preprocessed_dataset(root, layout, cases=("case_0", "case_1"),
                                labels={"background": 0, "edema": 1, "core": 2, "enhancing": 3})
-    manifest = run_inference(make_config(tiny, "ic", tmp_path / "out", data=root, cases="case_0"))
+    config = make_config(tiny, "ic", tmp_path / "out", data=root, cases="case_0",
+                         sampler=SamplerOptions(steps=2, window=4))  # the preprocessed case has 4 axial slices
+    manifest = run_inference(config)
     geometry = open_dataset(root).load_case("case_0").geometry
     for kind in ("image", "label"):
         written = nib.load(str(manifest.parent / Manifest(manifest).records[0]["files"][kind]))
