@@ -248,6 +248,11 @@ def _read_array(path: Path) -> np.ndarray:
     return np.load(path)
 
 
+def _seg_path(path: Path) -> Path:
+    """Where a preprocessed case keeps its segmentation: in the `.npz` itself, else `<case>_seg.<suffix>`."""
+    return path if path.suffix == ".npz" else path.with_name(f"{path.stem}_seg{path.suffix}")
+
+
 def read_preprocessed_arrays(image_path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """`data` (C, X0, X1, X2) and `seg` (1, X0, X1, X2) or None of one preprocessed case, from `<case>.b2nd`
     (+ `<case>_seg.b2nd`), `<case>.npz` (keys data, seg) or `<case>.npy` (+ `<case>_seg.npy`)."""
@@ -261,15 +266,14 @@ def read_preprocessed_arrays(image_path: str | Path) -> tuple[np.ndarray, np.nda
             return np.asarray(npz["data"]), (np.asarray(npz["seg"]) if "seg" in npz.files else None)
     if path.suffix not in (".b2nd", ".npy"):
         raise ValueError(f"preprocessed case must be one of {CASE_LAYOUTS}, got {path.name}")
-    seg_path = path.with_name(f"{path.stem}_seg{path.suffix}")
-    return _read_array(path), (_read_array(seg_path) if seg_path.is_file() else None)
+    return _read_array(path), (_read_array(_seg_path(path)) if _seg_path(path).is_file() else None)
 
 
-def read_preprocessed_case(image_path: str | Path, transpose_forward=(0, 1, 2), channel: int = 0,
-                           name: str | None = None, slice_axis: int = 2) -> Case:
-    """One nnU-Net v2 preprocessed case (arrays + `<case>.pkl` properties next to them) -> Case whose geometry is
-    the preprocessed grid in world space (see `preprocessed_affine`); seg -1 (outside nnU-Net's crop mask) is kept.
-    `slice_axis` is a RAS axis, as for raw datasets (2 = axial)."""
+def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: int = 0, name: str | None = None,
+                           slice_axis: int = 2) -> Case:
+    """One nnU-Net v2 preprocessed case (arrays + `<case>.pkl` properties next to them; `transpose_forward` from
+    the plans) -> Case whose geometry is the preprocessed grid in world space (see `preprocessed_affine`); seg -1
+    (outside nnU-Net's crop mask) is kept. `slice_axis` is a RAS axis, as for raw datasets (2 = axial)."""
     path = Path(image_path)
     data, seg = read_preprocessed_arrays(path)
     if data.ndim != 4:
@@ -285,7 +289,7 @@ def read_preprocessed_case(image_path: str | Path, transpose_forward=(0, 1, 2), 
         label = geometry.to_canonical(labels_as_int16(seg[0], where=str(path)))
     image = geometry.to_canonical(np.asarray(data[channel], dtype=np.float32))
     return Case(name=name or path.stem, image=image, label=label, geometry=geometry, image_path=path,
-                label_path=path)
+                label_path=_seg_path(path) if seg is not None else None)
 
 
 class PreprocessedDataset:
@@ -309,7 +313,6 @@ class PreprocessedDataset:
         self.dataset_json = json.loads(json_path.read_text()) if json_path else {}
         self.labels = (parse_labels(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
                        if "labels" in self.dataset_json else None)
-        self.file_ending = ".npz"
 
     @property
     def max_label(self) -> int | None:
@@ -326,8 +329,7 @@ class PreprocessedDataset:
         return next((p for p in paths if p.is_file()), paths[1])
 
     def label_path(self, name: str, split: str = "Tr") -> Path:
-        path = self.image_path(name, split)
-        return path if path.suffix == ".npz" else path.with_name(f"{name}_seg{path.suffix}")
+        return _seg_path(self.image_path(name, split))
 
     def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int = 0) -> Case:
         return read_preprocessed_case(self.image_path(name, split), self.plans["transpose_forward"], channel=channel,
