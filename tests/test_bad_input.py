@@ -155,7 +155,8 @@ def test_bad_data_one_line_exit_2_no_output(case, tiny, tmp_path, capsys):
     assert no_outputs(out)
 
 
-@pytest.mark.parametrize("case", [c for c in DATA_CASES if c.data is not None and c.id != "empty-mask-edit"],
+# a constant image and an empty mask are valid nnU-Net data: gem3d refuses them when it prepares a case
+@pytest.mark.parametrize("case", [c for c in DATA_CASES if c.data is not None and c.id not in ("empty-mask-edit", "constant-image")],
                          ids=lambda c: c.id)
 def test_dataset_checker_reports_the_same_problems(case, tiny, tmp_path, capsys):
     data, names = dataset_copy(tiny, tmp_path)
