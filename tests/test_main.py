@@ -268,8 +268,10 @@ def test_instantiate_from_config_names_bad_target():
         instantiate_from_config({"target": "gem3d.models.unet.NoSuchUNet"})
     with pytest.raises(ImportError, match=r"config target 'gem3d_missing\.Thing'"):
         instantiate_from_config({"target": "gem3d_missing.Thing"})
-    with pytest.raises(TypeError, match=r"instantiating target 'gem3d\.ema\.EMA'"):
+    with pytest.raises(ValueError, match=r"unknown key 'bogus' in params of target 'gem3d\.ema\.EMA'; allowed"):
         instantiate_from_config({"target": "gem3d.ema.EMA", "params": {"bogus": 1}})
+    with pytest.raises(ValueError, match=r"did you mean 'decay'"):
+        instantiate_from_config({"target": "gem3d.ema.EMA", "params": {"decai": 0.9}})
     with pytest.raises(KeyError, match=r"unknown keys \['param'\]"):
         instantiate_from_config({"target": "gem3d.ema.EMA", "param": {}})
     fs = instantiate_from_config({"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config",
