@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -38,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from gem3d.checkpoint import resolve_checkpoint  # noqa: E402
 from gem3d.config import check_existing_path, instantiate_from_config  # noqa: E402
 from gem3d.denoiser import VARIANTS  # noqa: E402
+from gem3d.training.faults import AtomicCheckpointIO, RandomStateCheckpoint  # noqa: E402
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
@@ -174,8 +176,18 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
         return path.parent.parent, path
     ckpt = path / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
+        ckpt = newest_step_checkpoint(path / "checkpoints")
+    if ckpt is None:
         raise FileNotFoundError(f"--resume {resume!r}: the run folder has no checkpoints/last.ckpt")
     return path, ckpt
+
+
+def newest_step_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest ``step-*.ckpt``: a run killed between writing its first step checkpoint and ``last.ckpt``."""
+    steps = sorted(ckpt_dir.glob("step-*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    if steps:
+        print(f"{ckpt_dir} has no last.ckpt: resuming from the newest step checkpoint {steps[-1].name}", flush=True)
+    return steps[-1] if steps else None
 
 
 def make_run_dir(opt: argparse.Namespace, now: str) -> Path:
@@ -275,6 +287,15 @@ def resolve_strategy(strategy: Any) -> Any:
     return strategy
 
 
+def with_atomic_checkpoints(plugins: Any) -> list:
+    """The trainer's plugins plus :class:`AtomicCheckpointIO` (checkpoints written atomically, never with NaN
+    weights), unless the config names a checkpoint IO of its own."""
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
 def number_of_devices(kwargs: dict) -> int:
     devices = kwargs.get("devices", 1)
     if isinstance(devices, (list, tuple)):
@@ -345,7 +366,8 @@ def run(argv: Sequence[str] | None = None):
         "enable_version_counter": False,  # last.ckpt is overwritten, never last-v1.ckpt
         **mc_params,
     }
-    callbacks = [ModelCheckpoint(**mc_params), _callbacks()(ckpt_dir), LearningRateMonitor(logging_interval="step")]
+    callbacks = [ModelCheckpoint(**mc_params), _callbacks()(ckpt_dir), LearningRateMonitor(logging_interval="step"),
+                 RandomStateCheckpoint()]
     for name, cb_cfg in (lightning_cfg.get("callbacks") or {}).items():
         try:
             callbacks.append(instantiate_from_config(cb_cfg))
@@ -353,7 +375,8 @@ def run(argv: Sequence[str] | None = None):
             raise type(err)(f"lightning.callbacks.{name}: {err}") from err
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
     trainer_kwargs.setdefault("default_root_dir", str(run_dir))
-    trainer = L.Trainer(**{**trainer_kwargs, "strategy": resolve_strategy(trainer_kwargs.get("strategy", "auto"))},
+    trainer = L.Trainer(**{**trainer_kwargs, "strategy": resolve_strategy(trainer_kwargs.get("strategy", "auto")),
+                           "plugins": with_atomic_checkpoints(trainer_kwargs.get("plugins"))},
                         callbacks=callbacks, logger=logger)
 
     model = instantiate_from_config(config.model)

@@ -1,16 +1,76 @@
-"""LightningDataModule over an nnU-Net dataset: cache, splits, clip or slice datasets."""
+"""LightningDataModule over an nnU-Net dataset: cache, splits, clip or slice datasets.
+
+The train loader is resumable mid-epoch: Lightning saves its ``state_dict`` (the epoch and the batches of it already
+trained) in every checkpoint, and a resumed run starts at the next batch of the same order.
+"""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from .datasets import ClipDataset, EpochSampler, SliceDataset, VolumeCache, VolumeDataset, load_or_create_splits
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
+
+
+class _SkipOnResume:
+    """The loader's batch sampler, whose next iteration skips the batches a resumed run already trained (indices
+    only: the skipped items are never loaded)."""
+
+    def __init__(self, loader: "ResumableDataLoader", batch_sampler):
+        self.loader, self.batch_sampler = loader, batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.batch_sampler)
+        for _ in itertools.islice(batches, self.loader._skipping):
+            pass
+        return batches
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning saves and restores with the checkpoint (``state_dict`` / ``load_state_dict``).
+
+    ``position()`` gives ``(epoch, batches of that epoch already trained)``, counted by the trainer (the loader
+    itself cannot tell: Lightning fetches one batch ahead). ``load_state_dict`` sets the sampler's epoch and makes
+    the next iterator start after those batches; with per-index seeded items (``_EpochDataset``) the resumed data
+    order equals the uninterrupted one.
+    """
+
+    def __init__(self, dataset, position: Callable[[], tuple[int, int]] | None = None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.position = position
+        self.skip_batches = 0  # set by load_state_dict, used by the next iterator
+        self._skipping = 0
+
+    @property
+    def _index_sampler(self):  # torch's DataLoader iterators draw their batches of indices from here
+        return _SkipOnResume(self, super()._index_sampler)
+
+    def __iter__(self):
+        # the iterator may call iter(_index_sampler) more than once while it starts (worker processes)
+        self._skipping, self.skip_batches = self.skip_batches, 0
+        try:
+            return super().__iter__()
+        finally:
+            self._skipping = 0
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position() if self.position is not None else (getattr(self.sampler, "epoch", 0), 0)
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(int(state["epoch"]))
+        self.skip_batches = int(state["batches"])
 
 
 class Gem3dDataModule(L.LightningDataModule):
@@ -62,10 +122,26 @@ class Gem3dDataModule(L.LightningDataModule):
             self.train_set = self._make(self.splits["train"], self.samples_per_epoch, self.seed)
             self.val_set = self._make(self.splits["val"], None, self.seed + 1) if self.splits["val"] else None
 
+    def train_position(self) -> tuple[int, int]:
+        """``(epoch, batches of it already trained)`` of the attached trainer, i.e. where a resumed run goes on: the
+        epoch Lightning passes to ``set_epoch`` and the batches whose training step has run."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epochs = trainer.fit_loop.epoch_progress.current
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if epochs.started <= epochs.processed:  # between two epochs
+            return epochs.processed, 0
+        if batches >= trainer.num_training_batches:  # the last batch of the epoch is done
+            return epochs.processed + 1, 0
+        return epochs.processed, batches
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=self.seed),
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        # own generator: creating an iterator must not draw from the global RNG, which a resumed run restores
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=self.seed),
+                                   persistent_workers=self.num_workers > 0, drop_last=False,
+                                   generator=torch.Generator().manual_seed(self.seed), position=self.train_position)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -77,7 +153,7 @@ class Gem3dDataModule(L.LightningDataModule):
             return []
         # a fixed epoch: validation sees the same clips every time
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def volumes(self, split: str = "val") -> VolumeDataset:
         """Whole prepared volumes of one split (train / val / test)."""

@@ -23,6 +23,7 @@ from gem3d.denoiser import Denoiser
 from gem3d.ema import EMA
 from gem3d.sampling.samplers import sample_ddim
 from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+from gem3d.training.faults import check_finite_loss
 
 __all__ = ["Gem3dLDM"]
 
@@ -166,12 +167,18 @@ class Gem3dLDM(Denoiser, L.LightningModule):
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        check_finite_loss(self, loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows each optimiser step here, before the callbacks' on_train_batch_end: a checkpoint written
+        # there (every_n_train_steps) then holds the EMA of the same step, and a resumed run repeats no update
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.unet)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.log_images_every_n_steps
         if n > 0 and self.global_step % n == 0 and self.trainer.is_global_zero:
             self.log_images(batch)
@@ -203,7 +210,8 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         self.eval()
         try:
             batch = {k: (v[:1].to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            z, cond = self.encode_batch(batch)
+            # own generator: logging must not draw from the global RNG (a resumed run would draw other noise)
+            z, cond = self.encode_batch(batch, generator=torch.Generator(device=self.device).manual_seed(self.global_step))
             sample = self.first_stage.decode_grey(self.sample_clip(cond, tuple(z.shape), self.sample_steps_for_logging))
             if self.spec.data_kind == "slice":  # (1, 1, S, S) slices -> one-frame rows
                 real, mask = batch["image"], batch["mask"]
