@@ -182,6 +182,15 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
     return path, ckpt
 
 
+def remove_killed_writes(ckpt_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (``.<name>.<random>.tmp.ckpt``, see
+    :class:`AtomicCheckpointIO`); returns them."""
+    stale = sorted(ckpt_dir.glob(".*.tmp.ckpt"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def newest_step_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest ``step-*.ckpt``: a run killed between writing its first step checkpoint and ``last.ckpt``."""
     steps = sorted(ckpt_dir.glob("step-*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
@@ -335,6 +344,8 @@ def run(argv: Sequence[str] | None = None):
     if opt.resume:
         run_dir, ckpt = resolve_resume(opt.resume)
         ckpt_path = str(ckpt)
+        if not inherited_run_dir:
+            remove_killed_writes(ckpt.parent)
         saved = sorted(glob.glob(str(run_dir / "configs" / "*.yaml")))
         if not saved:
             raise FileNotFoundError(f"--resume {opt.resume!r}: no configs/*.yaml in {run_dir}")

@@ -32,8 +32,9 @@ from tests.test_main import main_module, only_run, write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-ENV.pop("GEM3D_RUN_LOGDIR", None)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+for name in ("GEM3D_RUN_LOGDIR", "PYTHONWARNINGS"):  # warnings stay on: Lightning's "not resumable" is one
+    ENV.pop(name, None)
 
 
 def write_tiny_config(folder: Path, dataset: Path, max_steps: int, every_n_train_steps: int) -> Path:
@@ -234,6 +235,8 @@ def test_sigkilled_save_keeps_the_previous_checkpoint(tmp_path):
         (hidden if p.name.startswith(".") else visible).append(p.name)
     assert visible == ["last.ckpt"]
     assert len(hidden) == 1 and hidden[0].startswith(".last.ckpt.")  # the killed write's temporary file
+    assert main_module.remove_killed_writes(path.parent) == [path.parent / hidden[0]]  # main.py -r deletes it
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_checkpoint_with_non_finite_weights_is_not_written(tmp_path):
