@@ -156,8 +156,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, da
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_check_finite_loss_names_the_value_and_step(value):
-    module = Gem3dLDM(unet_config=_tiny_models.unet_config("baseline_volume"), first_stage_config=_tiny_models.FIRST_STAGE,
-                      variant="baseline_volume", use_ema=False)
+    module = _tiny_models.build_model("baseline_volume")
     check_finite_loss(module, torch.tensor(0.5), batch_idx=0)  # finite: nothing happens
     with pytest.raises(FloatingPointError, match=rf"train/loss is {value} at global step 0 \(batch 7 of epoch 0\)"):
         check_finite_loss(module, torch.tensor(value), batch_idx=7)
