@@ -459,24 +459,27 @@ def output_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     path, me = folder / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    tmp = folder / f"{LOCK_NAME}.{os.getpid()}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(2):
             try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise ValueError(
-                f"another gem3d run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to {folder} "
-                f"(lock file {path}); wait for it to finish, or choose another --out"
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        break
+                os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
+                break
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                    path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise ValueError(
+                    f"another gem3d run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
+                    f"{folder} (lock file {path}); wait for it to finish, or choose another --out"
+                ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         yield
     finally:

@@ -12,6 +12,7 @@ from einops import rearrange, repeat
 
 from gem3d.config import instantiate_from_config, to_plain
 from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+from gem3d.training.faults import check_finite_loss
 
 __all__ = ["AutoencoderModule"]
 
@@ -82,6 +83,7 @@ class AutoencoderModule(L.LightningModule):
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss, parts = self.loss(batch)
+        check_finite_loss(self, loss, batch_idx)
         with torch.no_grad():
             n = int(self.latent_std_updates)
             momentum = min(0.99, n / (n + 1.0))
