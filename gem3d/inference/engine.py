@@ -413,6 +413,9 @@ class Enhancer:
         """Generate this rank's share of the samples; returns the manifest it wrote."""
         prepare_output_dir(self.cfg.setting_dir)
         with output_lock(self.cfg.setting_dir, enabled=rank == 0):
+            if world_size == 1:  # nobody else writes here: drop the temporary files of a killed run
+                for leftover in self.cfg.setting_dir.rglob(".*.tmp*"):
+                    leftover.unlink(missing_ok=True)
             return self._run(rank, world_size)
 
     def _run(self, rank: int, world_size: int) -> Path:
