@@ -182,10 +182,10 @@ def test_unet_eps_is_reproduced(name):
             assert max_diff(position_embedding(v["pos"], spec.context_dim), v["cond"]) < 1e-5
             assert max_diff(model.condition(pos=v["pos"])["context"], v["cond"]) < 1e-5
         else:
-            # the concat condition is mask latent then informed latent, the original's *unscaled* posterior mode;
-            # gem3d's condition() takes scaled latents
+            # the concat condition is mask latent then informed latent, scaled like the noisy latent (the
+            # original's get_first_stage_encoding); gem3d's condition() takes such latents and does not rescale them
             c = spec.latent_channels
-            parts = clips(v["cond"] * spec.scale_factor, spec)
+            parts = clips(v["cond"], spec)
             informed = parts[:, :, c:] if spec.uses_informed else None
             assert max_diff(model.condition(parts[:, :, :c], informed)["concat"], clips(v["cond"], spec)) < 1e-5
         eps = model.eps(x, t[:, 0] if spec.volumetric else t, fixture_condition(model, spec, v))

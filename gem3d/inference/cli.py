@@ -70,6 +70,8 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, help="known slices carried between windows (paper: 1)")
     p.add_argument("--known-noise", choices=("timestep", "original"),
                    help="noise level of known frames: the clip's timestep (default) or the original's step index")
+    p.add_argument("--condition-posterior", choices=("mean", "sample"),
+                   help="mask/informed latents: encoder posterior mean (default) or a draw, as the original")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
@@ -97,7 +99,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
 
     sampler = dict(defaults.get("sampler", {}) or {})
     for key, value in (("steps", args.steps), ("sampler", args.sampler), ("eta", args.eta), ("window", args.window),
-                       ("overlap", args.overlap), ("known_noise", args.known_noise)):
+                       ("overlap", args.overlap), ("known_noise", args.known_noise),
+                       ("condition_posterior", args.condition_posterior)):
         if value is not None:
             sampler[key] = value
     model_default = models.get("baseline" if spec.model == "baseline" else "volume")

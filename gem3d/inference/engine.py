@@ -353,7 +353,8 @@ class Enhancer:
         else:
             loaded = self.volume_model
             model = loaded.model
-            mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False)
+            draw = {"sample": options.condition_posterior == "sample", "generator": generator}
+            mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
             informed_latent = None
             if informed.source == "generated":
                 f = self.slice_model.model.first_stage.downsample_factor
@@ -362,7 +363,7 @@ class Enhancer:
                     self.slice_model.model, torch.tensor([informed.position]), hw, options, generator
                 )[0]
             elif informed.image is not None:
-                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)))
+                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
             latents = sample_volume_latents(
                 model, mask_latent, informed_latent, informed.target_index, options, generator, progress=progress
             )

@@ -21,6 +21,7 @@ from gem3d.sampling.samplers import NOISE_LEVELS, sample_ddim, sample_dpmpp
 from gem3d.sampling.schedule import original_ddim_timesteps
 
 SAMPLERS = {"ddim": sample_ddim, "dpmpp": sample_dpmpp}
+CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior mean (gem3d) or a draw (the original)
 
 
 @dataclass
@@ -28,7 +29,8 @@ class SamplerOptions:
     """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
     ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's
     timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows
-    in one batch)."""
+    in one batch), ``condition_posterior`` (mask and informed latents from the encoder posterior's ``mean``, or a
+    ``sample`` from it as the original draws)."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -37,6 +39,7 @@ class SamplerOptions:
     overlap: int = 1
     known_noise: str = "timestep"
     batch_directions: bool = True
+    condition_posterior: str = "mean"
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -45,6 +48,8 @@ class SamplerOptions:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
         if self.sampler == "ddim":
             original_ddim_timesteps(self.steps)  # fails early for step counts the original spacing cannot take
+        if self.condition_posterior not in CONDITION_POSTERIORS:
+            raise ValueError(f"condition_posterior={self.condition_posterior!r} is not one of {list(CONDITION_POSTERIORS)}")
         if self.known_noise not in NOISE_LEVELS:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
         if not 0.0 <= float(self.eta):
@@ -69,16 +74,22 @@ def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_informed_slice(model, image: torch.Tensor) -> torch.Tensor:
-    """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training)."""
+def encode_informed_slice(model, image: torch.Tensor, sample: bool = False,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training; a posterior
+    draw with ``sample``)."""
     x = rearrange(image.to(model.device, torch.float32), "h w -> 1 1 h w")
-    return model.first_stage.encode(x, sample=False)[0]
+    return model.first_stage.encode(x, sample=sample, generator=generator)[0]
 
 
 @torch.no_grad()
-def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False) -> torch.Tensor:
-    """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode)."""
+def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, sample: bool = False,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode; posterior mean, or a
+    posterior draw with ``sample``)."""
     x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
+    if sample:
+        return model.first_stage.encode(x, sample=True, generator=generator, progress=progress)
     return model.first_stage.encode_mask(x, progress=progress)
 
 

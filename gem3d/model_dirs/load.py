@@ -135,6 +135,22 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     return model, checkpoint, use_ema, _run_preprocess(run_dir)
 
 
+def check_condition_latent_factor(params: dict, source: str | None, where: str | os.PathLike) -> dict:
+    """``params`` of a converted config, refused where a model converted from an original GEM-3D folder rescales
+    its conditions: gem3d before issue 16 wrote ``condition_latent_factor: 1 / scale_factor`` there, but the
+    original conditions on ``scale_factor * posterior``, the scale gem3d encodes at (1 is accepted)."""
+    factor = float(params.get("condition_latent_factor", 1.0))
+    if source == "original" and factor != 1.0:
+        raise ValueError(
+            f"{where}: model.params.condition_latent_factor={factor!r}; allowed for a model converted from an "
+            f"original GEM-3D folder: 1.0. Older gem3d wrote 1 / scale_factor there, which feeds the model mask and "
+            f"informed-slice latents {factor:.3g}x too large (the original conditions on scale_factor * posterior, "
+            f"like its noisy latent). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
+            f"--overwrite) or set the value to 1.0"
+        )
+    return params
+
+
 def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool, dict | None]:
     """A converted folder. Its weights are whichever set (raw or EMA) was chosen at conversion; asking for the
     other one is an error."""
@@ -149,7 +165,9 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
     target = model_cfg.get("target")
     if target != DENOISER_TARGET and target not in LEGACY_TARGETS:
         raise ValueError(f"{path / CONVERTED_CONFIG}: model.target={target!r}, expected {DENOISER_TARGET!r}")
-    model = Denoiser.from_kwargs(model_cfg.get("params") or {})
+    params = check_condition_latent_factor(model_cfg.get("params") or {}, (config.get("source") or {}).get("kind"),
+                                           path / CONVERTED_CONFIG)
+    model = Denoiser.from_kwargs(params)
     load_weights(model, load_file(str(path / CONVERTED_WEIGHTS)), str(path / CONVERTED_WEIGHTS))
     preprocess = ((config.get("data") or {}).get("params") or {}).get("preprocess")
     return model, path / CONVERTED_WEIGHTS, converted_ema, preprocess

@@ -333,8 +333,8 @@ def denoiser_kwargs(orig: OriginalModel) -> dict[str, Any]:
             "params": {"ddconfig": dict(orig.first_stage_ddconfig), "embed_dim": int(orig.first_stage_embed_dim),
                        "scale_factor": float(orig.scale_factor)},
         },
-        # the original conditions on the *unscaled* posterior mode (its cond stage is the bare first stage)
-        "condition_latent_factor": 1.0 / float(orig.scale_factor),
+        # no condition_latent_factor (1): the original's concat condition is scale_factor * posterior, the scale
+        # FirstStage.encode / encode_mask give (get_first_stage_encoding in its get_input and inference scripts)
         "variant": variant,
         "position_embed_dim": orig.position_embed_dim if variant == "position" else None,
         "num_train_timesteps": int(orig.timesteps),
