@@ -13,14 +13,29 @@ from gem3d.sampling import (
     KnownFrames,
     alphas_cumprod_tensor,
     betas_tensor,
-    ddim_timesteps,
+    make_schedule,
     make_train_scheduler,
     original_ddim_timesteps,
-    sample_ddim,
-    sample_dpmpp,
+    sample,
+    slice_correlated_noise,
 )
+from gem3d.sampling.samplers import SPACINGS
+from gem3d.sampling.schedule import trained_betas
 
 SHAPE = (2, 5, 4, 8, 8)  # (B, F, C, h, w)
+
+
+def sample_ddim(eps_fn, x_T, alphas_cumprod, *, steps, eta=1.0, spacing="original", **options):
+    """GEM-3D's DDIM (eta 1 by default) through the shared schedule factory and loop."""
+    return sample(eps_fn, x_T, make_schedule("ddim", alphas_cumprod, steps, eta=eta, spacing=spacing), **options)
+
+
+def sample_dpmpp(eps_fn, x_T, alphas_cumprod, *, steps, **options):
+    return sample(eps_fn, x_T, make_schedule("dpmpp", alphas_cumprod, steps), **options)
+
+
+def ddim_timesteps(steps, spacing):
+    return make_schedule("ddim", alphas_cumprod_tensor(), steps, spacing=spacing).timesteps
 
 
 def formula_betas() -> torch.Tensor:
@@ -114,13 +129,34 @@ def test_ddim_timesteps_spacings():
 # ---------------------------------------------------------------------------------------------- DDIM
 
 
-def test_sample_signatures_match():
-    ddim = inspect.signature(sample_ddim).parameters
-    dpm = inspect.signature(sample_dpmpp).parameters
-    assert list(ddim)[:3] == list(dpm)[:3] == ["eps_fn", "x_T", "alphas_cumprod"]
-    for name in ("steps", "known", "generator", "progress"):
-        assert ddim[name].kind is inspect.Parameter.KEYWORD_ONLY and dpm[name].kind is inspect.Parameter.KEYWORD_ONLY
-    assert ddim["eta"].default == 1.0 and ddim["spacing"].default == "original"
+def test_one_shared_sampler_signature_and_schedule_factory():
+    params = inspect.signature(sample).parameters
+    assert list(params)[:3] == ["eps_fn", "x", "schedule"]
+    for name in ("known", "generator", "progress", "clip_x0", "slice_noise_correlation"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert SPACINGS["ddim"][0] == "original" and SPACINGS["dpmpp"][0] == "linspace"
+    with pytest.raises(ValueError, match=r"sampler='euler' is not one of \['ddim', 'dpmpp'\]"):
+        make_schedule("euler", alphas_cumprod_tensor(), 10)
+    with pytest.raises(ValueError, match=r"spacing must be one of \('linspace', 'leading', 'trailing'\).*'original'"):
+        make_schedule("dpmpp", alphas_cumprod_tensor(), 10, spacing="original")
+    with pytest.raises(ValueError, match="order must be one of"):
+        make_schedule("dpmpp", alphas_cumprod_tensor(), 10, order=4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_schedule_gives_diffusers_the_exact_alphas_cumprod_through_its_config(sampler):
+    for ac in (alphas_cumprod_tensor(), alphas_cumprod_tensor(500, 0.0001, 0.02)):
+        schedule = make_schedule(sampler, ac, 10)
+        assert torch.equal(schedule.scheduler.alphas_cumprod, ac)
+        assert np.array_equal(np.asarray(schedule.scheduler.config.trained_betas, np.float32), trained_betas(ac))
+    assert np.abs(trained_betas(alphas_cumprod_tensor()) - formula_betas().numpy()).max() < 3e-7  # a few float32 steps
+
+
+def test_a_schedule_can_be_reused():
+    ac, x_T = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    for schedule in (make_schedule("dpmpp", ac, 6), make_schedule("ddim", ac, 6, eta=1.0)):
+        runs = [sample(analytic_eps, x_T, schedule, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+        assert torch.equal(*runs)
 
 
 def test_ddim_eta0_matches_hand_written_loop():

@@ -21,6 +21,7 @@ __all__ = [
     "alphas_cumprod_tensor",
     "make_train_scheduler",
     "original_ddim_timesteps",
+    "trained_betas",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -94,3 +95,24 @@ def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIM
             f"({num_train_timesteps} // steps) * (len - 1) + 1 < {num_train_timesteps}, e.g. a divisor of {num_train_timesteps}"
         )
     return timesteps
+
+
+def trained_betas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """Float32 betas ``(T,)`` whose cumulative product, as a diffusers scheduler computes it from its public
+    ``trained_betas`` (``torch.cumprod(1 - betas)`` in float32, which torch accumulates in float64 on the CPU), is
+    exactly ``alphas_cumprod``: our schedule goes into diffusers through its config, no attribute is overwritten.
+
+    Each ratio ``alphas_cumprod[i] / alphas_cumprod[i - 1]`` is rounded to float32 and moved by a few float32 steps
+    until the running product rounds to the target (a test checks that every entry is reached).
+    """
+    target = alphas_cumprod.detach().to("cpu", torch.float32).numpy()
+    alphas, running = np.empty_like(target), 1.0
+    for i, goal in enumerate(target):
+        alpha = np.float32(float(goal) / running)
+        for _ in range(8):
+            product = np.float32(running * float(alpha))
+            if product == goal:
+                break
+            alpha = np.nextafter(alpha, np.float32(2.0 if product < goal else 0.0))
+        alphas[i], running = alpha, running * float(alpha)
+    return np.float32(1.0) - alphas
