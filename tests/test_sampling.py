@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from gem3d.sampling import (
     KnownFrames,
@@ -343,3 +343,83 @@ def test_ddim_reproduces_original_fixture(original_fixtures, one_thread):
         err = (out - v["ddim_out"]).abs().max().item()
         print(f"{model_dir.name}: max |ddim_out - ours| = {err:.2e}")
         assert err < 1e-4, (model_dir.name, err)
+
+
+# ---------------------------------------------------------------------------------------------- clip_x0
+
+
+def large_x0_eps(x, t):
+    """An eps whose x0 estimate is far outside [-1, 1] (about 3 x)."""
+    return -0.5 * x
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_clip_x0_changes_the_sample_when_active_and_is_a_no_op_when_huge(sampler):
+    ac, x_T = alphas_cumprod_tensor(), 3 * torch.randn(SHAPE)
+    schedule = make_schedule(sampler, ac, 8, eta=1.0)
+    run = lambda **kw: sample(large_x0_eps, x_T, schedule, generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
+    free, clipped = run(), run(clip_x0=1.0)
+    assert torch.equal(run(clip_x0=1e30), free)
+    assert free.abs().max() > 5 and (clipped - free).abs().max() > 1
+    if sampler == "dpmpp":  # DPM-Solver++ ends on its (clipped) data prediction
+        assert clipped.abs().max() <= 1.0 + 1e-5
+
+
+def test_clip_x0_is_diffusers_ddim_clip_sample_with_the_clipped_model_output():
+    ac, x_T, steps, bound = alphas_cumprod_tensor(), 3 * torch.randn(SHAPE), 10, 1.5
+    out = sample(large_x0_eps, x_T, make_schedule("ddim", ac, steps, eta=0.0), clip_x0=bound)
+    reference = DDIMScheduler(num_train_timesteps=1000, trained_betas=trained_betas(ac), clip_sample=True,
+                              clip_sample_range=bound, set_alpha_to_one=False, steps_offset=1)
+    reference.set_timesteps(steps)
+    x = x_T
+    for t in reference.timesteps:
+        x = reference.step(large_x0_eps(x, t), t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    assert torch.allclose(out, x, atol=1e-5), (out - x).abs().max()
+    assert not torch.allclose(out, sample(large_x0_eps, x_T, make_schedule("ddim", ac, steps)), atol=1e-2)
+
+
+def test_sample_options_are_validated():
+    x_T, schedule = torch.randn(SHAPE), make_schedule("ddim", alphas_cumprod_tensor(), 2)
+    with pytest.raises(ValueError, match=r"clip_x0 must be None \(off\) or a float > 0, got 0"):
+        sample(analytic_eps, x_T, schedule, clip_x0=0)
+    with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got 1.0"):
+        sample(analytic_eps, x_T, schedule, slice_noise_correlation=1.0)
+    with pytest.raises(ValueError, match=r"known must be None or KnownFrames with latents of x_T's shape"):
+        sample(analytic_eps, x_T, schedule, known=KnownFrames(torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 5, 4, 8, 8)))
+
+
+# ---------------------------------------------------------------------------------------------- slice-correlated noise
+
+
+def lag_correlation(noise, lag):
+    a, b = noise[:, :-lag].flatten(), noise[:, lag:].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_slice_correlated_noise_is_standard_normal_with_ar1_correlation():
+    shape = (64, 8, 4, 16, 16)  # 8192 values per slice and clip
+    for rho in (0.0, 0.5, 0.9):
+        noise = slice_correlated_noise(shape, rho, generator=torch.Generator().manual_seed(0))
+        assert noise.shape == shape
+        assert torch.allclose(noise.var(dim=(0, 2, 3, 4)), torch.ones(8), atol=0.03)  # every slice N(0, 1)
+        assert abs(float(noise.mean())) < 0.02
+        assert abs(lag_correlation(noise, 1) - rho) < 0.02 and abs(lag_correlation(noise, 2) - rho**2) < 0.02
+    independent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(slice_correlated_noise(shape, 0.0, generator=torch.Generator().manual_seed(3)), independent)
+    with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got -0.1"):
+        slice_correlated_noise(shape, -0.1)
+
+
+def test_ddim_step_noise_is_slice_correlated():
+    """With eps = 0 and x_T = 0, DDIM (eta 1) returns a sum of its step noises: AR(1) across slices with rho."""
+    ac, shape = alphas_cumprod_tensor(), (8, 6, 4, 16, 16)
+    schedule = make_schedule("ddim", ac, 10, eta=1.0)
+    zero_eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    for rho in (0.0, 0.8):
+        out = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0),
+                     slice_noise_correlation=rho)
+        assert abs(lag_correlation(out, 1) - rho) < 0.03
+    plain = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0))
+    again = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0),
+                   slice_noise_correlation=0.0)
+    assert torch.equal(plain, again)

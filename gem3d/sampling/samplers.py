@@ -117,11 +117,6 @@ class Schedule:
     timesteps: torch.Tensor
     step_options: dict = field(default_factory=dict)
 
-    @property
-    def stochastic(self) -> bool:
-        """True when a step adds noise (DDIM with eta > 0)."""
-        return self.step_options.get("eta", 0.0) > 0
-
 
 def make_schedule(
     sampler: str, alphas_cumprod: torch.Tensor, steps: int, *, eta: float = 0.0, spacing: str | None = None,
@@ -188,7 +183,7 @@ def slice_correlated_noise(
     sin(s pi/2) v``, the step above with ``rho = cos(s pi/2)``. Across windows the noise stays independent: the
     known frames carry the continuity there.
     """
-    _check_correlation(rho)
+    validate_sample_options(slice_noise_correlation=rho)
     noise = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
     if rho == 0:
         return noise
@@ -198,14 +193,11 @@ def slice_correlated_noise(
     return einsum(weights.to(noise), noise, "f k, b k ... -> b f ...")
 
 
-def validate_sample_options(clip_x0: float | None, slice_noise_correlation: float) -> None:
+def validate_sample_options(clip_x0: float | None = None, slice_noise_correlation: float = 0.0) -> None:
     """The options of :func:`sample` that are not part of the schedule (eager, printing the offending value)."""
     if clip_x0 is not None and (not isinstance(clip_x0, (int, float)) or isinstance(clip_x0, bool) or clip_x0 <= 0):
         raise ValueError(f"clip_x0 must be None (off) or a float > 0, got {clip_x0!r}")
-    _check_correlation(slice_noise_correlation)
-
-
-def _check_correlation(rho: float) -> None:
+    rho = slice_noise_correlation
     if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0.0 <= rho < 1.0:
         raise ValueError(f"slice_noise_correlation must be a float in [0, 1), got {rho!r}")
 
@@ -213,18 +205,14 @@ def _check_correlation(rho: float) -> None:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def _noised(z0: torch.Tensor, alpha_cumprod: float, noise: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion ``sqrt(a) z0 + sqrt(1 - a) noise``."""
-    return alpha_cumprod**0.5 * z0 + (1.0 - alpha_cumprod) ** 0.5 * noise
-
-
 def _replace_known(x: torch.Tensor, known: KnownFrames | None, alpha_cumprod: float | None, noise) -> torch.Tensor:
-    """Set the known frames of ``x`` to their latent noised at ``alpha_cumprod`` (None: clean) with ``noise()``."""
+    """Set the known frames of ``x`` to their latent forward-noised at ``alpha_cumprod`` with ``noise()``,
+    ``sqrt(a) z0 + sqrt(1 - a) noise`` (None: clean)."""
     if known is None:
         return x
     z0 = known.latents.to(device=x.device, dtype=x.dtype)
     if alpha_cumprod is not None:
-        z0 = _noised(z0, alpha_cumprod, noise())
+        z0 = alpha_cumprod**0.5 * z0 + (1.0 - alpha_cumprod) ** 0.5 * noise()
     return torch.where(rearrange(known.mask.to(x.device), "b f -> b f 1 1 1"), z0, x)
 
 
@@ -283,7 +271,7 @@ def sample(
             raise ValueError(f"eps_fn returned shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)}")
         if clip_x0 is not None:
             eps = _clip_x0(eps, x, alphas_cumprod[t], clip_x0)
-        step_noise = noise() if schedule.stochastic else None
+        step_noise = noise() if schedule.step_options.get("eta", 0) > 0 else None  # DDIM's eta noise
         x = scheduler.step(eps, t, x, variance_noise=step_noise, **schedule.step_options).prev_sample
         x = _replace_known(x, known, _known_level(known, alphas_cumprod, timesteps, k + 1), noise)
     return x
