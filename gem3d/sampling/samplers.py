@@ -176,12 +176,12 @@ def slice_correlated_noise(
 
     ``noise[:, 0] = w[:, 0]``, ``noise[:, f] = rho * noise[:, f-1] + sqrt(1 - rho^2) * w[:, f]`` for i.i.d. normal
     ``w`` drawn as ``randn_tensor(shape)``: every slice stays N(0, I) and ``corr(noise[:, f], noise[:, f+k]) =
-    rho^k``. For rho = 0 this is ``w`` itself, bit for bit. This is gem3d's version of Inter-Slice Consistent
-    Stochasticity (ISCS, Du et al., arXiv 2602.04162, training-free): the paper correlates the noise of
-    neighbouring slices by spherical interpolation (Slerp) of Gaussian noises on the hypersphere; for two
-    independent high-dimensional Gaussians (nearly orthogonal) Slerp with weight ``s`` is ``cos(s pi/2) u +
-    sin(s pi/2) v``, the step above with ``rho = cos(s pi/2)``. Across windows the noise stays independent: the
-    known frames carry the continuity there.
+    rho^k``. For rho = 0 this is ``w`` itself, bit for bit. This is gem3d's own version of Inter-Slice Consistent
+    Stochasticity (ISCS, Du et al., arXiv 2602.04162, training-free), which correlates the noise of neighbouring
+    slices by spherical interpolation (Slerp) of Gaussian noises; for two independent high-dimensional Gaussians
+    (nearly orthogonal) Slerp with weight ``s`` is ``cos(s pi/2) u + sin(s pi/2) v``, the step above with
+    ``rho = cos(s pi/2)``. How the paper chains its slices was not checked (its method section was not at hand).
+    Across windows the noise stays independent: the known frames carry the continuity there.
     """
     validate_sample_options(slice_noise_correlation=rho)
     noise = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
