@@ -141,7 +141,7 @@ def make_schedule(
         raise ValueError(f"alphas_cumprod must be a 1-D tensor (T,) with T >= 2, got {got}")
     T = alphas_cumprod.numel()
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+        raise ValueError(f"steps must be an int in [1, {T}] (positive, at most the training timesteps), got {steps!r}")
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or eta < 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     if order not in (1, 2, 3):
