@@ -81,6 +81,18 @@ def test_bad_input_exits_2_naming_the_problem(tiny, tmp_path, capsys, setting, a
     assert not (tmp_path / setting / "manifest.json").exists() or not Manifest(tmp_path / setting / "manifest.json").records
 
 
+def test_sampler_option_flags(tiny):
+    def sampler(*flags):
+        args = cli.build_parser("demo", "icma").parse_args(["--data", str(tiny["data"]), *flags])
+        return cli.config_from_args("demo", "icma", args).sampler
+
+    assert (sampler().clip_x0, sampler().slice_noise_correlation) == (None, 0.0)  # both off by default
+    options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3")
+    assert (options.clip_x0, options.slice_noise_correlation) == (2.5, 0.3)
+    with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got 1.0"):
+        sampler("--slice-noise-correlation", "1")
+
+
 def test_flags_override_the_dataset_config(tiny, tmp_path):
     args = cli.build_parser("demo", "icma").parse_args(
         ["--data", str(tiny["data"]), "--model", "m", "--out", str(tmp_path), "--steps", "4", "--sampler", "dpmpp",

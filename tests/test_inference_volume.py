@@ -14,7 +14,7 @@ from gem3d.inference.volume import (
     sample_volume_latents,
 )
 from gem3d.sampling.propagation import plan_windows
-from gem3d.sampling.schedule import make_train_scheduler
+from gem3d.sampling.schedule import alphas_cumprod_tensor
 from tests import _tiny_models
 
 C, H, W = 4, 3, 3
@@ -32,7 +32,7 @@ class FakeModel:
     def __init__(self, variant: str):
         self.variant = variant
         self.spec = VARIANTS[variant]
-        self.alphas_cumprod = torch.as_tensor(make_train_scheduler().alphas_cumprod, dtype=torch.float32)
+        self.alphas_cumprod = alphas_cumprod_tensor()
         self.batch_sizes: list[int] = []
 
     def condition(self, mask_latent, informed_latent=None):
@@ -128,11 +128,31 @@ def test_ddim_with_noise_is_seeded():
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"sampler": "euler"}, "sampler='euler'"), ({"steps": 0}, "steps"), ({"steps": 3}, "steps=3"), ({"known_noise": "x"}, "known_noise"),
-     ({"eta": -1.0}, "eta"), ({"window": 4, "overlap": 4}, "overlap")],
+     ({"eta": -1.0}, "eta"), ({"window": 4, "overlap": 4}, "overlap"), ({"clip_x0": -1.0}, "clip_x0"),
+     ({"slice_noise_correlation": 1.0}, r"slice_noise_correlation must be a float in \[0, 1\), got 1.0")],
 )
 def test_sampler_options_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplerOptions(**kwargs)
+
+
+def test_sampler_options_noise_is_the_former_seeded_draw_and_correlated_on_request():
+    shape = (2, 6, C, 8, 8)
+    plain = SamplerOptions().noise(shape, torch.Generator().manual_seed(4), "cpu")
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(4)))
+    correlated = SamplerOptions(slice_noise_correlation=0.7).noise(shape, torch.Generator().manual_seed(4), "cpu")
+    assert torch.equal(correlated[:, 0], plain[:, 0]) and not torch.allclose(correlated[:, 1:], plain[:, 1:])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_clip_x0_reaches_the_sampler(sampler):
+    """The fake denoiser's x0 is the mask latent (slice index 0..8): clipping at 2.5 changes the high slices."""
+    model, informed = FakeModel("volume_stage"), torch.zeros(C, H, W)
+    runs = [sample_volume_latents(model, _mask_latent(9), informed, 4,
+                                  SamplerOptions(sampler=sampler, steps=4, window=4, clip_x0=clip),
+                                  torch.Generator().manual_seed(0)) for clip in (None, 1e30, 2.5)]
+    assert torch.equal(runs[0], runs[1])
+    assert (runs[0] - runs[2]).abs().max() > 1
 
 
 # ---------------------------------------------------------------------------------------------- tiny real models

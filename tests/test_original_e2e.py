@@ -144,7 +144,7 @@ def test_ddim_output_and_decoding(folder, source, e2e_cases, monkeypatch):
         drawn.append(shape)
         return x_T[None].to(device)
 
-    monkeypatch.setattr(volume, "_randn", start_noise)
+    monkeypatch.setattr(SamplerOptions, "noise", lambda self, shape, generator, device: start_noise(shape, generator, device))
     model_fn, called = model.model_fn, []
 
     def recording_model_fn(cond):

@@ -24,7 +24,7 @@ from gem3d.convert import convert_model_dir
 from gem3d.model_dirs import load_model_dir
 from gem3d.inference.volume import SamplerOptions, decode_volume, sample_slice_latents, sample_volume_latents
 from gem3d.models.conditioning import position_embedding
-from gem3d.sampling.samplers import sample_ddim
+from gem3d.sampling.samplers import make_schedule, sample
 
 ATOL = 1e-4
 ORIGINAL_CLIP_LEN = 16  # hard-coded in the original's pseudo-3D UNet and data pipeline
@@ -233,8 +233,8 @@ def test_deterministic_ddim_is_reproduced(name):
         return eps_fn(x, t)
 
     with torch.no_grad():
-        out = sample_ddim(recording_eps_fn, clips(v["ddim_xT"], spec), model.alphas_cumprod, steps=steps, eta=0.0,
-                          spacing="original")
+        schedule = make_schedule("ddim", model.alphas_cumprod, steps, eta=0.0, spacing="original")
+        out = sample(recording_eps_fn, clips(v["ddim_xT"], spec), schedule)
     if "ddim_timesteps" in v:  # the original's uniform spacing, called from the last to the first
         assert called == sorted(v["ddim_timesteps"].tolist(), reverse=True)
     assert max_diff(out, clips(v["ddim_out"], spec)) < ATOL

@@ -13,10 +13,11 @@ from gem3d.sampling import (
     alphas_cumprod_tensor,
     informed_latents_for_jobs,
     known_frames_for_jobs,
+    make_schedule,
     plan_base_windows,
     plan_windows,
     propagate_volume,
-    sample_ddim,
+    sample,
     window_rounds,
 )
 
@@ -207,7 +208,7 @@ def test_propagation_with_ddim_keeps_known_frames_and_batches_jobs():
         known = known_frames_for_jobs(jobs, latent, noise_level="timestep")
         informed = informed_latents_for_jobs(jobs)
         x_T = torch.randn(len(jobs), len(jobs[0].indices), *latent, generator=gen)
-        out = sample_ddim(eps_fn_for(informed), x_T, ac, steps=4, known=known, generator=gen)
+        out = sample(eps_fn_for(informed), x_T, make_schedule("ddim", ac, 4, eta=1.0), known=known, generator=gen)
         seen_batches.append(len(jobs))
         if known is not None:
             assert isinstance(known, KnownFrames)

@@ -7,20 +7,34 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from gem3d.sampling import (
     KnownFrames,
     alphas_cumprod_tensor,
     betas_tensor,
-    ddim_timesteps,
-    make_train_scheduler,
+    make_schedule,
     original_ddim_timesteps,
-    sample_ddim,
-    sample_dpmpp,
+    sample,
+    slice_correlated_noise,
 )
+from gem3d.sampling.samplers import SPACINGS
+from gem3d.sampling.schedule import trained_betas
 
 SHAPE = (2, 5, 4, 8, 8)  # (B, F, C, h, w)
+
+
+def sample_ddim(eps_fn, x_T, alphas_cumprod, *, steps, eta=1.0, spacing="original", **options):
+    """GEM-3D's DDIM (eta 1 by default) through the shared schedule factory and loop."""
+    return sample(eps_fn, x_T, make_schedule("ddim", alphas_cumprod, steps, eta=eta, spacing=spacing), **options)
+
+
+def sample_dpmpp(eps_fn, x_T, alphas_cumprod, *, steps, **options):
+    return sample(eps_fn, x_T, make_schedule("dpmpp", alphas_cumprod, steps), **options)
+
+
+def ddim_timesteps(steps, spacing):
+    return make_schedule("ddim", alphas_cumprod_tensor(), steps, spacing=spacing).timesteps
 
 
 def formula_betas() -> torch.Tensor:
@@ -64,12 +78,6 @@ def hand_ddim(eps_fn, x_T, alphas_cumprod, timesteps_ascending, eta=0.0, noises=
 def test_schedule_equals_formula_float64_stored_float32():
     assert torch.equal(betas_tensor(), formula_betas())
     assert torch.equal(alphas_cumprod_tensor(), formula_alphas_cumprod())
-    scheduler = make_train_scheduler()
-    assert isinstance(scheduler, DDPMScheduler)
-    assert scheduler.config.beta_schedule == "scaled_linear"
-    assert scheduler.config.num_train_timesteps == 1000
-    assert torch.equal(scheduler.betas, formula_betas())
-    assert torch.equal(scheduler.alphas_cumprod, formula_alphas_cumprod())
     # diffusers' own scaled_linear is the same formula in float32: equal up to float32 rounding only
     plain = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     assert torch.allclose(plain.betas, formula_betas(), rtol=0, atol=1e-8)
@@ -80,14 +88,6 @@ def test_schedule_equals_original_checkpoint_buffers(original_fixtures):
     sd = torch.load(original_fixtures / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(sd["betas"], betas_tensor())
     assert torch.equal(sd["alphas_cumprod"], alphas_cumprod_tensor())
-
-
-def test_train_scheduler_add_noise_uses_float64_cumprod():
-    scheduler = make_train_scheduler()
-    z0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    t = torch.tensor([0, 500, 999])
-    ac = formula_alphas_cumprod()[t].view(-1, 1, 1, 1)
-    assert torch.allclose(scheduler.add_noise(z0, noise, t), ac.sqrt() * z0 + (1 - ac).sqrt() * noise, atol=1e-6)
 
 
 def test_original_ddim_timesteps():
@@ -114,13 +114,34 @@ def test_ddim_timesteps_spacings():
 # ---------------------------------------------------------------------------------------------- DDIM
 
 
-def test_sample_signatures_match():
-    ddim = inspect.signature(sample_ddim).parameters
-    dpm = inspect.signature(sample_dpmpp).parameters
-    assert list(ddim)[:3] == list(dpm)[:3] == ["eps_fn", "x_T", "alphas_cumprod"]
-    for name in ("steps", "known", "generator", "progress"):
-        assert ddim[name].kind is inspect.Parameter.KEYWORD_ONLY and dpm[name].kind is inspect.Parameter.KEYWORD_ONLY
-    assert ddim["eta"].default == 1.0 and ddim["spacing"].default == "original"
+def test_one_shared_sampler_signature_and_schedule_factory():
+    params = inspect.signature(sample).parameters
+    assert list(params)[:3] == ["eps_fn", "x", "schedule"]
+    for name in ("known", "generator", "progress", "clip_x0", "slice_noise_correlation"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert SPACINGS["ddim"][0] == "original" and SPACINGS["dpmpp"][0] == "linspace"
+    with pytest.raises(ValueError, match=r"sampler='euler' is not one of \['ddim', 'dpmpp'\]"):
+        make_schedule("euler", alphas_cumprod_tensor(), 10)
+    with pytest.raises(ValueError, match=r"spacing must be one of \('linspace', 'leading', 'trailing'\).*'original'"):
+        make_schedule("dpmpp", alphas_cumprod_tensor(), 10, spacing="original")
+    with pytest.raises(ValueError, match="order must be one of"):
+        make_schedule("dpmpp", alphas_cumprod_tensor(), 10, order=4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_schedule_gives_diffusers_the_exact_alphas_cumprod_through_its_config(sampler):
+    for ac in (alphas_cumprod_tensor(), alphas_cumprod_tensor(500, 0.0001, 0.02)):
+        schedule = make_schedule(sampler, ac, 10)
+        assert torch.equal(schedule.scheduler.alphas_cumprod, ac)
+        assert np.array_equal(np.asarray(schedule.scheduler.config.trained_betas, np.float32), trained_betas(ac))
+    assert np.abs(trained_betas(alphas_cumprod_tensor()) - formula_betas().numpy()).max() < 3e-7  # a few float32 steps
+
+
+def test_a_schedule_can_be_reused():
+    ac, x_T = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    for schedule in (make_schedule("dpmpp", ac, 6), make_schedule("ddim", ac, 6, eta=1.0)):
+        runs = [sample(analytic_eps, x_T, schedule, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+        assert torch.equal(*runs)
 
 
 def test_ddim_eta0_matches_hand_written_loop():
@@ -307,3 +328,83 @@ def test_ddim_reproduces_original_fixture(original_fixtures, one_thread):
         err = (out - v["ddim_out"]).abs().max().item()
         print(f"{model_dir.name}: max |ddim_out - ours| = {err:.2e}")
         assert err < 1e-4, (model_dir.name, err)
+
+
+# ---------------------------------------------------------------------------------------------- clip_x0
+
+
+def large_x0_eps(x, t):
+    """An eps whose x0 estimate is far outside [-1, 1] (about 3 x)."""
+    return -0.5 * x
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_clip_x0_changes_the_sample_when_active_and_is_a_no_op_when_huge(sampler):
+    ac, x_T = alphas_cumprod_tensor(), 3 * torch.randn(SHAPE)
+    schedule = make_schedule(sampler, ac, 8, eta=1.0)
+    run = lambda **kw: sample(large_x0_eps, x_T, schedule, generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
+    free, clipped = run(), run(clip_x0=1.0)
+    assert torch.equal(run(clip_x0=1e30), free)
+    assert free.abs().max() > 5 and (clipped - free).abs().max() > 1
+    if sampler == "dpmpp":  # DPM-Solver++ ends on its (clipped) data prediction
+        assert clipped.abs().max() <= 1.0 + 1e-5
+
+
+def test_clip_x0_is_diffusers_ddim_clip_sample_with_the_clipped_model_output():
+    ac, x_T, steps, bound = alphas_cumprod_tensor(), 3 * torch.randn(SHAPE), 10, 1.5
+    out = sample(large_x0_eps, x_T, make_schedule("ddim", ac, steps, eta=0.0), clip_x0=bound)
+    reference = DDIMScheduler(num_train_timesteps=1000, trained_betas=trained_betas(ac), clip_sample=True,
+                              clip_sample_range=bound, set_alpha_to_one=False, steps_offset=1)
+    reference.set_timesteps(steps)
+    x = x_T
+    for t in reference.timesteps:
+        x = reference.step(large_x0_eps(x, t), t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    assert torch.allclose(out, x, atol=1e-5), (out - x).abs().max()
+    assert not torch.allclose(out, sample(large_x0_eps, x_T, make_schedule("ddim", ac, steps)), atol=1e-2)
+
+
+def test_sample_options_are_validated():
+    x_T, schedule = torch.randn(SHAPE), make_schedule("ddim", alphas_cumprod_tensor(), 2)
+    with pytest.raises(ValueError, match=r"clip_x0 must be None \(off\) or a float > 0, got 0"):
+        sample(analytic_eps, x_T, schedule, clip_x0=0)
+    with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got 1.0"):
+        sample(analytic_eps, x_T, schedule, slice_noise_correlation=1.0)
+    with pytest.raises(ValueError, match=r"known must be None or KnownFrames with latents of x_T's shape"):
+        sample(analytic_eps, x_T, schedule, known=KnownFrames(torch.zeros(1, 5, dtype=torch.bool), torch.zeros(1, 5, 4, 8, 8)))
+
+
+# ---------------------------------------------------------------------------------------------- slice-correlated noise
+
+
+def lag_correlation(noise, lag):
+    a, b = noise[:, :-lag].flatten(), noise[:, lag:].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_slice_correlated_noise_is_standard_normal_with_ar1_correlation():
+    shape = (64, 8, 4, 16, 16)  # 8192 values per slice and clip
+    for rho in (0.0, 0.5, 0.9):
+        noise = slice_correlated_noise(shape, rho, generator=torch.Generator().manual_seed(0))
+        assert noise.shape == shape
+        assert torch.allclose(noise.var(dim=(0, 2, 3, 4)), torch.ones(8), atol=0.03)  # every slice N(0, 1)
+        assert abs(float(noise.mean())) < 0.02
+        assert abs(lag_correlation(noise, 1) - rho) < 0.02 and abs(lag_correlation(noise, 2) - rho**2) < 0.02
+    independent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(slice_correlated_noise(shape, 0.0, generator=torch.Generator().manual_seed(3)), independent)
+    with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got -0.1"):
+        slice_correlated_noise(shape, -0.1)
+
+
+def test_ddim_step_noise_is_slice_correlated():
+    """With eps = 0 and x_T = 0, DDIM (eta 1) returns a sum of its step noises: AR(1) across slices with rho."""
+    ac, shape = alphas_cumprod_tensor(), (8, 6, 4, 16, 16)
+    schedule = make_schedule("ddim", ac, 10, eta=1.0)
+    zero_eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    for rho in (0.0, 0.8):
+        out = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0),
+                     slice_noise_correlation=rho)
+        assert abs(lag_correlation(out, 1) - rho) < 0.03
+    plain = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0))
+    again = sample(zero_eps, torch.zeros(shape), schedule, generator=torch.Generator().manual_seed(0),
+                   slice_noise_correlation=0.0)
+    assert torch.equal(plain, again)

@@ -72,6 +72,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="noise level of known frames: the clip's timestep (default) or the original's step index")
     p.add_argument("--condition-posterior", choices=("mean", "sample"),
                    help="mask/informed latents: encoder posterior mean (default) or a draw, as the original")
+    p.add_argument("--clip-x0", type=float, help="clip the latent x0 estimate to [-V, V] in every step (default: off)")
+    p.add_argument("--slice-noise-correlation", type=float,
+                   help="RHO in [0, 1): noise correlated across neighbouring slices (ISCS-style; default 0: independent)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
@@ -99,7 +102,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
 
     sampler = dict(defaults.get("sampler", {}) or {})
     for key, value in (("steps", args.steps), ("sampler", args.sampler), ("eta", args.eta), ("window", args.window),
-                       ("overlap", args.overlap), ("known_noise", args.known_noise),
+                       ("overlap", args.overlap), ("known_noise", args.known_noise), ("clip_x0", args.clip_x0),
+                       ("slice_noise_correlation", args.slice_noise_correlation),
                        ("condition_posterior", args.condition_posterior)):
         if value is not None:
             sampler[key] = value

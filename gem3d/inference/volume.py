@@ -17,10 +17,15 @@ from gem3d.sampling.propagation import (
     known_frames_for_jobs,
     propagate_volume,
 )
-from gem3d.sampling.samplers import NOISE_LEVELS, sample_ddim, sample_dpmpp
-from gem3d.sampling.schedule import original_ddim_timesteps
+from gem3d.sampling.samplers import (
+    NOISE_LEVELS,
+    make_schedule,
+    sample,
+    slice_correlated_noise,
+    validate_sample_options,
+)
+from gem3d.sampling.schedule import alphas_cumprod_tensor
 
-SAMPLERS = {"ddim": sample_ddim, "dpmpp": sample_dpmpp}
 CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior mean (gem3d) or a draw (the original)
 
 
@@ -29,8 +34,10 @@ class SamplerOptions:
     """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
     ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's
     timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows
-    in one batch), ``condition_posterior`` (mask and informed latents from the encoder posterior's ``mean``, or a
-    ``sample`` from it as the original draws)."""
+    in one batch), ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as
+    in the original), ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of
+    a window, ISCS-style; 0: independent), ``condition_posterior`` (mask and informed latents from the encoder
+    posterior's ``mean``, or a ``sample`` from it as the original draws). See :mod:`gem3d.sampling.samplers`."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -39,38 +46,34 @@ class SamplerOptions:
     overlap: int = 1
     known_noise: str = "timestep"
     batch_directions: bool = True
+    clip_x0: float | None = None
+    slice_noise_correlation: float = 0.0
     condition_posterior: str = "mean"
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler={self.sampler!r} is not one of {sorted(SAMPLERS)}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if self.sampler == "ddim":
-            original_ddim_timesteps(self.steps)  # fails early for step counts the original spacing cannot take
+        make_schedule(self.sampler, alphas_cumprod_tensor(), self.steps, eta=self.eta)  # validates eagerly
+        validate_sample_options(self.clip_x0, self.slice_noise_correlation)
         if self.condition_posterior not in CONDITION_POSTERIORS:
             raise ValueError(f"condition_posterior={self.condition_posterior!r} is not one of {list(CONDITION_POSTERIORS)}")
         if self.known_noise not in NOISE_LEVELS:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
-        if not 0.0 <= float(self.eta):
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
             raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def noise(self, shape, generator: torch.Generator, device) -> torch.Tensor:
+        """Seeded starting noise ``(B, F, C, h, w)`` drawn on the generator's device, then moved (same numbers on
+        any device), correlated across slices by ``slice_noise_correlation``."""
+        rho = self.slice_noise_correlation
+        return slice_correlated_noise(shape, rho, generator=generator, device=generator.device).to(device)
+
     def sample(self, eps_fn, x_T, alphas_cumprod, *, known=None, generator=None, progress=False):
-        """Run the chosen clip sampler on ``x_T (B, F, C, h, w)``."""
-        kwargs = {"eta": float(self.eta)} if self.sampler == "ddim" else {}
-        return SAMPLERS[self.sampler](
-            eps_fn, x_T, alphas_cumprod, steps=self.steps, known=known, generator=generator, progress=progress, **kwargs
-        )
-
-
-def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
-    """Seeded noise drawn on the generator's device, then moved (same numbers on any device)."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+        """Run the chosen sampler on ``x_T (B, F, C, h, w)``."""
+        schedule = make_schedule(self.sampler, alphas_cumprod, self.steps, eta=float(self.eta))
+        return sample(eps_fn, x_T, schedule, known=known, generator=generator, progress=progress,
+                      clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation)
 
 
 @torch.no_grad()
@@ -125,7 +128,7 @@ def sample_volume_latents(
 
     def sample_batch(jobs: list[WindowJob]) -> list[torch.Tensor]:
         frames = len(jobs[0].indices)
-        x_T = _randn((len(jobs), frames, c, h, w), generator, model.device)
+        x_T = options.noise((len(jobs), frames, c, h, w), generator, model.device)
         masks = torch.stack([mask_latent[job.indices] for job in jobs]).to(model.device)
         informed = informed_latents_for_jobs(jobs)
         cond = model.condition(masks, None if informed is None else informed.to(model.device))
@@ -171,7 +174,7 @@ def sample_slice_latents(
     alphas_cumprod = slice_model.alphas_cumprod.to(slice_model.device)
     outputs = []
     for chunk in positions.split(batch_size):
-        x_T = _randn((len(chunk), 1, c, h, w), generator, slice_model.device)
+        x_T = options.noise((len(chunk), 1, c, h, w), generator, slice_model.device)
         cond = slice_model.condition(pos=chunk)
         out = options.sample(slice_model.model_fn(cond), x_T, alphas_cumprod, generator=generator)
         outputs.append(rearrange(out, "b 1 c h w -> b c h w"))

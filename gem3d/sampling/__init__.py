@@ -1,4 +1,4 @@
-"""gem3d.sampling: the noise schedule, clip samplers with known-frame replacement, and volume propagation."""
+"""gem3d.sampling: the noise schedule, clip sampling with known-frame replacement, and volume propagation."""
 
 from .propagation import (
     Window,
@@ -10,33 +10,24 @@ from .propagation import (
     propagate_volume,
     window_rounds,
 )
-from .samplers import (
-    KnownFrames,
-    ddim_timesteps,
-    make_ddim_scheduler,
-    make_dpmpp_scheduler,
-    sample_ddim,
-    sample_dpmpp,
-)
-from .schedule import alphas_cumprod_tensor, betas_tensor, make_train_scheduler, original_ddim_timesteps
+from .samplers import KnownFrames, Schedule, make_schedule, sample, slice_correlated_noise
+from .schedule import alphas_cumprod_tensor, betas_tensor, original_ddim_timesteps
 
 __all__ = [
     "KnownFrames",
+    "Schedule",
     "Window",
     "WindowJob",
     "alphas_cumprod_tensor",
     "betas_tensor",
-    "ddim_timesteps",
     "informed_latents_for_jobs",
     "known_frames_for_jobs",
-    "make_ddim_scheduler",
-    "make_dpmpp_scheduler",
-    "make_train_scheduler",
+    "make_schedule",
     "original_ddim_timesteps",
     "plan_base_windows",
     "plan_windows",
     "propagate_volume",
-    "sample_ddim",
-    "sample_dpmpp",
+    "sample",
+    "slice_correlated_noise",
     "window_rounds",
 ]

@@ -4,14 +4,13 @@ GEM-3D (like latent-diffusion) uses 1000 steps with betas linear in sqrt: ``beta
 sqrt(0.012), 1000)**2``, computed in float64 and stored as float32; ``alphas_cumprod`` is the float64 cumulative
 product stored as float32 (these are exactly the ``betas`` / ``alphas_cumprod`` buffers of the original checkpoints).
 diffusers' ``beta_schedule="scaled_linear"`` is the same formula evaluated in float32 (betas differ by up to 2e-9,
-``alphas_cumprod`` by up to 5e-7), so :func:`make_train_scheduler` passes the float64-derived values explicitly.
+``alphas_cumprod`` by up to 5e-7), so gem3d computes them itself (and hands diffusers' samplers matching betas: :func:`trained_betas`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
@@ -19,8 +18,8 @@ __all__ = [
     "BETA_END",
     "betas_tensor",
     "alphas_cumprod_tensor",
-    "make_train_scheduler",
     "original_ddim_timesteps",
+    "trained_betas",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -55,29 +54,6 @@ def alphas_cumprod_tensor(
     return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
 
 
-def make_train_scheduler(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
-) -> DDPMScheduler:
-    """The training schedule as a diffusers ``DDPMScheduler`` (eps-prediction, ``scaled_linear``).
-
-    Its ``betas`` and ``alphas_cumprod`` are the float64-computed values stored as float32, so ``add_noise`` is
-    bit-compatible with the original's ``q_sample``.
-    """
-    betas = betas_tensor(num_train_timesteps, beta_start, beta_end)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule="scaled_linear",
-        trained_betas=betas.numpy(),
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
-    # diffusers recomputes the cumulative product in float32; use the float64 one (the original's buffer).
-    scheduler.alphas_cumprod = alphas_cumprod_tensor(num_train_timesteps, beta_start, beta_end)
-    return scheduler
-
-
 def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """The original's "uniform" DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` as a LongTensor.
 
@@ -94,3 +70,24 @@ def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIM
             f"({num_train_timesteps} // steps) * (len - 1) + 1 < {num_train_timesteps}, e.g. a divisor of {num_train_timesteps}"
         )
     return timesteps
+
+
+def trained_betas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """Float32 betas ``(T,)`` whose cumulative product, as a diffusers scheduler computes it from its public
+    ``trained_betas`` (``torch.cumprod(1 - betas)`` in float32, which torch accumulates in float64 on the CPU), is
+    exactly ``alphas_cumprod``: our schedule goes into diffusers through its config, no attribute is overwritten.
+
+    Each ratio ``alphas_cumprod[i] / alphas_cumprod[i - 1]`` is rounded to float32 and moved by a few float32 steps
+    until the running product rounds to the target (a test checks that every entry is reached).
+    """
+    target = alphas_cumprod.detach().to("cpu", torch.float32).numpy()
+    alphas, running = np.empty_like(target), 1.0
+    for i, goal in enumerate(target):
+        alpha = np.float32(float(goal) / running)
+        for _ in range(8):
+            product = np.float32(running * float(alpha))
+            if product == goal:
+                break
+            alpha = np.nextafter(alpha, np.float32(2.0 if product < goal else 0.0))
+        alphas[i], running = alpha, running * float(alpha)
+    return np.float32(1.0) - alphas

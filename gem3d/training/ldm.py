@@ -21,7 +21,7 @@ from torch import nn
 from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, unet_state_dict
 from gem3d.denoiser import Denoiser
 from gem3d.ema import EMA
-from gem3d.sampling.samplers import sample_ddim
+from gem3d.sampling import samplers
 from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
 from gem3d.training.faults import check_finite_loss
 
@@ -200,7 +200,8 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         x_T = torch.randn(shape, generator=generator, device=self.device)
         with self.ema_scope(self.sample_with_ema):
-            return sample_ddim(self.model_fn(cond), x_T, self.alphas_cumprod, steps=steps, eta=1.0, generator=generator)
+            schedule = samplers.make_schedule("ddim", self.alphas_cumprod, steps, eta=1.0)
+            return samplers.sample(self.model_fn(cond), x_T, schedule, generator=generator)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping) -> dict[str, torch.Tensor]:
