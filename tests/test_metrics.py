@@ -1,9 +1,12 @@
+"""gem3d.metrics.image and .consistency on cases with known answers."""
 import math
 
 import numpy as np
 import pytest
 
-from gem3d.metrics.image import psnr, slice_consistency, ssim
+from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_consistency, slice_jumps, \
+    through_plane_gradient
+from gem3d.metrics.image import ms_ssim, ms_ssim_scales, psnr, reconstruction_metrics, ssim, to_unit_range
 
 
 def _volume(seed=0, shape=(4, 32, 32)):
@@ -17,6 +20,12 @@ def test_psnr_known_value():
     pred = ref + 0.1  # mse 0.01 -> 20 dB
     assert psnr(pred, ref) == pytest.approx(20.0, abs=1e-9)
     assert psnr(ref, ref) == math.inf
+
+
+def test_psnr_of_known_gaussian_noise():
+    ref = _volume(3, (8, 32, 32))
+    noisy = ref + np.random.default_rng(4).normal(0, 0.1, ref.shape)  # mse ~ 0.01 -> ~20 dB on range 1
+    assert psnr(noisy, ref, data_range=1.0) == pytest.approx(20.0, abs=0.2)
 
 
 def test_psnr_mask_restricts_error():
@@ -33,20 +42,82 @@ def test_psnr_mask_restricts_error():
 
 def test_ssim_identity_and_degradation():
     ref = _volume(1)
-    assert ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(ref, ref) == pytest.approx(1.0, abs=1e-6)
+    assert ssim(ref, ref, mode="3d") == pytest.approx(1.0, abs=1e-6)
     noisy = ref + np.random.default_rng(2).normal(0, 0.2, ref.shape)
     noisier = ref + np.random.default_rng(2).normal(0, 0.5, ref.shape)
     assert 0 < ssim(noisier, ref, data_range=1.0) < ssim(noisy, ref, data_range=1.0) < 1
 
 
-def test_shape_errors_name_shapes():
-    with pytest.raises(ValueError, match=r"\(4, 32, 32\) and \(4, 32, 31\)"):
-        psnr(_volume(), _volume(shape=(4, 32, 31)))
+def test_ssim_runs_over_axial_slices_and_inside_the_mask():
+    """Damage one axial slice: the axial SSIM drops by about 1/D of the damage; a mask that leaves the slice out
+    is unaffected (the issue's bug: the demo's SSIM ran over sagittal slices with the background included)."""
+    ref = _volume(5, (8, 24, 24))
+    pred = ref.copy()
+    pred[3] = 0.5  # one flat axial slice
+    per_slice = [ssim(pred[d][None], ref[d][None], 1.0) for d in range(8)]
+    assert ssim(pred, ref, 1.0) == pytest.approx(np.mean(per_slice), abs=1e-6)  # MONAI computes in float32
+    assert per_slice[3] < 0.1 and all(v == pytest.approx(1.0) for i, v in enumerate(per_slice) if i != 3)
+    mask = np.ones(ref.shape, bool)
+    mask[3] = False
+    assert ssim(pred, ref, 1.0, mask=mask) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ssim(pred, ref, mode="sagittal")
+
+
+def test_ms_ssim_identity_scales_and_noise():
+    ref = _volume(6, (4, 64, 64))
+    value, scales, window = ms_ssim(ref, ref, 1.0)
+    assert value == pytest.approx(1.0, abs=1e-5) and (scales, window) == (3, 11)
+    noisy = ref + np.random.default_rng(7).normal(0, 0.3, ref.shape)
+    assert ms_ssim(noisy, ref, 1.0)[0] < 0.9
+    assert ms_ssim_scales((16, 16)) == (2, 7)  # small images: fewer scales and a smaller window
+    assert ms_ssim_scales((176, 176)) == (5, 11)
+    assert ms_ssim_scales((6, 6)) == (2, 3)
+    assert ms_ssim_scales((4, 4)) == (1, 3)
+    with pytest.raises(ValueError, match="too small"):
+        ms_ssim_scales((2, 2))
+
+
+def test_reconstruction_metrics_on_the_real_scale_inside_the_body_and_per_label():
+    real = np.zeros((8, 24, 24))
+    real[:, 4:20, 4:20] = 100.0
+    real[:, 8:14, 8:14] = 200.0  # range 200
+    labels = np.zeros(real.shape, int)
+    labels[:, 4:20, 4:20] = 1
+    labels[:, 8:14, 8:14] = 2
+    body = labels > 0
+    fake = real.copy()
+    fake[labels == 2] += 20.0  # error 0.1 on the [0, 1] scale, only in label 2
+    fake[~body] += 50.0  # background error outside the body must not count
+    out = reconstruction_metrics(fake, real, body, labels, {1: "tissue", 2: "lesion"})
+    assert out["psnr_tissue"] == math.inf
+    assert out["psnr_lesion"] == pytest.approx(20.0)
+    fraction = (labels == 2).sum() / body.sum()
+    assert out["psnr_body"] == pytest.approx(-10 * math.log10(0.01 * fraction))
+    assert 0 < out["ssim_axial_body"] < 1 and out["ms_ssim_scales"] >= 1
+    assert to_unit_range(real, real).max() == 1.0
+
+
+def test_slice_jumps_and_consistency():
+    ramp = np.broadcast_to(np.arange(5.0)[:, None, None], (5, 3, 3))
+    assert slice_consistency(ramp) == pytest.approx(1.0)
+    assert slice_consistency(np.ones((3, 4, 4))) == 0.0
+    np.testing.assert_allclose(slice_jumps(ramp), np.ones(4))
+    mask = np.zeros((5, 3, 3), bool)
+    mask[:2] = True
+    assert np.isnan(slice_jumps(ramp, mask)[2:]).all()
     with pytest.raises(ValueError, match="D >= 2"):
         slice_consistency(np.zeros((1, 4, 4)))
 
 
-def test_slice_consistency():
-    ramp = np.broadcast_to(np.arange(5.0)[:, None, None], (5, 3, 3))
-    assert slice_consistency(ramp) == pytest.approx(1.0)
-    assert slice_consistency(np.ones((3, 4, 4))) == 0.0
+def test_through_plane_gradient_and_ratios():
+    d = np.arange(6.0)[:, None, None]
+    w = np.arange(8.0)[None, None, :]
+    volume = np.broadcast_to(2 * d + w, (6, 8, 8))  # |dv/dd| = 2, in-plane |grad| = 1
+    through, ratio = through_plane_gradient(volume)
+    assert (through, ratio) == (pytest.approx(2.0), pytest.approx(2.0))
+    np.testing.assert_allclose(intensity_profile(volume), 2 * np.arange(6.0) + 3.5)
+    real = np.broadcast_to(d + w, (6, 8, 8))
+    out = consistency_metrics(volume, real)
+    assert out["slice_jump_ratio"] == pytest.approx(2.0) and out["through_plane_grad_ratio"] == pytest.approx(2.0)

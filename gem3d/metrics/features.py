@@ -1,0 +1,150 @@
+"""Feature networks for FID, built from MONAI's ResNet and loaded from local weight files (nothing is downloaded).
+
+- 2.5D FID: a ResNet-50 in the torchvision layout (MONAI ``ResNet`` with ``spatial_dims=2``, 7x7 stride-2 stem,
+  unbiased projection shortcuts: the same parameter names and shapes as torchvision's ``resnet50``), for RadImageNet's
+  PyTorch weights. Both of RadImageNet's PyTorch layouts load: the official backbone (``backbone.0`` = conv1,
+  ``backbone.1`` = bn1, ``backbone.4..7`` = layer1..4, from ``nn.Sequential(*resnet50.children())[:-1]``) and plain
+  torchvision names (``conv1``, ``layer1.0.conv1``, ...); ``module.`` prefixes and ``fc.*`` are dropped. The Keras
+  port (biased 1x1 convs, stride in the first 1x1) has other shapes and is refused with the mismatching keys.
+- 3D FID: MedicalNet's 3D ResNet-10/18/50 (MONAI ``resnet10/18/50`` with MedicalNet's shortcut type and downsample
+  bias), from MedicalNet's ``resnet_XX.pth`` (``state_dict`` with ``module.`` prefixes; ``conv_seg`` is dropped).
+
+Inputs: 2D slices in [0, 1] are repeated to 3 channels and normalised with ImageNet's mean/std (the torchvision
+convention) at their own size (no resizing; global average pooling gives a 2048-vector); 3D volumes are z-scored
+inside the volume (MedicalNet's convention). Features are ``(N, F)`` float64 arrays.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+from monai.networks.nets import resnet as monai_resnet
+
+from gem3d.checkpoint import safe_load_checkpoint
+
+MEDICALNET_DEPTHS = (10, 18, 50)
+RADIMAGENET_SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIEWS = {"axial": 0, "coronal": 2, "sagittal": 1}  # fixed canonical axis (as in gem3d.export.preview)
+
+
+def radimagenet_resnet50() -> torch.nn.Module:
+    """ResNet-50 feature extractor in the torchvision layout (``(B, 3, H, W)`` -> ``(B, 2048)``), eval mode."""
+    model = monai_resnet.ResNet(
+        "bottleneck", [3, 4, 6, 3], monai_resnet.get_inplanes(), spatial_dims=2, n_input_channels=3,
+        conv1_t_size=7, conv1_t_stride=2, shortcut_type="B", bias_downsample=False, feed_forward=False,
+    )
+    return model.eval()
+
+
+def medicalnet_resnet(depth: int = 10) -> torch.nn.Module:
+    """MedicalNet 3D ResNet-``depth`` feature extractor (``(B, 1, D, H, W)`` -> ``(B, F)``; F = 512 for 10/18, 2048
+    for 50), eval mode."""
+    if depth not in MEDICALNET_DEPTHS:
+        raise ValueError(f"MedicalNet ResNet depth must be one of {MEDICALNET_DEPTHS}, got {depth}")
+    bias_downsample, shortcut_type = monai_resnet.get_medicalnet_pretrained_resnet_args(depth)
+    factory = getattr(monai_resnet, f"resnet{depth}")
+    model = factory(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type=shortcut_type,
+                    bias_downsample=bias_downsample, conv1_t_size=7, conv1_t_stride=2)
+    return model.eval()
+
+
+def _state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature-network weights not found: {path}")
+    state = safe_load_checkpoint(path)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def radimagenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RadImageNet's ``backbone.<i>.`` keys (or torchvision keys) -> torchvision names; ``fc.*`` dropped."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("backbone.")
+        head, _, rest = key.partition(".")
+        key = f"{RADIMAGENET_SEQUENTIAL[head]}.{rest}" if head in RADIMAGENET_SEQUENTIAL else key
+        if not key.startswith("fc."):
+            out[key] = value
+    return out
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, layout: str) -> torch.nn.Module:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} is not a {layout} state dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shapes {wrong[:5]}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_radimagenet_resnet50(path: str | Path) -> torch.nn.Module:
+    """:func:`radimagenet_resnet50` with RadImageNet's PyTorch ResNet-50 weights from ``path``."""
+    return _load(radimagenet_resnet50(), radimagenet_keys(_state_dict(path)), Path(path), "RadImageNet ResNet-50")
+
+
+def load_medicalnet_resnet(path: str | Path, depth: int | None = None) -> torch.nn.Module:
+    """:func:`medicalnet_resnet` with MedicalNet weights from ``path`` (depth from the file name ``resnet_XX``
+    unless given); the segmentation head ``conv_seg`` is dropped."""
+    if depth is None:
+        found = re.search(r"resnet_?(\d+)", Path(path).name)
+        if not found:
+            raise ValueError(f"cannot tell the ResNet depth from {Path(path).name!r}; pass --fid-depth-3d")
+        depth = int(found.group(1))
+    state = {k: v for k, v in _state_dict(path).items() if not k.startswith(("conv_seg.", "fc."))}
+    return _load(medicalnet_resnet(depth), state, Path(path), f"MedicalNet ResNet-{depth}")
+
+
+@torch.no_grad()
+def slice_features(slices: np.ndarray, model: torch.nn.Module, batch_size: int = 32) -> np.ndarray:
+    """``(N, H, W)`` slices in [0, 1] -> ``(N, F)`` features of a 2D ImageNet-convention network."""
+    x = torch.as_tensor(np.asarray(slices, dtype=np.float32))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        chunk = repeat(x[start:start + batch_size], "n h w -> n c h w", c=3)
+        out.append(model((chunk - mean) / std).flatten(1).double())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def view_slices(volume: np.ndarray, view: str, body=None) -> np.ndarray:
+    """All slices ``(N, a, b)`` of a canonical ``(D, H, W)`` volume along ``view`` (axial/coronal/sagittal) that hold
+    body voxels (all slices without ``body``)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {sorted(VIEWS)}, got {view!r}")
+    axis = VIEWS[view]
+    slices = np.moveaxis(np.asarray(volume), axis, 0)
+    if body is None:
+        return slices
+    keep = np.moveaxis(np.asarray(body, bool), axis, 0).any(axis=(1, 2))
+    return slices[keep]
+
+
+def volume_features_25d(volume: np.ndarray, model: torch.nn.Module, body=None,
+                        views: Sequence[str] = tuple(VIEWS)) -> dict[str, np.ndarray]:
+    """``{view: (N_view, F)}`` 2D features of every body slice of a ``(D, H, W)`` volume in [0, 1]."""
+    return {view: slice_features(view_slices(volume, view, body), model) for view in views}
+
+
+@torch.no_grad()
+def volume_features_3d(volume: np.ndarray, model: torch.nn.Module) -> np.ndarray:
+    """``(1, F)`` features of a ``(D, H, W)`` volume (z-scored over its voxels) from a 3D network."""
+    v = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    v = (v - v.mean()) / (v.std() if v.std() > 0 else 1.0)
+    return model(rearrange(v, "d h w -> 1 1 d h w")).flatten(1).double().numpy()

@@ -1,0 +1,231 @@
+"""Writing the evaluation: ``metrics.csv``, ``summary.md``, PNG plots (PIL only) and an offline ``report.html``.
+
+Plots are drawn with PIL (no matplotlib): :func:`line_plot` draws several named ``(x, y)`` series with axes, tick
+labels and a legend; histograms and distributions are line plots of densities.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from gem3d.export.nifti import atomic_path, atomic_write_text
+
+SERIES_COLOURS = ((20, 20, 20), (230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
+                  (70, 200, 200), (240, 50, 230))
+METRIC_DESCRIPTIONS = {
+    "psnr_body": "PSNR (dB) against the real volume inside the body, 3D, on the real volume's [0, 1] scale (higher = closer)",
+    "psnr_axial_body": "PSNR (dB) per axial slice inside the body, mean over slices",
+    "ssim_body": "3D SSIM (Gaussian window 11, sigma 1.5) inside the body (1 = identical)",
+    "ssim_axial_body": "2D SSIM per axial slice inside the body, mean",
+    "ms_ssim": "3D multi-scale SSIM of the whole volume (scales: see ms_ssim_scales; small volumes get fewer)",
+    "ms_ssim_axial": "2D multi-scale SSIM per axial slice, mean",
+    "ms_ssim_scales": "number of MS-SSIM scales the volume size allowed (5 = standard)",
+    "slice_jump": "mean |difference| between neighbouring axial slices inside the body (stripes raise it)",
+    "slice_jump_p95": "95th percentile of the per-slice-pair jumps",
+    "slice_jump_ratio": "slice_jump / the real volume's (1 = as smooth as the real volume)",
+    "through_plane_grad": "mean |through-plane gradient| inside the body",
+    "through_plane_ratio": "through-plane / in-plane gradient (stripes raise it)",
+    "through_plane_grad_ratio": "through_plane_grad / the real volume's",
+    "outside_mean": "mean intensity outside the body on the [0, 1] scale (the real volume's is ~0)",
+    "outside_mean_diff": "outside_mean minus the real volume's (target |x| <= 0.02)",
+    "label_order_kept": "1 if the labels' mean intensities keep the real volume's order",
+    "mean_diff": "synthetic minus real mean intensity inside a label ([0, 1] scale)",
+    "std_diff": "synthetic minus real intensity std inside a label",
+    "psnr": "PSNR (dB) inside one label",
+    "ssim_axial": "axial SSIM inside one label",
+    "dice": "Dice of nnU-Net's prediction on the synthetic volume with its conditioning mask",
+    "mean_abs_diff": "counterfactual: mean |output(donor A) - output(donor B)| inside the body",
+    "follows_donor": "counterfactual: 1 if each output's label means correlate better with its own donor's",
+    "fid_25d": "2.5D FID (mean of axial/coronal/sagittal FIDs, RadImageNet ResNet-50 features; lower = closer)",
+    "fid_3d": "3D FID (MedicalNet ResNet features; lower = closer)",
+    "mmd": "MMD (MONAI, linear kernel) between real and synthetic volumes resampled to one grid",
+    "ms_ssim_diversity": "mean MS-SSIM between pairs of samples (lower = more diverse)",
+    "frd": "Fréchet Radiomics Distance inside the body (frd-score v1, log(d_F^2); lower = closer)",
+}
+
+
+def describe(metric: str) -> str:
+    """One line on what ``metric`` measures (per-label metrics share their family's line)."""
+    if metric in METRIC_DESCRIPTIONS:
+        return METRIC_DESCRIPTIONS[metric]
+    for prefix in sorted(METRIC_DESCRIPTIONS, key=len, reverse=True):
+        if metric.startswith(prefix + "_"):
+            return METRIC_DESCRIPTIONS[prefix] + f" ({metric[len(prefix) + 1:]})"
+    if metric.startswith("fid_2d_"):
+        return f"FID of {metric[7:]} slices (RadImageNet ResNet-50 features)"
+    if metric.startswith("corr_"):
+        return "counterfactual: correlation of an output's per-label means with a donor's"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
+    """One row per dict; columns: the union of the keys, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+    return Path(path)
+
+
+def _cell(value) -> object:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else (f"{value:.6g}" if math.isfinite(value) else str(value))
+    return value
+
+
+def summarise(rows: Sequence[Mapping[str, object]], group: str = "row") -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{group value: {metric: (mean, std, n)}}`` over the numeric, finite values of every metric."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for row in rows:
+        key = str(row[group])
+        for metric, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "sample":
+                out.setdefault(key, {}).setdefault(metric, [])  # type: ignore[arg-type]
+                if math.isfinite(float(value)):
+                    out[key][metric].append(float(value))  # type: ignore[union-attr]
+    return {k: {m: (float(np.mean(v)) if v else math.nan, float(np.std(v)) if v else math.nan, len(v))
+                for m, v in metrics.items()} for k, metrics in out.items()}
+
+
+def format_value(mean: float, std: float, n: int) -> str:
+    if n == 0 or not math.isfinite(mean):
+        return "n/a" if n == 0 else str(mean)
+    return f"{mean:.4g}" if n == 1 or not math.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, tuple[float, float, int]]], metrics: Sequence[str],
+                     notes: Sequence[str] = ()) -> str:
+    """A markdown table (rows = report rows, columns = ``metrics``: mean ± std over samples), a line per metric on
+    what it measures, and ``notes`` (skipped metrics and why, conventions)."""
+    rows = list(summary)
+    lines = ["# Evaluation summary", "", "| row | n | " + " | ".join(metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for row in rows:
+        n = max((v[2] for v in summary[row].values()), default=0)
+        cells = [format_value(*summary[row][m]) if m in summary[row] else "" for m in metrics]
+        lines.append(f"| {row} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## What each metric measures", ""]
+    lines += [f"- `{m}`: {describe(m)}" for m in metrics if describe(m)]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _font():
+    return ImageFont.load_default()
+
+
+def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str,
+              ylabel: str, size: tuple[int, int] = (480, 320)) -> Path:
+    """A PNG line plot of named ``(x, y)`` series (NaNs break lines), with axes, min/max tick labels and a legend."""
+    width, height = size
+    left, right, top, bottom = 56, 12, 24, 36
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    finite = [(np.asarray(x, float), np.asarray(y, float)) for x, y in series.values()]
+    xs = np.concatenate([x[np.isfinite(y)] for x, y in finite]) if finite else np.zeros(0)
+    ys = np.concatenate([y[np.isfinite(y)] for _, y in finite]) if finite else np.zeros(0)
+    x0, x1 = (float(xs.min()), float(xs.max())) if xs.size else (0.0, 1.0)
+    y0, y1 = (float(ys.min()), float(ys.max())) if ys.size else (0.0, 1.0)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x, y):
+        return left + (x - x0) / (x1 - x0) * pw, top + ph - (y - y0) / (y1 - y0) * ph
+
+    draw.rectangle([left, top, left + pw, top + ph], outline=(120, 120, 120))
+    draw.text((left, 4), title, fill=(0, 0, 0), font=font)
+    draw.text((left, top + ph + 4), f"{x0:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left + pw - 30, top + ph + 4), f"{x1:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left + pw // 2 - 20, top + ph + 18), xlabel, fill=(0, 0, 0), font=font)
+    draw.text((2, top), f"{y1:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((2, top + ph - 10), f"{y0:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((2, top + ph // 2), ylabel[:9], fill=(0, 0, 0), font=font)
+    for i, (name, (x, y)) in enumerate(series.items()):
+        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        segment: list[tuple[float, float]] = []
+        for xi, yi in zip(x, y):
+            if math.isfinite(yi):
+                segment.append(px(xi, yi))
+            else:
+                if len(segment) > 1:
+                    draw.line(segment, fill=colour, width=2)
+                segment = []
+        if len(segment) > 1:
+            draw.line(segment, fill=colour, width=2)
+        elif len(segment) == 1:
+            draw.ellipse([segment[0][0] - 2, segment[0][1] - 2, segment[0][0] + 2, segment[0][1] + 2], fill=colour)
+        draw.text((left + pw - 150, top + 4 + 12 * i), name[:24], fill=colour, font=font)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def density(values: np.ndarray, bins: int = 50, value_range: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``(bin centres, density)`` of ``values`` (numpy histogram, density=True)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    edges = np.linspace(value_range[0], value_range[1], bins + 1)
+    if values.size == 0:
+        return (edges[:-1] + edges[1:]) / 2, np.full(bins, np.nan)
+    hist, edges = np.histogram(values, bins=edges, density=True)
+    return (edges[:-1] + edges[1:]) / 2, hist
+
+
+# ------------------------------------------------------------------------------------------------ html
+def _image_tag(path: Path, base: Path, embed: bool, width: int | None = None) -> str:
+    style = f' width="{width}"' if width else ""
+    if embed:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img src="data:image/png;base64,{data}"{style} alt="{html.escape(path.name)}">'
+    return f'<img src="{html.escape(str(path.relative_to(base)) if path.is_relative_to(base) else str(path))}"{style}>'
+
+
+def table_html(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(_fmt(r.get(c, ''))))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path], samples: Sequence[tuple[Path | None, Mapping]],
+               columns: Sequence[str], notes: Sequence[str], embed: bool = True) -> Path:
+    """``report.html``: the summary table, notes, the plots, and every sample's preview beside its metrics. Images are
+    embedded as base64 (``embed``) or linked by relative path; no external resource, so it opens offline."""
+    path = Path(path)
+    base = path.parent
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>gem3d evaluation</title><style>",
+             "body{font-family:sans-serif;margin:1em} table{border-collapse:collapse;font-size:12px}",
+             "td,th{border:1px solid #bbb;padding:2px 5px} .sample{display:flex;gap:1em;margin:1em 0}",
+             "pre{background:#f4f4f4;padding:.5em;overflow:auto}</style></head><body>",
+             "<h1>gem3d evaluation</h1>", f"<pre>{html.escape(summary_md_table)}</pre>"]
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append("<h2>Plots</h2>" + "".join(_image_tag(p, base, embed) for p in plots))
+    parts.append("<h2>Samples</h2>")
+    for preview, row in samples:
+        image = _image_tag(preview, base, embed, 360) if preview is not None and preview.is_file() else "(no preview)"
+        vertical = [{"metric": c, "value": row[c]} for c in columns if c in row and row[c] != ""]
+        parts.append(f"<div class='sample'><div>{image}</div><div>{table_html(vertical, ['metric', 'value'])}</div></div>")
+    parts.append("</body></html>")
+    return atomic_write_text(path, "\n".join(parts))

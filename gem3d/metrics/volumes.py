@@ -1,0 +1,130 @@
+"""What the evaluation compares: real cases of an nnU-Net raw dataset and the synthetic samples of inference output
+folders (``OUT/<setting>/manifest.json`` + NIfTI files), all in the canonical ``(D, H, W)`` orientation.
+
+A synthetic sample is matched to its real case through its manifest record (``case``; the informed slice's donor in
+``informed``). Intensities of both are mapped to [0, 1] with the real case's min/max (the synthetic volume was
+written on the real case's intensity scale), so every metric reads on that scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gem3d.data.geometry import Geometry, load_nifti
+from gem3d.data.nnunet import RawDataset
+from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
+from gem3d.export.manifest import Manifest
+
+from .image import to_unit_range
+
+
+def load_canonical(path: str | Path, slice_axis: int = 2, dtype=np.float32) -> np.ndarray:
+    """A NIfTI file as a canonical ``(D, H, W)`` array (slice axis first: axial for ``slice_axis=2``)."""
+    data, geometry = load_nifti(path, dtype=dtype, slice_axis=slice_axis)
+    return geometry.to_canonical(data)
+
+
+@dataclass
+class RealCase:
+    """name; image ``(D, H, W)`` in [0, 1] (the case's min/max); label int ``(D, H, W)``; body bool; geometry of the
+    source file; raw_range ``(min, max)`` of the raw intensities; image_path / label_path (NIfTI files)."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    body: np.ndarray
+    geometry: Geometry
+    raw_range: tuple[float, float]
+    image_path: Path
+    label_path: Path
+
+    @property
+    def raw(self) -> np.ndarray:
+        """The raw intensities ``(D, H, W)``."""
+        lo, hi = self.raw_range
+        return (self.image * (hi - lo) + lo).astype(np.float32)
+
+
+@dataclass
+class SyntheticSample:
+    """One manifest record's volume: ``row`` (the report row it belongs to), the record, image ``(D, H, W)`` on the
+    real case's [0, 1] scale, its conditioning label (or the real label), body, and its files."""
+
+    row: str
+    record: dict
+    image: np.ndarray
+    label: np.ndarray
+    body: np.ndarray
+    image_path: Path
+    label_path: Path | None
+    preview_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def case(self) -> str:
+        return str(self.record["case"])
+
+
+class RealData:
+    """The real cases of a raw nnU-Net dataset, loaded on demand (``body``: how the body region is found:
+    ``nonzero`` (MRI), ``threshold`` (CT), ``none``)."""
+
+    def __init__(self, root: str | Path, split: str = "Tr", slice_axis: int = 2, body: str = "nonzero"):
+        self.dataset = RawDataset(root)
+        self.split, self.slice_axis = split, slice_axis
+        self.body_config = PreprocessConfig(body=body, max_label=max(1, self.dataset.max_label), size=None)
+        self._cache: dict[str, RealCase] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return self.dataset.case_names(self.split)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {v: k for k, v in self.dataset.labels.items() if v > 0}
+
+    def case(self, name: str) -> RealCase:
+        if name not in self._cache:
+            case = self.dataset.load_case(name, split=self.split, slice_axis=self.slice_axis)
+            raw = np.asarray(case.image, dtype=np.float32)
+            label = np.asarray(case.label)
+            body = compute_body_mask(raw, self.body_config) | (label > 0)
+            self._cache[name] = RealCase(
+                name, to_unit_range(raw, raw), label, body, case.geometry,
+                (float(raw.min()), float(raw.max())), case.image_path, case.label_path)
+        return self._cache[name]
+
+
+def load_samples(folder: str | Path, row: str, real: RealData) -> list[SyntheticSample]:
+    """The samples of one inference output folder (``manifest.json`` + files), each on its real case's scale."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--synthetic {folder}: no manifest.json (an inference output folder OUT/<setting>)")
+    samples = []
+    for record in Manifest(path).records:
+        files = record.get("files", {})
+        if record["case"] not in real.names:
+            raise ValueError(f"{path}: case {record['case']!r} is not in the real dataset {real.dataset.root}")
+        case = real.case(record["case"])
+        image_path = folder / files["image"]
+        image = load_canonical(image_path, real.slice_axis)
+        lo, hi = case.raw_range
+        image01 = (image.astype(np.float64) - lo) / (hi - lo if hi > lo else 1.0)
+        if image01.shape != case.image.shape:
+            raise ValueError(f"{image_path}: shape {image01.shape} differs from the real case's {case.image.shape}")
+        label_path = folder / files["label"] if "label" in files else None
+        label = case.label if label_path is None else load_canonical(label_path, real.slice_axis, np.int16)
+        body = case.body | (label > 0)
+        preview = folder / files["preview"] if "preview" in files else None
+        samples.append(SyntheticSample(row, record, image01, np.asarray(label), body, image_path, label_path,
+                                       preview if preview is not None and preview.is_file() else None))
+    return samples
+
+
+def has_ground_truth(sample: SyntheticSample) -> bool:
+    """Whether the real case is the pixel-wise ground truth of the sample (own mask, no edits: ``test``-like)."""
+    record = sample.record
+    return "gt" in record.get("files", {}) or (record.get("setting") == "test" and not record.get("mask_edits"))
