@@ -156,3 +156,19 @@ def test_evaluate_with_autoencoder_reference_row(folders, tmp_path):
 def test_synthetic_folder_without_manifest_is_named(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         _evaluate().main(["--real", str(folders["data"]), "--synthetic", str(tmp_path), "--out", str(tmp_path / "r")])
+
+
+def test_reconstruction_quality_for_the_demo_table_matches_the_report(folders, tmp_path):
+    from gem3d.metrics.volumes import reconstruction_quality
+
+    setting_dir = folders["out"] / "test"
+    records = Manifest(setting_dir / "manifest.json").records
+    quality = reconstruction_quality(setting_dir, records)
+    assert reconstruction_quality(setting_dir, [dict(r, files={"image": r["files"]["image"]}) for r in records]) is None
+    report = tmp_path / "report"
+    _evaluate().main(["--real", str(folders["data"]), "--synthetic", f"gem3d={setting_dir}", "--out", str(report),
+                      "--metrics", "reconstruction"])
+    with open(report / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["row"] == "gem3d"]
+    for key in ("psnr_body", "ssim_axial_body", "ms_ssim"):
+        assert quality[key] == pytest.approx(np.mean([float(r[key]) for r in rows]), rel=1e-4), key

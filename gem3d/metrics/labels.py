@@ -88,7 +88,7 @@ def label_fidelity(synthetic, real, labels, body, label_names: Mapping[int, str]
 
 def dice_per_label(prediction, reference, num_labels: int | None = None) -> dict[int, float]:
     """Dice of every label ``1..num_labels`` between two int label maps of one shape (MONAI ``DiceMetric``,
-    background excluded). A label absent from both gets NaN (MONAI's ``ignore_empty``)."""
+    background excluded). A label absent from ``reference`` gets NaN (MONAI's ``ignore_empty``)."""
     pred, ref = torch.as_tensor(np.asarray(prediction)).long(), torch.as_tensor(np.asarray(reference)).long()
     if pred.shape != ref.shape:
         raise ValueError(f"label maps differ in shape: {tuple(pred.shape)} and {tuple(ref.shape)}")

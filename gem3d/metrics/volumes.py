@@ -17,7 +17,7 @@ from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
 from gem3d.export.manifest import Manifest
 
-from .image import to_unit_range
+from .image import reconstruction_metrics, to_unit_range
 
 
 def load_canonical(path: str | Path, slice_axis: int = 2, dtype=np.float32) -> np.ndarray:
@@ -128,3 +128,30 @@ def has_ground_truth(sample: SyntheticSample) -> bool:
     """Whether the real case is the pixel-wise ground truth of the sample (own mask, no edits: ``test``-like)."""
     record = sample.record
     return "gt" in record.get("files", {}) or (record.get("setting") == "test" and not record.get("mask_edits"))
+
+
+def reconstruction_quality(setting_dir: str | Path, records: list[dict], body: str = "nonzero",
+                           slice_axis: int = 2) -> dict[str, float] | None:
+    """Mean reconstruction metrics (:func:`gem3d.metrics.image.reconstruction_metrics`: PSNR / SSIM / MS-SSIM in 3D
+    and per axial slice, inside the body, on the real volume's [0, 1] scale) of the records of ``setting_dir`` that
+    have a ground truth (``files["gt"]``, the ``test`` setting); None when there are none. What ``scripts/demo.py``'s
+    table needs, in the canonical orientation (its own code compared source-orientation slices, background included)."""
+    setting_dir = Path(setting_dir)
+    config = PreprocessConfig(body=body, size=None)
+    scores: list[dict[str, float]] = []
+    for record in records:
+        files = record.get("files", {})
+        if "gt" not in files:
+            continue
+        real = load_canonical(setting_dir / files["gt"], slice_axis)
+        fake = load_canonical(setting_dir / files["image"], slice_axis)
+        region = compute_body_mask(real, config)
+        label = None
+        if "label" in files:
+            label = load_canonical(setting_dir / files["label"], slice_axis, np.int16)
+            region |= label > 0
+        scores.append(reconstruction_metrics(fake, real, region, label))
+    if not scores:
+        return None
+    keys = [k for k in scores[0] if all(k in s for s in scores)]
+    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
