@@ -36,7 +36,7 @@ from einops import rearrange  # noqa: E402
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
 from gem3d.metrics import distribution, features, labels as label_metrics, references, report  # noqa: E402
 from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_jumps  # noqa: E402
-from gem3d.metrics.image import reconstruction_metrics, to_unit_range  # noqa: E402
+from gem3d.metrics.image import MS_SSIM_WEIGHTS, SSIM_WINDOW, ms_ssim_scales, reconstruction_metrics, to_unit_range  # noqa: E402,E501
 from gem3d.metrics.volumes import RealData, SyntheticSample, has_ground_truth, load_samples  # noqa: E402
 
 METRIC_GROUPS = ("reconstruction", "consistency", "labels", "fid", "mmd", "diversity", "frd", "counterfactual",
@@ -181,14 +181,16 @@ def write_frd_inputs(folder: Path, volumes) -> tuple[list[Path], list[Path]]:
 
 
 def counterfactual_rows(samples: list[SyntheticSample], real: RealData) -> list[dict]:
-    """Pairs of samples of one case and mask generated with two different real donors' informed slices."""
+    """Pairs of samples of one case, mask and seed (so the same noise) generated with two different real donors'
+    informed slices (e.g. two runs with ``--informed-from A`` / ``--informed-from B``)."""
     groups: dict[tuple, list[SyntheticSample]] = {}
     for s in samples:
         informed = s.record.get("informed") or {}
         if informed.get("source") == "other_case" and informed.get("case") is not None:
-            groups.setdefault((s.case, json.dumps(s.record.get("mask_edits") or [], sort_keys=True)), []).append(s)
+            key = (s.case, s.record.get("seed"), json.dumps(s.record.get("mask_edits") or [], sort_keys=True))
+            groups.setdefault(key, []).append(s)
     rows = []
-    for (case, _), members in groups.items():
+    for (case, _, _), members in groups.items():
         for a, b in itertools.combinations(members, 2):
             ia, ib = a.record["informed"], b.record["informed"]
             if (ia["case"], ia.get("index")) == (ib["case"], ib.get("index")) or a.label.shape != b.label.shape:
@@ -293,6 +295,13 @@ def main(argv=None) -> int:
         reference_rows.setdefault(s.row, []).append(s)
     all_rows = {**reference_rows, **rows}
 
+    if "reconstruction" in groups:
+        shape = real.case(cases[0]).image.shape
+        (scales_3d, window_3d), (scales_2d, window_2d) = ms_ssim_scales(shape), ms_ssim_scales(shape[1:])
+        if min(scales_3d, scales_2d) < len(MS_SSIM_WEIGHTS) or min(window_3d, window_2d) < SSIM_WINDOW:
+            notes.append(f"ms_ssim: volumes of {shape} are too small for 5 scales with an 11-voxel window: 3D uses "
+                         f"{scales_3d} scales (window {window_3d}), axial {scales_2d} (window {window_2d}), with the "
+                         "first weights of Wang et al. renormalised to sum 1")
     metric_rows = [sample_row(s, real, groups) for samples in all_rows.values() for s in samples]
     if "consistency" in groups or "labels" in groups:
         for name in cases:
@@ -319,8 +328,8 @@ def main(argv=None) -> int:
     counterfactual = counterfactual_rows([s for samples in rows.values() for s in samples], real) \
         if "counterfactual" in groups else []
     if "counterfactual" in groups and not counterfactual:
-        notes.append("counterfactual: skipped: no two samples of one case and mask with different real donors "
-                     "(generate them with --informed-from DONOR in two output folders)")
+        notes.append("counterfactual: skipped: no two samples of one case, mask and seed with different real donors "
+                     "(generate them with --informed-from DONOR into two output folders)")
 
     report.write_csv(out / "metrics.csv", metric_rows)
     if counterfactual:
@@ -335,7 +344,7 @@ def main(argv=None) -> int:
         summary.update(cf)
     present = {m for values in summary.values() for m in values}
     metrics = [m for m in SUMMARY_METRICS if m in present]
-    metrics += [m for m in ("mean_abs_diff", "follows_donor") if m in present]
+    metrics += [m for m in ("mean_abs_diff", "follows_donor", "order_b_is_donor_bs") if m in present]
     text = report.summary_markdown(summary, metrics, notes)
     (out / "summary.md").write_text(text, encoding="utf-8")
     plot_paths = plots(out, {k: v for k, v in all_rows.items()}, real, cases)

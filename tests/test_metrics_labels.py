@@ -74,8 +74,45 @@ def test_counterfactual_effect_follows_the_donor():
     follows_b = np.where(label == 2, 0.1, np.where(label == 1, 0.35, np.where(body, 0.55, 0.0)))
     out = counterfactual_effect(follows_a, follows_b, label, body, donor_a, donor_labels, donor_b, donor_labels)
     assert out["follows_donor"] == 1.0 and out["labels_compared"] == 3.0
+    assert out["order_a_is_donor_as"] == 1.0 and out["order_b_is_donor_bs"] == 1.0
     assert out["corr_a_donor_a"] == pytest.approx(1.0) and out["corr_b_donor_b"] > 0.99
     assert out["corr_a_donor_b"] < 0 and out["corr_b_donor_a"] < 0
     assert out["mean_abs_diff"] == pytest.approx(np.abs(follows_a - follows_b)[body].mean())
     ignores = counterfactual_effect(image, image, label, body, donor_a, donor_labels, donor_b, donor_labels)
     assert ignores["mean_abs_diff"] == 0.0 and ignores["follows_donor"] == 0.0
+    assert ignores["order_b_is_donor_bs"] == 0.0  # donor B's inverted order is not followed
+
+
+def test_autoencoder_reference_from_an_autoencoder_run(tmp_path):
+    """``--autoencoder`` takes an AutoencoderModule run (checkpoint + project config with the preprocessing)."""
+    import copy
+
+    import torch
+    import yaml
+
+    from gem3d.data.geometry import Geometry
+    from gem3d.data.preprocess import PreprocessConfig
+    from gem3d.diffusion import AutoencoderModule
+    from gem3d.metrics.references import autoencoder_reconstruction, load_first_stage
+    from tests import _tiny_models
+
+    config = copy.deepcopy(_tiny_models.FIRST_STAGE)
+    config["params"]["frozen"] = False
+    torch.manual_seed(0)
+    module = AutoencoderModule(first_stage_config=config, kl_weight=1e-6)
+    module.latent_std.fill_(0.5)
+    run = tmp_path / "2026_demo_autoencoder"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+               run / "checkpoints" / "last.ckpt")
+    preprocess = dict(_tiny_models.PREPROCESS, size=16)
+    (run / "configs" / "x-project.yaml").write_text(yaml.safe_dump({"data": {"params": {"preprocess": preprocess}}}))
+    first_stage, found = load_first_stage(run)
+    assert found == preprocess and first_stage.scale_factor == pytest.approx(2.0)
+    image, label, _ = _phantom()
+    raw = (image * 100).astype(np.float32)
+    geometry = Geometry.identity((10, 10, 4), slice_axis=2)
+    recon = autoencoder_reconstruction(first_stage, raw, label, geometry, PreprocessConfig.from_dict(preprocess))
+    assert recon.shape == raw.shape and np.isfinite(recon).all()
+    assert raw.min() - 1e-3 <= recon.min() and recon.max() <= raw.max() + 1e-3  # clamped to the real range

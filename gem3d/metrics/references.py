@@ -74,7 +74,9 @@ def counterfactual_effect(output_a, output_b, labels, body, donor_a_slice, donor
     and its label slice (label 0 in the body, -1 or ``body``-less 0 outside). Returns ``mean_abs_diff`` (mean
     ``|a - b|`` inside the body: how far the output moves), ``corr_a_donor_a`` / ``corr_a_donor_b`` /
     ``corr_b_donor_a`` / ``corr_b_donor_b`` (Pearson correlation over the labels present everywhere of the output's
-    per-label means with each donor's), and ``follows_donor`` (1 if each output correlates better with its own donor)."""
+    per-label means with each donor's), ``follows_donor`` (1 if each output correlates better with its own donor), and ``order_a_is_donor_as`` /
+    ``order_b_is_donor_bs`` (1 if the output's labels sorted by mean intensity are in its donor's order: the target
+    for an inverted-contrast donor)."""
     a, b = np.asarray(output_a, np.float64), np.asarray(output_b, np.float64)
     body = np.asarray(body, bool)
     out = {"mean_abs_diff": float(np.abs(a - b)[body].mean())}
@@ -92,6 +94,9 @@ def counterfactual_effect(output_a, output_b, labels, body, donor_a_slice, donor
     for o in ("a", "b"):
         for d in ("donor_a", "donor_b"):
             out[f"corr_{o}_{d}"] = _correlation(vec[o], vec[d])
+    for o, d in (("a", "donor_a"), ("b", "donor_b")):
+        out[f"order_{o}_is_{d}s"] = float(shared != [] and list(np.argsort(vec[o], kind="stable"))
+                                          == list(np.argsort(vec[d], kind="stable")))
     own = out["corr_a_donor_a"] + out["corr_b_donor_b"]
     other = out["corr_a_donor_b"] + out["corr_b_donor_a"]
     out["follows_donor"] = float(own > other) if math.isfinite(own) and math.isfinite(other) else math.nan

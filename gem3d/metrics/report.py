@@ -43,6 +43,7 @@ METRIC_DESCRIPTIONS = {
     "dice": "Dice of nnU-Net's prediction on the synthetic volume with its conditioning mask",
     "mean_abs_diff": "counterfactual: mean |output(donor A) - output(donor B)| inside the body",
     "follows_donor": "counterfactual: 1 if each output's label means correlate better with its own donor's",
+    "order_b_is_donor_bs": "counterfactual: 1 if the second output's label intensity order is its donor's",
     "fid_25d": "2.5D FID (mean of axial/coronal/sagittal FIDs, RadImageNet ResNet-50 features; lower = closer)",
     "fid_3d": "3D FID (MedicalNet ResNet features; lower = closer)",
     "mmd": "MMD (MONAI, linear kernel) between real and synthetic volumes resampled to one grid",
