@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     for name, values in set_values.items():
         n = len(all_rows[name])
         for metric, value in values.items():
-            summary.setdefault(name, {})[metric] = (value, math.nan, n) if n > 1 else (value, math.nan, 1)
+            summary.setdefault(name, {})[metric] = (value, math.nan, n)
     if counterfactual:
         cf = report.summarise([{**r, "row": f"counterfactual: {r['row_a']} vs {r['row_b']}"} for r in counterfactual])
         summary.update(cf)
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     metrics += [m for m in ("mean_abs_diff", "follows_donor", "order_b_is_donor_bs") if m in present]
     text = report.summary_markdown(summary, metrics, notes)
     (out / "summary.md").write_text(text, encoding="utf-8")
-    plot_paths = plots(out, {k: v for k, v in all_rows.items()}, real, cases)
+    plot_paths = plots(out, all_rows, real, cases)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in zip((s for v in all_rows.values() for s in v), metric_rows)]
     report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not args.link_images)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -104,7 +103,3 @@ def frd(real_files: Sequence[Path], synthetic_files: Sequence[Path], real_masks:
         value = frd_score.compute_frd([[str(p) for p in real_files], [str(p) for p in synthetic_files]],
                                       paths_masks=masks, num_workers=num_workers, verbose=False)
     return float(value)
-
-
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
