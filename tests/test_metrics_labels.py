@@ -92,7 +92,7 @@ def test_autoencoder_reference_from_an_autoencoder_run(tmp_path):
 
     from gem3d.data.geometry import Geometry
     from gem3d.data.preprocess import PreprocessConfig
-    from gem3d.diffusion import AutoencoderModule
+    from gem3d.training.autoencoder import AutoencoderModule
     from gem3d.metrics.references import autoencoder_reconstruction, load_first_stage
     from tests import _tiny_models
 

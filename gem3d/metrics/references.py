@@ -17,6 +17,8 @@ from einops import rearrange, repeat
 from gem3d.data.case import Case
 from gem3d.data.geometry import Geometry
 from gem3d.data.preprocess import PreprocessConfig, prepare_case, restore_volume
+from gem3d.model_dirs.load import _run_preprocess, load_model_dir
+from gem3d.models.autoencoder import FirstStage
 
 from .labels import label_intensity_stats
 
@@ -33,16 +35,13 @@ def copy_slice_volume(volume, index: int | None = None) -> np.ndarray:
 
 
 def load_first_stage(path: str | Path, trust: bool = False):
-    """``(first_stage, preprocess dict or None)`` from an autoencoder training run or any GEM-3D model dir."""
-    from gem3d.diffusion import load_first_stage_from_run  # noqa: PLC0415  (heavy; only with --autoencoder)
-    from gem3d.inference.model_dir import _project_preprocess, load_model_dir  # noqa: PLC0415
-
+    """``(first_stage, preprocess dict or None)`` from an autoencoder training run or any GEM-3D model folder."""
     path = Path(path)
     try:
-        first_stage = load_first_stage_from_run(str(path))
+        first_stage = FirstStage.from_run(path)
         run = path if path.is_dir() else path.parent.parent
-        return first_stage.eval(), _project_preprocess(run)
-    except (KeyError, FileNotFoundError, ValueError):
+        return first_stage.eval(), _run_preprocess(run)
+    except (KeyError, FileNotFoundError, ValueError):  # not an autoencoder run: a diffusion model folder
         loaded = load_model_dir(path, trust=trust)
         return loaded.model.first_stage.eval(), loaded.preprocess
 

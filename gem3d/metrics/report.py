@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from gem3d.export.nifti import atomic_path, atomic_write_text
+from gem3d.files import atomic_path, atomic_write_text
 
 SERIES_COLOURS = ((20, 20, 20), (230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
                   (70, 200, 200), (240, 50, 230))
