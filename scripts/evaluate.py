@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
+from gem3d.files import atomic_write_text  # noqa: E402
 from gem3d.metrics import distribution, features, labels as label_metrics, references, report  # noqa: E402
 from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_jumps  # noqa: E402
 from gem3d.metrics.image import MS_SSIM_WEIGHTS, SSIM_WINDOW, ms_ssim_scales, reconstruction_metrics, to_unit_range  # noqa: E402,E501
@@ -345,8 +346,11 @@ def main(argv=None) -> int:
     present = {m for values in summary.values() for m in values}
     metrics = [m for m in SUMMARY_METRICS if m in present]
     metrics += [m for m in ("mean_abs_diff", "follows_donor", "order_b_is_donor_bs") if m in present]
-    text = report.summary_markdown(summary, metrics, notes)
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    metrics += sorted(m for m in present if m.startswith("dice_"))
+    per_label = sorted(m for m in present if m.startswith(("psnr_", "ssim_axial_", "mean_diff_", "std_diff_"))
+                       and m not in SUMMARY_METRICS)
+    text = report.summary_markdown(summary, metrics, notes, {"Per label (inside each label of the mask)": per_label})
+    atomic_write_text(out / "summary.md", text)
     plot_paths = plots(out, all_rows, real, cases)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in zip((s for v in all_rows.values() for s in v), metric_rows)]

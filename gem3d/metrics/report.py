@@ -106,19 +106,29 @@ def format_value(mean: float, std: float, n: int) -> str:
     return f"{mean:.4g}" if n == 1 or not math.isfinite(std) else f"{mean:.4g} ± {std:.2g}"
 
 
-def summary_markdown(summary: Mapping[str, Mapping[str, tuple[float, float, int]]], metrics: Sequence[str],
-                     notes: Sequence[str] = ()) -> str:
-    """A markdown table (rows = report rows, columns = ``metrics``: mean ± std over samples), a line per metric on
-    what it measures, and ``notes`` (skipped metrics and why, conventions)."""
-    rows = list(summary)
-    lines = ["# Evaluation summary", "", "| row | n | " + " | ".join(metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
-    for row in rows:
-        n = max((v[2] for v in summary[row].values()), default=0)
-        cells = [format_value(*summary[row][m]) if m in summary[row] else "" for m in metrics]
+def _table(summary: Mapping[str, Mapping[str, tuple[float, float, int]]], metrics: Sequence[str]) -> list[str]:
+    lines = ["| row | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for row, values in summary.items():
+        if not any(m in values for m in metrics):
+            continue
+        n = max((v[2] for v in values.values()), default=0)
+        cells = [format_value(*values[m]) if m in values else "" for m in metrics]
         lines.append(f"| {row} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, tuple[float, float, int]]], metrics: Sequence[str],
+                     notes: Sequence[str] = (), extra_tables: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Markdown: a table (rows = report rows, columns = ``metrics``: mean ± std over samples; set-level metrics
+    without ±), one more per ``extra_tables`` entry (title -> metrics), a line per metric on what it measures, and
+    ``notes`` (skipped metrics and why, conventions)."""
+    lines = ["# Evaluation summary", ""] + _table(summary, metrics)
+    for title, columns in (extra_tables or {}).items():
+        if columns:
+            lines += ["", f"## {title}", ""] + _table(summary, columns)
+    described = list(metrics) + [m for columns in (extra_tables or {}).values() for m in columns]
     lines += ["", "## What each metric measures", ""]
-    lines += [f"- `{m}`: {describe(m)}" for m in metrics if describe(m)]
+    lines += [f"- `{m}`: {describe(m)}" for m in described if describe(m)]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
