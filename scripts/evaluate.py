@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
+from gem3d.data.datasets import read_splits  # noqa: E402
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
 from gem3d.files import atomic_write_text  # noqa: E402
 from gem3d.metrics import distribution, features, labels as label_metrics, references, report  # noqa: E402
@@ -58,6 +59,24 @@ def parse_synthetic(spec: str) -> tuple[str, Path]:
     if not name or not folder:
         raise SystemExit(f"--synthetic must be FOLDER or NAME=FOLDER, got {spec!r}")
     return name, Path(folder)
+
+
+def select_cases(spec: str, real: RealData) -> set[str]:
+    """``--cases``: ``a,b,c`` or ``split:NAME`` (from the dataset's ``splits.json``)."""
+    if spec.startswith("split:"):
+        path = real.dataset.root / "splits.json"
+        if not path.is_file():
+            raise SystemExit(f"--cases {spec}: {path} does not exist (training writes it)")
+        splits = read_splits(path)
+        which = spec.split(":", 1)[1]
+        if which not in splits:
+            raise SystemExit(f"--cases {spec}: splits.json has {sorted(splits)}, not {which!r}")
+        return set(splits[which])
+    names = {n.strip() for n in spec.split(",") if n.strip()}
+    unknown = sorted(names - set(real.names))
+    if unknown:
+        raise SystemExit(f"--cases: unknown case(s) {unknown}; the dataset has {real.names}")
+    return names
 
 
 def reference_samples(real: RealData, cases: list[str], test_samples: list[SyntheticSample],
@@ -253,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="Tr", choices=("Tr", "Ts"))
     p.add_argument("--synthetic", action="append", default=[], metavar="[NAME=]FOLDER",
                    help="inference output folder OUT/<setting> (repeatable; NAME names the report row)")
+    p.add_argument("--cases", help="real cases to evaluate: 'a,b,c' or 'split:val' (splits.json of the dataset); "
+                   "default: the cases of the synthetic samples, or every case")
     p.add_argument("--metrics", nargs="+", default=list(METRIC_GROUPS), choices=METRIC_GROUPS)
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--autoencoder", type=Path, help="autoencoder run or GEM-3D model dir: adds the ceiling row")
@@ -282,6 +303,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--synthetic: row name {name!r} given twice; name them NAME=FOLDER")
         rows[name] = load_samples(folder, name, real)
     cases = sorted({s.case for samples in rows.values() for s in samples}) or real.names
+    if args.cases:
+        wanted = select_cases(args.cases, real)
+        rows = {name: [s for s in samples if s.case in wanted] for name, samples in rows.items()}
+        cases = [c for c in real.names if c in wanted]
     test_samples = [s for samples in rows.values() for s in samples if s.record.get("setting") == "test"]
     first_stage = preprocess = None
     if args.autoencoder is not None:

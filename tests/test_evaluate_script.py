@@ -145,17 +145,22 @@ def test_evaluate_with_autoencoder_reference_row(folders, tmp_path):
     report = tmp_path / "report"
     code = _evaluate().main(["--real", str(folders["data"]), "--synthetic", f"gem3d={folders['out'] / 'test'}",
                              "--out", str(report), "--metrics", "reconstruction", "consistency",
-                             "--autoencoder", str(model), "--link-images"])
+                             "--autoencoder", str(model), "--link-images", "--cases", "case_000,case_002"])
     assert code == 0
     with open(report / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["row"] == "reference: autoencoder"]
-    assert len(rows) == 3 and all(np.isfinite(float(r["psnr_body"])) for r in rows)
+    assert sorted(r["case"] for r in rows) == ["case_000", "case_002"]
+    assert all(np.isfinite(float(r["psnr_body"])) for r in rows)
     assert "data:image" not in (report / "report.html").read_text()
 
 
-def test_synthetic_folder_without_manifest_is_named(folders, tmp_path):
+def test_synthetic_folder_without_manifest_and_unknown_cases_are_named(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         _evaluate().main(["--real", str(folders["data"]), "--synthetic", str(tmp_path), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"unknown case\(s\) \['nope'\]"):
+        _evaluate().main(["--real", str(folders["data"]), "--cases", "nope", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="splits.json"):
+        _evaluate().main(["--real", str(folders["data"]), "--cases", "split:val", "--out", str(tmp_path / "r")])
 
 
 def test_reconstruction_quality_for_the_demo_table_matches_the_report(folders, tmp_path):

@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import itertools
 import math
 import warnings
@@ -98,7 +100,7 @@ def frd(real_files: Sequence[Path], synthetic_files: Sequence[Path], real_masks:
     import frd_score  # noqa: PLC0415  (optional dependency: frd-score + pyradiomics)
 
     masks = None if real_masks is None else [[str(p) for p in real_masks], [str(p) for p in synthetic_masks]]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # frd-score prints its result
         warnings.simplefilter("ignore")
         value = frd_score.compute_frd([[str(p) for p in real_files], [str(p) for p in synthetic_files]],
                                       paths_masks=masks, num_workers=num_workers, verbose=False)
