@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from einops import rearrange  # noqa: E402
 
 from gem3d.data.datasets import read_splits  # noqa: E402
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
+from gem3d.export.preview import save_preview  # noqa: E402
 from gem3d.files import atomic_write_text  # noqa: E402
 from gem3d.metrics import distribution, features, labels as label_metrics, references, report  # noqa: E402
 from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_jumps  # noqa: E402
@@ -319,6 +321,10 @@ def main(argv=None) -> int:
     reference_rows: dict[str, list[SyntheticSample]] = {}
     for s in reference_samples(real, cases, test_samples, first_stage, preprocess):
         reference_rows.setdefault(s.row, []).append(s)
+        case = real.case(s.case)
+        slug = re.sub(r"[^a-z0-9]+", "_", s.row.lower()).strip("_")
+        s.preview_path = save_preview(out / "previews" / f"{slug}_{s.case}.png", [("real", case.image), (s.row, s.image)],
+                                      mask=case.label, spacing=case.geometry.spacing, max_label=real.dataset.max_label)
     all_rows = {**reference_rows, **rows}
 
     if "reconstruction" in groups:

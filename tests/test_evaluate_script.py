@@ -130,7 +130,8 @@ def test_evaluate_writes_csv_summary_plots_and_offline_html(folders, capsys):
     assert "autoencoder" in summary  # its row is named as skipped
     html = (report / "report.html").read_text()
     assert not re.search(r"https?://", html)
-    assert html.count("data:image/png;base64,") >= 3 + 4  # plots + sample previews
+    assert html.count("data:image/png;base64,") >= 5 + 8 + 3  # plots, synthetic previews, reference previews
+    assert len(list((report / "previews").glob("reference_copy_informed_slice_case_00*.png"))) == 3
     with open(report / "counterfactual.csv") as handle:
         cf = list(csv.DictReader(handle))
     assert len(cf) == 1 and float(cf[0]["follows_donor"]) == 1.0
