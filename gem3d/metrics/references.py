@@ -17,7 +17,7 @@ from einops import rearrange, repeat
 from gem3d.data.case import Case
 from gem3d.data.geometry import Geometry
 from gem3d.data.preprocess import PreprocessConfig, prepare_case, restore_volume
-from gem3d.model_dirs.load import _run_preprocess, load_model_dir
+from gem3d.model_dirs import load_model_dir, run_preprocess
 from gem3d.models.autoencoder import FirstStage
 
 from .labels import label_intensity_stats
@@ -40,7 +40,7 @@ def load_first_stage(path: str | Path, trust: bool = False):
     try:
         first_stage = FirstStage.from_run(path)
         run = path if path.is_dir() else path.parent.parent
-        return first_stage.eval(), _run_preprocess(run)
+        return first_stage.eval(), run_preprocess(run)
     except (KeyError, FileNotFoundError, ValueError):  # not an autoencoder run: a diffusion model folder
         loaded = load_model_dir(path, trust=trust)
         return loaded.model.first_stage.eval(), loaded.preprocess

@@ -38,6 +38,7 @@ __all__ = [
     "detect_layout",
     "load_model_dir",
     "read_preprocess",
+    "run_preprocess",
 ]
 
 CONVERTED_WEIGHTS = "weights.safetensors"
@@ -101,7 +102,7 @@ def read_preprocess(path: str | os.PathLike) -> dict:
     raise KeyError(f"{path}: no 'preprocess' or 'data.params.preprocess' key")
 
 
-def _run_preprocess(folder: Path) -> dict | None:
+def run_preprocess(folder: Path) -> dict | None:
     """``data.params.preprocess`` of the newest ``configs/*-project.yaml`` (or ``configs/*.yaml``) in ``folder``."""
     configs = sorted((folder / "configs").glob("*-project.yaml")) or sorted((folder / "configs").glob("*.yaml"))
     for path in reversed(configs):
@@ -132,7 +133,7 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     if "first_stage_scale_factor" in ckpt:
         model.first_stage.scale_factor = float(ckpt["first_stage_scale_factor"])
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return model, checkpoint, use_ema, _run_preprocess(run_dir)
+    return model, checkpoint, use_ema, run_preprocess(run_dir)
 
 
 def check_condition_latent_factor(params: dict, source: str | None, where: str | os.PathLike) -> dict:
