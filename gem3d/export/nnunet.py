@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -119,6 +119,7 @@ def write_nnunet_dataset(
     *,
     channel: int = 0,
     overwrite: bool = False,
+    keep: Callable[[SyntheticCase], bool] | None = None,
 ) -> Path:
     """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case) to ``out_dir``.
 
@@ -128,6 +129,7 @@ def write_nnunet_dataset(
     - ``copy``: copy files (default) or symlink them (absolute links).
     - ``channel``: the real dataset's channel kept as ``_0000``.
     - ``overwrite``: replace an existing export in ``out_dir`` (its imagesTr/labelsTr/dataset.json).
+    - ``keep``: a quality filter; synthetic cases for which it returns False are left out.
     Returns ``out_dir``.
     """
     real_dir, out_dir = Path(real_dir), Path(out_dir)
@@ -170,6 +172,8 @@ def write_nnunet_dataset(
 
     for folder in synthetic_dirs:
         for item in find_synthetic_cases(folder):
+            if keep is not None and not keep(item):
+                continue
             if item.name in sources:
                 raise ValueError(f"synthetic case name {item.name!r} from {item.image} collides with an existing case ({sources[item.name]})")
             _transfer(item.image, images_out / f"{item.name}_0000{OUTPUT_ENDING}", copy)

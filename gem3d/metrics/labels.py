@@ -133,3 +133,21 @@ def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], la
         label = np.asarray(nib.load(str(label_path)).dataobj).astype(np.int64)
         results.append(dice_per_label(np.transpose(np.asarray(prediction)), label, num_labels))
     return results, "ok"
+
+
+def mean_dice(scores: dict[int, float]) -> float:
+    """The mean Dice over the labels a mask holds (NaN entries, labels absent from the mask, are left out);
+    NaN when it holds none."""
+    values = [v for v in scores.values() if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def segmenter_agreement(model_folder: str | Path, cases, num_labels: int, device: str = "cpu") -> dict[str, float]:
+    """FreeTumor-style quality score of synthetic cases (``SyntheticCase``: ``.name``, ``.image``, ``.label``): the
+    mean Dice between each conditioning mask and a trained nnU-Net's prediction on the synthetic image. Fails with
+    one line when the segmenter cannot run."""
+    scores, status = segmenter_dice(model_folder, [c.image for c in cases], [c.label for c in cases], num_labels,
+                                    device=device)
+    if scores is None:
+        raise ValueError(f"--segmenter {model_folder}: {status}")
+    return {c.name: mean_dice(s) for c, s in zip(cases, scores)}
