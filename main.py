@@ -7,7 +7,8 @@
 
 A run writes ``LOGDIR/<timestamp>_<name>/``: ``checkpoints/{last.ckpt, step-*.ckpt}``,
 ``configs/<timestamp>-project.yaml`` / ``-lightning.yaml`` and TensorBoard logs under ``tensorboard/``.
-SIGUSR1 saves ``last.ckpt`` and goes on; SIGTERM saves it and exits cleanly.
+SIGUSR1 saves ``last.ckpt`` and goes on; SIGTERM saves it and exits cleanly. A bad config, path or target stops
+the run before it starts with one ``error:`` line and exit status 2 (``--debug``: the traceback).
 
 Config layout: ``model: {target, params}``, ``data: {target, params}``, ``lightning: {trainer: {...},
 modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``. Every ``lightning.trainer`` key goes to
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import glob
 import os
+import pickle
 import signal
 import sys
 import warnings
@@ -37,7 +39,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gem3d.checkpoint import resolve_checkpoint  # noqa: E402
-from gem3d.config import check_existing_path, instantiate_from_config  # noqa: E402
+from gem3d.config import (  # noqa: E402
+    ALLOW_ANY_TARGET_FLAG, allow_any_target, check_config_targets, check_existing_path, error_line, instantiate_from_config,
+)  # fmt: skip
 from gem3d.denoiser import VARIANTS  # noqa: E402
 from gem3d.training.faults import AtomicCheckpointIO, RandomStateCheckpoint  # noqa: E402
 
@@ -45,6 +49,9 @@ TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
 RUN_DIR_ENV = "GEM3D_RUN_LOGDIR"  # shared with the DDP child processes Lightning launches
 PATH_KEYS = ("ckpt_path", "config_path", "diffusers_dir")
+# what a bad config, path, target or checkpoint raises before training starts: one line, exit status 2
+STARTUP_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+                  NotImplementedError, pickle.UnpicklingError)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -61,6 +68,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the runs")
     parser.add_argument("-s", "--seed", type=int, default=23, help="global seed")
     parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name")
+    parser.add_argument(ALLOW_ANY_TARGET_FLAG, action="store_true",
+                        help="let configs name any 'target:' (default: gem3d., torch., diffusers., lightning. only)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a start-up error")
     return parser
 
 
@@ -108,6 +118,7 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
         raise ValueError(f"unrecognised arguments {bad}; overrides look like 'lightning.trainer.max_steps=20'")
     config = OmegaConf.merge(*[OmegaConf.load(p) for p in paths], OmegaConf.from_dotlist(list(overrides)))
     validate_config(config)
+    check_config_targets(config, where="the config")  # before anything is built or imported
     return config
 
 
@@ -319,8 +330,16 @@ def number_of_devices(kwargs: dict) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run training; returns 0 on success (also after a SIGTERM-triggered clean stop)."""
-    run(argv)
+    """Run training; returns 0 on success (also after a SIGTERM-triggered clean stop), 2 after a start-up error
+    (one ``error:`` line on stderr; ``--debug`` raises it instead)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(argv)
+    except STARTUP_ERRORS as err:
+        if "--debug" in argv or not getattr(err, "gem3d_startup", False):
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -330,8 +349,17 @@ def run(argv: Sequence[str] | None = None):
     parser = get_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     opt, overrides = parser.parse_known_args(_normalise_train_flag(argv))
+    with allow_any_target(opt.allow_any_target):
+        try:
+            trainer, model, data, ckpt_path, is_child = _start(opt, overrides)
+        except STARTUP_ERRORS as err:
+            err.gem3d_startup = True  # main() reports it in one line
+            raise
+        return _fit(trainer, model, data, ckpt_path, is_child, train=bool(opt.train))
 
 
+def _start(opt: argparse.Namespace, overrides: Sequence[str]):
+    """Configs, checks, run folder, trainer, model and data: ``(trainer, model, data, ckpt_path, is_child)``."""
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen first stage
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     if opt.name and opt.resume:
@@ -409,8 +437,12 @@ def run(argv: Sequence[str] | None = None):
         OmegaConf.save(OmegaConf.create({"lightning": lightning_cfg}), cfg_dir / f"{now}-lightning.yaml")
         print(f"run folder: {run_dir}", flush=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    return trainer, model, data, ckpt_path, is_child
+
+
+def _fit(trainer, model, data, ckpt_path: str | None, is_child: bool, train: bool):
     try:
-        if opt.train:
+        if train:
             try:
                 trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
             except SIGTERMException:

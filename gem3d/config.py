@@ -1,16 +1,149 @@
-"""latent-diffusion style ``target:`` / ``params:`` configs and start-up checks."""
+"""latent-diffusion style ``target:`` / ``params:`` configs and start-up checks.
+
+A ``target:`` names code to run, so configs (training configs, model folders, checkpoints' hyper-parameters) may
+name only callables under :data:`ALLOWED_TARGET_PACKAGES`, outside :data:`DENIED_TARGETS`, plus the original
+GEM-3D classes of :data:`ORIGINAL_TARGETS` (which gem3d never imports: ``gem3d.model_dirs.original`` maps them). The check
+runs before anything is imported; ``--allow-any-target`` (:func:`allow_any_target`) lifts it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
+import os
+import types
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PLACEHOLDER_MARKERS = ("path-to", "path/to", "placeholder", "<", ">", "TODO", "CHANGE_ME", "???")
+
+ALLOWED_TARGET_PACKAGES = ("gem3d", "torch", "diffusers", "lightning")
+# The original GEM-3D (latent-diffusion fork) classes its model folders name; read by gem3d.model_dirs, never imported.
+ORIGINAL_TARGETS = frozenset({
+    "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "ldm.models.diffusion.ddpm_pseudo3D.LatentDiffusion",
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+    "ldm.modules.diffusionmodules.openaimodel_pseudo3D.UNetModel",
+    "ldm.models.autoencoder.AutoencoderKL",
+    "ldm.modules.encoders.modules.PositionalEmbedder",
+})
+# Under the allowed packages, but they load files as code, compile, fetch or spawn: never a config target.
+DENIED_TARGETS = (
+    "torch.hub", "torch.load", "torch.serialization", "torch.jit", "torch.package", "torch.utils.cpp_extension",
+    "torch.ops", "torch.library", "torch.classes", "torch.compile", "torch.distributed", "torch.multiprocessing",
+    "torch.utils.data.datapipes", "diffusers.utils", "diffusers.pipelines", "diffusers.DiffusionPipeline",
+    "diffusers.loaders", "lightning.fabric.utilities.cloud_io",
+)
+DENIED_ATTRIBUTES = ("from_pretrained", "load_from_checkpoint", "from_single_file")  # (down)load and unpickle files
+ALLOW_ANY_TARGET_FLAG = "--allow-any-target"
+ALLOW_ANY_TARGET_ENV = "GEM3D_ALLOW_ANY_TARGET"  # set by the flag, so that worker and DDP processes inherit it
+
+
+class TargetNotAllowedError(ValueError):
+    """A config names a ``target`` (or ``trust: true``) outside gem3d's allowlist."""
+
+
+@contextlib.contextmanager
+def allow_any_target(enabled: bool = True) -> Iterator[None]:
+    """Within the block (and in processes started from it), configs may name any target."""
+    previous = os.environ.get(ALLOW_ANY_TARGET_ENV)
+    if enabled:
+        os.environ[ALLOW_ANY_TARGET_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_ANY_TARGET_ENV, None)
+        else:
+            os.environ[ALLOW_ANY_TARGET_ENV] = previous
+
+
+def any_target_allowed() -> bool:
+    return os.environ.get(ALLOW_ANY_TARGET_ENV) == "1"
+
+
+def error_line(err: BaseException) -> str:
+    """An error's message for a one-line ``error:`` report (``str(KeyError)`` would add quotes)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _refuse(target: str, where: str, why: str) -> TargetNotAllowedError:
+    return TargetNotAllowedError(
+        f"config target {target!r}{f' in {where}' if where else ''} is not allowed ({why}): configs may name callables "
+        f"under {', '.join(p + '.' for p in ALLOWED_TARGET_PACKAGES)} and the original GEM-3D ldm. classes; pass "
+        f"{ALLOW_ANY_TARGET_FLAG} to import it anyway (it runs code the config names: only for files you trust)"
+    )
+
+
+def _name_refusal(name: str) -> str | None:
+    """Why the dotted ``name`` may not be a target, or None."""
+    parts = name.split(".")
+    if parts[0] not in ALLOWED_TARGET_PACKAGES:
+        return f"{parts[0]!r} is not an allowed package"
+    if any(part.startswith("_") for part in parts):
+        return "private names are not allowed"
+    denied = [d for d in DENIED_TARGETS if name == d or name.startswith(d + ".")]
+    if denied or parts[-1] in DENIED_ATTRIBUTES:
+        return f"{denied[0] if denied else parts[-1]} loads or runs code from files"
+    return None
+
+
+def check_target(target: Any, where: str = "") -> None:
+    """Raise :class:`TargetNotAllowedError` unless ``target`` is allowed; imports nothing."""
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(f"config target must be a dotted import path like 'gem3d.models.unet.UNetModel', got {target!r}")
+    if any_target_allowed() or target in ORIGINAL_TARGETS:
+        return
+    why = _name_refusal(target)
+    if why:
+        raise _refuse(target, where, why)
+
+
+def check_config_targets(config: Any, where: str = "") -> None:
+    """:func:`check_target` for every ``target`` key anywhere in a config (dicts and lists, nested)."""
+    config = to_plain(config)
+    if isinstance(config, Mapping):
+        if isinstance(config.get("target"), str):
+            check_target(config["target"], where)
+        for value in config.values():
+            check_config_targets(value, where)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            check_config_targets(value, where)
+
+
+def _check_trust(params: Any, target: str, path: str = "params") -> None:
+    """A config may not switch on full unpickling (``trust: true``): only the command line may."""
+    if any_target_allowed():
+        return
+    if isinstance(params, Mapping):
+        for key, value in params.items():
+            if key == "trust" and value:
+                raise TargetNotAllowedError(
+                    f"config for target {target!r} sets {path}.trust={value!r}; a config may not turn off safe "
+                    f"checkpoint loading: use --trust-checkpoint, or {ALLOW_ANY_TARGET_FLAG} for a config you trust"
+                )
+            _check_trust(value, target, f"{path}.{key}")
+    elif isinstance(params, (list, tuple)):
+        for value in params:
+            _check_trust(value, target, path)
+
+
+def _check_resolved(target: str, obj: Any) -> None:
+    """What an allowed name resolved to is allowed too (no ``gem3d.x.os.system`` through an imported module)."""
+    if any_target_allowed():
+        return
+    if isinstance(obj, types.ModuleType):
+        raise _refuse(target, "", f"it resolves through the module {obj.__name__!r}")
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", ""))
+    why = _name_refusal(f"{module}.{qualname}") if isinstance(module, str) else "it is not a class or function"
+    if why:
+        raise _refuse(target, "", f"it resolves to {module}.{qualname}: {why}")
 
 
 def to_plain(obj: Any) -> Any:
@@ -24,6 +157,7 @@ def get_obj_from_str(target: str) -> Any:
     """Import ``"pkg.module.Name"`` or ``"pkg.module.Class.classmethod"``; errors name the target."""
     if not isinstance(target, str) or "." not in target:
         raise ValueError(f"config target must be a dotted import path like 'gem3d.models.unet.UNetModel', got {target!r}")
+    check_target(target)
     parts = target.split(".")
     # Longest importable module prefix, then attribute lookups (supports Class.classmethod).
     for split in range(len(parts) - 1, 0, -1):
@@ -37,8 +171,11 @@ def get_obj_from_str(target: str) -> Any:
         try:
             for attr in parts[split:]:
                 obj = getattr(obj, attr)
+                if isinstance(obj, types.ModuleType):  # an imported module, not a submodule import
+                    _check_resolved(target, obj)
         except AttributeError as err:
             raise ImportError(f"config target {target!r}: {module_name!r} has no attribute path {'.'.join(parts[split:])!r}") from err
+        _check_resolved(target, obj)
         return obj
     raise ImportError(f"config target {target!r}: no importable module in it")
 
@@ -51,8 +188,10 @@ def instantiate_from_config(cfg: Mapping | DictConfig, **extra: Any) -> Any:
     unknown = set(cfg) - {"target", "params"}
     if unknown:
         raise KeyError(f"config for target {cfg['target']!r} has unknown keys {sorted(unknown)}; allowed: ['params', 'target']")
-    factory = get_obj_from_str(cfg["target"])
+    check_config_targets(cfg)  # nested configs too, before anything is imported
     params = dict(cfg.get("params") or {})
+    _check_trust(params, cfg["target"])
+    factory = get_obj_from_str(cfg["target"])
     params.update(extra)
     try:
         signature = inspect.signature(factory)

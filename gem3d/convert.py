@@ -19,6 +19,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from gem3d.config import ALLOW_ANY_TARGET_FLAG, allow_any_target, error_line
 from gem3d.files import atomic_path
 from gem3d.model_dirs.load import (
     CONVERTED_CONFIG, CONVERTED_WEIGHTS, DENOISER_TARGET, EXPECTED, detect_layout, load_model_dir, read_preprocess,
@@ -79,25 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted model in DST_DIR")
     p.add_argument("--preprocess-from", type=Path, metavar="YAML",
                    help="store this preprocessing with the model: 'preprocess' of an inference config "
-                        "(configs/inference/brain.yaml) or 'data.params.preprocess' of a training config")
+                        "(gem3d/configs/inference/brain.yaml) or 'data.params.preprocess' of a training config")
+    p.add_argument(ALLOW_ANY_TARGET_FLAG, action="store_true",
+                   help="let the source's configs name any 'target:' (default: gem3d., torch., diffusers., lightning., "
+                        "the original's ldm. classes)")
     return p
-
-
-def _message(err: BaseException) -> str:
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)  # KeyError's str() quotes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/convert_gem3d_checkpoint.py``: exit 0, or 2 with one ``error:`` line on stderr."""
     args = build_parser().parse_args(argv)
     try:
-        kind = "" if args.src.is_file() else detect_layout(args.src)
-        preprocess = read_preprocess(args.preprocess_from) if args.preprocess_from is not None else None
-        dst = convert_model_dir(args.src, args.dst, ema=True if args.ema else None, trust=args.trust_checkpoint,
-                                preprocess=preprocess, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, NotImplementedError, pickle.UnpicklingError) as err:
-        hint = " (run without --ema for the raw weights)" if args.ema and "EMA" in _message(err) else ""
-        print(f"error: {_message(err)}{hint}", file=sys.stderr)
+        with allow_any_target(args.allow_any_target):
+            kind = "" if args.src.is_file() else detect_layout(args.src)
+            preprocess = read_preprocess(args.preprocess_from) if args.preprocess_from is not None else None
+            dst = convert_model_dir(args.src, args.dst, ema=True if args.ema else None, trust=args.trust_checkpoint,
+                                    preprocess=preprocess, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, NotImplementedError, ImportError,
+            pickle.UnpicklingError) as err:
+        hint = " (run without --ema for the raw weights)" if args.ema and "EMA" in error_line(err) else ""
+        print(f"error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
     weights = "EMA" if OmegaConf.select(OmegaConf.load(dst / CONVERTED_CONFIG), "source.ema") else "raw"
     print(f"converted {kind} model {args.src} ({weights} weights) -> {dst}")

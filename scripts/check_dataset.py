@@ -3,12 +3,7 @@
 
     python scripts/check_dataset.py DATASET_DIR [--min-slices 16] [--slice-axis 2]
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gem3d.data.check import main  # noqa: E402
+from gem3d.data.check import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -41,7 +41,8 @@ def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
     threads of the child (1 when two trainings share the 2 cores)."""
     print("$", " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the scripts import this checkout's gem3d, installed or not
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as fh:

@@ -1,11 +1,6 @@
 #!/usr/bin/env python
 """GEM-3D inference on the abdomen dataset, setting 'ig' (see gem3d/inference/settings.py; --help for flags)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gem3d.inference.cli import main  # noqa: E402
+from gem3d.inference.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(dataset="abdomen", setting="ig"))

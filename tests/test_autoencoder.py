@@ -87,10 +87,10 @@ def test_original_fixture_equivalence(original_fixtures):
 
 
 def test_fixture_config_file_layout_loads_with_from_ldm_checkpoint(original_fixtures):
-    folder, _, vectors = fixture_folders(original_fixtures)[0]
+    folder, config, vectors = fixture_folders(original_fixtures)[0]
     config_path = sorted((folder / "configs").glob("*.yaml"))[0]
     model = FirstStage.from_ldm_checkpoint(folder / "checkpoints" / "last.ckpt", config_path)
-    assert model.scale_factor == pytest.approx(0.18215)
+    assert model.scale_factor == pytest.approx(float(config.model.params.scale_factor))
     torch.testing.assert_close(model.encode(vectors["image"][:2]), vectors["latent_mean_scaled"][:2], atol=1e-4, rtol=0)
 
 
@@ -244,7 +244,7 @@ def test_from_ldm_checkpoint_offline(tmp_path):
 
     # a checkpoint that does not fit the config names the problem
     with pytest.raises(ValueError, match="do not fit the model"):
-        FirstStage.from_ldm_checkpoint(tmp_path / "model.ckpt", "configs/first_stage/demo-f8.yaml")
+        FirstStage.from_ldm_checkpoint(tmp_path / "model.ckpt", KL_F8_CONFIG.parent / "demo-f8.yaml")
     with pytest.raises(FileNotFoundError, match="no_such.ckpt"):
         FirstStage.from_ldm_checkpoint(tmp_path / "no_such.ckpt", config)
 

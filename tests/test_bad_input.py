@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from gem3d.configs import packaged
 from gem3d.data.check import main as check_main
 from gem3d.files import atomic_write_text
 from gem3d.inference import cli
@@ -169,7 +170,7 @@ def test_dataset_checker_reports_the_same_problems(case, tiny, tmp_path, capsys)
 
 # ---------------------------------------------------------------------------------------------- config
 def write_inference_config(tmp_path: Path, tiny, **edits) -> Path:
-    config = yaml.safe_load((ROOT / "configs" / "inference" / "demo.yaml").read_text())
+    config = yaml.safe_load((packaged("inference") / "demo.yaml").read_text())
     for key, value in edits.items():
         node = config
         *parents, leaf = key.split(".")

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import child_env
 from gem3d.data import check
 from gem3d.data.check import KINDS, check_dataset
 from gem3d.data.nnunet import RawDataset
@@ -163,11 +164,13 @@ def test_one_label_rule_for_checker_export_and_loader(tmp_path):
 def test_cli_exit_codes(tmp_path):
     root = make(tmp_path)
     script = ROOT / "scripts" / "check_dataset.py"
-    ok = subprocess.run([sys.executable, str(script), str(root), "--min-slices", "4"], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, str(script), str(root), "--min-slices", "4"], capture_output=True, text=True,
+                        env=child_env())
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("OK ") and "2 training cases" in ok.stdout
     BREAKAGES[check.LABEL_MISSING](root)
-    bad = subprocess.run([sys.executable, str(script), str(root), "--min-slices", "4"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, str(script), str(root), "--min-slices", "4"], capture_output=True, text=True,
+                         env=child_env())
     assert bad.returncode == 1
     lines = bad.stdout.strip().splitlines()
     assert lines[0] == "label_missing: case=case_001 file=labelsTr/case_001.nii.gz value=absent"

@@ -3,7 +3,6 @@ latent-diffusion kl-f8 style first-stage checkpoints (``first_stage_config.param
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from gem3d.configs import packaged
 from gem3d.convert import convert_model_dir
 from gem3d.model_dirs import detect_layout, load_model_dir, read_preprocess
 from gem3d.model_dirs.original import KL_F8_DEFAULT, resolve_first_stage_ckpt
@@ -24,10 +24,10 @@ from tests._payload import UNPICKLE_CALLS, ArbitraryPayload  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("convert_gem3d_checkpoint", ROOT / "scripts" / "convert_gem3d_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command line behind scripts/convert_gem3d_checkpoint.py."""
+    from gem3d import convert
+
+    return convert
 
 
 def _config(folder: Path) -> tuple[Path, dict]:
@@ -89,12 +89,12 @@ def _copy_folder(folder: Path, dst: Path, *, state_edit=None, config_edit=None, 
 # ---------------------------------------------------------------------------------------------- the command line
 def test_cli_converts_and_the_result_loads_natively(cli, ema_folder, tmp_path, capsys):
     dst = tmp_path / "brain"
-    assert cli.main([str(ema_folder), str(dst), "--preprocess-from", str(ROOT / "configs" / "inference" / "brain.yaml")]) == 0
+    assert cli.main([str(ema_folder), str(dst), "--preprocess-from", str(packaged("inference", "brain.yaml"))]) == 0
     assert "raw weights" in capsys.readouterr().out
     config = OmegaConf.to_container(OmegaConf.load(dst / "configs" / "model.yaml"))
     assert config["model"]["target"] == "gem3d.denoiser.Denoiser"
     assert config["source"]["kind"] == "original" and config["source"]["ema"] is False
-    brain = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "inference" / "brain.yaml"))
+    brain = OmegaConf.to_container(OmegaConf.load(packaged("inference", "brain.yaml")))
     assert config["data"]["params"]["preprocess"] == brain["preprocess"]
     # nothing in the config refers to a file: the weights file holds every tensor
     assert "ckpt_path" not in config["model"]["params"]["first_stage_config"]["params"]
@@ -202,7 +202,7 @@ def test_cli_overwrite_and_destination_checks(cli, raw_only_folder, tmp_path, ca
 
 
 def test_read_preprocess_accepts_both_layouts(tmp_path):
-    inference = read_preprocess(ROOT / "configs" / "inference" / "brain.yaml")
+    inference = read_preprocess(packaged("inference", "brain.yaml"))
     training = read_preprocess(ROOT / "configs" / "latent-diffusion" / "brain_stage1.yaml")
     assert inference["max_label"] == 3 and training["max_label"] == 3
     (tmp_path / "none.yaml").write_text("model: {}\n")

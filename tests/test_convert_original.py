@@ -90,13 +90,16 @@ def test_every_folder_is_read_from_its_own_config(original_fixtures):
 
 
 def test_expected_settings_of_the_four_fixtures(original_fixtures):
+    """The recipe's four folders (README of the fixtures); sizes come from each folder's own config."""
     stage1, stage2, base, slice_ = (read_original_model_dir(original_fixtures / n)
                                     for n in ("stage1", "stage2", "base_stage2", "slice"))
-    assert (stage1.volumetric, stage1.uses_informed_slice, stage1.concat_channels) == (False, True, 8)
+    channels = {n: load_config(original_fixtures / n)["model"]["params"].get("channels", 4) for n in ("stage1", "base_stage2")}
+    assert (stage1.volumetric, stage1.uses_informed_slice, stage1.concat_channels) == (False, True, 2 * channels["stage1"])
     assert (stage2.volumetric, stage2.uses_informed_slice, stage2.fix_t) == (True, True, True)
-    assert (base.volumetric, base.uses_informed_slice, base.concat_channels) == (True, False, 4)
+    assert (base.volumetric, base.uses_informed_slice, base.concat_channels) == (True, False, channels["base_stage2"])
+    slice_dim = load_config(original_fixtures / "slice")["model"]["params"]["cond_stage_config"]["params"]["dim"]
     assert (slice_.conditioning_key, slice_.position_embed_dim, slice_.unet_params["use_spatial_transformer"]) == (
-        "crossattn", 32, True)
+        "crossattn", slice_dim, True)
 
 
 def test_ema_weights_are_mapped_back_and_differ(original_fixtures):
@@ -174,13 +177,22 @@ def test_config_problems_are_named(tmp_path, original_fixtures, edit, error, mes
 
 
 def test_unreachable_attention_rates_are_dropped(tmp_path, original_fixtures):
+    """Attention sits at downsampling rates 1, 2, ..., 2**(len(channel_mult) - 1); others never act in the original."""
+    unet_params = load_config(original_fixtures / "stage1")["model"]["params"]["unet_config"]["params"]
+    reachable = [2**level for level in range(len(unet_params["channel_mult"]))]
+    asked = [2 * reachable[-1], *reachable[::-1], 4 * reachable[-1]]  # two unreachable rates around the reachable ones
     folder = copy_with_config(
         original_fixtures / "stage1", tmp_path,
-        lambda c: c["model"]["params"]["unet_config"]["params"].update(attention_resolutions=[16, 4, 2]),
+        lambda c: c["model"]["params"]["unet_config"]["params"].update(attention_resolutions=asked),
     )
     original = read_original_model_dir(folder)
-    assert original.unet_params["attention_resolutions"] == [4, 2]
-    original.build_unet()  # still loads strictly
+    assert original.unet_params["attention_resolutions"] == reachable[::-1]
+    kept = copy_with_config(
+        original_fixtures / "stage1", tmp_path / "kept",
+        lambda c: c["model"]["params"]["unet_config"]["params"].update(
+            attention_resolutions=[*unet_params["attention_resolutions"], 2 * reachable[-1]]),
+    )
+    read_original_model_dir(kept).build_unet()  # only an unreachable rate added: still loads strictly
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,11 +4,11 @@ It checks the README contract's wiring (dataset -> 6 trainings -> 6 settings -> 
 and that a rerun resumes instead of starting again. Quality is `make demo`'s business, not this test's.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import child_env
 from gem3d.export.nnunet import validate_nnunet_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ SETTINGS = ("test", "ic", "icma", "ig", "igma", "base")
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out), "--cases", "4",
            "--steps-scale", "0.004", "--sampling-steps", "2", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

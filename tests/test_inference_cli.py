@@ -1,7 +1,6 @@
 """scripts/inference_<dataset>_<setting>.py and gem3d.inference.cli: the shared command line, errors, sharding."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import child_env
 from gem3d.export.manifest import Manifest
 from gem3d.inference import cli
 from gem3d.inference.engine import InferenceConfig, run_inference
@@ -26,19 +26,19 @@ def tiny(tmp_path_factory):
 
 
 def run_script(script: str, *args, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env(PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_dataset_and_setting_has_a_thin_script():
     for dataset in ("brain", "abdomen", "demo"):
-        assert (ROOT / "configs" / "inference" / f"{dataset}.yaml").is_file()
+        assert (cli.CONFIG_DIR / f"{dataset}.yaml").is_file()
         for setting in SETTINGS:
             script = ROOT / "scripts" / f"inference_{dataset}_{setting}.py"
             text = script.read_text()
             assert f'main(dataset="{dataset}", setting="{setting}")' in text
-            assert len(text.splitlines()) <= 15
+            assert len(text.splitlines()) <= 10 and "sys.path" not in text
 
 
 def test_demo_test_script_runs_end_to_end(tiny, tmp_path):
@@ -108,7 +108,20 @@ def test_flags_override_the_dataset_config(tiny, tmp_path):
         ["--data", str(tiny["data"]), "--model", "m", "--slice-model", "s", "--no-ema", "--slice-ema"]))
     assert (ig.ema, ig.slice_ema) == (False, True)
     defaults = cli.config_from_args("demo", "base", cli.build_parser("demo", "base").parse_args([]))
-    assert defaults.model == Path("demo_out/models/demo_base") and defaults.cases == "split:val"
+    assert defaults.model == Path("demo_out/models/demo_base")
+
+
+def test_default_split_cases_fall_back_to_all_cases_without_splits_json(tmp_path, capsys):
+    def cases(data, *argv):
+        return cli.config_from_args("demo", "ic", cli.build_parser("demo", "ic").parse_args(["--data", str(data), *argv])).cases
+
+    assert cli.load_inference_config("demo")["cases"] == "split:val"
+    assert cases(tmp_path) == "all"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and f"{tmp_path} has no splits.json" in out and "all cases" in out
+    assert cases(tmp_path, "--cases", "split:val") == "split:val"  # asked for explicitly: the engine says it is missing
+    (tmp_path / "splits.json").write_text('{"train": [], "val": []}')
+    assert cases(tmp_path) == "split:val" and capsys.readouterr().out == ""
 
 
 def test_refused_checkpoint_exits_2_naming_the_trust_flag(tiny, tmp_path, capsys):

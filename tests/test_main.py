@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
+from conftest import child_env  # noqa: E402
 from gem3d.model_dirs import load_model_dir  # noqa: E402
 from gem3d.models.autoencoder import FirstStage  # noqa: E402
 
@@ -194,7 +195,7 @@ def test_two_process_cpu_ddp(tmp_path, dataset, autoencoder_run):
     args = stage_args("demo_stage1.yaml", dataset, autoencoder_run, tmp_path, "lightning.trainer.max_steps=2",
                       "lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",
                       "model.params.log_images_every_n_steps=0")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = child_env()
     env.pop("GEM3D_RUN_LOGDIR", None)
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
@@ -208,7 +209,8 @@ def test_sigusr1_saves_and_sigterm_stops_cleanly(tmp_path, dataset, autoencoder_
     args = stage_args("demo_base_stage1.yaml", dataset, autoencoder_run, tmp_path, "lightning.trainer.max_steps=50",
                       "model.params.log_images_every_n_steps=0", "data.params.samples_per_epoch=100",
                       "lightning.callbacks.sender.target=test_main.SignalSender",
-                      "lightning.callbacks.sender.params.usr1_at=1", "lightning.callbacks.sender.params.term_at=3")
+                      "lightning.callbacks.sender.params.usr1_at=1", "lightning.callbacks.sender.params.term_at=3",
+                      "--allow-any-target")  # the test callback lives outside the allowed packages
     assert main_module.main(args) == 0
     out = capsys.readouterr().out
     usr1 = [line for line in out.splitlines() if line.startswith("[SIGUSR1] saved")]
@@ -234,6 +236,36 @@ def test_bad_checkpoint_paths_fail_at_startup(tmp_path, dataset, autoencoder_run
     with pytest.raises(error, match=message):
         main_module.run(args)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("base, override, message", [
+    ("/no/such/config.yaml", "a.b=1", "--base config '/no/such/config.yaml': no such file"),
+    ("demo_stage1", "model.params.first_stage_config.params.ckpt_path=/nowhere/*ae",
+     "model.params.first_stage_config.params.ckpt_path='/nowhere/*ae': no file or folder matches this pattern"),
+    ("brain_stage2", "model.params.first_stage_config.params.ckpt_path=null",
+     "model.params.ckpt_path='path-to-stage1-ckpt' is a placeholder"),
+    ("demo_autoencoder", "data.target=os.system",
+     "config target 'os.system' in the config is not allowed ('os' is not an allowed package)"),
+    ("demo_autoencoder", "lightning.callbacks.x.target=gem3d.config.os.system",
+     "config target 'gem3d.config.os.system' is not allowed (it resolves through the module 'os')"),
+])
+def test_startup_errors_are_one_line_with_exit_status_2(tmp_path, capsys, base, override, message):
+    base = base if base.startswith("/") else str(CONFIGS / f"{base}.yaml")
+    argv = ["--base", base, "-t", "-l", str(tmp_path / "logs"), "data.params.dataset_dir=/tmp", override]
+    assert main_module.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "--allow-any-target" in err if "target" in message else True
+    assert not (tmp_path / "logs").exists()  # nothing written
+    with pytest.raises((ValueError, KeyError, FileNotFoundError)):  # --debug: the exception and its traceback
+        main_module.main([*argv, "--debug"])
+
+
+def test_startup_error_from_the_command_line_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--base", "/no/such.yaml", "-t", "-l", str(tmp_path)],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: --base config '/no/such.yaml': no such file\n"
 
 
 def test_paper_stage2_placeholder_names_key(tmp_path, dataset):
@@ -266,8 +298,8 @@ def test_instantiate_from_config_names_bad_target():
 
     with pytest.raises(ImportError, match=r"config target 'gem3d\.models\.unet\.NoSuchUNet'"):
         instantiate_from_config({"target": "gem3d.models.unet.NoSuchUNet"})
-    with pytest.raises(ImportError, match=r"config target 'gem3d_missing\.Thing'"):
-        instantiate_from_config({"target": "gem3d_missing.Thing"})
+    with pytest.raises(ImportError, match=r"config target 'gem3d\.missing_module\.Thing'"):
+        instantiate_from_config({"target": "gem3d.missing_module.Thing"})
     with pytest.raises(ValueError, match=r"unknown key 'bogus' in params of target 'gem3d\.ema\.EMA'; allowed"):
         instantiate_from_config({"target": "gem3d.ema.EMA", "params": {"bogus": 1}})
     with pytest.raises(ValueError, match=r"did you mean 'decay'"):

@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from conftest import ORIGINAL_CLIP_LEN
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from gem3d.sampling import (
@@ -285,6 +286,9 @@ def _build_original_unet(model_dir):
     params = OmegaConf.to_container(unet_config.params)
     accepted = inspect.signature(UNetModel).parameters
     kwargs = {k: v for k, v in params.items() if k in accepted}
+    # the original builds attention only at the rates its levels reach (1, 2, 4, ...); others are inert
+    reachable = [2**level for level in range(len(kwargs["channel_mult"]))]
+    kwargs["attention_resolutions"] = [r for r in kwargs["attention_resolutions"] if r in reachable]
     volumetric = unet_config.target.endswith("openaimodel_pseudo3D.UNetModel")
     unet = UNetModel(**kwargs, volumetric=volumetric)
     sd = torch.load(model_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -309,10 +313,13 @@ def test_ddim_reproduces_original_fixture(original_fixtures, one_thread):
     for model_dir in concat:
         unet, volumetric = _build_original_unet(model_dir)
         v = torch.load(model_dir / "vectors.pt", weights_only=True)
+        alphas_cumprod = torch.load(model_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+            "alphas_cumprod"]
         rows = v["ddim_xT"].shape[0]
-        assert torch.equal(original_ddim_timesteps(int(v["ddim_steps"])), v["ddim_timesteps"])
-        # stage 2 / base: the 16 rows are one clip of 16 slices; stage 1: 16 independent slices (clips of 1)
-        clip = (1, rows) if volumetric else (rows, 1)
+        assert torch.equal(original_ddim_timesteps(int(v["ddim_steps"]), len(alphas_cumprod)), v["ddim_timesteps"])
+        # stage 2 / base: clip-major clips of the original's 16 slices; stage 1: independent slices (clips of 1)
+        assert not volumetric or rows % ORIGINAL_CLIP_LEN == 0, rows
+        clip = (rows // ORIGINAL_CLIP_LEN, ORIGINAL_CLIP_LEN) if volumetric else (rows, 1)
         cond = v["cond"].reshape(*clip, *v["cond"].shape[1:])
 
         def eps_fn(x, t):
@@ -323,7 +330,7 @@ def test_ddim_reproduces_original_fixture(original_fixtures, one_thread):
 
         x_T = v["ddim_xT"].reshape(*clip, *v["ddim_xT"].shape[1:])
         with torch.no_grad():
-            out = sample_ddim(eps_fn, x_T, alphas_cumprod_tensor(), steps=int(v["ddim_steps"]), eta=0.0)
+            out = sample_ddim(eps_fn, x_T, alphas_cumprod, steps=int(v["ddim_steps"]), eta=0.0)
         out = out.reshape(rows, *out.shape[2:])
         err = (out - v["ddim_out"]).abs().max().item()
         print(f"{model_dir.name}: max |ddim_out - ours| = {err:.2e}")

@@ -8,9 +8,11 @@ axial slices, RAS, 2.9 x 2.9 x 3.3 mm, with a per-case origin.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -232,3 +234,19 @@ def build_demo_dataset(out: str | Path, cases: int = 10, seed: int = 0, overwrit
     (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     (out / "gem3d_demo.json").write_text(json.dumps({"seed": seed, "cases": records}, indent=1))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/make_demo_dataset.py OUT [--cases 10] [--seed 0] [--overwrite]``."""
+    parser = argparse.ArgumentParser(prog="make_demo_dataset.py",
+                                     description="Write the gem3d demo dataset (nnU-Net raw layout, from nilearn's "
+                                                 "MNI152 template) into OUT.")
+    parser.add_argument("out", type=Path, help="dataset folder to write (it becomes the nnU-Net dataset folder)")
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a folder that is not a gem3d demo")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    out = build_demo_dataset(args.out, cases=args.cases, seed=args.seed, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.cases} demo cases to {out} in {time.time() - t0:.1f} s")
+    return 0

@@ -14,9 +14,11 @@ channel ``channel`` (GEM-3D generates one modality, e.g. BraTS FLAIR).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

@@ -1,6 +1,6 @@
 """The one command line shared by every ``scripts/inference_<dataset>_<setting>.py``.
 
-Defaults come from ``configs/inference/<dataset>.yaml``; flags override them::
+Defaults come from ``gem3d/configs/inference/<dataset>.yaml`` (package data); flags override them::
 
     python scripts/inference_brain_ic.py --data DATASET --out OUT --cases 5 --samples-per-case 2 --steps 50
 """
@@ -17,20 +17,20 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from gem3d.config import check_keys
+from gem3d.config import ALLOW_ANY_TARGET_FLAG, allow_any_target, check_keys, error_line
+from gem3d.configs import packaged
 from gem3d.inference.engine import InferenceConfig, run_inference
 from gem3d.inference.mask_edit import icma_edit
 from gem3d.inference.settings import SETTINGS, get_setting
 from gem3d.inference.volume import SamplerOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs" / "inference"
+CONFIG_DIR = packaged("inference")
 
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
                "sampler", "mask_edit", "preprocess")
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
-    """``configs/inference/<dataset>.yaml`` as a plain dict."""
+    """``<config_dir>/<dataset>.yaml`` (default: the packaged ``gem3d/configs/inference``) as a plain dict."""
     path = Path(config_dir) / f"{dataset}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
@@ -54,7 +54,7 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     spec = get_setting(setting)
     p = argparse.ArgumentParser(
         prog=f"inference_{dataset}_{setting}.py",
-        description=f"GEM-3D inference, setting '{setting}': {spec.description}. Defaults: configs/inference/{dataset}.yaml",
+        description=f"GEM-3D inference, setting '{setting}': {spec.description}. Defaults: gem3d/configs/inference/{dataset}.yaml",
     )
     p.add_argument("--model", type=Path, help="model dir (training run, converted or original GEM-3D folder)")
     p.add_argument("--slice-model", type=Path, help="position-conditioned slice model dir (ig, igma, slice)")
@@ -86,6 +86,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="de-enhancement: pick informed slices from the brightest/darkest decile of candidates")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling arbitrary objects from the checkpoint (only for files you trust)")
+    p.add_argument(ALLOW_ANY_TARGET_FLAG, action="store_true",
+                   help="let model folders' configs name any 'target:' (default: gem3d., torch., diffusers., lightning.)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--no-previews", action="store_true", help="skip the PNG previews")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help=argparse.SUPPRESS)
@@ -112,15 +115,20 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
     slice_default = models.get("slice")
     slice_model = args.slice_model or (Path(slice_default) if slice_default and spec.needs_slice_model else None)
     if defaults.get("data") is None and args.data is None:
-        raise ValueError(f"no dataset: pass --data or set data: in configs/inference/{dataset}.yaml")
+        raise ValueError(f"no dataset: pass --data or set data: in gem3d/configs/inference/{dataset}.yaml")
+    data = Path(pick(args.data, "data"))
+    cases = None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases"))
+    if args.cases is None and cases is not None and cases.startswith("split:") and not (data / "splits.json").is_file():
+        print(f"note: {data} has no splits.json (written by training), so the default --cases {cases} means all cases")
+        cases = "all"
     return InferenceConfig(
         setting=setting,
-        data=Path(pick(args.data, "data")),
+        data=data,
         out=Path(pick(args.out, "out", f"outputs/{dataset}")),
         model=model,
         slice_model=slice_model,
         split=pick(args.split, "split", "Tr"),
-        cases=None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases")),
+        cases=cases,
         samples_per_case=int(pick(args.samples_per_case, "samples_per_case", 1)),
         sampler=SamplerOptions(**sampler),
         seed=int(pick(args.seed, "seed", 0)),
@@ -145,10 +153,14 @@ def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
     args = build_parser(dataset, setting).parse_args(argv)
     gpus = [int(g) for g in args.gpus.strip(",").split(",")] if args.gpus else None
     try:
-        cfg = config_from_args(dataset, setting, args)
-        manifest = run_inference(cfg, gpus=gpus, num_processes=args.num_processes or 1)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, pickle.UnpicklingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with allow_any_target(args.allow_any_target):
+            cfg = config_from_args(dataset, setting, args)
+            manifest = run_inference(cfg, gpus=gpus, num_processes=args.num_processes or 1)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError,
+            pickle.UnpicklingError) as err:
+        if args.debug:
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one line, from the first process of a sharded run
         print(f"{setting}: samples and manifest in {manifest.parent}")

@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gem3d.checkpoint import load_weights, safe_load_checkpoint, with_prefix
+from gem3d.config import check_config_targets
 from gem3d.denoiser import Denoiser
 from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
 
@@ -210,6 +211,7 @@ def read_original_model_dir(
     model_cfg = config.get("model")
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("params"), dict):
         raise KeyError(f"{config_path}: expected model.target and model.params")
+    check_config_targets(model_cfg, where=str(config_path))  # the original's ldm. classes, nothing foreign
     params = model_cfg["params"]
     for key in ("unet_config", "first_stage_config"):
         if not isinstance(params.get(key), dict):

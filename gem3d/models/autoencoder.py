@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from gem3d.checkpoint import load_checkpoint, load_weights, state_dict_of, with_prefix
 from gem3d.config import instantiate_from_config
+from gem3d.configs import packaged
 from gem3d.models import ldm_vae
 
 DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
 DEFAULT_CHUNK_SIZE = 16
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "first_stage"
+CONFIG_DIR = packaged("first_stage")
 KL_F8_CONFIG = CONFIG_DIR / "kl-f8.yaml"
 
 # keys a gem3d first-stage config (``first_stage_config.params``) may hold
@@ -126,7 +127,7 @@ class FirstStage(nn.Module):
         frozen: bool = True,
     ) -> FirstStage:
         """Load latent-diffusion weights offline: its ``kl-f8/model.ckpt`` (autoencoder-only, the default config
-        ``configs/first_stage/kl-f8.yaml``) or a LatentDiffusion checkpoint (``first_stage_model.*``) with its config."""
+        ``gem3d/configs/first_stage/kl-f8.yaml``) or a LatentDiffusion checkpoint (``first_stage_model.*``) with its config."""
         model = cls.from_ldm_config(config_path, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
         state_dict = state_dict_of(load_checkpoint(ckpt_path, key="first_stage ckpt_path", trust=trust))
         return model.load_ldm_state_dict(state_dict, prefix=prefix)
