@@ -100,7 +100,7 @@ def test_flags_override_the_dataset_config(tiny, tmp_path):
          "--informed-select", "darkest"])
     cfg = cli.config_from_args("demo", "icma", args)
     assert (cfg.sampler.steps, cfg.sampler.sampler, cfg.sampler.window, cfg.sampler.overlap) == (4, "dpmpp", 8, 2)
-    assert cfg.sampler.eta == 1.0 and cfg.sampler.known_noise == "timestep"  # from configs/inference/demo.yaml
+    assert cfg.sampler.eta == 1.0 and cfg.sampler.known_noise == "timestep"  # from gem3d/configs/inference/demo.yaml
     assert (cfg.seed, cfg.cases, cfg.samples_per_case, cfg.ema, cfg.informed_select) == (5, "3", 2, False, "darkest")
     assert cfg.model == Path("m") and cfg.mask_edit["distance"] == [4, 10] and cfg.device == "cpu"
     assert cfg.slice_ema is None  # --no-ema is the volume model's; the slice model keeps its own default

@@ -49,7 +49,7 @@ PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 @dataclass
 class InferenceConfig:
-    """Everything one run needs (the CLI and ``configs/inference/*.yaml`` fill it).
+    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it).
 
     data: nnU-Net raw dataset folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``);
     model / slice_model: model dirs (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``);

@@ -86,7 +86,7 @@ def detect_layout(path: str | os.PathLike) -> str:
 
 
 def read_preprocess(path: str | os.PathLike) -> dict:
-    """The preprocessing of a YAML file: ``preprocess`` (``configs/inference/*.yaml``) or ``data.params.preprocess``
+    """The preprocessing of a YAML file: ``preprocess`` (``gem3d/configs/inference/*.yaml``) or ``data.params.preprocess``
     (training configs and model folders)."""
     path = Path(path)
     if not path.is_file():
