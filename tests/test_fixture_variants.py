@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # every test that reads rows, clips or attention rates from the fixture folder
 EQUIVALENCE_TESTS = [
     "tests/test_original_equivalence.py",
+    "tests/test_original_e2e.py",
     "tests/test_unet.py::test_every_fixture_model_reproduces_original_eps",
     "tests/test_unet.py::test_volumetric_layers_matter_in_stage2_fixture",
     "tests/test_sampling.py::test_ddim_reproduces_original_fixture",
