@@ -2,8 +2,9 @@
 
 A ``target:`` names code to run, so configs (training configs, model folders, checkpoints' hyper-parameters) may
 name only callables under :data:`ALLOWED_TARGET_PACKAGES`, outside :data:`DENIED_TARGETS`, plus the original
-GEM-3D classes of :data:`ORIGINAL_TARGETS` (which gem3d never imports: ``gem3d.model_dirs.original`` maps them). The check
-runs before anything is imported; ``--allow-any-target`` (:func:`allow_any_target`) lifts it.
+GEM-3D classes of :data:`ORIGINAL_TARGETS` (never imported: ``gem3d.model_dirs.original`` maps them). The check
+runs before anything is imported; ``--allow-any-target`` (:func:`allow_any_target`, or the environment variable
+``GEM3D_ALLOW_ANY_TARGET=1`` it sets for child processes) lifts it.
 """
 
 from __future__ import annotations
