@@ -14,11 +14,9 @@ channel ``channel`` (GEM-3D generates one modality, e.g. BraTS FLAIR).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -214,26 +212,3 @@ def validate_nnunet_dataset(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return [f"{root} is not a folder"]
     return [str(problem) for problem in check_dataset(root, min_slices=1, nnunet_name=True)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``scripts/enhance_dataset.py --real REAL --synthetic OUT/icma OUT/ic --out NEW``: write, then validate
-    (exit status 1 if the written dataset does not validate)."""
-    parser = argparse.ArgumentParser(prog="enhance_dataset.py",
-                                     description="Build an enhanced nnU-Net raw dataset: real training cases + gem3d "
-                                                 "synthetic cases (named <case>_<setting>_s<k>).")
-    parser.add_argument("--real", required=True, type=Path, help="nnU-Net raw dataset with the real training cases")
-    parser.add_argument("--synthetic", nargs="*", default=[], type=Path, help="gem3d output folders OUT/<setting>")
-    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. nnUNet_raw/Dataset101_Name")
-    parser.add_argument("--name", default=None, help="dataset.json name (default: the output folder's name)")
-    parser.add_argument("--link", action="store_true", help="symlink files instead of copying them")
-    parser.add_argument("--channel", type=int, default=0, help="channel of the real dataset to keep (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
-    args = parser.parse_args(argv)
-    out = write_nnunet_dataset(args.real, args.synthetic, args.out, dataset_name=args.name, copy=not args.link,
-                               channel=args.channel, overwrite=args.overwrite)
-    problems = validate_nnunet_dataset(out)
-    print(f"wrote {out} with {len(list((out / 'labelsTr').glob('*.nii.gz')))} training cases")
-    for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    return 1 if problems else 0
