@@ -135,6 +135,9 @@ def assert_one_line_error(code: int, err: str, expect) -> None:
     assert lines, "no error message"
     assert "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one 'error:' line, got:\n{err}"
+    if os.environ.get("GEM3D_CATALOGUE_LOG"):  # docs/reliability.md's table is made from these lines
+        with open(os.environ["GEM3D_CATALOGUE_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}\t{lines[0]}\n")
     for part in expect:
         assert part in lines[0], f"{part!r} not in: {lines[0]}"
 
