@@ -290,3 +290,19 @@ def test_bfloat16_model_runs_with_float32_norms():
         eps = unet.to(torch.bfloat16)(inputs.to(torch.bfloat16), t, num_frames=5)
     assert eps.dtype == torch.bfloat16
     assert (eps.float() - reference).abs().max().item() < 2e-2 * max(1.0, reference.abs().max().item())
+
+
+def test_hyperparameters_live_in_one_validated_config():
+    unet = UNetModel(**tiny_config(channel_mult=[1, 2]))
+    config = unet.config
+    assert isinstance(config, unet_module.UNetConfig)
+    assert config.channel_mult == (1, 2) and unet.channel_mult is config.channel_mult  # attributes read the config
+    assert unet.model_channels == 32 and unet.volumetric is False
+    rebuilt = UNetModel(**config)  # the config is a mapping of the constructor's keywords
+    assert rebuilt.config == config
+    assert UNetModel.from_config(config).config == config
+    assert config.to_dict()["channel_mult"] == [1, 2]
+    with pytest.raises(Exception):
+        config.model_channels = 64  # frozen
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['model_channel'\]"):
+        UNetModel(**tiny_config(model_channel=64))

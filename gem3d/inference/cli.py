@@ -17,6 +17,7 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from gem3d import precision
 from gem3d.config import ALLOW_ANY_TARGET_FLAG, allow_any_target, check_keys, error_line
 from gem3d.configs import packaged
 from gem3d.inference.engine import InferenceConfig, run_inference
@@ -77,6 +78,8 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="RHO in [0, 1): noise correlated across neighbouring slices (ISCS-style; default 0: independent)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=precision.CHOICES, default="auto",
+                   help="UNet precision while sampling (auto: bf16 on GPUs that support it, fp32 on the CPU)")
     p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
     p.add_argument("--num-processes", type=int, help="shard over N CPU processes (testing the sharding)")
     _bool_flag(p, "ema", "sample the volume model with its EMA weights (default: the model's own choice)")
@@ -153,7 +156,7 @@ def main(dataset: str, setting: str, argv: Sequence[str] | None = None) -> int:
     args = build_parser(dataset, setting).parse_args(argv)
     gpus = [int(g) for g in args.gpus.strip(",").split(",")] if args.gpus else None
     try:
-        with allow_any_target(args.allow_any_target):
+        with allow_any_target(args.allow_any_target), precision.sampling_precision(args.precision):
             cfg = config_from_args(dataset, setting, args)
             manifest = run_inference(cfg, gpus=gpus, num_processes=args.num_processes or 1)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError,

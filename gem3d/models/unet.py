@@ -31,7 +31,7 @@ clip 0 first). Temporal layers view the features as ``(B*H*W, C, F)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -41,9 +41,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gem3d.models.conditioning import timestep_embedding
+from gem3d.precision import denoiser_autocast
 
 __all__ = [
     "UNetModel",
+    "UNetConfig",
     "SliceWeightsLoadResult",
     "is_volumetric_parameter_name",
     "GroupNorm32",
@@ -75,27 +77,48 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm (32 groups) computed in float32 (input and affine parameters), returned in the input's dtype."""
+    """GroupNorm (32 groups) computed in float32 (input and affine parameters), returned in the input's dtype.
+
+    A float32 input goes straight through ``F.group_norm`` (no casts); reduced precision is upcast and cast back.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
     return GroupNorm32(NORM_GROUPS, channels, eps=eps)
 
 
+def pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``Conv1d`` applied as a linear layer to channels-last tokens ``(N, T, C_in) -> (N, T, C_out)``.
+
+    Same weights (``(C_out, C_in, 1)``, the original's names and shapes), one GEMM instead of a convolution.
+    """
+    return F.linear(tokens, rearrange(conv.weight, "o i 1 -> o i"), conv.bias)
+
+
 def legacy_qkv_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head self-attention with the original's *legacy* head order.
 
-    ``qkv (B, 3C, T)``: channels are split into heads first, then into q, k, v of ``C/heads`` each.
-    Returns ``(B, C, T)`` (heads outermost). Scale ``1/sqrt(C/heads)``.
+    ``qkv (N, T, 3C)``: channels are split into heads first, then into q, k, v of ``C/heads`` each.
+    Returns ``(N, T, C)`` (heads outermost in C). Scale ``1/sqrt(C/heads)``. The head dimension stays the
+    innermost (unit stride), so SDPA takes its fused (flash) kernel instead of materialising ``T x T`` scores.
     """
-    q, k, v = rearrange(qkv, "b (h three d) t -> three b h t d", h=heads, three=3)
+    q, k, v = rearrange(qkv, "n t (h three d) -> three n h t d", h=heads, three=3)
     out = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, "b h t d -> b (h d) t")
+    return rearrange(out, "n h t d -> n t (h d)")
+
+
+def self_attention(tokens: torch.Tensor, norm: nn.GroupNorm, qkv: nn.Conv1d, proj_out: nn.Conv1d, heads: int) -> torch.Tensor:
+    """``tokens + proj_out(attention(qkv(norm(tokens))))`` for ``tokens (N, C, T)``; returns ``(N, C, T)``."""
+    normed = rearrange(norm(tokens), "n c t -> n t c")
+    attended = pointwise(proj_out, legacy_qkv_attention(pointwise(qkv, normed), heads))
+    return tokens + rearrange(attended, "n t c -> n c t")
 
 
 def frames_to_sequences(x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -205,13 +228,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
-        tokens = rearrange(x, "n c h w -> n c (h w)")
-        tokens = tokens + self.proj_out(legacy_qkv_attention(self.qkv(self.norm(tokens)), self.heads))
+        tokens = self_attention(rearrange(x, "n c h w -> n c (h w)"), self.norm, self.qkv, self.proj_out, self.heads)
         out = rearrange(tokens, "n c (h w) -> n c h w", h=height, w=width)
         if self.volumetric:
             num_frames = _require_num_frames(num_frames, x.shape[0], "AttentionBlock")
-            seq = frames_to_sequences(out, num_frames)
-            seq = seq + self.proj_out_tem(legacy_qkv_attention(self.qkv_tem(self.norm(seq)), self.heads))
+            seq = self_attention(frames_to_sequences(out, num_frames), self.norm, self.qkv_tem, self.proj_out_tem, self.heads)
             out = sequences_to_frames(seq, height, width)
         return out
 
@@ -385,8 +406,9 @@ class SliceWeightsLoadResult:
         )
 
 
-class UNetModel(nn.Module):
-    """ADM / latent-diffusion UNet; 2D slice denoiser, optionally with volumetric (temporal) layers.
+@dataclass(frozen=True)
+class UNetConfig:
+    """:class:`UNetModel`'s hyperparameters, with the original latent-diffusion names; validated on construction.
 
     Args:
         in_channels: input channels (noisy latent + concat condition, e.g. 12 = 4 + 4 mask + 4 informed).
@@ -403,53 +425,157 @@ class UNetModel(nn.Module):
         use_checkpoint: gradient checkpointing per block while training.
         dropout: dropout in the ResBlocks (and transformer).
         volumetric: add the temporal layers of GEM-3D stage 2 (identity at initialisation).
+
+    Sequences are stored as tuples. ``keys()`` and ``[name]`` make it a mapping, so ``UNetModel(**config)``
+    rebuilds a model; :meth:`to_dict` gives plain lists for YAML.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        model_channels: int,
-        channel_mult: Sequence[int],
-        num_res_blocks: int,
-        attention_resolutions: Sequence[int],
-        num_head_channels: int = 32,
-        num_heads: int = -1,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | None = None,
-        use_checkpoint: bool = False,
-        dropout: float = 0.0,
-        volumetric: bool = False,
-    ):
-        super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        self._validate(
-            in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
-            num_head_channels, num_heads, use_spatial_transformer, transformer_depth, context_dim, dropout, volumetric,
-        )
-        self.config = dict(
-            in_channels=int(in_channels), out_channels=int(out_channels), model_channels=int(model_channels),
-            channel_mult=list(channel_mult), num_res_blocks=int(num_res_blocks),
-            attention_resolutions=list(attention_resolutions), num_head_channels=int(num_head_channels),
-            num_heads=int(num_heads), use_spatial_transformer=bool(use_spatial_transformer),
-            transformer_depth=int(transformer_depth), context_dim=None if context_dim is None else int(context_dim),
-            use_checkpoint=bool(use_checkpoint), dropout=float(dropout), volumetric=bool(volumetric),
-        )
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.model_channels = int(model_channels)
-        self.channel_mult = channel_mult
-        self.num_res_blocks = int(num_res_blocks)
-        self.attention_resolutions = attention_resolutions
-        self.num_head_channels = int(num_head_channels)
-        self.num_heads = int(num_heads)
-        self.use_spatial_transformer = bool(use_spatial_transformer)
-        self.context_dim = None if context_dim is None else int(context_dim)
-        self.use_checkpoint = bool(use_checkpoint)
-        self.volumetric = bool(volumetric)
+    in_channels: int
+    out_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...]
+    num_head_channels: int = 32
+    num_heads: int = -1
+    use_spatial_transformer: bool = False
+    transformer_depth: int = 1
+    context_dim: int | None = None
+    use_checkpoint: bool = False
+    dropout: float = 0.0
+    volumetric: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth"):
+            self._set(name, _positive_int(name, getattr(self, name)))
+        if isinstance(self.channel_mult, (str, bytes)) or not self.channel_mult or any(int(m) < 1 for m in self.channel_mult):
+            raise ValueError(f"UNetModel: channel_mult must be a non-empty list of positive integers, got {self.channel_mult!r}")
+        self._set("channel_mult", tuple(int(m) for m in self.channel_mult))
+        self._set("attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
+        for name in ("use_spatial_transformer", "use_checkpoint", "volumetric"):
+            self._set(name, bool(getattr(self, name)))
+        self._set("dropout", float(self.dropout))
+        self._set("num_head_channels", int(self.num_head_channels))
+        self._set("num_heads", int(self.num_heads) if not isinstance(self.num_heads, bool) else self.num_heads)
+        self._validate()
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    @property
+    def widths(self) -> list[int]:
+        """The distinct level widths ``model_channels * mult``, ascending."""
+        return sorted({self.model_channels * m for m in self.channel_mult})
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) for an attention layer of ``channels``."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    def _validate(self) -> None:
+        widths = self.widths
+        bad = [w for w in widths if w % NORM_GROUPS]
+        if bad:
+            raise ValueError(
+                f"UNetModel: every level width model_channels * mult must be divisible by the {NORM_GROUPS} GroupNorm "
+                f"groups; model_channels={self.model_channels}, channel_mult={list(self.channel_mult)} give widths "
+                f"{widths} (not divisible: {bad}); use a model_channels that is a multiple of {NORM_GROUPS}"
+            )
+        reachable = [2**level for level in range(len(self.channel_mult))]
+        unreachable = [r for r in self.attention_resolutions if r not in reachable]
+        if unreachable:
+            raise ValueError(
+                f"UNetModel: attention_resolutions are downsample rates; {unreachable} is not one of the rates "
+                f"{reachable} reached with channel_mult={list(self.channel_mult)}"
+            )
+        if self.num_head_channels == -1:
+            if isinstance(self.num_heads, bool) or self.num_heads < 1:
+                raise ValueError(
+                    f"UNetModel: with num_head_channels=-1, num_heads must be a positive integer, got {self.num_heads!r}"
+                )
+            bad = [w for w in widths if w % self.num_heads]
+            if bad:
+                raise ValueError(f"UNetModel: attention widths {bad} are not divisible by num_heads={self.num_heads}")
+        else:
+            _positive_int("num_head_channels (or -1 to use num_heads)", self.num_head_channels)
+            bad = [w for w in widths if w % self.num_head_channels]
+            if bad:
+                raise ValueError(
+                    f"UNetModel: level widths {bad} are not divisible by num_head_channels={self.num_head_channels} "
+                    f"(all widths: {widths})"
+                )
+        if self.use_spatial_transformer:
+            if self.context_dim is None:
+                raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention context width)")
+            self._set("context_dim", _positive_int("context_dim", self.context_dim))
+            if self.volumetric:
+                raise ValueError(
+                    "UNetModel: volumetric=True is defined for AttentionBlock UNets only (use_spatial_transformer=False); "
+                    "the original pseudo-3D UNet has no temporal layers for spatial transformers"
+                )
+        elif self.context_dim is not None:
+            raise ValueError(
+                f"UNetModel: context_dim={self.context_dim!r} is only used by the spatial transformer; "
+                "set use_spatial_transformer=True or context_dim=None"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetModel: dropout must be in [0, 1), got {self.dropout!r}")
+
+    # mapping protocol: UNetModel(**config)
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        """Plain values (lists for the sequences), as written in a YAML ``unet_config.params``."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ValueError(f"UNetModel: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+CONFIG_FIELDS = frozenset(f.name for f in fields(UNetConfig))
+
+
+class UNetModel(nn.Module):
+    """ADM / latent-diffusion UNet; 2D slice denoiser, optionally with volumetric (temporal) layers.
+
+    ``UNetModel(**params)`` takes the keywords of :class:`UNetConfig` (the original's names, so YAML configs and
+    checkpoints load unchanged); ``UNetModel.from_config(config)`` takes a :class:`UNetConfig`. The hyperparameters
+    live in ``model.config`` and read as attributes: ``model.model_channels is model.config.model_channels``.
+    """
+
+    def __init__(self, **params):
+        super().__init__()
+        unknown = sorted(set(params) - CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"UNetModel: unknown hyperparameter(s) {unknown}; allowed: {sorted(CONFIG_FIELDS)}")
+        missing = sorted(f.name for f in fields(UNetConfig) if f.default is MISSING and f.name not in params)
+        if missing:
+            raise TypeError(f"UNetModel: missing hyperparameter(s) {missing}")
+        self.config = UNetConfig(**params)
+        self._build(self.config)
+
+    @classmethod
+    def from_config(cls, config: UNetConfig) -> "UNetModel":
+        return cls(**config)
+
+    def __getattr__(self, name: str):
+        if name in CONFIG_FIELDS:  # hyperparameters are read from the one config
+            return getattr(self.__dict__["config"], name)
+        return super().__getattr__(name)
+
+    def _build(self, config: UNetConfig) -> None:
+        dropout, transformer_depth = config.dropout, config.transformer_depth
+        channel_mult, attention_resolutions = config.channel_mult, config.attention_resolutions
         mc = self.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -458,7 +584,7 @@ class UNetModel(nn.Module):
             return TimestepEmbedSequential(layers, use_checkpoint=self.use_checkpoint)
 
         def attention(channels: int) -> nn.Module:
-            heads, dim_head = self._heads(channels)
+            heads, dim_head = self.config.heads(channels)
             if self.use_spatial_transformer:
                 return SpatialTransformer(channels, heads, dim_head, transformer_depth, self.context_dim, dropout)
             return AttentionBlock(channels, heads, self.volumetric)
@@ -504,78 +630,6 @@ class UNetModel(nn.Module):
         )
         if self.volumetric:
             self.out_tem = TemporalConv(self.out_channels)
-
-    # ------------------------------------------------------------------ config
-
-    def _heads(self, channels: int) -> tuple[int, int]:
-        """(heads, dim_head) for an attention layer of ``channels``."""
-        if self.num_head_channels == -1:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.num_head_channels, self.num_head_channels
-
-    @staticmethod
-    def _validate(
-        in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
-        num_head_channels, num_heads, use_spatial_transformer, transformer_depth, context_dim, dropout, volumetric,
-    ) -> None:
-        def positive_int(name: str, value) -> None:
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"UNetModel: {name} must be a positive integer, got {value!r}")
-
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("model_channels", model_channels), ("num_res_blocks", num_res_blocks),
-                            ("transformer_depth", transformer_depth)):
-            positive_int(name, value)
-        if not channel_mult or any(m < 1 for m in channel_mult):
-            raise ValueError(f"UNetModel: channel_mult must be a non-empty list of positive integers, got {list(channel_mult)}")
-        widths = sorted({model_channels * m for m in channel_mult})
-        bad = [w for w in widths if w % NORM_GROUPS]
-        if bad:
-            raise ValueError(
-                f"UNetModel: every level width model_channels * mult must be divisible by the {NORM_GROUPS} GroupNorm "
-                f"groups; model_channels={model_channels}, channel_mult={list(channel_mult)} give widths {widths} "
-                f"(not divisible: {bad}); use a model_channels that is a multiple of {NORM_GROUPS}"
-            )
-        reachable = [2**level for level in range(len(channel_mult))]
-        unreachable = [r for r in attention_resolutions if r not in reachable]
-        if unreachable:
-            raise ValueError(
-                f"UNetModel: attention_resolutions are downsample rates; {unreachable} is not one of the rates "
-                f"{reachable} reached with channel_mult={list(channel_mult)}"
-            )
-        if num_head_channels == -1:
-            if isinstance(num_heads, bool) or int(num_heads) != num_heads or num_heads < 1:
-                raise ValueError(
-                    f"UNetModel: with num_head_channels=-1, num_heads must be a positive integer, got {num_heads!r}"
-                )
-            attn_widths = sorted({model_channels * m for m in channel_mult})
-            bad = [w for w in attn_widths if w % num_heads]
-            if bad:
-                raise ValueError(f"UNetModel: attention widths {bad} are not divisible by num_heads={num_heads}")
-        else:
-            positive_int("num_head_channels (or -1 to use num_heads)", num_head_channels)
-            bad = [w for w in widths if w % num_head_channels]
-            if bad:
-                raise ValueError(
-                    f"UNetModel: level widths {bad} are not divisible by num_head_channels={num_head_channels} "
-                    f"(all widths: {widths})"
-                )
-        if use_spatial_transformer:
-            if context_dim is None:
-                raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention context width)")
-            positive_int("context_dim", context_dim)
-            if volumetric:
-                raise ValueError(
-                    "UNetModel: volumetric=True is defined for AttentionBlock UNets only (use_spatial_transformer=False); "
-                    "the original pseudo-3D UNet has no temporal layers for spatial transformers"
-                )
-        elif context_dim is not None:
-            raise ValueError(
-                f"UNetModel: context_dim={context_dim!r} is only used by the spatial transformer; "
-                "set use_spatial_transformer=True or context_dim=None"
-            )
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"UNetModel: dropout must be in [0, 1), got {dropout!r}")
 
     # ------------------------------------------------------------------ volumetric helpers
 
@@ -725,10 +779,17 @@ class UNetModel(nn.Module):
 
         timesteps = self._prepare_timesteps(timesteps, rows, clips, x.device)
         context = self._prepare_context(context, rows, clips)
+        with denoiser_autocast(x.device):  # gem3d.precision.sampling_precision; a no-op by default
+            h = self._unet(x, timesteps, context, num_frames if self.volumetric else None)
+        h = h.type(x.dtype)  # float32 out of a reduced-precision scope: the sampler's arithmetic stays float32
+        if five_d:
+            h = rearrange(h, "(b f) c h w -> b f c h w", b=clips)
+        return h
+
+    def _unet(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, frames: int | None) -> torch.Tensor:
+        """The network proper on validated inputs: ``(N, C_in, H, W) -> (N, C_out, H, W)``."""
         t_emb = timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)
-
-        frames = num_frames if self.volumetric else None
         h = x
         skips = []
         for module in self.input_blocks:
@@ -739,8 +800,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = module(h, emb, context, frames)
         h = self.out(h)
-        if self.volumetric:
-            h = self.out_tem(h, frames)
-        if five_d:
-            h = rearrange(h, "(b f) c h w -> b f c h w", b=clips)
-        return h
+        return self.out_tem(h, frames) if self.volumetric else h
