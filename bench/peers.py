@@ -16,7 +16,7 @@ from torch import nn  # noqa: E402
 
 PAPER = dict(in_channels=12, out_channels=4, model_channels=224, channel_mult=[1, 2, 3, 4], num_res_blocks=2,
              attention_resolutions=[8, 4, 2], num_head_channels=32)
-DEMO = dict(in_channels=12, out_channels=4, model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=2,
+DEMO = dict(in_channels=12, out_channels=4, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
             attention_resolutions=[4], num_head_channels=32)
 CONFIGS = {
     "paper stage 1": dict(PAPER),
@@ -24,7 +24,7 @@ CONFIGS = {
     "demo stage 1": dict(DEMO),
     "demo stage 2": dict(DEMO, volumetric=True),
 }
-LATENT_SIZE = {"paper": 64, "demo": 32}  # latent H = W (512 / 8 for the paper; the demo's 128 / 4)
+LATENT_SIZE = {"paper": 64, "demo": 16}  # latent H = W: 512 / 8 (KL-f8) for the paper, 64 / 4 for the demo
 
 
 def widths_and_attention(config: dict) -> tuple[list[int], list[bool]]:

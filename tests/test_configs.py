@@ -156,3 +156,9 @@ def test_demo_configs_use_the_demo_dataset_and_autoencoder():
     ae = load("demo_autoencoder")
     assert ae.model.target == "gem3d.training.autoencoder.AutoencoderModule"
     assert len(ae.model.params.first_stage_config.params.block_out_channels) == 3  # f = 4
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_paper_configs_train_in_bf16_autocast_and_demo_configs_in_fp32(name):
+    precision = load(name).lightning.trainer.get("precision")
+    assert precision == (None if name.startswith("demo") else "bf16-mixed")  # the demo trains on the CPU

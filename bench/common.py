@@ -1,0 +1,106 @@
+"""Shared helpers of the benchmarks: interleaved median timing, peak memory, FLOPs, the machine line.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the CPU the
+process's peak resident set size above the resident size before the call (``VmHWM`` - ``VmRSS`` from
+``/proc/self/status``, the peak reset through ``/proc/self/clear_refs``), after ``malloc_trim(0)`` has handed
+freed memory back to the OS. tracemalloc does not see torch's allocations.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+GiB = 2**30
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each ``fns[name]()``, run A B C A B C ... so that load hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    """(bytes of peak memory above the level before ``fn()``, ``fn()``'s result)."""
+    if str(device).startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        sync(device)
+        return float(torch.cuda.max_memory_allocated() - before), result
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: VmRSS is live memory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    result = fn()
+    return float(_status_kib("VmHWM") - before) * 1024, result
+
+
+MEMORY_METHOD = {
+    "cpu": "peak RSS above the RSS before the call (VmHWM after malloc_trim and clear_refs, /proc/self/status)",
+    "cuda": "torch.cuda.max_memory_allocated above the allocation before the call",
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn()`` by torch.utils.flop_counter (run it on the meta device to count for free)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def machine(device: str) -> str:
+    text = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPU cores"
+    if str(device).startswith("cuda"):
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def run_info(device: str) -> dict[str, str]:
+    return {
+        "device": "GPU" if str(device).startswith("cuda") else "CPU",
+        "machine": machine(device),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if abs(b) >= 0.1 * GiB else f"{b / 2**20:.0f} MiB"
