@@ -32,7 +32,7 @@ clip 0 first). Temporal layers view the features as ``(B*H*W, C, F)``.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -569,8 +569,9 @@ class UNetModel(nn.Module):
         return cls(**config)
 
     def __getattr__(self, name: str):
-        if name in CONFIG_FIELDS:  # hyperparameters are read from the one config
-            return getattr(self.__dict__["config"], name)
+        config = self.__dict__.get("config")
+        if config is not None and name in CONFIG_FIELDS:  # hyperparameters are read from the one config
+            return getattr(config, name)
         return super().__getattr__(name)
 
     def _build(self, config: UNetConfig) -> None:
