@@ -8,11 +8,12 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
   default and fastest, UNet evaluations per volume, seconds, peak memory;
 - ``training``: one training step at demo and paper size, fp32 vs bf16 autocast, checkpointing on vs off;
 - ``data``: clips per second with 0, 2 and 4 loader workers against the training step rate;
+- ``unet_paper`` (opt-in): the paper's stage-1 forward against both peers, with more slices and repeats;
 - ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager.
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
 
-    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,compile] [--threads N]
+    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,unet_paper,compile] [--threads N]
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ SECTIONS = {
     "volume": ("2. Volume synthesis, end to end", "volume_bench", "bench_volume"),
     "training": ("3. Training step", "training_bench", "bench_training"),
     "data": ("4. Data loading", "data_bench", "bench_data"),
+    "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench", "bench_unet_paper"),
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
 }
-DEFAULT = ("unet", "volume", "training", "data")  # compile is opt-in (minutes of compilation on the CPU)
+DEFAULT = ("unet", "volume", "training", "data")  # opt-in: unet_paper (minutes), compile (minutes of compilation)
 INTRO = """# gem3d benchmarks
 
 Written by `python bench/run_all.py` (`make bench`); each section rewrites its own block below. Every comparison is

@@ -127,3 +127,26 @@ def bench_compile(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     rows = [{"what": f"UNet forward, demo config, 16x12x{hw}x{hw}", "variant": name, "time": fmt_seconds(s),
              "ratio": f"{s / seconds['eager']:.2f}x eager"} for name, s in seconds.items()]
     return rows, [f"Compilation (first call): {compile_seconds:.0f} s; max |compiled - eager| = {difference:.2g}."]
+
+
+def bench_unet_paper(device: str, quick: bool) -> tuple[list[dict], list[str]]:
+    """Opt-in (``--only unet_paper``): the paper's stage-1 forward only, gem3d vs both peers, 2 slices on the CPU
+    and more repeats than section 1 (the target row, with less noise)."""
+    slices = 2 if device == "cpu" else 16
+    torch.manual_seed(0)
+    config = CONFIGS["paper stage 1"]
+    models = {OURS_1: UNetModel(**config), **{name: make(config) for name, make in PEERS.items()}}
+    models = {name: model.to(device) for name, model in models.items()}
+    hw = LATENT_SIZE["paper"]
+    x = torch.randn(slices, 12, hw, hw, device=device)
+    t = torch.full((slices,), 500, device=device)
+    fns = {name: forward_fn(name, model, x, t) for name, model in models.items()}
+    memory = {name: peak_memory(fn, device)[0] for name, fn in fns.items()}  # also the warm-up
+    repeats = 5
+    seconds = interleaved_medians(fns, repeats, device, warmup=0)
+    rows = [{"what": f"UNet forward, paper stage 1, {slices}x12x{hw}x{hw}", "variant": name, "time": fmt_seconds(s),
+             "peak memory": fmt_bytes(memory[name]),
+             "ratio": "; ".join(f"{seconds[OURS_1] / seconds[p]:.2f}x time, {memory[OURS_1] / memory[p]:.2f}x memory of {p}"
+                                for p in PEERS) if name == OURS_1 else "", "repeats": str(repeats)}
+            for name, s in seconds.items()]
+    return rows, []
