@@ -19,7 +19,7 @@ import torch
 from common import fmt_bytes, fmt_seconds, peak_memory
 from peers import CONFIGS
 
-from gem3d.diffusion import Gem3dLDM
+from gem3d.training.ldm import Gem3dLDM
 from gem3d.export.nifti import save_nifti
 from gem3d.precision import default_precision, sampling_precision
 from gem3d.inference.volume import SamplerOptions, decode_volume, encode_mask_volume, sample_volume_latents
@@ -58,7 +58,8 @@ class EvaluationCounter:
 
     def _count(self, module, args):
         self.calls += 1
-        self.slices += int(args[0].shape[0])
+        x = args[0]
+        self.slices += int(x.shape[0] * x.shape[1]) if x.ndim == 5 else int(x.shape[0])  # clips (B, F, ...) or rows
 
 
 def planned_calls(num_slices: int, start: int, options: SamplerOptions) -> tuple[int, int]:
