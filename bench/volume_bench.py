@@ -21,7 +21,7 @@ from peers import CONFIGS
 
 from gem3d.training.ldm import Gem3dLDM
 from gem3d.export.nifti import save_nifti
-from gem3d.precision import default_precision, sampling_precision
+from gem3d.models.precision import default_precision, sampling_precision
 from gem3d.inference.volume import SamplerOptions, decode_volume, encode_mask_volume, sample_volume_latents
 from gem3d.sampling.propagation import plan_windows, window_rounds
 

@@ -1,10 +1,10 @@
-"""gem3d.precision: reduced-precision sampling scopes for the UNet, with a stated tolerance against float32."""
+"""gem3d.models.precision: reduced-precision sampling scopes for the UNet, with a stated tolerance against float32."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gem3d import precision
+from gem3d.models import precision
 from gem3d.inference import cli
 from gem3d.models.unet import UNetModel
 

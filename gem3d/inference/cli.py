@@ -17,13 +17,13 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from gem3d import precision
 from gem3d.config import ALLOW_ANY_TARGET_FLAG, allow_any_target, check_keys, error_line
 from gem3d.configs import packaged
 from gem3d.inference.engine import InferenceConfig, run_inference
 from gem3d.inference.mask_edit import icma_edit
 from gem3d.inference.settings import SETTINGS, get_setting
 from gem3d.inference.volume import SamplerOptions
+from gem3d.models import precision
 
 CONFIG_DIR = packaged("inference")
 

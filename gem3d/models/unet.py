@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gem3d.models.conditioning import timestep_embedding
-from gem3d.precision import denoiser_autocast
+from gem3d.models.precision import denoiser_autocast
 
 __all__ = [
     "UNetModel",
@@ -780,7 +780,7 @@ class UNetModel(nn.Module):
 
         timesteps = self._prepare_timesteps(timesteps, rows, clips, x.device)
         context = self._prepare_context(context, rows, clips)
-        with denoiser_autocast(x.device):  # gem3d.precision.sampling_precision; a no-op by default
+        with denoiser_autocast(x.device):  # gem3d.models.precision.sampling_precision; a no-op by default
             h = self._unet(x, timesteps, context, num_frames if self.volumetric else None)
         h = h.type(x.dtype)  # float32 out of a reduced-precision scope: the sampler's arithmetic stays float32
         if five_d:
