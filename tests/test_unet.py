@@ -304,5 +304,5 @@ def test_hyperparameters_live_in_one_validated_config():
     assert config.to_dict()["channel_mult"] == [1, 2]
     with pytest.raises(Exception):
         config.model_channels = 64  # frozen
-    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['model_channel'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'model_channel' in UNetModel's hyperparameters; did you mean 'model_channels'"):
         UNetModel(**tiny_config(model_channel=64))

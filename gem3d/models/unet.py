@@ -40,6 +40,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gem3d.config import check_keys
 from gem3d.models.conditioning import timestep_embedding
 from gem3d.models.precision import denoiser_autocast
 
@@ -555,9 +556,7 @@ class UNetModel(nn.Module):
 
     def __init__(self, **params):
         super().__init__()
-        unknown = sorted(set(params) - CONFIG_FIELDS)
-        if unknown:
-            raise TypeError(f"UNetModel: unknown hyperparameter(s) {unknown}; allowed: {sorted(CONFIG_FIELDS)}")
+        check_keys(params, CONFIG_FIELDS, "UNetModel's hyperparameters")
         missing = sorted(f.name for f in fields(UNetConfig) if f.default is MISSING and f.name not in params)
         if missing:
             raise TypeError(f"UNetModel: missing hyperparameter(s) {missing}")
