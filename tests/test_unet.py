@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,7 @@ def test_hyperparameters_live_in_one_validated_config():
     assert rebuilt.config == config
     assert UNetModel.from_config(config).config == config
     assert config.to_dict()["channel_mult"] == [1, 2]
+    assert list(inspect.signature(UNetModel).parameters) == config.keys()  # the keyword API stays introspectable
     with pytest.raises(Exception):
         config.model_channels = 64  # frozen
     with pytest.raises(ValueError, match=r"unknown key 'model_channel' in UNetModel's hyperparameters; did you mean 'model_channels'"):

@@ -31,6 +31,7 @@ clip 0 first). Temporal layers view the features as ``(B*H*W, C, F)``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Iterable, Iterator, Mapping
 
@@ -801,3 +802,10 @@ class UNetModel(nn.Module):
             h = module(h, emb, context, frames)
         h = self.out(h)
         return self.out_tem(h, frames) if self.volumetric else h
+
+
+# the constructor's keywords, visible to inspect.signature (config checks, tools): UNetConfig's fields
+UNetModel.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [param.replace(kind=inspect.Parameter.KEYWORD_ONLY) for param in inspect.signature(UNetConfig).parameters.values()]
+)
