@@ -24,8 +24,10 @@ test: venv
 demo: venv
 	$(PY) scripts/demo.py --out $(DEMO_OUT)
 
+BENCH_ARGS ?= --quick --threads 1
+
 bench: venv
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) logs
