@@ -25,8 +25,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
