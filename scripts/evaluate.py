@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
