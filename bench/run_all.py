@@ -9,11 +9,14 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 - ``training``: one training step at demo and paper size, fp32 vs bf16 autocast, checkpointing on vs off;
 - ``data``: clips per second with 0, 2 and 4 loader workers against the training step rate;
 - ``unet_paper`` (opt-in): the paper's stage-1 forward against both peers, with more slices and repeats;
-- ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager.
+- ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager;
+- ``quality_steps`` (opt-in, needs trained demo models: ``--demo-out DIR``): ``test``-setting PSNR, SSIM and slice
+  consistency against UNet evaluations for DDIM and DPM-Solver++ step counts, with the curve as a PNG.
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
 
     python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,unet_paper,compile] [--threads N]
+    python bench/run_all.py --only quality_steps --demo-out demo_out [--work DIR]
 """
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ SECTIONS = {
     "data": ("4. Data loading", "data_bench", "bench_data"),
     "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench", "bench_unet_paper"),
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
+    "quality_steps": ("5. Quality vs steps (trained demo models)", "quality_steps", "bench_quality_steps"),
 }
-DEFAULT = ("unet", "volume", "training", "data")  # opt-in: unet_paper (minutes), compile (minutes of compilation)
+DEFAULT = ("unet", "volume", "training", "data")  # opt-in: unet_paper (minutes), compile (minutes of compilation),
+# quality_steps (trained demo models, minutes)
 INTRO = """# gem3d benchmarks
 
 Written by `python bench/run_all.py` (`make bench`); each section rewrites its own block below. Every comparison is
@@ -103,6 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(DEFAULT), help=f"comma list of {list(SECTIONS)}")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--demo-out", type=Path, help="quality_steps: the output of `make demo` (DIR/models/demo, DIR/dataset)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/gem3d-quality-steps"),
+                   help="quality_steps: where the sampled volumes go (reused on a rerun)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +129,8 @@ def main(argv=None) -> int:
         info = run_info(args.device)
         t0 = time.perf_counter()
         module = __import__(module_name)
-        result = getattr(module, function)(args.device, args.quick)
+        extra = {"demo_out": args.demo_out, "work": args.work} if name == "quality_steps" else {}
+        result = getattr(module, function)(args.device, args.quick, **extra)
         rows, notes = result if isinstance(result, tuple) else (result, [])
         notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s."]
         blocks[block_key(kind, name)] = render(name, kind, rows, info, command.strip(), notes)

@@ -1,0 +1,173 @@
+"""5. Quality vs steps: the ``test`` setting on the trained demo models for DDIM 200 / 100 / 50 / 25 / 10 and
+DPM-Solver++ 25 / 15 / 10, one seed for all, scored with the evaluation metrics.
+
+Needs trained demo models (``make demo``): ``DEMO_OUT/models/demo`` (stage 2) and ``DEMO_OUT/dataset`` with its
+``splits.json`` (the held-out ``val`` cases are sampled). The other sampler options (eta, window, overlap,
+known_noise, clip_x0, ...) are the demo's, from ``gem3d/configs/inference/demo.yaml``. Per recipe: PSNR and SSIM
+inside the head on canonical axial slices (:func:`gem3d.metrics.volumes.reconstruction_quality`), the slice-jump
+ratio to the real volume (:func:`gem3d.metrics.consistency.consistency_metrics`), UNet evaluations per volume
+(counted by a hook on the UNet) and seconds per volume (the manifest's, load to write). Outputs go to ``--work``
+(reused on a rerun); the curve is written to ``bench/quality_vs_steps.png``.
+
+    python bench/run_all.py --only quality_steps --demo-out demo_out [--work /tmp/gem3d-quality-steps]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from volume_bench import EvaluationCounter
+
+from gem3d.export.manifest import Manifest
+from gem3d.inference.cli import load_inference_config
+from gem3d.inference.engine import Enhancer, InferenceConfig
+from gem3d.inference.volume import SamplerOptions
+from gem3d.metrics import report
+from gem3d.metrics.consistency import consistency_metrics
+from gem3d.metrics.volumes import RealData, load_samples, reconstruction_quality
+
+ROOT = Path(__file__).resolve().parent.parent
+PLOT = ROOT / "bench" / "quality_vs_steps.png"
+RECIPES = [("ddim", 200), ("ddim", 100), ("ddim", 50), ("ddim", 25), ("ddim", 10),
+           ("dpmpp", 25), ("dpmpp", 15), ("dpmpp", 10)]
+REFERENCE = ("ddim", 200)  # the original recipe
+NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++"}
+# the "fewer steps" target of issue 14
+MIN_SAVING, MAX_PSNR_DROP, MAX_CONSISTENCY_CHANGE = 8.0, 0.5, 0.10
+
+
+def recipe_name(sampler: str, steps: int) -> str:
+    return f"{sampler}{steps}"
+
+
+def run_recipe(sampler: str, steps: int, demo_out: Path, work: Path, base: dict, seed: int, device: str) -> dict:
+    """Sample the ``test`` setting of the ``val`` cases with one recipe and score it (cached in ``work``)."""
+    folder = work / recipe_name(sampler, steps)
+    cached = folder / "quality.json"
+    if cached.is_file():
+        print(f"  {recipe_name(sampler, steps)}: reused {cached}", flush=True)
+        return json.loads(cached.read_text())
+    options = SamplerOptions(**{**base, "sampler": sampler, "steps": steps})
+    cfg = InferenceConfig(setting="test", data=demo_out / "dataset", out=folder, model=demo_out / "models" / "demo",
+                          split="Tr", cases="split:val", sampler=options, seed=seed, device=device,
+                          previews=False, progress=False)
+    enhancer = Enhancer(cfg)
+    counter = EvaluationCounter(enhancer.volume_model.model.unet)
+    try:
+        manifest_path = enhancer.run()
+    finally:
+        counter.handle.remove()
+    records = [r for r in Manifest(manifest_path).records if r["setting"] == "test"]
+    if counter.calls == 0:
+        raise RuntimeError(f"{folder}: every sample already existed, so the UNet evaluations were not counted; "
+                           f"delete the folder and rerun")
+    quality = reconstruction_quality(cfg.setting_dir, records)
+    real = RealData(demo_out / "dataset")
+    jumps = [consistency_metrics(s.image, real.case(s.case).image, real.case(s.case).body)["slice_jump_ratio"]
+             for s in load_samples(cfg.setting_dir, "test", real)]
+    result = {
+        "sampler": sampler, "steps": steps, "volumes": len(records),
+        "unet_calls": counter.calls / len(records),
+        "unet_evaluations": counter.slices / options.window / len(records),  # 16-slice clips per volume
+        "seconds": float(np.mean([r["seconds"] for r in records])),
+        "psnr": quality["psnr_axial_body"], "ssim": quality["ssim_axial_body"],
+        "psnr_3d": quality["psnr_body"], "slice_jump_ratio": float(np.mean(jumps)),
+    }
+    cached.write_text(json.dumps(result, indent=1))
+    print(f"  {recipe_name(sampler, steps)}: {result}", flush=True)
+    return result
+
+
+def meets_target(result: dict, reference: dict) -> tuple[bool, dict]:
+    """Whether ``result`` meets the "fewer steps" target against ``reference`` (DDIM 200), and the figures."""
+    figures = {
+        "saving": reference["unet_evaluations"] / result["unet_evaluations"],
+        "psnr_drop": reference["psnr"] - result["psnr"],
+        "consistency_change": abs(result["slice_jump_ratio"] - reference["slice_jump_ratio"]) / reference["slice_jump_ratio"],
+    }
+    ok = (figures["saving"] >= MIN_SAVING - 1e-9 and figures["psnr_drop"] <= MAX_PSNR_DROP
+          and figures["consistency_change"] <= MAX_CONSISTENCY_CHANGE)
+    return ok, figures
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    """PSNR and slice-jump ratio against UNet evaluations per volume (log10), one line per sampler, side by side."""
+    panels = []
+    for key, title, ylabel in (("psnr", "test PSNR (axial, in the head) vs UNet evaluations", "PSNR dB"),
+                               ("slice_jump_ratio", "slice-jump ratio to the real volume vs UNet evaluations", "jump/real")):
+        series = {}
+        for sampler in dict.fromkeys(r["sampler"] for r in results):
+            rows = sorted((r for r in results if r["sampler"] == sampler), key=lambda r: r["unet_evaluations"])
+            series[NAMES[sampler]] = (np.log10([r["unet_evaluations"] for r in rows]), np.array([r[key] for r in rows]))
+        panel = path.with_name(f".{path.stem}.{key}.png")
+        report.line_plot(panel, series, title, "log10 UNet evaluations / volume", ylabel, size=(480, 320))
+        panels.append(panel)
+    images = [Image.open(p).convert("RGB") for p in panels]
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), (255, 255, 255))
+    x = 0
+    for image in images:
+        canvas.paste(image, (x, 0))
+        x += image.width
+    canvas.save(path, format="PNG", optimize=True)
+    for p in panels:
+        p.unlink()
+    return path
+
+
+def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, work: Path | None = None,
+                        seed: int = 0) -> tuple[list[dict], list[str]]:
+    if demo_out is None:
+        raise SystemExit("--only quality_steps needs --demo-out DIR (the output of `make demo`: DIR/models/demo, DIR/dataset)")
+    demo_out = Path(demo_out).resolve()
+    for needed in (demo_out / "models" / "demo", demo_out / "dataset" / "splits.json"):
+        if not needed.exists():
+            raise SystemExit(f"--demo-out {demo_out}: {needed} does not exist (run `make demo` first)")
+    work = Path(work or "/tmp/gem3d-quality-steps")
+    base = dict(load_inference_config("demo")["sampler"])
+    results = [run_recipe(s, n, demo_out, work, base, seed, device) for s, n in RECIPES]
+    reference = next(r for r in results if (r["sampler"], r["steps"]) == REFERENCE)
+    rows, passing = [], []
+    for r in results:
+        ok, f = meets_target(r, reference)
+        if ok:
+            passing.append(r)
+        rows.append({
+            "sampler": f"{NAMES[r['sampler']]} {r['steps']}",
+            "UNet evaluations / volume (calls)": f"{r['unet_evaluations']:.0f} ({r['unet_calls']:.0f})",
+            "s / volume": f"{r['seconds']:.1f}",
+            "PSNR axial (dB)": f"{r['psnr']:.2f}", "SSIM axial": f"{r['ssim']:.4f}",
+            "slice-jump ratio": f"{r['slice_jump_ratio']:.3f}",
+            "vs DDIM 200: evaluations / PSNR / jump ratio / time": (
+                f"{1 / f['saving']:.3f}x / {-f['psnr_drop']:+.2f} dB / "
+                f"{r['slice_jump_ratio'] / reference['slice_jump_ratio'] - 1:+.1%} / {r['seconds'] / reference['seconds']:.3f}x"),
+            "target": "meets" if ok else "-",
+        })
+    plot(results, PLOT)
+    default = dict(load_inference_config("demo")["sampler"])
+    default_result = next((r for r in results if (r["sampler"], r["steps"]) == (default["sampler"], default["steps"])), None)
+    best = min(passing, key=lambda r: (r["unet_evaluations"], -r["psnr"])) if passing else None
+    notes = [
+        f"Demo models from {demo_out}; `test` setting on the `val` cases of splits.json "
+        f"({reference['volumes']} volumes), seed {seed} for every recipe; other sampler options from "
+        f"gem3d/configs/inference/demo.yaml: " + ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("sampler", "steps")) + ".",
+        "PSNR / SSIM: gem3d.metrics.volumes.reconstruction_quality (mean over canonical axial slices, inside the head, "
+        "real volume's [0, 1] scale); slice-jump ratio: gem3d.metrics.consistency (synthetic / real mean |neighbouring "
+        "slice difference| inside the head; 1 = as smooth as the real volume). UNet evaluations: 16-slice clips "
+        "through the UNet per volume (hook on the UNet); calls: UNet forward calls (both directions batched). "
+        "Seconds: the manifest's per volume, load to write, on this CPU.",
+        f"Target (issue 14, \"fewer steps\"): at least {MIN_SAVING:.0f}x fewer UNet evaluations than DDIM 200, within "
+        f"{MAX_PSNR_DROP} dB PSNR and {MAX_CONSISTENCY_CHANGE:.0%} slice-jump ratio of it. "
+        + (f"Fewest evaluations meeting it: {NAMES[best['sampler']]} {best['steps']}." if best else "No recipe meets it."),
+    ]
+    if default_result is not None:
+        ok, f = meets_target(default_result, reference)
+        notes.append(f"The demo's default ({NAMES[default['sampler']]} {default['steps']}, demo.yaml): "
+                     f"{f['saving']:.1f}x fewer evaluations, {-f['psnr_drop']:+.2f} dB, slice-jump ratio "
+                     f"{f['consistency_change']:.1%} off DDIM 200: target {'met' if ok else 'NOT met'}.")
+    notes.append(f"![quality vs steps](bench/{PLOT.name}) (`bench/{PLOT.name}`: PSNR and slice-jump ratio against "
+                 f"log10 UNet evaluations per volume, one line per sampler)")
+    return rows, notes
+
