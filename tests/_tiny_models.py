@@ -31,6 +31,7 @@ FIRST_STAGE = {
                "in_channels": 3, "out_channels": 3},
 }
 UNETS = {
+    "slice_stage": dict(in_channels=12),
     "volume_stage": dict(in_channels=12, volumetric=True),
     "baseline_volume": dict(in_channels=8, volumetric=True),
     "position": dict(in_channels=4, use_spatial_transformer=True, context_dim=32),

@@ -232,7 +232,7 @@ def test_enhancer_errors_name_the_problem(tiny, tmp_path):
         Enhancer(make_config(tiny, "test", tmp_path, cases="nope")).select_cases()
     with pytest.raises(ValueError, match="not in"):
         Enhancer(make_config(tiny, "ic", tmp_path, informed_from="nope:0.5"))
-    with pytest.raises(ValueError, match="needs a baseline volume model"):
+    with pytest.raises(ValueError, match="needs a baseline model"):
         Enhancer(make_config(tiny, "base", tmp_path, model=tiny["volume_stage"]))
     with pytest.raises(ValueError, match="not 'position'"):
         Enhancer(make_config(tiny, "ig", tmp_path, slice_model=tiny["volume_stage"]))
@@ -246,3 +246,14 @@ def test_load_model_dir_reads_a_training_run(tiny):
     assert loaded.preprocess["size"] == 32 and loaded.preprocess["max_label"] == 3
     assert loaded.sha256 == file_sha256(tiny["volume_stage"] / "checkpoints" / "last.ckpt")
     assert load_model_dir(tiny["volume_stage"] / "checkpoints" / "last.ckpt").model.variant == "volume_stage"
+
+
+def test_stage1_alone_runs_the_gem3d_settings(tiny, tmp_path):
+    """The evaluation's "stage 1 alone" row: a stage-1 model (no volumetric layers) through the same engine."""
+    stage1 = _tiny_models.build_model_dir(tmp_path / "stage1", "slice_stage", seed=5)
+    name = [n for n in tiny["names"] if n != tiny["oblique"]][0]
+    manifest = run_inference(make_config(tiny, "test", tmp_path / "out", model=stage1, cases=name))
+    (record,) = Manifest(manifest).records
+    image, affine = load(tmp_path / "out" / "test" / record["files"]["image"])
+    _, label_affine = load(tiny["data"] / "labelsTr" / f"{name}.nii.gz")
+    assert np.allclose(affine, label_affine) and np.isfinite(image).all() and image.std() > 0

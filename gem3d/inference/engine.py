@@ -171,12 +171,15 @@ class Enhancer:
         if self.setting.needs_volume_model:
             self.volume_model = load_model_dir(cfg.model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
             expected = "baseline" if self.setting.model == "baseline" else "gem3d"
-            got = "gem3d" if self.volume_model.model.spec.use_informed else "baseline"
-            if got != expected or not self.volume_model.model.spec.volumetric:
+            spec = self.volume_model.model.spec
+            got = "gem3d" if spec.use_informed else "baseline"
+            if got != expected or spec.conditioning != "concat":
                 raise ValueError(
-                    f"setting {cfg.setting!r} needs a {expected} volume model; {cfg.model} holds variant "
-                    f"{self.volume_model.model.variant!r}"
+                    f"setting {cfg.setting!r} needs a {expected} model (stage 2, or stage 1 alone); {cfg.model} holds "
+                    f"variant {self.volume_model.model.variant!r}"
                 )
+            # a stage-1 model (no volumetric layers) runs the same windows with every slice independent: the
+            # "stage 1 alone" reference row of the evaluation
         if self.setting.needs_slice_model:
             self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
             if self.slice_model.model.variant != "position":
