@@ -195,13 +195,29 @@ class Denoiser(nn.Module):
 
     forward = eps
 
-    def model_fn(self, cond: Mapping[str, torch.Tensor | None]):
-        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser."""
+    def model_fn(self, cond: Mapping[str, torch.Tensor | None], null_cond: Mapping[str, torch.Tensor | None] | None = None,
+                 guidance: float = 1.0):
+        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser.
 
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.eps(x, t, cond)
+        Informed-slice guidance (classifier-free-guidance style): with ``guidance != 1`` and ``null_cond`` (the
+        same condition with :meth:`null_informed_latent` as the informed slice), ``eps = eps_null + guidance *
+        (eps_informed - eps_null)``, both from one batched UNet call. ``guidance = 1`` is the plain model."""
+        if guidance == 1.0 or null_cond is None:
+            return lambda x, t: self.eps(x, t, cond)
+        both = {k: None if v is None else torch.cat([null_cond[k], v]) for k, v in cond.items()}
 
-        return eps_fn
+        def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t, device=x.device)
+            eps_null, eps_informed = self.eps(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return eps_null + guidance * (eps_informed - eps_null)
+
+        return guided_eps
+
+    @staticmethod
+    def null_informed_latent(informed_latent: torch.Tensor) -> torch.Tensor:
+        """The "no informed slice" latent (zeros, the latent space's centre) that informed-slice dropout trains
+        and guidance contrasts with."""
+        return torch.zeros_like(informed_latent)
 
     def q_sample(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising ``sqrt(a_t) z0 + sqrt(1 - a_t) noise`` with ``t (B, F)``."""

@@ -10,7 +10,7 @@ _EXPORTS = {
     "preprocess": ("PreprocessConfig", "PreparedCase", "compute_body_mask", "normalise_intensity",
                    "denormalise_intensity", "label_to_grey", "grey_to_label", "resize_slices", "prepare_case",
                    "restore_volume", "restore_label"),
-    "datasets": ("VolumeCache", "ClipDataset", "SliceDataset", "VolumeDataset", "make_splits", "write_splits",
+    "datasets": ("VolumeCache", "LatentCache", "LatentEncoder", "ClipDataset", "SliceDataset", "VolumeDataset", "make_splits", "write_splits",
                  "read_splits", "load_or_create_splits"),
     "module": ("Gem3dDataModule",),
     "check": ("Problem", "check_dataset"),

@@ -1,4 +1,5 @@
-"""Cached preprocessed volumes, deterministic splits, and the torch datasets (clips, slices, volumes).
+"""Cached preprocessed volumes (and their first-stage latents), deterministic splits, and the torch datasets
+(clips, slices, volumes).
 
 Randomness: item `i` of a dataset at epoch `e` draws from `np.random.default_rng([seed, e, i])`, so it is the same in
 every process and worker; its case comes from seeded permutations of all cases (each case equally often). Indices >= len(dataset) address later epochs (`index = epoch_offset * len + i`), which lets
@@ -10,7 +11,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -167,6 +168,120 @@ class VolumeCache:
         return f"VolumeCache({str(self.dataset_dir)!r}, cases={len(self.names)}, cache_dir={str(self.cache_dir)!r})"
 
 
+# ----- latent cache --------------------------------------------------------------------------------------------
+class LatentEncoder(Protocol):
+    """What :class:`LatentCache` needs of a first stage (the training layer passes one in; data imports no model).
+
+    ``key``: identifies the encoder's weights and architecture (a changed key makes a new cache);
+    ``scale_factor``: the diffusion latents' multiplier; ``__call__(images (N, 1, S, S) f32 in [-1, 1])`` ->
+    the unscaled posterior ``(mean, std)``, each ``(N, z, h, w)``."""
+
+    key: str
+    scale_factor: float
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class LatentCache:
+    """Each case of a :class:`VolumeCache` encoded once by a first stage: the unscaled posterior mean and std of
+    every image slice and the posterior mean of every grey mask slice, as memory-mapped ``(D, z, h, w)`` f32
+    ``.npy`` files under ``<volume cache>/latents-<encoder key>``. The folder sits inside the volume cache's
+    preprocessing-hash folder, so a changed preprocessing or first stage makes a new cache; a case whose source
+    changed (the volume cache's fingerprint) is encoded again. ``.get(name)`` -> dict of memmaps
+    ``image_mean``, ``image_std``, ``mask_mean``."""
+
+    FIELDS = ("image_mean", "image_std", "mask_mean")
+
+    def __init__(self, volumes: VolumeCache, encoder: LatentEncoder, batch_size: int = 64):
+        key = str(getattr(encoder, "key", "") or "")
+        if not key or any(c in key for c in "/\\ ."):
+            raise ValueError(f"the latent encoder needs a key of letters/digits to name its cache, got {key!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.volumes, self.encoder, self.batch_size = volumes, encoder, int(batch_size)
+        self.scale_factor = float(encoder.scale_factor)
+        self.cache_dir = volumes.cache_dir / f"latents-{key}"
+        self.encoded_count = 0  # cases encoded (not read from the cache) by this instance
+        self._loaded: dict[str, dict[str, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict:  # DataLoader workers: no encoder, no memmaps
+        state = dict(self.__dict__)
+        state["_loaded"], state["encoder"] = {}, None
+        return state
+
+    def _paths(self, name: str) -> tuple[dict[str, Path], Path]:
+        return {f: self.cache_dir / f"{name}_{f}.npy" for f in self.FIELDS}, self.cache_dir / f"{name}.json"
+
+    def _is_current(self, name: str) -> bool:
+        arrays, meta_path = self._paths(name)
+        if not meta_path.is_file() or not all(p.is_file() for p in arrays.values()):
+            return False
+        meta = json.loads(meta_path.read_text())
+        return meta.get("fingerprint") == self.volumes.meta(name)["fingerprint"]
+
+    @torch.no_grad()
+    def _encode(self, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        means, stds = [], []
+        for start in range(0, len(grey), self.batch_size):
+            chunk = rearrange(torch.from_numpy(np.array(grey[start:start + self.batch_size], dtype=np.float32)),
+                              "n h w -> n 1 h w")
+            mean, std = self.encoder(chunk)
+            means.append(mean.detach().float().cpu())
+            stds.append(std.detach().float().cpu())
+        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+
+    def _encode_case(self, name: str) -> None:
+        if self.encoder is None:
+            raise RuntimeError(f"latent cache {self.cache_dir} lacks case {name!r} and has no encoder here "
+                               "(encode every case in the main process: LatentCache.encode_all)")
+        prepared = self.volumes.get(name)
+        if prepared.label is None:
+            raise ValueError(f"case {name!r} has no label; the latent cache encodes labelled cases only")
+        image_mean, image_std = self._encode(prepared.image)
+        mask_mean, _ = self._encode(label_to_grey(np.asarray(prepared.label), prepared.max_label))
+        arrays, meta_path = self._paths(name)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for field, arr in zip(self.FIELDS, (image_mean, image_std, mask_mean)):
+            _atomic_save_npy(arrays[field], arr)
+        meta = {"name": name, "fingerprint": self.volumes.meta(name)["fingerprint"], "shape": list(image_mean.shape)}
+        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+        self.encoded_count += 1
+        self._loaded.pop(name, None)
+
+    def get(self, name: str) -> dict[str, np.ndarray]:
+        """``{image_mean, image_std, mask_mean}``: read-only memmaps ``(D, z, h, w)``, unscaled."""
+        if name in self._loaded:
+            return self._loaded[name]
+        self.volumes._check_name(name)
+        if not self._is_current(name):
+            self._encode_case(name)
+        arrays, _ = self._paths(name)
+        self._loaded[name] = {f: np.load(p, mmap_mode="r") for f, p in arrays.items()}
+        return self._loaded[name]
+
+    def encode_all(self, names: list[str] | None = None, progress: bool = False) -> None:
+        for name in tqdm(names if names is not None else self.volumes.names, desc="encoding latents",
+                         disable=not progress):
+            self.get(name)
+
+    def sample(self, name: str, start: int, stop: int, rng: np.random.Generator) -> torch.Tensor:
+        """A posterior sample of slices ``[start, stop)``, scaled: ``(mean + std * noise) * scale_factor``
+        ``(F, z, h, w)`` f32, the noise from ``rng``."""
+        latents = self.get(name)
+        mean = np.asarray(latents["image_mean"][start:stop], dtype=np.float32)
+        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        sample = mean + np.asarray(latents["image_std"][start:stop], dtype=np.float32) * noise
+        return torch.from_numpy(sample * np.float32(self.scale_factor))
+
+    def mean(self, name: str, field: str, start: int, stop: int) -> torch.Tensor:
+        """The scaled posterior mean of ``field`` (image_mean | mask_mean) over slices ``[start, stop)``."""
+        arr = np.asarray(self.get(name)[field][start:stop], dtype=np.float32)
+        return torch.from_numpy(arr * np.float32(self.scale_factor))
+
+    def __repr__(self) -> str:
+        return f"LatentCache({str(self.cache_dir)!r}, scale_factor={self.scale_factor})"
+
+
 # ----- splits --------------------------------------------------------------------------------------------------
 def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
                 test_fraction: float = 0.0) -> dict[str, list[str]]:
@@ -263,6 +378,13 @@ class _EpochDataset(Dataset):
         self.cache, self.names, self.seed = cache, names, int(seed)
         self.length = int(length) if length is not None else len(names)
         self.epoch = 0
+        self.latents: LatentCache | None = None
+
+    def use_latents(self, latents: LatentCache | None) -> None:
+        """Add cached first-stage latents to every item (see the subclasses), or stop (None)."""
+        if latents is not None and latents.volumes is not self.cache:
+            raise ValueError(f"{latents!r} belongs to another volume cache than {self.cache!r}")
+        self.latents = latents
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -295,7 +417,8 @@ def _slices(arr: np.ndarray, start: int, stop: int) -> torch.Tensor:
 class ClipDataset(_EpochDataset):
     """Random clips of `clip_len` consecutive slices. Item: image (F, 1, S, S) f32 in [-1, 1]; mask (F, 1, S, S)
     f32 grey; informed (1, S, S) = image[informed_index]; informed_index in [0, F) (inside the clip); start (first
-    slice); case; num_slices."""
+    slice); case; num_slices. With latents (:meth:`use_latents`) also, scaled: latent (F, z, h, w) a posterior
+    sample of the image; mask_latent (F, z, h, w) and informed_latent (z, h, w) posterior means."""
 
     def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
                  length: int | None = None):
@@ -316,7 +439,7 @@ class ClipDataset(_EpochDataset):
         stop = start + self.clip_len
         image = _slices(prepared.image, start, stop)
         mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
-        return {
+        item = {
             "image": rearrange(image, "f h w -> f 1 h w"),
             "mask": rearrange(mask, "f h w -> f 1 h w"),
             "informed": rearrange(image[informed_index], "h w -> 1 h w").clone(),
@@ -325,11 +448,17 @@ class ClipDataset(_EpochDataset):
             "case": name,
             "num_slices": d,
         }
+        if self.latents is not None:
+            item["latent"] = self.latents.sample(name, start, stop, rng)
+            item["mask_latent"] = self.latents.mean(name, "mask_mean", start, stop)
+            informed = start + informed_index
+            item["informed_latent"] = self.latents.mean(name, "image_mean", informed, informed + 1)[0]
+        return item
 
 
 class SliceDataset(_EpochDataset):
     """Random single slices. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices in [0, 1),
-    index, case."""
+    index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name, rng = self._locate(index)
@@ -338,8 +467,11 @@ class SliceDataset(_EpochDataset):
         k = int(rng.integers(0, d))
         image = _slices(prepared.image, k, k + 1)
         mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[k:k + 1]), prepared.max_label))
-        return {"image": image, "mask": mask, "pos": torch.tensor(k / d, dtype=torch.float32), "index": k,
+        item = {"image": image, "mask": mask, "pos": torch.tensor(k / d, dtype=torch.float32), "index": k,
                 "case": name}
+        if self.latents is not None:
+            item["latent"] = self.latents.sample(name, k, k + 1, rng)
+        return item
 
 
 class VolumeDataset(Dataset):

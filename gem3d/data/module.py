@@ -13,7 +13,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import ClipDataset, EpochSampler, SliceDataset, VolumeCache, VolumeDataset, load_or_create_splits
+from .datasets import (
+    ClipDataset,
+    EpochSampler,
+    LatentCache,
+    LatentEncoder,
+    SliceDataset,
+    VolumeCache,
+    VolumeDataset,
+    load_or_create_splits,
+)
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
@@ -75,12 +84,17 @@ class ResumableDataLoader(DataLoader):
 
 class Gem3dDataModule(L.LightningDataModule):
     """train: the train split (random clips/slices, `samples_per_epoch` items, changing every epoch);
-    val: the val split (one fixed item per case). `preprocess` is a PreprocessConfig dict."""
+    val: the val split (one fixed item per case). `preprocess` is a PreprocessConfig dict.
+
+    `latent_cache` (default on): the model that trains on this data hands its first stage over
+    (:meth:`attach_first_stage`, from the model's `setup`); every case is then encoded once into a
+    :class:`LatentCache` and the items carry latents, so no training step runs the encoder. Off, or with a model
+    that hands nothing over (the autoencoder), items hold images only."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
-                 test_fraction: float = 0.0, splits_path: str | Path | None = None):
+                 test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -95,7 +109,9 @@ class Gem3dDataModule(L.LightningDataModule):
         self.seed, self.val_fraction, self.test_fraction = int(seed), float(val_fraction), float(test_fraction)
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
+        self.latent_cache = bool(latent_cache)
         self.cache: VolumeCache | None = None
+        self.latents: LatentCache | None = None
         self.splits: dict[str, list[str]] | None = None
         self.train_set = self.val_set = None
 
@@ -135,6 +151,20 @@ class Gem3dDataModule(L.LightningDataModule):
         if batches >= trainer.num_training_batches:  # the last batch of the epoch is done
             return epochs.processed + 1, 0
         return epochs.processed, batches
+
+    def attach_first_stage(self, encoder: LatentEncoder) -> LatentCache | None:
+        """Encode every case of the train and val splits with ``encoder`` (once: reused while the preprocessing,
+        the encoder's key and the source files stay the same) and make the datasets return latents. Does nothing
+        (None) when ``latent_cache`` is off."""
+        if not self.latent_cache:
+            return None
+        self.setup()
+        self.latents = LatentCache(self.cache, encoder)
+        self.latents.encode_all(self.splits["train"] + self.splits["val"])
+        for dataset in (self.train_set, self.val_set):
+            if dataset is not None:
+                dataset.use_latents(self.latents)
+        return self.latents
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         # own generator: creating an iterator must not draw from the global RNG, which a resumed run restores

@@ -8,6 +8,8 @@ The checkpoint keeps the denoiser's parameter names (``unet.*``, ``first_stage.*
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -25,7 +27,31 @@ from gem3d.sampling import samplers
 from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
 from gem3d.training.faults import check_finite_loss
 
-__all__ = ["Gem3dLDM"]
+__all__ = ["Gem3dLDM", "FirstStageLatentEncoder"]
+
+
+class FirstStageLatentEncoder:
+    """A frozen first stage as the :class:`gem3d.data.datasets.LatentEncoder` the data module's latent cache
+    takes: ``(N, 1, S, S)`` images -> unscaled posterior ``(mean, std)``, in the first stage's chunks; ``key``
+    hashes its architecture and weights (16 hex digits), so other weights make another cache."""
+
+    def __init__(self, first_stage):
+        self.first_stage = first_stage
+        self.scale_factor = float(first_stage.scale_factor)
+        digest = hashlib.sha1(json.dumps(dict(first_stage.vae.config), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(first_stage.vae.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.key = digest.hexdigest()[:16]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in images.split(self.first_stage.chunk_size):
+            posterior = self.first_stage.posterior(chunk)
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+        return torch.cat(means), torch.cat(stds)
 
 
 class Gem3dLDM(Denoiser, L.LightningModule):
@@ -41,6 +67,13 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         weight_decay: AdamW weight decay.
         log_images_every_n_steps: TensorBoard image grids every N steps (0: never).
         sample_steps_for_logging: DDIM steps of the logged sample.
+        informed_dropout: probability that a training clip's informed slice is replaced by the null latent
+            (:meth:`Denoiser.null_informed_latent`), so the model also learns the unconditional case that
+            informed-slice guidance needs; 0 (off) as in the original GEM-3D.
+
+    Latent cache: in :meth:`setup` the model hands its first stage to the data module
+    (``attach_first_stage``, when it has one), which encodes every case once; batches then hold ``latent``,
+    ``mask_latent`` and ``informed_latent`` and no training step runs the encoder.
     """
 
     def __init__(
@@ -63,6 +96,7 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        informed_dropout: float = 0.0,
     ):
         super().__init__(
             unet_config, first_stage_config, variant=variant, position_embed_dim=position_embed_dim,
@@ -76,6 +110,12 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.log_images_every_n_steps = int(log_images_every_n_steps)
         self.sample_steps_for_logging = int(sample_steps_for_logging)
+        if not 0.0 <= float(informed_dropout) < 1.0:
+            raise ValueError(f"informed_dropout must lie in [0, 1), got {informed_dropout!r}")
+        if informed_dropout and not self.spec.use_informed:
+            raise ValueError(f"informed_dropout={informed_dropout!r} needs a variant with an informed slice; "
+                             f"{variant!r} has none (set it to 0)")
+        self.informed_dropout = float(informed_dropout)
 
         if ckpt_path is not None:
             if not self.spec.volumetric:
@@ -104,6 +144,29 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------ latents
+    def setup(self, stage: str) -> None:
+        """Hand the first stage to the data module's latent cache (rank 0 encodes, the others then read)."""
+        attach = getattr(self.trainer.datamodule, "attach_first_stage", None)
+        if attach is None:
+            return
+        self.first_stage.to(self.trainer.strategy.root_device)
+        encoder = FirstStageLatentEncoder(self.first_stage)
+        if self.trainer.is_global_zero:
+            attach(encoder)
+        self.trainer.strategy.barrier("gem3d_latent_cache")
+        if not self.trainer.is_global_zero:
+            attach(encoder)
+
+    def drop_informed(self, informed_latent: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Informed-slice dropout (training only): each clip's informed latent ``(B, ...)`` becomes the null
+        latent with probability ``informed_dropout``."""
+        if not self.training or self.informed_dropout <= 0:
+            return informed_latent
+        gen_device = self.device if generator is None else generator.device
+        drop = torch.rand(informed_latent.shape[0], generator=generator, device=gen_device).to(informed_latent.device)
+        drop = rearrange(drop < self.informed_dropout, "b -> b" + " 1" * (informed_latent.ndim - 1))
+        return torch.where(drop, self.null_informed_latent(informed_latent), informed_latent)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, *, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Grey images ``(B, F, 1, S, S)`` -> scaled latents ``(B, F, z, h, w)`` (posterior sample or mean)."""
@@ -113,21 +176,36 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         """A data batch -> ``(z (B, F, z, h, w), cond)`` with ``cond`` from :meth:`condition`.
 
         Clip batches: ``image``/``mask (B, F, 1, S, S)``, ``informed (B, 1, S, S)``. Slice batches (position
-        variant): ``image (B, 1, S, S)``, ``pos (B,)`` -> ``F = 1``.
+        variant): ``image (B, 1, S, S)``, ``pos (B,)`` -> ``F = 1``. Batches from the latent cache hold the
+        scaled latents already: ``latent (B, F, z, h, w)`` (a posterior sample), and for clips ``mask_latent
+        (B, F, z, h, w)`` and ``informed_latent (B, z, h, w)`` (posterior means); the images are not encoded.
         """
-        image = batch["image"]
-        if self.spec.data_kind == "slice":
-            if image.ndim != 4:
-                raise ValueError(f"variant {self.variant!r} expects slice batches image (B, 1, S, S), got {tuple(image.shape)}")
+        cached = "latent" in batch
+        image = batch["latent"] if cached else batch["image"]
+        ndim = 5 if cached else 4 if self.spec.data_kind == "slice" else 5
+        if image.ndim != ndim:
+            layout = "latent (B, F, z, h, w)" if cached else {4: "image (B, 1, S, S)", 5: "image (B, F, 1, S, S)"}[ndim]
+            raise ValueError(f"variant {self.variant!r} expects {self.spec.data_kind} batches with {layout}, got "
+                             f"{tuple(image.shape)}")
+        if cached:
+            z = image.to(self.device)
+        elif self.spec.data_kind == "slice":
             z = self.encode_images(rearrange(image, "b c h w -> b 1 c h w"), sample=True, generator=generator)
+        else:
+            z = self.encode_images(image, sample=True, generator=generator)
+        if self.spec.data_kind == "slice":
             return z, self.condition(pos=batch["pos"])
-        if image.ndim != 5:
-            raise ValueError(f"variant {self.variant!r} expects clip batches image (B, F, 1, S, S), got {tuple(image.shape)}")
-        z = self.encode_images(image, sample=True, generator=generator)
-        mask_latent = self.encode_condition_images(batch["mask"], is_mask=True)
+        if cached:
+            mask_latent = batch["mask_latent"].to(self.device)
+        else:
+            mask_latent = self.encode_condition_images(batch["mask"], is_mask=True)
         informed_latent = None
         if self.spec.use_informed:
-            informed_latent = self.encode_condition_images(batch["informed"], is_mask=False)
+            if cached:
+                informed_latent = batch["informed_latent"].to(self.device)
+            else:
+                informed_latent = self.encode_condition_images(batch["informed"], is_mask=False)
+            informed_latent = self.drop_informed(informed_latent, generator)
         return z, self.condition(mask_latent, informed_latent)
 
     @contextmanager
