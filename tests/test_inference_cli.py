@@ -97,9 +97,10 @@ def test_flags_override_the_dataset_config(tiny, tmp_path):
     args = cli.build_parser("demo", "icma").parse_args(
         ["--data", str(tiny["data"]), "--model", "m", "--out", str(tmp_path), "--steps", "4", "--sampler", "dpmpp",
          "--window", "8", "--overlap", "2", "--seed", "5", "--cases", "3", "--samples-per-case", "2", "--no-ema",
-         "--informed-select", "darkest"])
+         "--informed-select", "darkest", "--informed-guidance", "2.5"])
     cfg = cli.config_from_args("demo", "icma", args)
     assert (cfg.sampler.steps, cfg.sampler.sampler, cfg.sampler.window, cfg.sampler.overlap) == (4, "dpmpp", 8, 2)
+    assert cfg.sampler.informed_guidance == 2.5
     assert cfg.sampler.eta == 1.0 and cfg.sampler.known_noise == "timestep"  # from gem3d/configs/inference/demo.yaml
     assert (cfg.seed, cfg.cases, cfg.samples_per_case, cfg.ema, cfg.informed_select) == (5, "3", 2, False, "darkest")
     assert cfg.model == Path("m") and cfg.mask_edit["distance"] == [4, 10] and cfg.device == "cpu"

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 import pytest
 
 from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
 from gem3d.export.manifest import Manifest
+from gem3d.export.preview import TITLE_HEIGHT
 from gem3d.files import file_sha256
 from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
 from gem3d.model_dirs import load_model_dir
@@ -75,6 +77,10 @@ def test_every_setting_writes_its_samples_on_the_input_label_grid(tiny, runs):
             span = float(image_in.max() - image_in.min())  # intensities restored to the input's range
             assert image.min() >= image_in.min() - 1e-3 * span and image.max() <= image_in.max() + 1e-3 * span
             assert (folder / files["preview"]).is_file()
+            with Image.open(folder / files["preview"]) as handle:  # a row for the informed slice when there is one
+                rows = round((handle.size[1] - TITLE_HEIGHT) / (TITLE_HEIGHT + handle.size[0] / 3))
+            informed = record["informed"]["source"] != "none"
+            assert rows == 2 + int(setting != "slice") + int(informed), (setting, rows)
             if setting == "slice":
                 assert "label" not in files
                 continue

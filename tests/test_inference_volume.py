@@ -179,6 +179,15 @@ def test_tiny_models_encode_sample_and_decode_a_volume(tiny):
     decoded = decode_volume(volume, latents)
     assert decoded.shape == (7, 32, 32) and decoded.min() >= -1 and decoded.max() <= 1
 
+    # informed-slice guidance: W = 1 is the plain model; another W changes the volume; a bad W is refused
+    plain_again = sample_volume_latents(volume, mask_latent, informed, 3, SamplerOptions(steps=2, window=4, informed_guidance=1.0),
+                                        torch.Generator().manual_seed(0))
+    guided = sample_volume_latents(volume, mask_latent, informed, 3, SamplerOptions(steps=2, window=4, informed_guidance=4.0),
+                                   torch.Generator().manual_seed(0))
+    assert torch.equal(plain_again, latents) and guided.shape == latents.shape and not torch.allclose(guided, latents)
+    with pytest.raises(ValueError, match="informed_guidance"):
+        SamplerOptions(informed_guidance=-1.0)
+
     slices = sample_slice_latents(slice_model, torch.tensor([0.0, 0.5, 1.0]), (8, 8), options,
                                   torch.Generator().manual_seed(0), batch_size=2)
     assert slices.shape == (3, 4, 8, 8) and torch.isfinite(slices).all()

@@ -89,3 +89,29 @@ def test_contours_only_on_the_named_rows(tmp_path):
         assert np.array_equal(panel(only, 0, column), panel(none, 0, column))  # the real row: no outline
         assert np.array_equal(panel(only, 1, column), panel(both, 1, column))  # the synthetic row: outlined
     assert not np.array_equal(panel(both, 1, 0), panel(none, 1, 0))
+
+
+def test_informed_slice_row_and_ticks(tmp_path):
+    image, label = phantom()
+    informed = image[4, ::2, ::2] * -1.0  # another size and contrast than the volume
+    path = save_preview(tmp_path / "i.png", [("real", image), ("synthetic", image)], mask=label, panel_size=PANEL,
+                        max_label=2, informed=informed, informed_title="informed: case_x slice 4", informed_index=4)
+    with Image.open(path) as handle:
+        png = np.asarray(handle)
+    assert (png.shape[1], png.shape[0]) == preview_size(2, True, PANEL, with_informed=True)
+    cell = panel(png, 2, 0)  # the informed row comes after the volumes, before the mask
+    assert cell.std() > 10 and content_box(cell) == content_box(panel(png, 0, 0))  # same physical extent as axial
+    assert not panel(png, 2, 1).any() and not panel(png, 2, 2).any()
+    tick = np.array([255, 200, 0])
+    for column in (1, 2):
+        for row in range(2):
+            rows = np.nonzero(np.all(panel(png, row, column)[:, :3] == tick, axis=-1))[0]
+            assert rows.size, (row, column)
+            height = content_box(panel(png, 0, column))[0]
+            top = (PANEL - height) // 2
+            assert abs(rows[0] - (top + (12 - 1 - 4 + 0.5) * height / 12)) <= 1  # slice 4 of 12, superior up
+    assert not np.all(panel(png, 0, 0)[:, :3] == tick, axis=-1).any()  # no ticks on axial panels
+    with pytest.raises(ValueError, match="informed_index"):
+        save_preview(tmp_path / "j.png", [("v", image)], informed=informed, informed_index=12)
+    with pytest.raises(ValueError, match="one slice"):
+        save_preview(tmp_path / "k.png", [("v", image)], informed=image)

@@ -1,8 +1,10 @@
 """PNG previews: axial / coronal / sagittal slices of a few volumes, with the mask as contours and as a row.
 
 Layout (``panel_size`` = p, ``TITLE_HEIGHT`` = t): a header strip with the column names, then one
-strip of height ``t`` (the row title) plus one row of three ``p x p`` panels per volume, and a last
-row with the mask in label colours when a mask is given. Total size ``(3p, t + rows * (t + p))``.
+strip of height ``t`` (the row title) plus one row of three ``p x p`` panels per volume, a row with the
+informed slice (first panel) when one is given, and a last row with the mask in label colours when a mask
+is given. Total size ``(3p, t + rows * (t + p))``. The slice the informed slice stands for is marked by
+ticks at both sides of the coronal and sagittal panels.
 
 Volumes are canonical ``(D, H, W)`` arrays (slice axis first). Each panel keeps the physical aspect
 ratio from ``spacing`` (mm per voxel along D, H, W) and is centred in its square cell. Views: axial
@@ -37,6 +39,8 @@ LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 _COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
 _OUTSIDE_BODY = (40, 40, 40)
+_TICK = (255, 200, 0)
+_TICK_LENGTH = 6
 
 
 def label_colour(value: int) -> tuple[int, int, int]:
@@ -46,9 +50,9 @@ def label_colour(value: int) -> tuple[int, int, int]:
     return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
 
 
-def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160) -> tuple[int, int]:
-    """``(width, height)`` in pixels of a preview with ``num_volumes`` rows (+ the mask row)."""
-    rows = num_volumes + int(with_mask)
+def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160, with_informed: bool = False) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a preview with ``num_volumes`` rows (+ the informed and mask rows)."""
+    rows = num_volumes + int(with_mask) + int(with_informed)
     return 3 * panel_size, TITLE_HEIGHT + rows * (TITLE_HEIGHT + panel_size)
 
 
@@ -148,6 +152,9 @@ def save_preview(
     contours: bool | Sequence[str] = True,
     percentiles: Sequence[float] = (0.5, 99.5),
     index: Sequence[int] | None = None,
+    informed: np.ndarray | None = None,
+    informed_title: str = "informed slice",
+    informed_index: int | None = None,
 ) -> Path:
     """Write a PNG preview and return its path (written atomically).
 
@@ -159,6 +166,9 @@ def save_preview(
     - ``max_label``: if given, mask values above it are an error and the legend lists 1..max_label.
     - ``index``: the ``(d, h, w)`` voxel the three views go through (default: the centre of mass of
       ``mask > 0``, or the volume centre).
+    - ``informed``: the informed slice ``(H', W')`` (axial, laid out like ``volume[d]``, any in-plane size),
+      shown in a row of its own under ``informed_title``; ``informed_index``: the slice ``d`` it stands for,
+      marked with ticks on the coronal and sagittal panels.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -197,6 +207,12 @@ def save_preview(
         centre = tuple(int(i) for i in index)
         if len(centre) != 3 or any(not 0 <= c < s for c, s in zip(centre, shape)):
             raise ValueError(f"index {centre} is outside the volume shape {tuple(shape)}")
+    if informed is not None:
+        informed = np.asarray(informed, dtype=np.float32)
+        if informed.ndim != 2:
+            raise ValueError(f"informed must be one slice (H, W), got shape {informed.shape}")
+    if informed_index is not None and not 0 <= int(informed_index) < shape[0]:
+        raise ValueError(f"informed_index {informed_index} is outside the {shape[0]} slices")
     if isinstance(contours, bool):
         contour_titles = {t for t, _ in arrays} if contours else set()
     else:
@@ -205,7 +221,7 @@ def save_preview(
         if unknown:
             raise ValueError(f"contours names unknown volume titles {sorted(unknown)}; titles: {[t for t, _ in arrays]}")
 
-    width, height = preview_size(len(arrays), label is not None, panel_size)
+    width, height = preview_size(len(arrays), label is not None, panel_size, with_informed=informed is not None)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -235,9 +251,35 @@ def save_preview(
             grey = _view(grey_volume, axis, centre[axis]) if array is not None else None
             labels = _view(label, axis, centre[axis]) if (label is not None and (with_contours or filled)) else None
             cell = _panel(grey, labels, row_mm, col_mm, panel_size, contours=with_contours, filled=filled)
+            if informed_index is not None and axis != 0 and array is not None:
+                _mark_slice(cell, shape[0], int(informed_index), _fit(shape[0], shape[3 - axis], row_mm, col_mm, panel_size)[0])
             canvas.paste(cell, (column * panel_size, top))
         top += panel_size
+        if informed is not None and array is not None and title == arrays[-1][0]:
+            top = _informed_row(canvas, draw, font, informed, informed_title, shape, spacing, panel_size, top, percentiles)
 
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def _mark_slice(cell: Image.Image, num_slices: int, index: int, height: int) -> None:
+    """Ticks at both sides of a coronal/sagittal cell (slices drawn superior up) at slice ``index``."""
+    panel = cell.size[1]
+    y = (panel - height) // 2 + int((num_slices - 1 - index + 0.5) * height / num_slices)
+    draw = ImageDraw.Draw(cell)
+    draw.line([(0, y), (_TICK_LENGTH - 1, y)], fill=_TICK)
+    draw.line([(panel - _TICK_LENGTH, y), (panel - 1, y)], fill=_TICK)
+
+
+def _informed_row(canvas, draw, font, informed: np.ndarray, title: str, shape: Sequence[int], spacing: Sequence[float],
+                  panel_size: int, top: int, percentiles: Sequence[float]) -> int:
+    """The informed slice in the axial column, with its physical extent taken from the volume's axial view."""
+    low, high = window_intensity(informed, percentiles)
+    draw.text((3, top + 1), f"{title}  [{low:.3g}, {high:.3g}]", fill=_TICK, font=font)
+    top += TITLE_HEIGHT
+    grey = _view((np.nan_to_num(informed, nan=low)[None] - low) / (high - low) * 255.0, 0, 0)
+    row_mm, col_mm = _view_spacing(spacing, 0)  # per volume pixel; the informed slice may be resampled
+    rows_mm, cols_mm = row_mm * shape[2] / grey.shape[0], col_mm * shape[1] / grey.shape[1]
+    canvas.paste(_panel(grey, None, rows_mm, cols_mm, panel_size, contours=False, filled=False), (0, top))
+    return top + panel_size

@@ -76,6 +76,8 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--clip-x0", type=float, help="clip the latent x0 estimate to [-V, V] in every step (default: off)")
     p.add_argument("--slice-noise-correlation", type=float,
                    help="RHO in [0, 1): noise correlated across neighbouring slices (ISCS-style; default 0: independent)")
+    p.add_argument("--informed-guidance", type=float, metavar="W",
+                   help="informed-slice guidance: eps_null + W (eps_informed - eps_null); 1 = off (default)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=precision.CHOICES, default="auto",
@@ -110,7 +112,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
     for key, value in (("steps", args.steps), ("sampler", args.sampler), ("eta", args.eta), ("window", args.window),
                        ("overlap", args.overlap), ("known_noise", args.known_noise), ("clip_x0", args.clip_x0),
                        ("slice_noise_correlation", args.slice_noise_correlation),
-                       ("condition_posterior", args.condition_posterior)):
+                       ("condition_posterior", args.condition_posterior),
+                       ("informed_guidance", args.informed_guidance)):
         if value is not None:
             sampler[key] = value
     model_default = models.get("baseline" if spec.model == "baseline" else "volume")

@@ -132,6 +132,13 @@ class InformedSlice:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
+def informed_caption(informed: InformedSlice) -> str:
+    """The preview's title of the informed slice: where it came from."""
+    if informed.source == "generated":
+        return f"informed slice: generated at position {informed.position:.2f} (slice {informed.target_index})"
+    return f"informed slice: {informed.case} slice {informed.index}"
+
+
 def sample_seed(seed: int, case: str, sample: int) -> int:
     """A stable per-sample seed from the run seed, the case name and the sample index."""
     return (int(seed) * 1_000_003 + zlib.crc32(f"{case}/{sample}".encode())) % (2**63 - 1)
@@ -370,6 +377,8 @@ class Enhancer:
             latents = sample_volume_latents(
                 model, mask_latent, informed_latent, informed.target_index, options, generator, progress=progress
             )
+            if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
+                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].cpu().numpy())
         volume = decode_volume(loaded.model, latents).cpu().numpy()
         image_source = restore_volume(volume, prepared)
 
@@ -393,6 +402,9 @@ class Enhancer:
                 max_label=self.preprocess.max_label,
                 # an edited mask is not the real image's: outline it on the synthetic volume only
                 contours=[title] if self.setting.mask == "edited" else True,
+                informed=None if informed.image is None else np.asarray(informed.image),
+                informed_title=informed_caption(informed),
+                informed_index=informed.target_index,
             )
         return make_record(
             case_name, self.cfg.setting, k, seed,

@@ -37,7 +37,9 @@ class SamplerOptions:
     in one batch), ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as
     in the original), ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of
     a window, ISCS-style; 0: independent), ``condition_posterior`` (mask and informed latents from the encoder
-    posterior's ``mean``, or a ``sample`` from it as the original draws). See :mod:`gem3d.sampling.samplers`."""
+    posterior's ``mean``, or a ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W
+    (eps_informed - eps_null)``, classifier-free-guidance style against the null informed slice; 1 = off, as in the
+    paper; meant for models trained with ``informed_dropout``). See :mod:`gem3d.sampling.samplers`."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -49,6 +51,7 @@ class SamplerOptions:
     clip_x0: float | None = None
     slice_noise_correlation: float = 0.0
     condition_posterior: str = "mean"
+    informed_guidance: float = 1.0
 
     def __post_init__(self):
         make_schedule(self.sampler, alphas_cumprod_tensor(), self.steps, eta=self.eta)  # validates eagerly
@@ -57,6 +60,8 @@ class SamplerOptions:
             raise ValueError(f"condition_posterior={self.condition_posterior!r} is not one of {list(CONDITION_POSTERIORS)}")
         if self.known_noise not in NOISE_LEVELS:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
+        if not float(self.informed_guidance) >= 0.0:
+            raise ValueError(f"informed_guidance must be >= 0 (1 = off), got {self.informed_guidance!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
             raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
 
@@ -131,9 +136,15 @@ def sample_volume_latents(
         x_T = options.noise((len(jobs), frames, c, h, w), generator, model.device)
         masks = torch.stack([mask_latent[job.indices] for job in jobs]).to(model.device)
         informed = informed_latents_for_jobs(jobs)
-        cond = model.condition(masks, None if informed is None else informed.to(model.device))
+        informed = None if informed is None else informed.to(model.device)
+        cond = model.condition(masks, informed)
+        if informed is not None and float(options.informed_guidance) != 1.0:  # informed-slice guidance
+            null = model.condition(masks, model.null_informed_latent(informed))
+            eps_fn = model.model_fn(cond, null, float(options.informed_guidance))
+        else:
+            eps_fn = model.model_fn(cond)
         known = known_frames_for_jobs(jobs, (c, h, w), options.known_noise, device=model.device)
-        out = options.sample(model.model_fn(cond), x_T, alphas_cumprod, known=known, generator=generator)
+        out = options.sample(eps_fn, x_T, alphas_cumprod, known=known, generator=generator)
         return list(out)
 
     def sample_windows(jobs: list[WindowJob]) -> list[torch.Tensor]:
