@@ -1,10 +1,13 @@
 """The CPU demo, end to end (what `make demo` runs).
 
 1. builds the embedded demo dataset (MNI152-derived, nnU-Net raw layout) and checks it;
-2. trains the demo autoencoder, stage 1, stage 2, the slice model and the baseline (both stages) with main.py;
+2. trains the demo autoencoder, stage 1 and the baseline's stage 1 side by side, stage 2 and the baseline's stage 2
+   side by side, then the slice model, with main.py; each for the MINUTES its config gives (``max_time``), so a
+   faster machine trains further; the first-stage latents are cached, so no diffusion step runs the encoder;
 3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases;
 4. writes an enhanced nnU-Net dataset (real + synthetic);
-5. prints a table: setting, samples, seconds per volume, output folder.
+5. prints the steps each model got and a table: setting, samples, seconds per volume, the ``test`` setting's
+   PSNR / SSIM against the real volume, output folder.
 
 Everything goes under ``--out`` (default ``demo_out/``). Finished steps are skipped on a rerun, so an interrupted
 demo resumes where it stopped.
@@ -24,14 +27,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# model dir name -> (config, the model dirs it needs: the first stage and/or a stage-1 checkpoint)
+# model dir name -> (config, the model dirs it needs: the first stage and/or a stage-1 checkpoint). The order is the
+# training order (two at a time): GEM-3D and the baseline train side by side, so they get the same minutes on the
+# same share of the machine (a fair comparison).
 TRAINING = {
     "demo_autoencoder": ("demo_autoencoder", []),
     "demo_stage1": ("demo_stage1", ["first_stage"]),
-    "demo_slice": ("demo_slice", ["first_stage"]),
     "demo_base_stage1": ("demo_base_stage1", ["first_stage"]),
     "demo": ("demo_stage2", ["first_stage", "stage1:demo_stage1"]),
     "demo_base": ("demo_base_stage2", ["first_stage", "stage1:demo_base_stage1"]),
+    "demo_slice": ("demo_slice", ["first_stage"]),
 }
 SETTINGS = ["test", "ic", "icma", "ig", "igma", "base"]
 
@@ -59,8 +64,24 @@ def newest_run(logdir: Path, name: str) -> Path:
     return runs[-1]
 
 
-def train_one(name: str, out: Path, dataset: Path, steps_scale: float, threads: int | None) -> Path:
-    """Train one demo model with main.py and link its run folder as ``out/models/<name>``."""
+def scaled_time(max_time: str, scale: float) -> str:
+    """Lightning's ``DD:HH:MM:SS`` times ``scale`` (at least one second)."""
+    days, hours, minutes, seconds = (int(v) for v in str(max_time).split(":"))
+    total = max(1, round((((days * 24 + hours) * 60 + minutes) * 60 + seconds) * scale))
+    return f"{total // 86400:02d}:{total // 3600 % 24:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
+
+
+def trained_steps(model_dir: Path) -> int:
+    """The optimiser steps in ``model_dir/checkpoints/last.ckpt``."""
+    from gem3d.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(model_dir / "checkpoints" / "last.ckpt").get("global_step", 0))
+
+
+def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps: int | None,
+              threads: int | None) -> Path:
+    """Train one demo model with main.py and link its run folder as ``out/models/<name>``. ``time_scale``
+    scales the config's ``max_time``; ``max_steps`` caps the steps (quick checks)."""
     config, needs = TRAINING[name]
     models, logdir = out / "models", out / "logs"
     overrides = [f"data.params.dataset_dir={dataset}"]
@@ -69,12 +90,13 @@ def train_one(name: str, out: Path, dataset: Path, steps_scale: float, threads: 
             overrides.append(f"model.params.first_stage_config.params.ckpt_path={models / 'demo_autoencoder' / 'checkpoints' / 'last.ckpt'}")
         else:
             overrides.append(f"model.params.ckpt_path={models / need.split(':', 1)[1] / 'checkpoints' / 'last.ckpt'}")
-    if steps_scale != 1.0:
+    if time_scale != 1.0:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{config}.yaml")
-        steps = int(OmegaConf.select(cfg, "lightning.trainer.max_steps"))
-        overrides.append(f"lightning.trainer.max_steps={max(2, int(steps * steps_scale))}")
+        overrides.append(f"lightning.trainer.max_time={scaled_time(OmegaConf.select(cfg, 'lightning.trainer.max_time'), time_scale)}")
+    if max_steps is not None:
+        overrides.append(f"lightning.trainer.max_steps={max_steps}")
     t0 = time.perf_counter()
     run([sys.executable, "main.py", "--base", f"configs/latent-diffusion/{config}.yaml", "-t", "-n", name,
          "-l", str(logdir), *overrides], out / "train_logs" / f"{name}.log", threads)
@@ -83,11 +105,11 @@ def train_one(name: str, out: Path, dataset: Path, steps_scale: float, threads: 
     if target.is_symlink() or target.exists():
         target.unlink() if target.is_symlink() else shutil.rmtree(target)
     target.symlink_to(run_dir.resolve(), target_is_directory=True)
-    print(f"[demo] {name}: trained in {time.perf_counter() - t0:.0f} s -> {run_dir}", flush=True)
+    print(f"[demo] {name}: {trained_steps(target)} steps in {time.perf_counter() - t0:.0f} s -> {run_dir}", flush=True)
     return target
 
 
-def train_models(out: Path, dataset: Path, steps_scale: float, jobs: int) -> dict[str, Path]:
+def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int) -> dict[str, Path]:
     """Train every demo model, ``jobs`` at a time as their dependencies allow (one thread each when parallel);
     models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -109,7 +131,7 @@ def train_models(out: Path, dataset: Path, steps_scale: float, jobs: int) -> dic
             for name in [n for n in pending if ready(n)][: jobs - len(running)]:
                 pending.remove(name)
                 parallel = jobs > 1 and (len(running) > 0 or sum(ready(n) for n in pending) > 0)
-                running[pool.submit(train_one, name, out, dataset, steps_scale, 1 if parallel else None)] = name
+                running[pool.submit(train_one, name, out, dataset, time_scale, max_steps, 1 if parallel else None)] = name
             if not running:
                 raise RuntimeError(f"cannot train {pending}: their dependencies failed")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -119,11 +141,12 @@ def train_models(out: Path, dataset: Path, steps_scale: float, jobs: int) -> dic
 
 
 def reconstruction_quality(setting_dir: Path, records: list[dict]) -> tuple[float, float] | None:
-    """Mean PSNR (inside the head) and SSIM of the samples that have a ground truth (``files["gt"]``) and the
-    case's own mask; None when there are none (``test`` is the reconstruction setting)."""
-    import nibabel as nib
+    """Mean PSNR and SSIM of the samples that have a ground truth (``files["gt"]``) and the case's own mask; None
+    when there are none (``test`` is the reconstruction setting). Both in the canonical orientation: PSNR over the
+    head's voxels, SSIM over the axial slices that hold head, cropped to the head's bounding box."""
     import numpy as np
 
+    from gem3d.data.geometry import load_nifti
     from gem3d.metrics.image import psnr, ssim
 
     scores = []
@@ -131,10 +154,13 @@ def reconstruction_quality(setting_dir: Path, records: list[dict]) -> tuple[floa
         files = record.get("files", {})
         if "gt" not in files or record.get("setting") != "test":
             continue
-        real = np.asarray(nib.load(str(setting_dir / files["gt"])).dataobj, dtype=np.float32)
-        fake = np.asarray(nib.load(str(setting_dir / files["image"])).dataobj, dtype=np.float32)
+        real, geometry = load_nifti(setting_dir / files["gt"])
+        fake, _ = load_nifti(setting_dir / files["image"])
+        real, fake = geometry.to_canonical(real), geometry.to_canonical(fake)  # (D, H, W): axial slices first
+        head = real != 0
         span = float(real.max() - real.min()) or 1.0
-        scores.append((psnr(fake, real, data_range=span, mask=real != 0), ssim(fake, real, data_range=span)))
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(head))
+        scores.append((psnr(fake, real, data_range=span, mask=head), ssim(fake[box], real[box], data_range=span)))
     if not scores:
         return None
     return float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores]))
@@ -145,7 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "demo_out")
     p.add_argument("--cases", type=int, default=10, help="demo cases to build")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every training run's max_steps (quick checks)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="scale every training's minutes (max_time)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every training's steps (quick checks)")
     p.add_argument("--sampling-steps", type=int, default=None, help="override the demo's DDIM steps")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once (one thread each when > 1)")
     args = p.parse_args(argv)
@@ -161,7 +188,8 @@ def main(argv=None) -> int:
     print(f"[demo] dataset ready: {dataset}")
 
     # 2. training
-    models = train_models(out, dataset, args.steps_scale, args.jobs)
+    models = train_models(out, dataset, args.time_scale, args.max_steps, args.jobs)
+    steps = {name: trained_steps(path) for name, path in models.items()}
 
     # 3. inference on the held-out cases
     from gem3d.inference.engine import InferenceConfig, run_inference
@@ -199,15 +227,18 @@ def main(argv=None) -> int:
         raise SystemExit("the enhanced dataset does not validate:\n" + "\n".join(problems))
     n_cases = json.loads((enhanced / "dataset.json").read_text())["numTraining"]
 
-    # 5. the table
+    # 5. the tables
+    print("\ntraining steps (each model trained for the minutes of its config):")
+    print("  " + ", ".join(f"{name} {n}" for name, n in steps.items()))
     print()
     print(f"{'setting':<8} {'samples':>7} {'s/volume':>9} {'PSNR dB':>8} {'SSIM':>5}  output")
     for setting, n, sec, folder, quality in rows:
         psnr_text, ssim_text = ("", "") if quality is None else (f"{quality[0]:.1f}", f"{quality[1]:.2f}")
         shown = folder.relative_to(out.parent) if out.parent in folder.parents else folder
         print(f"{setting:<8} {n:>7} {sec:>9.1f} {psnr_text:>8} {ssim_text:>5}  {shown}")
-    print("PSNR/SSIM: the test setting's reconstruction against the real volume, inside the head (other settings")
-    print("change the informed slice or the mask, so they have no pixel-wise ground truth).")
+    print("PSNR/SSIM: the test setting's reconstruction against the real volume, canonical orientation, inside the")
+    print("head (SSIM: axial slices within the head's bounding box); other settings change the informed slice or the")
+    print("mask, so they have no pixel-wise ground truth.")
     print(f"\nenhanced nnU-Net dataset: {enhanced} ({n_cases} training cases)")
     print(f"previews: {out / 'synthetic' / '<setting>' / 'previews'}")
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")

@@ -18,7 +18,7 @@ SETTINGS = ("test", "ic", "icma", "ig", "igma", "base")
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = child_env()
     cmd = [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out), "--cases", "4",
-           "--steps-scale", "0.004", "--sampling-steps", "2", *extra]
+           "--max-steps", "2", "--sampling-steps", "2", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -40,5 +40,6 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
 
     second = _demo(out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "training steps" in first.stdout and "demo_stage1 2" in first.stdout
     assert second.stdout.count("already trained") == 6
     assert "main.py" not in second.stdout  # nothing retrained
