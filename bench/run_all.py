@@ -45,9 +45,10 @@ SECTIONS = {
     "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench", "bench_unet_paper"),
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
     "quality_steps": ("5. Quality vs steps (trained demo models)", "quality_steps", "bench_quality_steps"),
+    "latent_cache": ("6. Latent cache: a training step without the encoder", "latent_cache", "bench_latent_cache"),
 }
 DEFAULT = ("unet", "volume", "training", "data")  # opt-in: unet_paper (minutes), compile (minutes of compilation),
-# quality_steps (trained demo models, minutes)
+# quality_steps (trained demo models, minutes), latent_cache (the KL-f8 encoder on a 512x512 slice: a minute)
 INTRO = """# gem3d benchmarks
 
 Written by `python bench/run_all.py` (`make bench`); each section rewrites its own block below. Every comparison is
