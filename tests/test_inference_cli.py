@@ -87,7 +87,7 @@ def test_sampler_option_flags(tiny):
         return cli.config_from_args("demo", "icma", args).sampler
 
     # the demo config clips x0 (measured to help the demo models); the paper configs keep it off
-    assert (sampler().clip_x0, sampler().slice_noise_correlation) == (3.0, 0.0)
+    assert (sampler().clip_x0, sampler().slice_noise_correlation) == (2.0, 0.0)
     assert cli.config_from_args("brain", "icma", cli.build_parser("brain", "icma").parse_args(
         ["--data", str(tiny["data"]), "--model", "m"])).sampler.clip_x0 is None
     options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3")
