@@ -3,6 +3,8 @@ latents, reuse and invalidation, the data module hand-over; informed-slice dropo
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import lightning as L
 import numpy as np
@@ -168,3 +170,25 @@ def test_informed_guidance_mixes_null_and_informed_eps(model):
         guided = model.model_fn(cond, null, guidance=3.0)(x, t)
     torch.testing.assert_close(guided, eps_n + 3.0 * (eps_c - eps_n), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(guided, eps_c)
+
+
+KEY_SCRIPT = """
+import torch
+from gem3d.models.autoencoder import FirstStage
+from gem3d.training.ldm import FirstStageLatentEncoder
+torch.manual_seed(0)
+stage = FirstStage.from_diffusers_config(in_channels=1, out_channels=1, block_out_channels=[32], latent_channels=4,
+                                         sample_size=16, scale_factor=float(__import__("sys").argv[1]))
+print(FirstStageLatentEncoder(stage).key)
+"""
+
+
+def test_the_cache_key_is_the_same_in_every_process_and_for_any_scale_factor():
+    keys = set()
+    for hash_seed, scale in (("1", "0.5"), ("2", "0.5"), ("3", "0.25")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        run = subprocess.run([sys.executable, "-c", KEY_SCRIPT, scale], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        keys.add(run.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1 and len(next(iter(keys))) == 16

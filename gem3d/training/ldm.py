@@ -38,7 +38,11 @@ class FirstStageLatentEncoder:
     def __init__(self, first_stage):
         self.first_stage = first_stage
         self.scale_factor = float(first_stage.scale_factor)
-        digest = hashlib.sha1(json.dumps(dict(first_stage.vae.config), sort_keys=True, default=str).encode())
+        # the architecture's constructor arguments (not diffusers' whole config: its bookkeeping lists come in set
+        # order, which changes with every process), without the scale factor: the cache holds unscaled latents
+        params = {k: v for k, v in first_stage.architecture()["params"].items()
+                  if k not in ("scale_factor", "scaling_factor", "chunk_size")}
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
         for name, tensor in sorted(first_stage.vae.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
