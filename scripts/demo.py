@@ -7,7 +7,7 @@
 3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases;
 4. writes an enhanced nnU-Net dataset (real + synthetic);
 5. prints the steps each model got and a table: setting, samples, seconds per volume, the ``test`` setting's
-   PSNR / SSIM against the real volume, output folder.
+   PSNR / SSIM against the real volume (``gem3d.metrics.volumes.reconstruction_quality``), output folder.
 
 Everything goes under ``--out`` (default ``demo_out/``). Finished steps are skipped on a rerun, so an interrupted
 demo resumes where it stopped.
@@ -140,32 +140,6 @@ def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | N
     return done
 
 
-def reconstruction_quality(setting_dir: Path, records: list[dict]) -> tuple[float, float] | None:
-    """Mean PSNR and SSIM of the samples that have a ground truth (``files["gt"]``) and the case's own mask; None
-    when there are none (``test`` is the reconstruction setting). Both in the canonical orientation: PSNR over the
-    head's voxels, SSIM over the axial slices that hold head, cropped to the head's bounding box."""
-    import numpy as np
-
-    from gem3d.data.geometry import load_nifti
-    from gem3d.metrics.image import psnr, ssim
-
-    scores = []
-    for record in records:
-        files = record.get("files", {})
-        if "gt" not in files or record.get("setting") != "test":
-            continue
-        real, geometry = load_nifti(setting_dir / files["gt"])
-        fake, _ = load_nifti(setting_dir / files["image"])
-        real, fake = geometry.to_canonical(real), geometry.to_canonical(fake)  # (D, H, W): axial slices first
-        head = real != 0
-        span = float(real.max() - real.min()) or 1.0
-        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(head))
-        scores.append((psnr(fake, real, data_range=span, mask=head), ssim(fake[box], real[box], data_range=span)))
-    if not scores:
-        return None
-    return float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores]))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "demo_out")
@@ -196,6 +170,7 @@ def main(argv=None) -> int:
     from gem3d.inference.cli import load_inference_config
     from gem3d.inference.volume import SamplerOptions
     from gem3d.export.manifest import Manifest
+    from gem3d.metrics.volumes import reconstruction_quality
 
     defaults = load_inference_config("demo")
     sampler = dict(defaults["sampler"])
@@ -213,7 +188,9 @@ def main(argv=None) -> int:
         manifest = Manifest(run_inference(cfg))
         records = [r for r in manifest.records if r["setting"] == setting]
         per_volume = sum(r["seconds"] for r in records) / max(1, len(records))
-        rows.append((setting, len(records), per_volume, cfg.setting_dir, reconstruction_quality(cfg.setting_dir, records)))
+        quality = reconstruction_quality(cfg.setting_dir, records) if setting == "test" else None
+        quality = None if quality is None else (quality["psnr_body"], quality["ssim_axial_body"])
+        rows.append((setting, len(records), per_volume, cfg.setting_dir, quality))
         print(f"[demo] {setting}: {len(records)} samples in {time.perf_counter() - t0:.0f} s")
 
     # 4. the enhanced dataset
@@ -236,9 +213,9 @@ def main(argv=None) -> int:
         psnr_text, ssim_text = ("", "") if quality is None else (f"{quality[0]:.1f}", f"{quality[1]:.2f}")
         shown = folder.relative_to(out.parent) if out.parent in folder.parents else folder
         print(f"{setting:<8} {n:>7} {sec:>9.1f} {psnr_text:>8} {ssim_text:>5}  {shown}")
-    print("PSNR/SSIM: the test setting's reconstruction against the real volume, canonical orientation, inside the")
-    print("head (SSIM: axial slices within the head's bounding box); other settings change the informed slice or the")
-    print("mask, so they have no pixel-wise ground truth.")
+    print("PSNR/SSIM: the test setting's reconstruction against the real volume on its [0, 1] scale, canonical")
+    print("orientation, inside the head (PSNR over the head's voxels, SSIM over axial slices; gem3d.metrics); other")
+    print("settings change the informed slice or the mask, so they have no pixel-wise ground truth.")
     print(f"\nenhanced nnU-Net dataset: {enhanced} ({n_cases} training cases)")
     print(f"previews: {out / 'synthetic' / '<setting>' / 'previews'}")
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")
