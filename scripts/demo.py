@@ -6,8 +6,11 @@
    faster machine trains further; the first-stage latents are cached, so no diffusion step runs the encoder;
 3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases;
 4. writes an enhanced nnU-Net dataset (real + synthetic);
-5. prints the steps each model got and a table: setting, samples, seconds per volume, the ``test`` setting's
-   PSNR / SSIM against the real volume (``gem3d.metrics.volumes.reconstruction_quality``), output folder.
+5. evaluates the outputs with ``scripts/evaluate.py`` (``demo_out/report/``: summary.md, report.html), with the
+   reference rows beside GEM-3D: the informed slice copied into every slice, the autoencoder's reconstruction (the
+   ceiling), stage 1 alone, ``base``, and a counterfactual pair (a T1-like and an inverted, T2-like donor slice);
+6. prints the steps each model got, a table (setting, samples, seconds per volume, the ``test`` setting's
+   PSNR / SSIM, output folder) and the evaluation's summary.
 
 Everything goes under ``--out`` (default ``demo_out/``). Finished steps are skipped on a rerun, so an interrupted
 demo resumes where it stopped.
@@ -21,11 +24,20 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from omegaconf import OmegaConf
+
+from gem3d.checkpoint import load_checkpoint
+from gem3d.export.manifest import Manifest
+from gem3d.export.nnunet import validate_nnunet_dataset, write_nnunet_dataset
+from gem3d.inference.cli import load_inference_config
+from gem3d.inference.engine import InferenceConfig, run_inference
+from gem3d.inference.volume import SamplerOptions
+from gem3d.metrics.volumes import reconstruction_quality
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # model dir name -> (config, the model dirs it needs: the first stage and/or a stage-1 checkpoint). The order is the
 # training order (two at a time): GEM-3D and the baseline train side by side, so they get the same minutes on the
@@ -73,8 +85,6 @@ def scaled_time(max_time: str, scale: float) -> str:
 
 def trained_steps(model_dir: Path) -> int:
     """The optimiser steps in ``model_dir/checkpoints/last.ckpt``."""
-    from gem3d.checkpoint import load_checkpoint
-
     return int(load_checkpoint(model_dir / "checkpoints" / "last.ckpt").get("global_step", 0))
 
 
@@ -91,8 +101,6 @@ def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps:
         else:
             overrides.append(f"model.params.ckpt_path={models / need.split(':', 1)[1] / 'checkpoints' / 'last.ckpt'}")
     if time_scale != 1.0:
-        from omegaconf import OmegaConf
-
         cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{config}.yaml")
         overrides.append(f"lightning.trainer.max_time={scaled_time(OmegaConf.select(cfg, 'lightning.trainer.max_time'), time_scale)}")
     if max_steps is not None:
@@ -112,8 +120,6 @@ def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps:
 def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int) -> dict[str, Path]:
     """Train every demo model, ``jobs`` at a time as their dependencies allow (one thread each when parallel);
     models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     done = {n: models / n for n in TRAINING if (models / n / "checkpoints" / "last.ckpt").is_file()}
@@ -138,6 +144,38 @@ def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | N
             for future in finished:
                 done[running.pop(future)] = future.result()
     return done
+
+
+def donors_by_contrast(dataset: Path) -> dict[str, str]:
+    """One training case of each contrast (``t1``, ``t2``: inverted) of the demo dataset, for the counterfactual."""
+    cases = json.loads((dataset / "gem3d_demo.json").read_text())["cases"]
+    train = set(json.loads((dataset / "splits.json").read_text())["train"])
+    found: dict[str, str] = {}
+    for case in cases:
+        if case["name"] in train:
+            found.setdefault(case["contrast"], case["name"])
+    return found
+
+
+def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, seed: int) -> Path:
+    """6. The evaluation with its yardsticks: stage 1 alone (the test setting through the stage-1 model), ``base``
+    and GEM-3D against the copy-the-informed-slice baseline and the autoencoder ceiling, and a counterfactual pair
+    (the ``ic`` setting with a T1-like and an inverted, T2-like donor slice, same seed)."""
+    synthetic = [f"gem3d={out / 'synthetic' / 'test'}", f"base={out / 'synthetic' / 'base'}"]
+    extra = [("stage1-alone", "test", models["demo_stage1"], None)]
+    for contrast, donor in sorted(donors_by_contrast(dataset).items()):
+        extra.append((f"counterfactual-{contrast}", "ic", models["demo"], f"{donor}:0.5"))
+    for name, setting, model, informed_from in extra:
+        cfg = InferenceConfig(setting=setting, data=dataset, out=out / "evaluation" / name, model=model,
+                              informed_from=informed_from, **base_cfg)
+        run_inference(cfg)
+        synthetic.append(f"{name}={cfg.setting_dir}")
+    synthetic += [f"{s}={out / 'synthetic' / s}" for s in ("ic", "icma", "ig", "igma")]
+    report = out / "report"
+    run([sys.executable, "scripts/evaluate.py", "--real", str(dataset), "--cases", "split:val", "--out", str(report),
+         "--autoencoder", str(models["demo_autoencoder"]), *[a for s in synthetic for a in ("--synthetic", s)]],
+        out / "train_logs" / "evaluate.log")
+    return report
 
 
 def main(argv=None) -> int:
@@ -166,12 +204,6 @@ def main(argv=None) -> int:
     steps = {name: trained_steps(path) for name, path in models.items()}
 
     # 3. inference on the held-out cases
-    from gem3d.inference.engine import InferenceConfig, run_inference
-    from gem3d.inference.cli import load_inference_config
-    from gem3d.inference.volume import SamplerOptions
-    from gem3d.export.manifest import Manifest
-    from gem3d.metrics.volumes import reconstruction_quality
-
     defaults = load_inference_config("demo")
     sampler = dict(defaults["sampler"])
     if args.sampling_steps:
@@ -194,8 +226,6 @@ def main(argv=None) -> int:
         print(f"[demo] {setting}: {len(records)} samples in {time.perf_counter() - t0:.0f} s")
 
     # 4. the enhanced dataset
-    from gem3d.export.nnunet import validate_nnunet_dataset, write_nnunet_dataset
-
     enhanced = out / "enhanced" / "Dataset901_GEM3DDemoEnhanced"
     write_nnunet_dataset(dataset, [out / "synthetic" / s for s in ("ic", "icma", "ig", "igma")], enhanced,
                          overwrite=True)
@@ -204,7 +234,15 @@ def main(argv=None) -> int:
         raise SystemExit("the enhanced dataset does not validate:\n" + "\n".join(problems))
     n_cases = json.loads((enhanced / "dataset.json").read_text())["numTraining"]
 
-    # 5. the tables
+    # 5. the evaluation, with its reference rows
+    t0 = time.perf_counter()
+    base_cfg = dict(split="Tr", cases="split:val", slice_model=models["demo_slice"],
+                    samples_per_case=int(defaults.get("samples_per_case", 1)), sampler=SamplerOptions(**sampler),
+                    seed=args.seed, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}), progress=False)
+    report = evaluate(out, dataset, models, base_cfg, args.seed)
+    print(f"[demo] evaluation in {time.perf_counter() - t0:.0f} s")
+
+    # 6. the tables
     print("\ntraining steps (each model trained for the minutes of its config):")
     print("  " + ", ".join(f"{name} {n}" for name, n in steps.items()))
     print()
@@ -216,6 +254,10 @@ def main(argv=None) -> int:
     print("PSNR/SSIM: the test setting's reconstruction against the real volume on its [0, 1] scale, canonical")
     print("orientation, inside the head (PSNR over the head's voxels, SSIM over axial slices; gem3d.metrics); other")
     print("settings change the informed slice or the mask, so they have no pixel-wise ground truth.")
+    print("\nevaluation (scripts/evaluate.py; reference rows: the copied informed slice, the autoencoder's ceiling, stage 1")
+    print("alone, base; all on the held-out cases):\n")
+    print((report / "summary.md").read_text())
+    print(f"report: {report / 'report.html'} (opens offline)")
     print(f"\nenhanced nnU-Net dataset: {enhanced} ({n_cases} training cases)")
     print(f"previews: {out / 'synthetic' / '<setting>' / 'previews'}")
     print(f"total demo time: {time.perf_counter() - t_start:.0f} s")

@@ -38,6 +38,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     n_real = json.loads((out / "dataset" / "dataset.json").read_text())["numTraining"]
     assert json.loads((enhanced / "dataset.json").read_text())["numTraining"] > n_real
 
+    report = out / "report"
+    html = (report / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # opens offline
+    summary = (report / "summary.md").read_text()
+    for row in ("reference: copy informed slice", "reference: autoencoder", "stage1-alone", "base", "gem3d"):
+        assert row in summary and row in first.stdout, row
+
     second = _demo(out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "training steps" in first.stdout and "demo_stage1 2" in first.stdout
