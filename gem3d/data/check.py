@@ -5,6 +5,7 @@ passes here loads). One label rule: `parse_labels` (nnU-Net's: plain or region-b
 background 0), and every label map value must be declared."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass, field
@@ -229,8 +230,6 @@ def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Check an nnU-Net raw dataset for gem3d.")
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("--min-slices", type=int, default=16, help="slices a case needs for one window (16)")

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import DiceMetric
@@ -119,7 +120,6 @@ def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], la
     model_folder = Path(model_folder)
     if not model_folder.is_dir():
         raise FileNotFoundError(f"--segmenter: nnU-Net model folder {model_folder} does not exist")
-    import nibabel as nib  # noqa: PLC0415  (optional path)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: PLC0415  (optional dependency)
 
     predictor = nnUNetPredictor(device=torch.device(device))
