@@ -10,7 +10,6 @@ its weights are in the safetensors file). Command line: ``scripts/convert_gem3d_
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -59,8 +58,6 @@ def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None,
         save_file(state, str(tmp), metadata={"format": "gem3d", "ema": str(bool(loaded.ema))})
     with atomic_path(dst / CONVERTED_CONFIG) as tmp:
         OmegaConf.save(OmegaConf.create(config), tmp)
-    for name in (CONVERTED_WEIGHTS, CONVERTED_CONFIG):
-        os.chmod(dst / name, 0o644)  # the atomic temporary file is private
     return dst
 
 

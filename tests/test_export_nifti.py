@@ -130,3 +130,16 @@ def test_atomic_text_bytes_json(tmp_path):
         atomic_write_json(tmp_path / "d.json", {"bad": object()})
     assert json.loads((tmp_path / "d.json").read_text())["n"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c.bin", "d.json"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """A file written atomically is readable like any other new file (umask), not private like mkstemp's."""
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a.txt", "x")
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o600)
+        atomic_write_text(path, "y")  # an existing file keeps its mode
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(mask)
