@@ -9,7 +9,6 @@ fixed clip length).
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

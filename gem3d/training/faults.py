@@ -7,7 +7,6 @@ See docs/reliability.md ("Faults").
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import lightning as L
