@@ -124,12 +124,13 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     if "first_stage_architecture" in ckpt:
         hparams["first_stage_config"] = ckpt["first_stage_architecture"]
     model = Denoiser.from_kwargs(hparams)
-    has_ema = any(k.startswith("ema.") for k in state_dict_of(ckpt))
+    state_dict = state_dict_of(ckpt)
+    has_ema = any(k.startswith("ema.") for k in state_dict)
     use_ema = bool(hparams.get("sample_with_ema", True)) and has_ema if ema is None else bool(ema)
     if use_ema and not has_ema:
         raise ValueError(f"ema=True but the run {str(path)!r} was trained without EMA")
     load_weights(model.unet, unet_state_dict(ckpt, use_ema=use_ema), f"{checkpoint} (unet.*)")
-    load_weights(model.first_stage, with_prefix(state_dict_of(ckpt), "first_stage."), f"{checkpoint} (first_stage.*)")
+    load_weights(model.first_stage, with_prefix(state_dict, "first_stage."), f"{checkpoint} (first_stage.*)")
     if "first_stage_scale_factor" in ckpt:
         model.first_stage.scale_factor = float(ckpt["first_stage_scale_factor"])
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

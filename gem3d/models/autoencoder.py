@@ -321,6 +321,16 @@ class FirstStage(nn.Module):
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mean
         return self.vae.decode(z).sample, posterior
 
+    def moments(self, x: torch.Tensor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(N, 1|3, H, W)`` -> the encoder posterior's unscaled ``(mean, std)``, each ``(N, z, H/f, W/f)``,
+        encoded in chunks of ``chunk_size``."""
+        means, stds = [], []
+        for chunk in self._chunks(self._prepare_images(x), progress, "encode"):
+            dist = self.vae.encode(chunk).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        return torch.cat(means), torch.cat(stds)
+
     def encode(
         self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None, progress: bool = False
     ) -> torch.Tensor:
@@ -333,16 +343,9 @@ class FirstStage(nn.Module):
         if clip:
             batch = x.shape[0]
             x = rearrange(x, "b f c h w -> (b f) c h w")
-        x = self._prepare_images(x)
-        means, stds = [], []
-        for chunk in self._chunks(x, progress, "encode"):
-            dist = self.vae.encode(chunk).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        z = torch.cat(means)
+        z, std = self.moments(x, progress=progress)
         if sample:
-            noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            z = z + torch.cat(stds) * noise
+            z = z + std * randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = z * self.scale_factor
         return rearrange(z, "(b f) c h w -> b f c h w", b=batch) if clip else z
 

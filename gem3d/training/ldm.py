@@ -50,12 +50,7 @@ class FirstStageLatentEncoder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        for chunk in images.split(self.first_stage.chunk_size):
-            posterior = self.first_stage.posterior(chunk)
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-        return torch.cat(means), torch.cat(stds)
+        return self.first_stage.moments(images)
 
 
 class Gem3dLDM(Denoiser, L.LightningModule):
