@@ -112,7 +112,7 @@ def test_autoencoder_reference_from_an_autoencoder_run(tmp_path):
     assert found == preprocess and first_stage.scale_factor == pytest.approx(2.0)
     image, label, _ = _phantom()
     raw = (image * 100).astype(np.float32)
-    geometry = Geometry.identity((10, 10, 4), slice_axis=2)
+    geometry = Geometry(np.eye(4), (10, 10, 4), slice_axis=2)
     recon = autoencoder_reconstruction(first_stage, raw, label, geometry, PreprocessConfig.from_dict(preprocess))
     assert recon.shape == raw.shape and np.isfinite(recon).all()
     assert raw.min() - 1e-3 <= recon.min() and recon.max() <= raw.max() + 1e-3  # clamped to the real range

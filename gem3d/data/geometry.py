@@ -1,10 +1,7 @@
 """Voxel geometry: reorientation to the canonical `(D, H, W)` layout and back onto the exact source grid.
 
-The model sees every volume in one layout: the closest RAS orientation of the source array (nibabel.orientations),
-with `slice_axis` (0 = sagittal, 1 = coronal, 2 = axial, in RAS axes) moved to the front. `Geometry.to_source`
-is the exact inverse (axis permutation and flips only, no resampling), so any canonical array can be written back
-with the source affine and shape.
-"""
+Canonical = the closest RAS orientation of the source array (nibabel.orientations) with `slice_axis` (0 = sagittal,
+1 = coronal, 2 = axial) moved to the front. `to_source` is its exact inverse (axis permutation and flips only)."""
 from __future__ import annotations
 
 import zlib
@@ -16,21 +13,18 @@ import numpy as np
 from nibabel import orientations as nio
 
 SLICE_AXES = (0, 1, 2)
-_RAS = nio.axcodes2ornt(("R", "A", "S"))
 
 
 @dataclass(eq=False)
 class Geometry:
-    """Source-file geometry of one volume.
-
-    affine: (4, 4) float64 voxel -> world (mm, RAS+) of the source file; shape: source array shape (3 ints);
-    slice_axis: axis of the RAS-canonical array that becomes the first (slice) axis.
-    """
+    """affine: (4, 4) float64 voxel -> world (mm, RAS+) of the source file; shape: source array shape (3 ints);
+    slice_axis: the RAS axis that becomes the first (slice) axis of the canonical array."""
 
     affine: np.ndarray
     shape: tuple[int, int, int]
     slice_axis: int = 2
-    _to_ras: np.ndarray = field(init=False, repr=False, compare=False)
+    _to_canonical: np.ndarray = field(init=False, repr=False, compare=False)
+    _to_source: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)
@@ -43,7 +37,11 @@ class Geometry:
             raise ValueError(f"slice_axis must be one of {SLICE_AXES} (RAS axes; 2 = axial), got {self.slice_axis!r}")
         if abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
             raise ValueError(f"affine is singular: {self.affine.tolist()}")
-        self._to_ras = nio.ornt_transform(nio.io_orientation(self.affine), _RAS)
+        # canonical axis k runs along +RAS axis order[k]
+        order = [self.slice_axis, *(a for a in SLICE_AXES if a != self.slice_axis)]
+        canonical = np.column_stack([order, np.ones(3)])
+        self._to_canonical = nio.ornt_transform(nio.io_orientation(self.affine), canonical)
+        self._to_source = nio.ornt_transform(canonical, nio.io_orientation(self.affine))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Geometry):
@@ -53,57 +51,32 @@ class Geometry:
 
     __hash__ = None  # mutable
 
-    # ----- orientation -------------------------------------------------------------------------------------
     @property
-    def source_axcodes(self) -> tuple[str, str, str]:
-        """Closest axis codes of the source array, e.g. ('L', 'P', 'S')."""
-        return tuple(nio.aff2axcodes(self.affine))
-
-    @property
-    def ras_shape(self) -> tuple[int, int, int]:
-        """Shape of the source array once reoriented to RAS (before moving the slice axis)."""
-        order = self._to_ras[:, 0].astype(int)  # source axis i goes to RAS axis order[i]
-        out = [0, 0, 0]
-        for src_axis, ras_axis in enumerate(order):
-            out[ras_axis] = self.shape[src_axis]
-        return tuple(out)
+    def _source_axes(self) -> np.ndarray:
+        """The source axis behind each canonical (D, H, W) axis."""
+        return np.argsort(self._to_canonical[:, 0])
 
     @property
     def canonical_shape(self) -> tuple[int, int, int]:
         """(D, H, W) shape of `to_canonical(array)`."""
-        ras = self.ras_shape
-        rest = [a for a in SLICE_AXES if a != self.slice_axis]
-        return (ras[self.slice_axis], ras[rest[0]], ras[rest[1]])
+        return tuple(self.shape[a] for a in self._source_axes)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the canonical (D, H, W) axes."""
-        src_zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-        order = self._to_ras[:, 0].astype(int)
-        ras = [0.0, 0.0, 0.0]
-        for src_axis, ras_axis in enumerate(order):
-            ras[ras_axis] = float(src_zooms[src_axis])
-        rest = [a for a in SLICE_AXES if a != self.slice_axis]
-        return (ras[self.slice_axis], ras[rest[0]], ras[rest[1]])
+        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine)[self._source_axes])
 
     @property
     def canonical_affine(self) -> np.ndarray:
         """(4, 4) voxel -> world affine of the canonical (D, H, W) array (same world positions as the source)."""
-        ras_affine = self.affine @ nio.inv_ornt_aff(self._to_ras, self.shape)
-        rest = [a for a in SLICE_AXES if a != self.slice_axis]
-        perm = np.zeros((4, 4))
-        for canon_axis, ras_axis in enumerate([self.slice_axis, *rest]):
-            perm[ras_axis, canon_axis] = 1.0
-        perm[3, 3] = 1.0
-        return ras_affine @ perm
+        return self.affine @ nio.inv_ornt_aff(self._to_canonical, self.shape)
 
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Source-grid array (shape == self.shape) -> canonical (D, H, W) array (a contiguous copy)."""
         arr = np.asarray(arr)
         if tuple(arr.shape) != self.shape:
             raise ValueError(f"array shape {tuple(arr.shape)} does not match the geometry's source shape {self.shape}")
-        ras = nio.apply_orientation(arr, self._to_ras)
-        return np.ascontiguousarray(np.moveaxis(ras, self.slice_axis, 0))
+        return np.ascontiguousarray(nio.apply_orientation(arr, self._to_canonical))
 
     def to_source(self, arr_dhw: np.ndarray) -> np.ndarray:
         """Canonical (D, H, W) array -> source-grid array (exact inverse of `to_canonical`)."""
@@ -113,13 +86,8 @@ class Geometry:
                 f"canonical array shape {tuple(arr_dhw.shape)} does not match the geometry's canonical shape "
                 f"{self.canonical_shape} (source shape {self.shape}, slice_axis {self.slice_axis})"
             )
-        ras = np.moveaxis(arr_dhw, 0, self.slice_axis)
-        back = nio.ornt_transform(_RAS, nio.io_orientation(self.affine))
-        out = np.ascontiguousarray(nio.apply_orientation(ras, back))
-        assert out.shape == self.shape
-        return out
+        return np.ascontiguousarray(nio.apply_orientation(arr_dhw, self._to_source))
 
-    # ----- serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"affine": self.affine.tolist(), "shape": list(self.shape), "slice_axis": int(self.slice_axis)}
 
@@ -131,10 +99,6 @@ class Geometry:
         return cls(affine=np.asarray(d["affine"], dtype=np.float64), shape=tuple(d["shape"]),
                    slice_axis=int(d.get("slice_axis", 2)))
 
-    @classmethod
-    def identity(cls, shape: tuple[int, int, int], slice_axis: int = 0) -> "Geometry":
-        """Identity affine (1 mm voxels), e.g. for nnU-Net preprocessed arrays whose axis 0 is already the slice axis."""
-        return cls(affine=np.eye(4), shape=tuple(shape), slice_axis=slice_axis)
 
 
 def load_nifti(
