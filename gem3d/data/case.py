@@ -45,8 +45,7 @@ def labels_as_int16(label: np.ndarray, where: str = "label") -> np.ndarray:
 
 
 def affine_difference(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
-    """Largest absolute difference of two (4, 4) affines (mm). Above `AFFINE_ATOL_MM` they are two grids: the one
-    tolerance of gem3d's loaders and of its nnU-Net dataset check."""
+    """Largest absolute difference of two (4, 4) affines (mm); above `AFFINE_ATOL_MM` they are two grids."""
     return float(np.abs(np.asarray(affine_a, np.float64) - np.asarray(affine_b, np.float64)).max())
 
 
@@ -56,11 +55,9 @@ def check_same_grid(geom_a: Geometry, geom_b: Geometry, what: str = "image and l
         raise ValueError(f"{what} shapes differ: {geom_a.shape} vs {geom_b.shape}")
     diff = affine_difference(geom_a.affine, geom_b.affine)
     if diff > AFFINE_ATOL_MM:
-        rows = lambda a: np.array2string(a[:3], precision=4, separator=",", max_line_width=10_000).replace("\n", "")  # noqa: E731
-        raise ValueError(
-            f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): {rows(geom_a.affine)} vs "
-            f"{rows(geom_b.affine)}; resample the label onto the image grid"
-        )
+        raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): "
+                         f"{np.round(geom_a.affine[:3], 4).tolist()} vs {np.round(geom_b.affine[:3], 4).tolist()}; "
+                         "resample the label onto the image grid")
 
 
 def load_case(
@@ -84,14 +81,5 @@ def load_case(
         check_same_grid(geometry, label_geometry, what=f"image {image_path.name} and label {label_path.name}")
         label = geometry.to_canonical(labels_as_int16(label_raw, where=str(label_path)))
     if name is None:
-        name = image_path.name.split(".")[0]
-        if name.endswith("_0000"):
-            name = name[: -len("_0000")]
-    return Case(
-        name=name,
-        image=geometry.to_canonical(image),
-        label=label,
-        geometry=geometry,
-        image_path=image_path,
-        label_path=label_path,
-    )
+        name = image_path.name.split(".")[0].removesuffix("_0000")
+    return Case(name, geometry.to_canonical(image), label, geometry, image_path, label_path)

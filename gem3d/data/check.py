@@ -1,14 +1,11 @@
 """gem3d's one nnU-Net raw dataset check (the dataset checker, and the export's validation): one `Problem` per finding.
-
-One tolerance: image and label affines may differ by `AFFINE_ATOL_MM` (the loaders' tolerance, so a dataset that
-passes here loads). One label rule: `parse_labels` (nnU-Net's: plain or region-based labels, values consecutive from
-background 0), and every label map value must be declared."""
+One tolerance, `AFFINE_ATOL_MM` (the loaders' own); one label rule, `parse_labels` (nnU-Net's)."""
 from __future__ import annotations
 
 import argparse
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -55,21 +52,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.kind}: case={self.case} file={self.file} value={self.value}"
-
-
-@dataclass
-class DatasetSummary:
-    num_training: int = 0
-    num_test: int = 0
-    labels: dict = field(default_factory=dict)
-    slices: list = field(default_factory=list)
-    shapes: set = field(default_factory=set)
-
-    def line(self, root: Path) -> str:
-        slices = f"{min(self.slices)}..{max(self.slices)}" if self.slices else "-"
-        shapes = ", ".join(str(s) for s in sorted(self.shapes)[:4]) + (" ..." if len(self.shapes) > 4 else "")
-        return (f"OK {root}: {self.num_training} training cases, {self.num_test} test cases, labels {self.labels}, "
-                f"slices {slices}, shapes {shapes}")
 
 
 def _read(path: Path, root: Path, case: str, problems: list[Problem]) -> tuple[np.ndarray, Geometry] | None:
@@ -124,79 +106,69 @@ def _check_json(root: Path, problems: list[Problem]) -> dict:
 
 
 def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axis: int,
-                  problems: list[Problem], summary: DatasetSummary) -> int:
+                  problems: list[Problem], summary: dict) -> int:
     ending = meta.get("file_ending", ".nii.gz")
     channels = sorted(int(c) for c in meta.get("channel_names", {"0": ""}) if str(c).isdigit()) or [0]
     labels = set(meta["labels"].values()) if "labels" in meta else None
-    image_dir, label_dir = root / f"images{split}", root / f"labels{split}"
     pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
     by_case: dict[str, dict[int, Path]] = {}
-    if image_dir.is_dir():
-        for p in sorted(image_dir.iterdir()):
-            m = pattern.match(p.name)
-            if m:
-                by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
-    label_files = {p.name[: -len(ending)]: p for p in sorted(label_dir.glob(f"*{ending}"))} if label_dir.is_dir() else {}
+    for p in sorted((root / f"images{split}").glob(f"*{ending}")):
+        m = pattern.match(p.name)
+        if m:
+            by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
+    label_files = {p.name[: -len(ending)]: p for p in sorted((root / f"labels{split}").glob(f"*{ending}"))}
     if split == "Tr":
         for name in sorted(set(label_files) - set(by_case)):
             problems.append(Problem(IMAGE_MISSING, name, f"images{split}/{name}_0000{ending}",
                                     f"label {label_files[name].name} has no image"))
-    for name in sorted(by_case):
-        files = by_case[name]
+    for name, files in sorted(by_case.items()):
         for c in channels:
             if c not in files:
                 problems.append(Problem(CHANNEL_MISSING, name, f"images{split}/{name}_{c:04d}{ending}",
                                         f"channel {c} absent (channels {channels})"))
-        reads = [(p, _read(p, root, name, problems)) for c, p in sorted(files.items())]
+        reads = [(p, _read(p, root, name, problems)) for _, p in sorted(files.items())]
         reads = [(p, r) for p, r in reads if r is not None]
         for p, (data, _) in reads:
             if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
                 n_bad = int((~np.isfinite(data)).sum())
                 problems.append(Problem(NON_FINITE, name, str(p.relative_to(root)), f"{n_bad} non-finite voxels"))
         if reads:
-            ref_path, (ref_data, ref_geom) = reads[0]
+            ref_path, (_, ref_geom) = reads[0]
             slices = Geometry(ref_geom.affine, ref_geom.shape, slice_axis).canonical_shape[0]
-            summary.slices.append(slices)
-            summary.shapes.add(tuple(ref_geom.shape))
+            summary["slices"].append(slices)
+            summary["shapes"].add(ref_geom.shape)
             if slices < min_slices:
                 problems.append(Problem(TOO_FEW_SLICES, name, str(ref_path.relative_to(root)),
                                         f"{slices} slices < {min_slices} (slice axis {slice_axis})"))
-            others = reads[1:]
-        else:
-            ref_geom, others = None, []
         label_path = label_files.get(name)
-        if label_path is None:
-            if split == "Tr":
-                problems.append(Problem(LABEL_MISSING, name, f"labels{split}/{name}{ending}", "absent"))
-        else:
-            read = _read(label_path, root, name, problems)
-            if read is not None:
-                others.append((label_path, read))
-                data = read[0]
-                if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.rint(data))):
-                    bad = data[~np.isfinite(data) | (data != np.rint(data))]
-                    problems.append(Problem(NON_INTEGER_LABEL, name, str(label_path.relative_to(root)),
-                                            f"values such as {bad[:3].tolist()}"))
-                elif labels is not None:
-                    undeclared = sorted(set(np.unique(data).astype(int).tolist()) - labels)
-                    if undeclared:
-                        problems.append(Problem(UNDECLARED_LABEL, name, str(label_path.relative_to(root)),
-                                                f"{undeclared} not in dataset.json labels {sorted(labels)}"))
-        if ref_geom is not None:
-            for p, (_, geom) in others:
-                rel = str(p.relative_to(root))
-                diff = affine_difference(geom.affine, ref_geom.affine)
-                if geom.shape != ref_geom.shape:
-                    problems.append(Problem(SHAPE_MISMATCH, name, rel, f"{geom.shape} vs image {ref_geom.shape}"))
-                elif diff > AFFINE_ATOL_MM:
-                    problems.append(Problem(AFFINE_MISMATCH, name, rel,
-                                            f"max |affine diff| {diff:.4g} mm > {AFFINE_ATOL_MM} vs {ref_path.name}"))
+        if label_path is None and split == "Tr":
+            problems.append(Problem(LABEL_MISSING, name, f"labels{split}/{name}{ending}", "absent"))
+        label_read = _read(label_path, root, name, problems) if label_path is not None else None
+        if label_read is not None:
+            reads.append((label_path, label_read))
+            data, rel = label_read[0], str(label_path.relative_to(root))
+            if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.rint(data))):
+                bad = data[~np.isfinite(data) | (data != np.rint(data))]
+                problems.append(Problem(NON_INTEGER_LABEL, name, rel, f"values such as {bad[:3].tolist()}"))
+            elif labels is not None:
+                undeclared = sorted(set(np.unique(data).astype(int).tolist()) - labels)
+                if undeclared:
+                    problems.append(Problem(UNDECLARED_LABEL, name, rel,
+                                            f"{undeclared} not in dataset.json labels {sorted(labels)}"))
+        for p, (_, geom) in reads[1:]:  # other channels and the label vs the first image
+            diff = affine_difference(geom.affine, ref_geom.affine)
+            if geom.shape != ref_geom.shape:
+                problems.append(Problem(SHAPE_MISMATCH, name, str(p.relative_to(root)),
+                                        f"{geom.shape} vs image {ref_geom.shape}"))
+            elif diff > AFFINE_ATOL_MM:
+                problems.append(Problem(AFFINE_MISMATCH, name, str(p.relative_to(root)),
+                                        f"max |affine diff| {diff:.4g} mm > {AFFINE_ATOL_MM} vs {ref_path.name}"))
     return len(by_case)
 
 
 def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
-                               nnunet_name: bool = False) -> tuple[list[Problem], DatasetSummary]:
-    """`check_dataset` plus a summary of what was found."""
+                               nnunet_name: bool = False) -> tuple[list[Problem], dict]:
+    """`check_dataset` plus what it found: {num_training, num_test, labels, slices (per case), shapes}."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -204,28 +176,26 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, sl
     if nnunet_name and not DATASET_FOLDER_PATTERN.match(root.resolve().name):
         problems.append(Problem(FOLDER_NAME, "-", ".", f"{root.resolve().name!r} is not DatasetNNN_Name "
                                                        "(nnU-Net will not find it)"))
-    summary = DatasetSummary()
     meta = _check_json(root, problems)
-    summary.labels = meta.get("labels", {})
-    summary.num_training = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
-    summary.num_test = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
-    if summary.num_training == 0:
+    summary = {"labels": meta.get("labels", {}), "slices": [], "shapes": set()}
+    summary["num_training"] = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
+    summary["num_test"] = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
+    if summary["num_training"] == 0:
         absent = [f"{d}/ is missing" for d in ("imagesTr", "labelsTr") if not (root / d).is_dir()]
         problems.append(Problem(NO_CASES, "-", "imagesTr", "; ".join(["no <case>_0000 images", *absent])))
     n_declared = meta.get("numTraining")
-    if n_declared is not None and n_declared != summary.num_training:
+    if n_declared is not None and n_declared != summary["num_training"]:
         problems.append(Problem(NUM_TRAINING, "-", "dataset.json",
-                                f"numTraining={n_declared!r} but imagesTr holds {summary.num_training} cases"))
+                                f"numTraining={n_declared!r} but imagesTr holds {summary['num_training']} cases"))
     return problems, summary
 
 
 def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
                   nnunet_name: bool = False) -> list[Problem]:
-    """Check an nnU-Net raw dataset: dataset.json valid (labels by `parse_labels`, channel_names 0..n-1,
-    numTraining); every case's image and label present and paired (every channel); same shape and affine (to
-    `AFFINE_ATOL_MM`); label values integer and declared; finite intensities; >= `min_slices` slices along the
-    canonical slice axis; with `nnunet_name`, the DatasetNNN_Name folder name nnU-Net needs to find it (gem3d reads
-    any name). Returns the problems found (empty = OK)."""
+    """Check an nnU-Net raw dataset: dataset.json (labels by `parse_labels`, channel_names 0..n-1, numTraining);
+    each case's image (every channel) and label present, on one grid (`AFFINE_ATOL_MM`); integer, declared label
+    values; finite intensities; >= `min_slices` canonical slices; with `nnunet_name`, the DatasetNNN_Name folder
+    name nnU-Net needs (gem3d reads any name). Returns the problems found (empty = OK)."""
     return check_dataset_with_summary(dataset_dir, min_slices, slice_axis, nnunet_name)[0]
 
 
@@ -243,5 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in {args.dataset_dir}")
         return 1
-    print(summary.line(args.dataset_dir))
+    slices = f"{min(summary['slices'])}..{max(summary['slices'])}" if summary["slices"] else "-"
+    shapes = ", ".join(str(s) for s in sorted(summary["shapes"])[:4]) + (" ..." if len(summary["shapes"]) > 4 else "")
+    print(f"OK {args.dataset_dir}: {summary['num_training']} training cases, {summary['num_test']} test cases, "
+          f"labels {summary['labels']}, slices {slices}, shapes {shapes}")
     return 0
