@@ -1,10 +1,7 @@
-"""Cached preprocessed volumes (and their first-stage latents), deterministic splits, and the torch datasets
-(clips, slices, volumes).
+"""Cached preprocessed volumes (and their first-stage latents), deterministic splits, torch datasets.
 
-Randomness: item `i` of a dataset at epoch `e` draws from `np.random.default_rng([seed, e, i])`, so it is the same in
-every process and worker; its case comes from seeded permutations of all cases (each case equally often). Indices >= len(dataset) address later epochs (`index = epoch_offset * len + i`), which lets
-a sampler move to the next epoch without reaching into worker copies (see `EpochSampler`).
-"""
+Item `i` at epoch `e` draws from `np.random.default_rng([seed, e, i])` (the same in every worker); index
+`epoch_offset * len + i` addresses a later epoch, so `EpochSampler` moves epochs without reaching into workers."""
 from __future__ import annotations
 
 import hashlib
@@ -29,21 +26,14 @@ CACHE_VERSION = 1
 SPLIT_KEYS = ("train", "val", "test")
 
 
-# ----- cache ---------------------------------------------------------------------------------------------------
 def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
     """12 hex digits identifying (preprocess config, split, cache format)."""
     payload = json.dumps({"cfg": cfg.to_dict(), "split": split, "version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-def _fingerprint(paths: list[Path | None]) -> list[list]:
-    out = []
-    for p in paths:
-        if p is None:
-            continue
-        st = Path(p).stat()
-        out.append([Path(p).name, int(st.st_size), int(st.st_mtime_ns)])
-    return out
+def _fingerprint(paths: list[Path]) -> list[list]:
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -52,10 +42,8 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 class VolumeCache:
-    """Prepares each case of a dataset once into memory-mapped `.npy` files plus a meta json (geometry, stats,
-    source fingerprint) under `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`. A changed source file
-    (size or mtime) is prepared again. `.names` lists the cases, `.get(name)` returns a PreparedCase whose arrays
-    are read-only memmaps."""
+    """Each case prepared once into `.npy` files + a meta json (geometry, stats, source fingerprint) under
+    `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`; a changed source (size or mtime) is prepared again."""
 
     def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
                  split: str = "Tr"):
@@ -92,9 +80,9 @@ class VolumeCache:
         return (self.cache_dir / f"{name}_image.npy", self.cache_dir / f"{name}_label.npy",
                 self.cache_dir / f"{name}.json")
 
-    def _source_paths(self, name: str) -> list[Path | None]:
+    def _source_paths(self, name: str) -> list[Path]:
         label = self.dataset.label_path(name, self.split)
-        return [self.dataset.image_path(name, self.split), label if label.is_file() else None]
+        return [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
 
     def _check_name(self, name: str) -> None:
         if name not in self.names:
@@ -168,13 +156,9 @@ class VolumeCache:
         return f"VolumeCache({str(self.dataset_dir)!r}, cases={len(self.names)}, cache_dir={str(self.cache_dir)!r})"
 
 
-# ----- latent cache --------------------------------------------------------------------------------------------
 class LatentEncoder(Protocol):
-    """What :class:`LatentCache` needs of a first stage (the training layer passes one in; data imports no model).
-
-    ``key``: identifies the encoder's weights and architecture (a changed key makes a new cache);
-    ``scale_factor``: the diffusion latents' multiplier; ``__call__(images (N, 1, S, S) f32 in [-1, 1])`` ->
-    the unscaled posterior ``(mean, std)``, each ``(N, z, h, w)``."""
+    """What :class:`LatentCache` needs of a first stage: ``key`` names its weights (another key, another cache);
+    ``scale_factor``; ``__call__(images (N, 1, S, S) in [-1, 1])`` -> unscaled posterior ``(mean, std)`` (N, z, h, w)."""
 
     key: str
     scale_factor: float
@@ -183,22 +167,17 @@ class LatentEncoder(Protocol):
 
 
 class LatentCache:
-    """Each case of a :class:`VolumeCache` encoded once by a first stage: the unscaled posterior mean and std of
-    every image slice and the posterior mean of every grey mask slice, as memory-mapped ``(D, z, h, w)`` f32
-    ``.npy`` files under ``<volume cache>/latents-<encoder key>``. The folder sits inside the volume cache's
-    preprocessing-hash folder, so a changed preprocessing or first stage makes a new cache; a case whose source
-    changed (the volume cache's fingerprint) is encoded again. ``.get(name)`` -> dict of memmaps
-    ``image_mean``, ``image_std``, ``mask_mean``."""
+    """Each case of a :class:`VolumeCache` encoded once: unscaled posterior mean and std of the image slices and
+    mean of the grey mask slices, ``(D, z, h, w)`` f32 ``.npy`` under ``<volume cache>/latents-<encoder key>``;
+    a case whose source fingerprint changed is encoded again."""
 
     FIELDS = ("image_mean", "image_std", "mask_mean")
 
-    def __init__(self, volumes: VolumeCache, encoder: LatentEncoder, batch_size: int = 64):
+    def __init__(self, volumes: VolumeCache, encoder: LatentEncoder):
         key = str(getattr(encoder, "key", "") or "")
         if not key or any(c in key for c in "/\\ ."):
             raise ValueError(f"the latent encoder needs a key of letters/digits to name its cache, got {key!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.volumes, self.encoder, self.batch_size = volumes, encoder, int(batch_size)
+        self.volumes, self.encoder = volumes, encoder
         self.scale_factor = float(encoder.scale_factor)
         self.cache_dir = volumes.cache_dir / f"latents-{key}"
         self.encoded_count = 0  # cases encoded (not read from the cache) by this instance
@@ -220,15 +199,10 @@ class LatentCache:
         return meta.get("fingerprint") == self.volumes.meta(name)["fingerprint"]
 
     @torch.no_grad()
-    def _encode(self, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        means, stds = [], []
-        for start in range(0, len(grey), self.batch_size):
-            chunk = rearrange(torch.from_numpy(np.array(grey[start:start + self.batch_size], dtype=np.float32)),
-                              "n h w -> n 1 h w")
-            mean, std = self.encoder(chunk)
-            means.append(mean.detach().float().cpu())
-            stds.append(std.detach().float().cpu())
-        return torch.cat(means).numpy(), torch.cat(stds).numpy()
+    def _encode(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(D, S, S) in [-1, 1] -> unscaled posterior (mean, std), each (D, z, h, w); the encoder chunks."""
+        mean, std = self.encoder(rearrange(torch.from_numpy(np.array(slices, dtype=np.float32)), "n h w -> n 1 h w"))
+        return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
     def _encode_case(self, name: str) -> None:
         if self.encoder is None:
@@ -282,7 +256,6 @@ class LatentCache:
         return f"LatentCache({str(self.cache_dir)!r}, scale_factor={self.scale_factor})"
 
 
-# ----- splits --------------------------------------------------------------------------------------------------
 def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
                 test_fraction: float = 0.0) -> dict[str, list[str]]:
     """Deterministic disjoint split of `names` (order-independent): each non-zero fraction gets >= 1 case while
@@ -363,7 +336,6 @@ def load_or_create_splits(dataset_dir: str | Path, names: list[str] | None = Non
     return splits
 
 
-# ----- torch datasets --------------------------------------------------------------------------------------------
 class _EpochDataset(Dataset):
     """Shared logic: names, seed, epoch, length, per-item rng."""
 

@@ -1,7 +1,5 @@
 """nnU-Net v2 datasets: raw (`dataset.json`, `imagesTr/<case>_0000.nii.gz`, `labelsTr/<case>.nii.gz`, `imagesTs`)
-and preprocessed (`<Dataset>/nnUNetPlans_3d_fullres/`: per case `<case>.b2nd` + `<case>_seg.b2nd` (nnU-Net >= 2.5,
-blosc2) or `<case>.npz` (`data` (C, X0, X1, X2), `seg` (1, X0, X1, X2)), and `<case>.pkl` with the case's geometry;
-`<Dataset>/nnUNetPlans.json` with `transpose_forward`)."""
+and preprocessed (`<Dataset>/nnUNetPlans_3d_fullres/<case>.{b2nd,npz,npy}` + `<case>.pkl` with its geometry)."""
 from __future__ import annotations
 
 import importlib
@@ -44,12 +42,9 @@ def read_dataset_json(root: str | Path) -> dict:
 
 
 def parse_labels(labels: dict, regions_class_order=None, where: str = "dataset.json") -> dict[str, int]:
-    """dataset.json `labels` -> {name: the value it has in label maps}, by nnU-Net v2's rule.
-
-    Plain labels map names to ints. Region-based ones (nnU-Net's region training, e.g. BraTS) map regions to lists
-    of ints and need `regions_class_order`: region i (in file order, background and "ignore" apart) is written as
-    value regions_class_order[i]. Either way the values a label map may hold (every int named) must be unique and
-    consecutive from background 0, as nnU-Net's verify_dataset_integrity requires."""
+    """dataset.json `labels` -> {name: its value in label maps}, by nnU-Net v2's rule: plain labels are ints;
+    region-based ones (lists of ints, e.g. BraTS) take value regions_class_order[i] for region i (in file order,
+    background and "ignore" apart). Values must be unique and consecutive from background 0."""
     if not isinstance(labels, dict) or not labels:
         raise ValueError(f"{where}: 'labels' must be a non-empty object name -> int (or list of ints), got {labels!r}")
     named = {}
@@ -100,17 +95,10 @@ class RawDataset:
     def max_label(self) -> int:
         return max(self.labels.values())
 
-    @property
-    def num_channels(self) -> int:
-        return len(self.channel_names)
-
     def case_names(self, split: str = "Tr") -> list[str]:
         """Sorted case names: files `images<split>/<case>_0000<file_ending>`."""
-        folder = self.root / f"images{_check_split(split)}"
-        if not folder.is_dir():
-            return []
         suffix = "_0000" + self.file_ending
-        return sorted(p.name[: -len(suffix)] for p in folder.iterdir() if p.name.endswith(suffix))
+        return sorted(p.name[: -len(suffix)] for p in (self.root / f"images{_check_split(split)}").glob(f"*{suffix}"))
 
     def image_path(self, name: str, split: str = "Tr", channel: int = 0) -> Path:
         return self.root / f"images{_check_split(split)}" / f"{name}_{channel:04d}{self.file_ending}"
@@ -134,16 +122,14 @@ class RawDataset:
         if case.label is not None:
             undeclared = sorted(set(np.unique(case.label).tolist()) - set(self.labels.values()))
             if undeclared:
-                raise ValueError(
-                    f"case {name!r}: label values {undeclared} are not declared in dataset.json labels {self.labels}"
-                )
+                raise ValueError(f"case {name!r}: label values {undeclared} are not declared in dataset.json labels "
+                                 f"{self.labels}")
         return case
 
     def __repr__(self) -> str:
         return f"RawDataset({str(self.root)!r}, cases={len(self.case_names())}, labels={self.labels})"
 
 
-# ----- preprocessed datasets -----------------------------------------------------------------------------------
 CASE_LAYOUTS = ("<case>.b2nd + <case>_seg.b2nd (nnU-Net >= 2.5, blosc2)", "<case>.npz (data, seg)",
                 "<case>.npy + <case>_seg.npy (unpacked)")
 CROP_KEYS = ("bbox_used_for_cropping", "shape_after_cropping_and_before_resampling")
@@ -176,9 +162,8 @@ def read_properties(path: str | Path) -> dict:
 
 
 def reader_affine(properties: dict) -> np.ndarray:
-    """(4, 4) voxel -> world (RAS+, mm) affine of the array nnU-Net's image reader returned, in its axis order
-    (z, y, x for SimpleITKIO and NibabelIO), from `sitk_stuff` (SimpleITK: spacing, origin, direction in x, y, z
-    order and LPS+ world) or `nibabel_stuff` (the NIfTI affine; `reoriented_affine` for NibabelIOWithReorient)."""
+    """(4, 4) voxel -> world (RAS+, mm) affine of nnU-Net's reader array (axes z, y, x), from `sitk_stuff`
+    (spacing, origin, direction in x, y, z order, LPS+) or `nibabel_stuff` (`reoriented_affine` or the original)."""
     if "sitk_stuff" in properties:
         sitk = properties["sitk_stuff"]
         spacing = np.asarray(sitk["spacing"], dtype=np.float64)
@@ -198,13 +183,10 @@ def reader_affine(properties: dict) -> np.ndarray:
 
 
 def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, int, int]) -> np.ndarray:
-    """(4, 4) voxel -> world (RAS+, mm) affine of a preprocessed nnU-Net array of spatial `shape`.
-
-    nnU-Net's preprocessing (default_preprocessor.run_case_npy): the reader's array is transposed by the plans'
-    `transpose_forward`, cropped to `bbox_used_for_cropping` (the nonzero box), then resampled from
-    `shape_after_cropping_and_before_resampling` to `shape` keeping the volume's outer corners, so preprocessed
-    voxel j lies at cropped index (j + 0.5) * before / after - 0.5 (a spacing of the reader's spacing times
-    before / after, the plans' target spacing up to nnU-Net's rounding of the shape). The affine undoes the three."""
+    """(4, 4) voxel -> world (RAS+, mm) affine of a preprocessed nnU-Net array of spatial `shape`. It undoes
+    nnU-Net's preprocessing: transpose by `transpose_forward`, crop to `bbox_used_for_cropping`, resample from
+    `shape_after_cropping_and_before_resampling` to `shape` keeping the outer corners (voxel j lies at cropped
+    index (j + 0.5) * before / after - 0.5)."""
     missing = [k for k in CROP_KEYS if k not in properties]
     if missing:
         raise KeyError(f"case properties lack {missing} (nnU-Net's preprocessor writes them); "
@@ -222,9 +204,8 @@ def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, i
 
 
 def find_plans(folder: str | Path) -> Path:
-    """The plans file of a preprocessed configuration folder: nnU-Net names the folder `<plans>_<configuration>`
-    (e.g. nnUNetPlans_3d_fullres) and writes `<plans>.json` next to it; also looked for inside the folder, and
-    `nnUNetPlans.json` when the name gives nothing."""
+    """`<plans>.json` of a configuration folder `<plans>_<configuration>` (e.g. nnUNetPlans_3d_fullres), next to it
+    or inside; `nnUNetPlans.json` when the name gives nothing."""
     folder = Path(folder)
     parts = folder.name.split("_")
     for stem in ["_".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)] + ["nnUNetPlans"]:
@@ -271,9 +252,8 @@ def read_preprocessed_arrays(image_path: str | Path) -> tuple[np.ndarray, np.nda
 
 def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: int = 0, name: str | None = None,
                            slice_axis: int = 2) -> Case:
-    """One nnU-Net v2 preprocessed case (arrays + `<case>.pkl` properties next to them; `transpose_forward` from
-    the plans) -> Case whose geometry is the preprocessed grid in world space (see `preprocessed_affine`); seg -1
-    (outside nnU-Net's crop mask) is kept. `slice_axis` is a RAS axis, as for raw datasets (2 = axial)."""
+    """One preprocessed case (arrays + `<case>.pkl`) -> Case on the preprocessed grid in world space
+    (`preprocessed_affine`); seg -1 (outside nnU-Net's crop mask) is kept. `slice_axis`: RAS axis (2 = axial)."""
     path = Path(image_path)
     data, seg = read_preprocessed_arrays(path)
     if data.ndim != 4:
@@ -293,14 +273,12 @@ def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: i
 
 
 class PreprocessedDataset:
-    """An nnU-Net v2 preprocessed dataset: `root` is `<Dataset>` (holding the configuration folder `plans`, e.g.
-    nnUNetPlans_3d_fullres) or that folder itself. Cases in any of `CASE_LAYOUTS`, each with `<case>.pkl`; the plans
-    file (`find_plans`) gives `transpose_forward`. Outputs are written on the preprocessed (cropped, resampled) grid."""
+    """An nnU-Net v2 preprocessed dataset: `root` is `<Dataset>` (holding the folder `plans`) or that folder.
+    Outputs are written on the preprocessed (cropped, resampled) grid."""
 
     def __init__(self, root: str | Path, plans: str = DEFAULT_PLANS):
-        root = Path(root)
-        self.root = root
-        self.folder = root / plans if (root / plans).is_dir() else root
+        self.root = Path(root)
+        self.folder = self.root / plans if (self.root / plans).is_dir() else self.root
         if not self.case_names():
             raise FileNotFoundError(f"no nnU-Net preprocessed cases in {self.folder}; looked for "
                                     f"{' / '.join(CASE_LAYOUTS)}")
@@ -308,7 +286,7 @@ class PreprocessedDataset:
         self.plans = json.loads(self.plans_path.read_text())
         if "transpose_forward" not in self.plans:
             raise KeyError(f"{self.plans_path} lacks 'transpose_forward'; is it an nnU-Net v2 plans file?")
-        json_path = next((p / "dataset.json" for p in (root, self.folder, self.folder.parent)
+        json_path = next((p / "dataset.json" for p in (self.root, self.folder, self.folder.parent)
                           if (p / "dataset.json").is_file()), None)
         self.dataset_json = json.loads(json_path.read_text()) if json_path else {}
         self.labels = (parse_labels(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))

@@ -17,6 +17,7 @@ from .geometry import SLICE_AXES, Geometry
 INTENSITY_MODES = ("minmax", "percentile", "window")
 BODY_MODES = ("nonzero", "threshold", "none")
 RESIZE_MODES = ("bilinear", "nearest")
+TORCH_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact"}  # bilinear: align_corners False
 
 
 @dataclass
@@ -72,7 +73,6 @@ class PreprocessConfig:
         return d
 
 
-# ----- body region ---------------------------------------------------------------------------------------------
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of a boolean mask (the mask itself when it has at most one)."""
     labelled, n = ndimage.label(mask)
@@ -83,17 +83,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labelled == int(np.argmax(sizes))
 
 
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """3-D hole filling, then 2-D per slice (a body cavity open at the volume's ends is still filled)."""
-    filled = ndimage.binary_fill_holes(mask)
-    return np.stack([ndimage.binary_fill_holes(s) for s in filled])
-
-
 def compute_body_mask(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """(D, H, W) raw intensities -> (D, H, W) bool body region.
-
-    nonzero: voxels != 0 (brain-extracted MRI); threshold: voxels > body_threshold (CT, HU), largest connected
-    component; both optionally hole-filled; none: everything."""
+    """(D, H, W) raw intensities -> (D, H, W) bool body region. nonzero: voxels != 0 (brain-extracted MRI);
+    threshold: voxels > body_threshold (CT, HU), largest component; both optionally hole-filled; none: everything."""
     image = np.asarray(image)
     if cfg.body == "none":
         return np.ones(image.shape, dtype=bool)
@@ -103,12 +95,11 @@ def compute_body_mask(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         mask = image > cfg.body_threshold
         if cfg.body_largest_component:
             mask = largest_component(mask)
-    if cfg.body_fill_holes and mask.any():
-        mask = _fill_holes_per_slice(mask)
+    if cfg.body_fill_holes and mask.any():  # in 3-D, then per slice (a cavity open at the volume's ends)
+        mask = np.stack([ndimage.binary_fill_holes(s) for s in ndimage.binary_fill_holes(mask)])
     return mask.astype(bool)
 
 
-# ----- intensities -----------------------------------------------------------------------------------------------
 def normalise_intensity(
     image: np.ndarray, cfg: PreprocessConfig, body: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -140,7 +131,6 @@ def denormalise_intensity(x: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     return ((np.asarray(x, dtype=np.float64) + 1.0) / 2.0 * scale + lo).astype(np.float32)
 
 
-# ----- labels as one grey channel --------------------------------------------------------------------------------
 def label_to_grey(label: np.ndarray, max_label: int) -> np.ndarray:
     """int labels (-1 outside the body, 0..max_label) -> float32 grey: -1 -> -1 - 2/max_label, k -> 2k/max_label - 1."""
     label = np.asarray(label)
@@ -155,7 +145,6 @@ def grey_to_label(grey: np.ndarray, max_label: int) -> np.ndarray:
     return np.clip(k, -1, max_label).astype(np.int16)
 
 
-# ----- in-plane resizing -----------------------------------------------------------------------------------------
 def resize_slices(vol: np.ndarray, size: int | tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(D, H, W) -> (D, S, S) (or (D, *size)) per slice with torch interpolate (align_corners=False).
     mode "nearest" keeps the input dtype (labels; nearest-exact pixel centres); "bilinear" returns float32."""
@@ -170,14 +159,10 @@ def resize_slices(vol: np.ndarray, size: int | tuple[int, int], mode: str = "bil
     if tuple(vol.shape[1:]) == out_hw:
         return vol.astype(np.float32) if mode == "bilinear" else vol.copy()
     x = rearrange(torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)), "d h w -> d 1 h w")
-    if mode == "bilinear":
-        y = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
-        return rearrange(y, "d 1 h w -> d h w").numpy()
-    y = F.interpolate(x, size=out_hw, mode="nearest-exact")
-    return rearrange(y, "d 1 h w -> d h w").numpy().astype(vol.dtype)
+    y = rearrange(F.interpolate(x, size=out_hw, mode=TORCH_MODES[mode]), "d 1 h w -> d h w").numpy()
+    return y if mode == "bilinear" else y.astype(vol.dtype)
 
 
-# ----- whole cases -----------------------------------------------------------------------------------------------
 @dataclass
 class PreparedCase:
     """name; image (D, S, S) float32 in [-1, 1]; label (D, S, S) int16 with -1 outside the body (or None);
@@ -195,11 +180,6 @@ class PreparedCase:
     def num_slices(self) -> int:
         return int(self.image.shape[0])
 
-    @property
-    def body(self) -> np.ndarray | None:
-        """(D, S, S) bool body region (label >= 0), or None without a label."""
-        return None if self.label is None else np.asarray(self.label) >= 0
-
     def grey_mask(self) -> np.ndarray:
         """(D, S, S) float32 grey mask (see `label_to_grey`)."""
         if self.label is None:
@@ -208,24 +188,19 @@ class PreparedCase:
 
 
 def prepare_case(case: Case, cfg: PreprocessConfig) -> PreparedCase:
-    """Case -> PreparedCase: body region (from seg -1 when the case has it, else `compute_body_mask`; labelled voxels
-    always count as body), intensities to [-1, 1], in-plane resize to cfg.size (images bilinear, labels nearest).
-    The slice axis is the case's own (chosen when it was loaded, see `RawDataset.load_case(slice_axis=...)`)."""
+    """Case -> PreparedCase: body region (seg -1 when the case has it, else `compute_body_mask`; labelled voxels
+    always count), intensities to [-1, 1], in-plane resize to cfg.size (images bilinear, labels nearest)."""
     image = np.asarray(case.image, dtype=np.float32)
     label = None if case.label is None else np.asarray(case.label)
-    if label is not None:
+    if label is None:
+        body = compute_body_mask(image, cfg)
+    else:
         if label.shape != image.shape:
             raise ValueError(f"case {case.name!r}: label shape {label.shape} != image shape {image.shape}")
         if label.max(initial=0) > cfg.max_label or label.min(initial=0) < -1:
-            raise ValueError(
-                f"case {case.name!r}: label values {sorted(np.unique(label).tolist())} exceed the allowed "
-                f"[-1, max_label={cfg.max_label}]; set preprocess.max_label"
-            )
-    if label is not None and (label < 0).any():
-        body = label >= 0
-    else:
-        body = compute_body_mask(image, cfg)
-    if label is not None:
+            raise ValueError(f"case {case.name!r}: label values {sorted(np.unique(label).tolist())} exceed the "
+                             f"allowed [-1, max_label={cfg.max_label}]; set preprocess.max_label")
+        body = (label >= 0) if (label < 0).any() else compute_body_mask(image, cfg)
         body |= label > 0
     try:
         x, stats = normalise_intensity(image, cfg, body)
