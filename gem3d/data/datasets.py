@@ -36,9 +36,20 @@ def _fingerprint(paths: list[Path]) -> list[list]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.save(tmp, np.ascontiguousarray(arr))
+def _read_entry(meta_path: Path, arrays: list[Path], fingerprint: list) -> dict | None:
+    """The meta of a complete cache entry made from sources with this fingerprint, else None."""
+    if not meta_path.is_file() or not all(p.is_file() for p in arrays):
+        return None
+    meta = json.loads(meta_path.read_text())
+    return meta if meta.get("fingerprint") == fingerprint else None
+
+
+def _write_entry(meta_path: Path, arrays: dict[Path, np.ndarray], meta: dict) -> None:
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, arr in arrays.items():
+        with atomic_path(path) as tmp:
+            np.save(tmp, np.ascontiguousarray(arr))
+    atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
 
 
 class VolumeCache:
@@ -47,8 +58,6 @@ class VolumeCache:
 
     def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
                  split: str = "Tr"):
-        if isinstance(cfg, dict):
-            cfg = PreprocessConfig.from_dict(cfg)
         self.dataset_dir = Path(dataset_dir)
         self.dataset = open_dataset(self.dataset_dir)
         self.cfg = cfg
@@ -94,24 +103,16 @@ class VolumeCache:
         self._check_name(name)
         if name in self._meta:
             return self._meta[name]
-        image_path, label_path, meta_path = self._paths(name)
+        image_path, _, meta_path = self._paths(name)
         fingerprint = _fingerprint(self._source_paths(name))
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint and image_path.is_file():
-                self._meta[name] = meta
-                return meta
-        self._meta[name] = self._prepare(name, fingerprint)
+        self._meta[name] = _read_entry(meta_path, [image_path], fingerprint) or self._prepare(name, fingerprint)
         return self._meta[name]
 
     def _prepare(self, name: str, fingerprint: list) -> dict:
         case = self.dataset.load_case(name, self.split, slice_axis=self.cfg.slice_axis)
         prepared = prepare_case(case, self.cfg)
         image_path, label_path, meta_path = self._paths(name)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npy(image_path, prepared.image)
-        if prepared.label is not None:
-            _atomic_save_npy(label_path, prepared.label)
+        arrays = {image_path: prepared.image} | ({} if prepared.label is None else {label_path: prepared.label})
         meta = {
             "name": name,
             "fingerprint": fingerprint,
@@ -122,7 +123,7 @@ class VolumeCache:
             "shape": list(prepared.image.shape),
             "has_label": prepared.label is not None,
         }
-        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+        _write_entry(meta_path, arrays, meta)
         self.prepared_count += 1
         self._loaded.pop(name, None)
         return meta
@@ -191,13 +192,6 @@ class LatentCache:
     def _paths(self, name: str) -> tuple[dict[str, Path], Path]:
         return {f: self.cache_dir / f"{name}_{f}.npy" for f in self.FIELDS}, self.cache_dir / f"{name}.json"
 
-    def _is_current(self, name: str) -> bool:
-        arrays, meta_path = self._paths(name)
-        if not meta_path.is_file() or not all(p.is_file() for p in arrays.values()):
-            return False
-        meta = json.loads(meta_path.read_text())
-        return meta.get("fingerprint") == self.volumes.meta(name)["fingerprint"]
-
     @torch.no_grad()
     def _encode(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(D, S, S) in [-1, 1] -> unscaled posterior (mean, std), each (D, z, h, w); the encoder chunks."""
@@ -213,12 +207,10 @@ class LatentCache:
             raise ValueError(f"case {name!r} has no label; the latent cache encodes labelled cases only")
         image_mean, image_std = self._encode(prepared.image)
         mask_mean, _ = self._encode(label_to_grey(np.asarray(prepared.label), prepared.max_label))
-        arrays, meta_path = self._paths(name)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for field, arr in zip(self.FIELDS, (image_mean, image_std, mask_mean)):
-            _atomic_save_npy(arrays[field], arr)
+        paths, meta_path = self._paths(name)
+        arrays = {paths[field]: arr for field, arr in zip(self.FIELDS, (image_mean, image_std, mask_mean))}
         meta = {"name": name, "fingerprint": self.volumes.meta(name)["fingerprint"], "shape": list(image_mean.shape)}
-        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+        _write_entry(meta_path, arrays, meta)
         self.encoded_count += 1
         self._loaded.pop(name, None)
 
@@ -227,9 +219,9 @@ class LatentCache:
         if name in self._loaded:
             return self._loaded[name]
         self.volumes._check_name(name)
-        if not self._is_current(name):
+        arrays, meta_path = self._paths(name)
+        if _read_entry(meta_path, list(arrays.values()), self.volumes.meta(name)["fingerprint"]) is None:
             self._encode_case(name)
-        arrays, _ = self._paths(name)
         self._loaded[name] = {f: np.load(p, mmap_mode="r") for f, p in arrays.items()}
         return self._loaded[name]
 
@@ -382,8 +374,10 @@ class _EpochDataset(Dataset):
         return prepared
 
 
-def _slices(arr: np.ndarray, start: int, stop: int) -> torch.Tensor:
-    return torch.from_numpy(np.array(arr[start:stop], dtype=np.float32))
+def _image_and_mask(prepared: PreparedCase, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices [start, stop) of the image and the grey mask, each (F, S, S) f32."""
+    image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
+    return image, torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
 
 
 class ClipDataset(_EpochDataset):
@@ -409,8 +403,7 @@ class ClipDataset(_EpochDataset):
         start = int(rng.integers(0, d - self.clip_len + 1))
         informed_index = int(rng.integers(0, self.clip_len))
         stop = start + self.clip_len
-        image = _slices(prepared.image, start, stop)
-        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
+        image, mask = _image_and_mask(prepared, start, stop)
         item = {
             "image": rearrange(image, "f h w -> f 1 h w"),
             "mask": rearrange(mask, "f h w -> f 1 h w"),
@@ -437,28 +430,12 @@ class SliceDataset(_EpochDataset):
         prepared = self._labelled(name)
         d = prepared.num_slices
         k = int(rng.integers(0, d))
-        image = _slices(prepared.image, k, k + 1)
-        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[k:k + 1]), prepared.max_label))
+        image, mask = _image_and_mask(prepared, k, k + 1)
         item = {"image": image, "mask": mask, "pos": torch.tensor(k / d, dtype=torch.float32), "index": k,
                 "case": name}
         if self.latents is not None:
             item["latent"] = self.latents.sample(name, k, k + 1, rng)
         return item
-
-
-class VolumeDataset(Dataset):
-    """Whole prepared volumes, one per name. Item: PreparedCase (memory-mapped)."""
-
-    def __init__(self, cache: VolumeCache, names: list[str]):
-        for name in names:
-            cache._check_name(name)
-        self.cache, self.names = cache, list(names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: int) -> PreparedCase:
-        return self.cache.get(self.names[index])
 
 
 class EpochSampler(Sampler[int]):

@@ -1,11 +1,9 @@
-"""The demo dataset: an nnU-Net raw dataset derived from the real MNI152 2009 template that nilearn ships (no download).
+"""The demo dataset: an nnU-Net raw dataset from the MNI152 2009 template that nilearn ships (no download).
 
-Each case is the brain-extracted template under a random smooth deformation, with its own contrast (T1-like or an
-inverted, T2-like contrast), gamma, bias field, noise level and intensity scale, plus one or two synthetic tumours
-with BraTS labels (1 edema, 2 non-enhancing core, 3 enhancing ring), all inside the brain. Outside the brain the image
-is exactly 0, so the `nonzero` body rule recovers the brain mask (as for BraTS). Volumes are 64 x 64 in-plane with 48
-axial slices, RAS, 2.9 x 2.9 x 3.3 mm, with a per-case origin.
-"""
+Each case: the brain-extracted template under a random smooth deformation, with its own contrast (T1-like or
+inverted, T2-like), gamma, bias field, noise and scale, plus one or two tumours with BraTS labels (1 edema,
+2 non-enhancing core, 3 enhancing ring). The image is 0 outside the brain (the `nonzero` body rule finds it).
+64 x 64 x 48 voxels (RAS, 2.9 x 2.9 x 3.3 mm), per-case origin."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +11,6 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -29,22 +26,6 @@ DEMO_LABELS = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing
 DEMO_SHAPE = (64, 64, 48)  # RAS voxels: x (R), y (A), z (S)
 DEMO_SPACING = (2.9, 2.9, 3.3)  # mm
 BRAIN_CENTRE_MM = (0.0, -17.0, 5.0)  # world centre of the MNI brain mask's bounding box
-
-
-@dataclass
-class CaseParams:
-    """The random draws behind one demo case (written to gem3d_demo.json)."""
-
-    name: str
-    contrast: str  # "t1" | "t2" (inverted)
-    gamma: float
-    contrast_gain: float
-    bias_strength: float
-    noise_sigma: float
-    intensity_scale: float
-    origin_shift_mm: list[float]
-    deformation_mm: float
-    tumours: list[dict]
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,8 +160,8 @@ def draw_case_params(index: int, seed: int) -> dict:
     }
 
 
-def make_demo_case(index: int, seed: int, template=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, CaseParams]:
-    """One case -> (image (64, 64, 48) float32, label uint8, affine (4, 4), params)."""
+def make_demo_case(index: int, seed: int, template=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """One case -> (image (64, 64, 48) float32, label uint8, affine (4, 4), its record: name, draws, tumours)."""
     t1, brain_t, template_affine = template if template is not None else load_mni_template()
     params = draw_case_params(index, seed)
     rng = np.random.default_rng([seed, index, 1])
@@ -188,9 +169,8 @@ def make_demo_case(index: int, seed: int, template=None) -> tuple[np.ndarray, np
     anatomy, brain = warp_template(rng, t1, brain_t, template_affine, affine, params["deformation_mm"])
     label, tumours = place_tumours(rng, brain, count=params.pop("num_tumours"))
     image = render_intensities(rng, anatomy, brain, label, params)
-    case_params = CaseParams(name=f"{CASE_PREFIX}_{index:03d}", tumours=tumours,
-                             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in params.items()})
-    return image, label, affine, case_params
+    record = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in params.items()}
+    return image, label, affine, {"name": f"{CASE_PREFIX}_{index:03d}", **record, "tumours": tumours}
 
 
 def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -218,10 +198,10 @@ def build_demo_dataset(out: str | Path, cases: int = 10, seed: int = 0, overwrit
     template = load_mni_template()
     records = []
     for index in tqdm(range(cases), desc="demo cases", disable=not progress):
-        image, label, affine, params = make_demo_case(index, seed, template)
-        _save(image, affine, out / "imagesTr" / f"{params.name}_0000.nii.gz")
-        _save(label, affine, out / "labelsTr" / f"{params.name}.nii.gz")
-        records.append(asdict(params))
+        image, label, affine, record = make_demo_case(index, seed, template)
+        _save(image, affine, out / "imagesTr" / f"{record['name']}_0000.nii.gz")
+        _save(label, affine, out / "labelsTr" / f"{record['name']}.nii.gz")
+        records.append(record)
     dataset_json = {
         "name": DEMO_NAME,
         "description": "gem3d demo: deformed MNI152 2009 template (nilearn) with synthetic BraTS-like tumours",

@@ -1,8 +1,5 @@
-"""LightningDataModule over an nnU-Net dataset: cache, splits, clip or slice datasets.
-
-The train loader is resumable mid-epoch: Lightning saves its ``state_dict`` (the epoch and the batches of it already
-trained) in every checkpoint, and a resumed run starts at the next batch of the same order.
-"""
+"""LightningDataModule over an nnU-Net dataset: cache, splits, clip or slice datasets. The train loader resumes
+mid-epoch: its ``state_dict`` (epoch, batches trained) goes into every checkpoint."""
 from __future__ import annotations
 
 import itertools
@@ -20,7 +17,6 @@ from .datasets import (
     LatentEncoder,
     SliceDataset,
     VolumeCache,
-    VolumeDataset,
     load_or_create_splits,
 )
 from .preprocess import PreprocessConfig
@@ -46,13 +42,9 @@ class _SkipOnResume:
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning saves and restores with the checkpoint (``state_dict`` / ``load_state_dict``).
-
-    ``position()`` gives ``(epoch, batches of that epoch already trained)``, counted by the trainer (the loader
-    itself cannot tell: Lightning fetches one batch ahead). ``load_state_dict`` sets the sampler's epoch and makes
-    the next iterator start after those batches; with per-index seeded items (``_EpochDataset``) the resumed data
-    order equals the uninterrupted one.
-    """
+    """A DataLoader that Lightning saves and restores with the checkpoint. ``position()``: ``(epoch, batches of it
+    trained)``, from the trainer (Lightning fetches one batch ahead). ``load_state_dict`` sets the sampler's epoch
+    and makes the next iterator skip those batches, so a resumed run sees the uninterrupted order."""
 
     def __init__(self, dataset, position: Callable[[], tuple[int, int]] | None = None, **kwargs):
         super().__init__(dataset, **kwargs)
@@ -83,13 +75,9 @@ class ResumableDataLoader(DataLoader):
 
 
 class Gem3dDataModule(L.LightningDataModule):
-    """train: the train split (random clips/slices, `samples_per_epoch` items, changing every epoch);
-    val: the val split (one fixed item per case). `preprocess` is a PreprocessConfig dict.
-
-    `latent_cache` (default on): the model that trains on this data hands its first stage over
-    (:meth:`attach_first_stage`, from the model's `setup`); every case is then encoded once into a
-    :class:`LatentCache` and the items carry latents, so no training step runs the encoder. Off, or with a model
-    that hands nothing over (the autoencoder), items hold images only."""
+    """train: random clips/slices of the train split (`samples_per_epoch` items, new every epoch); val: one fixed
+    item per val case. `preprocess`: a PreprocessConfig dict. `latent_cache`: once the model hands its first stage
+    over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
@@ -115,12 +103,14 @@ class Gem3dDataModule(L.LightningDataModule):
         self.splits: dict[str, list[str]] | None = None
         self.train_set = self.val_set = None
 
-    def prepare_data(self) -> None:
-        """Fill the cache and write splits.json once (main process)."""
+    def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
         cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
-        cache.prepare_all(progress=False)
-        load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, val_fraction=self.val_fraction,
-                              test_fraction=self.test_fraction, path=self.splits_path)
+        return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=self.splits_path,
+                                            val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+
+    def prepare_data(self) -> None:
+        """Write splits.json and fill the cache once (main process)."""
+        self._cache_and_splits()[0].prepare_all()
 
     def _make(self, names: list[str], length: int | None, seed: int):
         if self.kind == "clip":
@@ -129,18 +119,14 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
-            self.cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
-            self.splits = load_or_create_splits(self.dataset_dir, self.cache.names, seed=self.seed,
-                                                val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-                                                path=self.splits_path)
+            self.cache, self.splits = self._cache_and_splits()
             if not self.splits["train"]:
                 raise ValueError(f"the train split of {self.dataset_dir} is empty: {self.splits}")
             self.train_set = self._make(self.splits["train"], self.samples_per_epoch, self.seed)
             self.val_set = self._make(self.splits["val"], None, self.seed + 1) if self.splits["val"] else None
 
     def train_position(self) -> tuple[int, int]:
-        """``(epoch, batches of it already trained)`` of the attached trainer, i.e. where a resumed run goes on: the
-        epoch Lightning passes to ``set_epoch`` and the batches whose training step has run."""
+        """``(epoch, batches of it trained)`` of the attached trainer: where a resumed run goes on."""
         trainer = self.trainer
         if trainer is None:
             return 0, 0
@@ -166,16 +152,13 @@ class Gem3dDataModule(L.LightningDataModule):
                 dataset.use_latents(self.latents)
         return self.latents
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        # own generator: creating an iterator must not draw from the global RNG, which a resumed run restores
-        return ResumableDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=self.seed),
-                                   persistent_workers=self.num_workers > 0, drop_last=False,
-                                   generator=torch.Generator().manual_seed(self.seed), position=self.train_position)
-
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, shuffle=True)
+        # own generator: creating an iterator must not draw from the global RNG, which a resumed run restores
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                   sampler=EpochSampler(len(self.train_set), shuffle=True, seed=self.seed),
+                                   persistent_workers=self.num_workers > 0, drop_last=False,
+                                   generator=torch.Generator().manual_seed(self.seed), position=self.train_position)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -184,10 +167,3 @@ class Gem3dDataModule(L.LightningDataModule):
         # a fixed epoch: validation sees the same clips every time
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, shuffle=False,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
-
-    def volumes(self, split: str = "val") -> VolumeDataset:
-        """Whole prepared volumes of one split (train / val / test)."""
-        self.setup()
-        if split not in self.splits:
-            raise ValueError(f"split must be one of {list(self.splits)}, got {split!r}")
-        return VolumeDataset(self.cache, self.splits[split])
