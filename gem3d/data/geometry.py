@@ -104,10 +104,8 @@ class Geometry:
 def load_nifti(
     path: str | Path, channel: int | None = None, dtype=np.float32, slice_axis: int = 2
 ) -> tuple[np.ndarray, Geometry]:
-    """Read a NIfTI file -> (source-grid array (X, Y, Z) as `dtype`, its Geometry).
-
-    4-D files are accepted when they have one channel, or when `channel` picks one of them.
-    """
+    """Read a NIfTI file -> (source-grid array (X, Y, Z) as `dtype`, its Geometry). A 4-D file needs one channel,
+    or `channel` picking one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"NIfTI file not found: {path}")
@@ -116,23 +114,16 @@ def load_nifti(
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise ValueError(f"cannot read {path} as NIfTI: {exc}") from exc
     shape = tuple(img.shape)
-    if len(shape) == 4:
-        n = shape[3]
-        if channel is None:
-            if n != 1:
-                raise ValueError(f"{path} is 4-D with {n} channels (shape {shape}); pass channel in [0, {n - 1}]")
-            channel = 0
-        if not 0 <= channel < n:
-            raise ValueError(f"channel {channel} out of range for {path} with {n} channels (allowed 0..{n - 1})")
-        index = (..., channel)
-    elif len(shape) == 3:
-        if channel not in (None, 0):
-            raise ValueError(f"{path} is 3-D (shape {shape}); channel must be None or 0, got {channel}")
-        index = ...
-    else:
+    if len(shape) not in (3, 4):
         raise ValueError(f"{path} must hold 3-D data (or 4-D with channels), got shape {shape} ({len(shape)}-D)")
+    n = shape[3] if len(shape) == 4 else 1
+    if channel is None and n != 1:
+        raise ValueError(f"{path} is 4-D with {n} channels (shape {shape}); pass channel in [0, {n - 1}]")
+    channel = channel or 0
+    if not 0 <= channel < n:
+        raise ValueError(f"channel {channel} out of range for {path} (shape {shape}, allowed 0..{n - 1})")
     try:
-        data = np.asarray(img.dataobj[index], dtype=dtype)
+        data = np.asarray(img.dataobj[(..., channel) if len(shape) == 4 else ...], dtype=dtype)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise ValueError(f"cannot read {path}: truncated or corrupt file ({exc}); write it again") from exc
     return data, Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=data.shape, slice_axis=slice_axis)

@@ -2,7 +2,6 @@
 and preprocessed (`<Dataset>/nnUNetPlans_3d_fullres/<case>.{b2nd,npz,npy}` + `<case>.pkl` with its geometry)."""
 from __future__ import annotations
 
-import importlib
 import json
 import pickle
 from pathlib import Path
@@ -194,9 +193,7 @@ def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, i
     axes = [int(a) for a in transpose_forward]
     if sorted(axes) != [0, 1, 2]:
         raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {transpose_forward!r}")
-    transpose = np.zeros((4, 4))
-    transpose[axes, [0, 1, 2]] = 1.0  # transposed axis a is the reader's axis axes[a]
-    transpose[3, 3] = 1.0
+    transpose = np.eye(4)[:, [*axes, 3]]  # transposed axis a is the reader's axis axes[a]
     scale = np.asarray(properties["shape_after_cropping_and_before_resampling"], np.float64) / np.asarray(shape)
     crop_and_resample = np.diag([*scale, 1.0])
     crop_and_resample[:3, 3] = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
@@ -216,17 +213,14 @@ def find_plans(folder: str | Path) -> Path:
                             "(nnUNetv2_plan_and_preprocess writes it next to the preprocessed folder)")
 
 
-def _blosc2():
+def _read_array(path: Path) -> np.ndarray:
+    if path.suffix != ".b2nd":
+        return np.load(path)
     try:
-        return importlib.import_module("blosc2")  # optional: only the nnU-Net >= 2.5 layout needs it
+        import blosc2  # optional: only the nnU-Net >= 2.5 layout needs it
     except ImportError as exc:
         raise ImportError('reading nnU-Net .b2nd files needs blosc2: pip install blosc2 (or "gem3d[nnunet]")') from exc
-
-
-def _read_array(path: Path) -> np.ndarray:
-    if path.suffix == ".b2nd":
-        return _blosc2().open(str(path), mode="r")[:]
-    return np.load(path)
+    return blosc2.open(str(path), mode="r")[:]
 
 
 def _seg_path(path: Path) -> Path:
