@@ -82,9 +82,6 @@ class VolumeCache:
         state["_loaded"] = {}
         return state
 
-    def __len__(self) -> int:
-        return len(self.names)
-
     def _paths(self, name: str) -> tuple[Path, Path, Path]:
         return (self.cache_dir / f"{name}_image.npy", self.cache_dir / f"{name}_label.npy",
                 self.cache_dir / f"{name}.json")

@@ -210,8 +210,7 @@ def prepare_case(case: Case, cfg: PreprocessConfig) -> PreparedCase:
     label_out = None if label is None else np.where(body, label, -1).astype(np.int16)
     canonical_hw = (int(image.shape[1]), int(image.shape[2]))
     if cfg.size is not None:
-        x = resize_slices(x, cfg.size, "bilinear")
-        x = np.clip(x, -1.0, 1.0)
+        x = np.clip(resize_slices(x, cfg.size, "bilinear"), -1.0, 1.0)
         if label_out is not None:
             label_out = resize_slices(label_out, cfg.size, "nearest")
     return PreparedCase(name=case.name, image=np.ascontiguousarray(x, dtype=np.float32), label=label_out,
@@ -220,17 +219,11 @@ def prepare_case(case: Case, cfg: PreprocessConfig) -> PreparedCase:
 
 def restore_volume(x: np.ndarray, prepared: PreparedCase) -> np.ndarray:
     """(D, S, S) in [-1, 1] -> source-grid float32 raw intensities (bilinear back to canonical H, W; clamped)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 3 or x.shape[0] != prepared.num_slices:
-        raise ValueError(f"x must be (D={prepared.num_slices}, S, S), got shape {x.shape}")
     x = np.clip(resize_slices(x, prepared.canonical_hw, "bilinear"), -1.0, 1.0)
     return prepared.geometry.to_source(denormalise_intensity(x, prepared.stats))
 
 
 def restore_label(label: np.ndarray, prepared: PreparedCase) -> np.ndarray:
     """(D, S, S) labels -> source-grid int16 labels (nearest; -1 -> 0)."""
-    label = np.asarray(label)
-    if label.ndim != 3 or label.shape[0] != prepared.num_slices:
-        raise ValueError(f"label must be (D={prepared.num_slices}, S, S), got shape {label.shape}")
-    label = resize_slices(label.astype(np.int16), prepared.canonical_hw, "nearest")
+    label = resize_slices(np.asarray(label, dtype=np.int16), prepared.canonical_hw, "nearest")
     return prepared.geometry.to_source(np.maximum(label, 0).astype(np.int16))
