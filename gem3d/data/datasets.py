@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -28,7 +29,7 @@ SPLIT_KEYS = ("train", "val", "test")
 
 def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
     """12 hex digits identifying (preprocess config, split, cache format)."""
-    payload = json.dumps({"cfg": cfg.to_dict(), "split": split, "version": CACHE_VERSION}, sort_keys=True)
+    payload = json.dumps({"cfg": asdict(cfg), "split": split, "version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 

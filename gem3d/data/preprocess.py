@@ -2,7 +2,7 @@
 grey mask encoding of labels (`-1` outside the body). Every step has an inverse back onto the source grid."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -66,11 +66,6 @@ class PreprocessConfig:
         if unknown:
             raise ValueError(f"unknown preprocess keys {unknown}; allowed keys are {allowed}")
         return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["percentiles"], d["window"] = list(self.percentiles), list(self.window)
-        return d
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
