@@ -1,5 +1,6 @@
 """Preprocessing: grey mask levels, body rules, intensity round trips, resizing, restoring onto the source grid."""
 import pickle
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_config_validation_names_the_allowed_values():
     with pytest.raises(ValueError, match=r"unknown preprocess keys \['sise'\]"):
         PreprocessConfig.from_dict({"sise": 64})
     cfg = PreprocessConfig.from_dict({"size": 64, "intensity": "window", "window": [-100, 200]})
-    assert cfg.window == (-100.0, 200.0) and PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.window == (-100.0, 200.0) and PreprocessConfig.from_dict(asdict(cfg)) == cfg
 
 
 def test_resize_slices_modes():
