@@ -157,7 +157,7 @@ class VolumeCache:
 
 class LatentEncoder(Protocol):
     """What :class:`LatentCache` needs of a first stage: ``key`` names its weights (another key, another cache);
-    ``scale_factor``; ``__call__(images (N, 1, S, S) in [-1, 1])`` -> unscaled posterior ``(mean, std)`` (N, z, h, w)."""
+    ``scale_factor``; ``__call__(images (N, 1, S, S) in [-1, 1])`` -> unscaled posterior mean, std (N, z, h, w)."""
 
     key: str
     scale_factor: float
