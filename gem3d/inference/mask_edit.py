@@ -17,6 +17,7 @@ same shape, the region outside ``body`` restored exactly, only label values that
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -55,9 +56,7 @@ def _check_inputs(label: np.ndarray, body: np.ndarray | None) -> tuple[np.ndarra
             raise ValueError(f"label must hold integer values, got dtype {label.dtype} with fractional values")
     if label.size and label.min() < -1:
         raise ValueError(f"label values must be >= -1 (-1 = outside the body), got minimum {label.min()}")
-    if body is None:
-        body = label >= 0
-    body = np.asarray(body)
+    body = label >= 0 if body is None else np.asarray(body)
     if body.shape != label.shape:
         raise ValueError(f"body shape {body.shape} does not match label shape {label.shape}")
     return label.astype(np.int16, copy=False), body.astype(bool, copy=False)
@@ -75,9 +74,6 @@ def _lesion_set(label: np.ndarray, lesion_labels: Iterable[int] | None) -> list[
 
 def lesion_mask(label: np.ndarray, lesion_labels: Iterable[int] | None = None) -> np.ndarray:
     """Bool ``(D, H, W)``: voxels whose label is a lesion label (default: any label > 0)."""
-    label = np.asarray(label)
-    if lesion_labels is None:
-        return label > 0
     return np.isin(label, _lesion_set(label, lesion_labels))
 
 
@@ -87,16 +83,12 @@ def enforce_invariants(
     body: np.ndarray,
     allowed: Iterable[int] | None = None,
 ) -> np.ndarray:
-    """Restore the region outside ``body`` from ``old`` (``-1`` stays, labels > 0 there become 0)
-    and check the shape and label set of ``new``. Returns ``new`` as int16.
-
-    ``allowed``: label values that may appear (default: the values of ``old`` plus 0).
-    Raises ``RuntimeError`` when an edit broke an invariant (a bug in the edit, not in the input).
-    """
-    new = np.asarray(new)
+    """``new`` as int16 with the region outside ``body`` restored from ``old`` (``-1`` stays, labels > 0 become 0).
+    ``allowed``: the label values that may appear (default: those of ``old``; 0 always). A ``RuntimeError`` for a
+    changed shape or another label is a bug in the edit, not in the input."""
+    new = np.array(new, dtype=np.int16)
     if new.shape != old.shape:
         raise RuntimeError(f"edit changed the volume shape from {old.shape} to {new.shape}")
-    new = new.astype(np.int16, copy=True)
     outside = ~body
     new[outside] = np.where(old[outside] < 0, old[outside], 0)
     allowed_set = set(int(v) for v in (np.unique(old) if allowed is None else allowed)) | {0}
@@ -110,18 +102,9 @@ def enforce_invariants(
 
 
 def _info(name: str, **params: Any) -> dict[str, Any]:
-    def plain(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return [plain(x) for x in v.tolist()]
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, float):
-            return round(v, 6)
-        return v
-
-    return {"edit": name, **{k: plain(v) for k, v in params.items()}}
+    """``{"edit": name, **params}`` made JSON-able: numpy values as lists and numbers, floats rounded to 6 digits."""
+    plain = json.loads(json.dumps(params, default=lambda v: v.tolist()), parse_float=lambda s: round(float(s), 6))
+    return {"edit": name, **plain}
 
 
 def _move_lesion(
@@ -190,9 +173,8 @@ def move_toward_centre(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Shift the lesion labels toward the centre by a random distance (voxels), never past the centre.
 
-    - ``distance``: (low, high) voxels for a volume of ``reference_size`` voxels along its shortest
-      moved axis; smaller volumes scale it down by ``min(1, shortest / reference_size)``
-      (``reference_size=None``: no scaling). METHOD §5: 20-60 voxels.
+    - ``distance``: (low, high) voxels (METHOD §5: 20-60) for a volume of ``reference_size`` voxels along its
+      shortest moved axis; smaller volumes scale it by ``min(1, shortest / reference_size)`` (``None``: no scaling).
     - ``centre``: ``"volume"`` (the array centre) or ``"body"`` (the body's centre of mass).
     - ``axes``: the axes the shift may use (e.g. ``(1, 2)`` for in-plane only).
     """
@@ -271,8 +253,7 @@ def flip(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
     flipped = bool(rng.random() < probability)
-    drawn = {"axis": axis, "flipped": flipped}
-    return _move_lesion("flip", label, body, lesion_labels, fill_label, drawn,
+    return _move_lesion("flip", label, body, lesion_labels, fill_label, {"axis": axis, "flipped": flipped},
                         lambda lesion, mask: (np.flip(lesion, axis=axis) if flipped else lesion, {}))
 
 
@@ -323,11 +304,8 @@ def remap_labels(
     mapping: Mapping[int, int],
     max_label: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Replace label values by ``mapping`` (unmapped values unchanged), e.g. ``{3: 2}`` or a swap ``{1: 2, 2: 1}``.
-
-    Values are mapped simultaneously (a swap works). ``-1`` cannot be mapped. ``max_label``, when
-    given, bounds the targets to ``0..max_label``. Deterministic (``rng`` unused).
-    """
+    """Replace label values by ``mapping`` all at once, e.g. ``{3: 2}`` or a swap ``{1: 2, 2: 1}``; unmapped values
+    stay, ``-1`` cannot be mapped, ``max_label`` (optional) bounds the labels to ``0..max_label``. ``rng`` unused."""
     label, body = _check_inputs(label, body)
     if not isinstance(mapping, Mapping) or not mapping:
         raise ValueError(f"mapping must be a non-empty dict {{from: to}}, got {mapping!r}")
@@ -345,11 +323,8 @@ def remap_labels(
 
 
 def compose(*edits: EditFn, name: str = "compose") -> EditFn:
-    """One edit that applies ``edits`` in order with the same generator.
-
-    Bind parameters with ``functools.partial``: ``compose(partial(rotate, max_degrees=5), flip)``.
-    The info is ``{"edit": name, "steps": [info of each edit]}``.
-    """
+    """One edit that applies ``edits`` in order with the same generator, e.g. ``compose(partial(rotate,
+    max_degrees=5), flip)``. The info is ``{"edit": name, "steps": [info of each edit]}``."""
     if not edits:
         raise ValueError("compose needs at least one edit")
     for edit in edits:
@@ -365,7 +340,6 @@ def compose(*edits: EditFn, name: str = "compose") -> EditFn:
             steps.append(info)
         return label, {"edit": name, "steps": steps}
 
-    composed.__name__ = name
     return composed
 
 
@@ -387,9 +361,8 @@ def icma_edit(
     edit = compose(
         functools.partial(rotate, max_degrees=max_degrees, lesion_labels=lesion_labels),
         functools.partial(flip, axis=lr_axis, probability=flip_probability, lesion_labels=lesion_labels),
-        functools.partial(
-            move_toward_centre, distance=distance, reference_size=reference_size, centre="volume", lesion_labels=lesion_labels
-        ),
+        functools.partial(move_toward_centre, distance=distance, reference_size=reference_size, centre="volume",
+                          lesion_labels=lesion_labels),
         name="icma_edit",
     )
     return edit(label, body, rng)
@@ -407,10 +380,8 @@ EDITS: dict[str, EditFn] = {
 
 
 def edit_from_config(spec: Sequence[Mapping[str, Any] | str] | Mapping[str, Any] | str) -> EditFn:
-    """Build an edit from config: a name (``"icma"``), ``{"edit": name, **params}``, or a list of them (composed).
-
-    Example: ``[{"edit": "rotate", "max_degrees": 5}, "flip", {"edit": "remap_labels", "mapping": {3: 2}}]``.
-    """
+    """Build an edit from config: a name (``"icma"``), ``{"edit": name, **params}``, or a list of them (composed),
+    e.g. ``[{"edit": "rotate", "max_degrees": 5}, "flip", {"edit": "remap_labels", "mapping": {3: 2}}]``."""
     if isinstance(spec, (str, Mapping)):
         spec = [spec]
     edits = []
