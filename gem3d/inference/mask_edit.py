@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-EditFn = Callable[..., "tuple[np.ndarray, dict[str, Any]]"]
+Rng = np.random.Generator | int
+Edited = tuple[np.ndarray, dict[str, Any]]  # (new label, info)
+EditFn = Callable[..., Edited]
 
 
 def left_right_axis(slice_axis: int = 2) -> int:
@@ -38,7 +40,7 @@ def left_right_axis(slice_axis: int = 2) -> int:
 LEFT_RIGHT_AXIS = left_right_axis(2)
 
 
-def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+def as_rng(rng: Rng | None) -> np.random.Generator:
     """``np.random.Generator`` from a Generator or an int seed (``None`` is refused: edits must be seeded)."""
     if isinstance(rng, np.random.Generator):
         return rng
@@ -77,12 +79,8 @@ def lesion_mask(label: np.ndarray, lesion_labels: Iterable[int] | None = None) -
     return np.isin(label, _lesion_set(label, lesion_labels))
 
 
-def enforce_invariants(
-    new: np.ndarray,
-    old: np.ndarray,
-    body: np.ndarray,
-    allowed: Iterable[int] | None = None,
-) -> np.ndarray:
+def enforce_invariants(new: np.ndarray, old: np.ndarray, body: np.ndarray,
+                       allowed: Iterable[int] | None = None) -> np.ndarray:
     """``new`` as int16 with the region outside ``body`` restored from ``old`` (``-1`` stays, labels > 0 become 0).
     ``allowed``: the label values that may appear (default: those of ``old``; 0 always). A ``RuntimeError`` for a
     changed shape or another label is a bug in the edit, not in the input."""
@@ -107,15 +105,8 @@ def _info(name: str, **params: Any) -> dict[str, Any]:
     return {"edit": name, **plain}
 
 
-def _move_lesion(
-    name: str,
-    label: np.ndarray,
-    body: np.ndarray,
-    lesion_labels: Iterable[int] | None,
-    fill_label: int,
-    drawn: dict[str, Any],
-    transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, dict[str, Any]]],
-) -> tuple[np.ndarray, dict[str, Any]]:
+def _move_lesion(name: str, label: np.ndarray, body: np.ndarray, lesion_labels: Iterable[int] | None, fill_label: int,
+                 drawn: dict[str, Any], transform: Callable[[np.ndarray, np.ndarray], Edited]) -> Edited:
     """The geometric edits' common part: ``transform(lesion, mask) -> (moved lesion, info)`` moves the lesion
     labels (0 elsewhere); they are pasted over the rest, where they were is ``fill_label``. ``drawn``: the
     parameters drawn, for the info. Without lesion voxels ``label`` is kept and the info says ``skipped``."""
@@ -131,7 +122,7 @@ def _centre_of_mass(mask: np.ndarray) -> np.ndarray:
     return np.asarray(ndimage.center_of_mass(mask.astype(np.float64)), dtype=np.float64)
 
 
-def _transform_about_centre(lesion: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, dict]:
+def _transform_about_centre(lesion: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> Edited:
     """Resample ``lesion`` (nearest) under ``x_out = matrix @ (x_in - c) + c``, ``c`` the mask's centre of mass."""
     centre = _centre_of_mass(mask)
     inverse = np.linalg.inv(matrix)
@@ -159,18 +150,10 @@ def _check_range(name: str, value: Sequence[float], low: float = 0.0) -> tuple[f
     return lo, hi
 
 
-def move_toward_centre(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    distance: Sequence[float] = (20.0, 60.0),
-    reference_size: float | None = 128.0,
-    centre: str = "volume",
-    axes: Sequence[int] = (0, 1, 2),
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def move_toward_centre(label: np.ndarray, body: np.ndarray | None, rng: Rng, *,
+                       distance: Sequence[float] = (20.0, 60.0), reference_size: float | None = 128.0,
+                       centre: str = "volume", axes: Sequence[int] = (0, 1, 2),
+                       lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Shift the lesion labels toward the centre by a random distance (voxels), never past the centre.
 
     - ``distance``: (low, high) voxels (METHOD §5: 20-60) for a volume of ``reference_size`` voxels along its
@@ -193,7 +176,7 @@ def move_toward_centre(
         scale_factor = min(1.0, min(label.shape[a] for a in axes) / float(reference_size))
     drawn = float(rng.uniform(lo, hi)) * scale_factor
 
-    def shift_toward_centre(lesion: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict]:
+    def shift_toward_centre(lesion: np.ndarray, mask: np.ndarray) -> Edited:
         target = (np.asarray(label.shape, dtype=np.float64) - 1.0) / 2.0
         if centre == "body" and body.any():
             target = _centre_of_mass(body)
@@ -213,15 +196,8 @@ def move_toward_centre(
     return new, info
 
 
-def rotate(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    max_degrees: float | Sequence[float] = 2.5,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def rotate(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degrees: float | Sequence[float] = 2.5,
+           lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Rotate the lesion labels about their centre of mass by uniform(-max, max) degrees about each
     axis (nearest neighbour). ``max_degrees``: one value or one per axis."""
     label, body = _check_inputs(label, body)
@@ -234,16 +210,8 @@ def rotate(
     return _move_lesion("rotate", label, body, lesion_labels, fill_label, {"degrees": degrees}, rotation)
 
 
-def flip(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    axis: int = LEFT_RIGHT_AXIS,
-    probability: float = 1.0,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def flip(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, axis: int = LEFT_RIGHT_AXIS, probability: float = 1.0,
+         lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Mirror the lesion labels across the volume's mid-plane of ``axis`` (default left-right),
     with the given probability. The body is not mirrored; lesion voxels that land outside it are dropped."""
     label, body = _check_inputs(label, body)
@@ -257,15 +225,8 @@ def flip(
                         lambda lesion, mask: (np.flip(lesion, axis=axis) if flipped else lesion, {}))
 
 
-def scale(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    factor_range: Sequence[float] = (0.8, 1.2),
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def scale(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, factor_range: Sequence[float] = (0.8, 1.2),
+          lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Scale the lesion labels isotropically about their centre of mass by uniform(low, high) (nearest)."""
     label, body = _check_inputs(label, body)
     rng = as_rng(rng)
@@ -277,14 +238,8 @@ def scale(
     return _move_lesion("scale", label, body, lesion_labels, fill_label, {"factor": factor}, scaling)
 
 
-def remove_lesion(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int | None = None,
-    *,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def remove_lesion(label: np.ndarray, body: np.ndarray | None, rng: Rng | None = None, *,
+                  lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Healthy counterfactual: lesion labels -> ``fill_label`` (background). Deterministic (``rng`` unused)."""
     label, body = _check_inputs(label, body)
     lesion_values = _lesion_set(label, lesion_labels)
@@ -296,14 +251,8 @@ def remove_lesion(
     return new, _info("remove_lesion", lesion_labels=lesion_values, removed_voxels=int(mask.sum()))
 
 
-def remap_labels(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int | None = None,
-    *,
-    mapping: Mapping[int, int],
-    max_label: int | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def remap_labels(label: np.ndarray, body: np.ndarray | None, rng: Rng | None = None, *, mapping: Mapping[int, int],
+                 max_label: int | None = None) -> Edited:
     """Replace label values by ``mapping`` all at once, e.g. ``{3: 2}`` or a swap ``{1: 2, 2: 1}``; unmapped values
     stay, ``-1`` cannot be mapped, ``max_label`` (optional) bounds the labels to ``0..max_label``. ``rng`` unused."""
     label, body = _check_inputs(label, body)
@@ -331,7 +280,7 @@ def compose(*edits: EditFn, name: str = "compose") -> EditFn:
         if not callable(edit):
             raise TypeError(f"compose takes edit functions, got {edit!r}")
 
-    def composed(label: np.ndarray, body: np.ndarray | None, rng: np.random.Generator | int):
+    def composed(label: np.ndarray, body: np.ndarray | None, rng: Rng) -> Edited:
         label, body = _check_inputs(label, body)
         rng = as_rng(rng)
         steps = []
@@ -343,18 +292,10 @@ def compose(*edits: EditFn, name: str = "compose") -> EditFn:
     return composed
 
 
-def icma_edit(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    max_degrees: float = 2.5,
-    distance: Sequence[float] = (20.0, 60.0),
-    reference_size: float | None = 128.0,
-    flip_probability: float = 1.0,
-    lr_axis: int = LEFT_RIGHT_AXIS,
-    lesion_labels: Iterable[int] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def icma_edit(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degrees: float = 2.5,
+              distance: Sequence[float] = (20.0, 60.0), reference_size: float | None = 128.0,
+              flip_probability: float = 1.0, lr_axis: int = LEFT_RIGHT_AXIS,
+              lesion_labels: Iterable[int] | None = None) -> Edited:
     """The paper's ``icma``/``igma`` mask edit (METHOD §5): rotate the lesion labels (±``max_degrees``
     per axis), flip them left-right, shift them ``distance`` voxels toward the volume centre (scaled down
     for volumes smaller than ``reference_size``); the body region is restored, so a lesion never leaves it."""
