@@ -107,15 +107,16 @@ def _info(name: str, **params: Any) -> dict[str, Any]:
 
 def _move_lesion(name: str, label: np.ndarray, body: np.ndarray, lesion_labels: Iterable[int] | None, fill_label: int,
                  drawn: dict[str, Any], transform: Callable[[np.ndarray, np.ndarray], Edited]) -> Edited:
-    """The geometric edits' common part: ``transform(lesion, mask) -> (moved lesion, info)`` moves the lesion
-    labels (0 elsewhere); they are pasted over the rest, where they were is ``fill_label``. ``drawn``: the
-    parameters drawn, for the info. Without lesion voxels ``label`` is kept and the info says ``skipped``."""
+    """The geometric edits' common part: cut the lesion labels out of ``label`` (leaving ``fill_label``), move them
+    with ``transform(lesion, mask) -> (moved lesion, info)`` and paste them back on top. ``drawn``: the parameters
+    drawn, for the info. Without lesion voxels ``label`` is kept and the info says ``skipped``."""
     mask = lesion_mask(label, lesion_labels)
     if not mask.any():
         return enforce_invariants(label, label, body), _info(name, **drawn, skipped="no lesion")
     moved, info = transform(np.where(mask, label, 0), mask)
     new = np.where(moved > 0, moved, np.where(mask, fill_label, label))
-    return enforce_invariants(new, label, body, allowed=[*np.unique(label), fill_label]), _info(name, **(drawn | info))
+    new = enforce_invariants(new, label, body, allowed=[*np.unique(label), fill_label])
+    return new, _info(name, **(drawn | info))
 
 
 def _centre_of_mass(mask: np.ndarray) -> np.ndarray:
