@@ -1,8 +1,5 @@
-"""The one command line shared by every ``scripts/inference_<dataset>_<setting>.py``.
-
-Defaults come from ``gem3d/configs/inference/<dataset>.yaml`` (package data); flags override them::
-
-    python scripts/inference_brain_ic.py --data DATASET --out OUT --cases 5 --samples-per-case 2 --steps 50
+"""The one command line shared by every ``scripts/inference_<dataset>_<setting>.py``; flags override the defaults
+of ``gem3d/configs/inference/<dataset>.yaml``, e.g. ``scripts/inference_brain_ic.py --data DATASET --cases 5``.
 """
 from __future__ import annotations
 
@@ -29,6 +26,9 @@ CONFIG_DIR = packaged("inference")
 
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
                "sampler", "mask_edit", "preprocess")
+SAMPLER_FLAGS = ("steps", "sampler", "eta", "window", "overlap", "known_noise", "clip_x0", "slice_noise_correlation",
+                 "condition_posterior", "informed_guidance")
+
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
     """``<config_dir>/<dataset>.yaml`` (default: the packaged ``gem3d/configs/inference``) as a plain dict."""
@@ -52,10 +52,10 @@ def _bool_flag(parser, name: str, help: str):
 
 
 def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
-    spec = get_setting(setting)
     p = argparse.ArgumentParser(
         prog=f"inference_{dataset}_{setting}.py",
-        description=f"GEM-3D inference, setting '{setting}': {spec.description}. Defaults: gem3d/configs/inference/{dataset}.yaml",
+        description=f"GEM-3D inference, setting '{setting}': {get_setting(setting).description}. "
+                    f"Defaults: gem3d/configs/inference/{dataset}.yaml",
     )
     p.add_argument("--model", type=Path, help="model dir (training run, converted or original GEM-3D folder)")
     p.add_argument("--slice-model", type=Path, help="position-conditioned slice model dir (ig, igma, slice)")
@@ -109,18 +109,12 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         return arg if arg is not None else defaults.get(key, fallback)
 
     sampler = dict(defaults.get("sampler", {}) or {})
-    for key, value in (("steps", args.steps), ("sampler", args.sampler), ("eta", args.eta), ("window", args.window),
-                       ("overlap", args.overlap), ("known_noise", args.known_noise), ("clip_x0", args.clip_x0),
-                       ("slice_noise_correlation", args.slice_noise_correlation),
-                       ("condition_posterior", args.condition_posterior),
-                       ("informed_guidance", args.informed_guidance)):
-        if value is not None:
-            sampler[key] = value
+    sampler.update({key: getattr(args, key) for key in SAMPLER_FLAGS if getattr(args, key) is not None})
     model_default = models.get("baseline" if spec.model == "baseline" else "volume")
     model = args.model or (Path(model_default) if model_default and spec.needs_volume_model else None)
     slice_default = models.get("slice")
     slice_model = args.slice_model or (Path(slice_default) if slice_default and spec.needs_slice_model else None)
-    if defaults.get("data") is None and args.data is None:
+    if pick(args.data, "data") is None:
         raise ValueError(f"no dataset: pass --data or set data: in gem3d/configs/inference/{dataset}.yaml")
     data = Path(pick(args.data, "data"))
     cases = None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases"))
@@ -139,8 +133,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         sampler=SamplerOptions(**sampler),
         seed=int(pick(args.seed, "seed", 0)),
         device=pick(args.device, "device", "cpu"),
-        ema=args.ema if args.ema is not None else defaults.get("ema"),
-        slice_ema=args.slice_ema if args.slice_ema is not None else defaults.get("slice_ema"),
+        ema=pick(args.ema, "ema"),
+        slice_ema=pick(args.slice_ema, "slice_ema"),
         informed_from=args.informed_from,
         informed_select=args.informed_select,
         mask_edit=dict(defaults.get("mask_edit", {}) or {}),

@@ -9,71 +9,38 @@ Every edit has the signature ``edit(label, body, rng, **params) -> (new_label, i
 - ``info``: a JSON-able dict for the run manifest (``{"edit": name, ...parameters drawn}``).
 
 "Lesion" labels are the labels an edit moves or removes: ``lesion_labels=None`` means every label > 0.
-Geometric edits move the lesion labels as one object (nearest-neighbour, so no new label values
-appear); the voxels a lesion leaves get ``fill_label`` (0); the moved lesion overwrites what is under it.
-
-Invariants enforced at the end of every edit (``enforce_invariants``): the shape is unchanged, no
-label > 0 lies outside ``body`` (the body region is restored exactly as it was: ``-1`` stays ``-1``),
-and only label values that were present (plus ``fill_label``) or, for ``remap_labels``, their images appear.
-
-Axes. The canonical layout (``gem3d.data.geometry.Geometry.to_canonical``) is the closest RAS
-orientation with the slice axis moved to the front, the other two axes in RAS order. With the
-default axial ``slice_axis=2`` that is ``(D, H, W) = (S, R, A)``: **H (axis 1) is the left-right
-axis**, W runs posterior -> anterior, D inferior -> superior. ``left_right_axis(slice_axis)`` gives
-the axis for the other slice axes. Rotations and shifts work in voxel units (not mm).
+Geometric edits move the lesion labels as one object (nearest neighbour, in voxel units), fill the voxels
+it leaves with ``fill_label`` (0) and overwrite what is under it. Every edit ends with ``enforce_invariants``:
+same shape, the region outside ``body`` restored exactly, only label values that were present (or mapped to).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "EditFn",
-    "LEFT_RIGHT_AXIS",
-    "left_right_axis",
-    "as_rng",
-    "lesion_mask",
-    "enforce_invariants",
-    "move_toward_centre",
-    "rotate",
-    "flip",
-    "scale",
-    "remove_lesion",
-    "remap_labels",
-    "compose",
-    "icma_edit",
-    "EDITS",
-    "edit_from_config",
-]
-
-EditFn = Callable[..., "tuple[np.ndarray, dict[str, Any]]"]
+Rng = np.random.Generator | int
+Edited = tuple[np.ndarray, dict[str, Any]]  # (new label, info)
+EditFn = Callable[..., Edited]
 
 
 def left_right_axis(slice_axis: int = 2) -> int:
-    """Index of the left-right (R) axis in the canonical ``(D, H, W)`` layout for a given slice axis.
-
-    Canonical = RAS axes ``(R, A, S) = (0, 1, 2)`` with ``slice_axis`` moved to the front, the
-    others keeping their order: axial (2) -> (S, R, A) -> 1; coronal (1) -> (A, R, S) -> 1;
-    sagittal (0) -> (R, A, S) -> 0.
-    """
+    """Index of the left-right (R) axis in the canonical ``(D, H, W)`` layout: RAS axes with ``slice_axis``
+    moved to the front, so R is axis 0 for sagittal slices and axis 1 otherwise (axial: ``(S, R, A)``)."""
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be one of (0, 1, 2), got {slice_axis!r}")
-    order = [slice_axis] + [a for a in (0, 1, 2) if a != slice_axis]
-    return order.index(0)
+    return 0 if slice_axis == 0 else 1
 
 
 LEFT_RIGHT_AXIS = left_right_axis(2)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+def as_rng(rng: Rng | None) -> np.random.Generator:
     """``np.random.Generator`` from a Generator or an int seed (``None`` is refused: edits must be seeded)."""
     if isinstance(rng, np.random.Generator):
         return rng
@@ -91,9 +58,7 @@ def _check_inputs(label: np.ndarray, body: np.ndarray | None) -> tuple[np.ndarra
             raise ValueError(f"label must hold integer values, got dtype {label.dtype} with fractional values")
     if label.size and label.min() < -1:
         raise ValueError(f"label values must be >= -1 (-1 = outside the body), got minimum {label.min()}")
-    if body is None:
-        body = label >= 0
-    body = np.asarray(body)
+    body = label >= 0 if body is None else np.asarray(body)
     if body.shape != label.shape:
         raise ValueError(f"body shape {body.shape} does not match label shape {label.shape}")
     return label.astype(np.int16, copy=False), body.astype(bool, copy=False)
@@ -111,28 +76,17 @@ def _lesion_set(label: np.ndarray, lesion_labels: Iterable[int] | None) -> list[
 
 def lesion_mask(label: np.ndarray, lesion_labels: Iterable[int] | None = None) -> np.ndarray:
     """Bool ``(D, H, W)``: voxels whose label is a lesion label (default: any label > 0)."""
-    label = np.asarray(label)
-    if lesion_labels is None:
-        return label > 0
     return np.isin(label, _lesion_set(label, lesion_labels))
 
 
-def enforce_invariants(
-    new: np.ndarray,
-    old: np.ndarray,
-    body: np.ndarray,
-    allowed: Iterable[int] | None = None,
-) -> np.ndarray:
-    """Restore the region outside ``body`` from ``old`` (``-1`` stays, labels > 0 there become 0)
-    and check the shape and label set of ``new``. Returns ``new`` as int16.
-
-    ``allowed``: label values that may appear (default: the values of ``old`` plus 0).
-    Raises ``RuntimeError`` when an edit broke an invariant (a bug in the edit, not in the input).
-    """
-    new = np.asarray(new)
+def enforce_invariants(new: np.ndarray, old: np.ndarray, body: np.ndarray,
+                       allowed: Iterable[int] | None = None) -> np.ndarray:
+    """``new`` as int16 with the region outside ``body`` restored from ``old`` (``-1`` stays, labels > 0 become 0).
+    ``allowed``: the label values that may appear (default: those of ``old``; 0 always). A ``RuntimeError`` for a
+    changed shape or another label is a bug in the edit, not in the input."""
+    new = np.array(new, dtype=np.int16)
     if new.shape != old.shape:
         raise RuntimeError(f"edit changed the volume shape from {old.shape} to {new.shape}")
-    new = new.astype(np.int16, copy=True)
     outside = ~body
     new[outside] = np.where(old[outside] < 0, old[outside], 0)
     allowed_set = set(int(v) for v in (np.unique(old) if allowed is None else allowed)) | {0}
@@ -140,47 +94,42 @@ def enforce_invariants(
         allowed_set.add(-1)
     present = set(int(v) for v in np.unique(new))
     if not present <= allowed_set:
-        raise RuntimeError(f"edit produced label values {sorted(present - allowed_set)} outside the allowed set {sorted(allowed_set)}")
-    if np.any((new > 0) & outside):  # pragma: no cover - guaranteed by the restore above
-        raise RuntimeError("edit left labels outside the body")
+        extra = sorted(present - allowed_set)
+        raise RuntimeError(f"edit produced label values {extra} outside the allowed set {sorted(allowed_set)}")
     return new
 
 
-def _split(label: np.ndarray, lesion_labels: Iterable[int] | None, fill_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(lesion labels only, the rest with lesions filled, lesion mask)``."""
+def _info(name: str, **params: Any) -> dict[str, Any]:
+    """``{"edit": name, **params}`` made JSON-able: numpy values as lists and numbers, floats rounded to 6 digits."""
+    plain = json.loads(json.dumps(params, default=lambda v: v.tolist()), parse_float=lambda s: round(float(s), 6))
+    return {"edit": name, **plain}
+
+
+def _move_lesion(name: str, label: np.ndarray, body: np.ndarray, lesion_labels: Iterable[int] | None, fill_label: int,
+                 drawn: dict[str, Any], transform: Callable[[np.ndarray, np.ndarray], Edited]) -> Edited:
+    """The geometric edits' common part: cut the lesion labels out of ``label`` (leaving ``fill_label``), move them
+    with ``transform(lesion, mask) -> (moved lesion, info)`` and paste them back on top. ``drawn``: the parameters
+    drawn, for the info. Without lesion voxels ``label`` is kept and the info says ``skipped``."""
     mask = lesion_mask(label, lesion_labels)
-    lesion = np.where(mask, label, 0).astype(np.int16)
-    rest = np.where(mask, np.int16(fill_label), label).astype(np.int16)
-    return lesion, rest, mask
-
-
-def _paste(lesion: np.ndarray, rest: np.ndarray) -> np.ndarray:
-    return np.where(lesion > 0, lesion, rest).astype(np.int16)
+    if not mask.any():
+        return enforce_invariants(label, label, body), _info(name, **drawn, skipped="no lesion")
+    moved, info = transform(np.where(mask, label, 0), mask)
+    new = np.where(moved > 0, moved, np.where(mask, fill_label, label))
+    new = enforce_invariants(new, label, body, allowed=[*np.unique(label), fill_label])
+    return new, _info(name, **(drawn | info))
 
 
 def _centre_of_mass(mask: np.ndarray) -> np.ndarray:
     return np.asarray(ndimage.center_of_mass(mask.astype(np.float64)), dtype=np.float64)
 
 
-def _transform_about(lesion: np.ndarray, matrix: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Resample ``lesion`` (nearest) under ``x_out = matrix @ (x_in - centre) + centre`` (voxel coordinates)."""
+def _transform_about_centre(lesion: np.ndarray, mask: np.ndarray, matrix: np.ndarray) -> Edited:
+    """Resample ``lesion`` (nearest) under ``x_out = matrix @ (x_in - c) + c``, ``c`` the mask's centre of mass."""
+    centre = _centre_of_mass(mask)
     inverse = np.linalg.inv(matrix)
     offset = centre - inverse @ centre
-    return ndimage.affine_transform(lesion, inverse, offset=offset, order=0, mode="constant", cval=0, output=np.int16)
-
-
-def _shift_int(arr: np.ndarray, offset: Sequence[int], fill: int = 0) -> np.ndarray:
-    """Shift ``arr`` by integer ``offset`` voxels per axis; what enters is ``fill`` (no wrap-around)."""
-    out = np.full_like(arr, fill)
-    src, dst = [], []
-    for size, off in zip(arr.shape, offset):
-        off = int(off)
-        if abs(off) >= size:
-            return out
-        src.append(slice(max(0, -off), size - max(0, off)))
-        dst.append(slice(max(0, off), size - max(0, -off)))
-    out[tuple(dst)] = arr[tuple(src)]
-    return out
+    moved = ndimage.affine_transform(lesion, inverse, offset=offset, order=0, mode="constant", cval=0, output=np.int16)
+    return moved, {"about_voxel": centre}
 
 
 def _rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
@@ -195,21 +144,6 @@ def _rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
     return matrix
 
 
-def _info(name: str, **params: Any) -> dict[str, Any]:
-    def plain(v: Any) -> Any:
-        if isinstance(v, np.ndarray):
-            return [plain(x) for x in v.tolist()]
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, float):
-            return round(v, 6)
-        return v
-
-    return {"edit": name, **{k: plain(v) for k, v in params.items()}}
-
-
 def _check_range(name: str, value: Sequence[float], low: float = 0.0) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
     if not (low <= lo <= hi):
@@ -217,26 +151,14 @@ def _check_range(name: str, value: Sequence[float], low: float = 0.0) -> tuple[f
     return lo, hi
 
 
-# --------------------------------------------------------------------------- edits
-
-
-def move_toward_centre(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    distance: Sequence[float] = (20.0, 60.0),
-    reference_size: float | None = 128.0,
-    centre: str = "volume",
-    axes: Sequence[int] = (0, 1, 2),
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def move_toward_centre(label: np.ndarray, body: np.ndarray | None, rng: Rng, *,
+                       distance: Sequence[float] = (20.0, 60.0), reference_size: float | None = 128.0,
+                       centre: str = "volume", axes: Sequence[int] = (0, 1, 2),
+                       lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Shift the lesion labels toward the centre by a random distance (voxels), never past the centre.
 
-    - ``distance``: (low, high) voxels for a volume of ``reference_size`` voxels along its shortest
-      moved axis; smaller volumes scale it down by ``min(1, shortest / reference_size)``
-      (``reference_size=None``: no scaling). METHOD §5: 20-60 voxels.
+    - ``distance``: (low, high) voxels (METHOD §5: 20-60) for a volume of ``reference_size`` voxels along its
+      shortest moved axis; smaller volumes scale it by ``min(1, shortest / reference_size)`` (``None``: no scaling).
     - ``centre``: ``"volume"`` (the array centre) or ``"body"`` (the body's centre of mass).
     - ``axes``: the axes the shift may use (e.g. ``(1, 2)`` for in-plane only).
     """
@@ -255,73 +177,42 @@ def move_toward_centre(
         scale_factor = min(1.0, min(label.shape[a] for a in axes) / float(reference_size))
     drawn = float(rng.uniform(lo, hi)) * scale_factor
 
-    lesion, rest, mask = _split(label, lesion_labels, fill_label)
-    if not mask.any():
-        return enforce_invariants(label, label, body), _info("move_toward_centre", distance=drawn, shift=[0, 0, 0], skipped="no lesion")
-    if centre == "volume":
+    def shift_toward_centre(lesion: np.ndarray, mask: np.ndarray) -> Edited:
         target = (np.asarray(label.shape, dtype=np.float64) - 1.0) / 2.0
-    else:
-        target = _centre_of_mass(body) if body.any() else (np.asarray(label.shape, dtype=np.float64) - 1.0) / 2.0
-    source = _centre_of_mass(mask)
-    direction = np.zeros(3)
-    direction[axes] = (target - source)[axes]
-    gap = float(np.linalg.norm(direction))
-    if gap < 0.5:
-        shift = np.zeros(3, dtype=int)
-    else:
-        step = min(drawn, gap)
-        shift = np.rint(direction / gap * step).astype(int)
-    moved = _shift_int(lesion, shift, 0)
-    new = enforce_invariants(_paste(moved, rest), label, body, allowed=list(np.unique(label)) + [fill_label])
-    info = _info(
-        "move_toward_centre",
-        distance=drawn,
-        shift=shift,
-        centre=centre,
-        from_voxel=source,
-        toward_voxel=target,
-        lesion_voxels_before=int(mask.sum()),
-        lesion_voxels_after=int(lesion_mask(new, lesion_labels).sum()),
-    )
+        if centre == "body" and body.any():
+            target = _centre_of_mass(body)
+        source = _centre_of_mass(mask)
+        direction = np.zeros(3)
+        direction[axes] = (target - source)[axes]
+        gap = float(np.linalg.norm(direction))
+        shift = np.zeros(3, dtype=int) if gap < 0.5 else np.rint(direction / gap * min(drawn, gap)).astype(int)
+        info = {"shift": shift, "centre": centre, "from_voxel": source, "toward_voxel": target,
+                "lesion_voxels_before": int(mask.sum())}
+        return ndimage.shift(lesion, shift, order=0), info
+
+    unmoved = {"distance": drawn, "shift": [0, 0, 0]}
+    new, info = _move_lesion("move_toward_centre", label, body, lesion_labels, fill_label, unmoved, shift_toward_centre)
+    if "skipped" not in info:
+        info["lesion_voxels_after"] = int(lesion_mask(new, lesion_labels).sum())
     return new, info
 
 
-def rotate(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    max_degrees: float | Sequence[float] = 2.5,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def rotate(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degrees: float | Sequence[float] = 2.5,
+           lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Rotate the lesion labels about their centre of mass by uniform(-max, max) degrees about each
-    axis (nearest neighbour, ``scipy.ndimage.affine_transform``). ``max_degrees``: one value or one per axis."""
+    axis (nearest neighbour). ``max_degrees``: one value or one per axis."""
     label, body = _check_inputs(label, body)
     rng = as_rng(rng)
     limits = np.broadcast_to(np.asarray(max_degrees, dtype=np.float64), (3,))
     if np.any(limits < 0) or np.any(limits > 180):
         raise ValueError(f"max_degrees must be in [0, 180], got {max_degrees!r}")
     degrees = rng.uniform(-limits, limits)
-    lesion, rest, mask = _split(label, lesion_labels, fill_label)
-    if not mask.any():
-        return enforce_invariants(label, label, body), _info("rotate", degrees=degrees, skipped="no lesion")
-    centre = _centre_of_mass(mask)
-    rotated = _transform_about(lesion, _rotation_matrix(degrees), centre)
-    new = enforce_invariants(_paste(rotated, rest), label, body, allowed=list(np.unique(label)) + [fill_label])
-    return new, _info("rotate", degrees=degrees, about_voxel=centre)
+    rotation = functools.partial(_transform_about_centre, matrix=_rotation_matrix(degrees))
+    return _move_lesion("rotate", label, body, lesion_labels, fill_label, {"degrees": degrees}, rotation)
 
 
-def flip(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    axis: int = LEFT_RIGHT_AXIS,
-    probability: float = 1.0,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def flip(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, axis: int = LEFT_RIGHT_AXIS, probability: float = 1.0,
+         lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Mirror the lesion labels across the volume's mid-plane of ``axis`` (default left-right),
     with the given probability. The body is not mirrored; lesion voxels that land outside it are dropped."""
     label, body = _check_inputs(label, body)
@@ -331,23 +222,12 @@ def flip(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
     flipped = bool(rng.random() < probability)
-    lesion, rest, mask = _split(label, lesion_labels, fill_label)
-    if not flipped or not mask.any():
-        extra = {} if mask.any() else {"skipped": "no lesion"}
-        return enforce_invariants(label, label, body), _info("flip", axis=axis, flipped=flipped, **extra)
-    new = enforce_invariants(_paste(np.flip(lesion, axis=axis), rest), label, body, allowed=list(np.unique(label)) + [fill_label])
-    return new, _info("flip", axis=axis, flipped=True)
+    return _move_lesion("flip", label, body, lesion_labels, fill_label, {"axis": axis, "flipped": flipped},
+                        lambda lesion, mask: (np.flip(lesion, axis=axis) if flipped else lesion, {}))
 
 
-def scale(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    factor_range: Sequence[float] = (0.8, 1.2),
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def scale(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, factor_range: Sequence[float] = (0.8, 1.2),
+          lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Scale the lesion labels isotropically about their centre of mass by uniform(low, high) (nearest)."""
     label, body = _check_inputs(label, body)
     rng = as_rng(rng)
@@ -355,122 +235,76 @@ def scale(
     if lo <= 0:
         raise ValueError(f"factor_range must be positive, got {tuple(factor_range)}")
     factor = float(rng.uniform(lo, hi))
-    lesion, rest, mask = _split(label, lesion_labels, fill_label)
-    if not mask.any():
-        return enforce_invariants(label, label, body), _info("scale", factor=factor, skipped="no lesion")
-    centre = _centre_of_mass(mask)
-    scaled = _transform_about(lesion, np.eye(3) * factor, centre)
-    new = enforce_invariants(_paste(scaled, rest), label, body, allowed=list(np.unique(label)) + [fill_label])
-    return new, _info("scale", factor=factor, about_voxel=centre)
+    scaling = functools.partial(_transform_about_centre, matrix=np.eye(3) * factor)
+    return _move_lesion("scale", label, body, lesion_labels, fill_label, {"factor": factor}, scaling)
 
 
-def remove_lesion(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int | None = None,
-    *,
-    lesion_labels: Iterable[int] | None = None,
-    fill_label: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def remove_lesion(label: np.ndarray, body: np.ndarray | None, rng: Rng | None = None, *,
+                  lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Healthy counterfactual: lesion labels -> ``fill_label`` (background). Deterministic (``rng`` unused)."""
     label, body = _check_inputs(label, body)
     lesion_values = _lesion_set(label, lesion_labels)
     if fill_label in lesion_values:
         raise ValueError(f"fill_label {fill_label} is itself a lesion label {lesion_values}")
-    _, rest, mask = _split(label, lesion_values, fill_label)
-    new = enforce_invariants(rest, label, body, allowed=[v for v in np.unique(label) if v not in lesion_values] + [fill_label])
+    mask = np.isin(label, lesion_values)
+    allowed = [v for v in np.unique(label) if v not in lesion_values] + [fill_label]
+    new = enforce_invariants(np.where(mask, fill_label, label), label, body, allowed=allowed)
     return new, _info("remove_lesion", lesion_labels=lesion_values, removed_voxels=int(mask.sum()))
 
 
-def remap_labels(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int | None = None,
-    *,
-    mapping: Mapping[int, int],
-    max_label: int | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Replace label values by ``mapping`` (unmapped values unchanged), e.g. ``{3: 2}`` or a swap ``{1: 2, 2: 1}``.
-
-    Values are mapped simultaneously (a swap works). ``-1`` cannot be mapped. ``max_label``, when
-    given, bounds the targets to ``0..max_label``. Deterministic (``rng`` unused).
-    """
+def remap_labels(label: np.ndarray, body: np.ndarray | None, rng: Rng | None = None, *, mapping: Mapping[int, int],
+                 max_label: int | None = None) -> Edited:
+    """Replace label values by ``mapping`` all at once, e.g. ``{3: 2}`` or a swap ``{1: 2, 2: 1}``; unmapped values
+    stay, ``-1`` cannot be mapped, ``max_label`` (optional) bounds the labels to ``0..max_label``. ``rng`` unused."""
     label, body = _check_inputs(label, body)
     if not isinstance(mapping, Mapping) or not mapping:
         raise ValueError(f"mapping must be a non-empty dict {{from: to}}, got {mapping!r}")
     table = {int(k): int(v) for k, v in mapping.items()}
-    bad = {k: v for k, v in table.items() if k < 0 or v < 0 or (max_label is not None and (k > max_label or v > max_label))}
+    bad = {k: v for k, v in table.items() if k < 0 or v < 0 or (max_label is not None and max(k, v) > max_label)}
     if bad:
         bound = f"0..{max_label}" if max_label is not None else ">= 0"
         raise ValueError(f"mapping entries {bad} are outside the label range {bound}")
     new = label.copy()
     for source, target in table.items():
         new[label == source] = target
-    present = [int(v) for v in np.unique(label)]
-    allowed = [table.get(v, v) for v in present]
+    allowed = [table.get(int(v), int(v)) for v in np.unique(label)]
     new = enforce_invariants(new, label, body, allowed=allowed)
     return new, _info("remap_labels", mapping={str(k): v for k, v in sorted(table.items())})
 
 
-# --------------------------------------------------------------------------- composition
-
-
-def _edit_name(edit: Callable[..., Any]) -> str:
-    while isinstance(edit, functools.partial):
-        edit = edit.func
-    return getattr(edit, "__name__", type(edit).__name__)
-
-
 def compose(*edits: EditFn, name: str = "compose") -> EditFn:
-    """One edit that applies ``edits`` in order with the same generator.
-
-    Bind parameters with ``functools.partial``: ``compose(partial(rotate, max_degrees=5), flip)``.
-    The info is ``{"edit": name, "steps": [info of each edit]}``.
-    """
+    """One edit that applies ``edits`` in order with the same generator, e.g. ``compose(partial(rotate,
+    max_degrees=5), flip)``. The info is ``{"edit": name, "steps": [info of each edit]}``."""
     if not edits:
         raise ValueError("compose needs at least one edit")
     for edit in edits:
         if not callable(edit):
             raise TypeError(f"compose takes edit functions, got {edit!r}")
 
-    def composed(label: np.ndarray, body: np.ndarray | None, rng: np.random.Generator | int) -> tuple[np.ndarray, dict[str, Any]]:
+    def composed(label: np.ndarray, body: np.ndarray | None, rng: Rng) -> Edited:
         label, body = _check_inputs(label, body)
         rng = as_rng(rng)
-        original = label
         steps = []
         for edit in edits:
             label, info = edit(label, body, rng)
             steps.append(info)
-        allowed = set(int(v) for v in np.unique(original)) | set(int(v) for v in np.unique(label))
-        return enforce_invariants(label, original, body, allowed=allowed), {"edit": name, "steps": steps}
+        return label, {"edit": name, "steps": steps}
 
-    composed.__name__ = name
-    composed.__doc__ = f"{name}: " + " -> ".join(_edit_name(e) for e in edits)
     return composed
 
 
-def icma_edit(
-    label: np.ndarray,
-    body: np.ndarray | None,
-    rng: np.random.Generator | int,
-    *,
-    max_degrees: float = 2.5,
-    distance: Sequence[float] = (20.0, 60.0),
-    reference_size: float | None = 128.0,
-    flip_probability: float = 1.0,
-    lr_axis: int = LEFT_RIGHT_AXIS,
-    lesion_labels: Iterable[int] | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def icma_edit(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degrees: float = 2.5,
+              distance: Sequence[float] = (20.0, 60.0), reference_size: float | None = 128.0,
+              flip_probability: float = 1.0, lr_axis: int = LEFT_RIGHT_AXIS,
+              lesion_labels: Iterable[int] | None = None) -> Edited:
     """The paper's ``icma``/``igma`` mask edit (METHOD §5): rotate the lesion labels (±``max_degrees``
-    per axis, nearest), flip them left-right, shift them ``distance`` voxels toward the volume centre
-    (scaled down for volumes smaller than ``reference_size``), then restore the body region, so a
-    lesion never leaves the brain or body."""
+    per axis), flip them left-right, shift them ``distance`` voxels toward the volume centre (scaled down
+    for volumes smaller than ``reference_size``); the body region is restored, so a lesion never leaves it."""
     edit = compose(
         functools.partial(rotate, max_degrees=max_degrees, lesion_labels=lesion_labels),
         functools.partial(flip, axis=lr_axis, probability=flip_probability, lesion_labels=lesion_labels),
-        functools.partial(
-            move_toward_centre, distance=distance, reference_size=reference_size, centre="volume", lesion_labels=lesion_labels
-        ),
+        functools.partial(move_toward_centre, distance=distance, reference_size=reference_size, centre="volume",
+                          lesion_labels=lesion_labels),
         name="icma_edit",
     )
     return edit(label, body, rng)
@@ -488,10 +322,8 @@ EDITS: dict[str, EditFn] = {
 
 
 def edit_from_config(spec: Sequence[Mapping[str, Any] | str] | Mapping[str, Any] | str) -> EditFn:
-    """Build an edit from config: a name (``"icma"``), ``{"edit": name, **params}``, or a list of them (composed).
-
-    Example: ``[{"edit": "rotate", "max_degrees": 5}, "flip", {"edit": "remap_labels", "mapping": {3: 2}}]``.
-    """
+    """Build an edit from config: a name (``"icma"``), ``{"edit": name, **params}``, or a list of them (composed),
+    e.g. ``[{"edit": "rotate", "max_degrees": 5}, "flip", {"edit": "remap_labels", "mapping": {3: 2}}]``."""
     if isinstance(spec, (str, Mapping)):
         spec = [spec]
     edits = []
@@ -500,7 +332,5 @@ def edit_from_config(spec: Sequence[Mapping[str, Any] | str] | Mapping[str, Any]
         name = params.pop("edit", None)
         if name not in EDITS:
             raise ValueError(f"unknown mask edit {name!r}; known edits: {sorted(EDITS)}")
-        if "mapping" in params:
-            params["mapping"] = {int(k): int(v) for k, v in params["mapping"].items()}
         edits.append(functools.partial(EDITS[name], **params) if params else EDITS[name])
     return edits[0] if len(edits) == 1 else compose(*edits)

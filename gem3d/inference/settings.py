@@ -1,7 +1,5 @@
-"""The inference settings of GEM-3D as data (METHOD §5, paper Tab. 1).
-
-One engine (:mod:`gem3d.inference.engine`) runs every setting; a setting only says where the informed
-slice comes from, which mask is used and which model generates the volume.
+"""The inference settings of GEM-3D as data (METHOD §5, paper Tab. 1): one engine (:mod:`gem3d.inference.engine`)
+runs them all; a setting only says where the informed slice comes from, which mask and which model are used.
 """
 from __future__ import annotations
 
@@ -32,11 +30,8 @@ class Setting:
     description: str = ""
 
     def __post_init__(self):
-        for field, value, allowed in (
-            ("informed", self.informed, INFORMED_SOURCES),
-            ("mask", self.mask, MASK_SOURCES),
-            ("model", self.model, MODELS),
-        ):
+        for field, allowed in (("informed", INFORMED_SOURCES), ("mask", MASK_SOURCES), ("model", MODELS)):
+            value = getattr(self, field)
             if value not in allowed:
                 raise ValueError(f"Setting {self.name!r}: {field}={value!r} is not one of {list(allowed)}")
 
@@ -49,18 +44,15 @@ class Setting:
         return self.model in ("gem3d", "baseline")
 
 
-SETTINGS: dict[str, Setting] = {
-    s.name: s
-    for s in (
-        Setting("ic", "other_case", "own", "gem3d", "informed slice from another case, own mask"),
-        Setting("icma", "other_case", "edited", "gem3d", "informed slice from another case, edited mask"),
-        Setting("ig", "generated", "own", "gem3d", "generated informed slice, own mask"),
-        Setting("igma", "generated", "edited", "gem3d", "generated informed slice, edited mask"),
-        Setting("test", "own_middle", "own", "gem3d", "own middle slice, own mask: reconstruction"),
-        Setting("base", "none", "own", "baseline", "baseline without informed slice, own mask"),
-        Setting("slice", "none", "none", "slice", "slice model alone at given positions"),
-    )
-}
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("ic", "other_case", "own", "gem3d", "informed slice from another case, own mask"),
+    Setting("icma", "other_case", "edited", "gem3d", "informed slice from another case, edited mask"),
+    Setting("ig", "generated", "own", "gem3d", "generated informed slice, own mask"),
+    Setting("igma", "generated", "edited", "gem3d", "generated informed slice, edited mask"),
+    Setting("test", "own_middle", "own", "gem3d", "own middle slice, own mask: reconstruction"),
+    Setting("base", "none", "own", "baseline", "baseline without informed slice, own mask"),
+    Setting("slice", "none", "none", "slice", "slice model alone at given positions"),
+)}
 
 
 def get_setting(name: str) -> Setting:
