@@ -19,7 +19,7 @@ from gem3d.data.datasets import (
 )
 from gem3d.data.module import Gem3dDataModule
 from gem3d.data.nnunet import RawDataset, open_dataset
-from gem3d.data.preprocess import PreprocessConfig, label_to_grey
+from gem3d.data.preprocess import PreprocessConfig, contrast_variant, label_to_grey
 from tests.test_nnunet_preprocessed import write_preprocessed_dataset
 
 LABELS = {"background": 0, "edema": 1, "core": 2, "enhancing": 3}
@@ -223,3 +223,38 @@ def test_preprocessed_folder_through_the_cache(tmp_path):
     assert (prepared.label[..., 0] == -1).all() and (prepared.label[..., -1] != -1).all()
     item = ClipDataset(cache, cache.names, clip_len=4)[0]
     assert item["mask"].min() == pytest.approx(-3.0)  # -1 - 2/max_label with max_label 1
+
+
+def test_contrast_variant_inverts_and_bends_inside_the_body_only():
+    image = np.array([[[-1.0, -0.6, 0.0, 0.6]]], np.float32)  # (1, 1, 4): background, then u = 0.2, 0.5, 0.8
+    body = image > -1
+    inverted = contrast_variant(image, body, invert=True)
+    np.testing.assert_allclose(inverted, [[[-1.0, 0.6, 0.0, -0.6]]], atol=1e-6)  # the body's range is kept
+    bent = contrast_variant(image, body, gamma=2.0)
+    np.testing.assert_allclose(bent, [[[-1.0, 2 * 0.04 - 1, 2 * 0.25 - 1, 2 * 0.64 - 1]]], atol=1e-6)
+    np.testing.assert_array_equal(contrast_variant(image, body), image)
+    with pytest.raises(ValueError, match="gamma must be > 0, got -1"):
+        contrast_variant(image, body, gamma=-1)
+
+
+def test_contrast_variants_are_train_cases_with_their_own_informed_slice(dataset):
+    dm = Gem3dDataModule(dataset, kind="clip", preprocess={"size": 16, "max_label": 3}, clip_len=4, seed=0,
+                         val_fraction=0.4, samples_per_epoch=40, contrast_variants=[{"invert": True, "gamma": 0.5}])
+    dm.setup("fit")
+    train = dm.splits["train"]
+    assert dm.train_set.names == train + [f"{n}~inv-g0.5" for n in train]
+    assert dm.val_set.names == dm.splits["val"]  # validation stays on the real contrast
+    original, variant = dm.cache.get(train[0]), dm.cache.get(f"{train[0]}~inv-g0.5")
+    body = np.asarray(original.label) >= 0
+    np.testing.assert_allclose(variant.image, contrast_variant(original.image, body, invert=True, gamma=0.5))
+    np.testing.assert_array_equal(variant.label, original.label)
+    assert dm.cache.num_slices(variant.name) == original.num_slices
+    items = [dm.train_set[i] for i in range(40)]
+    for item in (i for i in items if "~" in i["case"]):
+        prepared = dm.cache.get(item["case"])
+        np.testing.assert_array_equal(item["informed"][0], prepared.image[item["start"] + item["informed_index"]])
+    assert any("~" in i["case"] for i in items) and any("~" not in i["case"] for i in items)
+    with pytest.raises(ValueError, match=r"invert \(bool\) and gamma \(> 0\), got \{'gamma': 0\}"):
+        Gem3dDataModule(dataset, contrast_variants=[{"gamma": 0}])
+    with pytest.raises(KeyError, match="case 'nope' not in"):
+        dm.cache.get("nope~g2")

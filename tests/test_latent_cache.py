@@ -58,6 +58,18 @@ def test_cached_means_equal_the_first_stage_and_samples_follow_the_posterior(dat
                                latents.sample("case_001", 3, 7, np.random.default_rng(5)))
 
 
+
+def test_a_contrast_variant_is_encoded_from_its_own_image(dataset, model):
+    volumes = VolumeCache(dataset, CFG)
+    latents = LatentCache(volumes, FirstStageLatentEncoder(model.first_stage))
+    variant = volumes.get("case_001~inv-g0.7")
+    with torch.no_grad():
+        expected = model.first_stage.encode(torch.from_numpy(np.array(variant.image))[:, None], sample=False)
+    torch.testing.assert_close(latents.mean(variant.name, "image_mean", 0, 20), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(latents.mean("case_001", "image_mean", 0, 20), expected, atol=1e-3)
+    torch.testing.assert_close(latents.mean(variant.name, "mask_mean", 0, 20),
+                               latents.mean("case_001", "mask_mean", 0, 20))  # the same anatomy, the same mask
+
 def test_cache_is_reused_and_invalidated(dataset, model):
     encoder = FirstStageLatentEncoder(model.first_stage)
     first = LatentCache(VolumeCache(dataset, CFG), encoder)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -21,7 +21,7 @@ from gem3d.files import atomic_path, atomic_write_json
 
 from .geometry import Geometry
 from .nnunet import open_dataset
-from .preprocess import PreparedCase, PreprocessConfig, label_to_grey, prepare_case
+from .preprocess import PreparedCase, PreprocessConfig, contrast_variant, label_to_grey, prepare_case
 
 CACHE_VERSION = 1
 SPLIT_KEYS = ("train", "val", "test")
@@ -51,6 +51,14 @@ def _write_entry(meta_path: Path, arrays: dict[Path, np.ndarray], meta: dict) ->
         with atomic_path(path) as tmp:
             np.save(tmp, np.ascontiguousarray(arr))
     atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
+
+
+VARIANT_MARK = "~"
+
+
+def variant_name(name: str, invert: bool = False, gamma: float = 1.0) -> str:
+    """The name of case ``name`` in another contrast (:func:`contrast_variant`, training only): ``case~inv-g0.7``."""
+    return f"{name}{VARIANT_MARK}{'inv-' if invert else ''}g{float(gamma):g}"
 
 
 class VolumeCache:
@@ -91,7 +99,15 @@ class VolumeCache:
         label = self.dataset.label_path(name, self.split)
         return [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
 
+    def _variant(self, name: str) -> tuple[str, dict | None]:
+        """``(case, contrast_variant arguments or None)`` of a name made by :func:`variant_name`."""
+        base, mark, tag = name.partition(VARIANT_MARK)
+        if name in self.names or not mark:
+            return name, None
+        return base, {"invert": tag.startswith("inv-"), "gamma": float(tag.removeprefix("inv-").removeprefix("g"))}
+
     def _check_name(self, name: str) -> None:
+        name = self._variant(name)[0]
         if name not in self.names:
             shown = self.names[:8] + (["..."] if len(self.names) > 8 else [])
             raise KeyError(f"case {name!r} not in {self.dataset_dir} ({self.split}); cases: {shown}")
@@ -99,6 +115,7 @@ class VolumeCache:
     def meta(self, name: str) -> dict:
         """The cached meta of one case (prepares the case when needed)."""
         self._check_name(name)
+        name = self._variant(name)[0]
         if name in self._meta:
             return self._meta[name]
         image_path, _, meta_path = self._paths(name)
@@ -133,6 +150,14 @@ class VolumeCache:
         """PreparedCase with memory-mapped image (D, S, S) and label (D, S, S) (or None)."""
         meta = self.meta(name)
         if name in self._loaded:
+            return self._loaded[name]
+        base, variant = self._variant(name)
+        if variant is not None:
+            prepared = self.get(base)
+            if prepared.label is None:
+                raise ValueError(f"case {base!r} has no label, so no body to change the contrast of ({name!r})")
+            image = contrast_variant(prepared.image, np.asarray(prepared.label) >= 0, **variant)
+            self._loaded[name] = replace(prepared, name=name, image=image)
             return self._loaded[name]
         image_path, label_path, _ = self._paths(name)
         prepared = PreparedCase(

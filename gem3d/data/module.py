@@ -18,6 +18,7 @@ from .datasets import (
     SliceDataset,
     VolumeCache,
     load_or_create_splits,
+    variant_name,
 )
 from .preprocess import PreprocessConfig
 
@@ -77,12 +78,15 @@ class ResumableDataLoader(DataLoader):
 class Gem3dDataModule(L.LightningDataModule):
     """train: random clips/slices of the train split (`samples_per_epoch` items, new every epoch); val: one fixed
     item per val case. `preprocess`: a PreprocessConfig dict. `latent_cache`: once the model hands its first stage
-    over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder."""
+    over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder.
+    `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
+    slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
-                 test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True):
+                 test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True,
+                 contrast_variants: list[dict] | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -98,6 +102,10 @@ class Gem3dDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
         self.latent_cache = bool(latent_cache)
+        self.contrast_variants = [dict(v) for v in contrast_variants or []]
+        for variant in self.contrast_variants:
+            if not set(variant) <= {"invert", "gamma"} or float(variant.get("gamma", 1.0)) <= 0:
+                raise ValueError(f"a contrast variant takes invert (bool) and gamma (> 0), got {variant!r}")
         self.cache: VolumeCache | None = None
         self.latents: LatentCache | None = None
         self.splits: dict[str, list[str]] | None = None
@@ -122,7 +130,9 @@ class Gem3dDataModule(L.LightningDataModule):
             self.cache, self.splits = self._cache_and_splits()
             if not self.splits["train"]:
                 raise ValueError(f"the train split of {self.dataset_dir} is empty: {self.splits}")
-            self.train_set = self._make(self.splits["train"], self.samples_per_epoch, self.seed)
+            train = self.splits["train"] + [variant_name(n, **v) for n in self.splits["train"]
+                                            for v in self.contrast_variants]
+            self.train_set = self._make(train, self.samples_per_epoch, self.seed)
             self.val_set = self._make(self.splits["val"], None, self.seed + 1) if self.splits["val"] else None
 
     def train_position(self) -> tuple[int, int]:
@@ -146,7 +156,7 @@ class Gem3dDataModule(L.LightningDataModule):
             return None
         self.setup()
         self.latents = LatentCache(self.cache, encoder)
-        self.latents.encode_all(self.splits["train"] + self.splits["val"])
+        self.latents.encode_all(self.train_set.names + self.splits["val"])
         for dataset in (self.train_set, self.val_set):
             if dataset is not None:
                 dataset.use_latents(self.latents)

@@ -140,6 +140,20 @@ def grey_to_label(grey: np.ndarray, max_label: int) -> np.ndarray:
     return np.clip(k, -1, max_label).astype(np.int16)
 
 
+def contrast_variant(image: np.ndarray, body: np.ndarray, invert: bool = False, gamma: float = 1.0) -> np.ndarray:
+    """(D, S, S) image in [-1, 1] -> the same anatomy in another contrast, for training: inside ``body`` the
+    intensities u = (x + 1) / 2 are inverted within the body's range (``invert``), then raised to ``gamma``; -1
+    outside. With the informed slice taken from the same variant, a model must read the contrast from it."""
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    body = np.asarray(body, dtype=bool)
+    u = (np.asarray(image, dtype=np.float32) + 1.0) / 2.0
+    if invert and body.any():
+        u = np.where(body, u[body].min() + u[body].max() - u, u)
+    u = np.where(body, np.clip(u, 0.0, 1.0) ** np.float32(gamma), 0.0)
+    return (u * 2.0 - 1.0).astype(np.float32)
+
+
 def resize_slices(vol: np.ndarray, size: int | tuple[int, int], mode: str = "bilinear") -> np.ndarray:
     """(D, H, W) -> (D, S, S) (or (D, *size)) per slice with torch interpolate (align_corners=False).
     mode "nearest" keeps the input dtype (labels; nearest-exact pixel centres); "bilinear" returns float32."""
