@@ -1,16 +1,10 @@
-"""Model folders: their three layouts, detected in one place, and loaded as a :class:`LoadedModel`.
-
-Layouts (detected in this order by :func:`detect_layout`):
+"""Model folders: their three layouts, detected in one place (:func:`detect_layout`, in this order), and loaded as
+a :class:`LoadedModel` holding a plain :class:`gem3d.denoiser.Denoiser` in eval mode:
 
 1. ``converted``: ``weights.safetensors`` + ``configs/model.yaml`` (written by :func:`gem3d.convert.convert_model_dir`);
-2. ``original``: a folder of the original GEM-3D code (config targets ``ldm.models...``), mapped on load
-   (:mod:`gem3d.model_dirs.original`);
+2. ``original``: an original GEM-3D folder (config targets ``ldm.models...``), mapped by :mod:`.original`;
 3. ``run``: a gem3d training run (``checkpoints/last.ckpt`` + ``configs/*-project.yaml``), a ``.ckpt`` file or a
    glob matching runs (the newest).
-
-Every layout loads as a plain :class:`gem3d.denoiser.Denoiser` in eval mode, with the data preprocessing it was
-trained with (``data.params.preprocess`` of its config, if known), the weight file and its SHA-256, and whether
-the UNet holds EMA weights.
 """
 
 from __future__ import annotations
@@ -29,16 +23,8 @@ from gem3d.files import file_sha256
 from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
 
 __all__ = [
-    "CONVERTED_WEIGHTS",
-    "CONVERTED_CONFIG",
-    "DENOISER_TARGET",
-    "EXPECTED",
-    "LAYOUTS",
-    "LoadedModel",
-    "detect_layout",
-    "load_model_dir",
-    "read_preprocess",
-    "run_preprocess",
+    "CONVERTED_WEIGHTS", "CONVERTED_CONFIG", "DENOISER_TARGET", "EXPECTED", "LAYOUTS", "LoadedModel", "detect_layout",
+    "load_model_dir", "read_preprocess", "run_preprocess",
 ]
 
 CONVERTED_WEIGHTS = "weights.safetensors"
@@ -54,8 +40,8 @@ EXPECTED = (
 
 @dataclass
 class LoadedModel:
-    """A model folder, loaded: ``model`` (eval mode), its ``preprocess`` (or None), the weight file, its SHA-256,
-    its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
+    """A model folder, loaded: ``model`` (eval mode), the data preprocessing it was trained with (or None), the
+    weight file, its SHA-256, its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
 
     model: Denoiser
     preprocess: dict | None
@@ -178,12 +164,9 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
 def load_model_dir(
     path: str | os.PathLike, ema: bool | None = None, trust: bool = False, device: str | torch.device = "cpu"
 ) -> LoadedModel:
-    """Load a model folder of any layout (see the module docstring) onto ``device``.
-
-    ``ema``: None = the model's default weights (a run's ``sample_with_ema``; raw for original folders; the
-    converted set), True / False = the EMA / raw weights (an error where that set does not exist).
-    ``trust``: unpickle checkpoints fully (only for files you trust; see :mod:`gem3d.checkpoint`).
-    """
+    """Load a model folder of any layout onto ``device``. ``ema``: None = the model's default weights (a run's
+    ``sample_with_ema``, raw for original folders, the converted set), True / False = the EMA / raw weights (an
+    error where that set does not exist). ``trust``: unpickle checkpoints fully (see :mod:`gem3d.checkpoint`)."""
     kind = detect_layout(path)
     if kind == "converted":
         model, checkpoint, used_ema, preprocess = _load_converted(Path(path), ema)

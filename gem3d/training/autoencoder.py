@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from gem3d.config import instantiate_from_config, to_plain
-from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+from gem3d.training.common import LearningRateRule, image_grid, log_image_grids
 from gem3d.training.faults import check_finite_loss
 
 __all__ = ["AutoencoderModule"]
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(LearningRateRule, L.LightningModule):
     """Trains a :class:`FirstStage` on single slices: L1 reconstruction + ``kl_weight`` x KL.
 
     Args:
@@ -114,13 +114,6 @@ class AutoencoderModule(L.LightningModule):
         recon = self.first_stage.decode_grey(self.first_stage.encode(x))
         grid = {"inputs_reconstructions": image_grid([x, recon])}
         return log_image_grids(self, grid)
-
-    def current_scale_factor(self) -> float:
-        sf = self.hparams.scale_factor
-        return float(1.0 / float(self.latent_std)) if sf == "auto" else float(sf)
-
-    def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-        return set_learning_rate(self, ngpu, batch_size, accumulate)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.first_stage.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
