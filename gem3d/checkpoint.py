@@ -63,12 +63,9 @@ def _optional(module_name: str, attribute: str) -> Any | None:
 
 
 def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
-    """The non-tensor globals of Lightning / latent-diffusion checkpoints that are safe to rebuild.
-
-    Plain values and containers, omegaconf configs, numpy scalars/arrays, paths and ``argparse.Namespace``.
-    Lightning's ``AttributeDict`` and ``defaultdict`` are read back as plain dicts (torch's safe unpickler fills
-    only those), the callback classes that PL < 1.5 used as ``callbacks`` keys as inert placeholders.
-    """
+    """The non-tensor globals of Lightning / latent-diffusion checkpoints that are safe to rebuild. Dict subclasses
+    are read back as plain dicts (torch's safe unpickler fills only those), the callback classes that PL < 1.5 used
+    as ``callbacks`` keys as inert placeholders."""
     allow: list[Callable | tuple[Callable, str]] = [
         typing.Any, collections.OrderedDict, argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
         pathlib.PureWindowsPath, np.ndarray, np.dtype, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata,
@@ -107,11 +104,8 @@ def _offending_globals(path: Path, error: Exception) -> list[str]:
 
 
 def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
-    """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist.
-
-    ``trust``: if the safe load fails, unpickle fully (only for files you trust); otherwise
-    :class:`UnsafeCheckpointError` names the objects outside the allowlist.
-    """
+    """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist; where that
+    fails, unpickle fully if ``trust`` (only for files you trust), else raise :class:`UnsafeCheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -82,11 +82,8 @@ _UNET_FIXED = {
 
 
 def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[str], source: str) -> dict[str, Any]:
-    """Map the original ``unet_config`` (``target`` + ``params``) to :class:`UNetModel` kwargs.
-
-    ``volumetric`` is True when the target is ``openaimodel_pseudo3D.UNetModel`` or when the state dict has
-    ``*_tem`` keys. Attention rates the network never reaches are dropped (the original ignores them too).
-    """
+    """Map the original ``unet_config`` to :class:`UNetModel` kwargs: ``volumetric`` for a pseudo-3D target or
+    ``*_tem`` weights; attention rates the network never reaches are dropped (the original ignores them too)."""
     target = str(unet_config.get("target", ""))
     params = dict(unet_config.get("params") or {})
     unknown = sorted(set(params) - set(_UNET_TAKEN) - _UNET_IGNORED - set(_UNET_FIXED) - {"num_heads_upsample"})
@@ -297,10 +294,8 @@ def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path
 
 
 def load_original_denoiser(path: str | os.PathLike, ema: bool | None = None, trust: bool = False) -> tuple[Denoiser, Path]:
-    """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file.
-
-    ``ema`` None or False: the raw UNet weights (the fixtures' reference outputs use them); True: the EMA shadow.
-    """
+    """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file; ``ema`` True:
+    the EMA shadow, else the raw UNet weights (which the fixtures' reference outputs use)."""
     orig = read_original_model_dir(path, ema=bool(ema), trust=trust)
     if orig.beta_schedule != "linear" or orig.parameterization != "eps":
         raise NotImplementedError(

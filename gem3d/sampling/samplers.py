@@ -74,9 +74,8 @@ class KnownFrames:
 
 @dataclass(frozen=True)
 class Schedule:
-    """What :func:`sample` steps through: ``scheduler``, a diffusers scheduler with its timesteps set (the loop
-    steps a copy, so a schedule can be reused); ``timesteps``, LongTensor (N,) descending, where the model is
-    called; ``step_options``, extra arguments of ``scheduler.step`` (DDIM: ``eta``)."""
+    """What :func:`sample` steps through: a diffusers ``scheduler`` with its timesteps set (the loop steps a copy),
+    the descending ``timesteps (N,)`` the model is called at and extra ``step_options`` of ``scheduler.step``."""
 
     scheduler: SchedulerMixin
     timesteps: torch.Tensor

@@ -21,14 +21,11 @@ class AutoencoderModule(LearningRateRule, L.LightningModule):
     """Trains a :class:`FirstStage` on single slices: L1 reconstruction + ``kl_weight`` x KL.
 
     Args:
-        first_stage_config: ``{target, params}`` of the FirstStage, e.g.
-            ``gem3d.models.autoencoder.FirstStage.from_diffusers_config`` (kept in the checkpoint, so
-            :meth:`FirstStage.from_run` rebuilds it).
+        first_stage_config: ``{target, params}`` of the FirstStage (kept in the checkpoint for ``FirstStage.from_run``).
         kl_weight: weight of the KL term (1e-6 as latent-diffusion's KL autoencoders).
         sample_posterior: decode a posterior sample (True) or the mean.
         include_masks: also reconstruct the grey masks of the batch (the same encoder encodes them later).
-        scale_factor: latent scale of the trained model; ``"auto"`` = 1 / std of the training latents
-            (running average, latent-diffusion's ``scale_by_std``).
+        scale_factor: latent scale; ``"auto"`` = 1 / running std of the training latents (``scale_by_std``).
         base_learning_rate / scale_lr: Adam lr as in :class:`Gem3dLDM`.
         log_images_every_n_steps: TensorBoard grids of inputs and reconstructions.
     """

@@ -55,13 +55,11 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
     """GEM-3D latent diffusion training for one variant.
 
     Args (beside :class:`gem3d.denoiser.Denoiser`'s):
-        ckpt_path: stage-1 checkpoint (file, run folder or glob) whose UNet weights initialise a volume stage
-            (``load_slice_weights``); None trains the volume stage from scratch (with a warning).
-        ckpt_use_ema: take the stage-1 checkpoint's EMA weights instead of the raw ones.
+        ckpt_path: stage-1 checkpoint (file, run folder or glob) whose UNet weights initialise a volume stage;
+            None trains it from scratch (with a warning). ``ckpt_use_ema``: take its EMA weights.
         use_ema / ema_decay: keep an EMA of the trained UNet parameters (in the checkpoint).
         sample_with_ema: image logging and model loading default to the EMA weights.
-        base_learning_rate / scale_lr: AdamW lr (scaled by GPUs x batch x accumulation when ``scale_lr``).
-        weight_decay: AdamW weight decay.
+        base_learning_rate / scale_lr / weight_decay: AdamW (lr scaled by GPUs x batch x accumulation).
         log_images_every_n_steps: TensorBoard image grids every N steps (0: never).
         sample_steps_for_logging: DDIM steps of the logged sample.
         informed_dropout: probability that a training clip's informed slice is replaced by the null latent, so the
