@@ -124,16 +124,14 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
 
 
 def check_condition_latent_factor(params: dict, source: str | None, where: str | os.PathLike) -> dict:
-    """``params`` of a converted config, refused where a model converted from an original GEM-3D folder rescales
-    its conditions: gem3d before issue 16 wrote ``condition_latent_factor: 1 / scale_factor`` there, but the
-    original conditions on ``scale_factor * posterior``, the scale gem3d encodes at (1 is accepted)."""
+    """``params`` of a converted config, refused where gem3d before issue 16 wrote ``condition_latent_factor: 1 /
+    scale_factor`` for an original GEM-3D model (which conditions on ``scale_factor * posterior``, as gem3d does)."""
     factor = float(params.get("condition_latent_factor", 1.0))
     if source == "original" and factor != 1.0:
         raise ValueError(
             f"{where}: model.params.condition_latent_factor={factor!r}; allowed for a model converted from an "
-            f"original GEM-3D folder: 1.0. Older gem3d wrote 1 / scale_factor there, which feeds the model mask and "
-            f"informed-slice latents {factor:.3g}x too large (the original conditions on scale_factor * posterior, "
-            f"like its noisy latent). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
+            f"original GEM-3D folder: 1.0 (older gem3d wrote 1 / scale_factor, which makes the mask and informed-slice "
+            f"latents {factor:.3g}x too large). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
             f"--overwrite) or set the value to 1.0"
         )
     return params

@@ -123,9 +123,8 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         if self.spec.train_only_volumetric:
             self.unet.freeze_non_volumetric()
 
-        self.use_ema = bool(use_ema)
-        self.ema = EMA(self.unet, decay=ema_decay) if self.use_ema else None
-        self.sample_with_ema = bool(sample_with_ema) and self.use_ema
+        self.ema = EMA(self.unet, decay=ema_decay) if use_ema else None
+        self.sample_with_ema = bool(sample_with_ema) and self.ema is not None
 
     def setup(self, stage: str) -> None:
         """Hand the first stage to the data module's latent cache, if it has one (rank 0 encodes every case once,
