@@ -1,9 +1,8 @@
 """Safe checkpoint loading, shared by every loader in gem3d.
 
-Lightning checkpoints can hold pickled Python objects next to the weights. gem3d reads them with
-``torch.load(weights_only=True)`` and an explicit allowlist of what such files hold; anything else stops with
-:class:`UnsafeCheckpointError`, whose message names the refused objects and the ``trust`` opt-in
-(``--trust-checkpoint`` on the command line). Nothing is ever unpickled silently.
+Checkpoints are read with ``torch.load(weights_only=True)`` and an allowlist of what Lightning / latent-diffusion
+files hold; anything else stops with :class:`UnsafeCheckpointError`, which names the refused objects and the
+``trust`` opt-in (``--trust-checkpoint``). Nothing is ever unpickled silently.
 """
 
 from __future__ import annotations
@@ -24,28 +23,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, base, nodes
 from safetensors.torch import load_file
 
 from gem3d.config import check_existing_path, is_placeholder
 from gem3d.ema import shadow_key
 
 __all__ = [
-    "UnsafeCheckpointError",
-    "TRUST_HINT",
-    "checkpoint_allowlist",
-    "safe_load_checkpoint",
-    "resolve_checkpoint",
-    "load_checkpoint",
-    "state_dict_of",
-    "unet_state_dict",
-    "load_weights",
-    "with_prefix",
+    "UnsafeCheckpointError", "checkpoint_allowlist", "safe_load_checkpoint", "resolve_checkpoint", "load_checkpoint",
+    "state_dict_of", "unet_state_dict", "load_weights", "with_prefix",
 ]
-
-TRUST_HINT = (
-    "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
-    "fully and can run arbitrary code."
-)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -56,13 +43,10 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
         self.unsafe_globals = unsafe_globals
 
 
-class _PickledCallbackClass:
-    """Stand-in for a Lightning callback *class* that old (PL < 1.5) checkpoints use as a ``callbacks`` dict key."""
-
-
 def _placeholder(full_name: str) -> type:
+    """An inert stand-in for a Lightning callback *class* (PL < 1.5 checkpoints use them as ``callbacks`` keys)."""
     module, _, name = full_name.rpartition(".")
-    return type(name, (_PickledCallbackClass,), {"__module__": module, "__qualname__": name})
+    return type(name, (), {"__module__": module, "__qualname__": name})
 
 
 def _dict_ignoring_factory(default_factory: Any = None) -> dict:
@@ -79,50 +63,28 @@ def _optional(module_name: str, attribute: str) -> Any | None:
 
 
 def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
-    """The non-tensor globals that Lightning / latent-diffusion checkpoints hold and that are safe to rebuild.
-
-    Containers and plain values (builtins, ``collections``, ``typing.Any``), omegaconf configs and their nodes,
-    Lightning's ``AttributeDict`` (under its PL 1.x and 2.x names) and ``collections.defaultdict`` (both read
-    back as plain dicts: torch's safe unpickler only fills plain dicts), numpy scalars/arrays (``best_model_score``),
-    ``pathlib`` paths, ``argparse.Namespace`` hyper-parameters, and the callback classes that PL < 1.5 used as
-    ``callbacks`` keys (mapped to inert placeholders, never to the real classes).
-    """
+    """The non-tensor globals of Lightning / latent-diffusion checkpoints that are safe to rebuild. Dict subclasses
+    are read back as plain dicts (torch's safe unpickler fills only those), the callback classes that PL < 1.5 used
+    as ``callbacks`` keys as inert placeholders."""
     allow: list[Callable | tuple[Callable, str]] = [
-        typing.Any, collections.OrderedDict, argparse.Namespace,
-        pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+        typing.Any, collections.OrderedDict, argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath,
+        pathlib.PureWindowsPath, np.ndarray, np.dtype, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata,
+        base.UnionNode, nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode,
+        nodes.BytesNode, nodes.PathNode, nodes.ValueNode, nodes.InterpolationResultNode,
+        (type(None), "builtins.NoneType"), (_dict_ignoring_factory, "collections.defaultdict"),
     ]
     allow += [(getattr(builtins, n), f"builtins.{n}") for n in
               ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bool", "object")]
-    allow.append((type(None), "builtins.NoneType"))
-
-    for module_name, names in {
-        "omegaconf.dictconfig": ["DictConfig"],
-        "omegaconf.listconfig": ["ListConfig"],
-        "omegaconf.base": ["ContainerMetadata", "Metadata", "UnionNode"],
-        "omegaconf.nodes": ["AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode",
-                            "PathNode", "ValueNode", "InterpolationResultNode"],
-    }.items():
-        for name in names:
-            obj = _optional(module_name, name)
-            if obj is not None:
-                allow.append((obj, f"{module_name}.{name}"))
-
-    # torch's safe unpickler fills only plain dicts, so dict subclasses are read back as plain dicts.
     for name in ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
                  "lightning_fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.AttributeDict"):
         allow.append((dict, name))
-    allow.append((_dict_ignoring_factory, "collections.defaultdict"))
-
     for package in ("pytorch_lightning", "lightning.pytorch"):
         for name in ("callbacks.model_checkpoint.ModelCheckpoint", "callbacks.early_stopping.EarlyStopping"):
-            full = f"{package}.{name}"
-            allow.append((_placeholder(full), full))
-
+            allow.append((_placeholder(f"{package}.{name}"), f"{package}.{name}"))
     multiarray = _optional("numpy._core", "multiarray") or _optional("numpy.core", "multiarray")
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allow.append((multiarray._reconstruct, f"{core}._reconstruct"))
         allow.append((multiarray.scalar, f"{core}.scalar"))
-    allow += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
         obj = _optional("numpy.dtypes", dtype_name)
         if obj is not None:
@@ -130,20 +92,9 @@ def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
     return allow
 
 
-def _allowlisted_names() -> set[str]:
-    names = set()
-    for entry in checkpoint_allowlist():
-        if isinstance(entry, tuple):
-            names.add(entry[1])
-        else:
-            names.add(f"{entry.__module__}.{entry.__qualname__}")
-    return names
-
-
 def _offending_globals(path: Path, error: Exception) -> list[str]:
-    found: list[str] = []
+    allowed = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in checkpoint_allowlist()}
     try:
-        allowed = _allowlisted_names()
         found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
     except Exception:  # legacy (non-zip) format or unreadable pickle: fall back to the error text
         found = []
@@ -153,18 +104,8 @@ def _offending_globals(path: Path, error: Exception) -> list[str]:
 
 
 def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
-    """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist.
-
-    Args:
-        path: checkpoint file.
-        trust: if the safe load fails, unpickle fully (``weights_only=False``). Only for files you trust.
-        map_location: passed to ``torch.load``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        UnsafeCheckpointError: the file holds objects outside the allowlist (named in the message) and
-            ``trust`` is False. Nothing of it is unpickled beyond the allowlisted objects.
-    """
+    """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist; where that
+    fails, unpickle fully if ``trust`` (only for files you trust), else raise :class:`UnsafeCheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -179,7 +120,8 @@ def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: st
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle {', '.join(offending) or 'objects'} — not on gem3d's allowlist of "
             f"checkpoint objects (weights_only=True failed: {str(error).splitlines()[0] if str(error) else error!r}). "
-            + TRUST_HINT,
+            "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
+            "fully and can run arbitrary code.",
             offending,
         ) from error
 

@@ -1,10 +1,8 @@
 """latent-diffusion style ``target:`` / ``params:`` configs and start-up checks.
 
-A ``target:`` names code to run, so configs (training configs, model folders, checkpoints' hyper-parameters) may
-name only callables under :data:`ALLOWED_TARGET_PACKAGES`, outside :data:`DENIED_TARGETS`, plus the original
-GEM-3D classes of :data:`ORIGINAL_TARGETS` (never imported: ``gem3d.model_dirs.original`` maps them). The check
-runs before anything is imported; ``--allow-any-target`` (:func:`allow_any_target`, or the environment variable
-``GEM3D_ALLOW_ANY_TARGET=1`` it sets for child processes) lifts it.
+A ``target:`` names code to run, so a config may name only callables under :data:`ALLOWED_TARGET_PACKAGES`
+outside :data:`DENIED_TARGETS`, plus the original GEM-3D classes of :data:`ORIGINAL_TARGETS` (never imported).
+The check runs before anything is imported; ``--allow-any-target`` (:func:`allow_any_target`) lifts it.
 """
 
 from __future__ import annotations
@@ -104,34 +102,34 @@ def check_target(target: Any, where: str = "") -> None:
         raise _refuse(target, where, why)
 
 
-def check_config_targets(config: Any, where: str = "") -> None:
-    """:func:`check_target` for every ``target`` key anywhere in a config (dicts and lists, nested)."""
-    config = to_plain(config)
+def _mappings(config: Any, path: str) -> Iterator[tuple[str, Mapping]]:
+    """Every mapping nested in ``config`` (through dicts and lists), with its dotted path."""
     if isinstance(config, Mapping):
-        if isinstance(config.get("target"), str):
-            check_target(config["target"], where)
-        for value in config.values():
-            check_config_targets(value, where)
+        yield path, config
+        for key, value in config.items():
+            yield from _mappings(value, f"{path}.{key}")
     elif isinstance(config, (list, tuple)):
         for value in config:
-            check_config_targets(value, where)
+            yield from _mappings(value, path)
 
 
-def _check_trust(params: Any, target: str, path: str = "params") -> None:
+def check_config_targets(config: Any, where: str = "") -> None:
+    """:func:`check_target` for every ``target`` key anywhere in a config (dicts and lists, nested)."""
+    for _, mapping in _mappings(to_plain(config), ""):
+        if isinstance(mapping.get("target"), str):
+            check_target(mapping["target"], where)
+
+
+def _check_trust(params: Any, target: str) -> None:
     """A config may not switch on full unpickling (``trust: true``): only the command line may."""
     if any_target_allowed():
         return
-    if isinstance(params, Mapping):
-        for key, value in params.items():
-            if key == "trust" and value:
-                raise TargetNotAllowedError(
-                    f"config for target {target!r} sets {path}.trust={value!r}; a config may not turn off safe "
-                    f"checkpoint loading: use --trust-checkpoint, or {ALLOW_ANY_TARGET_FLAG} for a config you trust"
-                )
-            _check_trust(value, target, f"{path}.{key}")
-    elif isinstance(params, (list, tuple)):
-        for value in params:
-            _check_trust(value, target, path)
+    for path, mapping in _mappings(params, "params"):
+        if mapping.get("trust"):
+            raise TargetNotAllowedError(
+                f"config for target {target!r} sets {path}.trust={mapping['trust']!r}; a config may not turn off safe "
+                f"checkpoint loading: use --trust-checkpoint, or {ALLOW_ANY_TARGET_FLAG} for a config you trust"
+            )
 
 
 def _check_resolved(target: str, obj: Any) -> None:
@@ -156,8 +154,6 @@ def to_plain(obj: Any) -> Any:
 
 def get_obj_from_str(target: str) -> Any:
     """Import ``"pkg.module.Name"`` or ``"pkg.module.Class.classmethod"``; errors name the target."""
-    if not isinstance(target, str) or "." not in target:
-        raise ValueError(f"config target must be a dotted import path like 'gem3d.models.unet.UNetModel', got {target!r}")
     check_target(target)
     parts = target.split(".")
     # Longest importable module prefix, then attribute lookups (supports Class.classmethod).
@@ -218,10 +214,7 @@ def check_keys(given: Mapping | Any, allowed, where: str) -> None:
 
 def is_placeholder(value: Any) -> bool:
     """True for strings such as ``path-to-stage1-ckpt`` or ``<stage1>/last.ckpt``."""
-    if not isinstance(value, str):
-        return False
-    low = value.lower()
-    return any(marker.lower() in low for marker in PLACEHOLDER_MARKERS)
+    return isinstance(value, str) and any(marker.lower() in value.lower() for marker in PLACEHOLDER_MARKERS)
 
 
 def check_existing_path(key: str, value: Any, *, kind: str = "file") -> Path:
@@ -231,10 +224,8 @@ def check_existing_path(key: str, value: Any, *, kind: str = "file") -> Path:
     if is_placeholder(value):
         raise ValueError(f"{key}={value!r} is a placeholder; set it to an existing {kind} (e.g. '{key}=/path/to/run/checkpoints/last.ckpt' on the command line)")
     path = Path(str(value)).expanduser()
-    if kind == "file" and not path.is_file():
-        raise FileNotFoundError(f"{key}={value!r}: no such file")
-    if kind == "directory" and not path.is_dir():
-        raise FileNotFoundError(f"{key}={value!r}: no such directory")
-    if kind == "path" and not path.exists():
-        raise FileNotFoundError(f"{key}={value!r}: no such file or directory")
+    exists, noun = {"file": (path.is_file, "file"), "directory": (path.is_dir, "directory"),
+                    "path": (path.exists, "file or directory")}[kind]
+    if not exists():
+        raise FileNotFoundError(f"{key}={value!r}: no such {noun}")
     return path

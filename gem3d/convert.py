@@ -1,10 +1,7 @@
-"""Conversion: any model folder (original GEM-3D, gem3d run, converted) -> a converted gem3d model folder::
+"""Conversion (``scripts/convert_gem3d_checkpoint.py``): any model folder -> a converted gem3d model folder::
 
     <dst>/weights.safetensors     # the Denoiser state dict: unet.* (raw or EMA, as chosen) + first_stage.*
     <dst>/configs/model.yaml      # model: {target: gem3d.denoiser.Denoiser, params}, data.params.preprocess, source
-
-which loads with :func:`gem3d.model_dirs.load_model_dir` alone (the first stage is described by its architecture;
-its weights are in the safetensors file). Command line: ``scripts/convert_gem3d_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -29,11 +26,9 @@ __all__ = ["convert_model_dir", "main"]
 
 def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None, trust: bool = False,
                       preprocess: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a converted gem3d model folder from any model folder.
-
-    ``ema``: True = the EMA weights (error if there are none), False/None = the raw ones for original folders
-    (None: the run's own choice for gem3d runs). ``preprocess`` is stored as ``data.params.preprocess``.
-    """
+    """Write a converted gem3d model folder from any model folder. ``ema``: True / False = the EMA / raw weights
+    (error if there are none), None = the model's default (see :func:`load_model_dir`). ``preprocess``: stored with
+    the model."""
     src, dst = Path(src), Path(dst)
     if src.is_file():
         raise ValueError(f"source {str(src)!r} is a file, not a model folder; {EXPECTED}")
@@ -53,7 +48,6 @@ def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None,
         "data": {"params": {"preprocess": preprocess if preprocess is not None else loaded.preprocess}},
         "source": {"path": str(src.resolve()), "kind": kind, "checkpoint_sha256": loaded.sha256, "ema": bool(loaded.ema)},
     }
-    (dst / "configs").mkdir(parents=True, exist_ok=True)
     with atomic_path(dst / CONVERTED_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "gem3d", "ema": str(bool(loaded.ema))})
     with atomic_path(dst / CONVERTED_CONFIG) as tmp:
@@ -89,7 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with allow_any_target(args.allow_any_target):
-            kind = "" if args.src.is_file() else detect_layout(args.src)
             preprocess = read_preprocess(args.preprocess_from) if args.preprocess_from is not None else None
             dst = convert_model_dir(args.src, args.dst, ema=True if args.ema else None, trust=args.trust_checkpoint,
                                     preprocess=preprocess, overwrite=args.overwrite)
@@ -98,6 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (run without --ema for the raw weights)" if args.ema and "EMA" in error_line(err) else ""
         print(f"error: {error_line(err)}{hint}", file=sys.stderr)
         return 2
-    weights = "EMA" if OmegaConf.select(OmegaConf.load(dst / CONVERTED_CONFIG), "source.ema") else "raw"
-    print(f"converted {kind} model {args.src} ({weights} weights) -> {dst}")
+    source = OmegaConf.load(dst / CONVERTED_CONFIG).source
+    print(f"converted {source.kind} model {args.src} ({'EMA' if source.ema else 'raw'} weights) -> {dst}")
     return 0

@@ -1,18 +1,12 @@
 """The plain GEM-3D denoiser: UNet + frozen first stage + conditioning + noise schedule, and ``eps``.
 
-Sampling needs nothing else; the training LightningModules (:mod:`gem3d.training`) are denoisers that
-Lightning trains. One class serves the five variants (:data:`VARIANTS`):
+Sampling needs nothing else; the training LightningModules (:mod:`gem3d.training`) wrap it. One class serves the
+five :data:`VARIANTS`: ``slice_stage`` (2D, concat condition ``[noisy | mask | informed]``, one timestep per
+slice), ``volume_stage`` (volumetric layers, one timestep per clip), ``position`` (single slices, cross-attention on
+the slice position), ``baseline_slice`` / ``baseline_volume`` (the first two without the informed slice).
 
-- ``slice_stage``: 2D denoiser on every slice of a clip, concat condition ``[noisy | mask | informed]`` (12 ch),
-  one timestep per slice;
-- ``volume_stage``: the same UNet with volumetric layers, one timestep per clip (``fix_t``);
-- ``position``: single slices, cross-attention on ``position_embedding(pos)`` as one context token;
-- ``baseline_slice`` / ``baseline_volume``: as the first two without the informed slice (8 channels).
-
-Latents: the diffusion target is the first stage's posterior sample times ``scale_factor``; the conditioning
-latents (mask slices, informed slice) are encoded the same way and live at the same scale (posterior mean times
-``scale_factor``), as in the original GEM-3D, whose ``get_input`` passes the concat condition through the same
-``get_first_stage_encoding`` as the target (METHOD §3).
+Latents: the target is the first stage's posterior sample times ``scale_factor``; the conditions (mask slices,
+informed slice) are the posterior mean at the same scale, as in the original's ``get_input`` (METHOD §3).
 """
 
 from __future__ import annotations
@@ -59,10 +53,9 @@ class Denoiser(nn.Module):
     Args:
         unet_config: ``{target, params}`` of :class:`gem3d.models.unet.UNetModel`.
         first_stage_config: ``{target, params}`` building a :class:`gem3d.models.autoencoder.FirstStage`; frozen.
-        variant: one of :data:`VARIANTS`.
         position_embed_dim: width of the position embedding (default: the UNet's ``context_dim``).
-        condition_latent_factor: multiplier of the conditioning latents; 1 for every model gem3d knows (gem3d's own
-            and the original's: both condition at the target's scale). Other values are for experiments only.
+        condition_latent_factor: multiplier of the conditioning latents; 1 for every model gem3d knows, other
+            values are for experiments only.
         num_train_timesteps / beta_start / beta_end: the schedule (linear in sqrt, METHOD §3).
     """
 
@@ -109,7 +102,6 @@ class Denoiser(nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
-    # ------------------------------------------------------------------------------------ validation
     def _validate_unet_params(self, params: dict, latent_channels: int, position_embed_dim: int | None) -> None:
         spec = self.spec
         cond_channels = latent_channels * ((1 + int(spec.use_informed)) if spec.conditioning == "concat" else 0)
@@ -138,29 +130,15 @@ class Denoiser(nn.Module):
             if position_embed_dim is not None and position_embed_dim != context_dim:
                 raise ValueError(f"position_embed_dim={position_embed_dim!r} must equal unet context_dim={context_dim!r}")
 
-    # ------------------------------------------------------------------------------------ latents
-    @torch.no_grad()
-    def encode_condition_images(self, grey: torch.Tensor, *, is_mask: bool) -> torch.Tensor:
-        """Grey masks / informed slices ``(..., 1, S, S)`` -> conditioning latents (scaled posterior mean)."""
-        return self.first_stage.encode_mask(grey) if is_mask else self.first_stage.encode(grey, sample=False)
-
     def condition(
         self,
         mask_latent: torch.Tensor | None = None,
         informed_latent: torch.Tensor | None = None,
         pos: torch.Tensor | float | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """The conditioning of a batch of clips, in the form :meth:`eps` takes.
-
-        Args:
-            mask_latent: ``(B, F, z, h, w)`` scaled latents from ``FirstStage.encode_mask`` (concat variants).
-            informed_latent: ``(B, z, h, w)`` (one per clip, every slice) or ``(B, F, z, h, w)`` scaled latents
-                (``FirstStage.encode`` posterior mean, or a generated slice's latent); slice/volume stages only.
-            pos: relative slice positions ``(B,)`` in [0, 1] (position variant).
-
-        Returns:
-            ``{"concat": (B, F, Cc, h, w) | None, "context": (B, D) | None}``.
-        """
+        """The conditioning of a batch of clips for :meth:`eps`: ``{"concat": (B, F, Cc, h, w) | None, "context":
+        (B, D) | None}`` from scaled latents ``mask_latent (B, F, z, h, w)`` and ``informed_latent (B, z, h, w)`` (one
+        for every slice of a clip) or ``(B, F, z, h, w)``, or from slice positions ``pos (B,)`` in [0, 1]."""
         spec = self.spec
         if spec.conditioning == "crossattn":
             if pos is None:
@@ -178,7 +156,6 @@ class Denoiser(nn.Module):
         informed = None if informed_latent is None else informed_latent * factor
         return {"concat": concat_condition(mask_latent * factor, informed), "context": None}
 
-    # ------------------------------------------------------------------------------------ the denoiser
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
         """Noise prediction for clips ``x (B, F, z, h, w)`` at timesteps ``t`` ``(B,)`` (per clip) or ``(B, F)``
         (per slice; not for the volume variants) -> ``(B, F, z, h, w)``. ``cond`` from :meth:`condition`."""
@@ -197,11 +174,9 @@ class Denoiser(nn.Module):
 
     def model_fn(self, cond: Mapping[str, torch.Tensor | None], null_cond: Mapping[str, torch.Tensor | None] | None = None,
                  guidance: float = 1.0):
-        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser.
-
-        Informed-slice guidance (classifier-free-guidance style): with ``guidance != 1`` and ``null_cond`` (the
-        same condition with :meth:`null_informed_latent` as the informed slice), ``eps = eps_null + guidance *
-        (eps_informed - eps_null)``, both from one batched UNet call. ``guidance = 1`` is the plain model."""
+        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser. With ``guidance !=
+        1`` and ``null_cond`` (the condition with :meth:`null_informed_latent`) it is informed-slice guidance,
+        ``eps_null + guidance * (eps_informed - eps_null)``, from one batched UNet call."""
         if guidance == 1.0 or null_cond is None:
             return lambda x, t: self.eps(x, t, cond)
         both = {k: None if v is None else torch.cat([null_cond[k], v]) for k, v in cond.items()}
@@ -215,8 +190,7 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def null_informed_latent(informed_latent: torch.Tensor) -> torch.Tensor:
-        """The "no informed slice" latent (zeros, the latent space's centre) that informed-slice dropout trains
-        and guidance contrasts with."""
+        """The "no informed slice" latent (zeros) that informed-slice dropout trains and guidance contrasts with."""
         return torch.zeros_like(informed_latent)
 
     def q_sample(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -225,6 +199,5 @@ class Denoiser(nn.Module):
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     def architecture(self) -> dict[str, Any]:
-        """The constructor kwargs that rebuild this denoiser from its weights alone (the first stage as an
-        architecture-only config, so no checkpoint paths are needed)."""
+        """The constructor kwargs that rebuild this denoiser from its weights alone (no checkpoint paths)."""
         return {**self.denoiser_kwargs, "first_stage_config": self.first_stage.architecture()}

@@ -1,9 +1,5 @@
-"""Core file helpers: atomic writes, JSON of numpy values, file hashes.
-
-Every write goes to a temporary file in the destination folder and is then moved into place with
-``os.replace``: a reader never sees a partial file, and a failed write leaves no trace (the previous file, if
-any, stays as it was).
-"""
+"""Core file helpers: atomic writes (a temporary file moved into place with ``os.replace``: a reader never sees a
+partial file, a failed write leaves the previous file as it was), JSON of numpy values, file hashes."""
 
 from __future__ import annotations
 
@@ -17,16 +13,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_default", "file_sha256"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "json_default", "file_sha256"]
 
 
 def _suffix_of(path: Path) -> str:
     """The file ending that decides the format (``.nii.gz`` counts as one ending)."""
-    name = path.name
-    for suffix in (".nii.gz", ".tar.gz", ".json.gz"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix
+    double = [suffix for suffix in (".nii.gz", ".tar.gz", ".json.gz") if path.name.endswith(suffix)]
+    return double[0] if double else path.suffix
 
 
 def _umask() -> int:
@@ -37,12 +30,8 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it onto ``path``.
-
-    The temporary file keeps ``path``'s ending (so libraries that pick a format from the name, e.g. nibabel for
-    ``.nii.gz``, behave the same). On any exception the temporary file is removed and ``path`` is left untouched.
-    Parent folders are created.
-    """
+    """Yield a temporary path next to ``path`` with its ending (nibabel picks the format by name); on success move
+    it onto ``path``, on any exception remove it. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix_of(path), dir=path.parent)
@@ -50,24 +39,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        # flush the bytes to disk before the rename makes them visible
         with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+            os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them visible
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically. Returns the path."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(bytes(data))
-    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:

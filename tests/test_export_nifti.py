@@ -8,7 +8,7 @@ import pytest
 from gem3d.data.geometry import Geometry, load_nifti
 from gem3d.export import nifti as nifti_module
 from gem3d.export.nifti import save_canonical_nifti, save_nifti
-from gem3d.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gem3d.files import atomic_write_json, atomic_write_text
 
 
 def oblique_affine() -> np.ndarray:
@@ -121,15 +121,13 @@ def test_failure_mid_write_leaves_no_partial_or_temp_file(tmp_path, monkeypatch)
 def test_atomic_text_bytes_json(tmp_path):
     atomic_write_text(tmp_path / "a" / "b.txt", "hello")
     assert (tmp_path / "a" / "b.txt").read_text() == "hello"
-    atomic_write_bytes(tmp_path / "c.bin", b"\x00\x01")
-    assert (tmp_path / "c.bin").read_bytes() == b"\x00\x01"
     payload = {"n": np.int64(3), "x": np.float32(0.5), "arr": np.arange(3), "p": tmp_path / "z"}
     atomic_write_json(tmp_path / "d.json", payload)
     assert json.loads((tmp_path / "d.json").read_text()) == {"n": 3, "x": 0.5, "arr": [0, 1, 2], "p": str(tmp_path / "z")}
     with pytest.raises(TypeError, match="not JSON serialisable"):
         atomic_write_json(tmp_path / "d.json", {"bad": object()})
     assert json.loads((tmp_path / "d.json").read_text())["n"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c.bin", "d.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d.json"]
 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from _fixture_variants import model_folders, write_variant
 from conftest import FIXTURES_ENV, ORIGINAL_CLIP_LEN, REQUIRE_ENV, child_env
 from gem3d.model_dirs.original import read_original_model_dir
+from gem3d.models.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
 # every test that reads rows, clips or attention rates from the fixture folder
@@ -39,7 +40,8 @@ def test_variant_has_several_clips_and_is_discriminative(original_fixtures, tmp_
     vectors = torch.load(folder / "vectors.pt", weights_only=True)
     rows = vectors["x"].shape[0]
     assert rows == 2 * torch.load(original_fixtures / "stage2" / "vectors.pt", weights_only=True)["x"].shape[0]
-    unet = original.build_unet().eval()  # the unreachable attention rate was dropped: loads strictly
+    unet = UNetModel(**original.unet_params).eval()
+    unet.load_state_dict(original.unet_state_dict, strict=True)  # the unreachable attention rate was dropped
     inputs = torch.cat([vectors["x"], vectors["cond"]], dim=1)
     with torch.no_grad():
         as_clips = unet(inputs, vectors["t"], num_frames=ORIGINAL_CLIP_LEN)

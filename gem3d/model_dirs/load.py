@@ -1,16 +1,10 @@
-"""Model folders: their three layouts, detected in one place, and loaded as a :class:`LoadedModel`.
-
-Layouts (detected in this order by :func:`detect_layout`):
+"""Model folders: their three layouts, detected in one place (:func:`detect_layout`, in this order), and loaded as
+a :class:`LoadedModel` holding a plain :class:`gem3d.denoiser.Denoiser` in eval mode:
 
 1. ``converted``: ``weights.safetensors`` + ``configs/model.yaml`` (written by :func:`gem3d.convert.convert_model_dir`);
-2. ``original``: a folder of the original GEM-3D code (config targets ``ldm.models...``), mapped on load
-   (:mod:`gem3d.model_dirs.original`);
+2. ``original``: an original GEM-3D folder (config targets ``ldm.models...``), mapped by :mod:`.original`;
 3. ``run``: a gem3d training run (``checkpoints/last.ckpt`` + ``configs/*-project.yaml``), a ``.ckpt`` file or a
    glob matching runs (the newest).
-
-Every layout loads as a plain :class:`gem3d.denoiser.Denoiser` in eval mode, with the data preprocessing it was
-trained with (``data.params.preprocess`` of its config, if known), the weight file and its SHA-256, and whether
-the UNet holds EMA weights.
 """
 
 from __future__ import annotations
@@ -29,16 +23,8 @@ from gem3d.files import file_sha256
 from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
 
 __all__ = [
-    "CONVERTED_WEIGHTS",
-    "CONVERTED_CONFIG",
-    "DENOISER_TARGET",
-    "EXPECTED",
-    "LAYOUTS",
-    "LoadedModel",
-    "detect_layout",
-    "load_model_dir",
-    "read_preprocess",
-    "run_preprocess",
+    "CONVERTED_WEIGHTS", "CONVERTED_CONFIG", "DENOISER_TARGET", "EXPECTED", "LAYOUTS", "LoadedModel", "detect_layout",
+    "load_model_dir", "read_preprocess", "run_preprocess",
 ]
 
 CONVERTED_WEIGHTS = "weights.safetensors"
@@ -54,8 +40,8 @@ EXPECTED = (
 
 @dataclass
 class LoadedModel:
-    """A model folder, loaded: ``model`` (eval mode), its ``preprocess`` (or None), the weight file, its SHA-256,
-    its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
+    """A model folder, loaded: ``model`` (eval mode), the data preprocessing it was trained with (or None), the
+    weight file, its SHA-256, its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
 
     model: Denoiser
     preprocess: dict | None
@@ -138,16 +124,14 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
 
 
 def check_condition_latent_factor(params: dict, source: str | None, where: str | os.PathLike) -> dict:
-    """``params`` of a converted config, refused where a model converted from an original GEM-3D folder rescales
-    its conditions: gem3d before issue 16 wrote ``condition_latent_factor: 1 / scale_factor`` there, but the
-    original conditions on ``scale_factor * posterior``, the scale gem3d encodes at (1 is accepted)."""
+    """``params`` of a converted config, refused where gem3d before issue 16 wrote ``condition_latent_factor: 1 /
+    scale_factor`` for an original GEM-3D model (which conditions on ``scale_factor * posterior``, as gem3d does)."""
     factor = float(params.get("condition_latent_factor", 1.0))
     if source == "original" and factor != 1.0:
         raise ValueError(
             f"{where}: model.params.condition_latent_factor={factor!r}; allowed for a model converted from an "
-            f"original GEM-3D folder: 1.0. Older gem3d wrote 1 / scale_factor there, which feeds the model mask and "
-            f"informed-slice latents {factor:.3g}x too large (the original conditions on scale_factor * posterior, "
-            f"like its noisy latent). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
+            f"original GEM-3D folder: 1.0 (older gem3d wrote 1 / scale_factor, which makes the mask and informed-slice "
+            f"latents {factor:.3g}x too large). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
             f"--overwrite) or set the value to 1.0"
         )
     return params
@@ -178,12 +162,9 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
 def load_model_dir(
     path: str | os.PathLike, ema: bool | None = None, trust: bool = False, device: str | torch.device = "cpu"
 ) -> LoadedModel:
-    """Load a model folder of any layout (see the module docstring) onto ``device``.
-
-    ``ema``: None = the model's default weights (a run's ``sample_with_ema``; raw for original folders; the
-    converted set), True / False = the EMA / raw weights (an error where that set does not exist).
-    ``trust``: unpickle checkpoints fully (only for files you trust; see :mod:`gem3d.checkpoint`).
-    """
+    """Load a model folder of any layout onto ``device``. ``ema``: None = the model's default weights (a run's
+    ``sample_with_ema``, raw for original folders, the converted set), True / False = the EMA / raw weights (an
+    error where that set does not exist). ``trust``: unpickle checkpoints fully (see :mod:`gem3d.checkpoint`)."""
     kind = detect_layout(path)
     if kind == "converted":
         model, checkpoint, used_ema, preprocess = _load_converted(Path(path), ema)

@@ -1,29 +1,18 @@
 """Reading original GEM-3D model folders (a latent-diffusion fork) without unpickling arbitrary code.
 
-A model folder, as the original inference scripts read it (``infer_model/<name>/``)::
-
-    <name>/checkpoints/last.ckpt        Lightning checkpoint: {'state_dict', 'epoch', 'global_step', ...}
-    <name>/configs/<...>-project.yaml   the original model config (target/params)
-
-State-dict layout of the original ``LatentDiffusion``:
-
-- ``model.diffusion_model.*``: the UNet's raw weights. Names equal gem3d's :class:`~gem3d.models.unet.UNetModel`
-  (identity mapping), so the prefix-stripped dict loads with ``strict=True``.
-- ``model_ema.*``: the EMA shadow, where EMA was on. Its names are the wrapper's parameter names with the dots
-  removed (``model_ema.diffusion_modelinput_blocks00weight``), plus ``model_ema.decay`` / ``model_ema.num_updates``.
-  They are mapped back through the raw names.
-- ``first_stage_model.*``: the KL autoencoder in latent-diffusion layout (``cond_stage_model.*`` may hold a copy).
-- schedule buffers (``betas``, ``alphas_cumprod``, ...).
-
-Everything (UNet kwargs, conditioning, schedule, first stage) is derived from the folder's own config, and
-:func:`load_original_denoiser` maps it onto a :class:`gem3d.denoiser.Denoiser`.
+A folder is ``checkpoints/last.ckpt`` (Lightning) + ``configs/<name>-project.yaml`` (target/params). State dict:
+``model.diffusion_model.*`` holds the UNet with gem3d's names (loads strictly after stripping the prefix);
+``model_ema.*`` the EMA shadow, named without dots (``model_ema.diffusion_modelinput_blocks00weight``, see
+:func:`ema_key`); ``first_stage_model.*`` the KL autoencoder in latent-diffusion layout; then schedule buffers.
+Everything is derived from the folder's own config, and :func:`load_original_denoiser` maps it onto a
+:class:`gem3d.denoiser.Denoiser`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,20 +22,11 @@ from omegaconf import OmegaConf
 from gem3d.checkpoint import load_weights, safe_load_checkpoint, with_prefix
 from gem3d.config import check_config_targets
 from gem3d.denoiser import Denoiser
-from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
+from gem3d.models.unet import is_volumetric_parameter_name
 
 __all__ = [
-    "OriginalModel",
-    "is_original_model_dir",
-    "find_original_config",
-    "read_original_model_dir",
-    "original_unet_params",
-    "denoiser_kwargs",
-    "load_original_denoiser",
-    "ema_key",
-    "UNET_PREFIX",
-    "FIRST_STAGE_PREFIX",
-    "EMA_PREFIX",
+    "OriginalModel", "is_original_model_dir", "find_original_config", "read_original_model_dir",
+    "original_unet_params", "denoiser_kwargs", "load_original_denoiser", "ema_key",
 ]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -54,10 +34,6 @@ FIRST_STAGE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 PSEUDO3D_TARGET_MARK = "openaimodel_pseudo3D"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the model folder
 
 
 def find_original_config(path: str | Path) -> Path:
@@ -105,13 +81,9 @@ _UNET_FIXED = {
 }
 
 
-def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[str] | None = None,
-                         source: str = "config") -> dict[str, Any]:
-    """Map the original ``unet_config`` (``target`` + ``params``) to :class:`UNetModel` kwargs.
-
-    ``volumetric`` is True when the target is ``openaimodel_pseudo3D.UNetModel`` or when the state dict has
-    ``*_tem`` keys. Attention rates the network never reaches are dropped (the original ignores them too).
-    """
+def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[str], source: str) -> dict[str, Any]:
+    """Map the original ``unet_config`` to :class:`UNetModel` kwargs: ``volumetric`` for a pseudo-3D target or
+    ``*_tem`` weights; attention rates the network never reaches are dropped (the original ignores them too)."""
     target = str(unet_config.get("target", ""))
     params = dict(unet_config.get("params") or {})
     unknown = sorted(set(params) - set(_UNET_TAKEN) - _UNET_IGNORED - set(_UNET_FIXED) - {"num_heads_upsample"})
@@ -137,8 +109,7 @@ def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[s
     if not out["use_spatial_transformer"]:
         out["context_dim"] = None
     out["dropout"] = float(out["dropout"])
-    keys = unet_state_keys or []
-    out["volumetric"] = PSEUDO3D_TARGET_MARK in target or any(is_volumetric_parameter_name(k) for k in keys)
+    out["volumetric"] = PSEUDO3D_TARGET_MARK in target or any(is_volumetric_parameter_name(k) for k in unet_state_keys)
     return out
 
 
@@ -151,15 +122,10 @@ def ema_key(unet_key: str) -> str:
 class OriginalModel:
     """Everything gem3d needs from an original GEM-3D model folder (see :func:`read_original_model_dir`)."""
 
-    path: Path
     config_path: Path
     checkpoint_path: Path
-    config: dict  # the full original config, plain containers
-    model_target: str
-    unet_target: str
     unet_params: dict  # gem3d UNetModel kwargs
     unet_state_dict: dict  # raw (or EMA, if requested) UNet weights, gem3d names
-    uses_ema_weights: bool  # unet_state_dict holds the EMA weights
     has_ema: bool
     first_stage_ddconfig: dict
     first_stage_embed_dim: int
@@ -167,8 +133,6 @@ class OriginalModel:
     first_stage_ckpt_path: str | None  # first_stage_config.params.ckpt_path, if the config names one
     scale_factor: float
     conditioning_key: str | None
-    cond_stage_key: str | None
-    first_stage_key: str | None
     fix_t: bool
     latent_channels: int
     concat_channels: int  # channels of the concat condition (0, z: mask only, 2z: mask + informed)
@@ -180,33 +144,18 @@ class OriginalModel:
     parameterization: str
     position_embed_dim: int | None  # crossattn: width of the position embedding context
     alphas_cumprod: torch.Tensor | None = None  # schedule buffer from the checkpoint, if present
-    checkpoint_meta: dict = field(default_factory=dict)  # epoch, global_step, pytorch-lightning_version
 
     @property
     def volumetric(self) -> bool:
         return bool(self.unet_params["volumetric"])
 
-    def build_unet(self, **overrides: Any):
-        """A gem3d :class:`UNetModel` from ``unet_params`` (plus ``overrides``) with ``unet_state_dict`` loaded strictly."""
-        unet = UNetModel(**{**self.unet_params, **overrides})
-        unet.load_state_dict(self.unet_state_dict, strict=True)
-        return unet
 
-
-def read_original_model_dir(
-    path: str | Path, ema: bool = False, trust: bool = False, checkpoint: str | Path | None = None
-) -> OriginalModel:
-    """Read an original GEM-3D model folder.
-
-    Args:
-        path: the folder (``checkpoints/last.ckpt`` + ``configs/*-project.yaml``).
-        ema: take the UNet weights from the EMA shadow (``model_ema.*``); error if the checkpoint has none.
-        trust: passed to :func:`safe_load_checkpoint`.
-        checkpoint: another checkpoint file instead of ``checkpoints/last.ckpt``.
-    """
+def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = False) -> OriginalModel:
+    """Read an original GEM-3D model folder; ``ema``: the UNet weights from the EMA shadow (error if there is
+    none); ``trust``: see :func:`safe_load_checkpoint`."""
     path = Path(path)
     config_path = find_original_config(path)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else path / "checkpoints" / "last.ckpt"
+    ckpt_path = path / "checkpoints" / "last.ckpt"
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     model_cfg = config.get("model")
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("params"), dict):
@@ -226,22 +175,15 @@ def read_original_model_dir(
         raise KeyError(f"{ckpt_path}: no '{UNET_PREFIX}*' weights in the state dict (keys like {list(state_dict)[:4]})")
 
     unet_params = original_unet_params(params["unet_config"], list(raw_unet), source=str(config_path))
-    ema_names = [k for k in state_dict if k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING]
-    has_ema = bool(ema_names)
+    has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in state_dict)
     if ema:
         if not has_ema:
             raise KeyError(
                 f"{ckpt_path}: ema=True but the checkpoint holds no EMA weights ('{EMA_PREFIX}*'; use_ema="
                 f"{params.get('use_ema')!r} in {config_path.name}); use ema=False for the raw weights"
             )
-        unet_state_dict, fallback = {}, []
-        for key, value in raw_unet.items():
-            shadow = state_dict.get(ema_key(key))
-            if shadow is None:
-                fallback.append(key)
-                unet_state_dict[key] = value
-            else:
-                unet_state_dict[key] = shadow
+        unet_state_dict = {key: state_dict.get(ema_key(key), value) for key, value in raw_unet.items()}
+        fallback = [key for key in raw_unet if ema_key(key) not in state_dict]
         if fallback:
             warnings.warn(f"{ckpt_path}: {len(fallback)} UNet tensors have no EMA copy, raw weights used: {fallback[:6]}")
     else:
@@ -273,15 +215,10 @@ def read_original_model_dir(
 
     alphas_cumprod = state_dict.get("alphas_cumprod")
     return OriginalModel(
-        path=path,
         config_path=config_path,
         checkpoint_path=ckpt_path,
-        config=config,
-        model_target=str(model_cfg.get("target", "")),
-        unet_target=str(params["unet_config"].get("target", "")),
         unet_params=unet_params,
         unet_state_dict=unet_state_dict,
-        uses_ema_weights=bool(ema),
         has_ema=has_ema,
         first_stage_ddconfig=dict(first_cfg.get("ddconfig") or {}),
         first_stage_embed_dim=int(first_cfg.get("embed_dim", 4)),
@@ -289,8 +226,6 @@ def read_original_model_dir(
         first_stage_ckpt_path=None if first_ckpt is None else str(first_ckpt),
         scale_factor=float(params.get("scale_factor", 1.0)),
         conditioning_key=conditioning_key,
-        cond_stage_key=params.get("cond_stage_key"),
-        first_stage_key=params.get("first_stage_key"),
         fix_t=bool(params.get("fix_t", False)),
         latent_channels=latent_channels,
         concat_channels=concat_channels,
@@ -302,12 +237,8 @@ def read_original_model_dir(
         parameterization=str(params.get("parameterization", "eps")),
         position_embed_dim=position_dim,
         alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.detach().clone(),
-        checkpoint_meta={k: loaded[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in loaded},
     )
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# as a gem3d denoiser
 
 UNET_TARGET = "gem3d.models.unet.UNetModel"
 LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
@@ -363,10 +294,8 @@ def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path
 
 
 def load_original_denoiser(path: str | os.PathLike, ema: bool | None = None, trust: bool = False) -> tuple[Denoiser, Path]:
-    """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file.
-
-    ``ema`` None or False: the raw UNet weights (the fixtures' reference outputs use them); True: the EMA shadow.
-    """
+    """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file; ``ema`` True:
+    the EMA shadow, else the raw UNet weights (which the fixtures' reference outputs use)."""
     orig = read_original_model_dir(path, ema=bool(ema), trust=trust)
     if orig.beta_schedule != "linear" or orig.parameterization != "eps":
         raise NotImplementedError(

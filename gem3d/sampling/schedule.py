@@ -1,10 +1,9 @@
 """The training noise schedule and the original's DDIM timestep spacing.
 
-GEM-3D (like latent-diffusion) uses 1000 steps with betas linear in sqrt: ``betas = linspace(sqrt(0.00085),
-sqrt(0.012), 1000)**2``, computed in float64 and stored as float32; ``alphas_cumprod`` is the float64 cumulative
-product stored as float32 (these are exactly the ``betas`` / ``alphas_cumprod`` buffers of the original checkpoints).
-diffusers' ``beta_schedule="scaled_linear"`` is the same formula evaluated in float32 (betas differ by up to 2e-9,
-``alphas_cumprod`` by up to 5e-7), so gem3d computes them itself (and hands diffusers' samplers matching betas: :func:`trained_betas`).
+GEM-3D uses 1000 steps with betas linear in sqrt, ``linspace(sqrt(0.00085), sqrt(0.012), 1000)**2``, and
+``alphas_cumprod`` computed in float64 and stored as float32: exactly the buffers of the original checkpoints.
+diffusers' ``scaled_linear`` computes the same in float32 (``alphas_cumprod`` off by up to 5e-7), so gem3d computes
+them itself and hands diffusers matching betas (:func:`trained_betas`).
 """
 
 from __future__ import annotations
@@ -13,12 +12,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NUM_TRAIN_TIMESTEPS",
-    "BETA_START",
-    "BETA_END",
-    "betas_tensor",
-    "alphas_cumprod_tensor",
-    "original_ddim_timesteps",
+    "NUM_TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "betas_tensor", "alphas_cumprod_tensor", "original_ddim_timesteps",
     "trained_betas",
 ]
 
@@ -27,39 +21,32 @@ BETA_START = 0.00085
 BETA_END = 0.012
 
 
-def _validate_schedule_args(num_train_timesteps: int, beta_start: float, beta_end: float) -> None:
+def _betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """Validated float64 betas ``linspace(sqrt(beta_start), sqrt(beta_end), T)**2``."""
     if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
     if not (0.0 < beta_start < beta_end < 1.0):
-        raise ValueError(
-            f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}"
-        )
+        raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}")
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
 
 
 def betas_tensor(
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
 ) -> torch.Tensor:
-    """``linspace(sqrt(beta_start), sqrt(beta_end), T)**2`` in float64, returned as float32 ``(T,)``."""
-    _validate_schedule_args(num_train_timesteps, beta_start, beta_end)
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return torch.from_numpy(betas).to(torch.float32)
+    """The betas as float32 ``(T,)`` (the original's ``betas`` buffer)."""
+    return torch.from_numpy(_betas(num_train_timesteps, beta_start, beta_end)).to(torch.float32)
 
 
 def alphas_cumprod_tensor(
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
 ) -> torch.Tensor:
     """``cumprod(1 - betas)`` in float64, returned as float32 ``(T,)`` (the original's ``alphas_cumprod`` buffer)."""
-    _validate_schedule_args(num_train_timesteps, beta_start, beta_end)
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
+    return torch.from_numpy(np.cumprod(1.0 - _betas(num_train_timesteps, beta_start, beta_end))).to(torch.float32)
 
 
 def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """The original's "uniform" DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` as a LongTensor.
-
-    For ``steps`` dividing ``T`` this has ``steps`` entries (``1, 6, ..., 996`` for 200 steps); otherwise it has
-    ``ceil(T / (T // steps))`` entries, as in the original. The model is called with these timesteps.
-    """
+    """The original's "uniform" DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` as a LongTensor
+    (``1, 6, ..., 996`` for 200 steps; ``ceil(T / (T // steps))`` entries where ``steps`` does not divide ``T``)."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be an int in [1, {num_train_timesteps}], got {steps!r}")
     timesteps = torch.arange(0, num_train_timesteps, num_train_timesteps // steps, dtype=torch.long) + 1
@@ -73,13 +60,9 @@ def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIM
 
 
 def trained_betas(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """Float32 betas ``(T,)`` whose cumulative product, as a diffusers scheduler computes it from its public
-    ``trained_betas`` (``torch.cumprod(1 - betas)`` in float32, which torch accumulates in float64 on the CPU), is
-    exactly ``alphas_cumprod``: our schedule goes into diffusers through its config, no attribute is overwritten.
-
-    Each ratio ``alphas_cumprod[i] / alphas_cumprod[i - 1]`` is rounded to float32 and moved by a few float32 steps
-    until the running product rounds to the target (a test checks that every entry is reached).
-    """
+    """Float32 betas ``(T,)`` whose cumulative product as a diffusers scheduler computes it from its config's
+    ``trained_betas`` (float32 ``torch.cumprod(1 - betas)``) is exactly ``alphas_cumprod``. Each ratio of successive
+    entries is rounded to float32, then moved by a few float32 steps until the running product hits its target."""
     target = alphas_cumprod.detach().to("cpu", torch.float32).numpy()
     alphas, running = np.empty_like(target), 1.0
     for i, goal in enumerate(target):

@@ -11,24 +11,21 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from gem3d.config import instantiate_from_config, to_plain
-from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+from gem3d.training.common import LearningRateRule, image_grid, log_image_grids
 from gem3d.training.faults import check_finite_loss
 
 __all__ = ["AutoencoderModule"]
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(LearningRateRule, L.LightningModule):
     """Trains a :class:`FirstStage` on single slices: L1 reconstruction + ``kl_weight`` x KL.
 
     Args:
-        first_stage_config: ``{target, params}`` of the FirstStage, e.g.
-            ``gem3d.models.autoencoder.FirstStage.from_diffusers_config`` (kept in the checkpoint, so
-            :meth:`FirstStage.from_run` rebuilds it).
+        first_stage_config: ``{target, params}`` of the FirstStage (kept in the checkpoint for ``FirstStage.from_run``).
         kl_weight: weight of the KL term (1e-6 as latent-diffusion's KL autoencoders).
         sample_posterior: decode a posterior sample (True) or the mean.
         include_masks: also reconstruct the grey masks of the batch (the same encoder encodes them later).
-        scale_factor: latent scale of the trained model; ``"auto"`` = 1 / std of the training latents
-            (running average, latent-diffusion's ``scale_by_std``).
+        scale_factor: latent scale; ``"auto"`` = 1 / running std of the training latents (``scale_by_std``).
         base_learning_rate / scale_lr: Adam lr as in :class:`Gem3dLDM`.
         log_images_every_n_steps: TensorBoard grids of inputs and reconstructions.
     """
@@ -114,13 +111,6 @@ class AutoencoderModule(L.LightningModule):
         recon = self.first_stage.decode_grey(self.first_stage.encode(x))
         grid = {"inputs_reconstructions": image_grid([x, recon])}
         return log_image_grids(self, grid)
-
-    def current_scale_factor(self) -> float:
-        sf = self.hparams.scale_factor
-        return float(1.0 / float(self.latent_std)) if sf == "auto" else float(sf)
-
-    def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-        return set_learning_rate(self, ngpu, batch_size, accumulate)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.first_stage.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))

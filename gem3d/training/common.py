@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["scaled_learning_rate", "learning_rate_message", "set_learning_rate", "image_grid", "log_image_grids"]
+__all__ = ["scaled_learning_rate", "learning_rate_message", "LearningRateRule", "image_grid", "log_image_grids"]
 
 
 def scaled_learning_rate(base_lr: float, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
@@ -29,16 +29,20 @@ def _print_rank_zero(message: str) -> None:
     print(message, flush=True)
 
 
-def set_learning_rate(module, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-    """Apply ``module.scale_lr`` (latent-diffusion's rule) to ``module.base_learning_rate``, set
-    ``module.learning_rate`` and print latent-diffusion's message; returns the lr."""
-    if module.scale_lr:
-        module.learning_rate = scaled_learning_rate(module.base_learning_rate, ngpu, batch_size, accumulate)
-        _print_rank_zero(learning_rate_message(module.learning_rate, module.base_learning_rate, ngpu, batch_size, accumulate))
-    else:
-        module.learning_rate = module.base_learning_rate
-        _print_rank_zero(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {module.learning_rate:.2e}")
-    return module.learning_rate
+class LearningRateRule:
+    """``set_learning_rate`` for the training modules, which hold ``base_learning_rate`` and ``scale_lr``."""
+
+    def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
+        """Set ``learning_rate`` (latent-diffusion's rule when ``scale_lr``), print latent-diffusion's message and
+        return it."""
+        if self.scale_lr:
+            base = self.base_learning_rate
+            self.learning_rate = scaled_learning_rate(base, ngpu, batch_size, accumulate)
+            _print_rank_zero(learning_rate_message(self.learning_rate, base, ngpu, batch_size, accumulate))
+        else:
+            self.learning_rate = self.base_learning_rate
+            _print_rank_zero(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {self.learning_rate:.2e}")
+        return self.learning_rate
 
 
 def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:

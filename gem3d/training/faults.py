@@ -1,7 +1,5 @@
-"""What keeps a training run safe from faults: atomic checkpoint writes that refuse non-finite weights, the random
-state saved with every checkpoint (so a resumed run draws the same noise), and the stop on a non-finite loss.
-
-See docs/reliability.md ("Faults").
+"""What keeps a training run safe from faults (docs/reliability.md): atomic checkpoint writes that refuse non-finite
+weights, the random state saved with every checkpoint (a resumed run draws the same noise), the stop on a NaN loss.
 """
 
 from __future__ import annotations
@@ -26,10 +24,9 @@ def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic for local files: ``torch.save`` goes to a temporary file in the
-    checkpoint's folder, which ``os.replace`` moves onto the name once complete and flushed. A killed or failed save
-    leaves the previous file (e.g. ``last.ckpt``) as it was. A checkpoint whose weights hold a NaN or an Inf is not
-    written at all (``FloatingPointError``). Remote paths (``s3://...``) keep Lightning's own writer."""
+    """Lightning's checkpoint writer, made atomic for local files (:func:`gem3d.files.atomic_path`: a failed save
+    leaves the previous ``last.ckpt`` as it was); weights with a NaN or an Inf are not written at all
+    (``FloatingPointError``). Remote paths (``s3://...``) keep Lightning's own writer."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -49,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class RandomStateCheckpoint(L.Callback):
     """Saves the torch (CPU and CUDA), numpy and Python random states with every checkpoint and restores them on
-    resume, so the diffusion noise and timesteps after a resume are those of the uninterrupted run."""
+    resume: the noise and timesteps after a resume are those of the uninterrupted run."""
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, position, has_gauss, cached_gauss = np.random.get_state()

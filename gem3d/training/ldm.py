@@ -1,21 +1,19 @@
-"""The GEM-3D latent diffusion model as a LightningModule: a :class:`gem3d.denoiser.Denoiser` that Lightning
-trains (eps-prediction, L2 loss, EMA, AdamW, image logging) in one of the variants of
-:data:`gem3d.denoiser.VARIANTS`. A volume stage loads its 2D UNet weights from a stage-1 checkpoint.
-
-The checkpoint keeps the denoiser's parameter names (``unet.*``, ``first_stage.*``) plus ``ema.*``, so
-:func:`gem3d.model_dirs.load_model_dir` rebuilds a plain denoiser from it.
+"""The GEM-3D latent diffusion model as a LightningModule: a :class:`gem3d.denoiser.Denoiser` that Lightning trains
+(eps-prediction, L2 loss, EMA, AdamW, image logging). Its checkpoints keep the denoiser's parameter names
+(``unet.*``, ``first_stage.*``) plus ``ema.*``, so :func:`gem3d.model_dirs.load_model_dir` rebuilds a plain denoiser.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from contextlib import nullcontext
+from typing import Any, ContextManager, Mapping
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -24,7 +22,7 @@ from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, unet_state_dic
 from gem3d.denoiser import Denoiser
 from gem3d.ema import EMA
 from gem3d.sampling import samplers
-from gem3d.training.common import image_grid, log_image_grids, set_learning_rate
+from gem3d.training.common import LearningRateRule, image_grid, log_image_grids
 from gem3d.training.faults import check_finite_loss
 
 __all__ = ["Gem3dLDM", "FirstStageLatentEncoder"]
@@ -38,8 +36,8 @@ class FirstStageLatentEncoder:
     def __init__(self, first_stage):
         self.first_stage = first_stage
         self.scale_factor = float(first_stage.scale_factor)
-        # the architecture's constructor arguments (not diffusers' whole config: its bookkeeping lists come in set
-        # order, which changes with every process), without the scale factor: the cache holds unscaled latents
+        # the constructor arguments (diffusers' whole config lists sets in a per-process order), without the scale
+        # factor: the cache holds unscaled latents
         params = {k: v for k, v in first_stage.architecture()["params"].items()
                   if k not in ("scale_factor", "scaling_factor", "chunk_size")}
         digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
@@ -53,26 +51,19 @@ class FirstStageLatentEncoder:
         return self.first_stage.moments(images)
 
 
-class Gem3dLDM(Denoiser, L.LightningModule):
+class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
     """GEM-3D latent diffusion training for one variant.
 
     Args (beside :class:`gem3d.denoiser.Denoiser`'s):
-        ckpt_path: stage-1 checkpoint (file, run folder or glob) whose UNet weights initialise a volume stage
-            (``load_slice_weights``); None trains the volume stage from scratch (with a warning).
-        ckpt_use_ema: take the stage-1 checkpoint's EMA weights instead of the raw ones.
+        ckpt_path: stage-1 checkpoint (file, run folder or glob) whose UNet weights initialise a volume stage;
+            None trains it from scratch (with a warning). ``ckpt_use_ema``: take its EMA weights.
         use_ema / ema_decay: keep an EMA of the trained UNet parameters (in the checkpoint).
         sample_with_ema: image logging and model loading default to the EMA weights.
-        base_learning_rate / scale_lr: AdamW lr (scaled by GPUs x batch x accumulation when ``scale_lr``).
-        weight_decay: AdamW weight decay.
+        base_learning_rate / scale_lr / weight_decay: AdamW (lr scaled by GPUs x batch x accumulation).
         log_images_every_n_steps: TensorBoard image grids every N steps (0: never).
         sample_steps_for_logging: DDIM steps of the logged sample.
-        informed_dropout: probability that a training clip's informed slice is replaced by the null latent
-            (:meth:`Denoiser.null_informed_latent`), so the model also learns the unconditional case that
-            informed-slice guidance needs; 0 (off) as in the original GEM-3D.
-
-    Latent cache: in :meth:`setup` the model hands its first stage to the data module
-    (``attach_first_stage``, when it has one), which encodes every case once; batches then hold ``latent``,
-    ``mask_latent`` and ``informed_latent`` and no training step runs the encoder.
+        informed_dropout: probability that a training clip's informed slice is replaced by the null latent, so the
+            model also learns the unconditional case that informed-slice guidance needs; 0 (off) as in the original.
     """
 
     def __init__(
@@ -132,19 +123,12 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         if self.spec.train_only_volumetric:
             self.unet.freeze_non_volumetric()
 
-        self.use_ema = bool(use_ema)
-        self.ema = EMA(self.unet, decay=ema_decay) if self.use_ema else None
-        self.sample_with_ema = bool(sample_with_ema) and self.use_ema
+        self.ema = EMA(self.unet, decay=ema_decay) if use_ema else None
+        self.sample_with_ema = bool(sample_with_ema) and self.ema is not None
 
-    # ------------------------------------------------------------------------------------ train mode
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.first_stage.train(False)
-        return self
-
-    # ------------------------------------------------------------------------------------ latents
     def setup(self, stage: str) -> None:
-        """Hand the first stage to the data module's latent cache (rank 0 encodes, the others then read)."""
+        """Hand the first stage to the data module's latent cache, if it has one (rank 0 encodes every case once,
+        the others then read); its batches hold latents and no training step runs the encoder."""
         attach = getattr(self.trainer.datamodule, "attach_first_stage", None)
         if attach is None:
             return
@@ -166,18 +150,13 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         drop = rearrange(drop < self.informed_dropout, "b -> b" + " 1" * (informed_latent.ndim - 1))
         return torch.where(drop, self.null_informed_latent(informed_latent), informed_latent)
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, *, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Grey images ``(B, F, 1, S, S)`` -> scaled latents ``(B, F, z, h, w)`` (posterior sample or mean)."""
-        return self.first_stage.encode(images, sample=sample, generator=generator)
-
     def encode_batch(self, batch: Mapping, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """A data batch -> ``(z (B, F, z, h, w), cond)`` with ``cond`` from :meth:`condition`.
 
         Clip batches: ``image``/``mask (B, F, 1, S, S)``, ``informed (B, 1, S, S)``. Slice batches (position
         variant): ``image (B, 1, S, S)``, ``pos (B,)`` -> ``F = 1``. Batches from the latent cache hold the
         scaled latents already: ``latent (B, F, z, h, w)`` (a posterior sample), and for clips ``mask_latent
-        (B, F, z, h, w)`` and ``informed_latent (B, z, h, w)`` (posterior means); the images are not encoded.
+        (B, F, z, h, w)`` and ``informed_latent (B, z, h, w)`` (posterior means).
         """
         cached = "latent" in batch
         image = batch["latent"] if cached else batch["image"]
@@ -188,46 +167,30 @@ class Gem3dLDM(Denoiser, L.LightningModule):
                              f"{tuple(image.shape)}")
         if cached:
             z = image.to(self.device)
-        elif self.spec.data_kind == "slice":
-            z = self.encode_images(rearrange(image, "b c h w -> b 1 c h w"), sample=True, generator=generator)
         else:
-            z = self.encode_images(image, sample=True, generator=generator)
+            images = rearrange(image, "b c h w -> b 1 c h w") if self.spec.data_kind == "slice" else image
+            z = self.first_stage.encode(images, sample=True, generator=generator)
         if self.spec.data_kind == "slice":
             return z, self.condition(pos=batch["pos"])
-        if cached:
-            mask_latent = batch["mask_latent"].to(self.device)
-        else:
-            mask_latent = self.encode_condition_images(batch["mask"], is_mask=True)
+        mask_latent = batch["mask_latent"].to(self.device) if cached else self.first_stage.encode_mask(batch["mask"])
         informed_latent = None
         if self.spec.use_informed:
             if cached:
                 informed_latent = batch["informed_latent"].to(self.device)
             else:
-                informed_latent = self.encode_condition_images(batch["informed"], is_mask=False)
+                informed_latent = self.first_stage.encode(batch["informed"], sample=False)
             informed_latent = self.drop_informed(informed_latent, generator)
         return z, self.condition(mask_latent, informed_latent)
 
-    @contextmanager
-    def ema_scope(self, enabled: bool = True) -> Iterator[None]:
+    def ema_scope(self, enabled: bool = True) -> ContextManager:
         """Temporarily swap the EMA weights into the UNet (no-op without EMA or when not ``enabled``)."""
-        if self.ema is None or not enabled:
-            yield
-            return
-        with self.ema.swapped_in(self.unet):
-            yield
+        return self.ema.swapped_in(self.unet) if self.ema is not None and enabled else nullcontext()
 
-    def unet_state_dict(self, use_ema: bool | None = None) -> dict[str, torch.Tensor]:
-        """The UNet weights to export: EMA when ``use_ema`` (default ``sample_with_ema``), else raw."""
-        use_ema = self.sample_with_ema if use_ema is None else use_ema
-        with self.ema_scope(use_ema):
-            return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-
-    # ------------------------------------------------------------------------------------ loss
     def sample_timesteps(self, b: int, f: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps ``(B, F)``: one per clip for the volume variants, one per slice otherwise."""
         n = b if self.spec.fix_t else b * f
-        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=self.device if generator is None else generator.device)
-        t = t.to(self.device)
+        device = self.device if generator is None else generator.device
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device).to(self.device)
         return repeat(t, "b -> b f", f=f) if self.spec.fix_t else rearrange(t, "(b f) -> b f", b=b)
 
     def loss(self, batch: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -235,10 +198,7 @@ class Gem3dLDM(Denoiser, L.LightningModule):
         z0, cond = self.encode_batch(batch, generator=generator)
         b, f = z0.shape[:2]
         t = self.sample_timesteps(b, f, generator)
-        if generator is None:
-            noise = torch.randn_like(z0)
-        else:
-            noise = torch.randn(z0.shape, generator=generator, device=generator.device, dtype=z0.dtype).to(z0.device)
+        noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         x_t = self.q_sample(z0, t, noise)
         return F.mse_loss(self.eps(x_t, t, cond), noise)
 
@@ -270,27 +230,22 @@ class Gem3dLDM(Denoiser, L.LightningModule):
                 loss_ema = self.loss(batch, generator=generator)
             self.log("val/loss_ema", loss_ema, on_step=False, on_epoch=True, sync_dist=True)
 
-    # ------------------------------------------------------------------------------------ images
-    @torch.no_grad()
-    def sample_clip(self, cond: Mapping, shape: tuple[int, ...], steps: int, seed: int = 0) -> torch.Tensor:
-        """A DDIM sample ``shape = (B, F, z, h, w)`` (eta 1) with ``cond`` -> latents."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        x_T = torch.randn(shape, generator=generator, device=self.device)
-        with self.ema_scope(self.sample_with_ema):
-            schedule = samplers.make_schedule("ddim", self.alphas_cumprod, steps, eta=1.0)
-            return samplers.sample(self.model_fn(cond), x_T, schedule, generator=generator)
-
     @torch.no_grad()
     def log_images(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        """Image grids of the first clip of ``batch``: real, mask, informed slice, a short DDIM sample.
-        Returned as ``{tag: (1, H, W) in [0, 1]}`` and written to TensorBoard when the logger is one."""
+        """Image grids ``{tag: (1, H, W) in [0, 1]}`` of the first clip of ``batch`` (real, mask, informed slice, a
+        short DDIM sample with eta 1), written to TensorBoard when the logger is one."""
         was_training = self.training
         self.eval()
         try:
             batch = {k: (v[:1].to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             # own generator: logging must not draw from the global RNG (a resumed run would draw other noise)
             z, cond = self.encode_batch(batch, generator=torch.Generator(device=self.device).manual_seed(self.global_step))
-            sample = self.first_stage.decode_grey(self.sample_clip(cond, tuple(z.shape), self.sample_steps_for_logging))
+            generator = torch.Generator(device=self.device).manual_seed(0)
+            x_T = torch.randn(tuple(z.shape), generator=generator, device=self.device)
+            schedule = samplers.make_schedule("ddim", self.alphas_cumprod, self.sample_steps_for_logging, eta=1.0)
+            with self.ema_scope(self.sample_with_ema):
+                latents = samplers.sample(self.model_fn(cond), x_T, schedule, generator=generator)
+            sample = self.first_stage.decode_grey(latents)
             if self.spec.data_kind == "slice":  # (1, 1, S, S) slices -> one-frame rows
                 real, mask = batch["image"], batch["mask"]
             else:
@@ -303,16 +258,11 @@ class Gem3dLDM(Denoiser, L.LightningModule):
             self.train(was_training)
         return log_image_grids(self, grids)
 
-    # ------------------------------------------------------------------------------------ optimiser
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters AdamW updates: the volumetric ones for the volume variants, else the whole UNet."""
         if self.spec.train_only_volumetric:
             return list(self.unet.volumetric_parameters())
         return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-        """Apply the ``scale_lr`` rule and print latent-diffusion's message; returns the lr."""
-        return set_learning_rate(self, ngpu, batch_size, accumulate)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -320,7 +270,6 @@ class Gem3dLDM(Denoiser, L.LightningModule):
             raise ValueError(f"variant {self.variant!r}: no trainable parameters")
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
 
-    # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_stage_scale_factor"] = float(self.first_stage.scale_factor)
         checkpoint["first_stage_architecture"] = self.first_stage.architecture()
