@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from torch import nn
@@ -28,12 +29,6 @@ DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
 DEFAULT_CHUNK_SIZE = 16
 CONFIG_DIR = packaged("first_stage")
 KL_F8_CONFIG = CONFIG_DIR / "kl-f8.yaml"
-
-# keys a gem3d first-stage config (``first_stage_config.params``) may hold
-FROM_CONFIG_KEYS = (
-    "ddconfig", "embed_dim", "diffusers", "diffusers_dir", "ckpt_path", "prefix", "trust",
-    "scale_factor", "chunk_size", "frozen", "lossconfig", "monitor",
-)  # fmt: skip
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:
@@ -65,7 +60,6 @@ class FirstStage(nn.Module):
         if frozen:
             self.freeze()
 
-    # ------------------------------------------------------------------------------------ constructors
     @classmethod
     def from_ldm_ddconfig(
         cls, ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
@@ -133,48 +127,6 @@ class FirstStage(nn.Module):
         return model.load_ldm_state_dict(state_dict, prefix=prefix)
 
     @classmethod
-    def from_diffusers_dir(
-        cls, path: str | Path, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
-    ) -> FirstStage:
-        """Load a *local* diffusers ``AutoencoderKL`` folder (``config.json`` + weights); never the hub.
-        ``scale_factor`` defaults to the folder's ``scaling_factor``."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"not a local diffusers model folder (no config.json): {str(path)!r}")
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
-        if scale_factor is None:
-            scale_factor = float(vae.config.scaling_factor)
-        return cls(vae, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
-
-    @classmethod
-    def from_config(cls, params: Mapping) -> FirstStage:
-        """Build (and optionally load) from a gem3d config node (``first_stage_config.params``).
-
-        Architecture: ``ddconfig`` + ``embed_dim`` (latent-diffusion) or ``diffusers`` (AutoencoderKL kwargs) or
-        ``diffusers_dir``. Weights: ``ckpt_path`` (LDM or gem3d layout, detected), with ``prefix`` and ``trust``.
-        """
-        params = ldm_vae.read_config(params)
-        unknown = sorted(set(params) - set(FROM_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown first-stage config key(s) {unknown}; allowed: {list(FROM_CONFIG_KEYS)}")
-        common = {k: params[k] for k in ("chunk_size", "frozen") if k in params}
-        sources = [k for k in ("ddconfig", "diffusers", "diffusers_dir") if k in params]
-        if len(sources) != 1:
-            raise ValueError(f"give exactly one of 'ddconfig', 'diffusers', 'diffusers_dir'; got {sources}")
-        if "ddconfig" in params:
-            if "embed_dim" not in params:
-                raise KeyError("first-stage config with 'ddconfig' needs 'embed_dim'")
-            sf = params.get("scale_factor", DEFAULT_SCALE_FACTOR)
-            model = cls.from_ldm_ddconfig(params["ddconfig"], params["embed_dim"], sf, **common)
-        elif "diffusers" in params:
-            model = cls.from_diffusers_config(scale_factor=params.get("scale_factor"), **common, **dict(params["diffusers"]))
-        else:
-            model = cls.from_diffusers_dir(params["diffusers_dir"], scale_factor=params.get("scale_factor"), **common)
-        if params.get("ckpt_path"):
-            model.load_checkpoint(params["ckpt_path"], trust=bool(params.get("trust", False)), prefix=params.get("prefix"))
-        return model
-
-    @classmethod
     def from_run(cls, ckpt_path: str | Path, scale_factor: float | None = None, chunk_size: int | None = None) -> FirstStage:
         """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob).
 
@@ -204,32 +156,24 @@ class FirstStage(nn.Module):
         params.update(scale_factor=float(self.scale_factor), chunk_size=int(self.chunk_size))
         return {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config", "params": params}
 
-    # -------------------------------------------------------------------------------------- weights
     def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
         """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
         ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
         bare = ldm_vae.extract_ldm_autoencoder(state_dict, prefix)
-        converted = ldm_vae.ldm_to_diffusers_state_dict(bare, self.vae.config)
+        converted = convert_ldm_vae_checkpoint(bare, dict(self.vae.config))
         load_weights(self.vae, converted, "LDM autoencoder weights")
         return self
 
-    def load_diffusers_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
-        """Load diffusers-layout weights: a bare ``AutoencoderKL`` state dict, a :class:`FirstStage` one (``vae.*``)
-        or any checkpoint holding it behind a prefix (``first_stage.vae.*``); strict. Returns self."""
-        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
-        if layout != "diffusers":
-            raise ValueError(f"the weights under prefix {prefix!r} are in the LDM layout; use load_ldm_state_dict")
-        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
-        return self
-
     def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
-        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``, gem3d Lightning ``.ckpt``,
-        ``.pt`` or ``.safetensors``. ``trust=True`` allows non-weights pickles (runs code from the file)."""
+        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``; gem3d Lightning ``.ckpt``, ``.pt`` or
+        ``.safetensors`` holding diffusers weights (``first_stage.vae.*``, ``vae.*`` or bare). ``trust=True`` allows
+        non-weights pickles (runs code from the file). Returns self."""
         state_dict = state_dict_of(load_checkpoint(path, key="first_stage ckpt_path", trust=trust))
         layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
         if layout == "ldm":
             return self.load_ldm_state_dict(state_dict, prefix)
-        return self.load_diffusers_state_dict(state_dict, prefix)
+        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
+        return self
 
     def to_ldm_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The weights in latent-diffusion's layout (e.g. ``prefix="first_stage_model."``)."""
@@ -237,13 +181,6 @@ class FirstStage(nn.Module):
         bare = ldm_vae.diffusers_to_ldm_state_dict(self.vae.state_dict(), levels)
         return {prefix + k: v for k, v in bare.items()}
 
-    def save_diffusers_dir(self, path: str | Path, safe_serialization: bool = True) -> Path:
-        """Write a diffusers folder (``scaling_factor`` = this ``scale_factor``); load with :meth:`from_diffusers_dir`."""
-        self.vae.register_to_config(scaling_factor=self.scale_factor)
-        self.vae.save_pretrained(str(path), safe_serialization=safe_serialization)
-        return Path(path)
-
-    # ------------------------------------------------------------------------------ training state
     def freeze(self) -> FirstStage:
         """No gradients, eval mode; ``.train()`` keeps it in eval mode while frozen."""
         self.frozen = True
@@ -259,7 +196,6 @@ class FirstStage(nn.Module):
     def train(self, mode: bool = True) -> FirstStage:
         return super().train(mode and not self.frozen)
 
-    # ---------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
@@ -289,7 +225,6 @@ class FirstStage(nn.Module):
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, chunk_size={self.chunk_size}, frozen={self.frozen}, f={self.downsample_factor}"
 
-    # --------------------------------------------------------------------------------- encode/decode
     def _chunks(self, x: torch.Tensor, progress: bool, desc: str) -> Iterator[torch.Tensor]:
         starts = range(0, x.shape[0], self.chunk_size)
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
@@ -373,8 +308,3 @@ class FirstStage(nn.Module):
         images = self.decode(z, progress=progress)
         return images.mean(dim=-3, keepdim=True)
 
-    @torch.no_grad()
-    def estimate_scale_factor(self, x: torch.Tensor, progress: bool = False) -> float:
-        """``1 / std`` of the unscaled posterior-mean latents of ``x`` (latent-diffusion's ``scale_by_std``)."""
-        z = self.encode(x, progress=progress) / self.scale_factor
-        return float(1.0 / z.float().flatten().std())

@@ -6,7 +6,7 @@ lowest resolution), ``quant_conv.*``, ``post_quant_conv.*``; usually behind a pr
 (``first_stage_model.`` in a full LatentDiffusion checkpoint, none in an autoencoder-only one).
 
 The LDM -> diffusers direction is diffusers' own ``convert_ldm_vae_checkpoint`` (exact);
-the reverse direction (:func:`diffusers_to_ldm_state_dict`) is its inverse, for exporting.
+:func:`diffusers_to_ldm_state_dict` is its inverse, for exporting.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
 from omegaconf import OmegaConf
 
 from gem3d.config import to_plain
@@ -42,7 +42,6 @@ DDCONFIG_KEYS = DDCONFIG_REQUIRED + tuple(DDCONFIG_FIXED)
 NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps=1e-6), as diffusers' VAE does
 
 
-# ----------------------------------------------------------------------------------------------- configs
 def _plain(config: Any) -> Any:
     """OmegaConf node / Mapping -> plain python containers."""
     config = to_plain(config)
@@ -65,28 +64,27 @@ def read_config(config: str | Path | Mapping) -> dict:
     return _plain(config)
 
 
-def find_autoencoder_params(config: str | Path | Mapping) -> dict:
-    """Locate the autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) in any latent-diffusion layout.
+AUTOENCODER_PARAMS_AT = (
+    "model.params.first_stage_config.params", "model.params", "first_stage_config.params", "params", ""
+)
 
-    Accepted layouts: a full model config (``model.params.first_stage_config.params``), an autoencoder-only
-    config (``model.params``), a ``first_stage_config`` node (``params``) or the params themselves.
-    """
+
+def _select(cfg: Any, where: str) -> Any:
+    """``cfg["a"]["b"]`` for ``where="a.b"`` (``""``: ``cfg``); None where a level is missing or not a mapping."""
+    for key in filter(None, where.split(".")):
+        cfg = cfg.get(key) if isinstance(cfg, Mapping) else None
+    return cfg
+
+
+def find_autoencoder_params(config: str | Path | Mapping) -> dict:
+    """The autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) of a latent-diffusion config: a full
+    model, an autoencoder-only config, a ``first_stage_config`` node or the params themselves."""
     cfg = read_config(config)
-    candidates = [
-        ("model.params.first_stage_config.params", lambda c: c["model"]["params"]["first_stage_config"]["params"]),
-        ("model.params", lambda c: c["model"]["params"]),
-        ("first_stage_config.params", lambda c: c["first_stage_config"]["params"]),
-        ("params", lambda c: c["params"]),
-        ("<top level>", lambda c: c),
-    ]
-    for _, get in candidates:
-        try:
-            params = get(cfg)
-        except (KeyError, TypeError):
-            continue
+    for where in AUTOENCODER_PARAMS_AT:
+        params = _select(cfg, where)
         if isinstance(params, Mapping) and "ddconfig" in params:
             return dict(params)
-    where = ", ".join(name for name, _ in candidates)
+    where = ", ".join(w or "<top level>" for w in AUTOENCODER_PARAMS_AT)
     raise KeyError(f"no autoencoder 'ddconfig' found in the config; looked under: {where} (top-level keys: {sorted(cfg)})")
 
 
@@ -119,8 +117,7 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
         )
     for key, allowed in DDCONFIG_FIXED.items():
         value = dd.setdefault(key, allowed)
-        same = list(value) == allowed if isinstance(allowed, list) and isinstance(value, (list, tuple)) else value == allowed
-        if not same:
+        if value != allowed:  # _plain made every sequence a list
             raise ValueError(
                 f"ddconfig.{key}={value!r} is not supported by diffusers.AutoencoderKL; allowed: {allowed!r}"
                 + (" (attention only in the middle block, as in kl-f8)" if key == "attn_resolutions" else "")
@@ -130,30 +127,21 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
             f"embed_dim={embed_dim!r} must equal ddconfig.z_channels={dd['z_channels']!r} "
             "(diffusers.AutoencoderKL uses one latent channel count)"
         )
-    dd["ch_mult"] = list(ch_mult)
     return dd
-
-
-def wrap_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float | None = None) -> dict:
-    """Wrap a ddconfig in the full LatentDiffusion layout diffusers' converters expect
-    (``model.params.first_stage_config.params.ddconfig``)."""
-    params: dict[str, Any] = {"first_stage_config": {"params": {"embed_dim": embed_dim, "ddconfig": dict(ddconfig)}}}
-    if scale_factor is not None:
-        params["scale_factor"] = float(scale_factor)
-    return {"model": {"params": params}}
 
 
 def diffusers_config_from_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR) -> dict:
     """latent-diffusion ``ddconfig`` -> ``AutoencoderKL`` kwargs (via diffusers' ``create_vae_diffusers_config_from_ldm``)."""
     dd = validate_ddconfig(ddconfig, embed_dim)
     # an empty checkpoint makes diffusers guess a default sample size; the ddconfig's resolution is the truth
-    config = create_vae_diffusers_config_from_ldm(wrap_ddconfig(dd, embed_dim, scale_factor), {})
+    autoencoder = {"params": {"embed_dim": embed_dim, "ddconfig": dd}}
+    params = {"scale_factor": float(scale_factor), "first_stage_config": autoencoder}
+    config = create_vae_diffusers_config_from_ldm({"model": {"params": params}}, {})
     config["sample_size"] = dd["resolution"]
     config["norm_num_groups"] = NORM_NUM_GROUPS
     return config
 
 
-# ------------------------------------------------------------------------------------------ state dicts
 LDM_MARKER = "encoder.down.0.block.0.conv1.weight"
 DIFFUSERS_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"
 
@@ -203,17 +191,8 @@ def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str 
 
 def find_scale_factor(config: str | Path | Mapping) -> float | None:
     """``model.params.scale_factor`` of a full LatentDiffusion config, or ``None``."""
-    cfg = read_config(config)
-    try:
-        value = cfg["model"]["params"]["scale_factor"]
-    except (KeyError, TypeError):
-        return None
+    value = _select(read_config(config), "model.params.scale_factor")
     return None if value is None else float(value)
-
-
-def ldm_to_diffusers_state_dict(ldm_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping) -> dict[str, torch.Tensor]:
-    """Bare LDM autoencoder weights -> ``AutoencoderKL`` state dict (diffusers' ``convert_ldm_vae_checkpoint``)."""
-    return convert_ldm_vae_checkpoint(dict(ldm_state_dict), dict(diffusers_config))
 
 
 _RENAMES_TO_LDM = [  # (diffusers regex, LDM replacement) applied in order; up-block indices fixed afterwards
@@ -227,7 +206,7 @@ _ATTENTION_TO_LDM = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v
 
 
 def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """``AutoencoderKL`` state dict -> bare LDM layout (inverse of :func:`ldm_to_diffusers_state_dict`).
+    """``AutoencoderKL`` state dict -> bare LDM layout (inverse of diffusers' ``convert_ldm_vae_checkpoint``).
 
     ``num_levels`` = ``len(block_out_channels)`` (diffusers numbers decoder levels from the lowest
     resolution up, LDM from the highest down).
