@@ -18,13 +18,8 @@ def shadow_key(name: str) -> str:
 
 
 class EMA(nn.Module):
-    """Shadow copies of ``model``'s trainable parameters.
-
-    Args:
-        model: the module whose parameters are averaged (only ``requires_grad`` ones).
-        decay: the asymptotic decay in (0, 1).
-        use_num_updates: warm-up ``min(decay, (1+n)/(10+n))``.
-    """
+    """Shadow copies of ``model``'s trainable (``requires_grad``) parameters; ``decay`` in (0, 1) is the asymptotic
+    decay, ``use_num_updates`` turns on the warm-up."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
         super().__init__()

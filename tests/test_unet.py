@@ -298,7 +298,6 @@ def test_hyperparameters_live_in_one_validated_config():
     assert unet.model_channels == 32 and unet.volumetric is False
     rebuilt = UNetModel(**config)  # the config is a mapping of the constructor's keywords
     assert rebuilt.config == config
-    assert config.to_dict()["channel_mult"] == [1, 2]
     assert list(inspect.signature(UNetModel).parameters) == config.keys()  # the keyword API stays introspectable
     with pytest.raises(Exception):
         config.model_channels = 64  # frozen

@@ -1,8 +1,7 @@
 """The first stage: a KL autoencoder (latent-diffusion's KL-f8 by default) held by ``diffusers.AutoencoderKL``.
 
-Images are ``(N, C, H, W)`` in [-1, 1] (or clips ``(B, F, C, H, W)``); latents are ``(N, z, H/f, W/f)``
-multiplied by ``scale_factor`` (0.18215 for KL-f8), the space the diffusion model works in.
-Encoding and decoding run in chunks of ``chunk_size`` slices to bound memory.
+Images are ``(N, C, H, W)`` in [-1, 1] (or clips ``(B, F, C, H, W)``); latents ``(N, z, H/f, W/f)`` are multiplied
+by ``scale_factor`` (0.18215 for KL-f8). Encoding and decoding run in chunks of ``chunk_size`` slices.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
 DEFAULT_CHUNK_SIZE = 16
 CONFIG_DIR = packaged("first_stage")
 KL_F8_CONFIG = CONFIG_DIR / "kl-f8.yaml"
+AUTOENCODER_KL_OPTIONS = [name for name in inspect.signature(AutoencoderKL.__init__).parameters if name != "self"]
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:
@@ -38,13 +38,7 @@ def _check_positive(name: str, value: Any, kind: type) -> None:
 
 class FirstStage(nn.Module):
     """Wraps ``diffusers.AutoencoderKL`` as ``.vae``; frozen (eval, no grads) unless :meth:`unfreeze` is called.
-
-    Args:
-        vae: the ``AutoencoderKL``.
-        scale_factor: latent multiplier (latent = posterior sample or mean x scale_factor).
-        chunk_size: slices per encoder/decoder call.
-        frozen: start frozen (default) or trainable.
-    """
+    ``scale_factor`` multiplies the posterior sample or mean; ``chunk_size`` is slices per encoder/decoder call."""
 
     def __init__(self, vae, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True):
         super().__init__()
@@ -72,13 +66,11 @@ class FirstStage(nn.Module):
     def from_diffusers_config(
         cls, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True, **kwargs: Any
     ) -> FirstStage:
-        """Random-weight model from native ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``,
-        ``latent_channels``, ``norm_num_groups``, ``sample_size``, ``in_channels``, ``out_channels``, ...).
-        Block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
-        allowed = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
-        unknown = sorted(set(kwargs) - set(allowed))
+        """Random-weight model from ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``, ...);
+        block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
+        unknown = sorted(set(kwargs) - set(AUTOENCODER_KL_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown AutoencoderKL option(s) {unknown}; allowed: {allowed}")
+            raise ValueError(f"unknown AutoencoderKL option(s) {unknown}; allowed: {AUTOENCODER_KL_OPTIONS}")
         blocks = kwargs.get("block_out_channels", (64,))
         if not isinstance(blocks, (list, tuple)) or not blocks or not all(isinstance(b, int) and b > 0 for b in blocks):
             raise ValueError(f"block_out_channels must be a non-empty list of positive ints, got {blocks!r}")
@@ -128,10 +120,8 @@ class FirstStage(nn.Module):
 
     @classmethod
     def from_run(cls, ckpt_path: str | Path, scale_factor: float | None = None, chunk_size: int | None = None) -> FirstStage:
-        """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob).
-
-        The architecture comes from the run's hyper-parameters; ``scale_factor`` defaults to the run's
-        (``auto``: 1 / latent std measured during training)."""
+        """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob), built from the run's
+        hyper-parameters; ``scale_factor`` defaults to the run's (``auto``: 1 / latent std measured in training)."""
         ckpt = load_checkpoint(ckpt_path, key="first_stage_config.params.ckpt_path")
         hparams = ckpt.get("hyper_parameters") or {}
         if "first_stage_config" not in hparams:
@@ -142,17 +132,13 @@ class FirstStage(nn.Module):
         if scale_factor is None:
             sf = hparams.get("scale_factor", "auto")
             scale_factor = float(1.0 / float(state_dict["latent_std"])) if sf == "auto" else float(sf)
-        model.scale_factor = float(scale_factor)
-        model.vae.register_to_config(scaling_factor=float(scale_factor))
-        if chunk_size is not None:
-            model.chunk_size = int(chunk_size)
-        return model.freeze()
+        return cls(model.vae, scale_factor, model.chunk_size if chunk_size is None else chunk_size)
 
     def architecture(self) -> dict:
         """A ``{target, params}`` config that rebuilds this architecture (random weights) from its ``diffusers``
         config alone, so a model folder does not depend on the files its first stage came from."""
-        allowed = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items() if k in allowed}
+        config = {k: v for k, v in dict(self.vae.config).items() if k in AUTOENCODER_KL_OPTIONS}
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
         params.update(scale_factor=float(self.scale_factor), chunk_size=int(self.chunk_size))
         return {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config", "params": params}
 
@@ -269,11 +255,8 @@ class FirstStage(nn.Module):
     def encode(
         self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None, progress: bool = False
     ) -> torch.Tensor:
-        """Images in [-1, 1] ``(N, 1|3, H, W)`` (or ``(B, F, 1|3, H, W)``) -> scaled latents ``(N, z, H/f, W/f)``.
-
-        ``sample=True`` draws the posterior sample (training; one draw over all slices, so chunking does not
-        change it), else the posterior mean (inference).
-        """
+        """Images in [-1, 1] ``(N, 1|3, H, W)`` (or ``(B, F, 1|3, H, W)``) -> scaled latents ``(N, z, H/f, W/f)``:
+        the posterior mean, or with ``sample=True`` a sample (one draw over all slices: chunking does not change it)."""
         clip = x.ndim == 5
         if clip:
             batch = x.shape[0]

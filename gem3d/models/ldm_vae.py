@@ -1,12 +1,7 @@
-"""Conversion helpers between latent-diffusion's KL autoencoder and ``diffusers.AutoencoderKL``.
-
-latent-diffusion ("LDM") layout: ``encoder.down.{i}.block.{j}.*``, ``encoder.mid.block_1.*``,
-``encoder.mid.attn_1.{norm,q,k,v,proj_out}.*`` (1x1 convs), ``decoder.up.{i}.*`` (numbered from the
-lowest resolution), ``quant_conv.*``, ``post_quant_conv.*``; usually behind a prefix
+"""Conversion helpers between latent-diffusion's ("LDM") KL autoencoder and ``diffusers.AutoencoderKL``: configs,
+layout detection, and :func:`diffusers_to_ldm_state_dict`, the inverse of diffusers' ``convert_ldm_vae_checkpoint``.
+LDM weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``) usually sit behind a prefix
 (``first_stage_model.`` in a full LatentDiffusion checkpoint, none in an autoencoder-only one).
-
-The LDM -> diffusers direction is diffusers' own ``convert_ldm_vae_checkpoint`` (exact);
-:func:`diffusers_to_ldm_state_dict` is its inverse, for exporting.
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+from einops import rearrange
 from omegaconf import OmegaConf
 
 from gem3d.config import to_plain
@@ -43,7 +39,7 @@ NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps
 
 
 def _plain(config: Any) -> Any:
-    """OmegaConf node / Mapping -> plain python containers."""
+    """OmegaConf node / Mapping -> plain python containers, every sequence a list."""
     config = to_plain(config)
     if isinstance(config, Mapping):
         return {k: _plain(v) for k, v in config.items()}
@@ -89,10 +85,8 @@ def find_autoencoder_params(config: str | Path | Mapping) -> dict:
 
 
 def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
-    """Check that a latent-diffusion ``ddconfig`` can be held exactly by ``diffusers.AutoencoderKL``.
-
-    Returns a plain dict with the optional keys filled with their latent-diffusion defaults.
-    """
+    """A latent-diffusion ``ddconfig`` that ``diffusers.AutoencoderKL`` holds exactly, as a plain dict with the
+    optional keys filled with their latent-diffusion defaults; a ValueError otherwise."""
     dd = _plain(dict(ddconfig))
     unknown = sorted(set(dd) - set(DDCONFIG_KEYS))
     if unknown:
@@ -178,11 +172,8 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str, parts: tup
 
 
 def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Bare LDM autoencoder weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
-
-    ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none; anything else (``loss.*``,
-    ``cond_stage_model.*``, UNet weights) is dropped.
-    """
+    """Bare LDM autoencoder weights; ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none. Anything
+    else (``loss.*``, ``cond_stage_model.*``, UNet weights) is dropped."""
     layout, prefix = detect_layout(state_dict, prefix)
     if layout != "ldm":
         raise ValueError(f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout")
@@ -195,14 +186,16 @@ def find_scale_factor(config: str | Path | Mapping) -> float | None:
     return None if value is None else float(value)
 
 
+_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _RENAMES_TO_LDM = [  # (diffusers regex, LDM replacement) applied in order; up-block indices fixed afterwards
     (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
     (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1."),
+    (r"\.mid\.attn_1\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", lambda m: f".mid.attn_1.{_ATTENTION_TO_LDM[m[1]]}."),
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
     (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
     (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    (r"\.conv_shortcut\.", lambda m: ".nin_shortcut."),
 ]
-_ATTENTION_TO_LDM = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
 
 
 def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
@@ -218,15 +211,7 @@ def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_leve
             new = re.sub(pattern, repl, new)
         new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", new)
         new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.", new)
-        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
-        if ".mid.attn_1." in new:
-            head, tail = new.split(".mid.attn_1.")
-            for src, dst in _ATTENTION_TO_LDM.items():
-                if tail.startswith(src):
-                    tail = dst + tail[len(src):]
-                    break
-            new = f"{head}.mid.attn_1.{tail}"
-            if value.ndim == 2:  # Linear -> 1x1 conv
-                value = value[:, :, None, None]
+        if ".mid.attn_1." in new and value.ndim == 2:  # Linear -> 1x1 conv
+            value = rearrange(value, "o i -> o i 1 1")
         out[new] = value
     return out

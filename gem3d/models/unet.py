@@ -13,7 +13,7 @@ clip-major; temporal layers view them as ``(B*H*W, C, F)``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -61,10 +61,8 @@ def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
 
 
 def pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
-    """A 1x1 ``Conv1d`` applied as a linear layer to channels-last tokens ``(N, T, C_in) -> (N, T, C_out)``.
-
-    Same weights (``(C_out, C_in, 1)``, the original's names and shapes), one GEMM instead of a convolution.
-    """
+    """A 1x1 ``Conv1d`` (the original's names and shapes) applied as one GEMM to channels-last tokens
+    ``(N, T, C_in) -> (N, T, C_out)``."""
     return F.linear(tokens, rearrange(conv.weight, "o i 1 -> o i"), conv.bias)
 
 
@@ -134,11 +132,8 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention over the H*W positions (legacy head order), plus, when volumetric, a temporal
-    self-attention over the F slices at every position that reuses the block's ``norm``.
-
-    ``(N, C, H, W) -> (N, C, H, W)``.
-    """
+    """Self-attention over the H*W positions, then, when volumetric, over the F slices at every position (reusing
+    ``norm``): ``(N, C, H, W) -> (N, C, H, W)``."""
 
     def __init__(self, channels: int, heads: int, volumetric: bool):
         super().__init__()
@@ -163,10 +158,8 @@ class AttentionBlock(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)`` (GEGLU).
-
-    diffusers' ``Attention`` and ``FeedForward`` have the original's parameter names; registered in its order.
-    """
+    """Pre-norm: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)`` (GEGLU), with
+    diffusers' ``Attention`` and ``FeedForward``: the original's parameter names, registered in its order."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -185,9 +178,7 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """GroupNorm (eps 1e-6) -> 1x1 ``proj_in`` -> transformer blocks over H*W tokens -> zero 1x1 ``proj_out``, residual.
-
-    ``x (N, C, H, W)``, ``context (N, L, context_dim)`` -> ``(N, C, H, W)``.
-    """
+    ``x (N, C, H, W)``, ``context (N, L, context_dim)`` -> ``(N, C, H, W)``."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -278,7 +269,7 @@ class UNetConfig:
         volumetric: add the temporal layers of GEM-3D stage 2 (identity at initialisation).
 
     Sequences are stored as tuples. ``keys()`` and ``[name]`` make it a mapping, so ``UNetModel(**config)``
-    rebuilds a model; :meth:`to_dict` gives plain lists for YAML.
+    rebuilds a model.
     """
 
     in_channels: int
@@ -308,7 +299,7 @@ class UNetConfig:
         self._set("dropout", float(self.dropout))
         self._set("num_head_channels", int(self.num_head_channels))
         self._set("num_heads", int(self.num_heads) if not isinstance(self.num_heads, bool) else self.num_heads)
-        widths = self.widths
+        widths = sorted({self.model_channels * m for m in self.channel_mult})
         bad = [w for w in widths if w % NORM_GROUPS]
         if bad:
             raise ValueError(
@@ -353,11 +344,6 @@ class UNetConfig:
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
 
-    @property
-    def widths(self) -> list[int]:
-        """The distinct level widths ``model_channels * mult``, ascending."""
-        return sorted({self.model_channels * m for m in self.channel_mult})
-
     def heads(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) for an attention layer of ``channels``."""
         if self.num_head_channels == -1:
@@ -372,10 +358,6 @@ class UNetConfig:
         if name not in self.keys():
             raise KeyError(name)
         return getattr(self, name)
-
-    def to_dict(self) -> dict:
-        """Plain values (lists for the sequences), as written in a YAML ``unet_config.params``."""
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
 
 
 def _positive_int(name: str, value) -> int:
@@ -397,9 +379,6 @@ class UNetModel(nn.Module):
     def __init__(self, **params):
         super().__init__()
         check_keys(params, CONFIG_FIELDS, "UNetModel's hyperparameters")
-        missing = sorted(f.name for f in fields(UNetConfig) if f.default is MISSING and f.name not in params)
-        if missing:
-            raise TypeError(f"UNetModel: missing hyperparameter(s) {missing}")
         self.config = UNetConfig(**params)
         mc = self.model_channels
         emb_dim = 4 * mc
@@ -469,9 +448,7 @@ class UNetModel(nn.Module):
 
     def volumetric_parameters(self) -> Iterator[nn.Parameter]:
         """The temporal-layer parameters (what stage 2 trains)."""
-        for name, param in self.named_parameters():
-            if is_volumetric_parameter_name(name):
-                yield param
+        return (param for name, param in self.named_parameters() if is_volumetric_parameter_name(name))
 
     def freeze_non_volumetric(self) -> None:
         """``requires_grad = False`` for every 2D parameter, True for the temporal ones (stage-2 training)."""
@@ -546,16 +523,11 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         num_frames: int | None = None,
     ) -> torch.Tensor:
-        """Predict the model output (eps) for noisy inputs.
+        """The model output (eps) for noisy inputs ``x (N, C_in, H, W)``, H and W divisible by ``2 ** (levels - 1)``.
 
-        Args:
-            x: ``(N, C_in, H, W)``; for a volumetric model ``N = B*F`` clip-major with ``num_frames=F``.
-                Or clips ``(B, F, C_in, H, W)`` (F taken from the shape), returned as ``(B, F, C_out, H, W)``.
-            timesteps: ``(N,)``, ``(B,)`` for clips (one per clip), or a scalar.
-            context: cross-attention context ``(N, L, D)`` or ``(N, D)`` (one token); ``(B, ...)`` per clip is repeated.
-            num_frames: slices per clip for 4-D input to a volumetric model.
-
-        H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        A volumetric model takes ``N = B*F`` rows clip-major with ``num_frames=F``, or clips ``(B, F, C_in, H, W)``
+        (returned as ``(B, F, C_out, H, W)``). ``timesteps``: ``(N,)``, ``(B,)`` for clips, or a scalar.
+        ``context``: ``(N, L, D)`` or ``(N, D)`` (one token); one per clip ``(B, ...)`` is repeated.
         """
         clips: int | None = None
         five_d = x.ndim == 5
