@@ -1,8 +1,6 @@
-"""Exponential moving average of a module's trainable parameters.
-
-A small module (so the shadow lives in the owner's ``state_dict`` and a resumed run restores it):
-``shadow[name] <- shadow[name] - (1 - decay_n) * (shadow[name] - param)`` with the warm-up
-``decay_n = min(decay, (1 + n) / (10 + n))`` where ``n`` counts the updates so far.
+"""Exponential moving average of a module's trainable parameters, as a module (so the shadow lives in the owner's
+``state_dict`` and a resumed run restores it): ``shadow <- shadow - (1 - decay_n) * (shadow - param)`` with the
+warm-up ``decay_n = min(decay, (1 + n) / (10 + n))``, ``n`` the updates so far.
 """
 
 from __future__ import annotations
@@ -20,13 +18,8 @@ def shadow_key(name: str) -> str:
 
 
 class EMA(nn.Module):
-    """Shadow copies of ``model``'s trainable parameters.
-
-    Args:
-        model: the module whose parameters are averaged (only ``requires_grad`` ones).
-        decay: the asymptotic decay in (0, 1).
-        use_num_updates: warm-up ``min(decay, (1+n)/(10+n))``.
-    """
+    """Shadow copies of ``model``'s trainable (``requires_grad``) parameters; ``decay`` in (0, 1) is the asymptotic
+    decay, ``use_num_updates`` turns on the warm-up."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
         super().__init__()
@@ -39,13 +32,12 @@ class EMA(nn.Module):
         for name, param in model.named_parameters():
             if param.requires_grad:
                 self.register_buffer(shadow_key(name), param.detach().clone())
-        self._stored: list[torch.Tensor] | None = None
 
     def current_decay(self) -> float:
         """Decay used by the next update (after the warm-up rule)."""
-        n = int(self.num_updates)
         if not self.use_num_updates:
             return self.decay
+        n = int(self.num_updates)
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,20 +62,6 @@ class EMA(nn.Module):
         for shadow, param in self._pairs(model):
             param.copy_(shadow.to(param.dtype))
 
-    @torch.no_grad()
-    def store(self, model: nn.Module) -> None:
-        """Remember ``model``'s current parameters (to ``restore`` after ``copy_to``)."""
-        self._stored = [param.detach().clone() for _, param in self._pairs(model)]
-
-    @torch.no_grad()
-    def restore(self, model: nn.Module) -> None:
-        """Put back the parameters saved by ``store``."""
-        if self._stored is None:
-            raise RuntimeError("EMA.restore called without a matching EMA.store")
-        for saved, (_, param) in zip(self._stored, self._pairs(model)):
-            param.copy_(saved)
-        self._stored = None
-
     def shadow_state_dict(self) -> dict[str, torch.Tensor]:
         """``{parameter name: EMA value}`` with the model's own (dotted) names."""
         buffers = dict(self.named_buffers())
@@ -91,10 +69,12 @@ class EMA(nn.Module):
 
     @contextmanager
     def swapped_in(self, model: nn.Module):
-        """Context in which ``model`` holds the EMA weights."""
-        self.store(model)
+        """Context in which ``model`` holds the EMA weights; its own are put back on exit."""
+        saved = [param.detach().clone() for _, param in self._pairs(model)]
         self.copy_to(model)
         try:
             yield model
         finally:
-            self.restore(model)
+            with torch.no_grad():
+                for value, (_, param) in zip(saved, self._pairs(model)):
+                    param.copy_(value)

@@ -182,15 +182,6 @@ def test_frozen_by_default_and_unfreeze_for_training():
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def test_estimate_scale_factor_normalises_latents():
-    model = tiny_first_stage()
-    x = images(n=4)
-    factor = model.estimate_scale_factor(x)
-    rescaled = tiny_first_stage(scale_factor=factor)
-    rescaled.load_state_dict(model.state_dict())
-    assert float(rescaled.encode(x).std()) == pytest.approx(1.0, rel=1e-4)
-
-
 # ------------------------------------------------------------------------------------------- loading
 def _write_full_model_config(path: Path, scale_factor: float) -> Path:
     config = {
@@ -261,18 +252,6 @@ def test_shipped_kl_f8_config_matches_latent_diffusion():
     assert demo.downsample_factor == 8 and demo.latent_shape(64, 64) == (4, 8, 8)
 
 
-def test_diffusers_folder_round_trip(tmp_path):
-    source = tiny_first_stage(seed=4, scale_factor=0.25)
-    folder = source.save_diffusers_dir(tmp_path / "vae")
-    assert (folder / "config.json").is_file()
-    loaded = FirstStage.from_diffusers_dir(folder)
-    assert loaded.scale_factor == pytest.approx(0.25) and loaded.frozen
-    x = images(n=2)
-    torch.testing.assert_close(loaded.encode(x), source.encode(x), atol=0, rtol=0)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        FirstStage.from_diffusers_dir(tmp_path / "missing")
-
-
 def test_gem3d_state_dict_and_checkpoint_files(tmp_path):
     source = tiny_first_stage(seed=5)
     x = images(n=2)
@@ -293,23 +272,6 @@ def test_gem3d_state_dict_and_checkpoint_files(tmp_path):
     save_file({k: v.contiguous() for k, v in source.to_ldm_state_dict().items()}, str(tmp_path / "vae.safetensors"))
     target = tiny_first_stage(seed=6).load_checkpoint(tmp_path / "vae.safetensors")
     torch.testing.assert_close(target.encode(x), expected, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="LDM layout; use load_ldm_state_dict"):
-        target.load_diffusers_state_dict(source.to_ldm_state_dict())
-
-
-def test_from_config_dispatch(tmp_path):
-    source = tiny_first_stage(seed=7)
-    torch.save({"state_dict": source.to_ldm_state_dict("first_stage_model.")}, tmp_path / "ldm.ckpt")
-    model = FirstStage.from_config(
-        {"ddconfig": TINY_DDCONFIG, "embed_dim": 4, "ckpt_path": str(tmp_path / "ldm.ckpt"), "chunk_size": 2}
-    )
-    x = images(n=3)
-    assert model.chunk_size == 2
-    torch.testing.assert_close(model.encode(x), source.encode(x), atol=1e-6, rtol=0)
-    native = FirstStage.from_config({"diffusers": {"block_out_channels": [32, 32], "layers_per_block": 1}, "scale_factor": 1.0})
-    assert native.scale_factor == 1.0 and native.downsample_factor == 2
-    with pytest.raises(ValueError, match=r"unknown first-stage config key\(s\) \['ckpt'\]"):
-        FirstStage.from_config({"ddconfig": TINY_DDCONFIG, "embed_dim": 4, "ckpt": "x"})
 
 
 def test_bad_config_values_give_clear_errors():

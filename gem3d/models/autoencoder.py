@@ -1,8 +1,7 @@
 """The first stage: a KL autoencoder (latent-diffusion's KL-f8 by default) held by ``diffusers.AutoencoderKL``.
 
-Images are ``(N, C, H, W)`` in [-1, 1] (or clips ``(B, F, C, H, W)``); latents are ``(N, z, H/f, W/f)``
-multiplied by ``scale_factor`` (0.18215 for KL-f8), the space the diffusion model works in.
-Encoding and decoding run in chunks of ``chunk_size`` slices to bound memory.
+Images are ``(N, C, H, W)`` in [-1, 1] (or clips ``(B, F, C, H, W)``); latents ``(N, z, H/f, W/f)`` are multiplied
+by ``scale_factor`` (0.18215 for KL-f8). Encoding and decoding run in chunks of ``chunk_size`` slices.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from torch import nn
@@ -28,12 +28,7 @@ DEFAULT_SCALE_FACTOR = ldm_vae.DEFAULT_SCALE_FACTOR
 DEFAULT_CHUNK_SIZE = 16
 CONFIG_DIR = packaged("first_stage")
 KL_F8_CONFIG = CONFIG_DIR / "kl-f8.yaml"
-
-# keys a gem3d first-stage config (``first_stage_config.params``) may hold
-FROM_CONFIG_KEYS = (
-    "ddconfig", "embed_dim", "diffusers", "diffusers_dir", "ckpt_path", "prefix", "trust",
-    "scale_factor", "chunk_size", "frozen", "lossconfig", "monitor",
-)  # fmt: skip
+AUTOENCODER_KL_OPTIONS = [name for name in inspect.signature(AutoencoderKL.__init__).parameters if name != "self"]
 
 
 def _check_positive(name: str, value: Any, kind: type) -> None:
@@ -43,13 +38,7 @@ def _check_positive(name: str, value: Any, kind: type) -> None:
 
 class FirstStage(nn.Module):
     """Wraps ``diffusers.AutoencoderKL`` as ``.vae``; frozen (eval, no grads) unless :meth:`unfreeze` is called.
-
-    Args:
-        vae: the ``AutoencoderKL``.
-        scale_factor: latent multiplier (latent = posterior sample or mean x scale_factor).
-        chunk_size: slices per encoder/decoder call.
-        frozen: start frozen (default) or trainable.
-    """
+    ``scale_factor`` multiplies the posterior sample or mean; ``chunk_size`` is slices per encoder/decoder call."""
 
     def __init__(self, vae, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True):
         super().__init__()
@@ -65,7 +54,6 @@ class FirstStage(nn.Module):
         if frozen:
             self.freeze()
 
-    # ------------------------------------------------------------------------------------ constructors
     @classmethod
     def from_ldm_ddconfig(
         cls, ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
@@ -78,13 +66,11 @@ class FirstStage(nn.Module):
     def from_diffusers_config(
         cls, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True, **kwargs: Any
     ) -> FirstStage:
-        """Random-weight model from native ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``,
-        ``latent_channels``, ``norm_num_groups``, ``sample_size``, ``in_channels``, ``out_channels``, ...).
-        Block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
-        allowed = [p for p in inspect.signature(AutoencoderKL.__init__).parameters if p != "self"]
-        unknown = sorted(set(kwargs) - set(allowed))
+        """Random-weight model from ``AutoencoderKL`` kwargs (``block_out_channels``, ``layers_per_block``, ...);
+        block types default to one ``DownEncoderBlock2D``/``UpDecoderBlock2D`` per entry of ``block_out_channels``."""
+        unknown = sorted(set(kwargs) - set(AUTOENCODER_KL_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown AutoencoderKL option(s) {unknown}; allowed: {allowed}")
+            raise ValueError(f"unknown AutoencoderKL option(s) {unknown}; allowed: {AUTOENCODER_KL_OPTIONS}")
         blocks = kwargs.get("block_out_channels", (64,))
         if not isinstance(blocks, (list, tuple)) or not blocks or not all(isinstance(b, int) and b > 0 for b in blocks):
             raise ValueError(f"block_out_channels must be a non-empty list of positive ints, got {blocks!r}")
@@ -133,53 +119,9 @@ class FirstStage(nn.Module):
         return model.load_ldm_state_dict(state_dict, prefix=prefix)
 
     @classmethod
-    def from_diffusers_dir(
-        cls, path: str | Path, scale_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, frozen: bool = True
-    ) -> FirstStage:
-        """Load a *local* diffusers ``AutoencoderKL`` folder (``config.json`` + weights); never the hub.
-        ``scale_factor`` defaults to the folder's ``scaling_factor``."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"not a local diffusers model folder (no config.json): {str(path)!r}")
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
-        if scale_factor is None:
-            scale_factor = float(vae.config.scaling_factor)
-        return cls(vae, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
-
-    @classmethod
-    def from_config(cls, params: Mapping) -> FirstStage:
-        """Build (and optionally load) from a gem3d config node (``first_stage_config.params``).
-
-        Architecture: ``ddconfig`` + ``embed_dim`` (latent-diffusion) or ``diffusers`` (AutoencoderKL kwargs) or
-        ``diffusers_dir``. Weights: ``ckpt_path`` (LDM or gem3d layout, detected), with ``prefix`` and ``trust``.
-        """
-        params = ldm_vae.read_config(params)
-        unknown = sorted(set(params) - set(FROM_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown first-stage config key(s) {unknown}; allowed: {list(FROM_CONFIG_KEYS)}")
-        common = {k: params[k] for k in ("chunk_size", "frozen") if k in params}
-        sources = [k for k in ("ddconfig", "diffusers", "diffusers_dir") if k in params]
-        if len(sources) != 1:
-            raise ValueError(f"give exactly one of 'ddconfig', 'diffusers', 'diffusers_dir'; got {sources}")
-        if "ddconfig" in params:
-            if "embed_dim" not in params:
-                raise KeyError("first-stage config with 'ddconfig' needs 'embed_dim'")
-            sf = params.get("scale_factor", DEFAULT_SCALE_FACTOR)
-            model = cls.from_ldm_ddconfig(params["ddconfig"], params["embed_dim"], sf, **common)
-        elif "diffusers" in params:
-            model = cls.from_diffusers_config(scale_factor=params.get("scale_factor"), **common, **dict(params["diffusers"]))
-        else:
-            model = cls.from_diffusers_dir(params["diffusers_dir"], scale_factor=params.get("scale_factor"), **common)
-        if params.get("ckpt_path"):
-            model.load_checkpoint(params["ckpt_path"], trust=bool(params.get("trust", False)), prefix=params.get("prefix"))
-        return model
-
-    @classmethod
     def from_run(cls, ckpt_path: str | Path, scale_factor: float | None = None, chunk_size: int | None = None) -> FirstStage:
-        """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob).
-
-        The architecture comes from the run's hyper-parameters; ``scale_factor`` defaults to the run's
-        (``auto``: 1 / latent std measured during training)."""
+        """A frozen first stage from an autoencoder training run (``.ckpt``, run folder or glob), built from the run's
+        hyper-parameters; ``scale_factor`` defaults to the run's (``auto``: 1 / latent std measured in training)."""
         ckpt = load_checkpoint(ckpt_path, key="first_stage_config.params.ckpt_path")
         hparams = ckpt.get("hyper_parameters") or {}
         if "first_stage_config" not in hparams:
@@ -190,46 +132,34 @@ class FirstStage(nn.Module):
         if scale_factor is None:
             sf = hparams.get("scale_factor", "auto")
             scale_factor = float(1.0 / float(state_dict["latent_std"])) if sf == "auto" else float(sf)
-        model.scale_factor = float(scale_factor)
-        model.vae.register_to_config(scaling_factor=float(scale_factor))
-        if chunk_size is not None:
-            model.chunk_size = int(chunk_size)
-        return model.freeze()
+        return cls(model.vae, scale_factor, model.chunk_size if chunk_size is None else chunk_size)
 
     def architecture(self) -> dict:
         """A ``{target, params}`` config that rebuilds this architecture (random weights) from its ``diffusers``
         config alone, so a model folder does not depend on the files its first stage came from."""
-        allowed = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items() if k in allowed}
+        config = {k: v for k, v in dict(self.vae.config).items() if k in AUTOENCODER_KL_OPTIONS}
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
         params.update(scale_factor=float(self.scale_factor), chunk_size=int(self.chunk_size))
         return {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config", "params": params}
 
-    # -------------------------------------------------------------------------------------- weights
     def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
         """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
         ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
         bare = ldm_vae.extract_ldm_autoencoder(state_dict, prefix)
-        converted = ldm_vae.ldm_to_diffusers_state_dict(bare, self.vae.config)
+        converted = convert_ldm_vae_checkpoint(bare, dict(self.vae.config))
         load_weights(self.vae, converted, "LDM autoencoder weights")
         return self
 
-    def load_diffusers_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
-        """Load diffusers-layout weights: a bare ``AutoencoderKL`` state dict, a :class:`FirstStage` one (``vae.*``)
-        or any checkpoint holding it behind a prefix (``first_stage.vae.*``); strict. Returns self."""
-        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
-        if layout != "diffusers":
-            raise ValueError(f"the weights under prefix {prefix!r} are in the LDM layout; use load_ldm_state_dict")
-        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
-        return self
-
     def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
-        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``, gem3d Lightning ``.ckpt``,
-        ``.pt`` or ``.safetensors``. ``trust=True`` allows non-weights pickles (runs code from the file)."""
+        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``; gem3d Lightning ``.ckpt``, ``.pt`` or
+        ``.safetensors`` holding diffusers weights (``first_stage.vae.*``, ``vae.*`` or bare). ``trust=True`` allows
+        non-weights pickles (runs code from the file). Returns self."""
         state_dict = state_dict_of(load_checkpoint(path, key="first_stage ckpt_path", trust=trust))
         layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
         if layout == "ldm":
             return self.load_ldm_state_dict(state_dict, prefix)
-        return self.load_diffusers_state_dict(state_dict, prefix)
+        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
+        return self
 
     def to_ldm_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The weights in latent-diffusion's layout (e.g. ``prefix="first_stage_model."``)."""
@@ -237,13 +167,6 @@ class FirstStage(nn.Module):
         bare = ldm_vae.diffusers_to_ldm_state_dict(self.vae.state_dict(), levels)
         return {prefix + k: v for k, v in bare.items()}
 
-    def save_diffusers_dir(self, path: str | Path, safe_serialization: bool = True) -> Path:
-        """Write a diffusers folder (``scaling_factor`` = this ``scale_factor``); load with :meth:`from_diffusers_dir`."""
-        self.vae.register_to_config(scaling_factor=self.scale_factor)
-        self.vae.save_pretrained(str(path), safe_serialization=safe_serialization)
-        return Path(path)
-
-    # ------------------------------------------------------------------------------ training state
     def freeze(self) -> FirstStage:
         """No gradients, eval mode; ``.train()`` keeps it in eval mode while frozen."""
         self.frozen = True
@@ -259,7 +182,6 @@ class FirstStage(nn.Module):
     def train(self, mode: bool = True) -> FirstStage:
         return super().train(mode and not self.frozen)
 
-    # ---------------------------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
@@ -289,7 +211,6 @@ class FirstStage(nn.Module):
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, chunk_size={self.chunk_size}, frozen={self.frozen}, f={self.downsample_factor}"
 
-    # --------------------------------------------------------------------------------- encode/decode
     def _chunks(self, x: torch.Tensor, progress: bool, desc: str) -> Iterator[torch.Tensor]:
         starts = range(0, x.shape[0], self.chunk_size)
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
@@ -334,11 +255,8 @@ class FirstStage(nn.Module):
     def encode(
         self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None, progress: bool = False
     ) -> torch.Tensor:
-        """Images in [-1, 1] ``(N, 1|3, H, W)`` (or ``(B, F, 1|3, H, W)``) -> scaled latents ``(N, z, H/f, W/f)``.
-
-        ``sample=True`` draws the posterior sample (training; one draw over all slices, so chunking does not
-        change it), else the posterior mean (inference).
-        """
+        """Images in [-1, 1] ``(N, 1|3, H, W)`` (or ``(B, F, 1|3, H, W)``) -> scaled latents ``(N, z, H/f, W/f)``:
+        the posterior mean, or with ``sample=True`` a sample (one draw over all slices: chunking does not change it)."""
         clip = x.ndim == 5
         if clip:
             batch = x.shape[0]
@@ -373,8 +291,3 @@ class FirstStage(nn.Module):
         images = self.decode(z, progress=progress)
         return images.mean(dim=-3, keepdim=True)
 
-    @torch.no_grad()
-    def estimate_scale_factor(self, x: torch.Tensor, progress: bool = False) -> float:
-        """``1 / std`` of the unscaled posterior-mean latents of ``x`` (latent-diffusion's ``scale_by_std``)."""
-        z = self.encode(x, progress=progress) / self.scale_factor
-        return float(1.0 / z.float().flatten().std())

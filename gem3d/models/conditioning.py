@@ -1,32 +1,19 @@
-"""Conditioning signals for the GEM-3D denoisers.
-
-- ``timestep_embedding``: the ADM / latent-diffusion sinusoidal embedding, ``[cos, sin]`` order.
-- ``position_embedding``: the slice model's context, the timestep embedding of ``1000 * pos``.
-- ``concat_condition``: the concat condition of the slice / volume models, mask latent first, then the
-  informed-slice latent (stage 1 / stage 2: 8 channels) or the mask latent alone (baseline: 4 channels).
-"""
+"""Conditioning signals for the GEM-3D denoisers: the sinusoidal timestep embedding, the slice model's position
+context and the concat condition (mask latent, then the informed-slice latent unless baseline)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange, repeat
 
 __all__ = ["timestep_embedding", "position_embedding", "concat_condition"]
 
 
 def timestep_embedding(t: torch.Tensor | float | int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period ** (-i / (dim // 2))``.
-
-    Args:
-        t: timesteps ``(N,)`` (any real values; a scalar gives ``N = 1``).
-        dim: embedding width; an odd ``dim`` gets a trailing zero column.
-        max_period: the lowest frequency's period.
-
-    Returns:
-        ``(N, dim)`` float32 embedding on ``t``'s device.
-    """
+    """ADM's ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period ** (-i / (dim // 2))`` (diffusers'
+    ``get_timestep_embedding``): timesteps ``(N,)`` (any reals; a scalar gives N = 1) -> ``(N, dim)`` float32 on
+    ``t``'s device; an odd ``dim`` ends in a zero column."""
     if int(dim) != dim or dim < 1:
         raise ValueError(f"timestep_embedding: dim must be a positive integer, got {dim!r}")
     t = torch.as_tensor(t)
@@ -34,21 +21,12 @@ def timestep_embedding(t: torch.Tensor | float | int, dim: int, max_period: floa
         t = rearrange(t, " -> 1")
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding: t must be a scalar or 1-D (N,), got shape {tuple(t.shape)}")
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    freqs = torch.exp(exponent)
-    args = torch.outer(t.float(), freqs)
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
+    return get_timestep_embedding(t, int(dim), flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
 
 
 def position_embedding(pos: torch.Tensor | float, dim: int) -> torch.Tensor:
-    """Relative slice position(s) ``pos`` in [0, 1] ``(N,)`` -> ``(N, dim)`` = ``timestep_embedding(1000 * pos, dim)``.
-
-    Used as the slice model's cross-attention context (one token per slice).
-    """
+    """Relative slice positions in [0, 1] ``(N,)`` -> the slice model's context,
+    ``timestep_embedding(1000 * pos, dim)``."""
     pos = torch.as_tensor(pos, dtype=torch.float32)
     if pos.numel() and (pos.min() < 0 or pos.max() > 1):
         raise ValueError(
@@ -59,17 +37,9 @@ def position_embedding(pos: torch.Tensor | float, dim: int) -> torch.Tensor:
 
 
 def concat_condition(mask_latent: torch.Tensor, informed_latent: torch.Tensor | None = None) -> torch.Tensor:
-    """Concat condition along channels: mask latent first, then the informed-slice latent.
-
-    Args:
-        mask_latent: ``(N, z, h, w)`` or clips ``(B, F, z, h, w)``.
-        informed_latent: ``None`` (baseline), or the informed slice's latent with the same shape as
-            ``mask_latent``, or one per clip ``(B, z, h, w)`` for 5-D masks (repeated over the F slices),
-            or one ``(z, h, w)`` shared by every row of a 4-D mask.
-
-    Returns:
-        ``(N, z or 2z, h, w)`` or ``(B, F, z or 2z, h, w)``; the UNet input is ``cat([x_noisy, cond], dim=channels)``.
-    """
+    """Mask latent ``(N, z, h, w)`` or ``(B, F, z, h, w)``, then the informed-slice latent (None for the baseline)
+    along channels -> ``(N | B, F, z or 2z, h, w)``. ``informed_latent`` has the mask's shape, or is one per clip
+    ``(B, z, h, w)`` for 5-D masks, or one ``(z, h, w)`` / ``(1, z, h, w)`` shared by the rows of a 4-D mask."""
     if mask_latent.ndim not in (4, 5):
         raise ValueError(
             f"concat_condition: mask_latent must be (N,z,h,w) or (B,F,z,h,w), got shape {tuple(mask_latent.shape)}"

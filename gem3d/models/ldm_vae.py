@@ -1,12 +1,7 @@
-"""Conversion helpers between latent-diffusion's KL autoencoder and ``diffusers.AutoencoderKL``.
-
-latent-diffusion ("LDM") layout: ``encoder.down.{i}.block.{j}.*``, ``encoder.mid.block_1.*``,
-``encoder.mid.attn_1.{norm,q,k,v,proj_out}.*`` (1x1 convs), ``decoder.up.{i}.*`` (numbered from the
-lowest resolution), ``quant_conv.*``, ``post_quant_conv.*``; usually behind a prefix
+"""Conversion helpers between latent-diffusion's ("LDM") KL autoencoder and ``diffusers.AutoencoderKL``: configs,
+layout detection, and :func:`diffusers_to_ldm_state_dict`, the inverse of diffusers' ``convert_ldm_vae_checkpoint``.
+LDM weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``) usually sit behind a prefix
 (``first_stage_model.`` in a full LatentDiffusion checkpoint, none in an autoencoder-only one).
-
-The LDM -> diffusers direction is diffusers' own ``convert_ldm_vae_checkpoint`` (exact);
-the reverse direction (:func:`diffusers_to_ldm_state_dict`) is its inverse, for exporting.
 """
 
 from __future__ import annotations
@@ -17,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+from einops import rearrange
 from omegaconf import OmegaConf
 
 from gem3d.config import to_plain
@@ -42,9 +38,8 @@ DDCONFIG_KEYS = DDCONFIG_REQUIRED + tuple(DDCONFIG_FIXED)
 NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps=1e-6), as diffusers' VAE does
 
 
-# ----------------------------------------------------------------------------------------------- configs
 def _plain(config: Any) -> Any:
-    """OmegaConf node / Mapping -> plain python containers."""
+    """OmegaConf node / Mapping -> plain python containers, every sequence a list."""
     config = to_plain(config)
     if isinstance(config, Mapping):
         return {k: _plain(v) for k, v in config.items()}
@@ -65,36 +60,33 @@ def read_config(config: str | Path | Mapping) -> dict:
     return _plain(config)
 
 
-def find_autoencoder_params(config: str | Path | Mapping) -> dict:
-    """Locate the autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) in any latent-diffusion layout.
+AUTOENCODER_PARAMS_AT = (
+    "model.params.first_stage_config.params", "model.params", "first_stage_config.params", "params", ""
+)
 
-    Accepted layouts: a full model config (``model.params.first_stage_config.params``), an autoencoder-only
-    config (``model.params``), a ``first_stage_config`` node (``params``) or the params themselves.
-    """
+
+def _select(cfg: Any, where: str) -> Any:
+    """``cfg["a"]["b"]`` for ``where="a.b"`` (``""``: ``cfg``); None where a level is missing or not a mapping."""
+    for key in filter(None, where.split(".")):
+        cfg = cfg.get(key) if isinstance(cfg, Mapping) else None
+    return cfg
+
+
+def find_autoencoder_params(config: str | Path | Mapping) -> dict:
+    """The autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) of a latent-diffusion config: a full
+    model, an autoencoder-only config, a ``first_stage_config`` node or the params themselves."""
     cfg = read_config(config)
-    candidates = [
-        ("model.params.first_stage_config.params", lambda c: c["model"]["params"]["first_stage_config"]["params"]),
-        ("model.params", lambda c: c["model"]["params"]),
-        ("first_stage_config.params", lambda c: c["first_stage_config"]["params"]),
-        ("params", lambda c: c["params"]),
-        ("<top level>", lambda c: c),
-    ]
-    for _, get in candidates:
-        try:
-            params = get(cfg)
-        except (KeyError, TypeError):
-            continue
+    for where in AUTOENCODER_PARAMS_AT:
+        params = _select(cfg, where)
         if isinstance(params, Mapping) and "ddconfig" in params:
             return dict(params)
-    where = ", ".join(name for name, _ in candidates)
+    where = ", ".join(w or "<top level>" for w in AUTOENCODER_PARAMS_AT)
     raise KeyError(f"no autoencoder 'ddconfig' found in the config; looked under: {where} (top-level keys: {sorted(cfg)})")
 
 
 def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
-    """Check that a latent-diffusion ``ddconfig`` can be held exactly by ``diffusers.AutoencoderKL``.
-
-    Returns a plain dict with the optional keys filled with their latent-diffusion defaults.
-    """
+    """A latent-diffusion ``ddconfig`` that ``diffusers.AutoencoderKL`` holds exactly, as a plain dict with the
+    optional keys filled with their latent-diffusion defaults; a ValueError otherwise."""
     dd = _plain(dict(ddconfig))
     unknown = sorted(set(dd) - set(DDCONFIG_KEYS))
     if unknown:
@@ -119,8 +111,7 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
         )
     for key, allowed in DDCONFIG_FIXED.items():
         value = dd.setdefault(key, allowed)
-        same = list(value) == allowed if isinstance(allowed, list) and isinstance(value, (list, tuple)) else value == allowed
-        if not same:
+        if value != allowed:  # _plain made every sequence a list
             raise ValueError(
                 f"ddconfig.{key}={value!r} is not supported by diffusers.AutoencoderKL; allowed: {allowed!r}"
                 + (" (attention only in the middle block, as in kl-f8)" if key == "attn_resolutions" else "")
@@ -130,30 +121,21 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
             f"embed_dim={embed_dim!r} must equal ddconfig.z_channels={dd['z_channels']!r} "
             "(diffusers.AutoencoderKL uses one latent channel count)"
         )
-    dd["ch_mult"] = list(ch_mult)
     return dd
-
-
-def wrap_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float | None = None) -> dict:
-    """Wrap a ddconfig in the full LatentDiffusion layout diffusers' converters expect
-    (``model.params.first_stage_config.params.ddconfig``)."""
-    params: dict[str, Any] = {"first_stage_config": {"params": {"embed_dim": embed_dim, "ddconfig": dict(ddconfig)}}}
-    if scale_factor is not None:
-        params["scale_factor"] = float(scale_factor)
-    return {"model": {"params": params}}
 
 
 def diffusers_config_from_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR) -> dict:
     """latent-diffusion ``ddconfig`` -> ``AutoencoderKL`` kwargs (via diffusers' ``create_vae_diffusers_config_from_ldm``)."""
     dd = validate_ddconfig(ddconfig, embed_dim)
     # an empty checkpoint makes diffusers guess a default sample size; the ddconfig's resolution is the truth
-    config = create_vae_diffusers_config_from_ldm(wrap_ddconfig(dd, embed_dim, scale_factor), {})
+    autoencoder = {"params": {"embed_dim": embed_dim, "ddconfig": dd}}
+    params = {"scale_factor": float(scale_factor), "first_stage_config": autoencoder}
+    config = create_vae_diffusers_config_from_ldm({"model": {"params": params}}, {})
     config["sample_size"] = dd["resolution"]
     config["norm_num_groups"] = NORM_NUM_GROUPS
     return config
 
 
-# ------------------------------------------------------------------------------------------ state dicts
 LDM_MARKER = "encoder.down.0.block.0.conv1.weight"
 DIFFUSERS_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"
 
@@ -190,11 +172,8 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str, parts: tup
 
 
 def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Bare LDM autoencoder weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
-
-    ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none; anything else (``loss.*``,
-    ``cond_stage_model.*``, UNet weights) is dropped.
-    """
+    """Bare LDM autoencoder weights; ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none. Anything
+    else (``loss.*``, ``cond_stage_model.*``, UNet weights) is dropped."""
     layout, prefix = detect_layout(state_dict, prefix)
     if layout != "ldm":
         raise ValueError(f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout")
@@ -203,31 +182,24 @@ def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str 
 
 def find_scale_factor(config: str | Path | Mapping) -> float | None:
     """``model.params.scale_factor`` of a full LatentDiffusion config, or ``None``."""
-    cfg = read_config(config)
-    try:
-        value = cfg["model"]["params"]["scale_factor"]
-    except (KeyError, TypeError):
-        return None
+    value = _select(read_config(config), "model.params.scale_factor")
     return None if value is None else float(value)
 
 
-def ldm_to_diffusers_state_dict(ldm_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping) -> dict[str, torch.Tensor]:
-    """Bare LDM autoencoder weights -> ``AutoencoderKL`` state dict (diffusers' ``convert_ldm_vae_checkpoint``)."""
-    return convert_ldm_vae_checkpoint(dict(ldm_state_dict), dict(diffusers_config))
-
-
+_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _RENAMES_TO_LDM = [  # (diffusers regex, LDM replacement) applied in order; up-block indices fixed afterwards
     (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
     (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1."),
+    (r"\.mid\.attn_1\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", lambda m: f".mid.attn_1.{_ATTENTION_TO_LDM[m[1]]}."),
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
     (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
     (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    (r"\.conv_shortcut\.", lambda m: ".nin_shortcut."),
 ]
-_ATTENTION_TO_LDM = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
 
 
 def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """``AutoencoderKL`` state dict -> bare LDM layout (inverse of :func:`ldm_to_diffusers_state_dict`).
+    """``AutoencoderKL`` state dict -> bare LDM layout (inverse of diffusers' ``convert_ldm_vae_checkpoint``).
 
     ``num_levels`` = ``len(block_out_channels)`` (diffusers numbers decoder levels from the lowest
     resolution up, LDM from the highest down).
@@ -239,15 +211,7 @@ def diffusers_to_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], num_leve
             new = re.sub(pattern, repl, new)
         new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", new)
         new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.", new)
-        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
-        if ".mid.attn_1." in new:
-            head, tail = new.split(".mid.attn_1.")
-            for src, dst in _ATTENTION_TO_LDM.items():
-                if tail.startswith(src):
-                    tail = dst + tail[len(src):]
-                    break
-            new = f"{head}.mid.attn_1.{tail}"
-            if value.ndim == 2:  # Linear -> 1x1 conv
-                value = value[:, :, None, None]
+        if ".mid.attn_1." in new and value.ndim == 2:  # Linear -> 1x1 conv
+            value = rearrange(value, "o i -> o i 1 1")
         out[new] = value
     return out

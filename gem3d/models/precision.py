@@ -1,12 +1,8 @@
 """Reduced precision for sampling: an autocast scope that covers the denoiser only.
 
 Inside ``with sampling_precision("bf16"):`` every :class:`gem3d.models.unet.UNetModel` call runs under
-``torch.autocast`` at that dtype and returns its output in the input's dtype (float32), so the sampler's schedule
-arithmetic, the autoencoder and everything else stay float32; the UNet's GroupNorms compute in float32 too.
-Outside a scope (the default) UNet calls are plain float32. ``"auto"`` picks :func:`default_precision` for the
-device of each call: bf16 on CUDA GPUs that support it, fp32 elsewhere (the CPU).
-
-Training uses Lightning's own flag instead (``lightning.trainer.precision: bf16-mixed`` in the paper configs).
+``torch.autocast`` and returns the input's dtype (float32), so the sampler's arithmetic and the autoencoder stay
+float32. Outside a scope UNet calls are plain float32. Training uses Lightning's ``precision: bf16-mixed`` instead.
 """
 from __future__ import annotations
 
@@ -16,19 +12,12 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "default_precision", "sampling_precision", "denoiser_autocast"]
+__all__ = ["PRECISIONS", "default_precision", "sampling_precision", "denoiser_autocast"]
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHOICES = ("auto", *PRECISIONS)
 
 _SAMPLING_PRECISION: ContextVar[str] = ContextVar("gem3d_sampling_precision", default="fp32")
-
-
-def check_precision(precision: str) -> str:
-    """``precision`` if it is one of ``auto``, ``bf16``, ``fp16``, ``fp32``; a ValueError naming them otherwise."""
-    if precision not in CHOICES:
-        raise ValueError(f"precision must be one of {list(CHOICES)}, got {precision!r}")
-    return precision
 
 
 def default_precision(device: torch.device | str) -> str:
@@ -41,8 +30,10 @@ def default_precision(device: torch.device | str) -> str:
 
 @contextlib.contextmanager
 def sampling_precision(precision: str = "auto") -> Iterator[None]:
-    """Run the UNet calls inside at ``precision`` (``auto`` | ``bf16`` | ``fp16`` | ``fp32``)."""
-    token = _SAMPLING_PRECISION.set(check_precision(precision))
+    """Run the UNet calls inside at ``precision`` (``auto``: :func:`default_precision` of each call's device)."""
+    if precision not in CHOICES:
+        raise ValueError(f"precision must be one of {list(CHOICES)}, got {precision!r}")
+    token = _SAMPLING_PRECISION.set(precision)
     try:
         yield
     finally:

@@ -1,42 +1,25 @@
-"""The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric.
+"""The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric (METHOD.md §3, §7).
 
-Written from the layout in METHOD.md §3 and §7. One class, :class:`UNetModel`, covers
+One class, :class:`UNetModel`, covers the slice denoisers (concat conditioning with ``AttentionBlock``, or the
+position model's ``SpatialTransformer`` cross-attending to a context) and stage 2 (``volumetric=True``): a temporal
+``Conv1d(C, C, 3)`` across the slices after every 3x3 convolution (identity at initialisation) and a temporal
+self-attention after every spatial one (zero ``proj_out_tem``, residual). The slice count comes from the input.
 
-- the stage-1 slice denoiser and the baseline (concat conditioning, self-attention ``AttentionBlock``),
-- the position-conditioned slice model (``use_spatial_transformer=True``, cross-attention on a context),
-- stage 2 / baseline stage 2 (``volumetric=True``): after every 3x3 convolution a temporal
-  ``Conv1d(C, C, 3, padding=1)`` across the slices of a clip (Dirac weight, zero bias, replaces its input),
-  and after every spatial self-attention a temporal self-attention across the slices (the block's same
-  GroupNorm, ``qkv_tem`` 1x1 to 3C, the same head count, zero-initialised ``proj_out_tem``, residual).
-  The slice count comes from the input (``num_frames`` or a 5-D ``(B, F, C, H, W)`` input), never a constant.
-
-Checkpoint compatibility — the key mapping is the identity
------------------------------------------------------------
-Parameter names equal those of the original GEM-3D / latent-diffusion UNet, so the original's
-``model.diffusion_model.*`` weights (prefix stripped) load with ``load_state_dict(sd, strict=True)``:
-
-- ``time_embed.{0,2}``; ``input_blocks.0.0`` (input conv), ``input_blocks.0.1.temporal_conv`` (volumetric);
-- ResBlock: ``in_layers.{0: GroupNorm, 2: conv}``, ``emb_layers.1``, ``out_layers.{0: GroupNorm, 3: conv}``,
-  ``skip_connection`` (1x1, only when channels change), volumetric ``in_layers_tem.temporal_conv`` and
-  ``out_layers_tem.temporal_conv``;
-- AttentionBlock: ``norm``, ``qkv``, ``proj_out``, volumetric ``qkv_tem``, ``proj_out_tem``;
-- SpatialTransformer: ``norm``, ``proj_in``, ``transformer_blocks.N.{attn1,attn2}.{to_q,to_k,to_v,to_out.0}``,
-  ``transformer_blocks.N.ff.net.{0.proj,2}``, ``transformer_blocks.N.norm{1,2,3}``, ``proj_out``;
-- Downsample ``op`` (+ ``op_tem.temporal_conv``), Upsample ``conv`` (+ ``conv_tem.temporal_conv``);
-- ``middle_block.{0,1,2}``, ``output_blocks.*``, ``out.{0: GroupNorm, 2: conv}``, volumetric ``out_tem.temporal_conv``.
-
-Layouts: 2D layers see ``(N, C, H, W)``; a volumetric model sees ``N = B*F`` rows, clip-major (all F slices of
-clip 0 first). Temporal layers view the features as ``(B*H*W, C, F)``.
+Parameter names equal the original's ``model.diffusion_model.*`` (prefix stripped), so its weights load with
+``load_state_dict(strict=True)``. 2D layers see ``(N, C, H, W)``; a volumetric model sees ``N = B*F`` rows,
+clip-major; temporal layers view them as ``(B*H*W, C, F)``.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -45,25 +28,9 @@ from gem3d.config import check_keys
 from gem3d.models.conditioning import timestep_embedding
 from gem3d.models.precision import denoiser_autocast
 
-__all__ = [
-    "UNetModel",
-    "UNetConfig",
-    "SliceWeightsLoadResult",
-    "is_volumetric_parameter_name",
-    "GroupNorm32",
-    "TemporalConv",
-    "ResBlock",
-    "AttentionBlock",
-    "SpatialTransformer",
-    "Downsample",
-    "Upsample",
-]
+__all__ = ["UNetModel", "UNetConfig", "is_volumetric_parameter_name"]
 
 NORM_GROUPS = 32
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# small helpers
 
 
 def is_volumetric_parameter_name(name: str) -> bool:
@@ -79,10 +46,7 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm (32 groups) computed in float32 (input and affine parameters), returned in the input's dtype.
-
-    A float32 input goes straight through ``F.group_norm`` (no casts); reduced precision is upcast and cast back.
-    """
+    """GroupNorm computed in float32 (input and affine parameters), returned in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -97,19 +61,14 @@ def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
 
 
 def pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
-    """A 1x1 ``Conv1d`` applied as a linear layer to channels-last tokens ``(N, T, C_in) -> (N, T, C_out)``.
-
-    Same weights (``(C_out, C_in, 1)``, the original's names and shapes), one GEMM instead of a convolution.
-    """
+    """A 1x1 ``Conv1d`` (the original's names and shapes) applied as one GEMM to channels-last tokens
+    ``(N, T, C_in) -> (N, T, C_out)``."""
     return F.linear(tokens, rearrange(conv.weight, "o i 1 -> o i"), conv.bias)
 
 
 def legacy_qkv_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head self-attention with the original's *legacy* head order.
-
-    ``qkv (N, T, 3C)``: channels are split into heads first, then into q, k, v of ``C/heads`` each.
-    Returns ``(N, T, C)`` (heads outermost in C). Scale ``1/sqrt(C/heads)``. The head dimension stays the
-    innermost (unit stride), so SDPA takes its fused (flash) kernel instead of materialising ``T x T`` scores.
+    """Self-attention in the original's *legacy* head order: ``qkv (N, T, 3C)`` splits into heads first, then into
+    q, k, v of ``C/heads`` each -> ``(N, T, C)``. The head dimension stays innermost, so SDPA can take a fused kernel.
     """
     q, k, v = rearrange(qkv, "n t (h three d) -> three n h t d", h=heads, three=3)
     out = F.scaled_dot_product_attention(q, k, v)
@@ -123,28 +82,6 @@ def self_attention(tokens: torch.Tensor, norm: nn.GroupNorm, qkv: nn.Conv1d, pro
     return tokens + rearrange(attended, "n t c -> n c t")
 
 
-def frames_to_sequences(x: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """``(B*F, C, H, W)`` clip-major -> ``(B*H*W, C, F)``: one sequence over the slices per spatial position."""
-    return rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames)
-
-
-def sequences_to_frames(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`frames_to_sequences`."""
-    return rearrange(x, "(b h w) c f -> (b f) c h w", h=height, w=width)
-
-
-def _require_num_frames(num_frames: int | None, rows: int, where: str) -> int:
-    if num_frames is None:
-        raise ValueError(f"{where}: a volumetric layer needs num_frames (slices per clip), got None")
-    if num_frames < 1 or rows % num_frames:
-        raise ValueError(f"{where}: {rows} rows are not a whole number of clips of num_frames={num_frames}")
-    return int(num_frames)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# layers
-
-
 class TemporalConv(nn.Module):
     """Temporal ``Conv1d(C, C, 3, padding=1)`` across the slices at every spatial position.
 
@@ -155,25 +92,17 @@ class TemporalConv(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.temporal_conv = nn.Conv1d(channels, channels, 3, padding=1)
-        self.reset_identity()
-
-    def reset_identity(self) -> None:
         nn.init.dirac_(self.temporal_conv.weight)
         nn.init.zeros_(self.temporal_conv.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
-        num_frames = _require_num_frames(num_frames, x.shape[0], "TemporalConv")
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         height, width = x.shape[-2:]
-        y = self.temporal_conv(frames_to_sequences(x, num_frames))
-        return sequences_to_frames(y, height, width)
+        y = self.temporal_conv(rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames))
+        return rearrange(y, "(b h w) c f -> (b f) c h w", h=height, w=width)
 
 
 class ResBlock(nn.Module):
-    """ADM residual block with the time embedding added as a per-channel bias (no scale-shift).
-
-    ``h = in_layers(x) [-> in_layers_tem] + emb_layers(emb); h = out_layers(h) [-> out_layers_tem];
-    return skip_connection(x) + h``.
-    """
+    """ADM residual block, the time embedding added as a per-channel bias (no scale-shift)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, volumetric: bool):
         super().__init__()
@@ -185,9 +114,7 @@ class ResBlock(nn.Module):
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         self.volumetric = volumetric
         if volumetric:
             self.in_layers_tem = TemporalConv(out_channels)
@@ -205,11 +132,8 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention over the H*W positions (legacy head order), plus, when volumetric, a temporal
-    self-attention over the F slices at every position that reuses the block's ``norm``.
-
-    ``(N, C, H, W) -> (N, C, H, W)``.
-    """
+    """Self-attention over the H*W positions, then, when volumetric, over the F slices at every position (reusing
+    ``norm``): ``(N, C, H, W) -> (N, C, H, W)``."""
 
     def __init__(self, channels: int, heads: int, volumetric: bool):
         super().__init__()
@@ -222,79 +146,26 @@ class AttentionBlock(nn.Module):
             self.qkv_tem = nn.Conv1d(channels, 3 * channels, 1)
             self.proj_out_tem = zero_module(nn.Conv1d(channels, channels, 1))
 
-    def reset_temporal(self) -> None:
-        """Temporal attention back to its initial state (default ``qkv_tem``, zero ``proj_out_tem``)."""
-        if self.volumetric:
-            self.qkv_tem.reset_parameters()
-            zero_module(self.proj_out_tem)
-
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         tokens = self_attention(rearrange(x, "n c h w -> n c (h w)"), self.norm, self.qkv, self.proj_out, self.heads)
         out = rearrange(tokens, "n c (h w) -> n c h w", h=height, w=width)
         if self.volumetric:
-            num_frames = _require_num_frames(num_frames, x.shape[0], "AttentionBlock")
-            seq = self_attention(frames_to_sequences(out, num_frames), self.norm, self.qkv_tem, self.proj_out_tem, self.heads)
-            out = sequences_to_frames(seq, height, width)
+            seq = rearrange(out, "(b f) c h w -> (b h w) c f", f=num_frames)
+            seq = self_attention(seq, self.norm, self.qkv_tem, self.proj_out_tem, self.heads)
+            out = rearrange(seq, "(b h w) c f -> (b f) c h w", h=height, w=width)
         return out
 
 
-class CrossAttention(nn.Module):
-    """Multi-head (cross-)attention on token sequences; heads split as ``(h d)``, heads outermost."""
-
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, dropout: float = 0.0):
-        super().__init__()
-        inner = heads * dim_head
-        context_dim = query_dim if context_dim is None else context_dim
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``x (N, T, query_dim)``, ``context (N, L, context_dim)`` or None (self-attention)."""
-        context = x if context is None else context
-        q, k, v = (
-            rearrange(t, "n l (h d) -> n h l d", h=self.heads)
-            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
-        )
-        out = F.scaled_dot_product_attention(q, k, v.type(q.dtype))
-        return self.to_out(rearrange(out, "n h l d -> n l (h d)"))
-
-
-class GEGLU(nn.Module):
-    """``Linear(dim, 2*inner)`` split into value (first half) and gate (second half); ``value * gelu(gate)``."""
-
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU feed-forward: ``net = [GEGLU(dim -> 4 dim), Dropout, Linear(4 dim -> dim)]``."""
-
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)``."""
+    """Pre-norm: ``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)`` (GEGLU), with
+    diffusers' ``Attention`` and ``FeedForward``: the original's parameter names, registered in its order."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.attn1 = CrossAttention(dim, heads, dim_head, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
-        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim=context_dim, dropout=dropout)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
+        self.attn2 = Attention(dim, context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -307,9 +178,7 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """GroupNorm (eps 1e-6) -> 1x1 ``proj_in`` -> transformer blocks over H*W tokens -> zero 1x1 ``proj_out``, residual.
-
-    ``x (N, C, H, W)``, ``context (N, L, context_dim)`` -> ``(N, C, H, W)``.
-    """
+    ``x (N, C, H, W)``, ``context (N, L, context_dim)`` -> ``(N, C, H, W)``."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -362,9 +231,7 @@ class Upsample(nn.Module):
 
 class TimestepEmbedSequential(nn.ModuleList):
     """A UNet block: runs its layers in order, handing each the inputs it needs (emb, context, num_frames).
-
-    With ``use_checkpoint`` the whole block is recomputed in the backward pass (training only).
-    """
+    With ``use_checkpoint`` the whole block is recomputed in the backward pass (training only)."""
 
     def __init__(self, layers: Iterable[nn.Module], use_checkpoint: bool = False):
         super().__init__(layers)
@@ -388,48 +255,21 @@ class TimestepEmbedSequential(nn.ModuleList):
         return self._run(x, emb, context, num_frames)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the model
-
-
-@dataclass
-class SliceWeightsLoadResult:
-    """Summary of :meth:`UNetModel.load_slice_weights`."""
-
-    loaded: list[str] = field(default_factory=list)  # 2D keys copied from the state dict
-    missing_temporal: list[str] = field(default_factory=list)  # volumetric keys left at their current (identity) init
-    unexpected: list[str] = field(default_factory=list)  # keys of the state dict that were not loaded
-
-    def __str__(self) -> str:
-        return (
-            f"loaded {len(self.loaded)} slice (2D) tensors; {len(self.missing_temporal)} volumetric tensors kept at "
-            f"initialisation; {len(self.unexpected)} unexpected keys ignored"
-            + (f": {self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}" if self.unexpected else "")
-        )
-
-
 @dataclass(frozen=True)
 class UNetConfig:
     """:class:`UNetModel`'s hyperparameters, with the original latent-diffusion names; validated on construction.
 
     Args:
-        in_channels: input channels (noisy latent + concat condition, e.g. 12 = 4 + 4 mask + 4 informed).
-        out_channels: predicted channels (4 for eps of a 4-channel latent).
-        model_channels: base width ``mc``; the time embedding is ``4 * mc`` wide.
-        channel_mult: width multiplier per level (one level per entry; a Downsample between levels).
+        in_channels: noisy latent + concat condition (e.g. 12 = 4 + 4 mask + 4 informed).
+        channel_mult: width multiplier per level (a Downsample between levels).
         num_res_blocks: ResBlocks per level on the way down (``+1`` on the way up).
         attention_resolutions: downsample rates (1, 2, 4, ...) whose levels get attention.
-        num_head_channels: channels per head (heads = C / num_head_channels); -1 to use ``num_heads``.
-        num_heads: fixed head count, used only when ``num_head_channels == -1``.
-        use_spatial_transformer: SpatialTransformer (self + cross-attention) instead of AttentionBlock.
-        transformer_depth: transformer blocks per SpatialTransformer.
-        context_dim: cross-attention context width (required with the spatial transformer).
-        use_checkpoint: gradient checkpointing per block while training.
-        dropout: dropout in the ResBlocks (and transformer).
+        num_head_channels: channels per head; -1 to use a fixed ``num_heads``.
+        context_dim: cross-attention context width (required with ``use_spatial_transformer``).
         volumetric: add the temporal layers of GEM-3D stage 2 (identity at initialisation).
 
     Sequences are stored as tuples. ``keys()`` and ``[name]`` make it a mapping, so ``UNetModel(**config)``
-    rebuilds a model; :meth:`to_dict` gives plain lists for YAML.
+    rebuilds a model.
     """
 
     in_channels: int
@@ -459,24 +299,7 @@ class UNetConfig:
         self._set("dropout", float(self.dropout))
         self._set("num_head_channels", int(self.num_head_channels))
         self._set("num_heads", int(self.num_heads) if not isinstance(self.num_heads, bool) else self.num_heads)
-        self._validate()
-
-    def _set(self, name: str, value) -> None:
-        object.__setattr__(self, name, value)
-
-    @property
-    def widths(self) -> list[int]:
-        """The distinct level widths ``model_channels * mult``, ascending."""
-        return sorted({self.model_channels * m for m in self.channel_mult})
-
-    def heads(self, channels: int) -> tuple[int, int]:
-        """(heads, dim_head) for an attention layer of ``channels``."""
-        if self.num_head_channels == -1:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.num_head_channels, self.num_head_channels
-
-    def _validate(self) -> None:
-        widths = self.widths
+        widths = sorted({self.model_channels * m for m in self.channel_mult})
         bad = [w for w in widths if w % NORM_GROUPS]
         if bad:
             raise ValueError(
@@ -492,21 +315,15 @@ class UNetConfig:
                 f"{reachable} reached with channel_mult={list(self.channel_mult)}"
             )
         if self.num_head_channels == -1:
-            if isinstance(self.num_heads, bool) or self.num_heads < 1:
-                raise ValueError(
-                    f"UNetModel: with num_head_channels=-1, num_heads must be a positive integer, got {self.num_heads!r}"
-                )
-            bad = [w for w in widths if w % self.num_heads]
-            if bad:
-                raise ValueError(f"UNetModel: attention widths {bad} are not divisible by num_heads={self.num_heads}")
+            name, divisor = "num_heads", _positive_int("num_heads", self.num_heads)
         else:
-            _positive_int("num_head_channels (or -1 to use num_heads)", self.num_head_channels)
-            bad = [w for w in widths if w % self.num_head_channels]
-            if bad:
-                raise ValueError(
-                    f"UNetModel: level widths {bad} are not divisible by num_head_channels={self.num_head_channels} "
-                    f"(all widths: {widths})"
-                )
+            divisor = _positive_int("num_head_channels (or -1 to use num_heads)", self.num_head_channels)
+            name = "num_head_channels"
+        bad = [w for w in widths if w % divisor]
+        if bad:
+            raise ValueError(
+                f"UNetModel: level widths {bad} are not divisible by {name}={divisor} (all widths: {widths})"
+            )
         if self.use_spatial_transformer:
             if self.context_dim is None:
                 raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention context width)")
@@ -524,6 +341,15 @@ class UNetConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetModel: dropout must be in [0, 1), got {self.dropout!r}")
 
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) for an attention layer of ``channels``."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
     # mapping protocol: UNetModel(**config)
     def keys(self) -> list[str]:
         return [f.name for f in fields(self)]
@@ -532,10 +358,6 @@ class UNetConfig:
         if name not in self.keys():
             raise KeyError(name)
         return getattr(self, name)
-
-    def to_dict(self) -> dict:
-        """Plain values (lists for the sequences), as written in a YAML ``unet_config.params``."""
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
 
 
 def _positive_int(name: str, value) -> int:
@@ -551,32 +373,13 @@ class UNetModel(nn.Module):
     """ADM / latent-diffusion UNet; 2D slice denoiser, optionally with volumetric (temporal) layers.
 
     ``UNetModel(**params)`` takes the keywords of :class:`UNetConfig` (the original's names, so YAML configs and
-    checkpoints load unchanged); ``UNetModel.from_config(config)`` takes a :class:`UNetConfig`. The hyperparameters
-    live in ``model.config`` and read as attributes: ``model.model_channels is model.config.model_channels``.
+    checkpoints load unchanged). The hyperparameters live in ``model.config`` and read as attributes.
     """
 
     def __init__(self, **params):
         super().__init__()
         check_keys(params, CONFIG_FIELDS, "UNetModel's hyperparameters")
-        missing = sorted(f.name for f in fields(UNetConfig) if f.default is MISSING and f.name not in params)
-        if missing:
-            raise TypeError(f"UNetModel: missing hyperparameter(s) {missing}")
         self.config = UNetConfig(**params)
-        self._build(self.config)
-
-    @classmethod
-    def from_config(cls, config: UNetConfig) -> "UNetModel":
-        return cls(**config)
-
-    def __getattr__(self, name: str):
-        config = self.__dict__.get("config")
-        if config is not None and name in CONFIG_FIELDS:  # hyperparameters are read from the one config
-            return getattr(config, name)
-        return super().__getattr__(name)
-
-    def _build(self, config: UNetConfig) -> None:
-        dropout, transformer_depth = config.dropout, config.transformer_depth
-        channel_mult, attention_resolutions = config.channel_mult, config.attention_resolutions
         mc = self.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -587,11 +390,12 @@ class UNetModel(nn.Module):
         def attention(channels: int) -> nn.Module:
             heads, dim_head = self.config.heads(channels)
             if self.use_spatial_transformer:
-                return SpatialTransformer(channels, heads, dim_head, transformer_depth, self.context_dim, dropout)
+                depth = self.transformer_depth
+                return SpatialTransformer(channels, heads, dim_head, depth, self.context_dim, self.dropout)
             return AttentionBlock(channels, heads, self.volumetric)
 
         def resblock(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, ch_out, dropout, self.volumetric)
+            return ResBlock(ch_in, emb_dim, ch_out, self.dropout, self.volumetric)
 
         first = [nn.Conv2d(self.in_channels, mc, 3, padding=1)]
         if self.volumetric:
@@ -599,15 +403,15 @@ class UNetModel(nn.Module):
         self.input_blocks = nn.ModuleList([block(*first)])
         skip_channels = [mc]
         ch, ds = mc, 1
-        for level, mult in enumerate(channel_mult):
+        for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
                 layers: list[nn.Module] = [resblock(ch, mult * mc)]
                 ch = mult * mc
-                if ds in attention_resolutions:
+                if ds in self.attention_resolutions:
                     layers.append(attention(ch))
                 self.input_blocks.append(block(*layers))
                 skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
+            if level != len(self.channel_mult) - 1:
                 self.input_blocks.append(block(Downsample(ch, self.volumetric)))
                 skip_channels.append(ch)
                 ds *= 2
@@ -615,11 +419,11 @@ class UNetModel(nn.Module):
         self.middle_block = block(resblock(ch, ch), attention(ch), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 layers = [resblock(ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
-                if ds in attention_resolutions:
+                if ds in self.attention_resolutions:
                     layers.append(attention(ch))
                 if level and i == self.num_res_blocks:
                     layers.append(Upsample(ch, self.volumetric))
@@ -632,7 +436,11 @@ class UNetModel(nn.Module):
         if self.volumetric:
             self.out_tem = TemporalConv(self.out_channels)
 
-    # ------------------------------------------------------------------ volumetric helpers
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("config")
+        if config is not None and name in CONFIG_FIELDS:  # hyperparameters are read from the one config
+            return getattr(config, name)
+        return super().__getattr__(name)
 
     def volumetric_parameter_names(self) -> list[str]:
         """Names of the temporal-layer parameters (empty for a 2D model)."""
@@ -640,34 +448,18 @@ class UNetModel(nn.Module):
 
     def volumetric_parameters(self) -> Iterator[nn.Parameter]:
         """The temporal-layer parameters (what stage 2 trains)."""
-        for name, param in self.named_parameters():
-            if is_volumetric_parameter_name(name):
-                yield param
+        return (param for name, param in self.named_parameters() if is_volumetric_parameter_name(name))
 
     def freeze_non_volumetric(self) -> None:
         """``requires_grad = False`` for every 2D parameter, True for the temporal ones (stage-2 training)."""
         for name, param in self.named_parameters():
             param.requires_grad_(is_volumetric_parameter_name(name))
 
-    def reset_volumetric_layers(self) -> None:
-        """Temporal layers back to identity: Dirac convs, default ``qkv_tem``, zero ``proj_out_tem``."""
-        for module in self.modules():
-            if isinstance(module, TemporalConv):
-                module.reset_identity()
-            elif isinstance(module, AttentionBlock):
-                module.reset_temporal()
+    def load_slice_weights(self, state_dict_2d: Mapping[str, torch.Tensor], prefix: str | None = None) -> None:
+        """Load a 2D (slice) UNet's weights; temporal layers keep their current (identity) values.
 
-    def load_slice_weights(self, state_dict_2d: Mapping[str, torch.Tensor], prefix: str | None = None) -> SliceWeightsLoadResult:
-        """Load a 2D (slice) UNet's weights into this model; temporal layers keep their current (identity) values.
-
-        Args:
-            state_dict_2d: 2D UNet weights with this model's names (``input_blocks.0.0.weight``, ...).
-            prefix: if given, only keys starting with it are used, with the prefix stripped
-                (e.g. ``"model.diffusion_model."`` for an original checkpoint's state dict).
-
-        Raises:
-            KeyError: a non-temporal parameter or buffer of this model is missing from the state dict.
-            ValueError: a tensor's shape differs from this model's.
+        ``prefix``: use only the keys under it, stripped (``"model.diffusion_model."`` for an original checkpoint).
+        A missing 2D tensor raises KeyError, a shape that differs ValueError; other keys are ignored.
         """
         if prefix:
             state_dict_2d = {k[len(prefix):]: v for k, v in state_dict_2d.items() if k.startswith(prefix)}
@@ -686,17 +478,7 @@ class UNetModel(nn.Module):
         ]
         if mismatched:
             raise ValueError(f"load_slice_weights: shape mismatch for {len(mismatched)} tensors: {mismatched[:8]}")
-        merged = dict(own)
-        merged.update({k: state_dict_2d[k] for k in wanted})
-        self.load_state_dict(merged, strict=True)
-        wanted_set = set(wanted)
-        return SliceWeightsLoadResult(
-            loaded=wanted,
-            missing_temporal=[k for k in own if is_volumetric_parameter_name(k)],
-            unexpected=[k for k in state_dict_2d if k not in wanted_set],
-        )
-
-    # ------------------------------------------------------------------ forward
+        self.load_state_dict({k: state_dict_2d[k] for k in wanted}, strict=False)
 
     def _prepare_context(self, context: torch.Tensor | None, rows: int, clips: int | None) -> torch.Tensor | None:
         if not self.use_spatial_transformer:
@@ -741,16 +523,11 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         num_frames: int | None = None,
     ) -> torch.Tensor:
-        """Predict the model output (eps) for noisy inputs.
+        """The model output (eps) for noisy inputs ``x (N, C_in, H, W)``, H and W divisible by ``2 ** (levels - 1)``.
 
-        Args:
-            x: ``(N, C_in, H, W)``; for a volumetric model ``N = B*F`` clip-major with ``num_frames=F``.
-                Or clips ``(B, F, C_in, H, W)`` (F taken from the shape), returned as ``(B, F, C_out, H, W)``.
-            timesteps: ``(N,)``, ``(B,)`` for clips (one per clip), or a scalar.
-            context: cross-attention context ``(N, L, D)`` or ``(N, D)`` (one token); ``(B, ...)`` per clip is repeated.
-            num_frames: slices per clip for 4-D input to a volumetric model.
-
-        H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        A volumetric model takes ``N = B*F`` rows clip-major with ``num_frames=F``, or clips ``(B, F, C_in, H, W)``
+        (returned as ``(B, F, C_out, H, W)``). ``timesteps``: ``(N,)``, ``(B,)`` for clips, or a scalar.
+        ``context``: ``(N, L, D)`` or ``(N, D)`` (one token); one per clip ``(B, ...)`` is repeated.
         """
         clips: int | None = None
         five_d = x.ndim == 5
@@ -771,17 +548,21 @@ class UNetModel(nn.Module):
                 f"UNetModel: spatial size {height}x{width} must be divisible by {factor} "
                 f"(2 ** (levels - 1) for channel_mult={list(self.channel_mult)})"
             )
-        if self.volumetric:
-            num_frames = _require_num_frames(num_frames, rows, "UNetModel (volumetric)")
-            if clips is None:
-                clips = rows // num_frames
-        elif not five_d:
+        if not self.volumetric:
             num_frames = None
+        elif num_frames is None:
+            raise ValueError("UNetModel (volumetric): a volumetric layer needs num_frames (slices per clip), got None")
+        elif num_frames < 1 or rows % num_frames:
+            raise ValueError(
+                f"UNetModel (volumetric): {rows} rows are not a whole number of clips of num_frames={num_frames}"
+            )
+        else:
+            clips = rows // num_frames
 
         timesteps = self._prepare_timesteps(timesteps, rows, clips, x.device)
         context = self._prepare_context(context, rows, clips)
         with denoiser_autocast(x.device):  # gem3d.models.precision.sampling_precision; a no-op by default
-            h = self._unet(x, timesteps, context, num_frames if self.volumetric else None)
+            h = self._unet(x, timesteps, context, num_frames)
         h = h.type(x.dtype)  # float32 out of a reduced-precision scope: the sampler's arithmetic stays float32
         if five_d:
             h = rearrange(h, "(b f) c h w -> b f c h w", b=clips)
