@@ -67,7 +67,7 @@ def test_merge_per_rank_manifests(tmp_path):
     merged = merge_manifests([rank0.path, rank1.path], tmp_path / "all.json")
     assert merged.keys() == [("case_a", "icma", 0), ("case_a", "icma", 1), ("case_b", "icma", 0)]
     assert Manifest(tmp_path / "all.json").records == merged.records
-    assert Manifest.merge([rank0.path], tmp_path / "r0.json").keys() == [("case_a", "icma", 1), ("case_b", "icma", 0)]
+    assert merge_manifests([rank0.path], tmp_path / "r0.json").keys() == [("case_a", "icma", 1), ("case_b", "icma", 0)]
 
     rank1.add(record("case_b", sample=0, seconds=99.0))
     with pytest.raises(ValueError, match=r"conflicting records for \('case_b', 'icma', 0\)"):

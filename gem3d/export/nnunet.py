@@ -1,15 +1,8 @@
-"""nnU-Net v2 raw dataset export: real training cases + gem3d synthetic cases ("dataset enhancement").
-
-Input layouts:
-
-- real: an nnU-Net raw dataset (``dataset.json``, ``imagesTr/<case>_<cccc><ending>``, ``labelsTr/<case><ending>``).
-- synthetic: gem3d output folders ``OUT/<setting>/`` holding ``<case>_s<k>_image.nii.gz`` and
-  ``<case>_s<k>_label.nii.gz`` (the setting is the folder's name).
-
-Output: ``imagesTr/<name>_0000.nii.gz``, ``labelsTr/<name>.nii.gz``, ``dataset.json`` (written last,
-so a half-written export has none) and ``gem3d_sources.json`` (where each case came from).
-Synthetic cases are named ``<case>_<setting>_s<k>``. The output has one channel: the real dataset's
-channel ``channel`` (GEM-3D generates one modality, e.g. BraTS FLAIR).
+"""nnU-Net v2 raw dataset export ("dataset enhancement"): the real training cases of an nnU-Net raw dataset plus the
+synthetic ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs of gem3d output folders ``OUT/<setting>/``, named
+``<case>_<setting>_s<k>``, with one channel (the real dataset's ``channel``: GEM-3D generates one modality).
+``dataset.json`` is written last, so a half-written export has none; ``gem3d_sources.json`` says where each case
+came from.
 """
 
 from __future__ import annotations
@@ -18,51 +11,41 @@ import os
 import re
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from gem3d.data.check import DATASET_FOLDER_PATTERN, check_dataset
+from gem3d.data.check import check_dataset
 from gem3d.data.nnunet import read_dataset_json
 from gem3d.files import atomic_path, atomic_write_json
 
-__all__ = [
-    "write_nnunet_dataset",
-    "validate_nnunet_dataset",
-    "find_synthetic_cases",
-    "SyntheticCase",
-    "DATASET_FOLDER_PATTERN",
-    "SYNTHETIC_IMAGE_PATTERN",
-]
+__all__ = ["write_nnunet_dataset", "validate_nnunet_dataset", "find_synthetic_cases", "SyntheticCase"]
 
 SYNTHETIC_IMAGE_PATTERN = re.compile(r"^(?P<case>.+)_s(?P<sample>\d+)_image\.nii\.gz$")
 OUTPUT_ENDING = ".nii.gz"
 
 
+@dataclass(frozen=True)
 class SyntheticCase:
-    """One generated sample on disk: ``image``/``label`` paths, source ``case``, ``setting``, ``sample`` index."""
+    """One generated sample on disk: source ``case``, ``setting``, ``sample`` index, ``image``/``label`` paths."""
 
-    __slots__ = ("case", "setting", "sample", "image", "label")
-
-    def __init__(self, case: str, setting: str, sample: int, image: Path, label: Path):
-        self.case, self.setting, self.sample, self.image, self.label = case, setting, sample, image, label
+    case: str
+    setting: str
+    sample: int
+    image: Path
+    label: Path
 
     @property
     def name(self) -> str:
         """The case name in the exported dataset: ``<case>_<setting>_s<k>``."""
         return f"{self.case}_{self.setting}_s{self.sample}"
 
-    def __repr__(self) -> str:
-        return f"SyntheticCase({self.name!r}, image={str(self.image)!r})"
-
 
 def find_synthetic_cases(folder: str | os.PathLike, setting: str | None = None) -> list[SyntheticCase]:
-    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder, sorted.
-
-    ``setting`` defaults to the folder's name. An image without its label (or a label without its
-    image) is an error that names the file.
-    """
+    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder (``setting``: default the
+    folder's name), sorted; an image without its label or a label without its image is an error that names it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"synthetic folder {folder} does not exist")
@@ -121,17 +104,9 @@ def write_nnunet_dataset(
     overwrite: bool = False,
     keep: Callable[[SyntheticCase], bool] | None = None,
 ) -> Path:
-    """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case) to ``out_dir``.
-
-    - ``synthetic_dirs``: gem3d output folders ``OUT/<setting>`` (see ``find_synthetic_cases``).
-    - ``dataset_name``: ``dataset.json['name']`` (default: ``out_dir``'s name; nnU-Net wants
-      ``DatasetNNN_Name`` folders).
-    - ``copy``: copy files (default) or symlink them (absolute links).
-    - ``channel``: the real dataset's channel kept as ``_0000``.
-    - ``overwrite``: replace an existing export in ``out_dir`` (its imagesTr/labelsTr/dataset.json).
-    - ``keep``: a quality filter; synthetic cases for which it returns False are left out.
-    Returns ``out_dir``.
-    """
+    """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case kept by the quality filter
+    ``keep``) to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name);
+    ``copy``: copy files, else symlink them; ``overwrite``: replace an existing export in ``out_dir``."""
     real_dir, out_dir = Path(real_dir), Path(out_dir)
     if isinstance(synthetic_dirs, (str, os.PathLike)):
         synthetic_dirs = [synthetic_dirs]
@@ -158,6 +133,12 @@ def write_nnunet_dataset(
     labels_out.mkdir(parents=True, exist_ok=True)
 
     sources: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, image: Path, label: Path, source: dict[str, Any]) -> None:
+        _transfer(image, images_out / f"{name}_0000{OUTPUT_ENDING}", copy)
+        _transfer(label, labels_out / f"{name}{OUTPUT_ENDING}", copy)
+        sources[name] = {**source, "image": str(image), "label": str(label)}
+
     real_cases = _case_names(real_dir / "labelsTr", ending)
     if not real_cases:
         raise ValueError(f"no training labels ending with {ending!r} in {real_dir / 'labelsTr'}")
@@ -166,9 +147,7 @@ def write_nnunet_dataset(
         label = real_dir / "labelsTr" / f"{case}{ending}"
         if not image.is_file():
             raise FileNotFoundError(f"real case {case!r} has a label but no image {image}")
-        _transfer(image, images_out / f"{case}_0000{OUTPUT_ENDING}", copy)
-        _transfer(label, labels_out / f"{case}{OUTPUT_ENDING}", copy)
-        sources[case] = {"kind": "real", "image": str(image), "label": str(label)}
+        add(case, image, label, {"kind": "real"})
 
     for folder in synthetic_dirs:
         for item in find_synthetic_cases(folder):
@@ -176,23 +155,14 @@ def write_nnunet_dataset(
                 continue
             if item.name in sources:
                 raise ValueError(f"synthetic case name {item.name!r} from {item.image} collides with an existing case ({sources[item.name]})")
-            _transfer(item.image, images_out / f"{item.name}_0000{OUTPUT_ENDING}", copy)
-            _transfer(item.label, labels_out / f"{item.name}{OUTPUT_ENDING}", copy)
-            sources[item.name] = {
-                "kind": "synthetic",
-                "case": item.case,
-                "setting": item.setting,
-                "sample": item.sample,
-                "image": str(item.image),
-                "label": str(item.label),
-            }
+            add(item.name, item.image, item.label,
+                {"kind": "synthetic", "case": item.case, "setting": item.setting, "sample": item.sample})
 
     out_meta = {k: v for k, v in meta.items() if k not in ("numTraining", "file_ending", "channel_names", "name")}
     num_synthetic = sum(1 for s in sources.values() if s["kind"] == "synthetic")
     out_meta.update(
         name=dataset_name or out_dir.name,
         channel_names={"0": channel_names[str(channel)]},
-        labels=meta["labels"],
         numTraining=len(sources),
         file_ending=OUTPUT_ENDING,
         description=(

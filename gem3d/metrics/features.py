@@ -1,17 +1,9 @@
 """Feature networks for FID, built from MONAI's ResNet and loaded from local weight files (nothing is downloaded).
 
-- 2.5D FID: a ResNet-50 in the torchvision layout (MONAI ``ResNet`` with ``spatial_dims=2``, 7x7 stride-2 stem,
-  unbiased projection shortcuts: the same parameter names and shapes as torchvision's ``resnet50``), for RadImageNet's
-  PyTorch weights. Both of RadImageNet's PyTorch layouts load: the official backbone (``backbone.0`` = conv1,
-  ``backbone.1`` = bn1, ``backbone.4..7`` = layer1..4, from ``nn.Sequential(*resnet50.children())[:-1]``) and plain
-  torchvision names (``conv1``, ``layer1.0.conv1``, ...); ``module.`` prefixes and ``fc.*`` are dropped. The Keras
-  port (biased 1x1 convs, stride in the first 1x1) has other shapes and is refused with the mismatching keys.
-- 3D FID: MedicalNet's 3D ResNet-10/18/50 (MONAI ``resnet10/18/50`` with MedicalNet's shortcut type and downsample
-  bias), from MedicalNet's ``resnet_XX.pth`` (``state_dict`` with ``module.`` prefixes; ``conv_seg`` is dropped).
-
-Inputs: 2D slices in [0, 1] are repeated to 3 channels and normalised with ImageNet's mean/std (the torchvision
-convention) at their own size (no resizing; global average pooling gives a 2048-vector); 3D volumes are z-scored
-inside the volume (MedicalNet's convention). Features are ``(N, F)`` float64 arrays.
+- 2.5D FID: ResNet-50 in torchvision's layout for RadImageNet's PyTorch weights (official ``backbone.<i>`` keys or
+  torchvision names); slices in [0, 1] are repeated to 3 channels and ImageNet-normalised at their own size.
+- 3D FID: MedicalNet's 3D ResNet-10/18/50 from its ``resnet_XX.pth``; volumes are z-scored.
+Features are ``(N, F)`` float64 arrays.
 """
 from __future__ import annotations
 
@@ -25,12 +17,13 @@ from einops import rearrange, repeat
 from monai.networks.nets import resnet as monai_resnet
 
 from gem3d.checkpoint import safe_load_checkpoint
+from gem3d.export.preview import VIEWS as PREVIEW_VIEWS
 
 MEDICALNET_DEPTHS = (10, 18, 50)
 RADIMAGENET_SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIEWS = {"axial": 0, "coronal": 2, "sagittal": 1}  # fixed canonical axis (as in gem3d.export.preview)
+VIEWS = dict(PREVIEW_VIEWS)  # view name -> the canonical axis it fixes
 
 
 def radimagenet_resnet50() -> torch.nn.Module:
