@@ -1,14 +1,7 @@
-"""PNG previews: axial / coronal / sagittal slices of a few volumes, with the mask as contours and as a row.
-
-Layout (``panel_size`` = p, ``TITLE_HEIGHT`` = t): a header strip with the column names, then one
-strip of height ``t`` (the row title) plus one row of three ``p x p`` panels per volume, a row with the
-informed slice (first panel) when one is given, and a last row with the mask in label colours when a mask
-is given. Total size ``(3p, t + rows * (t + p))``. The slice the informed slice stands for is marked by
-ticks at both sides of the coronal and sagittal panels.
-
-Volumes are canonical ``(D, H, W)`` arrays (slice axis first). Each panel keeps the physical aspect
-ratio from ``spacing`` (mm per voxel along D, H, W) and is centred in its square cell. Views: axial
-fixes D; the other two fix H or W, with D drawn vertically (superior up).
+"""PNG previews: axial / coronal / sagittal slices through canonical ``(D, H, W)`` volumes, with the mask as contours
+and as a row of its own. Layout: a header strip with the column names, then per row a title strip (``TITLE_HEIGHT``)
+and three ``panel_size`` square cells; each panel keeps the physical aspect ratio from ``spacing`` (mm along D, H, W).
+Axial fixes D; coronal and sagittal draw D vertically (superior up).
 """
 
 from __future__ import annotations
@@ -22,22 +15,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gem3d.files import atomic_path
 
-__all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
+__all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS",
+           "window_intensity"]
 
 TITLE_HEIGHT = 14
 # (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 0), ("coronal", 2), ("sagittal", 1))
-LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),  # 1 red
-    (60, 180, 75),  # 2 green
-    (0, 130, 200),  # 3 blue
-    (255, 225, 25),  # 4 yellow
-    (240, 50, 230),  # 5 magenta
-    (70, 240, 240),  # 6 cyan
-    (245, 130, 48),  # 7 orange
-    (145, 30, 180),  # 8 purple
-)
-_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
+                                                   (240, 50, 230), (70, 240, 240), (245, 130, 48), (145, 30, 180))
+_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")  # of LABEL_COLOURS
 _OUTSIDE_BODY = (40, 40, 40)
 _TICK = (255, 200, 0)
 _TICK_LENGTH = 6
@@ -107,18 +93,10 @@ def _boundary(labels: np.ndarray) -> np.ndarray:
     return differs & (labels > 0)
 
 
-def _panel(
-    grey: np.ndarray | None,
-    labels: np.ndarray | None,
-    row_mm: float,
-    col_mm: float,
-    panel: int,
-    contours: bool,
-    filled: bool,
-) -> Image.Image:
+def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, col_mm: float, panel: int,
+           contours: bool, filled: bool) -> Image.Image:
     """One ``panel x panel`` RGB cell: grey image (already in [0, 255]) and/or labels, centred."""
     ref = grey if grey is not None else labels
-    assert ref is not None
     height, width = _fit(ref.shape[0], ref.shape[1], row_mm, col_mm, panel)
     if grey is not None:
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
@@ -141,34 +119,19 @@ def _panel(
     return cell
 
 
-def save_preview(
-    path: str | os.PathLike,
-    volumes: Sequence[tuple[str, np.ndarray]],
-    mask: np.ndarray | None = None,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    max_label: int | None = None,
-    *,
-    panel_size: int = 160,
-    contours: bool | Sequence[str] = True,
-    percentiles: Sequence[float] = (0.5, 99.5),
-    index: Sequence[int] | None = None,
-    informed: np.ndarray | None = None,
-    informed_title: str = "informed slice",
-    informed_index: int | None = None,
-) -> Path:
-    """Write a PNG preview and return its path (written atomically).
+def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarray]], mask: np.ndarray | None = None,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), max_label: int | None = None, *, panel_size: int = 160,
+                 contours: bool | Sequence[str] = True, percentiles: Sequence[float] = (0.5, 99.5),
+                 informed: np.ndarray | None = None, informed_title: str = "informed slice",
+                 informed_index: int | None = None) -> Path:
+    """Write a PNG preview atomically and return its path.
 
-    - ``volumes``: ``[(title, (D, H, W) array), ...]``, all of one shape; each is windowed on its own
-      intensity ``percentiles``.
-    - ``mask``: ``(D, H, W)`` labels (``-1`` outside the body allowed) drawn as a filled last row and,
-      with ``contours``, as coloured outlines on the volumes (``True``: all, or a list of titles).
-    - ``spacing``: mm per voxel along (D, H, W), for the aspect ratio.
-    - ``max_label``: if given, mask values above it are an error and the legend lists 1..max_label.
-    - ``index``: the ``(d, h, w)`` voxel the three views go through (default: the centre of mass of
-      ``mask > 0``, or the volume centre).
-    - ``informed``: the informed slice ``(H', W')`` (axial, laid out like ``volume[d]``, any in-plane size),
-      shown in a row of its own under ``informed_title``; ``informed_index``: the slice ``d`` it stands for,
-      marked with ticks on the coronal and sagittal panels.
+    - ``volumes``: ``[(title, (D, H, W) array), ...]`` of one shape, each windowed on its own intensity ``percentiles``.
+    - ``mask``: ``(D, H, W)`` labels (-1 outside the body allowed), drawn as a filled last row and, with ``contours``,
+      as outlines on the volumes (``True``: all, or a list of titles); ``max_label``: the legend lists 1..max_label.
+    - The views go through the centre of mass of ``mask > 0`` (or the volume's centre).
+    - ``informed``: the informed slice ``(H', W')`` (axial, any size), in a row of its own under ``informed_title``;
+      ``informed_index``: the slice it stands for, marked by ticks on the coronal and sagittal panels.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -201,25 +164,17 @@ def save_preview(
         label = np.rint(label).astype(np.int64)
         if max_label is not None and label.size and label.max() > max_label:
             raise ValueError(f"mask holds label {label.max()} above max_label={max_label}")
-    if index is None:
-        centre = _centre_index(shape, label)
-    else:
-        centre = tuple(int(i) for i in index)
-        if len(centre) != 3 or any(not 0 <= c < s for c, s in zip(centre, shape)):
-            raise ValueError(f"index {centre} is outside the volume shape {tuple(shape)}")
+    centre = _centre_index(shape, label)
     if informed is not None:
         informed = np.asarray(informed, dtype=np.float32)
         if informed.ndim != 2:
             raise ValueError(f"informed must be one slice (H, W), got shape {informed.shape}")
     if informed_index is not None and not 0 <= int(informed_index) < shape[0]:
         raise ValueError(f"informed_index {informed_index} is outside the {shape[0]} slices")
-    if isinstance(contours, bool):
-        contour_titles = {t for t, _ in arrays} if contours else set()
-    else:
-        contour_titles = set(contours)
-        unknown = contour_titles - {t for t, _ in arrays}
-        if unknown:
-            raise ValueError(f"contours names unknown volume titles {sorted(unknown)}; titles: {[t for t, _ in arrays]}")
+    titles = [t for t, _ in arrays]
+    contour_titles = set(titles) if contours is True else set(contours or ())
+    if contour_titles - set(titles):
+        raise ValueError(f"contours names unknown volume titles {sorted(contour_titles - set(titles))}; titles: {titles}")
 
     width, height = preview_size(len(arrays), label is not None, panel_size, with_informed=informed is not None)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
@@ -229,9 +184,7 @@ def save_preview(
         draw.text((column * panel_size + 3, 1), f"{name} {'DHW'[axis]}={centre[axis]}", fill=(255, 255, 255), font=font)
 
     top = TITLE_HEIGHT
-    rows: list[tuple[str, np.ndarray | None, bool, bool]] = []
-    for title, array in arrays:
-        rows.append((title, array, label is not None and title in contour_titles, False))
+    rows = [(title, array, label is not None and title in contour_titles, False) for title, array in arrays]
     if label is not None:
         present = sorted(int(v) for v in np.unique(label) if v > 0)
         legend_values = list(range(1, max_label + 1)) if max_label is not None else present
