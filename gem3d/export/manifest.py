@@ -74,8 +74,7 @@ class Manifest:
 
     def __init__(self, path: str | os.PathLike, load: bool = True):
         self.path = Path(path)
-        self._records: list[dict[str, Any]] = []
-        self._index: dict[tuple[str, str, int], int] = {}
+        self._records: dict[tuple[str, str, int], dict[str, Any]] = {}  # key -> record, in insertion order
         if load and self.path.exists():
             for record in self._read(self.path):
                 self._insert(record, replace=False)
@@ -101,31 +100,26 @@ class Manifest:
         key = record_key(record)
         plain = json.loads(json.dumps(dict(record), default=json_default))  # numpy scalars -> Python, tuples -> lists
         plain["sample"] = key[2]
-        if key in self._index:
-            if not replace:
-                raise ValueError(f"manifest {self.path} already has a record for {key}; "
-                                 "pass replace=True to overwrite it")
-            self._records[self._index[key]] = plain
-        else:
-            self._index[key] = len(self._records)
-            self._records.append(plain)
+        if key in self._records and not replace:
+            raise ValueError(f"manifest {self.path} already has a record for {key}; "
+                             "pass replace=True to overwrite it")
+        self._records[key] = plain
         return plain
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        """The records in insertion order (a copy of the list; do not edit the dicts in place)."""
-        return list(self._records)
+        """The records in insertion order (a new list; do not edit the dicts in place)."""
+        return list(self._records.values())
 
     def keys(self) -> list[tuple[str, str, int]]:
-        return list(self._index)
+        return list(self._records)
 
     def has(self, key: Mapping[str, Any] | Iterable[Any]) -> bool:
         """Whether a record with key ``(case, setting, sample)`` (or a record's key) is present."""
-        return record_key(key) in self._index
+        return record_key(key) in self._records
 
     def get(self, key: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any] | None:
-        index = self._index.get(record_key(key))
-        return None if index is None else self._records[index]
+        return self._records.get(record_key(key))
 
     def add(self, record: Mapping[str, Any], replace: bool = False) -> dict[str, Any]:
         """Add ``record`` and rewrite the manifest atomically. Duplicate keys fail unless ``replace``."""
@@ -135,7 +129,7 @@ class Manifest:
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write all records (to ``path``, default the manifest's own path) atomically."""
-        return atomic_write_json(path or self.path, {"version": MANIFEST_VERSION, "records": self._records})
+        return atomic_write_json(path or self.path, {"version": MANIFEST_VERSION, "records": self.records})
 
     def __len__(self) -> int:
         return len(self._records)

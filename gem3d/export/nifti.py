@@ -11,7 +11,7 @@ import numpy as np
 
 from gem3d.files import atomic_path
 
-__all__ = ["NIFTI_SUFFIXES", "save_nifti", "save_canonical_nifti", "resolve_affine"]
+__all__ = ["NIFTI_SUFFIXES", "save_nifti", "resolve_affine"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -75,7 +75,7 @@ def save_nifti(
     if expected_shape is not None and tuple(arr.shape[:3]) != tuple(expected_shape[:3]):
         raise ValueError(
             f"array shape {tuple(arr.shape)} does not match the geometry's source shape {tuple(expected_shape)}; "
-            f"pass the array in source orientation (geometry.to_source(volume_dhw)) or use save_canonical_nifti"
+            "pass the array in source orientation (geometry.to_source(volume_dhw))"
         )
     out_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(arr)
     if np.issubdtype(out_dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
@@ -94,15 +94,3 @@ def save_nifti(
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
     return path
-
-
-def save_canonical_nifti(
-    arr_dhw: np.ndarray,
-    geometry: Any,
-    path: str | os.PathLike,
-    dtype: Any = None,
-) -> Path:
-    """Write a canonical ``(D,H,W)`` volume in its source geometry: ``save_nifti(geometry.to_source(arr), geometry, path)``."""
-    if not hasattr(geometry, "to_source"):
-        raise TypeError(f"save_canonical_nifti needs a Geometry (with to_source), got {type(geometry).__name__}")
-    return save_nifti(geometry.to_source(np.asarray(arr_dhw)), geometry, path, dtype=dtype)

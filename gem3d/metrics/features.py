@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -116,23 +115,16 @@ def slice_features(slices: np.ndarray, model: torch.nn.Module, batch_size: int =
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
-def view_slices(volume: np.ndarray, view: str, body=None) -> np.ndarray:
-    """All slices ``(N, a, b)`` of a canonical ``(D, H, W)`` volume along ``view`` (axial/coronal/sagittal) that hold
-    body voxels (all slices without ``body``)."""
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {sorted(VIEWS)}, got {view!r}")
-    axis = VIEWS[view]
-    slices = np.moveaxis(np.asarray(volume), axis, 0)
-    if body is None:
-        return slices
-    keep = np.moveaxis(np.asarray(body, bool), axis, 0).any(axis=(1, 2))
-    return slices[keep]
-
-
-def volume_features_25d(volume: np.ndarray, model: torch.nn.Module, body=None,
-                        views: Sequence[str] = tuple(VIEWS)) -> dict[str, np.ndarray]:
-    """``{view: (N_view, F)}`` 2D features of every body slice of a ``(D, H, W)`` volume in [0, 1]."""
-    return {view: slice_features(view_slices(volume, view, body), model) for view in views}
+def volume_features_25d(volume: np.ndarray, model: torch.nn.Module, body=None) -> dict[str, np.ndarray]:
+    """``{view: (N_view, F)}`` 2D features of the slices of a ``(D, H, W)`` volume in [0, 1] along each view that hold
+    body voxels (every slice without ``body``)."""
+    out = {}
+    for view, axis in VIEWS.items():
+        slices = np.moveaxis(np.asarray(volume), axis, 0)
+        if body is not None:
+            slices = slices[np.moveaxis(np.asarray(body, bool), axis, 0).any(axis=(1, 2))]
+        out[view] = slice_features(slices, model)
+    return out
 
 
 @torch.no_grad()

@@ -76,13 +76,9 @@ def dice_per_label(prediction, reference, num_labels: int | None = None) -> dict
     if pred.shape != ref.shape:
         raise ValueError(f"label maps differ in shape: {tuple(pred.shape)} and {tuple(ref.shape)}")
     n = int(max(pred.max(), ref.max(), 1)) if num_labels is None else int(num_labels)
-    pred, ref = pred.clamp(0, n), ref.clamp(0, n)  # -1 (outside the body) counts as background
-
-    def hot(x):
-        return one_hot(x[None, None], num_classes=n + 1, dim=1)
-
+    pred, ref = pred.clamp(0, n)[None, None], ref.clamp(0, n)[None, None]  # -1 (outside the body) is background
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    scores = metric(hot(pred), hot(ref))[0]
+    scores = metric(one_hot(pred, num_classes=n + 1, dim=1), one_hot(ref, num_classes=n + 1, dim=1))[0]
     return {k + 1: float(scores[k]) for k in range(n)}
 
 
