@@ -35,21 +35,10 @@ def record_key(record_or_key: Mapping[str, Any] | Iterable[Any]) -> tuple[str, s
     return str(case), str(setting), int(sample)
 
 
-def make_record(
-    case: str,
-    setting: str,
-    sample: int,
-    seed: int,
-    *,
-    informed: Mapping[str, Any] | None = None,
-    mask_edits: list[Mapping[str, Any]] | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    checkpoint_sha256: str | None = None,
-    seconds: float | None = None,
-    files: Mapping[str, str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
+def make_record(case: str, setting: str, sample: int, seed: int, *, informed: Mapping[str, Any] | None = None,
+                mask_edits: list[Mapping[str, Any]] | None = None, sampler: str | None = None, steps: int | None = None,
+                checkpoint_sha256: str | None = None, seconds: float | None = None,
+                files: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     """A manifest record with the standard fields (``extra`` fields are kept as given)."""
     record: dict[str, Any] = {
         "case": str(case),
@@ -127,9 +116,9 @@ class Manifest:
         self.save()
         return plain
 
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write all records (to ``path``, default the manifest's own path) atomically."""
-        return atomic_write_json(path or self.path, {"version": MANIFEST_VERSION, "records": self.records})
+    def save(self) -> Path:
+        """Write all records atomically."""
+        return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "records": self.records})
 
     def __len__(self) -> int:
         return len(self._records)

@@ -55,12 +55,7 @@ def _default_dtype(arr: np.ndarray) -> np.dtype:
     return arr.dtype
 
 
-def save_nifti(
-    arr_source: np.ndarray,
-    geometry_or_affine: Any,
-    path: str | os.PathLike,
-    dtype: Any = None,
-) -> Path:
+def save_nifti(arr_source: np.ndarray, geometry_or_affine: Any, path: str | os.PathLike, dtype: Any = None) -> Path:
     """Write ``arr_source`` (in the *source* orientation, e.g. ``geometry.to_source(vol_dhw)``) atomically as ``.nii``
     or ``.nii.gz`` with the affine of ``geometry_or_affine`` (a ``Geometry`` of the array's shape, or a (4,4) affine)
     in sform and qform (codes 1). ``dtype``: stored type, no scaling; default the array's, except bool -> uint8,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
@@ -93,17 +93,10 @@ def _transfer(src: Path, dst: Path, copy: bool) -> None:
         nib.save(converted, tmp)
 
 
-def write_nnunet_dataset(
-    real_dir: str | os.PathLike,
-    synthetic_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    dataset_name: str | None = None,
-    copy: bool = True,
-    *,
-    channel: int = 0,
-    overwrite: bool = False,
-    keep: Callable[[SyntheticCase], bool] | None = None,
-) -> Path:
+def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+                         out_dir: str | os.PathLike, dataset_name: str | None = None, copy: bool = True, *,
+                         channel: int = 0, overwrite: bool = False,
+                         keep: Callable[[SyntheticCase], bool] | None = None) -> Path:
     """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case kept by the quality filter
     ``keep``) to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name);
     ``copy``: copy files, else symlink them; ``overwrite``: replace an existing export in ``out_dir``."""
@@ -122,15 +115,14 @@ def write_nnunet_dataset(
 
     images_out, labels_out = out_dir / "imagesTr", out_dir / "labelsTr"
     existing = [p for p in (out_dir / "dataset.json", images_out, labels_out) if p.exists()]
-    if existing:
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds an export ({[p.name for p in existing]}); pass overwrite=True to replace it")
-        (out_dir / "dataset.json").unlink(missing_ok=True)
-        for folder in (images_out, labels_out):
-            if folder.exists():
-                shutil.rmtree(folder)
-    images_out.mkdir(parents=True, exist_ok=True)
-    labels_out.mkdir(parents=True, exist_ok=True)
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds an export ({[p.name for p in existing]}); "
+                              "pass overwrite=True to replace it")
+    (out_dir / "dataset.json").unlink(missing_ok=True)
+    for folder in (images_out, labels_out):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
 
     sources: dict[str, dict[str, Any]] = {}
 
@@ -165,9 +157,8 @@ def write_nnunet_dataset(
         channel_names={"0": channel_names[str(channel)]},
         numTraining=len(sources),
         file_ending=OUTPUT_ENDING,
-        description=(
-            f"{meta.get('name', real_dir.name)} enhanced by gem3d: {len(real_cases)} real + {num_synthetic} synthetic training cases"
-        ),
+        description=f"{meta.get('name', real_dir.name)} enhanced by gem3d: {len(real_cases)} real + {num_synthetic} "
+                    "synthetic training cases",
     )
     atomic_write_json(out_dir / "gem3d_sources.json", {"real_dataset": str(real_dir), "cases": sources})
     atomic_write_json(out_dir / "dataset.json", out_meta)

@@ -15,8 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gem3d.files import atomic_path
 
-__all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS",
-           "window_intensity"]
+__all__ = ["save_preview", "preview_size", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
 
 TITLE_HEIGHT = 14
 # (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
@@ -27,13 +26,6 @@ _COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", 
 _OUTSIDE_BODY = (40, 40, 40)
 _TICK = (255, 200, 0)
 _TICK_LENGTH = 6
-
-
-def label_colour(value: int) -> tuple[int, int, int]:
-    """RGB colour of label ``value`` (> 0; the palette repeats after 8 labels)."""
-    if value <= 0:
-        raise ValueError(f"only labels > 0 have a colour, got {value}")
-    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
 
 
 def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160, with_informed: bool = False) -> tuple[int, int]:
@@ -51,6 +43,12 @@ def window_intensity(volume: np.ndarray, percentiles: Sequence[float] = (0.5, 99
     if high <= low:
         high = low + 1.0
     return low, high
+
+
+def _windowed(array: np.ndarray, percentiles: Sequence[float]) -> tuple[np.ndarray, str]:
+    """``array`` mapped to [0, 255] by its display window (NaN -> low), and the window as a caption."""
+    low, high = window_intensity(array, percentiles)
+    return (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0, f"[{low:.3g}, {high:.3g}]"
 
 
 def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
@@ -106,14 +104,13 @@ def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, co
     if labels is not None:
         lab_img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32)).resize((width, height), Image.NEAREST)
         lab = np.asarray(lab_img).astype(np.int64)
+        palette = np.asarray(LABEL_COLOURS, np.uint8)  # label k > 0 gets colour k - 1, repeating after 8
         if filled:
             rgb[lab < 0] = _OUTSIDE_BODY
-            for value in np.unique(lab[lab > 0]):
-                rgb[lab == value] = label_colour(int(value))
+            rgb[lab > 0] = palette[(lab[lab > 0] - 1) % len(palette)]
         if contours:
             edge = _boundary(lab)
-            for value in np.unique(lab[edge]):
-                rgb[edge & (lab == value)] = label_colour(int(value))
+            rgb[edge] = palette[(lab[edge] - 1) % len(palette)]
     cell = Image.new("RGB", (panel, panel), (0, 0, 0))
     cell.paste(Image.fromarray(rgb), ((panel - width) // 2, (panel - height) // 2))
     return cell
@@ -151,11 +148,11 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
         array = np.asarray(array, dtype=np.float32)
         if array.ndim != 3:
             raise ValueError(f"volume {title!r} must be (D, H, W), got shape {array.shape}")
+        if arrays and array.shape != arrays[0][1].shape:
+            raise ValueError(f"volume {title!r} has shape {array.shape}, "
+                             f"expected {arrays[0][1].shape} like the first volume")
         arrays.append((str(title), array))
     shape = arrays[0][1].shape if arrays else np.asarray(mask).shape
-    for title, array in arrays:
-        if array.shape != shape:
-            raise ValueError(f"volume {title!r} has shape {array.shape}, expected {shape} like the first volume")
     label = None
     if mask is not None:
         label = np.asarray(mask)
@@ -173,8 +170,9 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
         raise ValueError(f"informed_index {informed_index} is outside the {shape[0]} slices")
     titles = [t for t, _ in arrays]
     contour_titles = set(titles) if contours is True else set(contours or ())
-    if contour_titles - set(titles):
-        raise ValueError(f"contours names unknown volume titles {sorted(contour_titles - set(titles))}; titles: {titles}")
+    unknown = sorted(contour_titles - set(titles))
+    if unknown:
+        raise ValueError(f"contours names unknown volume titles {unknown}; titles: {titles}")
 
     width, height = preview_size(len(arrays), label is not None, panel_size, with_informed=informed is not None)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
@@ -194,9 +192,8 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
     for title, array, with_contours, filled in rows:
         caption = title
         if array is not None:
-            low, high = window_intensity(array, percentiles)
-            caption = f"{title}  [{low:.3g}, {high:.3g}]"
-            grey_volume = (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0
+            grey_volume, window = _windowed(array, percentiles)
+            caption = f"{title}  {window}"
         draw.text((3, top + 1), caption, fill=(255, 255, 255), font=font)
         top += TITLE_HEIGHT
         for column, (_, axis) in enumerate(VIEWS):
@@ -228,10 +225,10 @@ def _mark_slice(cell: Image.Image, num_slices: int, index: int, height: int) -> 
 def _informed_row(canvas, draw, font, informed: np.ndarray, title: str, shape: Sequence[int], spacing: Sequence[float],
                   panel_size: int, top: int, percentiles: Sequence[float]) -> int:
     """The informed slice in the axial column, with its physical extent taken from the volume's axial view."""
-    low, high = window_intensity(informed, percentiles)
-    draw.text((3, top + 1), f"{title}  [{low:.3g}, {high:.3g}]", fill=_TICK, font=font)
+    grey, window = _windowed(informed, percentiles)
+    draw.text((3, top + 1), f"{title}  {window}", fill=_TICK, font=font)
     top += TITLE_HEIGHT
-    grey = _view((np.nan_to_num(informed, nan=low)[None] - low) / (high - low) * 255.0, 0, 0)
+    grey = _view(grey[None], 0, 0)
     row_mm, col_mm = _view_spacing(spacing, 0)  # per volume pixel; the informed slice may be resampled
     rows_mm, cols_mm = row_mm * shape[2] / grey.shape[0], col_mm * shape[1] / grey.shape[1]
     canvas.paste(_panel(grey, None, rows_mm, cols_mm, panel_size, contours=False, filled=False), (0, top))

@@ -88,10 +88,9 @@ def ssim(prediction, reference, data_range: float | None = None, mask=None, mode
 
 
 def ms_ssim_scales(shape, window: int = SSIM_WINDOW, max_scales: int = len(MS_SSIM_WEIGHTS)) -> tuple[int, int]:
-    """``(scales, window)`` that MS-SSIM can use on images of spatial ``shape``: the largest window (``window``, then
-    smaller odd ones down to 3) that allows at least 2 scales, with the most scales (<= ``max_scales``) whose
-    coarsest image still holds it; a single scale (plain SSIM) only when nothing else fits. MONAI also asks for
-    ``size // (scales - 1)**2 > window - 1``, enforced here too."""
+    """``(scales, window)`` for MS-SSIM on images of spatial ``shape``: the largest odd window <= ``window`` that allows
+    2+ scales, with the most scales (<= ``max_scales``) whose coarsest image holds it (and MONAI's
+    ``size // (scales - 1)**2 > window - 1``); a single scale (plain SSIM) only when nothing else fits."""
     shape = tuple(int(s) for s in shape)
 
     def fits(scales: int, size: int) -> bool:

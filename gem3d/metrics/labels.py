@@ -32,11 +32,9 @@ def label_intensity_stats(volume, labels, body=None) -> dict[str, dict[str, floa
         regions[OUTSIDE] = ~body
     out = {}
     for name, region in regions.items():
-        values = v[region]
-        out[name] = {"mean": float(values.mean()) if values.size else math.nan,
-                     "std": float(values.std()) if values.size else math.nan,
-                     "median": float(np.median(values)) if values.size else math.nan,
-                     "voxels": int(values.size)}
+        values = v[region] if region.any() else np.array([math.nan])  # an empty region has NaN statistics
+        out[name] = {"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values)),
+                     "voxels": int(region.sum())}
     return out
 
 
