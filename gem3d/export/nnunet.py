@@ -1,9 +1,6 @@
-"""nnU-Net v2 raw dataset export ("dataset enhancement"): the real training cases of an nnU-Net raw dataset plus the
-synthetic ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs of gem3d output folders ``OUT/<setting>/``, named
-``<case>_<setting>_s<k>``, with one channel (the real dataset's ``channel``: GEM-3D generates one modality).
-``dataset.json`` is written last, so a half-written export has none; ``gem3d_sources.json`` says where each case
-came from.
-"""
+"""nnU-Net v2 raw dataset export ("dataset enhancement"): real training cases plus the synthetic cases of gem3d output
+folders ``OUT/<setting>/``, one channel (GEM-3D generates one modality). ``dataset.json`` is written last, so a
+half-written export has none; ``gem3d_sources.json`` says where each case came from."""
 
 from __future__ import annotations
 
@@ -43,30 +40,27 @@ class SyntheticCase:
         return f"{self.case}_{self.setting}_s{self.sample}"
 
 
-def find_synthetic_cases(folder: str | os.PathLike, setting: str | None = None) -> list[SyntheticCase]:
-    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder (``setting``: default the
-    folder's name), sorted; an image without its label or a label without its image is an error that names it."""
+def find_synthetic_cases(folder: str | os.PathLike) -> list[SyntheticCase]:
+    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder (the setting is its name),
+    sorted; an image without its label or a label without its image is an error that names it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"synthetic folder {folder} does not exist")
-    setting = setting or folder.name
+    setting = folder.name
     if not re.fullmatch(r"[A-Za-z0-9\-]+", setting):
         raise ValueError(f"setting name {setting!r} (from {folder}) must be letters, digits or '-' so case names stay parseable")
+    images = {p.name[: -len("_image.nii.gz")]: p for p in sorted(folder.glob("*_image.nii.gz"))}
+    labels = {p.name[: -len("_label.nii.gz")]: p for p in sorted(folder.glob("*_label.nii.gz"))}
     cases, unpaired = [], []
-    for image in sorted(folder.glob("*_image.nii.gz")):
+    for stem, image in images.items():
         match = SYNTHETIC_IMAGE_PATTERN.match(image.name)
         if match is None:
             unpaired.append(f"{image.name} (name is not <case>_s<k>_image.nii.gz)")
-            continue
-        label = image.with_name(image.name[: -len("_image.nii.gz")] + "_label.nii.gz")
-        if not label.is_file():
-            unpaired.append(f"{image.name} (no {label.name})")
-            continue
-        cases.append(SyntheticCase(match["case"], setting, int(match["sample"]), image, label))
-    for label in sorted(folder.glob("*_label.nii.gz")):
-        image = label.with_name(label.name[: -len("_label.nii.gz")] + "_image.nii.gz")
-        if not image.is_file():
-            unpaired.append(f"{label.name} (no {image.name})")
+        elif stem not in labels:
+            unpaired.append(f"{image.name} (no {stem}_label.nii.gz)")
+        else:
+            cases.append(SyntheticCase(match["case"], setting, int(match["sample"]), image, labels[stem]))
+    unpaired += [f"{label.name} (no {stem}_image.nii.gz)" for stem, label in labels.items() if stem not in images]
     if unpaired:
         raise ValueError(f"unpaired synthetic files in {folder}: {unpaired}")
     return sorted(cases, key=lambda c: (c.case, c.sample))
@@ -77,9 +71,7 @@ def _case_names(labels_dir: Path, ending: str) -> list[str]:
 
 
 def _transfer(src: Path, dst: Path, copy: bool) -> None:
-    """Copy (or symlink) ``src`` to ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
+    """Copy or symlink ``src`` to the new ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
     if src.name.endswith(OUTPUT_ENDING) == dst.name.endswith(OUTPUT_ENDING):
         if copy:
             with atomic_path(dst) as tmp:
@@ -166,9 +158,8 @@ def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[s
 
 
 def validate_nnunet_dataset(root: str | os.PathLike) -> list[str]:
-    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid), one line
-    each: gem3d's one dataset check (:func:`gem3d.data.check.check_dataset`, its tolerance and label rule), with
-    nnU-Net's folder name required and no minimum slice count."""
+    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid), one line each:
+    :func:`gem3d.data.check.check_dataset` with nnU-Net's folder name required and no minimum slice count."""
     root = Path(root)
     if not root.is_dir():
         return [f"{root} is not a folder"]

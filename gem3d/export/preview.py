@@ -1,8 +1,5 @@
-"""PNG previews: axial / coronal / sagittal slices through canonical ``(D, H, W)`` volumes, with the mask as contours
-and as a row of its own. Layout: a header strip with the column names, then per row a title strip (``TITLE_HEIGHT``)
-and three ``panel_size`` square cells; each panel keeps the physical aspect ratio from ``spacing`` (mm along D, H, W).
-Axial fixes D; coronal and sagittal draw D vertically (superior up).
-"""
+"""PNG previews: a row of axial / coronal / sagittal panels (square cells keeping the physical aspect ratio; D drawn
+vertically, superior up) under a title strip per canonical ``(D, H, W)`` volume, the mask as contours and as a row."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Feature networks for FID, built from MONAI's ResNet and loaded from local weight files (nothing is downloaded).
-
-- 2.5D FID: ResNet-50 in torchvision's layout for RadImageNet's PyTorch weights (official ``backbone.<i>`` keys or
-  torchvision names); slices in [0, 1] are repeated to 3 channels and ImageNet-normalised at their own size.
-- 3D FID: MedicalNet's 3D ResNet-10/18/50 from its ``resnet_XX.pth``; volumes are z-scored.
-Features are ``(N, F)`` float64 arrays.
-"""
+"""``(N, F)`` features for FID from MONAI ResNets with local weights (nothing is downloaded): 2.5D from a ResNet-50
+in torchvision's layout with RadImageNet's PyTorch weights (slices ImageNet-normalised at their own size), 3D from
+MedicalNet's ResNet-10/18/50 (volumes z-scored)."""
 from __future__ import annotations
 
 import re

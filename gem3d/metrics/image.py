@@ -1,8 +1,5 @@
-"""Image quality of a synthetic volume against its real counterpart: PSNR, SSIM and MS-SSIM (MONAI), in 3D or per
-axial slice, inside a mask. Volumes are canonical ``(D, H, W)`` arrays (load them with
-:func:`gem3d.metrics.volumes.load_canonical`), compared on one scale ``data_range`` (default: the reference's range).
-SSIM follows Wang et al. 2004 (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03).
-"""
+"""PSNR, SSIM and MS-SSIM (MONAI; Wang et al. 2004: Gaussian window 11, sigma 1.5) of canonical ``(D, H, W)`` volumes,
+3D or per axial slice, inside a mask, on one scale ``data_range`` (default: the reference's range)."""
 from __future__ import annotations
 
 import math
@@ -141,8 +138,6 @@ def reconstruction_metrics(synthetic, real, body=None, labels=None,
     label > 0 of ``labels`` (int ``(D, H, W)``, named by ``label_names``)."""
     real01 = to_unit_range(real, real)
     fake01 = to_unit_range(synthetic, real)
-    if fake01.shape != real01.shape:
-        raise ValueError(f"synthetic volume {fake01.shape} and real volume {real01.shape} differ in shape")
     body = np.ones(real01.shape, bool) if body is None else np.asarray(body, bool)
     out = {
         "psnr_body": psnr(fake01, real01, 1.0, body),

@@ -111,8 +111,7 @@ def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], la
 
 
 def mean_dice(scores: dict[int, float]) -> float:
-    """The mean Dice over the labels a mask holds (NaN entries, labels absent from the mask, are left out);
-    NaN when it holds none."""
+    """The mean Dice over the labels a mask holds (NaN entries left out); NaN when it holds none."""
     values = [v for v in scores.values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 

@@ -15,7 +15,7 @@ from gem3d.data.preprocess import PreprocessConfig, prepare_case, restore_volume
 from gem3d.model_dirs import load_model_dir, run_preprocess
 from gem3d.models.autoencoder import FirstStage
 
-from .labels import label_intensity_stats
+from .labels import OUTSIDE, label_intensity_stats
 
 
 def copy_slice_volume(volume, index: int | None = None) -> np.ndarray:
@@ -72,7 +72,7 @@ def counterfactual_effect(output_a, output_b, labels, body, donor_a_slice, donor
 
     def means(volume, lab, region=None):
         stats = label_intensity_stats(volume, lab, region)
-        return {k: v["mean"] for k, v in stats.items() if k != "outside" and v["voxels"] > 0}
+        return {k: v["mean"] for k, v in stats.items() if k != OUTSIDE and v["voxels"] > 0}
 
     out_a, out_b = means(a, labels, body), means(b, labels, body)
     donor_a = means(np.asarray(donor_a_slice)[None], np.asarray(donor_a_labels)[None], np.asarray(donor_a_labels)[None] >= 0)
