@@ -27,7 +27,7 @@ def test_add_has_and_reload(tmp_path):
     assert manifest.has(("case_a", "icma", 0))
     assert manifest.has({"case": "case_a", "setting": "icma", "sample": np.int64(1)})
     assert not manifest.has(("case_a", "ic", 0))
-    assert ("case_a", "icma", 1) in manifest
+    assert manifest.has(("case_a", "icma", 1))
 
     reloaded = Manifest(path)
     assert reloaded.records == manifest.records

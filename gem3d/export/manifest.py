@@ -123,9 +123,6 @@ class Manifest:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __contains__(self, key: Any) -> bool:
-        return self.has(key)
-
 
 def merge_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Manifest:
     """Merge per-rank manifests into ``out`` (written atomically), records sorted by key. Identical records under one

@@ -61,7 +61,7 @@ def save_nifti(arr_source: np.ndarray, geometry_or_affine: Any, path: str | os.P
     in sform and qform (codes 1). ``dtype``: stored type, no scaling; default the array's, except bool -> uint8,
     float64 -> float32, int64 -> the smallest of int16/int32 that holds the values."""
     path = Path(path)
-    if not any(path.name.endswith(s) for s in NIFTI_SUFFIXES):
+    if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"NIfTI path must end with one of {NIFTI_SUFFIXES}, got {path.name!r}")
     arr = np.asarray(arr_source)
     affine, expected_shape = resolve_affine(geometry_or_affine)

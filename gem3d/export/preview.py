@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from gem3d.files import atomic_path
 
@@ -79,13 +80,11 @@ def _fit(rows: int, cols: int, row_mm: float, col_mm: float, panel: int) -> tupl
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood)."""
-    padded = np.pad(labels, 1, mode="edge")
-    centre = padded[1:-1, 1:-1]
-    differs = np.zeros(labels.shape, dtype=bool)
-    for dr, dc in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        differs |= padded[dr : dr + labels.shape[0], dc : dc + labels.shape[1]] != centre
-    return differs & (labels > 0)
+    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood, edges repeated)."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    low = ndimage.minimum_filter(labels, footprint=cross, mode="nearest")
+    high = ndimage.maximum_filter(labels, footprint=cross, mode="nearest")
+    return ((low != labels) | (high != labels)) & (labels > 0)
 
 
 def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, col_mm: float, panel: int,

@@ -36,7 +36,8 @@ def _features(x, what: str) -> torch.Tensor:
 def frechet_distance(features_a, features_b) -> float:
     """Fréchet distance ``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2)`` between Gaussians fitted to
     ``(N, F)`` and ``(M, F)`` feature sets: MONAI ``FIDMetric``'s value (tested), without its F x F ``sqrtm`` (150 s
-    for F = 2048 here). With centred features A, B the trace term is the nuclear norm of ``B A^T / sqrt((N-1)(M-1))``."""
+    for F = 2048 here). With centred features A, B the trace term is the nuclear norm of ``B A^T / sqrt((N-1)(M-1))``.
+    """
     a, b = _features(features_a, "features_a"), _features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets differ in width: {a.shape[1]} and {b.shape[1]}")

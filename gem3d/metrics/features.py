@@ -11,7 +11,7 @@ import torch
 from einops import rearrange, repeat
 from monai.networks.nets import resnet as monai_resnet
 
-from gem3d.checkpoint import safe_load_checkpoint
+from gem3d.checkpoint import load_weights, safe_load_checkpoint
 from gem3d.export.preview import VIEWS as PREVIEW_VIEWS
 
 MEDICALNET_DEPTHS = (10, 18, 50)
@@ -67,23 +67,11 @@ def radimagenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, layout: str) -> torch.nn.Module:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} is not a {layout} state dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shapes {wrong[:5]}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def load_radimagenet_resnet50(path: str | Path) -> torch.nn.Module:
     """:func:`radimagenet_resnet50` with RadImageNet's PyTorch ResNet-50 weights from ``path``."""
-    return _load(radimagenet_resnet50(), radimagenet_keys(_state_dict(path)), Path(path), "RadImageNet ResNet-50")
+    model = radimagenet_resnet50()
+    load_weights(model, radimagenet_keys(_state_dict(path)), f"{path} (RadImageNet ResNet-50)")
+    return model.eval()
 
 
 def load_medicalnet_resnet(path: str | Path, depth: int | None = None) -> torch.nn.Module:
@@ -95,7 +83,9 @@ def load_medicalnet_resnet(path: str | Path, depth: int | None = None) -> torch.
             raise ValueError(f"cannot tell the ResNet depth from {Path(path).name!r}; pass --fid-depth-3d")
         depth = int(found.group(1))
     state = {k: v for k, v in _state_dict(path).items() if not k.startswith(("conv_seg.", "fc."))}
-    return _load(medicalnet_resnet(depth), state, Path(path), f"MedicalNet ResNet-{depth}")
+    model = medicalnet_resnet(depth)
+    load_weights(model, state, f"{path} (MedicalNet ResNet-{depth})")
+    return model.eval()
 
 
 @torch.no_grad()
