@@ -86,16 +86,15 @@ def _cell(value) -> object:
 
 def summarise(rows: Sequence[Mapping[str, object]], group: str = "row") -> dict[str, dict[str, tuple[float, float, int]]]:
     """``{group value: {metric: (mean, std, n)}}`` over the numeric, finite values of every metric."""
-    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
     for row in rows:
-        key = str(row[group])
         for metric, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "sample":
-                out.setdefault(key, {}).setdefault(metric, [])  # type: ignore[arg-type]
-                if math.isfinite(float(value)):
-                    out[key][metric].append(float(value))  # type: ignore[union-attr]
+                finite = values.setdefault(str(row[group]), {}).setdefault(metric, [])
+                if math.isfinite(value):
+                    finite.append(float(value))
     return {k: {m: (float(np.mean(v)) if v else math.nan, float(np.std(v)) if v else math.nan, len(v))
-                for m, v in metrics.items()} for k, metrics in out.items()}
+                for m, v in metrics.items()} for k, metrics in values.items()}
 
 
 def format_value(mean: float, std: float, n: int) -> str:
@@ -193,13 +192,6 @@ def _image_tag(path: Path, base: Path, embed: bool, width: int | None = None) ->
     return f'<img src="{html.escape(str(path.relative_to(base)) if path.is_relative_to(base) else str(path))}"{style}>'
 
 
-def table_html(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(_fmt(r.get(c, ''))))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _fmt(value):
     return f"{value:.4g}" if isinstance(value, float) else value
 
@@ -221,7 +213,9 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path], s
     parts.append("<h2>Samples</h2>")
     for preview, row in samples:
         image = _image_tag(preview, base, embed, 360) if preview is not None and preview.is_file() else "(no preview)"
-        vertical = [{"metric": c, "value": row[c]} for c in columns if c in row and row[c] != ""]
-        parts.append(f"<div class='sample'><div>{image}</div><div>{table_html(vertical, ['metric', 'value'])}</div></div>")
+        cells = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(str(_fmt(row[c])))}</td></tr>"
+                        for c in columns if c in row and row[c] != "")
+        parts.append(f"<div class='sample'><div>{image}</div><div><table><tr><th>metric</th><th>value</th></tr>{cells}"
+                     "</table></div></div>")
     parts.append("</body></html>")
     return atomic_write_text(path, "\n".join(parts))
