@@ -100,15 +100,9 @@ class Manifest:
         """The records in insertion order (a new list; do not edit the dicts in place)."""
         return list(self._records.values())
 
-    def keys(self) -> list[tuple[str, str, int]]:
-        return list(self._records)
-
     def has(self, key: Mapping[str, Any] | Iterable[Any]) -> bool:
         """Whether a record with key ``(case, setting, sample)`` (or a record's key) is present."""
         return record_key(key) in self._records
-
-    def get(self, key: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any] | None:
-        return self._records.get(record_key(key))
 
     def add(self, record: Mapping[str, Any], replace: bool = False) -> dict[str, Any]:
         """Add ``record`` and rewrite the manifest atomically. Duplicate keys fail unless ``replace``."""
