@@ -7,7 +7,7 @@ import pytest
 
 from gem3d.data.geometry import Geometry, load_nifti
 from gem3d.export import nifti as nifti_module
-from gem3d.export.nifti import save_canonical_nifti, save_nifti
+from gem3d.export.nifti import save_nifti
 from gem3d.files import atomic_write_json, atomic_write_text
 
 
@@ -53,7 +53,7 @@ def test_canonical_volume_written_back_in_source_geometry(tmp_path):
     source = np.arange(7 * 5 * 6, dtype=np.int16).reshape(7, 5, 6)
     geometry = Geometry(affine=affine, shape=source.shape)
     canonical = geometry.to_canonical(source)
-    path = save_canonical_nifti(canonical, geometry, tmp_path / "label.nii.gz")
+    path = save_nifti(geometry.to_source(canonical), geometry, tmp_path / "label.nii.gz")
     loaded, loaded_geometry = load_nifti(path, dtype=np.int16)
     assert np.array_equal(loaded, source)
     assert np.array_equal(loaded_geometry.affine, affine)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gem3d.data.case import AFFINE_ATOL_MM
 from gem3d.data.nnunet import PreprocessedDataset, open_dataset, read_properties
 from gem3d.export.manifest import Manifest
-from gem3d.export.nifti import save_canonical_nifti
+from gem3d.export.nifti import save_nifti
 from gem3d.inference.engine import run_inference
 from gem3d.inference.volume import SamplerOptions
 from tests.test_inference_engine import make_config, tiny  # noqa: F401 (the tiny models fixture)
@@ -127,7 +127,8 @@ def test_oblique_case_lands_on_the_source_world_points(tmp_path, layout, reader)
     assert case.label.shape == case.image.shape and set(np.unique(case.label)) == {-1, 0, 1}
     assert case.image_path.suffix == f".{layout}"
 
-    written = save_canonical_nifti(case.image, geometry, tmp_path / "out.nii.gz")  # an output in the case's geometry
+    # an output in the case's geometry
+    written = save_nifti(geometry.to_source(case.image), geometry, tmp_path / "out.nii.gz")
     image = nib.load(str(written))
     np.testing.assert_allclose(np.asanyarray(image.dataobj), field(1, world_points(image.affine, image.shape)),
                                atol=1e-3)

@@ -1,16 +1,6 @@
-"""Run manifests: one JSON file of sample records, rewritten atomically after every sample.
-
-A record is a JSON-able dict that describes one generated sample. Its key is
-``(case, setting, sample)``; a resumable run skips keys the manifest already ``has``.
-Fields written by ``make_record``::
-
-    case, setting, sample, seed,
-    informed   {"source": case name | "generated" | None, "index": int | None, "position": float | None},
-    mask_edits [ {"edit": name, ...parameters} ],
-    sampler, steps, checkpoint_sha256, seconds,
-    files      {"image": relative path, "label": relative path, ...}
-
-Each data-parallel rank writes its own manifest; ``merge_manifests`` joins them.
+"""Run manifests: one JSON file of sample records (:func:`make_record`), keyed by ``(case, setting, sample)`` and
+rewritten atomically after every sample; a resumed run skips keys it already ``has``. Each data-parallel rank writes
+its own manifest; :func:`merge_manifests` joins them.
 """
 
 from __future__ import annotations
@@ -18,15 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 from gem3d.files import atomic_write_json, json_default
 
-__all__ = ["Manifest", "ManifestKey", "make_record", "record_key", "merge", "merge_manifests", "MANIFEST_VERSION"]
+__all__ = ["Manifest", "make_record", "record_key", "merge_manifests", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 1
 KEY_FIELDS = ("case", "setting", "sample")
-ManifestKey = tuple  # (case: str, setting: str, sample: int)
 
 
 def record_key(record_or_key: Mapping[str, Any] | Iterable[Any]) -> tuple[str, str, int]:
@@ -46,21 +35,10 @@ def record_key(record_or_key: Mapping[str, Any] | Iterable[Any]) -> tuple[str, s
     return str(case), str(setting), int(sample)
 
 
-def make_record(
-    case: str,
-    setting: str,
-    sample: int,
-    seed: int,
-    *,
-    informed: Mapping[str, Any] | None = None,
-    mask_edits: list[Mapping[str, Any]] | None = None,
-    sampler: str | None = None,
-    steps: int | None = None,
-    checkpoint_sha256: str | None = None,
-    seconds: float | None = None,
-    files: Mapping[str, str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
+def make_record(case: str, setting: str, sample: int, seed: int, *, informed: Mapping[str, Any] | None = None,
+                mask_edits: list[Mapping[str, Any]] | None = None, sampler: str | None = None, steps: int | None = None,
+                checkpoint_sha256: str | None = None, seconds: float | None = None,
+                files: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     """A manifest record with the standard fields (``extra`` fields are kept as given)."""
     record: dict[str, Any] = {
         "case": str(case),
@@ -79,25 +57,16 @@ def make_record(
     return record
 
 
-def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON round trip of ``record`` (numpy scalars -> Python, tuples -> lists)."""
-    return json.loads(json.dumps(dict(record), default=json_default))
-
-
 class Manifest:
-    """The records of one run, stored at ``path`` (JSON ``{"version": 1, "records": [...]}``).
-
-    Loads the file if it exists (unless ``load=False``: start empty and overwrite it on the next
-    write). ``add`` appends a record and rewrites the file atomically.
-    """
+    """The records of one run in ``path`` (JSON ``{"version": 1, "records": [...]}``), loaded if it exists (unless
+    ``load=False``: start empty and overwrite it on the next write)."""
 
     def __init__(self, path: str | os.PathLike, load: bool = True):
         self.path = Path(path)
-        self._records: list[dict[str, Any]] = []
-        self._index: dict[tuple[str, str, int], int] = {}
+        self._records: dict[tuple[str, str, int], dict[str, Any]] = {}  # key -> record, in insertion order
         if load and self.path.exists():
             for record in self._read(self.path):
-                self._insert(record, replace=False, source=self.path)
+                self._insert(record, replace=False)
 
     @staticmethod
     def _read(path: Path) -> list[dict[str, Any]]:
@@ -114,37 +83,26 @@ class Manifest:
             raise ValueError(f"manifest {path} has version {version!r}; this gem3d reads version {MANIFEST_VERSION}")
         return list(payload["records"])
 
-    def _insert(self, record: Mapping[str, Any], replace: bool, source: Any = None) -> dict[str, Any]:
+    def _insert(self, record: Mapping[str, Any], replace: bool) -> dict[str, Any]:
         if not isinstance(record, Mapping):
             raise TypeError(f"a manifest record must be a dict, got {type(record).__name__}")
         key = record_key(record)
-        plain = _plain(record)
+        plain = json.loads(json.dumps(dict(record), default=json_default))  # numpy scalars -> Python, tuples -> lists
         plain["sample"] = key[2]
-        if key in self._index:
-            if not replace:
-                where = f" (in {source})" if source is not None else ""
-                raise ValueError(f"manifest {self.path} already has a record for {key}{where}; pass replace=True to overwrite it")
-            self._records[self._index[key]] = plain
-        else:
-            self._index[key] = len(self._records)
-            self._records.append(plain)
+        if key in self._records and not replace:
+            raise ValueError(f"manifest {self.path} already has a record for {key}; "
+                             "pass replace=True to overwrite it")
+        self._records[key] = plain
         return plain
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        """The records in insertion order (a copy of the list; do not edit the dicts in place)."""
-        return list(self._records)
-
-    def keys(self) -> list[tuple[str, str, int]]:
-        return list(self._index)
+        """The records in insertion order (a new list; do not edit the dicts in place)."""
+        return list(self._records.values())
 
     def has(self, key: Mapping[str, Any] | Iterable[Any]) -> bool:
         """Whether a record with key ``(case, setting, sample)`` (or a record's key) is present."""
-        return record_key(key) in self._index
-
-    def get(self, key: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any] | None:
-        index = self._index.get(record_key(key))
-        return None if index is None else self._records[index]
+        return record_key(key) in self._records
 
     def add(self, record: Mapping[str, Any], replace: bool = False) -> dict[str, Any]:
         """Add ``record`` and rewrite the manifest atomically. Duplicate keys fail unless ``replace``."""
@@ -152,34 +110,17 @@ class Manifest:
         self.save()
         return plain
 
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write all records (to ``path``, default the manifest's own path) atomically."""
-        return atomic_write_json(path or self.path, {"version": MANIFEST_VERSION, "records": self._records})
+    def save(self) -> Path:
+        """Write all records atomically."""
+        return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "records": self.records})
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(list(self._records))
-
-    def __contains__(self, key: Any) -> bool:
-        return self.has(key)
-
-    def __repr__(self) -> str:
-        return f"Manifest({str(self.path)!r}, records={len(self)})"
-
-    @classmethod
-    def merge(cls, paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> "Manifest":
-        """See ``merge_manifests``."""
-        return merge_manifests(paths, out)
-
 
 def merge_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Manifest:
-    """Merge per-rank manifests into ``out`` (written atomically), records sorted by key.
-
-    Identical records under one key (e.g. a file listed twice) collapse into one; two different
-    records under one key are an error that names both files.
-    """
+    """Merge per-rank manifests into ``out`` (written atomically), records sorted by key. Identical records under one
+    key collapse into one; two different ones are an error that names both files."""
     paths = [Path(p) for p in paths]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -196,6 +137,3 @@ def merge_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) 
         merged._insert(seen[key][0], replace=False)
     merged.save()
     return merged
-
-
-merge = merge_manifests  # CONTRACT.md name

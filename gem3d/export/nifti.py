@@ -11,21 +11,14 @@ import numpy as np
 
 from gem3d.files import atomic_path
 
-__all__ = [
-    "NIFTI_SUFFIXES",
-    "save_nifti",
-    "save_canonical_nifti",
-    "resolve_affine",
-]
+__all__ = ["NIFTI_SUFFIXES", "save_nifti", "resolve_affine"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def resolve_affine(geometry_or_affine: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
-    """``(affine (4,4) float64, expected source shape or None)`` from a Geometry or an affine array.
-
-    Anything with ``.affine`` and ``.shape`` attributes counts as a geometry (``gem3d.data.geometry.Geometry``).
-    """
+    """``(affine (4,4) float64, expected source shape or None)`` from a Geometry (``.affine``, ``.shape``) or an
+    affine array."""
     if hasattr(geometry_or_affine, "affine"):
         affine = np.asarray(geometry_or_affine.affine, dtype=np.float64)
         shape = getattr(geometry_or_affine, "shape", None)
@@ -48,7 +41,7 @@ def _default_dtype(arr: np.ndarray) -> np.dtype:
     """A NIfTI-friendly dtype: bool -> uint8, float64 -> float32, int64 -> int32/int16 when it fits."""
     if arr.dtype == np.bool_:
         return np.dtype(np.uint8)
-    if arr.dtype == np.float64 or arr.dtype == np.float16:
+    if arr.dtype in (np.float64, np.float16):
         return np.dtype(np.float32)
     if arr.dtype in (np.int64, np.uint64):
         if arr.size == 0:
@@ -62,22 +55,13 @@ def _default_dtype(arr: np.ndarray) -> np.dtype:
     return arr.dtype
 
 
-def save_nifti(
-    arr_source: np.ndarray,
-    geometry_or_affine: Any,
-    path: str | os.PathLike,
-    dtype: Any = None,
-) -> Path:
-    """Write ``arr_source`` (array in the *source* orientation, e.g. ``geometry.to_source(vol_dhw)``)
-    as ``.nii`` or ``.nii.gz`` with the geometry's affine in both sform and qform (codes 1, scanner),
-    atomically. Returns the path.
-
-    - ``geometry_or_affine``: a ``Geometry`` (its ``shape`` must equal ``arr_source.shape``) or a (4,4) affine.
-    - ``dtype``: stored data type (no scaling); default keeps the array's dtype, except
-      bool -> uint8, float64 -> float32, int64 -> the smallest of int16/int32 that holds the values.
-    """
+def save_nifti(arr_source: np.ndarray, geometry_or_affine: Any, path: str | os.PathLike, dtype: Any = None) -> Path:
+    """Write ``arr_source`` (in the *source* orientation, e.g. ``geometry.to_source(vol_dhw)``) atomically as ``.nii``
+    or ``.nii.gz`` with the affine of ``geometry_or_affine`` (a ``Geometry`` of the array's shape, or a (4,4) affine)
+    in sform and qform (codes 1). ``dtype``: stored type, no scaling; default the array's, except bool -> uint8,
+    float64 -> float32, int64 -> the smallest of int16/int32 that holds the values."""
     path = Path(path)
-    if not any(path.name.endswith(s) for s in NIFTI_SUFFIXES):
+    if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"NIfTI path must end with one of {NIFTI_SUFFIXES}, got {path.name!r}")
     arr = np.asarray(arr_source)
     affine, expected_shape = resolve_affine(geometry_or_affine)
@@ -86,7 +70,7 @@ def save_nifti(
     if expected_shape is not None and tuple(arr.shape[:3]) != tuple(expected_shape[:3]):
         raise ValueError(
             f"array shape {tuple(arr.shape)} does not match the geometry's source shape {tuple(expected_shape)}; "
-            f"pass the array in source orientation (geometry.to_source(volume_dhw)) or use save_canonical_nifti"
+            "pass the array in source orientation (geometry.to_source(volume_dhw))"
         )
     out_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(arr)
     if np.issubdtype(out_dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
@@ -97,9 +81,7 @@ def save_nifti(
         arr = rounded
     data = np.ascontiguousarray(arr).astype(out_dtype, copy=False)
 
-    header = nib.Nifti1Header()
-    header.set_data_dtype(out_dtype)
-    image = nib.Nifti1Image(data, affine, header=header)
+    image = nib.Nifti1Image(data, affine)
     image.header.set_sform(affine, code=1)
     image.header.set_qform(affine, code=1)
     image.header.set_xyzt_units(xyz="mm", t="sec")
@@ -107,15 +89,3 @@ def save_nifti(
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
     return path
-
-
-def save_canonical_nifti(
-    arr_dhw: np.ndarray,
-    geometry: Any,
-    path: str | os.PathLike,
-    dtype: Any = None,
-) -> Path:
-    """Write a canonical ``(D,H,W)`` volume in its source geometry: ``save_nifti(geometry.to_source(arr), geometry, path)``."""
-    if not hasattr(geometry, "to_source"):
-        raise TypeError(f"save_canonical_nifti needs a Geometry (with to_source), got {type(geometry).__name__}")
-    return save_nifti(geometry.to_source(np.asarray(arr_dhw)), geometry, path, dtype=dtype)

@@ -1,89 +1,66 @@
-"""nnU-Net v2 raw dataset export: real training cases + gem3d synthetic cases ("dataset enhancement").
-
-Input layouts:
-
-- real: an nnU-Net raw dataset (``dataset.json``, ``imagesTr/<case>_<cccc><ending>``, ``labelsTr/<case><ending>``).
-- synthetic: gem3d output folders ``OUT/<setting>/`` holding ``<case>_s<k>_image.nii.gz`` and
-  ``<case>_s<k>_label.nii.gz`` (the setting is the folder's name).
-
-Output: ``imagesTr/<name>_0000.nii.gz``, ``labelsTr/<name>.nii.gz``, ``dataset.json`` (written last,
-so a half-written export has none) and ``gem3d_sources.json`` (where each case came from).
-Synthetic cases are named ``<case>_<setting>_s<k>``. The output has one channel: the real dataset's
-channel ``channel`` (GEM-3D generates one modality, e.g. BraTS FLAIR).
-"""
+"""nnU-Net v2 raw dataset export ("dataset enhancement"): real training cases plus the synthetic cases of gem3d output
+folders ``OUT/<setting>/``, one channel (GEM-3D generates one modality). ``dataset.json`` is written last, so a
+half-written export has none; ``gem3d_sources.json`` says where each case came from."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from gem3d.data.check import DATASET_FOLDER_PATTERN, check_dataset
+from gem3d.data.check import check_dataset
 from gem3d.data.nnunet import read_dataset_json
 from gem3d.files import atomic_path, atomic_write_json
 
-__all__ = [
-    "write_nnunet_dataset",
-    "validate_nnunet_dataset",
-    "find_synthetic_cases",
-    "SyntheticCase",
-    "DATASET_FOLDER_PATTERN",
-    "SYNTHETIC_IMAGE_PATTERN",
-]
+__all__ = ["write_nnunet_dataset", "validate_nnunet_dataset", "find_synthetic_cases", "SyntheticCase"]
 
 SYNTHETIC_IMAGE_PATTERN = re.compile(r"^(?P<case>.+)_s(?P<sample>\d+)_image\.nii\.gz$")
 OUTPUT_ENDING = ".nii.gz"
 
 
+@dataclass(frozen=True)
 class SyntheticCase:
-    """One generated sample on disk: ``image``/``label`` paths, source ``case``, ``setting``, ``sample`` index."""
+    """One generated sample on disk: source ``case``, ``setting``, ``sample`` index, ``image``/``label`` paths."""
 
-    __slots__ = ("case", "setting", "sample", "image", "label")
-
-    def __init__(self, case: str, setting: str, sample: int, image: Path, label: Path):
-        self.case, self.setting, self.sample, self.image, self.label = case, setting, sample, image, label
+    case: str
+    setting: str
+    sample: int
+    image: Path
+    label: Path
 
     @property
     def name(self) -> str:
         """The case name in the exported dataset: ``<case>_<setting>_s<k>``."""
         return f"{self.case}_{self.setting}_s{self.sample}"
 
-    def __repr__(self) -> str:
-        return f"SyntheticCase({self.name!r}, image={str(self.image)!r})"
 
-
-def find_synthetic_cases(folder: str | os.PathLike, setting: str | None = None) -> list[SyntheticCase]:
-    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder, sorted.
-
-    ``setting`` defaults to the folder's name. An image without its label (or a label without its
-    image) is an error that names the file.
-    """
+def find_synthetic_cases(folder: str | os.PathLike) -> list[SyntheticCase]:
+    """The ``<case>_s<k>_image.nii.gz`` / ``_label.nii.gz`` pairs in one gem3d output folder (the setting is its name),
+    sorted; an image without its label or a label without its image is an error that names it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"synthetic folder {folder} does not exist")
-    setting = setting or folder.name
+    setting = folder.name
     if not re.fullmatch(r"[A-Za-z0-9\-]+", setting):
         raise ValueError(f"setting name {setting!r} (from {folder}) must be letters, digits or '-' so case names stay parseable")
+    images = {p.name[: -len("_image.nii.gz")]: p for p in sorted(folder.glob("*_image.nii.gz"))}
+    labels = {p.name[: -len("_label.nii.gz")]: p for p in sorted(folder.glob("*_label.nii.gz"))}
     cases, unpaired = [], []
-    for image in sorted(folder.glob("*_image.nii.gz")):
+    for stem, image in images.items():
         match = SYNTHETIC_IMAGE_PATTERN.match(image.name)
         if match is None:
             unpaired.append(f"{image.name} (name is not <case>_s<k>_image.nii.gz)")
-            continue
-        label = image.with_name(image.name[: -len("_image.nii.gz")] + "_label.nii.gz")
-        if not label.is_file():
-            unpaired.append(f"{image.name} (no {label.name})")
-            continue
-        cases.append(SyntheticCase(match["case"], setting, int(match["sample"]), image, label))
-    for label in sorted(folder.glob("*_label.nii.gz")):
-        image = label.with_name(label.name[: -len("_label.nii.gz")] + "_image.nii.gz")
-        if not image.is_file():
-            unpaired.append(f"{label.name} (no {image.name})")
+        elif stem not in labels:
+            unpaired.append(f"{image.name} (no {stem}_label.nii.gz)")
+        else:
+            cases.append(SyntheticCase(match["case"], setting, int(match["sample"]), image, labels[stem]))
+    unpaired += [f"{label.name} (no {stem}_image.nii.gz)" for stem, label in labels.items() if stem not in images]
     if unpaired:
         raise ValueError(f"unpaired synthetic files in {folder}: {unpaired}")
     return sorted(cases, key=lambda c: (c.case, c.sample))
@@ -94,9 +71,7 @@ def _case_names(labels_dir: Path, ending: str) -> list[str]:
 
 
 def _transfer(src: Path, dst: Path, copy: bool) -> None:
-    """Copy (or symlink) ``src`` to ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
+    """Copy or symlink ``src`` to the new ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
     if src.name.endswith(OUTPUT_ENDING) == dst.name.endswith(OUTPUT_ENDING):
         if copy:
             with atomic_path(dst) as tmp:
@@ -110,28 +85,13 @@ def _transfer(src: Path, dst: Path, copy: bool) -> None:
         nib.save(converted, tmp)
 
 
-def write_nnunet_dataset(
-    real_dir: str | os.PathLike,
-    synthetic_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
-    out_dir: str | os.PathLike,
-    dataset_name: str | None = None,
-    copy: bool = True,
-    *,
-    channel: int = 0,
-    overwrite: bool = False,
-    keep: Callable[[SyntheticCase], bool] | None = None,
-) -> Path:
-    """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case) to ``out_dir``.
-
-    - ``synthetic_dirs``: gem3d output folders ``OUT/<setting>`` (see ``find_synthetic_cases``).
-    - ``dataset_name``: ``dataset.json['name']`` (default: ``out_dir``'s name; nnU-Net wants
-      ``DatasetNNN_Name`` folders).
-    - ``copy``: copy files (default) or symlink them (absolute links).
-    - ``channel``: the real dataset's channel kept as ``_0000``.
-    - ``overwrite``: replace an existing export in ``out_dir`` (its imagesTr/labelsTr/dataset.json).
-    - ``keep``: a quality filter; synthetic cases for which it returns False are left out.
-    Returns ``out_dir``.
-    """
+def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+                         out_dir: str | os.PathLike, dataset_name: str | None = None, copy: bool = True, *,
+                         channel: int = 0, overwrite: bool = False,
+                         keep: Callable[[SyntheticCase], bool] | None = None) -> Path:
+    """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case kept by the quality filter
+    ``keep``) to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name);
+    ``copy``: copy files, else symlink them; ``overwrite``: replace an existing export in ``out_dir``."""
     real_dir, out_dir = Path(real_dir), Path(out_dir)
     if isinstance(synthetic_dirs, (str, os.PathLike)):
         synthetic_dirs = [synthetic_dirs]
@@ -147,17 +107,22 @@ def write_nnunet_dataset(
 
     images_out, labels_out = out_dir / "imagesTr", out_dir / "labelsTr"
     existing = [p for p in (out_dir / "dataset.json", images_out, labels_out) if p.exists()]
-    if existing:
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds an export ({[p.name for p in existing]}); pass overwrite=True to replace it")
-        (out_dir / "dataset.json").unlink(missing_ok=True)
-        for folder in (images_out, labels_out):
-            if folder.exists():
-                shutil.rmtree(folder)
-    images_out.mkdir(parents=True, exist_ok=True)
-    labels_out.mkdir(parents=True, exist_ok=True)
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds an export ({[p.name for p in existing]}); "
+                              "pass overwrite=True to replace it")
+    (out_dir / "dataset.json").unlink(missing_ok=True)
+    for folder in (images_out, labels_out):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
 
     sources: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, image: Path, label: Path, source: dict[str, Any]) -> None:
+        _transfer(image, images_out / f"{name}_0000{OUTPUT_ENDING}", copy)
+        _transfer(label, labels_out / f"{name}{OUTPUT_ENDING}", copy)
+        sources[name] = {**source, "image": str(image), "label": str(label)}
+
     real_cases = _case_names(real_dir / "labelsTr", ending)
     if not real_cases:
         raise ValueError(f"no training labels ending with {ending!r} in {real_dir / 'labelsTr'}")
@@ -166,9 +131,7 @@ def write_nnunet_dataset(
         label = real_dir / "labelsTr" / f"{case}{ending}"
         if not image.is_file():
             raise FileNotFoundError(f"real case {case!r} has a label but no image {image}")
-        _transfer(image, images_out / f"{case}_0000{OUTPUT_ENDING}", copy)
-        _transfer(label, labels_out / f"{case}{OUTPUT_ENDING}", copy)
-        sources[case] = {"kind": "real", "image": str(image), "label": str(label)}
+        add(case, image, label, {"kind": "real"})
 
     for folder in synthetic_dirs:
         for item in find_synthetic_cases(folder):
@@ -176,28 +139,18 @@ def write_nnunet_dataset(
                 continue
             if item.name in sources:
                 raise ValueError(f"synthetic case name {item.name!r} from {item.image} collides with an existing case ({sources[item.name]})")
-            _transfer(item.image, images_out / f"{item.name}_0000{OUTPUT_ENDING}", copy)
-            _transfer(item.label, labels_out / f"{item.name}{OUTPUT_ENDING}", copy)
-            sources[item.name] = {
-                "kind": "synthetic",
-                "case": item.case,
-                "setting": item.setting,
-                "sample": item.sample,
-                "image": str(item.image),
-                "label": str(item.label),
-            }
+            add(item.name, item.image, item.label,
+                {"kind": "synthetic", "case": item.case, "setting": item.setting, "sample": item.sample})
 
     out_meta = {k: v for k, v in meta.items() if k not in ("numTraining", "file_ending", "channel_names", "name")}
     num_synthetic = sum(1 for s in sources.values() if s["kind"] == "synthetic")
     out_meta.update(
         name=dataset_name or out_dir.name,
         channel_names={"0": channel_names[str(channel)]},
-        labels=meta["labels"],
         numTraining=len(sources),
         file_ending=OUTPUT_ENDING,
-        description=(
-            f"{meta.get('name', real_dir.name)} enhanced by gem3d: {len(real_cases)} real + {num_synthetic} synthetic training cases"
-        ),
+        description=f"{meta.get('name', real_dir.name)} enhanced by gem3d: {len(real_cases)} real + {num_synthetic} "
+                    "synthetic training cases",
     )
     atomic_write_json(out_dir / "gem3d_sources.json", {"real_dataset": str(real_dir), "cases": sources})
     atomic_write_json(out_dir / "dataset.json", out_meta)
@@ -205,9 +158,8 @@ def write_nnunet_dataset(
 
 
 def validate_nnunet_dataset(root: str | os.PathLike) -> list[str]:
-    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid), one line
-    each: gem3d's one dataset check (:func:`gem3d.data.check.check_dataset`, its tolerance and label rule), with
-    nnU-Net's folder name required and no minimum slice count."""
+    """Problems that would stop nnU-Net v2 from training on the raw dataset at ``root`` (empty = valid), one line each:
+    :func:`gem3d.data.check.check_dataset` with nnU-Net's folder name required and no minimum slice count."""
     root = Path(root)
     if not root.is_dir():
         return [f"{root} is not a folder"]

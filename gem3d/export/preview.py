@@ -1,15 +1,5 @@
-"""PNG previews: axial / coronal / sagittal slices of a few volumes, with the mask as contours and as a row.
-
-Layout (``panel_size`` = p, ``TITLE_HEIGHT`` = t): a header strip with the column names, then one
-strip of height ``t`` (the row title) plus one row of three ``p x p`` panels per volume, a row with the
-informed slice (first panel) when one is given, and a last row with the mask in label colours when a mask
-is given. Total size ``(3p, t + rows * (t + p))``. The slice the informed slice stands for is marked by
-ticks at both sides of the coronal and sagittal panels.
-
-Volumes are canonical ``(D, H, W)`` arrays (slice axis first). Each panel keeps the physical aspect
-ratio from ``spacing`` (mm per voxel along D, H, W) and is centred in its square cell. Views: axial
-fixes D; the other two fix H or W, with D drawn vertically (superior up).
-"""
+"""PNG previews: a row of axial / coronal / sagittal panels (square cells keeping the physical aspect ratio; D drawn
+vertically, superior up) under a title strip per canonical ``(D, H, W)`` volume, the mask as contours and as a row."""
 
 from __future__ import annotations
 
@@ -19,35 +9,21 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from gem3d.files import atomic_path
 
-__all__ = ["save_preview", "preview_size", "label_colour", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
+__all__ = ["save_preview", "preview_size", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
 
 TITLE_HEIGHT = 14
 # (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 0), ("coronal", 2), ("sagittal", 1))
-LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),  # 1 red
-    (60, 180, 75),  # 2 green
-    (0, 130, 200),  # 3 blue
-    (255, 225, 25),  # 4 yellow
-    (240, 50, 230),  # 5 magenta
-    (70, 240, 240),  # 6 cyan
-    (245, 130, 48),  # 7 orange
-    (145, 30, 180),  # 8 purple
-)
-_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
+                                                   (240, 50, 230), (70, 240, 240), (245, 130, 48), (145, 30, 180))
+_COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")  # of LABEL_COLOURS
 _OUTSIDE_BODY = (40, 40, 40)
 _TICK = (255, 200, 0)
 _TICK_LENGTH = 6
-
-
-def label_colour(value: int) -> tuple[int, int, int]:
-    """RGB colour of label ``value`` (> 0; the palette repeats after 8 labels)."""
-    if value <= 0:
-        raise ValueError(f"only labels > 0 have a colour, got {value}")
-    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
 
 
 def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160, with_informed: bool = False) -> tuple[int, int]:
@@ -65,6 +41,12 @@ def window_intensity(volume: np.ndarray, percentiles: Sequence[float] = (0.5, 99
     if high <= low:
         high = low + 1.0
     return low, high
+
+
+def _windowed(array: np.ndarray, percentiles: Sequence[float]) -> tuple[np.ndarray, str]:
+    """``array`` mapped to [0, 255] by its display window (NaN -> low), and the window as a caption."""
+    low, high = window_intensity(array, percentiles)
+    return (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0, f"[{low:.3g}, {high:.3g}]"
 
 
 def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
@@ -98,27 +80,17 @@ def _fit(rows: int, cols: int, row_mm: float, col_mm: float, panel: int) -> tupl
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood)."""
-    padded = np.pad(labels, 1, mode="edge")
-    centre = padded[1:-1, 1:-1]
-    differs = np.zeros(labels.shape, dtype=bool)
-    for dr, dc in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        differs |= padded[dr : dr + labels.shape[0], dc : dc + labels.shape[1]] != centre
-    return differs & (labels > 0)
+    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood, edges repeated)."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    low = ndimage.minimum_filter(labels, footprint=cross, mode="nearest")
+    high = ndimage.maximum_filter(labels, footprint=cross, mode="nearest")
+    return ((low != labels) | (high != labels)) & (labels > 0)
 
 
-def _panel(
-    grey: np.ndarray | None,
-    labels: np.ndarray | None,
-    row_mm: float,
-    col_mm: float,
-    panel: int,
-    contours: bool,
-    filled: bool,
-) -> Image.Image:
+def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, col_mm: float, panel: int,
+           contours: bool, filled: bool) -> Image.Image:
     """One ``panel x panel`` RGB cell: grey image (already in [0, 255]) and/or labels, centred."""
     ref = grey if grey is not None else labels
-    assert ref is not None
     height, width = _fit(ref.shape[0], ref.shape[1], row_mm, col_mm, panel)
     if grey is not None:
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
@@ -128,47 +100,31 @@ def _panel(
     if labels is not None:
         lab_img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32)).resize((width, height), Image.NEAREST)
         lab = np.asarray(lab_img).astype(np.int64)
+        palette = np.asarray(LABEL_COLOURS, np.uint8)  # label k > 0 gets colour k - 1, repeating after 8
         if filled:
             rgb[lab < 0] = _OUTSIDE_BODY
-            for value in np.unique(lab[lab > 0]):
-                rgb[lab == value] = label_colour(int(value))
+            rgb[lab > 0] = palette[(lab[lab > 0] - 1) % len(palette)]
         if contours:
             edge = _boundary(lab)
-            for value in np.unique(lab[edge]):
-                rgb[edge & (lab == value)] = label_colour(int(value))
+            rgb[edge] = palette[(lab[edge] - 1) % len(palette)]
     cell = Image.new("RGB", (panel, panel), (0, 0, 0))
     cell.paste(Image.fromarray(rgb), ((panel - width) // 2, (panel - height) // 2))
     return cell
 
 
-def save_preview(
-    path: str | os.PathLike,
-    volumes: Sequence[tuple[str, np.ndarray]],
-    mask: np.ndarray | None = None,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    max_label: int | None = None,
-    *,
-    panel_size: int = 160,
-    contours: bool | Sequence[str] = True,
-    percentiles: Sequence[float] = (0.5, 99.5),
-    index: Sequence[int] | None = None,
-    informed: np.ndarray | None = None,
-    informed_title: str = "informed slice",
-    informed_index: int | None = None,
-) -> Path:
-    """Write a PNG preview and return its path (written atomically).
+def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarray]], mask: np.ndarray | None = None,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), max_label: int | None = None, *, panel_size: int = 160,
+                 contours: bool | Sequence[str] = True, percentiles: Sequence[float] = (0.5, 99.5),
+                 informed: np.ndarray | None = None, informed_title: str = "informed slice",
+                 informed_index: int | None = None) -> Path:
+    """Write a PNG preview atomically and return its path.
 
-    - ``volumes``: ``[(title, (D, H, W) array), ...]``, all of one shape; each is windowed on its own
-      intensity ``percentiles``.
-    - ``mask``: ``(D, H, W)`` labels (``-1`` outside the body allowed) drawn as a filled last row and,
-      with ``contours``, as coloured outlines on the volumes (``True``: all, or a list of titles).
-    - ``spacing``: mm per voxel along (D, H, W), for the aspect ratio.
-    - ``max_label``: if given, mask values above it are an error and the legend lists 1..max_label.
-    - ``index``: the ``(d, h, w)`` voxel the three views go through (default: the centre of mass of
-      ``mask > 0``, or the volume centre).
-    - ``informed``: the informed slice ``(H', W')`` (axial, laid out like ``volume[d]``, any in-plane size),
-      shown in a row of its own under ``informed_title``; ``informed_index``: the slice ``d`` it stands for,
-      marked with ticks on the coronal and sagittal panels.
+    - ``volumes``: ``[(title, (D, H, W) array), ...]`` of one shape, each windowed on its own intensity ``percentiles``.
+    - ``mask``: ``(D, H, W)`` labels (-1 outside the body allowed), drawn as a filled last row and, with ``contours``,
+      as outlines on the volumes (``True``: all, or a list of titles); ``max_label``: the legend lists 1..max_label.
+    - The views go through the centre of mass of ``mask > 0`` (or the volume's centre).
+    - ``informed``: the informed slice ``(H', W')`` (axial, any size), in a row of its own under ``informed_title``;
+      ``informed_index``: the slice it stands for, marked by ticks on the coronal and sagittal panels.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -188,11 +144,11 @@ def save_preview(
         array = np.asarray(array, dtype=np.float32)
         if array.ndim != 3:
             raise ValueError(f"volume {title!r} must be (D, H, W), got shape {array.shape}")
+        if arrays and array.shape != arrays[0][1].shape:
+            raise ValueError(f"volume {title!r} has shape {array.shape}, "
+                             f"expected {arrays[0][1].shape} like the first volume")
         arrays.append((str(title), array))
     shape = arrays[0][1].shape if arrays else np.asarray(mask).shape
-    for title, array in arrays:
-        if array.shape != shape:
-            raise ValueError(f"volume {title!r} has shape {array.shape}, expected {shape} like the first volume")
     label = None
     if mask is not None:
         label = np.asarray(mask)
@@ -201,25 +157,18 @@ def save_preview(
         label = np.rint(label).astype(np.int64)
         if max_label is not None and label.size and label.max() > max_label:
             raise ValueError(f"mask holds label {label.max()} above max_label={max_label}")
-    if index is None:
-        centre = _centre_index(shape, label)
-    else:
-        centre = tuple(int(i) for i in index)
-        if len(centre) != 3 or any(not 0 <= c < s for c, s in zip(centre, shape)):
-            raise ValueError(f"index {centre} is outside the volume shape {tuple(shape)}")
+    centre = _centre_index(shape, label)
     if informed is not None:
         informed = np.asarray(informed, dtype=np.float32)
         if informed.ndim != 2:
             raise ValueError(f"informed must be one slice (H, W), got shape {informed.shape}")
     if informed_index is not None and not 0 <= int(informed_index) < shape[0]:
         raise ValueError(f"informed_index {informed_index} is outside the {shape[0]} slices")
-    if isinstance(contours, bool):
-        contour_titles = {t for t, _ in arrays} if contours else set()
-    else:
-        contour_titles = set(contours)
-        unknown = contour_titles - {t for t, _ in arrays}
-        if unknown:
-            raise ValueError(f"contours names unknown volume titles {sorted(unknown)}; titles: {[t for t, _ in arrays]}")
+    titles = [t for t, _ in arrays]
+    contour_titles = set(titles) if contours is True else set(contours or ())
+    unknown = sorted(contour_titles - set(titles))
+    if unknown:
+        raise ValueError(f"contours names unknown volume titles {unknown}; titles: {titles}")
 
     width, height = preview_size(len(arrays), label is not None, panel_size, with_informed=informed is not None)
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
@@ -229,9 +178,7 @@ def save_preview(
         draw.text((column * panel_size + 3, 1), f"{name} {'DHW'[axis]}={centre[axis]}", fill=(255, 255, 255), font=font)
 
     top = TITLE_HEIGHT
-    rows: list[tuple[str, np.ndarray | None, bool, bool]] = []
-    for title, array in arrays:
-        rows.append((title, array, label is not None and title in contour_titles, False))
+    rows = [(title, array, label is not None and title in contour_titles, False) for title, array in arrays]
     if label is not None:
         present = sorted(int(v) for v in np.unique(label) if v > 0)
         legend_values = list(range(1, max_label + 1)) if max_label is not None else present
@@ -241,9 +188,8 @@ def save_preview(
     for title, array, with_contours, filled in rows:
         caption = title
         if array is not None:
-            low, high = window_intensity(array, percentiles)
-            caption = f"{title}  [{low:.3g}, {high:.3g}]"
-            grey_volume = (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0
+            grey_volume, window = _windowed(array, percentiles)
+            caption = f"{title}  {window}"
         draw.text((3, top + 1), caption, fill=(255, 255, 255), font=font)
         top += TITLE_HEIGHT
         for column, (_, axis) in enumerate(VIEWS):
@@ -275,10 +221,10 @@ def _mark_slice(cell: Image.Image, num_slices: int, index: int, height: int) -> 
 def _informed_row(canvas, draw, font, informed: np.ndarray, title: str, shape: Sequence[int], spacing: Sequence[float],
                   panel_size: int, top: int, percentiles: Sequence[float]) -> int:
     """The informed slice in the axial column, with its physical extent taken from the volume's axial view."""
-    low, high = window_intensity(informed, percentiles)
-    draw.text((3, top + 1), f"{title}  [{low:.3g}, {high:.3g}]", fill=_TICK, font=font)
+    grey, window = _windowed(informed, percentiles)
+    draw.text((3, top + 1), f"{title}  {window}", fill=_TICK, font=font)
     top += TITLE_HEIGHT
-    grey = _view((np.nan_to_num(informed, nan=low)[None] - low) / (high - low) * 255.0, 0, 0)
+    grey = _view(grey[None], 0, 0)
     row_mm, col_mm = _view_spacing(spacing, 0)  # per volume pixel; the informed slice may be resampled
     rows_mm, cols_mm = row_mm * shape[2] / grey.shape[0], col_mm * shape[1] / grey.shape[1]
     canvas.paste(_panel(grey, None, rows_mm, cols_mm, panel_size, contours=False, filled=False), (0, top))

@@ -1,15 +1,5 @@
-"""3D consistency: how smoothly a volume changes from one slice to the next (what stage 2 exists for).
-
-Volumes are canonical ``(D, H, W)`` (slice axis first), intensities on one scale (e.g. [0, 1] of the real volume).
-No library has these; they are plain differences along the slice axis.
-
-- :func:`slice_jumps`: ``(D-1,)`` mean absolute difference between neighbouring slices (inside a mask).
-- :func:`slice_consistency`: the mean of the jumps (one number).
-- :func:`through_plane_gradient`: mean absolute through-plane (slice-axis) gradient and its ratio to the in-plane
-  gradient; stripes raise the first and the ratio.
-- :func:`intensity_profile`: ``(D,)`` mean intensity per slice inside a mask.
-- :func:`consistency_metrics`: all of the above for a synthetic volume, with ratios to the real volume's.
-"""
+"""3D consistency: how smoothly a canonical ``(D, H, W)`` volume changes from one slice to the next (what stage 2
+exists for). Plain differences along the slice axis, inside an optional bool mask; no library has these."""
 from __future__ import annotations
 
 import math
@@ -33,25 +23,22 @@ def _mask(mask, shape) -> np.ndarray:
     return m
 
 
+def _slice_means(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` inside ``mask`` per slice (first axis); NaN for slices without mask voxels."""
+    count = mask.sum(axis=(1, 2))
+    return np.where(count > 0, np.where(mask, values, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1), np.nan)
+
+
 def slice_jumps(volume, mask=None) -> np.ndarray:
     """``(D-1,)`` mean ``|v[d+1] - v[d]|`` over the pixels inside ``mask`` in both slices (NaN where none)."""
     v = _volume(volume)
     m = _mask(mask, v.shape)
-    both = m[1:] & m[:-1]
-    diff = np.abs(v[1:] - v[:-1])
-    count = both.sum(axis=(1, 2))
-    total = np.where(both, diff, 0.0).sum(axis=(1, 2))
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def slice_consistency(volume, mask=None) -> float:
-    """Mean absolute difference between neighbouring slices of ``(D, H, W)`` (0 for a constant volume)."""
-    return float(np.nanmean(slice_jumps(volume, mask)))
+    return _slice_means(np.abs(v[1:] - v[:-1]), m[1:] & m[:-1])
 
 
 def through_plane_gradient(volume, mask=None) -> tuple[float, float]:
-    """``(mean |dv/dd|, mean |dv/dd| / mean in-plane |grad v|)`` inside ``mask`` (central differences in voxel
-    units, numpy.gradient). An isotropic texture gives a ratio near 1; slice-wise stripes raise it."""
+    """``(mean |dv/dd|, mean |dv/dd| / mean in-plane |grad v|)`` inside ``mask`` (numpy.gradient, voxel units). An
+    isotropic texture gives a ratio near 1; slice-wise stripes raise it."""
     v = _volume(volume)
     m = _mask(mask, v.shape)
     gd, gh, gw = np.gradient(v)
@@ -63,9 +50,7 @@ def through_plane_gradient(volume, mask=None) -> tuple[float, float]:
 def intensity_profile(volume, mask=None) -> np.ndarray:
     """``(D,)`` mean intensity of each slice inside ``mask`` (NaN for slices without mask voxels)."""
     v = _volume(volume)
-    m = _mask(mask, v.shape)
-    count = m.sum(axis=(1, 2))
-    return np.where(count > 0, np.where(m, v, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1), np.nan)
+    return _slice_means(v, _mask(mask, v.shape))
 
 
 def _ratio(a: float, b: float) -> float:
@@ -73,10 +58,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def consistency_metrics(synthetic, real, body=None) -> dict[str, float]:
-    """Slice-jump and gradient statistics of ``synthetic`` and their ratios to ``real`` (both ``(D, H, W)`` on one
-    intensity scale) inside ``body``: ``slice_jump`` (mean), ``slice_jump_p95``, ``slice_jump_ratio`` (synthetic /
-    real, 1 = as smooth as the real volume), ``through_plane_grad``, ``through_plane_ratio`` (through / in-plane),
-    ``through_plane_grad_ratio`` (synthetic / real)."""
+    """Slice-jump and gradient statistics of ``synthetic`` inside ``body``, and their ratios to ``real``'s (both
+    ``(D, H, W)`` on one intensity scale; ratio 1 = as smooth as the real volume)."""
     jumps, real_jumps = slice_jumps(synthetic, body), slice_jumps(real, body)
     grad, aniso = through_plane_gradient(synthetic, body)
     real_grad, _ = through_plane_gradient(real, body)

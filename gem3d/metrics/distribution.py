@@ -1,14 +1,5 @@
-"""Distribution metrics: do the synthetic volumes, as a set, look like the real ones?
-
-- :func:`frechet_distance`: Fréchet distance between two feature sets ``(N, F)`` (MONAI ``FIDMetric``'s value, by
-  an exact low-rank formula that needs no F x F matrix square root).
-- :func:`mmd`: maximum mean discrepancy between two equal-sized sets (MONAI ``MMDMetric``: the unbiased estimate
-  with a linear kernel on flattened inputs; can be slightly negative for close sets).
-- :func:`ms_ssim_diversity`: mean MS-SSIM over all pairs of samples (lower = more diverse; 1 = identical samples).
-- :func:`frd`: the Fréchet Radiomics Distance (``frd-score``, pyradiomics features, no network weights) on NIfTI
-  files, optionally inside masks.
-- Feature extractors for FID (:mod:`gem3d.metrics.features`) produce the ``(N, F)`` sets.
-"""
+"""Distribution metrics: do the synthetic volumes, as a set, look like the real ones? (Fréchet distance of
+``(N, F)`` feature sets from :mod:`.features`, MMD, MS-SSIM diversity, FRD.)"""
 from __future__ import annotations
 
 import contextlib
@@ -44,12 +35,9 @@ def _features(x, what: str) -> torch.Tensor:
 
 def frechet_distance(features_a, features_b) -> float:
     """Fréchet distance ``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2)`` between Gaussians fitted to
-    ``(N, F)`` and ``(M, F)`` feature sets (sample covariances, as MONAI's ``FIDMetric``); 0 for identical sets.
-
-    Exact and without a matrix square root: with centred features ``A`` and ``B``, the eigenvalues of ``S_a S_b``
-    are the squared singular values of ``B A^T / sqrt((N-1)(M-1))`` (an ``M x N`` matrix), so the trace term is its
-    nuclear norm. MONAI's ``FIDMetric`` (scipy ``sqrtm`` of an F x F product) gives the same value (tested) but took
-    150 s for F = 2048 on this project's CPUs; this takes milliseconds."""
+    ``(N, F)`` and ``(M, F)`` feature sets: MONAI ``FIDMetric``'s value (tested), without its F x F ``sqrtm`` (150 s
+    for F = 2048 here). With centred features A, B the trace term is the nuclear norm of ``B A^T / sqrt((N-1)(M-1))``.
+    """
     a, b = _features(features_a, "features_a"), _features(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets differ in width: {a.shape[1]} and {b.shape[1]}")

@@ -1,36 +1,24 @@
-"""Feature networks for FID, built from MONAI's ResNet and loaded from local weight files (nothing is downloaded).
-
-- 2.5D FID: a ResNet-50 in the torchvision layout (MONAI ``ResNet`` with ``spatial_dims=2``, 7x7 stride-2 stem,
-  unbiased projection shortcuts: the same parameter names and shapes as torchvision's ``resnet50``), for RadImageNet's
-  PyTorch weights. Both of RadImageNet's PyTorch layouts load: the official backbone (``backbone.0`` = conv1,
-  ``backbone.1`` = bn1, ``backbone.4..7`` = layer1..4, from ``nn.Sequential(*resnet50.children())[:-1]``) and plain
-  torchvision names (``conv1``, ``layer1.0.conv1``, ...); ``module.`` prefixes and ``fc.*`` are dropped. The Keras
-  port (biased 1x1 convs, stride in the first 1x1) has other shapes and is refused with the mismatching keys.
-- 3D FID: MedicalNet's 3D ResNet-10/18/50 (MONAI ``resnet10/18/50`` with MedicalNet's shortcut type and downsample
-  bias), from MedicalNet's ``resnet_XX.pth`` (``state_dict`` with ``module.`` prefixes; ``conv_seg`` is dropped).
-
-Inputs: 2D slices in [0, 1] are repeated to 3 channels and normalised with ImageNet's mean/std (the torchvision
-convention) at their own size (no resizing; global average pooling gives a 2048-vector); 3D volumes are z-scored
-inside the volume (MedicalNet's convention). Features are ``(N, F)`` float64 arrays.
-"""
+"""``(N, F)`` features for FID from MONAI ResNets with local weights (nothing is downloaded): 2.5D from a ResNet-50
+in torchvision's layout with RadImageNet's PyTorch weights (slices ImageNet-normalised at their own size), 3D from
+MedicalNet's ResNet-10/18/50 (volumes z-scored)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from einops import rearrange, repeat
 from monai.networks.nets import resnet as monai_resnet
 
-from gem3d.checkpoint import safe_load_checkpoint
+from gem3d.checkpoint import load_weights, safe_load_checkpoint
+from gem3d.export.preview import VIEWS as PREVIEW_VIEWS
 
 MEDICALNET_DEPTHS = (10, 18, 50)
 RADIMAGENET_SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIEWS = {"axial": 0, "coronal": 2, "sagittal": 1}  # fixed canonical axis (as in gem3d.export.preview)
+VIEWS = dict(PREVIEW_VIEWS)  # view name -> the canonical axis it fixes
 
 
 def radimagenet_resnet50() -> torch.nn.Module:
@@ -79,23 +67,11 @@ def radimagenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, layout: str) -> torch.nn.Module:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} is not a {layout} state dict: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shapes {wrong[:5]}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def load_radimagenet_resnet50(path: str | Path) -> torch.nn.Module:
     """:func:`radimagenet_resnet50` with RadImageNet's PyTorch ResNet-50 weights from ``path``."""
-    return _load(radimagenet_resnet50(), radimagenet_keys(_state_dict(path)), Path(path), "RadImageNet ResNet-50")
+    model = radimagenet_resnet50()
+    load_weights(model, radimagenet_keys(_state_dict(path)), f"{path} (RadImageNet ResNet-50)")
+    return model.eval()
 
 
 def load_medicalnet_resnet(path: str | Path, depth: int | None = None) -> torch.nn.Module:
@@ -107,7 +83,9 @@ def load_medicalnet_resnet(path: str | Path, depth: int | None = None) -> torch.
             raise ValueError(f"cannot tell the ResNet depth from {Path(path).name!r}; pass --fid-depth-3d")
         depth = int(found.group(1))
     state = {k: v for k, v in _state_dict(path).items() if not k.startswith(("conv_seg.", "fc."))}
-    return _load(medicalnet_resnet(depth), state, Path(path), f"MedicalNet ResNet-{depth}")
+    model = medicalnet_resnet(depth)
+    load_weights(model, state, f"{path} (MedicalNet ResNet-{depth})")
+    return model.eval()
 
 
 @torch.no_grad()
@@ -123,23 +101,16 @@ def slice_features(slices: np.ndarray, model: torch.nn.Module, batch_size: int =
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
-def view_slices(volume: np.ndarray, view: str, body=None) -> np.ndarray:
-    """All slices ``(N, a, b)`` of a canonical ``(D, H, W)`` volume along ``view`` (axial/coronal/sagittal) that hold
-    body voxels (all slices without ``body``)."""
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {sorted(VIEWS)}, got {view!r}")
-    axis = VIEWS[view]
-    slices = np.moveaxis(np.asarray(volume), axis, 0)
-    if body is None:
-        return slices
-    keep = np.moveaxis(np.asarray(body, bool), axis, 0).any(axis=(1, 2))
-    return slices[keep]
-
-
-def volume_features_25d(volume: np.ndarray, model: torch.nn.Module, body=None,
-                        views: Sequence[str] = tuple(VIEWS)) -> dict[str, np.ndarray]:
-    """``{view: (N_view, F)}`` 2D features of every body slice of a ``(D, H, W)`` volume in [0, 1]."""
-    return {view: slice_features(view_slices(volume, view, body), model) for view in views}
+def volume_features_25d(volume: np.ndarray, model: torch.nn.Module, body=None) -> dict[str, np.ndarray]:
+    """``{view: (N_view, F)}`` 2D features of the slices of a ``(D, H, W)`` volume in [0, 1] along each view that hold
+    body voxels (every slice without ``body``)."""
+    out = {}
+    for view, axis in VIEWS.items():
+        slices = np.moveaxis(np.asarray(volume), axis, 0)
+        if body is not None:
+            slices = slices[np.moveaxis(np.asarray(body, bool), axis, 0).any(axis=(1, 2))]
+        out[view] = slice_features(slices, model)
+    return out
 
 
 @torch.no_grad()

@@ -1,19 +1,5 @@
-"""Image-quality metrics of a synthetic volume against its real counterpart (the ``test`` reconstruction setting).
-
-Volumes are canonical ``(D, H, W)`` arrays (slice axis first: axial for the default ``slice_axis=2``; load them with
-:func:`gem3d.metrics.volumes.load_canonical`, never in the source file's axis order). Intensities are compared on
-one scale given by ``data_range`` (default: the reference's range); :func:`reconstruction_metrics` first maps both
-volumes to [0, 1] with the real volume's min/max, so its PSNR is on the [0, 1] scale.
-
-- :func:`psnr`: peak signal-to-noise ratio in dB (MONAI's formula ``20 log10(range) - 10 log10(mse)``), optionally
-  inside a boolean ``mask``; ``inf`` for equal volumes.
-- :func:`ssim`: SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03; MONAI's
-  ``compute_ssim_and_cs``), 2D per axial slice (``mode="axial"``) or 3D (``mode="3d"``), the SSIM map averaged
-  inside ``mask`` (valid-window map: the mask is cropped by the window's half width).
-- :func:`ms_ssim`: multi-scale SSIM (MONAI ``compute_ms_ssim``); small volumes get fewer scales and a smaller window
-  (:func:`ms_ssim_scales` says which), because each scale halves the image.
-- :func:`reconstruction_metrics`: all of the above in 3D and per axial slice, inside the body and per label.
-"""
+"""PSNR, SSIM and MS-SSIM (MONAI; Wang et al. 2004: Gaussian window 11, sigma 1.5) of canonical ``(D, H, W)`` volumes,
+3D or per axial slice, inside a mask, on one scale ``data_range`` (default: the reference's range)."""
 from __future__ import annotations
 
 import math
@@ -27,18 +13,24 @@ from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, MONAI's default
-SSIM_MODES = ("axial", "3d")
+SSIM_MODES = {"axial": ("d h w -> d 1 h w", 2), "3d": ("d h w -> 1 1 d h w", 3)}  # mode -> (layout, spatial dims)
 
 
 def _as_tensor(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+def _pair(prediction, reference, data_range: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Both volumes as float64 tensors of one ``(D, H, W)`` shape, and the data range."""
+    x, y = _as_tensor(prediction), _as_tensor(reference)
     if x.shape != y.shape:
         raise ValueError(f"volumes must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.ndim != 3:
         raise ValueError(f"volumes must be (D, H, W), got shape {tuple(x.shape)}")
+    if data_range is None:
+        data_range = float(y.max() - y.min())
+        data_range = data_range if data_range > 0 else 1.0  # constant reference
+    return x, y, float(data_range)
 
 
 def _as_mask(mask, shape) -> torch.Tensor:
@@ -50,19 +42,16 @@ def _as_mask(mask, shape) -> torch.Tensor:
     return m
 
 
-def data_range_of(reference) -> float:
-    """``max - min`` of ``reference`` (1 for a constant array)."""
-    ref = _as_tensor(reference)
-    value = float(ref.max() - ref.min())
-    return value if value > 0 else 1.0
+def _layout(mode: str) -> tuple[str, int]:
+    if mode not in SSIM_MODES:
+        raise ValueError(f"mode must be one of {tuple(SSIM_MODES)}, got {mode!r}")
+    return SSIM_MODES[mode]
 
 
 def psnr(prediction, reference, data_range: float | None = None, mask=None) -> float:
-    """PSNR in dB of ``prediction`` against ``reference`` (both ``(D, H, W)``), over the voxels of ``mask`` (bool
-    ``(D, H, W)``, default all); ``inf`` when they are equal there."""
-    x, y = _as_tensor(prediction), _as_tensor(reference)
-    _check_pair(x, y)
-    data_range = data_range_of(y) if data_range is None else float(data_range)
+    """PSNR in dB (MONAI's ``20 log10(range) - 10 log10(mse)``) of ``(D, H, W)`` volumes over the voxels of ``mask``
+    (bool ``(D, H, W)``, default all); ``inf`` when they are equal there."""
+    x, y, data_range = _pair(prediction, reference, data_range)
     err = (x - y) ** 2
     if mask is not None:
         err = err[_as_mask(mask, x.shape)]
@@ -75,55 +64,30 @@ def _odd_window(window: int, sizes) -> int:
     return size - (1 - size % 2)  # odd, at most every size
 
 
-def _crop_to_valid(mask: torch.Tensor, window: int, dims: int) -> torch.Tensor:
-    """Crop the last ``dims`` axes of ``mask`` by the window's half width (the centres of valid windows)."""
-    half = window // 2
-    if half == 0:
-        return mask
-    index = [slice(None)] * (mask.ndim - dims) + [slice(half, s - half) for s in mask.shape[-dims:]]
-    return mask[tuple(index)]
-
-
-def ssim_map(prediction, reference, data_range: float | None = None, mode: str = "axial",
-             window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> tuple[torch.Tensor, int]:
-    """SSIM map and the window used: ``mode="axial"``: ``(D, H-w+1, W-w+1)`` (2D per slice); ``"3d"``:
-    ``(D-w+1, H-w+1, W-w+1)``. The window shrinks (odd) to fit volumes smaller than ``window``."""
-    if mode not in SSIM_MODES:
-        raise ValueError(f"mode must be one of {SSIM_MODES}, got {mode!r}")
-    x, y = _as_tensor(prediction), _as_tensor(reference)
-    _check_pair(x, y)
-    data_range = data_range_of(y) if data_range is None else float(data_range)
-    if mode == "axial":
-        size = _odd_window(window, x.shape[1:])
-        x, y = rearrange(x, "d h w -> d 1 h w"), rearrange(y, "d h w -> d 1 h w")
-        dims = 2
-    else:
-        size = _odd_window(window, x.shape)
-        x, y = rearrange(x, "d h w -> 1 1 d h w"), rearrange(y, "d h w -> 1 1 d h w")
-        dims = 3
-    full, _ = compute_ssim_and_cs(x.double(), y.double(), spatial_dims=dims, kernel_size=[size] * dims,
-                                  kernel_sigma=[sigma] * dims, data_range=data_range)
-    return full.reshape(full.shape[-3:]) if mode == "3d" else full[:, 0], size
-
-
 def ssim(prediction, reference, data_range: float | None = None, mask=None, mode: str = "axial",
          window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> float:
-    """Mean SSIM of ``prediction`` against ``reference`` (``(D, H, W)``): per axial slice (``mode="axial"``, the
-    mean over all slices' maps) or 3D; with ``mask`` (bool ``(D, H, W)``) only windows centred inside it count."""
-    values, size = ssim_map(prediction, reference, data_range, mode, window, sigma)
+    """Mean SSIM (MONAI ``compute_ssim_and_cs``) of ``(D, H, W)`` volumes, per axial slice (``mode="axial"``) or
+    3D; with ``mask`` only windows centred inside it count. The window shrinks (odd) to fit small volumes."""
+    pattern, dims = _layout(mode)
+    x, y, data_range = _pair(prediction, reference, data_range)
+    size = _odd_window(window, x.shape[3 - dims:])
+    full, _ = compute_ssim_and_cs(rearrange(x, pattern), rearrange(y, pattern), spatial_dims=dims,
+                                  kernel_size=[size] * dims, kernel_sigma=[sigma] * dims, data_range=data_range)
+    values = full.reshape(full.shape[-3:]) if mode == "3d" else full[:, 0]  # the valid-window map
     if mask is None:
         return float(values.mean())
-    m = _crop_to_valid(_as_mask(mask, np.shape(prediction)), size, 2 if mode == "axial" else 3)
+    half = size // 2  # only the centres of valid windows count
+    valid = [slice(None)] * (3 - dims) + [slice(half, s - half) for s in x.shape[3 - dims:]]
+    m = _as_mask(mask, x.shape)[tuple(valid)]
     if not m.any():
-        raise ValueError(f"mask has no voxel at least {size // 2} voxels from the border (SSIM window {size})")
+        raise ValueError(f"mask has no voxel at least {half} voxels from the border (SSIM window {size})")
     return float(values[m].mean())
 
 
 def ms_ssim_scales(shape, window: int = SSIM_WINDOW, max_scales: int = len(MS_SSIM_WEIGHTS)) -> tuple[int, int]:
-    """``(scales, window)`` that MS-SSIM can use on images of spatial ``shape``: the largest window (``window``, then
-    smaller odd ones down to 3) that allows at least 2 scales, with the most scales (<= ``max_scales``) whose
-    coarsest image still holds it; a single scale (plain SSIM) only when nothing else fits. MONAI also asks for
-    ``size // (scales - 1)**2 > window - 1``, enforced here too."""
+    """``(scales, window)`` for MS-SSIM on images of spatial ``shape``: the largest odd window <= ``window`` that allows
+    2+ scales, with the most scales (<= ``max_scales``) whose coarsest image holds it (and MONAI's
+    ``size // (scales - 1)**2 > window - 1``); a single scale (plain SSIM) only when nothing else fits."""
     shape = tuple(int(s) for s in shape)
 
     def fits(scales: int, size: int) -> bool:
@@ -143,12 +107,8 @@ def ms_ssim(prediction, reference, data_range: float | None = None, mode: str = 
             window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> tuple[float, int, int]:
     """Multi-scale SSIM ``(value, scales, window)`` of ``(D, H, W)`` volumes, per axial slice (mean over slices) or
     3D. Uses the first ``scales`` of Wang et al.'s weights, renormalised to sum 1 (see :func:`ms_ssim_scales`)."""
-    if mode not in SSIM_MODES:
-        raise ValueError(f"mode must be one of {SSIM_MODES}, got {mode!r}")
-    x, y = _as_tensor(prediction), _as_tensor(reference)
-    _check_pair(x, y)
-    data_range = data_range_of(y) if data_range is None else float(data_range)
-    pattern, dims = ("d h w -> d 1 h w", 2) if mode == "axial" else ("d h w -> 1 1 d h w", 3)
+    pattern, dims = _layout(mode)
+    x, y, data_range = _pair(prediction, reference, data_range)
     x, y = rearrange(x, pattern).float(), rearrange(y, pattern).float()
     scales, size = ms_ssim_scales(x.shape[2:], window)
     weights = np.asarray(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
@@ -173,17 +133,11 @@ def to_unit_range(volume, reference) -> np.ndarray:
 
 def reconstruction_metrics(synthetic, real, body=None, labels=None,
                            label_names: Mapping[int, str] | None = None) -> dict[str, float]:
-    """Reconstruction quality of a canonical ``(D, H, W)`` ``synthetic`` volume against the ``real`` one.
-
-    Both are mapped to [0, 1] with the real volume's min/max. ``body``: bool ``(D, H, W)`` (default: everywhere);
-    ``labels``: int ``(D, H, W)`` (per-label rows for every value > 0, named by ``label_names``). Returns
-    ``psnr_body`` (3D, dB), ``psnr_axial_body`` (mean over axial slices), ``ssim_body`` (3D), ``ssim_axial_body``,
-    ``ms_ssim`` (3D, whole volume), ``ms_ssim_axial``, ``ms_ssim_scales`` (scales used in 3D), and per label
-    ``psnr_<name>``, ``ssim_axial_<name>``."""
+    """PSNR / SSIM / MS-SSIM of a canonical ``(D, H, W)`` ``synthetic`` volume against ``real``, both mapped to [0, 1]
+    with the real volume's min/max: 3D and per axial slice inside ``body`` (bool, default everywhere), and inside each
+    label > 0 of ``labels`` (int ``(D, H, W)``, named by ``label_names``)."""
     real01 = to_unit_range(real, real)
     fake01 = to_unit_range(synthetic, real)
-    if fake01.shape != real01.shape:
-        raise ValueError(f"synthetic volume {fake01.shape} and real volume {real01.shape} differ in shape")
     body = np.ones(real01.shape, bool) if body is None else np.asarray(body, bool)
     out = {
         "psnr_body": psnr(fake01, real01, 1.0, body),

@@ -1,14 +1,6 @@
 """Label fidelity: does the synthetic volume look like the real one inside each label of its conditioning mask?
-
-- :func:`label_intensity_stats`: per label (and the body background, label 0, and outside the body) mean / std /
-  median intensity of a ``(D, H, W)`` volume.
-- :func:`label_fidelity`: the synthetic volume's per-label means and stds against the real volume's (differences on
-  the real volume's [0, 1] scale), the mean intensity outside the body, and whether the label means keep the real
-  volume's order.
-- :func:`dice_per_label`: Dice between two label maps (MONAI ``DiceMetric``).
-- :func:`segmenter_dice`: Dice between the conditioning mask and an nnU-Net model's prediction on the synthetic
-  volume; nnU-Net (``nnunetv2``) is optional and imported only here (it pulls a CUDA torch).
-"""
+Per-label intensity statistics, Dice (MONAI), and Dice against an optional trained nnU-Net segmenter (``nnunetv2``,
+imported only when used: it pulls a CUDA torch)."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,11 +18,6 @@ OUTSIDE = "outside"
 NNUNET_MISSING = "skipped: nnunetv2 not installed (see ENVIRONMENT.md)"
 
 
-def label_values(labels) -> list[int]:
-    """Sorted label values > 0 present in ``labels``."""
-    return sorted(int(v) for v in np.unique(np.asarray(labels)) if v > 0)
-
-
 def label_intensity_stats(volume, labels, body=None) -> dict[str, dict[str, float]]:
     """``{region: {"mean", "std", "median", "voxels"}}`` of ``volume`` (``(D, H, W)``) for every label value
     ``"k" > 0`` of ``labels``, ``"0"`` (body without a label, needs ``body``) and ``"outside"`` (not body)."""
@@ -38,18 +25,16 @@ def label_intensity_stats(volume, labels, body=None) -> dict[str, dict[str, floa
     lab = np.asarray(labels)
     if lab.shape != v.shape:
         raise ValueError(f"labels shape {lab.shape} differs from the volume's {v.shape}")
-    regions = {str(k): lab == k for k in label_values(lab)}
+    regions = {str(k): lab == k for k in sorted(int(v) for v in np.unique(lab) if v > 0)}
     if body is not None:
         body = np.asarray(body, bool) | (lab > 0)
         regions["0"] = body & (lab <= 0)
         regions[OUTSIDE] = ~body
     out = {}
     for name, region in regions.items():
-        values = v[region]
-        out[name] = {"mean": float(values.mean()) if values.size else math.nan,
-                     "std": float(values.std()) if values.size else math.nan,
-                     "median": float(np.median(values)) if values.size else math.nan,
-                     "voxels": int(values.size)}
+        values = v[region] if region.any() else np.array([math.nan])  # an empty region has NaN statistics
+        out[name] = {"mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values)),
+                     "voxels": int(region.sum())}
     return out
 
 
@@ -61,21 +46,16 @@ def label_order(stats: Mapping[str, Mapping[str, float]]) -> list[str]:
 
 def label_fidelity(synthetic, real, labels, body, label_names: Mapping[int, str] | None = None,
                    real_labels=None, real_body=None) -> dict[str, float]:
-    """Per-label intensity statistics of ``synthetic`` vs ``real`` (both ``(D, H, W)`` on the real volume's [0, 1]
-    scale; ``labels`` int and ``body`` bool of the synthetic volume; ``real_labels`` / ``real_body`` of the real one,
-    default the same, e.g. different for an edited mask). Returns ``mean_diff_<name>`` / ``std_diff_<name>``
-    (synthetic - real) per label and for ``0`` (body background), ``outside_mean`` and ``outside_mean_diff`` (the area
-    outside the body: should be as dark as the real one), ``label_order_kept`` (1 if the label means have the real
-    order, else 0)."""
+    """Per-label mean and std differences (synthetic - real) of ``synthetic`` vs ``real`` (``(D, H, W)`` on the real
+    volume's [0, 1] scale), the mean outside the body, and whether the label means keep the real order. ``labels`` /
+    ``body`` are the synthetic volume's; ``real_labels`` / ``real_body`` the real one's (default the same)."""
     fake_stats = label_intensity_stats(synthetic, labels, body)
     real_stats = label_intensity_stats(real, labels if real_labels is None else real_labels,
                                        body if real_body is None else real_body)
     names = {str(k): v for k, v in (label_names or {}).items()}
     out: dict[str, float] = {}
     for region, real_values in real_stats.items():
-        if region == OUTSIDE:
-            continue
-        if region not in fake_stats:
+        if region == OUTSIDE or region not in fake_stats:
             continue
         name = names.get(region, region)
         out[f"mean_diff_{name}"] = fake_stats[region]["mean"] - real_values["mean"]
@@ -94,13 +74,9 @@ def dice_per_label(prediction, reference, num_labels: int | None = None) -> dict
     if pred.shape != ref.shape:
         raise ValueError(f"label maps differ in shape: {tuple(pred.shape)} and {tuple(ref.shape)}")
     n = int(max(pred.max(), ref.max(), 1)) if num_labels is None else int(num_labels)
-    pred, ref = pred.clamp(0, n), ref.clamp(0, n)  # -1 (outside the body) counts as background
-
-    def hot(x):
-        return one_hot(x[None, None], num_classes=n + 1, dim=1)
-
+    pred, ref = pred.clamp(0, n)[None, None], ref.clamp(0, n)[None, None]  # -1 (outside the body) is background
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    scores = metric(hot(pred), hot(ref))[0]
+    scores = metric(one_hot(pred, num_classes=n + 1, dim=1), one_hot(ref, num_classes=n + 1, dim=1))[0]
     return {k + 1: float(scores[k]) for k in range(n)}
 
 
@@ -110,9 +86,8 @@ def nnunet_available() -> bool:
 
 def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], label_paths: list[Path],
                    num_labels: int, folds=(0,), device: str = "cpu") -> tuple[list[dict[int, float]] | None, str]:
-    """Dice per label between each conditioning mask (``label_paths``) and nnU-Net's prediction on the synthetic
-    image (``volume_paths``, NIfTI on one grid), with the trained nnU-Net ``model_folder``. Returns
-    ``(dice per sample, "ok")`` or ``(None, "skipped: <reason>")`` when there is no model or nnU-Net is absent."""
+    """Dice per label between each conditioning mask (``label_paths``) and the trained nnU-Net ``model_folder``'s
+    prediction on the synthetic image (``volume_paths``): ``(dice per sample, "ok")`` or ``(None, "skipped: why")``."""
     if model_folder is None:
         return None, "skipped: no --segmenter model folder given"
     if not nnunet_available():
@@ -136,16 +111,14 @@ def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], la
 
 
 def mean_dice(scores: dict[int, float]) -> float:
-    """The mean Dice over the labels a mask holds (NaN entries, labels absent from the mask, are left out);
-    NaN when it holds none."""
+    """The mean Dice over the labels a mask holds (NaN entries left out); NaN when it holds none."""
     values = [v for v in scores.values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
 def segmenter_agreement(model_folder: str | Path, cases, num_labels: int, device: str = "cpu") -> dict[str, float]:
-    """FreeTumor-style quality score of synthetic cases (``SyntheticCase``: ``.name``, ``.image``, ``.label``): the
-    mean Dice between each conditioning mask and a trained nnU-Net's prediction on the synthetic image. Fails with
-    one line when the segmenter cannot run."""
+    """FreeTumor-style quality score ``{case name: mean Dice}`` of synthetic cases (``.name``, ``.image``,
+    ``.label``) from :func:`segmenter_dice`; fails with one line when the segmenter cannot run."""
     scores, status = segmenter_dice(model_folder, [c.image for c in cases], [c.label for c in cases], num_labels,
                                     device=device)
     if scores is None:

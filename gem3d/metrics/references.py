@@ -1,10 +1,5 @@
-"""Reference volumes that give every number a yardstick.
-
-- :func:`copy_slice_volume`: the informed slice copied into every slice (the trivial "generator" GEM-3D must beat).
-- :func:`autoencoder_reconstruction`: the real volume encoded and decoded slice by slice by the first stage (the
-  ceiling of any latent-diffusion sample).
-- :func:`counterfactual_effect`: how much the output follows the informed slice (two donors, one mask).
-"""
+"""Yardsticks: the informed slice copied into every slice (the floor), the real volume through the autoencoder
+(the ceiling of any latent-diffusion sample), and how much the output follows the informed slice (two donors)."""
 from __future__ import annotations
 
 import math
@@ -20,7 +15,7 @@ from gem3d.data.preprocess import PreprocessConfig, prepare_case, restore_volume
 from gem3d.model_dirs import load_model_dir, run_preprocess
 from gem3d.models.autoencoder import FirstStage
 
-from .labels import label_intensity_stats
+from .labels import OUTSIDE, label_intensity_stats
 
 
 def copy_slice_volume(volume, index: int | None = None) -> np.ndarray:
@@ -66,23 +61,18 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def counterfactual_effect(output_a, output_b, labels, body, donor_a_slice, donor_a_labels, donor_b_slice,
                           donor_b_labels) -> dict[str, float]:
-    """The informed slice's effect, from two outputs for one mask made with two donors' informed slices.
-
-    ``output_a`` / ``output_b``: ``(D, H, W)`` on one scale, generated with donors A / B; ``labels`` / ``body``: the
-    mask both were generated from; ``donor_x_slice`` ``(H', W')`` and ``donor_x_labels``: each donor's informed slice
-    and its label slice (label 0 in the body, -1 or ``body``-less 0 outside). Returns ``mean_abs_diff`` (mean
-    ``|a - b|`` inside the body: how far the output moves), ``corr_a_donor_a`` / ``corr_a_donor_b`` /
-    ``corr_b_donor_a`` / ``corr_b_donor_b`` (Pearson correlation over the labels present everywhere of the output's
-    per-label means with each donor's), ``follows_donor`` (1 if each output correlates better with its own donor), and ``order_a_is_donor_as`` /
-    ``order_b_is_donor_bs`` (1 if the output's labels sorted by mean intensity are in its donor's order: the target
-    for an inverted-contrast donor)."""
+    """The informed slice's effect from two ``(D, H, W)`` outputs for one mask (``labels``, ``body``) made with donors
+    A and B (each donor's informed slice ``(H', W')`` and its label slice, -1 outside the body). ``mean_abs_diff``:
+    mean ``|a - b|`` in the body; ``corr_<output>_<donor>``: Pearson correlation of per-label means over the shared
+    labels; ``follows_donor``: 1 if each output correlates better with its own donor; ``order_<o>_is_<donor>s``: 1 if
+    the output's label intensity order is its donor's (the target for an inverted-contrast donor)."""
     a, b = np.asarray(output_a, np.float64), np.asarray(output_b, np.float64)
     body = np.asarray(body, bool)
     out = {"mean_abs_diff": float(np.abs(a - b)[body].mean())}
 
     def means(volume, lab, region=None):
         stats = label_intensity_stats(volume, lab, region)
-        return {k: v["mean"] for k, v in stats.items() if k != "outside" and v["voxels"] > 0}
+        return {k: v["mean"] for k, v in stats.items() if k != OUTSIDE and v["voxels"] > 0}
 
     out_a, out_b = means(a, labels, body), means(b, labels, body)
     donor_a = means(np.asarray(donor_a_slice)[None], np.asarray(donor_a_labels)[None], np.asarray(donor_a_labels)[None] >= 0)

@@ -1,13 +1,11 @@
-"""Writing the evaluation: ``metrics.csv``, ``summary.md``, PNG plots (PIL only) and an offline ``report.html``.
-
-Plots are drawn with PIL (no matplotlib): :func:`line_plot` draws several named ``(x, y)`` series with axes, tick
-labels and a legend; histograms and distributions are line plots of densities.
-"""
+"""Writing the evaluation: ``metrics.csv``, ``summary.md``, PNG line plots (PIL, no matplotlib; histograms are
+plotted as densities) and an offline ``report.html``."""
 from __future__ import annotations
 
 import base64
 import csv
 import html
+import itertools
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -88,16 +86,15 @@ def _cell(value) -> object:
 
 def summarise(rows: Sequence[Mapping[str, object]], group: str = "row") -> dict[str, dict[str, tuple[float, float, int]]]:
     """``{group value: {metric: (mean, std, n)}}`` over the numeric, finite values of every metric."""
-    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    values: dict[str, dict[str, list[float]]] = {}
     for row in rows:
-        key = str(row[group])
         for metric, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "sample":
-                out.setdefault(key, {}).setdefault(metric, [])  # type: ignore[arg-type]
-                if math.isfinite(float(value)):
-                    out[key][metric].append(float(value))  # type: ignore[union-attr]
+                finite = values.setdefault(str(row[group]), {}).setdefault(metric, [])
+                if math.isfinite(value):
+                    finite.append(float(value))
     return {k: {m: (float(np.mean(v)) if v else math.nan, float(np.std(v)) if v else math.nan, len(v))
-                for m, v in metrics.items()} for k, metrics in out.items()}
+                for m, v in metrics.items()} for k, metrics in values.items()}
 
 
 def format_value(mean: float, std: float, n: int) -> str:
@@ -135,10 +132,6 @@ def summary_markdown(summary: Mapping[str, Mapping[str, tuple[float, float, int]
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _font():
-    return ImageFont.load_default()
-
-
 def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str,
               ylabel: str, size: tuple[int, int] = (480, 320)) -> Path:
     """A PNG line plot of named ``(x, y)`` series (NaNs break lines), with axes, min/max tick labels and a legend."""
@@ -146,10 +139,10 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarra
     left, right, top, bottom = 56, 12, 24, 36
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    font = _font()
-    finite = [(np.asarray(x, float), np.asarray(y, float)) for x, y in series.values()]
-    xs = np.concatenate([x[np.isfinite(y)] for x, y in finite]) if finite else np.zeros(0)
-    ys = np.concatenate([y[np.isfinite(y)] for _, y in finite]) if finite else np.zeros(0)
+    font = ImageFont.load_default()
+    arrays = [(np.asarray(x, float), np.asarray(y, float)) for x, y in series.values()]
+    xs = np.concatenate([x[np.isfinite(y)] for x, y in arrays]) if arrays else np.zeros(0)
+    ys = np.concatenate([y[np.isfinite(y)] for _, y in arrays]) if arrays else np.zeros(0)
     x0, x1 = (float(xs.min()), float(xs.max())) if xs.size else (0.0, 1.0)
     y0, y1 = (float(ys.min()), float(ys.max())) if ys.size else (0.0, 1.0)
     x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
@@ -159,28 +152,21 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarra
         return left + (x - x0) / (x1 - x0) * pw, top + ph - (y - y0) / (y1 - y0) * ph
 
     draw.rectangle([left, top, left + pw, top + ph], outline=(120, 120, 120))
-    draw.text((left, 4), title, fill=(0, 0, 0), font=font)
-    draw.text((left, top + ph + 4), f"{x0:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((left + pw - 30, top + ph + 4), f"{x1:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((left + pw // 2 - 20, top + ph + 18), xlabel, fill=(0, 0, 0), font=font)
-    draw.text((2, top), f"{y1:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((2, top + ph - 10), f"{y0:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((2, top + ph // 2), ylabel[:9], fill=(0, 0, 0), font=font)
-    for i, (name, (x, y)) in enumerate(series.items()):
+    texts = (((left, 4), title), ((left, top + ph + 4), f"{x0:.3g}"), ((left + pw - 30, top + ph + 4), f"{x1:.3g}"),
+             ((left + pw // 2 - 20, top + ph + 18), xlabel), ((2, top), f"{y1:.3g}"), ((2, top + ph - 10), f"{y0:.3g}"),
+             ((2, top + ph // 2), ylabel[:9]))
+    for xy, text in texts:
+        draw.text(xy, text, fill=(0, 0, 0), font=font)
+    for i, (name, (x, y)) in enumerate(zip(series, arrays)):
         colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-        x, y = np.asarray(x, float), np.asarray(y, float)
-        segment: list[tuple[float, float]] = []
-        for xi, yi in zip(x, y):
-            if math.isfinite(yi):
-                segment.append(px(xi, yi))
-            else:
-                if len(segment) > 1:
-                    draw.line(segment, fill=colour, width=2)
-                segment = []
-        if len(segment) > 1:
-            draw.line(segment, fill=colour, width=2)
-        elif len(segment) == 1:
-            draw.ellipse([segment[0][0] - 2, segment[0][1] - 2, segment[0][0] + 2, segment[0][1] + 2], fill=colour)
+        runs = [[px(*p) for p in run] for finite, run in itertools.groupby(zip(x, y), lambda p: math.isfinite(p[1]))
+                if finite]  # the finite stretches of the series
+        for points in runs:
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+        if y.size and math.isfinite(y[-1]) and len(runs[-1]) == 1:  # a lone last point is drawn as a dot
+            (cx, cy), = runs[-1]
+            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
         draw.text((left + pw - 150, top + 4 + 12 * i), name[:24], fill=colour, font=font)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -189,13 +175,11 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarra
 
 
 def density(values: np.ndarray, bins: int = 50, value_range: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """``(bin centres, density)`` of ``values`` (numpy histogram, density=True)."""
+    """``(bin centres, density)`` of the finite ``values`` (numpy histogram, density=True; NaN without values)."""
     values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
     edges = np.linspace(value_range[0], value_range[1], bins + 1)
-    if values.size == 0:
-        return (edges[:-1] + edges[1:]) / 2, np.full(bins, np.nan)
-    hist, edges = np.histogram(values, bins=edges, density=True)
+    with np.errstate(invalid="ignore"):
+        hist, _ = np.histogram(values[np.isfinite(values)], bins=edges, density=True)
     return (edges[:-1] + edges[1:]) / 2, hist
 
 
@@ -206,13 +190,6 @@ def _image_tag(path: Path, base: Path, embed: bool, width: int | None = None) ->
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         return f'<img src="data:image/png;base64,{data}"{style} alt="{html.escape(path.name)}">'
     return f'<img src="{html.escape(str(path.relative_to(base)) if path.is_relative_to(base) else str(path))}"{style}>'
-
-
-def table_html(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(_fmt(r.get(c, ''))))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(value):
@@ -236,7 +213,9 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path], s
     parts.append("<h2>Samples</h2>")
     for preview, row in samples:
         image = _image_tag(preview, base, embed, 360) if preview is not None and preview.is_file() else "(no preview)"
-        vertical = [{"metric": c, "value": row[c]} for c in columns if c in row and row[c] != ""]
-        parts.append(f"<div class='sample'><div>{image}</div><div>{table_html(vertical, ['metric', 'value'])}</div></div>")
+        cells = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(str(_fmt(row[c])))}</td></tr>"
+                        for c in columns if c in row and row[c] != "")
+        parts.append(f"<div class='sample'><div>{image}</div><div><table><tr><th>metric</th><th>value</th></tr>{cells}"
+                     "</table></div></div>")
     parts.append("</body></html>")
     return atomic_write_text(path, "\n".join(parts))

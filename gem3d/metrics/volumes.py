@@ -1,13 +1,9 @@
 """What the evaluation compares: real cases of an nnU-Net raw dataset and the synthetic samples of inference output
-folders (``OUT/<setting>/manifest.json`` + NIfTI files), all in the canonical ``(D, H, W)`` orientation.
-
-A synthetic sample is matched to its real case through its manifest record (``case``; the informed slice's donor in
-``informed``). Intensities of both are mapped to [0, 1] with the real case's min/max (the synthetic volume was
-written on the real case's intensity scale), so every metric reads on that scale.
-"""
+folders (``OUT/<setting>/manifest.json``), matched through the manifest's ``case``. All are canonical ``(D, H, W)``
+arrays mapped to [0, 1] with the real case's min/max, so every metric reads on that scale."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +24,8 @@ def load_canonical(path: str | Path, slice_axis: int = 2, dtype=np.float32) -> n
 
 @dataclass
 class RealCase:
-    """name; image ``(D, H, W)`` in [0, 1] (the case's min/max); label int ``(D, H, W)``; body bool; geometry of the
-    source file; raw_range ``(min, max)`` of the raw intensities; image_path / label_path (NIfTI files)."""
+    """A real case: image ``(D, H, W)`` in [0, 1], label int and body bool ``(D, H, W)``, the source file's geometry,
+    the raw intensities' ``(min, max)``, and the NIfTI files."""
 
     name: str
     image: np.ndarray
@@ -49,8 +45,8 @@ class RealCase:
 
 @dataclass
 class SyntheticSample:
-    """One manifest record's volume: ``row`` (the report row it belongs to), the record, image ``(D, H, W)`` on the
-    real case's [0, 1] scale, its conditioning label (or the real label), body, and its files."""
+    """One manifest record's volume in report row ``row``: image ``(D, H, W)`` on the real case's [0, 1] scale, its
+    conditioning label (or the real label), body, and its files."""
 
     row: str
     record: dict
@@ -60,7 +56,6 @@ class SyntheticSample:
     image_path: Path
     label_path: Path | None
     preview_path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def case(self) -> str:
@@ -110,9 +105,7 @@ def load_samples(folder: str | Path, row: str, real: RealData) -> list[Synthetic
             raise ValueError(f"{path}: case {record['case']!r} is not in the real dataset {real.dataset.root}")
         case = real.case(record["case"])
         image_path = folder / files["image"]
-        image = load_canonical(image_path, real.slice_axis)
-        lo, hi = case.raw_range
-        image01 = (image.astype(np.float64) - lo) / (hi - lo if hi > lo else 1.0)
+        image01 = to_unit_range(load_canonical(image_path, real.slice_axis), case.raw_range)
         if image01.shape != case.image.shape:
             raise ValueError(f"{image_path}: shape {image01.shape} differs from the real case's {case.image.shape}")
         label_path = folder / files["label"] if "label" in files else None
@@ -132,10 +125,8 @@ def has_ground_truth(sample: SyntheticSample) -> bool:
 
 def reconstruction_quality(setting_dir: str | Path, records: list[dict], body: str = "nonzero",
                            slice_axis: int = 2) -> dict[str, float] | None:
-    """Mean reconstruction metrics (:func:`gem3d.metrics.image.reconstruction_metrics`: PSNR / SSIM / MS-SSIM in 3D
-    and per axial slice, inside the body, on the real volume's [0, 1] scale) of the records of ``setting_dir`` that
-    have a ground truth (``files["gt"]``, the ``test`` setting); None when there are none. What ``scripts/demo.py``'s
-    table needs, in the canonical orientation (its own code compared source-orientation slices, background included)."""
+    """Mean :func:`gem3d.metrics.image.reconstruction_metrics` (inside the body) of the records of ``setting_dir`` that
+    have a ground truth (``files["gt"]``, the ``test`` setting), for ``scripts/demo.py``'s table; None without any."""
     setting_dir = Path(setting_dir)
     config = PreprocessConfig(body=body, size=None)
     scores: list[dict[str, float]] = []
