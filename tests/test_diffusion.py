@@ -324,6 +324,17 @@ def test_learning_rate_scaling(capsys):
 # ---------------------------------------------------------------------------------------------- autoencoder
 
 
+
+def test_autoencoder_module_adam_betas():
+    config = copy.deepcopy(first_stage_config())
+    config["params"]["frozen"] = False
+    default = AutoencoderModule(first_stage_config=config).configure_optimizers()
+    assert default.param_groups[0]["betas"] == (0.5, 0.9)  # latent-diffusion's
+    plain = AutoencoderModule(first_stage_config=config, betas=[0.9, 0.999]).configure_optimizers()
+    assert plain.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"):
+        AutoencoderModule(first_stage_config=config, betas=(0.9, 1.0))
+
 def test_autoencoder_module_loss_and_reload(tmp_path):
     config = copy.deepcopy(first_stage_config())
     config["params"]["frozen"] = False
