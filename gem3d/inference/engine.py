@@ -14,11 +14,13 @@ import os
 import socket
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -38,10 +40,12 @@ from gem3d.inference.volume import (
     decode_volume,
     encode_informed_slice,
     encode_mask_volume,
+    sample_rounds,
     sample_slice_latents,
-    sample_volume_latents,
+    volume_propagation,
 )
 from gem3d.model_dirs import LoadedModel, load_model_dir
+from gem3d.sampling.propagation import run_lockstep
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
 PREPARED_CACHE = 4  # preprocessed cases kept in memory
@@ -166,7 +170,11 @@ def slice_index(pos: float, num_slices: int) -> int:
 
 
 class Enhancer:
-    """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``."""
+    """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``,
+    ``sampler.batch_windows`` of them in lockstep; a finished sample is decoded and written on a background thread
+    while the next ones sample (at most ``background_writes`` waiting; 0: in line)."""
+
+    background_writes = 1
 
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
@@ -322,8 +330,10 @@ class Enhancer:
             paths["preview"] = base / "previews" / f"{case}_s{k}.png"
         return paths
 
-    def generate(self, case_name: str, k: int) -> dict:
-        """Generate, write and describe sample ``k`` of ``case_name``; returns its manifest record."""
+    def sample(self, case_name: str, k: int) -> Generator:
+        """Sample ``k`` of ``case_name`` as a propagation (yields its rounds of windows, see
+        :func:`gem3d.sampling.propagation.run_lockstep`); returns ``write()``, which decodes, writes and describes
+        the sample and returns its manifest record."""
         t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
@@ -352,8 +362,6 @@ class Enhancer:
         num_slices = prepared.num_slices
         informed = self.choose_informed(case_name, num_slices, rng)
         options = self.cfg.sampler
-        progress = self.cfg.progress
-
         if self.setting.model == "slice":
             loaded = self.slice_model
             f = loaded.model.first_stage.downsample_factor
@@ -374,13 +382,17 @@ class Enhancer:
                 )[0]
             elif informed.image is not None:
                 informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
-            latents = sample_volume_latents(
-                model, mask_latent, informed_latent, informed.target_index, options, generator, progress=progress
+            latents = yield from volume_propagation(
+                model, mask_latent, informed_latent, informed.target_index, options, generator
             )
             if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
-                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].cpu().numpy())
-        volume = decode_volume(loaded.model, latents).cpu().numpy()
-        image_source = restore_volume(volume, prepared)
+                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
+        return partial(self._write, case_name, k, seed, t0, case, label, edits, prepared, informed, loaded, latents)
+
+    def _write(self, case_name, k, seed, t0, case, label, edits, prepared, informed, loaded, latents) -> dict:
+        """Decode, write and describe a sampled volume; returns its manifest record."""
+        options = self.cfg.sampler
+        image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
 
         paths = self.output_paths(case_name, k)
         geometry = case.geometry
@@ -442,8 +454,17 @@ class Enhancer:
         todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
         bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
                    disable=not self.cfg.progress)
-        for case, k in bar:
-            manifest.add(self.generate(case, k), replace=True)
+        samples = (self.sample(case, k) for case, k in bar)
+        model = None if self.volume_model is None else self.volume_model.model
+        rounds = partial(sample_rounds, model, self.cfg.sampler)
+        with ThreadPoolExecutor(max_workers=1) as writer:  # decode + write one sample while the next ones sample
+            pending: deque[Future] = deque()
+            for write in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
+                pending.append(writer.submit(lambda write=write: manifest.add(write(), replace=True)))
+                while len(pending) > self.background_writes:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
         return own_path
 
 

@@ -21,7 +21,7 @@ The rule (every slice is generated exactly once):
 
 Batching: round 0 samples the first window alone; round r >= 1 samples the r-th upward and the (r-1)-th downward
 window together in one ``sample_windows`` call, where both exist. All windows have the same length, so the jobs of
-one call can be stacked into one batch.
+one call can be stacked into one batch. :func:`run_lockstep` samples the rounds of several volumes together.
 
 ``mode="base"`` (the paper's baseline, a model without informed slice): windows tile the volume from slice 0,
 ``[0, w), [w, 2w), ...``, the last aligned to the end; they are independent (no known frames, no informed latent),
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +47,9 @@ __all__ = [
     "plan_windows",
     "plan_base_windows",
     "window_rounds",
+    "propagation",
     "propagate_volume",
+    "run_lockstep",
     "known_frames_for_jobs",
     "informed_latents_for_jobs",
 ]
@@ -99,12 +101,14 @@ class WindowJob:
 
     ``indices``: its slice indices (ascending, F of them). ``known_latents``: slice index -> clean latent ``(C,h,w)``
     of each known frame. ``informed_latent``: ``(C,h,w)`` or None (baseline). ``window``: the plan entry.
+    ``case``: whatever the sampler needs to know about the job's volume (its mask latents, its generator).
     """
 
     indices: list[int]
     known_latents: dict[int, torch.Tensor]
     informed_latent: torch.Tensor | None
     window: Window | None = field(default=None, repr=False)
+    case: Any = field(default=None, repr=False)
 
     @property
     def known_mask(self) -> list[bool]:
@@ -113,6 +117,8 @@ class WindowJob:
 
 
 SampleWindows = Callable[[list[WindowJob]], Sequence[torch.Tensor]]
+SampleRounds = Callable[[list[list[WindowJob]]], Sequence[Sequence[torch.Tensor]]]
+Propagation = Generator[list[WindowJob], Sequence[torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -190,6 +196,87 @@ def window_rounds(up: list[Window], down: list[Window]) -> list[list[Window]]:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
+def propagation(
+    num_slices: int,
+    start: int | None,
+    informed_latent: torch.Tensor | None,
+    window: int = 16,
+    overlap: int = 1,
+    *,
+    mode: str = "informed",
+    base_batch: int = 2,
+    case: Any = None,
+) -> Propagation:
+    """The propagation of one volume, step by step: a generator that yields each round's ``list[WindowJob]``
+    (``case`` attached to every job), is sent their outputs ``(F, C, h, w)`` and returns all slice latents
+    ``(num_slices, C, h, w)``. :func:`run_lockstep` drives several of them at once.
+
+    ``informed_latent (C,h,w)``: the real informed slice's latent (``mode="informed"``), None for ``mode="base"``
+    (where ``start`` is unused and up to ``base_batch`` independent windows form a round). Validated eagerly.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "informed":
+        if not isinstance(informed_latent, torch.Tensor) or informed_latent.ndim != 3:
+            got = tuple(informed_latent.shape) if isinstance(informed_latent, torch.Tensor) else informed_latent
+            raise ValueError(f"mode='informed' needs informed_latent as a tensor (C,h,w), got {got!r}")
+        rounds = window_rounds(*plan_windows(num_slices, start, window, overlap))
+    else:
+        if informed_latent is not None:
+            raise ValueError("mode='base' samples without an informed slice; pass informed_latent=None")
+        if not _is_int(base_batch) or base_batch < 1:
+            raise ValueError(f"base_batch must be an int >= 1, got {base_batch!r}")
+        windows = plan_base_windows(num_slices, window)
+        rounds = [windows[i : i + base_batch] for i in range(0, len(windows), base_batch)]
+    return _propagate(rounds, num_slices, informed_latent, case)
+
+
+def _propagate(rounds: list[list[Window]], num_slices: int, informed_latent, case) -> Propagation:
+    slices: list[torch.Tensor | None] = [None] * num_slices
+    for windows_in_round in rounds:
+        jobs = [_job(w, slices, informed_latent, case) for w in windows_in_round]
+        outputs = list((yield jobs))
+        if len(outputs) != len(jobs):
+            raise ValueError(f"sample_windows returned {len(outputs)} outputs for {len(jobs)} jobs")
+        for job, out in zip(jobs, outputs):
+            if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(job.indices):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
+                raise ValueError(f"sample_windows output for window {job.indices} must be (F={len(job.indices)},C,h,w), got {got}")
+            for index in job.window.new_indices:
+                if slices[index] is not None:
+                    raise RuntimeError(f"slice {index} would be written twice (window {job.indices})")
+                slices[index] = out[job.indices.index(index)]
+    missing = [i for i, s in enumerate(slices) if s is None]
+    if missing:
+        raise RuntimeError(f"slices {missing} were never generated")
+    return torch.stack(slices)  # type: ignore[arg-type]
+
+
+def run_lockstep(sample_rounds: SampleRounds, steppers: Iterable[Generator], batch: int = 1) -> Iterator:
+    """Drive up to ``batch`` generators like :func:`propagation` round by round, one ``sample_rounds`` call per
+    round for all of them: ``sample_rounds(rounds: list[list[WindowJob]])`` returns each one's outputs. A finished
+    one yields its return value and the next of ``steppers`` takes its place (volumes of any length mix)."""
+    if not _is_int(batch) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    steppers, active = iter(steppers), []
+    while True:
+        while len(active) < batch and (stepper := next(steppers, None)) is not None:
+            try:
+                active.append((stepper, next(stepper)))
+            except StopIteration as done:  # nothing to sample (e.g. a slice model's sample)
+                yield done.value
+        if not active:
+            return
+        outputs = sample_rounds([jobs for _, jobs in active])
+        running = []
+        for (stepper, _), out in zip(active, outputs):
+            try:
+                running.append((stepper, stepper.send(out)))
+            except StopIteration as done:
+                yield done.value
+        active = running
+
+
 def propagate_volume(
     sample_windows: SampleWindows,
     num_slices: int,
@@ -202,55 +289,22 @@ def propagate_volume(
     base_batch: int = 2,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Generate every slice latent of a volume; returns ``(num_slices, C, h, w)``.
+    """Generate every slice latent of one volume; returns ``(num_slices, C, h, w)``.
 
-    ``sample_windows(jobs: list[WindowJob]) -> list[Tensor (F, C, h, w)]`` samples a batch of windows (one
-    output per job, ``F = len(job.indices)``; the output at known positions is ignored). ``informed_latent (C,h,w)``:
-    the real informed slice's latent (``mode="informed"``), None for ``mode="base"`` (where ``start`` is unused and
-    up to ``base_batch`` independent windows go into one call).
+    ``sample_windows(jobs: list[WindowJob]) -> list[Tensor (F, C, h, w)]`` samples one round's windows (one output
+    per job, ``F = len(job.indices)``; the output at known positions is ignored). Arguments as :func:`propagation`.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "informed":
-        if not isinstance(informed_latent, torch.Tensor) or informed_latent.ndim != 3:
-            got = tuple(informed_latent.shape) if isinstance(informed_latent, torch.Tensor) else informed_latent
-            raise ValueError(f"mode='informed' needs informed_latent as a tensor (C,h,w), got {got!r}")
-        up, down = plan_windows(num_slices, start, window, overlap)
-        rounds = window_rounds(up, down)
-    else:
-        if informed_latent is not None:
-            raise ValueError("mode='base' samples without an informed slice; pass informed_latent=None")
-        if not _is_int(base_batch) or base_batch < 1:
-            raise ValueError(f"base_batch must be an int >= 1, got {base_batch!r}")
-        windows = plan_base_windows(num_slices, window)
-        rounds = [windows[i : i + base_batch] for i in range(0, len(windows), base_batch)]
+    steps = propagation(num_slices, start, informed_latent, window, overlap, mode=mode, base_batch=base_batch)
+    with tqdm(desc="windows", disable=not progress, leave=False) as bar:
 
-    slices: list[torch.Tensor | None] = [None] * num_slices
-    bar = tqdm(total=sum(len(r) for r in rounds), desc="windows", disable=not progress, leave=False)
-    for windows_in_round in rounds:
-        jobs = [_job(w, slices, informed_latent) for w in windows_in_round]
-        outputs = list(sample_windows(jobs))
-        if len(outputs) != len(jobs):
-            raise ValueError(f"sample_windows returned {len(outputs)} outputs for {len(jobs)} jobs")
-        for job, out in zip(jobs, outputs):
-            if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(job.indices):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
-                raise ValueError(f"sample_windows output for window {job.indices} must be (F={len(job.indices)},C,h,w), got {got}")
-            for frame, (index, write) in enumerate(zip(job.indices, job.window.write)):
-                if not write:
-                    continue
-                if slices[index] is not None:
-                    raise RuntimeError(f"slice {index} would be written twice (window {job.indices})")
-                slices[index] = out[frame]
-        bar.update(len(jobs))
-    bar.close()
-    missing = [i for i, s in enumerate(slices) if s is None]
-    if missing:
-        raise RuntimeError(f"slices {missing} were never generated")
-    return torch.stack(slices)  # type: ignore[arg-type]
+        def sample_rounds(rounds):
+            bar.update(len(rounds[0]))
+            return [sample_windows(rounds[0])]
+
+        return next(run_lockstep(sample_rounds, [steps]))
 
 
-def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None) -> WindowJob:
+def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None, case) -> WindowJob:
     known_latents = {}
     for index in window.known_indices:
         if slices[index] is None:
@@ -264,7 +318,7 @@ def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: tor
         informed = slices[window.informed_index]
         if informed is None:
             raise RuntimeError(f"informed slice {window.informed_index} of window {window.indices} is not generated")
-    return WindowJob(list(window.indices), known_latents, informed, window)
+    return WindowJob(list(window.indices), known_latents, informed, window, case)
 
 
 # ---------------------------------------------------------------------------------------------- batching helpers
