@@ -216,7 +216,7 @@ def test_propagation_with_ddim_keeps_known_frames_and_batches_jobs():
             assert torch.equal(out[known.mask], known.latents[known.mask])
         return list(out)
 
-    volume = propagate_volume(sample_windows, 20, 9, torch.randn(latent), window=6, overlap=1, progress=True)
+    volume = propagate_volume(sample_windows, 20, 9, torch.randn(latent), window=6, overlap=1)
     assert volume.shape == (20, *latent) and torch.isfinite(volume).all()
     assert seen_batches[0] == 1 and 2 in seen_batches
 
@@ -228,8 +228,8 @@ def test_run_lockstep_samples_the_rounds_of_several_volumes_together():
 
     def sample_rounds(rounds):  # frame value: 1000 x volume + slice index
         seen.append([jobs[0].case for jobs in rounds])
-        return [[1000.0 * job.case + torch.tensor(job.indices, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(-1, *LATENT)
-                 for job in jobs] for jobs in rounds]
+        frames = [[torch.tensor(job.indices, dtype=torch.float32).reshape(-1, 1, 1, 1) for job in jobs] for jobs in rounds]
+        return [[1000.0 * job.case + f.expand(-1, *LATENT) for job, f in zip(jobs, fs)] for jobs, fs in zip(rounds, frames)]
 
     steppers = [propagation(n, s, torch.zeros(LATENT), window=6, case=c) for c, (n, s) in plans.items()]
     results = list(run_lockstep(sample_rounds, steppers, batch=2))

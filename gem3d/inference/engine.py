@@ -14,11 +14,9 @@ import os
 import socket
 import time
 import zlib
-from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any, Generator, Iterator
 
@@ -171,10 +169,7 @@ def slice_index(pos: float, num_slices: int) -> int:
 
 class Enhancer:
     """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``,
-    ``sampler.batch_windows`` of them in lockstep; a finished sample is decoded and written on a background thread
-    while the next ones sample (at most ``background_writes`` waiting; 0: in line)."""
-
-    background_writes = 1
+    ``sampler.batch_windows`` of them in lockstep (their windows in shared UNet calls)."""
 
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
@@ -210,8 +205,8 @@ class Enhancer:
                 )
         self.preprocess = self._preprocess_config()
         self.names = self.dataset.case_names(cfg.split)
-        self._prepared: OrderedDict[str, Any] = OrderedDict()  # a few recently used cases (donors repeat)
-        self._brightness: dict[str, np.ndarray] = {}  # per case: mean body intensity per slice (informed_select)
+        self.prepared = lru_cache(PREPARED_CACHE)(self._prepare)  # a few recently used cases (donors repeat)
+        self.brightness_profile = cache(self._brightness_profile)
         if cfg.informed_donor is not None:
             donor = cfg.informed_donor[0]
             if donor not in self.names:
@@ -219,7 +214,6 @@ class Enhancer:
                     f"--informed-from: case {donor!r} is not in {cfg.data} (split {cfg.split}); cases: {self.names}"
                 )
 
-    # ----------------------------------------------------------------------------------------- setup
     def _preprocess_config(self) -> PreprocessConfig:
         cfg = self.cfg.preprocess
         for loaded in (self.volume_model, self.slice_model):
@@ -257,28 +251,19 @@ class Enhancer:
     def load_case(self, name: str):
         return self.dataset.load_case(name, split=self.cfg.split, slice_axis=self.preprocess.slice_axis)
 
-    def prepared(self, name: str):
-        """The preprocessed case (the last ``PREPARED_CACHE`` are kept in memory)."""
-        if name in self._prepared:
-            self._prepared.move_to_end(name)
-        else:
-            self._prepared[name] = prepare_case(self.load_case(name), self.preprocess)
-            while len(self._prepared) > PREPARED_CACHE:
-                self._prepared.popitem(last=False)
-        return self._prepared[name]
+    def _prepare(self, name: str):
+        """The preprocessed case (``self.prepared`` keeps the last ``PREPARED_CACHE`` in memory)."""
+        return prepare_case(self.load_case(name), self.preprocess)
 
-    def brightness_profile(self, name: str) -> np.ndarray:
+    def _brightness_profile(self, name: str) -> np.ndarray:
         """``(D,)`` mean normalised intensity inside the body of every slice of case ``name`` (computed once)."""
-        if name not in self._brightness:
-            prepared = self.prepared(name)
-            image = np.asarray(prepared.image)
-            body = np.asarray(prepared.label) >= 0 if prepared.label is not None else np.ones(image.shape, bool)
-            count = body.sum(axis=(1, 2))
-            total = np.where(body, image, 0.0).sum(axis=(1, 2))
-            self._brightness[name] = np.where(count > 0, total / np.maximum(count, 1), -1.0)
-        return self._brightness[name]
+        prepared = self.prepared(name)
+        image = np.asarray(prepared.image)
+        body = np.asarray(prepared.label) >= 0 if prepared.label is not None else np.ones(image.shape, bool)
+        count = body.sum(axis=(1, 2))
+        total = np.where(body, image, 0.0).sum(axis=(1, 2))
+        return np.where(count > 0, total / np.maximum(count, 1), -1.0)
 
-    # ----------------------------------------------------------------------------------------- informed slice
     def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> InformedSlice:
         """Where the informed slice of a sample of ``case`` (``num_slices`` slices) comes from, as the setting says."""
         kind = self.setting.informed
@@ -320,7 +305,6 @@ class Enhancer:
         decile = order[: max(1, len(order) // 10)]
         return donors[int(decile[int(rng.integers(len(decile)))])]
 
-    # ----------------------------------------------------------------------------------------- one sample
     def output_paths(self, case: str, k: int) -> dict[str, Path]:
         base = self.cfg.setting_dir
         paths = {"image": base / f"{case}_s{k}_image.nii.gz"}
@@ -362,10 +346,11 @@ class Enhancer:
         num_slices = prepared.num_slices
         informed = self.choose_informed(case_name, num_slices, rng)
         options = self.cfg.sampler
+        if self.slice_model is not None:  # the size of its latents (the volume model shares its first stage)
+            f = self.slice_model.model.first_stage.downsample_factor
+            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
         if self.setting.model == "slice":
             loaded = self.slice_model
-            f = loaded.model.first_stage.downsample_factor
-            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
             positions = torch.arange(num_slices, dtype=torch.float32) / num_slices
             latents = sample_slice_latents(loaded.model, positions, hw, options, generator)
         else:
@@ -375,8 +360,6 @@ class Enhancer:
             mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
             informed_latent = None
             if informed.source == "generated":
-                f = self.slice_model.model.first_stage.downsample_factor
-                hw = tuple(s // f for s in prepared.image.shape[1:])
                 informed_latent = sample_slice_latents(
                     self.slice_model.model, torch.tensor([informed.position]), hw, options, generator
                 )[0]
@@ -429,10 +412,6 @@ class Enhancer:
             files={name: str(p.relative_to(self.cfg.setting_dir)) for name, p in paths.items()},
         )
 
-    # ----------------------------------------------------------------------------------------- the run
-    def jobs(self) -> list[tuple[str, int]]:
-        return [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)]
-
     def is_done(self, manifest: Manifest, case: str, k: int) -> bool:
         key = (case, self.cfg.setting, k)
         return manifest.has(key) and all(p.exists() for p in self.output_paths(case, k).values())
@@ -450,21 +429,15 @@ class Enhancer:
         merged = Manifest(self.cfg.setting_dir / "manifest.json")
         own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
         manifest = merged if world_size == 1 else Manifest(own_path)
-        jobs = self.jobs()[rank::world_size]
+        jobs = [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)][rank::world_size]
         todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
         bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
                    disable=not self.cfg.progress)
         samples = (self.sample(case, k) for case, k in bar)
         model = None if self.volume_model is None else self.volume_model.model
         rounds = partial(sample_rounds, model, self.cfg.sampler)
-        with ThreadPoolExecutor(max_workers=1) as writer:  # decode + write one sample while the next ones sample
-            pending: deque[Future] = deque()
-            for write in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
-                pending.append(writer.submit(lambda write=write: manifest.add(write(), replace=True)))
-                while len(pending) > self.background_writes:
-                    pending.popleft().result()
-            while pending:
-                pending.popleft().result()
+        for write in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
+            manifest.add(write(), replace=True)
         return own_path
 
 

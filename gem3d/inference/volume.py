@@ -12,7 +12,6 @@ from functools import partial
 
 import torch
 from einops import rearrange
-from tqdm.auto import tqdm
 
 from gem3d.sampling.propagation import (
     Propagation,
@@ -105,27 +104,17 @@ def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, s
     """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode; posterior mean, or a
     posterior draw with ``sample``)."""
     x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
-    if sample:
-        return model.first_stage.encode(x, sample=True, generator=generator, progress=progress)
-    return model.first_stage.encode_mask(x, progress=progress)
+    return model.first_stage.encode(x, sample=sample, generator=generator, progress=progress)
 
 
 @torch.no_grad()
-def decode_volume(model, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
+def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
     """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1], on the CPU. Decoded
     ``chunk_size`` slices at a time, each chunk reduced to grey and moved off the device at once, so device memory
     holds one chunk's activations whatever D."""
-    chunks = tqdm(latents.split(model.first_stage.chunk_size), desc="decode", disable=not progress, leave=False)
+    chunks = latents.split(model.first_stage.chunk_size)
     grey = [model.first_stage.decode_grey(chunk.to(model.device)).clamp(-1.0, 1.0).cpu() for chunk in chunks]
     return rearrange(torch.cat(grey), "d 1 h w -> d h w")
-
-
-@dataclass(frozen=True, eq=False)
-class _Volume:
-    """What the sampler needs about a volume whose windows it samples (:attr:`WindowJob.case`)."""
-
-    mask_latent: torch.Tensor
-    generator: torch.Generator
 
 
 def volume_propagation(
@@ -150,7 +139,7 @@ def volume_propagation(
     return propagation(
         mask_latent.shape[0], start if uses_informed else None,
         None if informed_latent is None else informed_latent.to(model.device), options.window, options.overlap,
-        mode="informed" if uses_informed else "base", case=_Volume(mask_latent, generator),
+        mode="informed" if uses_informed else "base", case=(mask_latent, generator),
     )
 
 
@@ -180,11 +169,12 @@ def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]])
 
 
 def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) -> torch.Tensor:
-    """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``."""
+    """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case``
+    is its volume's ``(mask_latent, generator)``."""
     jobs = [job for call in calls for job in call]
-    shape = (len(jobs[0].indices), *jobs[0].case.mask_latent.shape[1:])
-    x_T = torch.cat([options.noise((len(call), *shape), call[0].case.generator, model.device) for call in calls])
-    masks = torch.stack([job.case.mask_latent[job.indices] for job in jobs]).to(model.device)
+    shape = (len(jobs[0].indices), *jobs[0].case[0].shape[1:])
+    x_T = torch.cat([options.noise((len(call), *shape), call[0].case[1], model.device) for call in calls])
+    masks = torch.stack([job.case[0][job.indices] for job in jobs]).to(model.device)
     informed = informed_latents_for_jobs(jobs)
     informed = None if informed is None else informed.to(model.device)
     cond = model.condition(masks, informed)
@@ -194,7 +184,7 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
     else:
         eps_fn = model.model_fn(cond)
     known = known_frames_for_jobs(jobs, shape[1:], options.known_noise, device=model.device)
-    generators = [job.case.generator for job in jobs]  # one per window: each volume's noise from its own generator
+    generators = [job.case[1] for job in jobs]  # one per window: each volume's noise from its own generator
     return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators)
 
 

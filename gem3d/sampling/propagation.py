@@ -1,89 +1,49 @@
 """Bi-directional overlapping propagation of clip windows over a volume (gem3d's version of GEM-3D §4).
 
-A volume of ``num_slices`` slices is generated in windows of ``window`` consecutive slices (16 in the paper; a
-volume with fewer slices uses one window of ``num_slices``, so every window has ``min(window, num_slices)`` slices).
+A volume of ``num_slices`` slices is generated in windows of ``min(window, num_slices)`` consecutive slices (16 in
+the paper), every slice exactly once:
 
-The rule (every slice is generated exactly once):
-
-1. **First window** (``direction="first"``): the window that starts at the informed slice's index ``s``,
-   ``[s, s + window)``, moved down to end at the volume's last slice when it would run past it. It has no known frame
-   and generates every slice it covers, slice ``s`` included; its informed latent is the real informed slice's.
+1. **First window** (``direction="first"``): ``[s, s + window)`` from the informed slice's index ``s``, moved down
+   to end at the last slice when it would run past it; no known frame, the real informed slice's latent.
 2. **Upward** (``"up"``): each next window starts ``overlap`` slices below the highest generated slice ``hi``
-   (``overlap=1``: at ``hi`` itself), and the last one is aligned to the volume's end.
-3. **Downward** (``"down"``): the mirror image: each window ends ``overlap`` slices above the lowest generated
-   slice ``lo``, and the last one is aligned to slice 0. The first downward window therefore has the first window's
-   lowest slice (``s`` itself unless the first window was moved) as its known frame: the two directions join
-   with known-frame continuity, which is why the downward pass runs one round behind the upward one.
-4. In every window, each slice that an earlier window generated is a **known frame** at its true position (the
-   ``overlap`` slices, and in the end-aligned windows every other already generated slice they cover); only the
-   other slices are written. The window's **informed latent** is the latent of the generated slice nearest to its
-   new slices (``hi`` upward, ``lo`` downward), which is one of its known frames whenever ``overlap >= 1``.
+   (``overlap=1``: at ``hi`` itself); the last one is aligned to the volume's end.
+3. **Downward** (``"down"``): the mirror image, ending ``overlap`` slices above the lowest generated slice ``lo``;
+   the first one has the first window's lowest slice as known frame, so it runs one round behind the upward pass.
+4. In every window, each slice an earlier window generated is a **known frame** at its true position, never
+   written; the **informed latent** is the generated slice nearest to its new slices (``hi`` up, ``lo`` down).
 
-Batching: round 0 samples the first window alone; round r >= 1 samples the r-th upward and the (r-1)-th downward
-window together in one ``sample_windows`` call, where both exist. All windows have the same length, so the jobs of
-one call can be stacked into one batch. :func:`run_lockstep` samples the rounds of several volumes together.
+Round 0 samples the first window alone; round r >= 1 the r-th upward and the (r-1)-th downward window together,
+where both exist (windows have one length, so they stack). :func:`run_lockstep` runs the rounds of several volumes.
 
-``mode="base"`` (the paper's baseline, a model without informed slice): windows tile the volume from slice 0,
-``[0, w), [w, 2w), ...``, the last aligned to the end; they are independent (no known frames, no informed latent),
-and a slice covered twice is written by the first window that covers it.
+``mode="base"`` (the paper's baseline, no informed slice): independent windows ``[0, w), [w, 2w), ...`` tiling the
+volume, the last aligned to the end; a slice covered twice is written by the first window covering it.
 """
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .samplers import KnownFrames
 
-__all__ = [
-    "DIRECTIONS",
-    "Window",
-    "WindowJob",
-    "SampleWindows",
-    "plan_windows",
-    "plan_base_windows",
-    "window_rounds",
-    "propagation",
-    "propagate_volume",
-    "run_lockstep",
-    "known_frames_for_jobs",
-    "informed_latents_for_jobs",
-]
-
-DIRECTIONS = ("first", "up", "down", "base")
 MODES = ("informed", "base")
 
 
 @dataclass(frozen=True)
 class Window:
-    """One window of consecutive slices.
-
-    ``indices``: ascending slice indices. ``known``: per slice, True if an earlier window generated it (a known
-    frame, never written). ``direction``: one of ``DIRECTIONS``. ``write``: per slice, True if this window writes it.
-    ``informed_index``: the slice whose generated latent is the window's informed latent (None: the real informed
-    slice for ``"first"``, no informed slice for ``"base"``).
-    """
+    """One window: ``indices`` ascending; per slice ``known`` (generated by an earlier window) and ``write``;
+    ``direction`` (``first``, ``up``, ``down`` or ``base``); ``informed_index``: the slice whose latent is the window's informed
+    latent (None: the real informed slice for ``"first"``, none for ``"base"``)."""
 
     indices: tuple[int, ...]
     known: tuple[bool, ...]
     direction: str
     write: tuple[bool, ...]
     informed_index: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
-        if not (len(self.indices) == len(self.known) == len(self.write)) or not self.indices:
-            raise ValueError(
-                f"indices, known and write must be non-empty and of equal length, got "
-                f"{len(self.indices)}, {len(self.known)}, {len(self.write)}"
-            )
-        if any(k and w for k, w in zip(self.known, self.write)):
-            raise ValueError(f"a known frame cannot be written: indices={self.indices}, known={self.known}, write={self.write}")
 
     @property
     def new_indices(self) -> list[int]:
@@ -97,12 +57,9 @@ class Window:
 
 @dataclass
 class WindowJob:
-    """What ``sample_windows`` needs to sample one window.
-
-    ``indices``: its slice indices (ascending, F of them). ``known_latents``: slice index -> clean latent ``(C,h,w)``
-    of each known frame. ``informed_latent``: ``(C,h,w)`` or None (baseline). ``window``: the plan entry.
-    ``case``: whatever the sampler needs to know about the job's volume (its mask latents, its generator).
-    """
+    """What a sampler needs to sample one window: ``indices`` (ascending, F of them); ``known_latents``: slice index
+    -> clean latent ``(C,h,w)`` of each known frame; ``informed_latent`` ``(C,h,w)`` or None (baseline); ``window``:
+    the plan entry; ``case``: what the sampler needs to know about the job's volume (e.g. its mask latents)."""
 
     indices: list[int]
     known_latents: dict[int, torch.Tensor]
@@ -110,18 +67,10 @@ class WindowJob:
     window: Window | None = field(default=None, repr=False)
     case: Any = field(default=None, repr=False)
 
-    @property
-    def known_mask(self) -> list[bool]:
-        """Per frame of the window, True where it is known."""
-        return [i in self.known_latents for i in self.indices]
-
 
 SampleWindows = Callable[[list[WindowJob]], Sequence[torch.Tensor]]
 SampleRounds = Callable[[list[list[WindowJob]]], Sequence[Sequence[torch.Tensor]]]
 Propagation = Generator[list[WindowJob], Sequence[torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------- planning
 
 
 def _is_int(value) -> bool:
@@ -187,13 +136,7 @@ def plan_base_windows(num_slices: int, window: int = 16) -> list[Window]:
 
 def window_rounds(up: list[Window], down: list[Window]) -> list[list[Window]]:
     """Group the plan into batched rounds: ``[[up[0]], [up[1], down[0]], [up[2], down[1]], ...]``."""
-    rounds = [[up[0]]]
-    for r in range(1, max(len(up), len(down) + 1)):
-        rounds.append(([up[r]] if r < len(up) else []) + ([down[r - 1]] if r - 1 < len(down) else []))
-    return rounds
-
-
-# ---------------------------------------------------------------------------------------------- sampling
+    return [[up[0]]] + [[w for w in pair if w is not None] for pair in zip_longest(up[1:], down)]
 
 
 def propagation(
@@ -232,7 +175,7 @@ def propagation(
 
 
 def _propagate(rounds: list[list[Window]], num_slices: int, informed_latent, case) -> Propagation:
-    slices: list[torch.Tensor | None] = [None] * num_slices
+    slices: list[torch.Tensor | None] = [None] * num_slices  # planned so that each is written once, before it is read
     for windows_in_round in rounds:
         jobs = [_job(w, slices, informed_latent, case) for w in windows_in_round]
         outputs = list((yield jobs))
@@ -242,13 +185,9 @@ def _propagate(rounds: list[list[Window]], num_slices: int, informed_latent, cas
             if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(job.indices):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
                 raise ValueError(f"sample_windows output for window {job.indices} must be (F={len(job.indices)},C,h,w), got {got}")
-            for index in job.window.new_indices:
-                if slices[index] is not None:
-                    raise RuntimeError(f"slice {index} would be written twice (window {job.indices})")
-                slices[index] = out[job.indices.index(index)]
-    missing = [i for i, s in enumerate(slices) if s is None]
-    if missing:
-        raise RuntimeError(f"slices {missing} were never generated")
+            for frame, index in enumerate(job.indices):
+                if job.window.write[frame]:
+                    slices[index] = out[frame]
     return torch.stack(slices)  # type: ignore[arg-type]
 
 
@@ -277,72 +216,32 @@ def run_lockstep(sample_rounds: SampleRounds, steppers: Iterable[Generator], bat
         active = running
 
 
-def propagate_volume(
-    sample_windows: SampleWindows,
-    num_slices: int,
-    start: int | None,
-    informed_latent: torch.Tensor | None,
-    window: int = 16,
-    overlap: int = 1,
-    *,
-    mode: str = "informed",
-    base_batch: int = 2,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Generate every slice latent of one volume; returns ``(num_slices, C, h, w)``.
-
-    ``sample_windows(jobs: list[WindowJob]) -> list[Tensor (F, C, h, w)]`` samples one round's windows (one output
-    per job, ``F = len(job.indices)``; the output at known positions is ignored). Arguments as :func:`propagation`.
-    """
-    steps = propagation(num_slices, start, informed_latent, window, overlap, mode=mode, base_batch=base_batch)
-    with tqdm(desc="windows", disable=not progress, leave=False) as bar:
-
-        def sample_rounds(rounds):
-            bar.update(len(rounds[0]))
-            return [sample_windows(rounds[0])]
-
-        return next(run_lockstep(sample_rounds, [steps]))
+def propagate_volume(sample_windows: SampleWindows, *args, **kwargs) -> torch.Tensor:
+    """All slice latents ``(num_slices, C, h, w)`` of one volume: :func:`propagation` (same arguments), each round
+    sampled by ``sample_windows(jobs) -> [Tensor (F, C, h, w)]`` (one per job; outputs at known frames are ignored)."""
+    return next(run_lockstep(lambda rounds: [sample_windows(rounds[0])], [propagation(*args, **kwargs)]))
 
 
 def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None, case) -> WindowJob:
-    known_latents = {}
-    for index in window.known_indices:
-        if slices[index] is None:
-            raise RuntimeError(f"known frame {index} of window {window.indices} has not been generated")
-        known_latents[index] = slices[index]
-    if window.direction == "first":
-        informed = informed_latent
-    elif window.direction == "base":
-        informed = None
-    else:
+    if window.informed_index is not None:
         informed = slices[window.informed_index]
-        if informed is None:
-            raise RuntimeError(f"informed slice {window.informed_index} of window {window.indices} is not generated")
-    return WindowJob(list(window.indices), known_latents, informed, window, case)
-
-
-# ---------------------------------------------------------------------------------------------- batching helpers
+    else:  # the first window: the real informed slice's latent; a baseline window: none
+        informed = informed_latent if window.direction == "first" else None
+    return WindowJob(list(window.indices), {i: slices[i] for i in window.known_indices}, informed, window, case)
 
 
 def known_frames_for_jobs(
     jobs: Sequence[WindowJob], latent_shape: tuple[int, int, int], noise_level: str = "timestep",
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
 ) -> KnownFrames | None:
-    """Stack the jobs' known frames into :class:`KnownFrames` (``(B,F)`` mask, ``(B,F,C,h,w)`` latents); None if
-    no job has a known frame. All jobs must have the same length."""
-    lengths = {len(j.indices) for j in jobs}
-    if len(lengths) != 1:
-        raise ValueError(f"jobs must all have the same number of slices to be stacked, got lengths {sorted(lengths)}")
-    (num_frames,) = lengths
-    mask = torch.tensor([j.known_mask for j in jobs], dtype=torch.bool, device=device)
+    """Stack the jobs' known frames into :class:`KnownFrames` (``(B,F)`` mask, ``(B,F,C,h,w)`` latents, zero where
+    unknown); None if no job has a known frame. All jobs must have the same length."""
+    mask = torch.tensor([[i in job.known_latents for i in job.indices] for job in jobs], dtype=torch.bool, device=device)
     if not bool(mask.any()):
         return None
-    latents = torch.zeros((len(jobs), num_frames, *latent_shape), dtype=dtype, device=device)
-    for b, job in enumerate(jobs):
-        for f, index in enumerate(job.indices):
-            if index in job.known_latents:
-                latents[b, f] = job.known_latents[index].to(device=latents.device, dtype=dtype)
-    return KnownFrames(mask=mask, latents=latents, noise_level=noise_level)
+    zero = torch.zeros(latent_shape, dtype=dtype, device=device)
+    latents = [torch.stack([job.known_latents.get(i, zero).to(zero) for i in job.indices]) for job in jobs]
+    return KnownFrames(mask=mask, latents=torch.stack(latents), noise_level=noise_level)
 
 
 def informed_latents_for_jobs(jobs: Sequence[WindowJob]) -> torch.Tensor | None:
