@@ -315,9 +315,8 @@ class Enhancer:
         return paths
 
     def sample(self, case_name: str, k: int) -> Generator:
-        """Sample ``k`` of ``case_name`` as a propagation (yields its rounds of windows, see
-        :func:`gem3d.sampling.propagation.run_lockstep`); returns ``write()``, which decodes, writes and describes
-        the sample and returns its manifest record."""
+        """Generate, write and describe sample ``k`` of ``case_name``, as a generator that yields the rounds of its
+        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record."""
         t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
@@ -365,16 +364,10 @@ class Enhancer:
                 )[0]
             elif informed.image is not None:
                 informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
-            latents = yield from volume_propagation(
-                model, mask_latent, informed_latent, informed.target_index, options, generator
-            )
+            start = informed.target_index
+            latents = yield from volume_propagation(model, mask_latent, informed_latent, start, options, generator)
             if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
                 informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
-        return partial(self._write, case_name, k, seed, t0, case, label, edits, prepared, informed, loaded, latents)
-
-    def _write(self, case_name, k, seed, t0, case, label, edits, prepared, informed, loaded, latents) -> dict:
-        """Decode, write and describe a sampled volume; returns its manifest record."""
-        options = self.cfg.sampler
         image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
 
         paths = self.output_paths(case_name, k)
@@ -423,22 +416,19 @@ class Enhancer:
             if world_size == 1:  # nobody else writes here: drop the temporary files of a killed run
                 for leftover in self.cfg.setting_dir.rglob(".*.tmp*"):
                     leftover.unlink(missing_ok=True)
-            return self._run(rank, world_size)
-
-    def _run(self, rank: int, world_size: int) -> Path:
-        merged = Manifest(self.cfg.setting_dir / "manifest.json")
-        own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
-        manifest = merged if world_size == 1 else Manifest(own_path)
-        jobs = [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)][rank::world_size]
-        todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
-        bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
-                   disable=not self.cfg.progress)
-        samples = (self.sample(case, k) for case, k in bar)
-        model = None if self.volume_model is None else self.volume_model.model
-        rounds = partial(sample_rounds, model, self.cfg.sampler)
-        for write in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
-            manifest.add(write(), replace=True)
-        return own_path
+            merged = Manifest(self.cfg.setting_dir / "manifest.json")
+            own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
+            manifest = merged if world_size == 1 else Manifest(own_path)
+            jobs = [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)][rank::world_size]
+            todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
+            bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
+                       disable=not self.cfg.progress)
+            samples = (self.sample(case, k) for case, k in bar)
+            model = None if self.volume_model is None else self.volume_model.model
+            rounds = partial(sample_rounds, model, self.cfg.sampler)
+            for record in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
+                manifest.add(record, replace=True)
+            return own_path
 
 
 LOCK_NAME = ".gem3d.lock"
@@ -459,8 +449,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 

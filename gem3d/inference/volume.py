@@ -21,13 +21,7 @@ from gem3d.sampling.propagation import (
     propagation,
     run_lockstep,
 )
-from gem3d.sampling.samplers import (
-    NOISE_LEVELS,
-    make_schedule,
-    sample,
-    slice_correlated_noise,
-    validate_sample_options,
-)
+from gem3d.sampling.samplers import NOISE_LEVELS, make_schedule, sample, slice_correlated_noise, validate_sample_options
 from gem3d.sampling.schedule import alphas_cumprod_tensor
 
 CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior mean (gem3d) or a draw (the original)
@@ -117,14 +111,8 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
     return rearrange(torch.cat(grey), "d 1 h w -> d h w")
 
 
-def volume_propagation(
-    model,
-    mask_latent: torch.Tensor,
-    informed_latent: torch.Tensor | None,
-    start: int | None,
-    options: SamplerOptions,
-    generator: torch.Generator,
-) -> Propagation:
+def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
+                       options: SamplerOptions, generator: torch.Generator) -> Propagation:
     """The propagation of one volume (:func:`gem3d.sampling.propagation.propagation`), whose rounds
     :func:`sample_rounds` samples; run several with ``run_lockstep(partial(sample_rounds, model, options), ...)``.
 
@@ -189,14 +177,8 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
 
 
 @torch.no_grad()
-def sample_volume_latents(
-    model,
-    mask_latent: torch.Tensor,
-    informed_latent: torch.Tensor | None,
-    start: int | None,
-    options: SamplerOptions,
-    generator: torch.Generator,
-) -> torch.Tensor:
+def sample_volume_latents(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
+                          options: SamplerOptions, generator: torch.Generator) -> torch.Tensor:
     """All slice latents ``(D, C, h, w)`` of one volume (arguments as :func:`volume_propagation`)."""
     steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator)
     return next(run_lockstep(partial(sample_rounds, model, options), [steps]))
