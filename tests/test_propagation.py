@@ -16,11 +16,11 @@ from gem3d.sampling import (
     make_schedule,
     plan_base_windows,
     plan_windows,
-    propagate_volume,
+    propagation,
+    run_lockstep,
     sample,
     window_rounds,
 )
-from gem3d.sampling.propagation import propagation, run_lockstep
 
 LATENT = (1, 1, 1)  # (C, h, w): the fake sampler's latents are scalars
 
@@ -48,6 +48,11 @@ class RecordingSampler:
             outputs.append(out)
         self.calls.append(jobs)
         return outputs
+
+
+def propagate_volume(sample_windows, *args, **kwargs):
+    """One volume through :func:`propagation`, each round sampled by ``sample_windows(jobs)``."""
+    return next(run_lockstep(lambda rounds: [sample_windows(rounds[0])], [propagation(*args, **kwargs)]))
 
 
 def run(num_slices, start, window, overlap):

@@ -42,7 +42,7 @@ from gem3d.inference.volume import (
     sample_slice_latents,
     volume_propagation,
 )
-from gem3d.model_dirs import LoadedModel, load_model_dir
+from gem3d.model_dirs import load_model_dir
 from gem3d.sampling.propagation import run_lockstep
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
@@ -51,16 +51,14 @@ PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 @dataclass
 class InferenceConfig:
-    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it).
-
-    data: nnU-Net raw dataset folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``);
-    model / slice_model: model dirs (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``);
-    cases: ``None``/``"all"``, a count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``;
-    informed_from: counterfactual ``CASE[:POS]`` (POS relative, in [0, 1]); informed_select: de-enhancement rule
-    (``brightest``/``darkest`` decile of candidate slices); mask_edit: keyword arguments of ``icma_edit``;
-    preprocess: overrides the model's own data preprocessing; ema / slice_ema: EMA weights for the volume / slice
-    model (None = the model's default; the published stage-2 models have no EMA, their slice models do).
-    """
+    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it). data: nnU-Net raw dataset
+    folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``); model / slice_model: model dirs
+    (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``); cases: ``None``/``"all"``, a
+    count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``; informed_from: counterfactual ``CASE[:POS]``
+    (POS relative, in [0, 1]); informed_select: de-enhancement rule (``brightest``/``darkest`` decile of candidate
+    slices); mask_edit: keyword arguments of ``icma_edit``; preprocess: overrides the model's own data preprocessing;
+    ema / slice_ema: EMA weights for the volume / slice model (None = the model's default; the published stage-2 models
+    have no EMA, their slice models do)."""
 
     setting: str
     data: Path
@@ -110,13 +108,10 @@ class InferenceConfig:
 
 @dataclass(frozen=True, eq=False)
 class InformedSlice:
-    """Where a volume's informed slice comes from.
-
-    source: ``none`` | ``own_middle`` | ``generated`` | ``other_case``; case / index: the donor case and its slice
-    (None when generated); position: relative position in [0, 1]; target_index: the slice of the generated volume
-    the informed slice stands for (where propagation starts); image: the real slice ``(S, S)`` in [-1, 1], if any;
-    rule: the de-enhancement rule that chose the donor, if any.
-    """
+    """Where a volume's informed slice comes from. source: ``none`` | ``own_middle`` | ``generated`` | ``other_case``;
+    case / index: the donor case and its slice (None when generated); position: relative position in [0, 1];
+    target_index: the slice of the generated volume the informed slice stands for (where propagation starts); image: the
+    real slice ``(S, S)`` in [-1, 1], if any; rule: the de-enhancement rule that chose the donor, if any."""
 
     source: str
     case: str | None = None
@@ -176,8 +171,7 @@ class Enhancer:
         self.setting = cfg.setting_spec
         self.dataset = open_dataset(cfg.data)
         self.device = torch.device(cfg.device)
-        self.volume_model: LoadedModel | None = None
-        self.slice_model: LoadedModel | None = None
+        self.volume_model = self.slice_model = None  # LoadedModels, where the setting needs them
         if self.setting.needs_volume_model:
             self.volume_model = load_model_dir(cfg.model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
             expected = "baseline" if self.setting.model == "baseline" else "gem3d"
@@ -205,7 +199,8 @@ class Enhancer:
                 )
         self.preprocess = self._preprocess_config()
         self.names = self.dataset.case_names(cfg.split)
-        self.prepared = lru_cache(PREPARED_CACHE)(self._prepare)  # a few recently used cases (donors repeat)
+        # the preprocessed case; a few recently used ones are kept (donors repeat)
+        self.prepared = lru_cache(PREPARED_CACHE)(lambda name: prepare_case(self.load_case(name), self.preprocess))
         self.brightness_profile = cache(self._brightness_profile)
         if cfg.informed_donor is not None:
             donor = cfg.informed_donor[0]
@@ -250,10 +245,6 @@ class Enhancer:
 
     def load_case(self, name: str):
         return self.dataset.load_case(name, split=self.cfg.split, slice_axis=self.preprocess.slice_axis)
-
-    def _prepare(self, name: str):
-        """The preprocessed case (``self.prepared`` keeps the last ``PREPARED_CACHE`` in memory)."""
-        return prepare_case(self.load_case(name), self.preprocess)
 
     def _brightness_profile(self, name: str) -> np.ndarray:
         """``(D,)`` mean normalised intensity inside the body of every slice of case ``name`` (computed once)."""
@@ -325,10 +316,10 @@ class Enhancer:
         if case.label is None:
             raise ValueError(f"case {case_name!r} has no label: GEM-3D generates a volume from its mask")
         label = np.asarray(case.label).astype(np.int16)
-        window = self.cfg.sampler.window
-        if self.setting.model != "slice" and case.num_slices < window:
+        options = self.cfg.sampler
+        if self.setting.model != "slice" and case.num_slices < options.window:
             raise ValueError(
-                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {window}; pass "
+                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {options.window}; pass "
                 f"--window {case.num_slices} (or fewer) for such short volumes"
             )
         edits = None
@@ -344,7 +335,6 @@ class Enhancer:
         prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
         num_slices = prepared.num_slices
         informed = self.choose_informed(case_name, num_slices, rng)
-        options = self.cfg.sampler
         if self.slice_model is not None:  # the size of its latents (the volume model shares its first stage)
             f = self.slice_model.model.first_stage.downsample_factor
             hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
@@ -490,10 +480,9 @@ def output_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
-    """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them.
-
-    The ranks' records are merged with each other (:func:`merge_manifests`: a key in two rank files must hold the
-    same record) and then replace the records of an earlier run under the same key (a regenerated sample)."""
+    """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them. The ranks' records are merged with each
+    other (:func:`merge_manifests`: a key in two rank files must hold the same record) and then replace the records of
+    an earlier run under the same key (a regenerated sample)."""
     out = setting_dir / "manifest.json"
     rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
     if rank_paths:
@@ -510,11 +499,10 @@ def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
 
 
 def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:
-    """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes
-    with Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end.
-
-    Sharded runs must start from a script (``scripts/inference_*.py --num-processes N`` / ``--gpus``): Fabric's
-    launcher starts the other ranks by re-running ``sys.argv``. Every rank returns the merged manifest's path."""
+    """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes with
+    Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end. Sharded runs must
+    start from a script (``scripts/inference_*.py --num-processes N`` / ``--gpus``): Fabric's launcher starts the other
+    ranks by re-running ``sys.argv``. Every rank returns the merged manifest's path."""
     devices = len(gpus) if gpus else num_processes
     if devices <= 1:
         if gpus:

@@ -30,15 +30,15 @@ CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior
 @dataclass
 class SamplerOptions:
     """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
-    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's
-    timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows
-    in one batch), ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as
-    in the original), ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of
-    a window, ISCS-style; 0: independent), ``condition_posterior`` (mask and informed latents from the encoder
-    posterior's ``mean``, or a ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W
-    (eps_informed - eps_null)``, classifier-free-guidance style against the null informed slice; 1 = off, as in the
-    paper; meant for models trained with ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep, their
-    windows in shared UNet calls; a volume's result does not depend on it). See :mod:`gem3d.sampling.samplers`."""
+    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's timestep;
+    ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows in one batch),
+    ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as in the original),
+    ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of a window, ISCS-style; 0:
+    independent), ``condition_posterior`` (mask and informed latents from the encoder posterior's ``mean``, or a
+    ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``,
+    classifier-free-guidance style against the null informed slice; 1 = off, as in the paper; meant for models trained
+    with ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep, their windows in shared UNet calls; a
+    volume's result does not depend on it). See :mod:`gem3d.sampling.samplers`."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -88,8 +88,7 @@ def encode_informed_slice(model, image: torch.Tensor, sample: bool = False,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training; a posterior
     draw with ``sample``)."""
-    x = rearrange(image.to(model.device, torch.float32), "h w -> 1 1 h w")
-    return model.first_stage.encode(x, sample=sample, generator=generator)[0]
+    return encode_mask_volume(model, image[None], sample=sample, generator=generator)[0]
 
 
 @torch.no_grad()
@@ -103,9 +102,9 @@ def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, s
 
 @torch.no_grad()
 def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
-    """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1], on the CPU. Decoded
-    ``chunk_size`` slices at a time, each chunk reduced to grey and moved off the device at once, so device memory
-    holds one chunk's activations whatever D."""
+    """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1], on the CPU. Decoded ``chunk_size``
+    slices at a time, each chunk reduced to grey and moved off the device at once, so device memory holds one chunk's
+    activations whatever D."""
     chunks = latents.split(model.first_stage.chunk_size)
     grey = [model.first_stage.decode_grey(chunk.to(model.device)).clamp(-1.0, 1.0).cpu() for chunk in chunks]
     return rearrange(torch.cat(grey), "d 1 h w -> d h w")
@@ -113,34 +112,25 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
 
 def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
                        options: SamplerOptions, generator: torch.Generator) -> Propagation:
-    """The propagation of one volume (:func:`gem3d.sampling.propagation.propagation`), whose rounds
-    :func:`sample_rounds` samples; run several with ``run_lockstep(partial(sample_rounds, model, options), ...)``.
-
-    ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D), or None with a
-    mask-only (baseline) model, whose windows are sampled independently (the paper's baseline).
-    """
+    """One volume's :func:`~gem3d.sampling.propagation.propagation`, for ``run_lockstep(partial(sample_rounds, model,
+    options), ...)``. ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D),
+    or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline)."""
     uses_informed = bool(model.spec.use_informed)
     if uses_informed and informed_latent is None:
         raise ValueError(f"model variant {model.variant!r} needs an informed slice; got none")
     if not uses_informed and informed_latent is not None:
         raise ValueError(f"model variant {model.variant!r} is mask-only; informed_latent must be None")
-    return propagation(
-        mask_latent.shape[0], start if uses_informed else None,
-        None if informed_latent is None else informed_latent.to(model.device), options.window, options.overlap,
-        mode="informed" if uses_informed else "base", case=(mask_latent, generator),
-    )
+    return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap,
+                       mode="informed" if uses_informed else "base", case=(mask_latent, generator))
 
 
 @torch.no_grad()
 def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]]) -> list[list[torch.Tensor]]:
-    """Sample one round of windows of each of several volumes (jobs of :func:`volume_propagation`): per volume,
-    its windows' latents ``(F, C, h, w)``.
-
-    Windows of different volumes share UNet calls, yet every volume draws all its noise from its own generator, in
-    the order it would alone: a volume's result does not depend on which volumes share its calls. So calls are only
-    shared by volumes whose windows have the same length and either all or none have known frames (only those draw
-    known-frame noise), and without ``batch_directions`` each volume's windows go through calls one after another.
-    """
+    """One round of windows of each of several volumes (of :func:`volume_propagation`) -> per volume, its windows'
+    latents ``(F, C, h, w)``. Volumes share UNet calls, yet each draws its noise from its own generator in the order
+    it would alone (its result does not depend on who shares its calls): so only volumes whose windows have one
+    length and either all or none known frames (only those draw known-frame noise) share a call, and without
+    ``batch_directions`` each volume's windows go through calls one after another."""
     calls = [[jobs] if options.batch_directions else [[job] for job in jobs] for jobs in rounds]
     outputs: list[list[torch.Tensor]] = [[] for _ in rounds]
     for k in range(max(map(len, calls))):
@@ -157,14 +147,13 @@ def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]])
 
 
 def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) -> torch.Tensor:
-    """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case``
-    is its volume's ``(mask_latent, generator)``."""
+    """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case`` is
+    its volume's ``(mask_latent, generator)``."""
     jobs = [job for call in calls for job in call]
     shape = (len(jobs[0].indices), *jobs[0].case[0].shape[1:])
     x_T = torch.cat([options.noise((len(call), *shape), call[0].case[1], model.device) for call in calls])
     masks = torch.stack([job.case[0][job.indices] for job in jobs]).to(model.device)
-    informed = informed_latents_for_jobs(jobs)
-    informed = None if informed is None else informed.to(model.device)
+    informed = informed_latents_for_jobs(jobs, model.device)
     cond = model.condition(masks, informed)
     if informed is not None and float(options.informed_guidance) != 1.0:  # informed-slice guidance
         null = model.condition(masks, model.null_informed_latent(informed))

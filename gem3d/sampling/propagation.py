@@ -12,11 +12,9 @@ the paper), every slice exactly once:
 4. In every window, each slice an earlier window generated is a **known frame** at its true position, never
    written; the **informed latent** is the generated slice nearest to its new slices (``hi`` up, ``lo`` down).
 
-Round 0 samples the first window alone; round r >= 1 the r-th upward and the (r-1)-th downward window together,
-where both exist (windows have one length, so they stack). :func:`run_lockstep` runs the rounds of several volumes.
-
-``mode="base"`` (the paper's baseline, no informed slice): independent windows ``[0, w), [w, 2w), ...`` tiling the
-volume, the last aligned to the end; a slice covered twice is written by the first window covering it.
+Round 0 samples the first window alone, round r >= 1 the r-th upward and the (r-1)-th downward window together.
+``mode="base"`` (the paper's baseline, no informed slice): independent windows ``[0, w), [w, 2w), ...``, the last
+aligned to the end; a slice covered twice is written by the first window covering it.
 """
 
 from __future__ import annotations
@@ -57,9 +55,9 @@ class Window:
 
 @dataclass
 class WindowJob:
-    """What a sampler needs to sample one window: ``indices`` (ascending, F of them); ``known_latents``: slice index
-    -> clean latent ``(C,h,w)`` of each known frame; ``informed_latent`` ``(C,h,w)`` or None (baseline); ``window``:
-    the plan entry; ``case``: what the sampler needs to know about the job's volume (e.g. its mask latents)."""
+    """What a sampler needs to sample one window: ``indices`` (ascending, F of them); ``known_latents``: slice index ->
+    clean latent ``(C,h,w)`` of each known frame; ``informed_latent`` ``(C,h,w)`` or None (baseline); ``window``: the
+    plan entry; ``case``: what the sampler needs to know about the job's volume (e.g. its mask latents)."""
 
     indices: list[int]
     known_latents: dict[int, torch.Tensor]
@@ -68,7 +66,6 @@ class WindowJob:
     case: Any = field(default=None, repr=False)
 
 
-SampleWindows = Callable[[list[WindowJob]], Sequence[torch.Tensor]]
 SampleRounds = Callable[[list[list[WindowJob]]], Sequence[Sequence[torch.Tensor]]]
 Propagation = Generator[list[WindowJob], Sequence[torch.Tensor], torch.Tensor]
 
@@ -95,10 +92,8 @@ def _window(start: int, length: int, lo: int, hi: int, direction: str, informed_
 
 def plan_windows(num_slices: int, start: int, window: int = 16, overlap: int = 1) -> tuple[list[Window], list[Window]]:
     """Plan the informed propagation: ``(up, down)`` with ``up[0]`` the first window (see the module docstring).
-
     ``start``: the informed slice's index in ``[0, num_slices)``. ``overlap``: known frames carried from window to
-    window, in ``[0, window - 1]``.
-    """
+    window, in ``[0, window - 1]``."""
     _validate_plan_args(num_slices, window, overlap)
     if not _is_int(start) or not 0 <= start < num_slices:
         raise ValueError(f"start must be an int in [0, num_slices - 1] = [0, {num_slices - 1}], got {start!r}")
@@ -141,13 +136,10 @@ def window_rounds(up: list[Window], down: list[Window]) -> list[list[Window]]:
 
 def propagation(num_slices: int, start: int | None, informed_latent: torch.Tensor | None, window: int = 16,
                 overlap: int = 1, *, mode: str = "informed", base_batch: int = 2, case: Any = None) -> Propagation:
-    """The propagation of one volume, step by step: a generator that yields each round's ``list[WindowJob]``
-    (``case`` attached to every job), is sent their outputs ``(F, C, h, w)`` and returns all slice latents
-    ``(num_slices, C, h, w)``. :func:`run_lockstep` drives several of them at once.
-
+    """One volume's propagation as a generator: yields each round's ``list[WindowJob]`` (``case`` attached to each),
+    is sent their outputs ``(F, C, h, w)``, returns all slice latents ``(num_slices, C, h, w)`` (see run_lockstep).
     ``informed_latent (C,h,w)``: the real informed slice's latent (``mode="informed"``), None for ``mode="base"``
-    (where ``start`` is unused and up to ``base_batch`` independent windows form a round).
-    """
+    (where ``start`` is unused and up to ``base_batch`` independent windows form a round)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "informed":
@@ -179,9 +171,9 @@ def propagation(num_slices: int, start: int | None, informed_latent: torch.Tenso
 
 
 def run_lockstep(sample_rounds: SampleRounds, steppers: Iterable[Generator], batch: int = 1) -> Iterator:
-    """Drive up to ``batch`` generators like :func:`propagation` round by round, one ``sample_rounds`` call per
-    round for all of them: ``sample_rounds(rounds: list[list[WindowJob]])`` returns each one's outputs. A finished
-    one yields its return value and the next of ``steppers`` takes its place (volumes of any length mix)."""
+    """Drive up to ``batch`` generators like :func:`propagation` in lockstep: one ``sample_rounds(rounds:
+    list[list[WindowJob]])`` call per round returns each one's outputs. A finished one yields its return value and
+    the next of ``steppers`` takes its place (volumes of any length mix)."""
     if not _is_int(batch) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     steppers, active = iter(steppers), []
@@ -201,12 +193,6 @@ def run_lockstep(sample_rounds: SampleRounds, steppers: Iterable[Generator], bat
             except StopIteration as done:
                 yield done.value
         active = running
-
-
-def propagate_volume(sample_windows: SampleWindows, *args, **kwargs) -> torch.Tensor:
-    """All slice latents ``(num_slices, C, h, w)`` of one volume: :func:`propagation` (same arguments), each round
-    sampled by ``sample_windows(jobs) -> [Tensor (F, C, h, w)]`` (one per job; outputs at known frames are ignored)."""
-    return next(run_lockstep(lambda rounds: [sample_windows(rounds[0])], [propagation(*args, **kwargs)]))
 
 
 def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None, case) -> WindowJob:
@@ -232,11 +218,11 @@ def known_frames_for_jobs(
     return KnownFrames(mask=mask, latents=torch.stack(latents), noise_level=noise_level)
 
 
-def informed_latents_for_jobs(jobs: Sequence[WindowJob]) -> torch.Tensor | None:
-    """``(B,C,h,w)`` informed latents of the jobs, or None when none has one (baseline); mixing raises."""
+def informed_latents_for_jobs(jobs: Sequence[WindowJob], device: torch.device | None = None) -> torch.Tensor | None:
+    """``(B,C,h,w)`` informed latents of the jobs on ``device``, or None when none has one (baseline); mixing raises."""
     has = [j.informed_latent is not None for j in jobs]
     if not any(has):
         return None
     if not all(has):
         raise ValueError(f"either every job or none has an informed latent, got {has}")
-    return torch.stack([j.informed_latent for j in jobs])
+    return torch.stack([j.informed_latent for j in jobs]).to(device)
