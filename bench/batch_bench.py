@@ -10,6 +10,7 @@ excluded) over the number of cases.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -48,11 +49,11 @@ def run_once(data: Path, model_dir: Path, out: Path, batch: int, device: str) ->
                           device=device, progress=False)
     enhancer = Enhancer(cfg)
     counter = EvaluationCounter(enhancer.volume_model.model.unet)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     memory, _ = peak_memory(enhancer.run, device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     counter.handle.remove()
-    return {"seconds": seconds, "memory": memory, "calls": counter.calls, "slices": counter.slices}
+    return {"seconds": seconds, "cpu": cpu, "memory": memory, "calls": counter.calls, "slices": counter.slices}
 
 
 def bench_batch(device: str, quick: bool) -> tuple[list[dict], list[str]]:
@@ -61,22 +62,27 @@ def bench_batch(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     data = build_demo_dataset(tmp / "dataset", cases=cases)
     model_dir = save_model_dir(build_model("demo", "cpu"), tmp / "model")
     repeats = 2 if quick else 5
+    load = [os.getloadavg()[0]]
     results: dict[int, list[dict]] = {batch: [] for batch in BATCHES}
     for repeat in range(repeats):
         for batch in BATCHES:
             results[batch].append(run_once(data, model_dir, tmp / f"out-{repeat}-{batch}", batch, device))
             print(f"  batch_windows {batch}: {results[batch][-1]}", flush=True)
+            load.append(os.getloadavg()[0])
     seconds = {batch: statistics.median(r["seconds"] for r in runs) / cases for batch, runs in results.items()}
+    cpu = {batch: statistics.median(r["cpu"] for r in runs) / cases for batch, runs in results.items()}
     rows = []
     for batch, runs in results.items():
         rows.append({
             "what": f"demo: {cases} cases of 48x64x64, ic, DDIM 25 (demo.yaml)", "variant": f"batch_windows {batch}",
-            "s / volume": f"{seconds[batch]:.2f} s",
+            "s / volume": f"{seconds[batch]:.2f} s", "CPU s / volume": f"{cpu[batch]:.2f} s",
             "UNet calls (slice evaluations) / volume": f"{runs[0]['calls'] / cases:.1f} ({runs[0]['slices'] / cases:.0f})",
             "peak memory": fmt_bytes(max(r["memory"] for r in runs)),
-            "ratio": f"{seconds[batch] / seconds[1]:.2f}x time of batch_windows 1",
+            "ratio": f"{seconds[batch] / seconds[1]:.2f}x time, {cpu[batch] / cpu[1]:.2f}x CPU time of batch_windows 1",
             "repeats": str(repeats),
         })
     notes = [f"Random weights (the demo's UNet and first-stage configs), model loading excluded; seconds: the median "
-             f"of {repeats} interleaved runs of all {cases} cases, divided by {cases}."]
+             f"of {repeats} interleaved runs of all {cases} cases, divided by {cases}; CPU seconds: the process's CPU "
+             f"time (one torch thread), less sensitive than wall time to other load on the machine (load average "
+             f"{min(load):.1f}-{max(load):.1f} during the runs)."]
     return rows, notes
