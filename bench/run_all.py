@@ -8,6 +8,8 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
   default and fastest, UNet evaluations per volume, seconds, peak memory;
 - ``training``: one training step at demo and paper size, fp32 vs bf16 autocast, checkpointing on vs off;
 - ``data``: clips per second with 0, 2 and 4 loader workers against the training step rate;
+- ``batch``: the inference engine end to end at demo size with ``batch_windows`` 1, 2 and 4;
+- ``channels_last``: the UNet forward with and without the channels_last memory format;
 - ``unet_paper`` (opt-in): the paper's stage-1 forward against both peers, with more slices and repeats;
 - ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager;
 - ``quality_steps`` (opt-in, needs trained demo models: ``--demo-out DIR``): ``test``-setting PSNR, SSIM and slice
@@ -15,7 +17,7 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
 
-    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,unet_paper,compile] [--threads N]
+    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,batch,channels_last,...] [--threads N]
     python bench/run_all.py --only quality_steps --demo-out demo_out [--work DIR]
 """
 from __future__ import annotations
@@ -46,8 +48,10 @@ SECTIONS = {
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
     "quality_steps": ("5. Quality vs steps (trained demo models)", "quality_steps", "bench_quality_steps"),
     "latent_cache": ("6. Latent cache: a training step without the encoder", "latent_cache", "bench_latent_cache"),
+    "batch": ("7. Cases batched in lockstep (batch_windows)", "batch_bench", "bench_batch"),
+    "channels_last": ("8. channels_last memory format", "unet_bench", "bench_channels_last"),
 }
-DEFAULT = ("unet", "volume", "training", "data")  # opt-in: unet_paper (minutes), compile (minutes of compilation),
+DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last")  # opt-in: unet_paper (minutes), compile (minutes of compilation),
 # quality_steps (trained demo models, minutes), latent_cache (the KL-f8 encoder on a 512x512 slice: a minute)
 INTRO = """# gem3d benchmarks
 

@@ -5,6 +5,7 @@ stage-2 rows compare the volumetric UNet with gem3d's stage 1 measured in the sa
 """
 from __future__ import annotations
 
+import copy
 import gc
 import time
 
@@ -149,4 +150,34 @@ def bench_unet_paper(device: str, quick: bool) -> tuple[list[dict], list[str]]:
              "ratio": "; ".join(f"{seconds[OURS_1] / seconds[p]:.2f}x time, {memory[OURS_1] / memory[p]:.2f}x memory of {p}"
                                 for p in PEERS) if name == OURS_1 else "", "repeats": str(repeats)}
             for name, s in seconds.items()]
+    return rows, []
+
+
+def bench_channels_last(device: str, quick: bool) -> tuple[list[dict], list[str]]:
+    """The UNet forward with the weights and input in ``torch.channels_last`` against the default (contiguous)
+    format, at the demo's and the paper's stage-1 / stage-2 widths (CPU: 1 paper slice)."""
+    rows = []
+    for size, name in (("demo", OURS_1), ("demo", OURS_2), ("paper", OURS_1), ("paper", OURS_2)):
+        slices = 1 if size == "paper" and device == "cpu" else 16
+        torch.manual_seed(0)
+        stage = name.removeprefix("gem3d ")  # "stage 1" / "stage 2"
+        model = UNetModel(**CONFIGS[f"{size} {stage}"]).to(device).eval()
+        hw = LATENT_SIZE[size]
+        x = torch.randn(slices, 12, hw, hw, device=device)
+        t = torch.full((slices,), 500, device=device)
+        last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        fns = {"contiguous": forward_fn(name, model, x, t),
+               "channels_last": forward_fn(name, last, x.contiguous(memory_format=torch.channels_last), t)}
+        difference = (fns["channels_last"]() - fns["contiguous"]()).abs().max().item()
+        repeats = (15 if size == "demo" else 3) if quick else (31 if size == "demo" else 5)
+        seconds = interleaved_medians(fns, repeats, device, warmup=0)
+        for variant, s in seconds.items():
+            rows.append({"what": f"UNet forward, {size} {stage}, {slices}x12x{hw}x{hw}",
+                         "variant": variant, "time": fmt_seconds(s),
+                         "ratio": f"{s / seconds['contiguous']:.2f}x contiguous" if variant != "contiguous" else "",
+                         "max abs difference": f"{difference:.1g}" if variant != "contiguous" else "",
+                         "repeats": str(repeats)})
+            print("  " + " | ".join(rows[-1].values()), flush=True)
+        del model, last
+        gc.collect()
     return rows, []

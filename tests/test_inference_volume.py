@@ -1,6 +1,8 @@
 """gem3d.inference.volume: sampling whole volumes with a model (fake denoisers and tiny models)."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -10,10 +12,12 @@ from gem3d.inference.volume import (
     decode_volume,
     encode_informed_slice,
     encode_mask_volume,
+    sample_rounds,
     sample_slice_latents,
     sample_volume_latents,
+    volume_propagation,
 )
-from gem3d.sampling.propagation import plan_windows
+from gem3d.sampling.propagation import plan_windows, run_lockstep
 from gem3d.sampling.schedule import alphas_cumprod_tensor
 from tests import _tiny_models
 
@@ -195,3 +199,34 @@ def test_tiny_models_encode_sample_and_decode_a_volume(tiny):
         sample_slice_latents(slice_model, torch.tensor([1.5]), (8, 8), options, torch.Generator())
     with pytest.raises(ValueError, match="position variant"):
         sample_slice_latents(volume, torch.tensor([0.5]), (8, 8), options, torch.Generator())
+
+
+@pytest.mark.parametrize("overlap,batch_directions", [(1, True), (0, True), (1, False)])
+def test_volumes_sampled_together_match_each_volume_sampled_alone(tiny, overlap, batch_directions):
+    """batch_windows: the windows of several volumes (different lengths, starts, seeds) share UNet calls, and each
+    volume draws its noise (DDIM eta 1) from its own generator: the same volume whichever share its calls."""
+    from gem3d.model_dirs import load_model_dir
+
+    model = load_model_dir(tiny["volume_stage"]).model
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    conditions = torch.Generator().manual_seed(5)
+    volumes = [(torch.randn(n, 4, 8, 8, generator=conditions), torch.randn(4, 8, 8, generator=conditions), start)
+               for n, start in ((7, 3), (12, 0), (9, 8))]
+    options = SamplerOptions(steps=2, eta=1.0, window=4, overlap=overlap, batch_directions=batch_directions)
+    rounds = partial(sample_rounds, model, options)
+
+    def steppers():
+        return [volume_propagation(model, mask, informed, start, options, torch.Generator().manual_seed(seed))
+                for seed, (mask, informed, start) in enumerate(volumes)]
+
+    alone = [next(run_lockstep(rounds, [stepper])) for stepper in steppers()]
+    (calls_alone, widest_alone), calls[:] = (len(calls), max(calls)), []
+    assert torch.equal(alone[0], sample_volume_latents(model, *volumes[0], options, torch.Generator().manual_seed(0)))
+    for batch in (2, 3):
+        calls.clear()
+        together = sorted(run_lockstep(rounds, steppers(), batch), key=len)
+        for volume, expected in zip(together, sorted(alone, key=len)):
+            torch.testing.assert_close(volume, expected, atol=1e-5, rtol=1e-5)
+        assert len(calls) < calls_alone and max(calls) > widest_alone  # fewer, wider UNet calls
+    hook.remove()

@@ -16,7 +16,8 @@ from gem3d.sampling import (
     make_schedule,
     plan_base_windows,
     plan_windows,
-    propagate_volume,
+    propagation,
+    run_lockstep,
     sample,
     window_rounds,
 )
@@ -47,6 +48,11 @@ class RecordingSampler:
             outputs.append(out)
         self.calls.append(jobs)
         return outputs
+
+
+def propagate_volume(sample_windows, *args, **kwargs):
+    """One volume through :func:`propagation`, each round sampled by ``sample_windows(jobs)``."""
+    return next(run_lockstep(lambda rounds: [sample_windows(rounds[0])], [propagation(*args, **kwargs)]))
 
 
 def run(num_slices, start, window, overlap):
@@ -215,6 +221,29 @@ def test_propagation_with_ddim_keeps_known_frames_and_batches_jobs():
             assert torch.equal(out[known.mask], known.latents[known.mask])
         return list(out)
 
-    volume = propagate_volume(sample_windows, 20, 9, torch.randn(latent), window=6, overlap=1, progress=True)
+    volume = propagate_volume(sample_windows, 20, 9, torch.randn(latent), window=6, overlap=1)
     assert volume.shape == (20, *latent) and torch.isfinite(volume).all()
     assert seen_batches[0] == 1 and 2 in seen_batches
+
+
+def test_run_lockstep_samples_the_rounds_of_several_volumes_together():
+    """Volumes of different lengths share each round's call; a finished one leaves and the next takes its place."""
+    plans = {0: (40, 20), 1: (10, 0), 2: (25, 24)}  # volume: (num_slices, start)
+    seen = []
+
+    def sample_rounds(rounds):  # frame value: 1000 x volume + slice index
+        seen.append([jobs[0].case for jobs in rounds])
+        frames = [[torch.tensor(job.indices, dtype=torch.float32).reshape(-1, 1, 1, 1) for job in jobs] for jobs in rounds]
+        return [[1000.0 * job.case + f.expand(-1, *LATENT) for job, f in zip(jobs, fs)] for jobs, fs in zip(rounds, frames)]
+
+    steppers = [propagation(n, s, torch.zeros(LATENT), window=6, case=c) for c, (n, s) in plans.items()]
+    results = list(run_lockstep(sample_rounds, steppers, batch=2))
+    assert [int(r[0]) // 1000 for r in results] == [1, 0, 2]  # in the order they finish
+    for volume in results:
+        c = int(volume[0]) // 1000
+        assert torch.equal(volume.flatten(), 1000.0 * c + torch.arange(plans[c][0], dtype=torch.float32))
+    rounds = {c: len(window_rounds(*plan_windows(n, s, window=6))) for c, (n, s) in plans.items()}
+    assert seen[: rounds[1]] == [[0, 1]] * rounds[1] and seen[rounds[1]] == [0, 2]
+    assert max(map(len, seen)) == 2 and len(seen) < sum(rounds.values())
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        next(run_lockstep(sample_rounds, steppers, batch=0))

@@ -14,11 +14,11 @@ import os
 import socket
 import time
 import zlib
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache, lru_cache, partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -38,10 +38,12 @@ from gem3d.inference.volume import (
     decode_volume,
     encode_informed_slice,
     encode_mask_volume,
+    sample_rounds,
     sample_slice_latents,
-    sample_volume_latents,
+    volume_propagation,
 )
-from gem3d.model_dirs import LoadedModel, load_model_dir
+from gem3d.model_dirs import load_model_dir
+from gem3d.sampling.propagation import run_lockstep
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
 PREPARED_CACHE = 4  # preprocessed cases kept in memory
@@ -49,16 +51,14 @@ PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 @dataclass
 class InferenceConfig:
-    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it).
-
-    data: nnU-Net raw dataset folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``);
-    model / slice_model: model dirs (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``);
-    cases: ``None``/``"all"``, a count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``;
-    informed_from: counterfactual ``CASE[:POS]`` (POS relative, in [0, 1]); informed_select: de-enhancement rule
-    (``brightest``/``darkest`` decile of candidate slices); mask_edit: keyword arguments of ``icma_edit``;
-    preprocess: overrides the model's own data preprocessing; ema / slice_ema: EMA weights for the volume / slice
-    model (None = the model's default; the published stage-2 models have no EMA, their slice models do).
-    """
+    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it). data: nnU-Net raw dataset
+    folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``); model / slice_model: model dirs
+    (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``); cases: ``None``/``"all"``, a
+    count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``; informed_from: counterfactual ``CASE[:POS]``
+    (POS relative, in [0, 1]); informed_select: de-enhancement rule (``brightest``/``darkest`` decile of candidate
+    slices); mask_edit: keyword arguments of ``icma_edit``; preprocess: overrides the model's own data preprocessing;
+    ema / slice_ema: EMA weights for the volume / slice model (None = the model's default; the published stage-2 models
+    have no EMA, their slice models do)."""
 
     setting: str
     data: Path
@@ -108,13 +108,10 @@ class InferenceConfig:
 
 @dataclass(frozen=True, eq=False)
 class InformedSlice:
-    """Where a volume's informed slice comes from.
-
-    source: ``none`` | ``own_middle`` | ``generated`` | ``other_case``; case / index: the donor case and its slice
-    (None when generated); position: relative position in [0, 1]; target_index: the slice of the generated volume
-    the informed slice stands for (where propagation starts); image: the real slice ``(S, S)`` in [-1, 1], if any;
-    rule: the de-enhancement rule that chose the donor, if any.
-    """
+    """Where a volume's informed slice comes from. source: ``none`` | ``own_middle`` | ``generated`` | ``other_case``;
+    case / index: the donor case and its slice (None when generated); position: relative position in [0, 1];
+    target_index: the slice of the generated volume the informed slice stands for (where propagation starts); image: the
+    real slice ``(S, S)`` in [-1, 1], if any; rule: the de-enhancement rule that chose the donor, if any."""
 
     source: str
     case: str | None = None
@@ -166,15 +163,15 @@ def slice_index(pos: float, num_slices: int) -> int:
 
 
 class Enhancer:
-    """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``."""
+    """Runs one setting over a dataset. ``run(rank, world_size)`` processes the cases ``rank::world_size``,
+    ``sampler.batch_windows`` of them in lockstep (their windows in shared UNet calls)."""
 
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
         self.setting = cfg.setting_spec
         self.dataset = open_dataset(cfg.data)
         self.device = torch.device(cfg.device)
-        self.volume_model: LoadedModel | None = None
-        self.slice_model: LoadedModel | None = None
+        self.volume_model = self.slice_model = None  # LoadedModels, where the setting needs them
         if self.setting.needs_volume_model:
             self.volume_model = load_model_dir(cfg.model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
             expected = "baseline" if self.setting.model == "baseline" else "gem3d"
@@ -202,8 +199,9 @@ class Enhancer:
                 )
         self.preprocess = self._preprocess_config()
         self.names = self.dataset.case_names(cfg.split)
-        self._prepared: OrderedDict[str, Any] = OrderedDict()  # a few recently used cases (donors repeat)
-        self._brightness: dict[str, np.ndarray] = {}  # per case: mean body intensity per slice (informed_select)
+        # the preprocessed case; a few recently used ones are kept (donors repeat)
+        self.prepared = lru_cache(PREPARED_CACHE)(lambda name: prepare_case(self.load_case(name), self.preprocess))
+        self.brightness_profile = cache(self._brightness_profile)
         if cfg.informed_donor is not None:
             donor = cfg.informed_donor[0]
             if donor not in self.names:
@@ -211,7 +209,6 @@ class Enhancer:
                     f"--informed-from: case {donor!r} is not in {cfg.data} (split {cfg.split}); cases: {self.names}"
                 )
 
-    # ----------------------------------------------------------------------------------------- setup
     def _preprocess_config(self) -> PreprocessConfig:
         cfg = self.cfg.preprocess
         for loaded in (self.volume_model, self.slice_model):
@@ -249,28 +246,15 @@ class Enhancer:
     def load_case(self, name: str):
         return self.dataset.load_case(name, split=self.cfg.split, slice_axis=self.preprocess.slice_axis)
 
-    def prepared(self, name: str):
-        """The preprocessed case (the last ``PREPARED_CACHE`` are kept in memory)."""
-        if name in self._prepared:
-            self._prepared.move_to_end(name)
-        else:
-            self._prepared[name] = prepare_case(self.load_case(name), self.preprocess)
-            while len(self._prepared) > PREPARED_CACHE:
-                self._prepared.popitem(last=False)
-        return self._prepared[name]
-
-    def brightness_profile(self, name: str) -> np.ndarray:
+    def _brightness_profile(self, name: str) -> np.ndarray:
         """``(D,)`` mean normalised intensity inside the body of every slice of case ``name`` (computed once)."""
-        if name not in self._brightness:
-            prepared = self.prepared(name)
-            image = np.asarray(prepared.image)
-            body = np.asarray(prepared.label) >= 0 if prepared.label is not None else np.ones(image.shape, bool)
-            count = body.sum(axis=(1, 2))
-            total = np.where(body, image, 0.0).sum(axis=(1, 2))
-            self._brightness[name] = np.where(count > 0, total / np.maximum(count, 1), -1.0)
-        return self._brightness[name]
+        prepared = self.prepared(name)
+        image = np.asarray(prepared.image)
+        body = np.asarray(prepared.label) >= 0 if prepared.label is not None else np.ones(image.shape, bool)
+        count = body.sum(axis=(1, 2))
+        total = np.where(body, image, 0.0).sum(axis=(1, 2))
+        return np.where(count > 0, total / np.maximum(count, 1), -1.0)
 
-    # ----------------------------------------------------------------------------------------- informed slice
     def choose_informed(self, case: str, num_slices: int, rng: np.random.Generator) -> InformedSlice:
         """Where the informed slice of a sample of ``case`` (``num_slices`` slices) comes from, as the setting says."""
         kind = self.setting.informed
@@ -312,7 +296,6 @@ class Enhancer:
         decile = order[: max(1, len(order) // 10)]
         return donors[int(decile[int(rng.integers(len(decile)))])]
 
-    # ----------------------------------------------------------------------------------------- one sample
     def output_paths(self, case: str, k: int) -> dict[str, Path]:
         base = self.cfg.setting_dir
         paths = {"image": base / f"{case}_s{k}_image.nii.gz"}
@@ -322,8 +305,9 @@ class Enhancer:
             paths["preview"] = base / "previews" / f"{case}_s{k}.png"
         return paths
 
-    def generate(self, case_name: str, k: int) -> dict:
-        """Generate, write and describe sample ``k`` of ``case_name``; returns its manifest record."""
+    def sample(self, case_name: str, k: int) -> Generator:
+        """Generate, write and describe sample ``k`` of ``case_name``, as a generator that yields the rounds of its
+        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record."""
         t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
@@ -332,10 +316,10 @@ class Enhancer:
         if case.label is None:
             raise ValueError(f"case {case_name!r} has no label: GEM-3D generates a volume from its mask")
         label = np.asarray(case.label).astype(np.int16)
-        window = self.cfg.sampler.window
-        if self.setting.model != "slice" and case.num_slices < window:
+        options = self.cfg.sampler
+        if self.setting.model != "slice" and case.num_slices < options.window:
             raise ValueError(
-                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {window}; pass "
+                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {options.window}; pass "
                 f"--window {case.num_slices} (or fewer) for such short volumes"
             )
         edits = None
@@ -351,13 +335,11 @@ class Enhancer:
         prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
         num_slices = prepared.num_slices
         informed = self.choose_informed(case_name, num_slices, rng)
-        options = self.cfg.sampler
-        progress = self.cfg.progress
-
+        if self.slice_model is not None:  # the size of its latents (the volume model shares its first stage)
+            f = self.slice_model.model.first_stage.downsample_factor
+            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
         if self.setting.model == "slice":
             loaded = self.slice_model
-            f = loaded.model.first_stage.downsample_factor
-            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
             positions = torch.arange(num_slices, dtype=torch.float32) / num_slices
             latents = sample_slice_latents(loaded.model, positions, hw, options, generator)
         else:
@@ -367,20 +349,16 @@ class Enhancer:
             mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
             informed_latent = None
             if informed.source == "generated":
-                f = self.slice_model.model.first_stage.downsample_factor
-                hw = tuple(s // f for s in prepared.image.shape[1:])
                 informed_latent = sample_slice_latents(
                     self.slice_model.model, torch.tensor([informed.position]), hw, options, generator
                 )[0]
             elif informed.image is not None:
                 informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
-            latents = sample_volume_latents(
-                model, mask_latent, informed_latent, informed.target_index, options, generator, progress=progress
-            )
+            start = informed.target_index
+            latents = yield from volume_propagation(model, mask_latent, informed_latent, start, options, generator)
             if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
-                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].cpu().numpy())
-        volume = decode_volume(loaded.model, latents).cpu().numpy()
-        image_source = restore_volume(volume, prepared)
+                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
+        image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
 
         paths = self.output_paths(case_name, k)
         geometry = case.geometry
@@ -417,10 +395,6 @@ class Enhancer:
             files={name: str(p.relative_to(self.cfg.setting_dir)) for name, p in paths.items()},
         )
 
-    # ----------------------------------------------------------------------------------------- the run
-    def jobs(self) -> list[tuple[str, int]]:
-        return [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)]
-
     def is_done(self, manifest: Manifest, case: str, k: int) -> bool:
         key = (case, self.cfg.setting, k)
         return manifest.has(key) and all(p.exists() for p in self.output_paths(case, k).values())
@@ -432,19 +406,19 @@ class Enhancer:
             if world_size == 1:  # nobody else writes here: drop the temporary files of a killed run
                 for leftover in self.cfg.setting_dir.rglob(".*.tmp*"):
                     leftover.unlink(missing_ok=True)
-            return self._run(rank, world_size)
-
-    def _run(self, rank: int, world_size: int) -> Path:
-        merged = Manifest(self.cfg.setting_dir / "manifest.json")
-        own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
-        manifest = merged if world_size == 1 else Manifest(own_path)
-        jobs = self.jobs()[rank::world_size]
-        todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
-        bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
-                   disable=not self.cfg.progress)
-        for case, k in bar:
-            manifest.add(self.generate(case, k), replace=True)
-        return own_path
+            merged = Manifest(self.cfg.setting_dir / "manifest.json")
+            own_path = merged.path if world_size == 1 else self.cfg.setting_dir / f"manifest.rank{rank}.json"
+            manifest = merged if world_size == 1 else Manifest(own_path)
+            jobs = [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)][rank::world_size]
+            todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
+            bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
+                       disable=not self.cfg.progress)
+            samples = (self.sample(case, k) for case, k in bar)
+            model = None if self.volume_model is None else self.volume_model.model
+            rounds = partial(sample_rounds, model, self.cfg.sampler)
+            for record in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
+                manifest.add(record, replace=True)
+            return own_path
 
 
 LOCK_NAME = ".gem3d.lock"
@@ -465,8 +439,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -506,10 +480,9 @@ def output_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
-    """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them.
-
-    The ranks' records are merged with each other (:func:`merge_manifests`: a key in two rank files must hold the
-    same record) and then replace the records of an earlier run under the same key (a regenerated sample)."""
+    """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them. The ranks' records are merged with each
+    other (:func:`merge_manifests`: a key in two rank files must hold the same record) and then replace the records of
+    an earlier run under the same key (a regenerated sample)."""
     out = setting_dir / "manifest.json"
     rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
     if rank_paths:
@@ -526,11 +499,10 @@ def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
 
 
 def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:
-    """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes
-    with Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end.
-
-    Sharded runs must start from a script (``scripts/inference_*.py --num-processes N`` / ``--gpus``): Fabric's
-    launcher starts the other ranks by re-running ``sys.argv``. Every rank returns the merged manifest's path."""
+    """Run a setting on one device, or shard the cases over ``gpus`` (CUDA) or ``num_processes`` CPU processes with
+    Lightning Fabric's DDP launcher (one process per device); the manifests are merged at the end. Sharded runs must
+    start from a script (``scripts/inference_*.py --num-processes N`` / ``--gpus``): Fabric's launcher starts the other
+    ranks by re-running ``sys.argv``. Every rank returns the merged manifest's path."""
     devices = len(gpus) if gpus else num_processes
     if devices <= 1:
         if gpus:

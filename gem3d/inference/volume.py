@@ -6,24 +6,22 @@ Shapes: masks and images ``(D, S, S)`` in [-1, 1] (the grey mask goes below -1 o
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from einops import rearrange
 
 from gem3d.sampling.propagation import (
+    Propagation,
     WindowJob,
     informed_latents_for_jobs,
     known_frames_for_jobs,
-    propagate_volume,
+    propagation,
+    run_lockstep,
 )
-from gem3d.sampling.samplers import (
-    NOISE_LEVELS,
-    make_schedule,
-    sample,
-    slice_correlated_noise,
-    validate_sample_options,
-)
+from gem3d.sampling.samplers import NOISE_LEVELS, make_schedule, sample, slice_correlated_noise, validate_sample_options
 from gem3d.sampling.schedule import alphas_cumprod_tensor
 
 CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior mean (gem3d) or a draw (the original)
@@ -32,14 +30,15 @@ CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior
 @dataclass
 class SamplerOptions:
     """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
-    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's
-    timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows
-    in one batch), ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as
-    in the original), ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of
-    a window, ISCS-style; 0: independent), ``condition_posterior`` (mask and informed latents from the encoder
-    posterior's ``mean``, or a ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W
-    (eps_informed - eps_null)``, classifier-free-guidance style against the null informed slice; 1 = off, as in the
-    paper; meant for models trained with ``informed_dropout``). See :mod:`gem3d.sampling.samplers`."""
+    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's timestep;
+    ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows in one batch),
+    ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as in the original),
+    ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of a window, ISCS-style; 0:
+    independent), ``condition_posterior`` (mask and informed latents from the encoder posterior's ``mean``, or a
+    ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``,
+    classifier-free-guidance style against the null informed slice; 1 = off, as in the paper; meant for models trained
+    with ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep, their windows in shared UNet calls; a
+    volume's result does not depend on it). See :mod:`gem3d.sampling.samplers`."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -52,6 +51,7 @@ class SamplerOptions:
     slice_noise_correlation: float = 0.0
     condition_posterior: str = "mean"
     informed_guidance: float = 1.0
+    batch_windows: int = 1
 
     def __post_init__(self):
         make_schedule(self.sampler, alphas_cumprod_tensor(), self.steps, eta=self.eta)  # validates eagerly
@@ -62,6 +62,8 @@ class SamplerOptions:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
         if not float(self.informed_guidance) >= 0.0:
             raise ValueError(f"informed_guidance must be >= 0 (1 = off), got {self.informed_guidance!r}")
+        if not isinstance(self.batch_windows, int) or isinstance(self.batch_windows, bool) or self.batch_windows < 1:
+            raise ValueError(f"batch_windows must be an int >= 1, got {self.batch_windows!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
             raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
 
@@ -86,8 +88,7 @@ def encode_informed_slice(model, image: torch.Tensor, sample: bool = False,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training; a posterior
     draw with ``sample``)."""
-    x = rearrange(image.to(model.device, torch.float32), "h w -> 1 1 h w")
-    return model.first_stage.encode(x, sample=sample, generator=generator)[0]
+    return encode_mask_volume(model, image[None], sample=sample, generator=generator)[0]
 
 
 @torch.no_grad()
@@ -96,73 +97,80 @@ def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, s
     """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode; posterior mean, or a
     posterior draw with ``sample``)."""
     x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
-    if sample:
-        return model.first_stage.encode(x, sample=True, generator=generator, progress=progress)
-    return model.first_stage.encode_mask(x, progress=progress)
+    return model.first_stage.encode(x, sample=sample, generator=generator, progress=progress)
 
 
 @torch.no_grad()
-def decode_volume(model, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
-    """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1] (chunked decode)."""
-    grey = model.first_stage.decode_grey(latents.to(model.device), progress=progress)
-    return rearrange(grey, "d 1 h w -> d h w").clamp(-1.0, 1.0)
+def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(D, C, h, w)`` -> grey volume ``(D, S, S)`` clamped to [-1, 1], on the CPU. Decoded ``chunk_size``
+    slices at a time, each chunk reduced to grey and moved off the device at once, so device memory holds one chunk's
+    activations whatever D."""
+    chunks = latents.split(model.first_stage.chunk_size)
+    grey = [model.first_stage.decode_grey(chunk.to(model.device)).clamp(-1.0, 1.0).cpu() for chunk in chunks]
+    return rearrange(torch.cat(grey), "d 1 h w -> d h w")
 
 
-@torch.no_grad()
-def sample_volume_latents(
-    model,
-    mask_latent: torch.Tensor,
-    informed_latent: torch.Tensor | None,
-    start: int | None,
-    options: SamplerOptions,
-    generator: torch.Generator,
-    progress: bool = False,
-) -> torch.Tensor:
-    """All slice latents ``(D, C, h, w)`` of one volume.
-
-    ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D), or None with a
-    mask-only (baseline) model, whose windows are sampled independently (the paper's baseline).
-    """
-    num_slices, c, h, w = mask_latent.shape
+def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
+                       options: SamplerOptions, generator: torch.Generator) -> Propagation:
+    """One volume's :func:`~gem3d.sampling.propagation.propagation`, for ``run_lockstep(partial(sample_rounds, model,
+    options), ...)``. ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D),
+    or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline)."""
     uses_informed = bool(model.spec.use_informed)
     if uses_informed and informed_latent is None:
         raise ValueError(f"model variant {model.variant!r} needs an informed slice; got none")
     if not uses_informed and informed_latent is not None:
         raise ValueError(f"model variant {model.variant!r} is mask-only; informed_latent must be None")
-    alphas_cumprod = model.alphas_cumprod.to(model.device)
+    return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap,
+                       mode="informed" if uses_informed else "base", case=(mask_latent, generator))
 
-    def sample_batch(jobs: list[WindowJob]) -> list[torch.Tensor]:
-        frames = len(jobs[0].indices)
-        x_T = options.noise((len(jobs), frames, c, h, w), generator, model.device)
-        masks = torch.stack([mask_latent[job.indices] for job in jobs]).to(model.device)
-        informed = informed_latents_for_jobs(jobs)
-        informed = None if informed is None else informed.to(model.device)
-        cond = model.condition(masks, informed)
-        if informed is not None and float(options.informed_guidance) != 1.0:  # informed-slice guidance
-            null = model.condition(masks, model.null_informed_latent(informed))
-            eps_fn = model.model_fn(cond, null, float(options.informed_guidance))
-        else:
-            eps_fn = model.model_fn(cond)
-        known = known_frames_for_jobs(jobs, (c, h, w), options.known_noise, device=model.device)
-        out = options.sample(eps_fn, x_T, alphas_cumprod, known=known, generator=generator)
-        return list(out)
 
-    def sample_windows(jobs: list[WindowJob]) -> list[torch.Tensor]:
-        if options.batch_directions and len({len(j.indices) for j in jobs}) == 1:
-            return sample_batch(jobs)
-        return [sample_batch([job])[0] for job in jobs]
+@torch.no_grad()
+def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]]) -> list[list[torch.Tensor]]:
+    """One round of windows of each of several volumes (of :func:`volume_propagation`) -> per volume, its windows'
+    latents ``(F, C, h, w)``. Volumes share UNet calls, yet each draws its noise from its own generator in the order
+    it would alone (its result does not depend on who shares its calls): so only volumes whose windows have one
+    length and either all or none known frames (only those draw known-frame noise) share a call, and without
+    ``batch_directions`` each volume's windows go through calls one after another."""
+    calls = [[jobs] if options.batch_directions else [[job] for job in jobs] for jobs in rounds]
+    outputs: list[list[torch.Tensor]] = [[] for _ in rounds]
+    for k in range(max(map(len, calls))):
+        groups = defaultdict(list)
+        for i, volume_calls in enumerate(calls):
+            if k < len(volume_calls):
+                jobs = volume_calls[k]
+                groups[len(jobs[0].indices), any(job.known_latents for job in jobs)].append(i)
+        for ids in groups.values():
+            sampled = _sample_batch(model, options, [calls[i][k] for i in ids])
+            for i, out in zip(ids, sampled.split([len(calls[i][k]) for i in ids])):
+                outputs[i].extend(out)
+    return outputs
 
-    mode = "informed" if uses_informed else "base"
-    return propagate_volume(
-        sample_windows,
-        num_slices,
-        start if uses_informed else None,
-        None if informed_latent is None else informed_latent.to(model.device),
-        options.window,
-        options.overlap,
-        mode=mode,
-        progress=progress,
-    )
+
+def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) -> torch.Tensor:
+    """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case`` is
+    its volume's ``(mask_latent, generator)``."""
+    jobs = [job for call in calls for job in call]
+    shape = (len(jobs[0].indices), *jobs[0].case[0].shape[1:])
+    x_T = torch.cat([options.noise((len(call), *shape), call[0].case[1], model.device) for call in calls])
+    masks = torch.stack([job.case[0][job.indices] for job in jobs]).to(model.device)
+    informed = informed_latents_for_jobs(jobs, model.device)
+    cond = model.condition(masks, informed)
+    if informed is not None and float(options.informed_guidance) != 1.0:  # informed-slice guidance
+        null = model.condition(masks, model.null_informed_latent(informed))
+        eps_fn = model.model_fn(cond, null, float(options.informed_guidance))
+    else:
+        eps_fn = model.model_fn(cond)
+    known = known_frames_for_jobs(jobs, shape[1:], options.known_noise, device=model.device)
+    generators = [job.case[1] for job in jobs]  # one per window: each volume's noise from its own generator
+    return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators)
+
+
+@torch.no_grad()
+def sample_volume_latents(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
+                          options: SamplerOptions, generator: torch.Generator) -> torch.Tensor:
+    """All slice latents ``(D, C, h, w)`` of one volume (arguments as :func:`volume_propagation`)."""
+    steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator)
+    return next(run_lockstep(partial(sample_rounds, model, options), [steps]))
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ from .propagation import (
     known_frames_for_jobs,
     plan_base_windows,
     plan_windows,
-    propagate_volume,
+    propagation,
+    run_lockstep,
     window_rounds,
 )
 from .samplers import KnownFrames, Schedule, make_schedule, sample, slice_correlated_noise
@@ -26,7 +27,8 @@ __all__ = [
     "original_ddim_timesteps",
     "plan_base_windows",
     "plan_windows",
-    "propagate_volume",
+    "propagation",
+    "run_lockstep",
     "sample",
     "slice_correlated_noise",
     "window_rounds",
