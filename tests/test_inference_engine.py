@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 import pytest
+import torch
 
 from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
@@ -17,7 +18,7 @@ from gem3d.files import file_sha256
 from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
 from gem3d.model_dirs import load_model_dir
 from gem3d.inference.settings import SETTINGS
-from gem3d.inference.volume import SamplerOptions
+from gem3d.inference.volume import SamplerOptions, informed_start_latents, sample_volume_latents
 from tests import _tiny_models
 
 EDIT = {"distance": [2, 6], "reference_size": None}
@@ -280,3 +281,34 @@ def test_batch_windows_leaves_the_samples_unchanged(tiny, tmp_path):
         np.testing.assert_allclose(images[3][case], image, atol=1e-4)
     with pytest.raises(ValueError, match="batch_windows must be an int >= 1, got 0"):
         SamplerOptions(batch_windows=0)
+
+
+
+def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_body(tiny, tmp_path):
+    """SDEdit from the informed slice: a tiny strength keeps the start (the informed slice inside each slice's body,
+    background outside); cases sampled together still give the same volumes; 1 is off."""
+    name = [n for n in tiny["names"] if n != tiny["oblique"]][0]
+    images = {}
+    for start, batch in ((1.0, 1), (0.5, 1), (0.5, 2)):
+        config = make_config(tiny, "test", tmp_path / f"s{start}-{batch}", cases="all", previews=False,
+                             sampler=SamplerOptions(steps=4, informed_start=start, batch_windows=batch))
+        records = Manifest(run_inference(config)).records
+        images[start, batch] = {r["case"]: load(config.setting_dir / r["files"]["image"])[0] for r in records}
+    for case, image in images[0.5, 1].items():
+        np.testing.assert_allclose(images[0.5, 2][case], image, atol=1e-4)
+        assert not np.allclose(images[1.0, 1][case], image, atol=1e-3)
+    model = load_model_dir(tiny["volume_stage"]).model
+    informed, body = torch.rand(16, 16) * 2 - 1, torch.zeros(6, 16, 16, dtype=torch.bool)
+    body[:, 4:12, 4:12] = True
+    starts = informed_start_latents(model, informed, body)
+    with torch.no_grad():
+        expected = model.first_stage.encode(torch.where(body, informed, -1.0)[:, None])
+    torch.testing.assert_close(starts, expected)
+    mask_latent = torch.zeros_like(starts)
+    options = SamplerOptions(steps=50, eta=0.0, window=4, informed_start=0.02)  # one step, at t = 21
+    near = sample_volume_latents(model, mask_latent, starts[0], 0, options, torch.Generator().manual_seed(0), starts)
+    far = sample_volume_latents(model, mask_latent, starts[0], 0, SamplerOptions(steps=50, eta=0.0, window=4),
+                                torch.Generator().manual_seed(0), starts)
+    assert (near - starts).abs().mean() < 0.2 * (far - starts).abs().mean()
+    with pytest.raises(ValueError, match=r"informed_start must lie in \(0, 1\] \(1 = off: from pure noise\), got 0"):
+        SamplerOptions(informed_start=0)

@@ -370,6 +370,29 @@ def test_clip_x0_is_diffusers_ddim_clip_sample_with_the_clipped_model_output():
     assert not torch.allclose(out, sample(large_x0_eps, x_T, make_schedule("ddim", ac, steps)), atol=1e-2)
 
 
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_init_with_strength_runs_only_the_last_steps_from_the_noised_init(sampler):
+    ac, init = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    schedule = make_schedule(sampler, ac, 10, eta=0.0)
+    calls = []
+
+    def zero_eps(x, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    out = sample(zero_eps, torch.zeros(SHAPE), schedule, init=init, strength=0.35)
+    assert calls == [int(t) for t in schedule.timesteps[-4:]]  # ceil(0.35 * 10) = 4 steps, the last four
+    # no noise and eps = 0: every step rescales, so the result is init at the final level (alphas_cumprod[0] for
+    # DDIM without set_alpha_to_one; sigma 0 for DPM-Solver++)
+    final = ac[0].sqrt() if sampler == "ddim" else torch.tensor(1.0)
+    torch.testing.assert_close(out, final * init, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    x_T = torch.randn(SHAPE)
+    assert torch.equal(sample(zero_eps, x_T, schedule, init=init, strength=1.0), sample(zero_eps, x_T, schedule))
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\] \(1: from pure noise\), got 0"):
+        sample(zero_eps, x_T, schedule, init=init, strength=0)
+
 def test_sample_options_are_validated():
     x_T, schedule = torch.randn(SHAPE), make_schedule("ddim", alphas_cumprod_tensor(), 2)
     with pytest.raises(ValueError, match=r"clip_x0 must be None \(off\) or a float > 0, got 0"):

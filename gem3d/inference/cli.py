@@ -27,7 +27,7 @@ CONFIG_DIR = packaged("inference")
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
                "sampler", "mask_edit", "preprocess")
 SAMPLER_FLAGS = ("steps", "sampler", "eta", "window", "overlap", "known_noise", "clip_x0", "slice_noise_correlation",
-                 "condition_posterior", "informed_guidance", "batch_windows")
+                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start")
 
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
@@ -78,6 +78,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="RHO in [0, 1): noise correlated across neighbouring slices (ISCS-style; default 0: independent)")
     p.add_argument("--informed-guidance", type=float, metavar="W",
                    help="informed-slice guidance: eps_null + W (eps_informed - eps_null); 1 = off (default)")
+    p.add_argument("--informed-start", type=float, metavar="S",
+                   help="start every slice from the informed slice (inside its body), noised to the last S of the steps "
+                        "(SDEdit strength in (0, 1]; 1 = off, from pure noise, as the paper)")
     p.add_argument("--batch-windows", type=int, metavar="N", help="sample N cases at once, windows in shared UNet calls")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")

@@ -38,6 +38,7 @@ from gem3d.inference.volume import (
     decode_volume,
     encode_informed_slice,
     encode_mask_volume,
+    informed_start_latents,
     sample_rounds,
     sample_slice_latents,
     volume_propagation,
@@ -354,10 +355,14 @@ class Enhancer:
                 )[0]
             elif informed.image is not None:
                 informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
-            start = informed.target_index
-            latents = yield from volume_propagation(model, mask_latent, informed_latent, start, options, generator)
             if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
                 informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
+            start_latent = None
+            if informed_latent is not None and float(options.informed_start) < 1.0:
+                body = torch.from_numpy(np.asarray(prepared.label) >= 0)
+                start_latent = informed_start_latents(model, torch.as_tensor(np.asarray(informed.image)), body)
+            latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
+                                                    generator, start_latent)
         image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
 
         paths = self.output_paths(case_name, k)

@@ -38,7 +38,9 @@ class SamplerOptions:
     ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``,
     classifier-free-guidance style against the null informed slice; 1 = off, as in the paper; meant for models trained
     with ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep, their windows in shared UNet calls; a
-    volume's result does not depend on it). See :mod:`gem3d.sampling.samplers`."""
+    volume's result does not depend on it), ``informed_start`` (strength S in (0, 1]: every window starts from
+    :func:`informed_start_latents` noised to the level of the last S of the steps, SDEdit-style; 1 = off: from pure
+    noise, as the original). See :mod:`gem3d.sampling.samplers`."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -52,6 +54,7 @@ class SamplerOptions:
     condition_posterior: str = "mean"
     informed_guidance: float = 1.0
     batch_windows: int = 1
+    informed_start: float = 1.0
 
     def __post_init__(self):
         make_schedule(self.sampler, alphas_cumprod_tensor(), self.steps, eta=self.eta)  # validates eagerly
@@ -62,6 +65,8 @@ class SamplerOptions:
             raise ValueError(f"known_noise={self.known_noise!r} is not one of {list(NOISE_LEVELS)}")
         if not float(self.informed_guidance) >= 0.0:
             raise ValueError(f"informed_guidance must be >= 0 (1 = off), got {self.informed_guidance!r}")
+        if not 0.0 < float(self.informed_start) <= 1.0:
+            raise ValueError(f"informed_start must lie in (0, 1] (1 = off: from pure noise), got {self.informed_start!r}")
         if not isinstance(self.batch_windows, int) or isinstance(self.batch_windows, bool) or self.batch_windows < 1:
             raise ValueError(f"batch_windows must be an int >= 1, got {self.batch_windows!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
@@ -76,11 +81,12 @@ class SamplerOptions:
         rho = self.slice_noise_correlation
         return slice_correlated_noise(shape, rho, generator=generator, device=generator.device).to(device)
 
-    def sample(self, eps_fn, x_T, alphas_cumprod, *, known=None, generator=None, progress=False):
-        """Run the chosen sampler on ``x_T (B, F, C, h, w)``."""
+    def sample(self, eps_fn, x_T, alphas_cumprod, *, known=None, generator=None, progress=False, init=None):
+        """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1)."""
         schedule = make_schedule(self.sampler, alphas_cumprod, self.steps, eta=float(self.eta))
         return sample(eps_fn, x_T, schedule, known=known, generator=generator, progress=progress,
-                      clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation)
+                      clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation,
+                      init=init, strength=float(self.informed_start))
 
 
 @torch.no_grad()
@@ -110,18 +116,28 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
     return rearrange(torch.cat(grey), "d 1 h w -> d h w")
 
 
+@torch.no_grad()
+def informed_start_latents(model, informed_image: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """Where ``informed_start`` begins each slice: the informed slice ``(S, S)`` in [-1, 1] inside that slice's
+    ``body (D, S, S)``, background (-1) outside, encoded -> ``(D, C, h, w)`` (posterior mean)."""
+    images = torch.where(torch.as_tensor(body, dtype=torch.bool), torch.as_tensor(informed_image).float()[None], -1.0)
+    return model.first_stage.encode(rearrange(images, "d h w -> d 1 h w").to(model.device))
+
+
 def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
-                       options: SamplerOptions, generator: torch.Generator) -> Propagation:
+                       options: SamplerOptions, generator: torch.Generator,
+                       start_latent: torch.Tensor | None = None) -> Propagation:
     """One volume's :func:`~gem3d.sampling.propagation.propagation`, for ``run_lockstep(partial(sample_rounds, model,
     options), ...)``. ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D),
-    or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline)."""
+    or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline);
+    ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1."""
     uses_informed = bool(model.spec.use_informed)
     if uses_informed and informed_latent is None:
         raise ValueError(f"model variant {model.variant!r} needs an informed slice; got none")
     if not uses_informed and informed_latent is not None:
         raise ValueError(f"model variant {model.variant!r} is mask-only; informed_latent must be None")
     return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap,
-                       mode="informed" if uses_informed else "base", case=(mask_latent, generator))
+                       mode="informed" if uses_informed else "base", case=(mask_latent, generator, start_latent))
 
 
 @torch.no_grad()
@@ -148,7 +164,7 @@ def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]])
 
 def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) -> torch.Tensor:
     """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case`` is
-    its volume's ``(mask_latent, generator)``."""
+    its volume's ``(mask_latent, generator, start_latent or None)``."""
     jobs = [job for call in calls for job in call]
     shape = (len(jobs[0].indices), *jobs[0].case[0].shape[1:])
     x_T = torch.cat([options.noise((len(call), *shape), call[0].case[1], model.device) for call in calls])
@@ -162,14 +178,18 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
         eps_fn = model.model_fn(cond)
     known = known_frames_for_jobs(jobs, shape[1:], options.known_noise, device=model.device)
     generators = [job.case[1] for job in jobs]  # one per window: each volume's noise from its own generator
-    return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators)
+    starts = [job.case[2] for job in jobs]
+    init = None if None in starts else torch.stack([s[job.indices] for s, job in zip(starts, jobs)]).to(model.device)
+    return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators,
+                          init=init)
 
 
 @torch.no_grad()
 def sample_volume_latents(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
-                          options: SamplerOptions, generator: torch.Generator) -> torch.Tensor:
+                          options: SamplerOptions, generator: torch.Generator,
+                          start_latent: torch.Tensor | None = None) -> torch.Tensor:
     """All slice latents ``(D, C, h, w)`` of one volume (arguments as :func:`volume_propagation`)."""
-    steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator)
+    steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator, start_latent)
     return next(run_lockstep(partial(sample_rounds, model, options), [steps]))
 
 

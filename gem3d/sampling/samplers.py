@@ -18,6 +18,7 @@ is the original GEM-3D's choice, kept for measuring: ``a = alphas_cumprod[T - 1]
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -196,6 +197,8 @@ def sample(
     progress: bool = False,
     clip_x0: float | None = None,
     slice_noise_correlation: float = 0.0,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Sample ``x0 (B,F,C,h,w)`` from ``x = x_T (B,F,C,h,w)`` along ``schedule`` (:func:`make_schedule`).
 
@@ -203,6 +206,8 @@ def sample(
     replacing eps with the noise the clipped x0 implies (for DDIM this is diffusers' ``clip_sample`` with
     ``use_clipped_model_output``; DPM-Solver++ has only quantile ``thresholding``, a rescale, not a clip).
     ``slice_noise_correlation``: rho in [0, 1); every noise draw is :func:`slice_correlated_noise`.
+    ``init`` (x's shape) and ``strength`` in (0, 1): SDEdit, as diffusers' img2img ``strength``: only the last
+    ``ceil(strength * N)`` timesteps run, from ``init`` forward-noised to the first of them (``x`` is the noise).
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 5:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)
@@ -211,8 +216,14 @@ def sample(
         got = tuple(known.latents.shape) if isinstance(known, KnownFrames) else type(known)
         raise ValueError(f"known must be None or KnownFrames with latents of x_T's shape {tuple(x.shape)}, got {got}")
     validate_sample_options(clip_x0, slice_noise_correlation)
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1] (1: from pure noise), got {strength!r}")
     scheduler, timesteps = copy.deepcopy(schedule.scheduler), [int(t) for t in schedule.timesteps]
     alphas_cumprod = scheduler.alphas_cumprod
+    if init is not None and strength < 1.0:
+        timesteps = timesteps[len(timesteps) - math.ceil(strength * len(timesteps)):]
+        a = alphas_cumprod[timesteps[0]].to(x)
+        x = a.sqrt() * init.to(x) + (1 - a).sqrt() * x
 
     def noise() -> torch.Tensor:
         rho = slice_noise_correlation
