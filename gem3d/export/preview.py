@@ -44,8 +44,7 @@ def _windowed(array: np.ndarray) -> tuple[np.ndarray, str]:
 
 def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
     if mask is not None and np.any(mask > 0):
-        coords = np.argwhere(mask > 0)
-        return tuple(int(round(c)) for c in coords.mean(axis=0))  # type: ignore[return-value]
+        return tuple(int(round(c)) for c in ndimage.center_of_mass(mask > 0))  # type: ignore[return-value]
     return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
 
 
