@@ -1,11 +1,13 @@
-"""gem3d.metrics.image and .consistency on cases with known answers."""
+"""gem3d.metrics.image and .consistency on cases with known answers; .report's line plots."""
 import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_jumps, through_plane_gradient
 from gem3d.metrics.image import ms_ssim, ms_ssim_scales, psnr, reconstruction_metrics, ssim, to_unit_range
+from gem3d.metrics.report import density, line_plot
 
 
 def _volume(seed=0, shape=(4, 32, 32)):
@@ -119,3 +121,17 @@ def test_through_plane_gradient_and_ratios():
     real = np.broadcast_to(d + w, (6, 8, 8))
     out = consistency_metrics(volume, real)
     assert out["slice_jump_ratio"] == pytest.approx(2.0) and out["through_plane_grad_ratio"] == pytest.approx(2.0)
+
+
+def test_line_plot_writes_a_png_of_the_size_with_every_series(tmp_path):
+    profile = np.sin(np.arange(30) / 4.0)
+    profile[10:12] = np.nan  # a gap
+    series = {"real": density(np.linspace(0.2, 0.6, 500)), "synthetic": (np.arange(30) / 30, profile),
+              "empty": density(np.array([]))}
+    path = line_plot(tmp_path / "p.png", series, "title", "x", "y", size=(400, 300))
+    assert path == tmp_path / "p.png" and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    with Image.open(path) as handle:
+        png = np.asarray(handle.convert("RGB")).reshape(-1, 3)
+    assert len(png) == 400 * 300
+    for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's first two line colours, one per series
+        assert np.any(np.all(png == colour, axis=-1)), colour

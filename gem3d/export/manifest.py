@@ -74,8 +74,6 @@ class Manifest:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"manifest {path} is not valid JSON: {err}") from err
-        if isinstance(payload, list):  # bare list of records
-            return payload
         if not isinstance(payload, dict) or "records" not in payload:
             raise ValueError(f"manifest {path} must hold {{'version': ..., 'records': [...]}}, got {type(payload).__name__}")
         version = payload.get("version", MANIFEST_VERSION)

@@ -19,13 +19,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 def resolve_affine(geometry_or_affine: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
     """``(affine (4,4) float64, expected source shape or None)`` from a Geometry (``.affine``, ``.shape``) or an
     affine array."""
-    if hasattr(geometry_or_affine, "affine"):
-        affine = np.asarray(geometry_or_affine.affine, dtype=np.float64)
-        shape = getattr(geometry_or_affine, "shape", None)
-        shape = tuple(int(s) for s in shape) if shape is not None else None
-    else:
-        affine = np.asarray(geometry_or_affine, dtype=np.float64)
-        shape = None
+    is_geometry = hasattr(geometry_or_affine, "affine")
+    affine = np.asarray(geometry_or_affine.affine if is_geometry else geometry_or_affine, dtype=np.float64)
+    shape = tuple(int(s) for s in geometry_or_affine.shape) if is_geometry else None
     if affine.shape != (4, 4):
         raise ValueError(f"affine must have shape (4, 4), got {affine.shape}")
     if not np.all(np.isfinite(affine)):

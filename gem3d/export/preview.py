@@ -13,9 +13,10 @@ from scipy import ndimage
 
 from gem3d.files import atomic_path
 
-__all__ = ["save_preview", "preview_size", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS", "window_intensity"]
+__all__ = ["save_preview", "preview_size", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS"]
 
 TITLE_HEIGHT = 14
+WINDOW_PERCENTILES = (0.5, 99.5)  # each volume's display window
 # (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 0), ("coronal", 2), ("sagittal", 1))
 LABEL_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
@@ -32,27 +33,18 @@ def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160, with_
     return 3 * panel_size, TITLE_HEIGHT + rows * (TITLE_HEIGHT + panel_size)
 
 
-def window_intensity(volume: np.ndarray, percentiles: Sequence[float] = (0.5, 99.5)) -> tuple[float, float]:
-    """Display window ``(low, high)`` of a volume from intensity percentiles of its finite voxels."""
-    finite = volume[np.isfinite(volume)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low, high = (float(v) for v in np.percentile(finite, percentiles))
-    if high <= low:
-        high = low + 1.0
-    return low, high
-
-
-def _windowed(array: np.ndarray, percentiles: Sequence[float]) -> tuple[np.ndarray, str]:
-    """``array`` mapped to [0, 255] by its display window (NaN -> low), and the window as a caption."""
-    low, high = window_intensity(array, percentiles)
+def _windowed(array: np.ndarray) -> tuple[np.ndarray, str]:
+    """``array`` mapped to [0, 255] by its display window (``WINDOW_PERCENTILES`` of the finite values; NaN -> low),
+    and the window as a caption."""
+    finite = array[np.isfinite(array)]
+    low, high = (float(v) for v in np.percentile(finite, WINDOW_PERCENTILES)) if finite.size else (0.0, 1.0)
+    high = high if high > low else low + 1.0
     return (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0, f"[{low:.3g}, {high:.3g}]"
 
 
 def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
     if mask is not None and np.any(mask > 0):
-        coords = np.argwhere(mask > 0)
-        return tuple(int(round(c)) for c in coords.mean(axis=0))  # type: ignore[return-value]
+        return tuple(int(round(c)) for c in ndimage.center_of_mass(mask > 0))  # type: ignore[return-value]
     return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
 
 
@@ -114,12 +106,12 @@ def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, co
 
 def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarray]], mask: np.ndarray | None = None,
                  spacing: Sequence[float] = (1.0, 1.0, 1.0), max_label: int | None = None, *, panel_size: int = 160,
-                 contours: bool | Sequence[str] = True, percentiles: Sequence[float] = (0.5, 99.5),
-                 informed: np.ndarray | None = None, informed_title: str = "informed slice",
-                 informed_index: int | None = None) -> Path:
+                 contours: bool | Sequence[str] = True, informed: np.ndarray | None = None,
+                 informed_title: str = "informed slice", informed_index: int | None = None) -> Path:
     """Write a PNG preview atomically and return its path.
 
-    - ``volumes``: ``[(title, (D, H, W) array), ...]`` of one shape, each windowed on its own intensity ``percentiles``.
+    - ``volumes``: ``[(title, (D, H, W) array), ...]`` of one shape, each shown in its own
+      intensity window (``WINDOW_PERCENTILES``).
     - ``mask``: ``(D, H, W)`` labels (-1 outside the body allowed), drawn as a filled last row and, with ``contours``,
       as outlines on the volumes (``True``: all, or a list of titles); ``max_label``: the legend lists 1..max_label.
     - The views go through the centre of mass of ``mask > 0`` (or the volume's centre).
@@ -188,7 +180,7 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
     for title, array, with_contours, filled in rows:
         caption = title
         if array is not None:
-            grey_volume, window = _windowed(array, percentiles)
+            grey_volume, window = _windowed(array)
             caption = f"{title}  {window}"
         draw.text((3, top + 1), caption, fill=(255, 255, 255), font=font)
         top += TITLE_HEIGHT
@@ -202,7 +194,7 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
             canvas.paste(cell, (column * panel_size, top))
         top += panel_size
         if informed is not None and array is not None and title == arrays[-1][0]:
-            top = _informed_row(canvas, draw, font, informed, informed_title, shape, spacing, panel_size, top, percentiles)
+            top = _informed_row(canvas, draw, font, informed, informed_title, shape, spacing, panel_size, top)
 
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
@@ -219,9 +211,9 @@ def _mark_slice(cell: Image.Image, num_slices: int, index: int, height: int) -> 
 
 
 def _informed_row(canvas, draw, font, informed: np.ndarray, title: str, shape: Sequence[int], spacing: Sequence[float],
-                  panel_size: int, top: int, percentiles: Sequence[float]) -> int:
+                  panel_size: int, top: int) -> int:
     """The informed slice in the axial column, with its physical extent taken from the volume's axial view."""
-    grey, window = _windowed(informed, percentiles)
+    grey, window = _windowed(informed)
     draw.text((3, top + 1), f"{title}  {window}", fill=_TICK, font=font)
     top += TITLE_HEIGHT
     grey = _view(grey[None], 0, 0)

@@ -1,22 +1,20 @@
-"""Writing the evaluation: ``metrics.csv``, ``summary.md``, PNG line plots (PIL, no matplotlib; histograms are
-plotted as densities) and an offline ``report.html``."""
+"""Writing the evaluation: ``metrics.csv``, ``summary.md``, PNG line plots (matplotlib; histograms are plotted as
+densities) and an offline ``report.html``."""
 from __future__ import annotations
 
 import base64
 import csv
 import html
-import itertools
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
 
 from gem3d.files import atomic_path, atomic_write_text
 
-SERIES_COLOURS = ((20, 20, 20), (230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48), (145, 30, 180),
-                  (70, 200, 200), (240, 50, 230))
+PLOT_DPI = 100
 METRIC_DESCRIPTIONS = {
     "psnr_body": "PSNR (dB) against the real volume inside the body, 3D, on the real volume's [0, 1] scale (higher = closer)",
     "psnr_axial_body": "PSNR (dB) per axial slice inside the body, mean over slices",
@@ -134,43 +132,19 @@ def summary_markdown(summary: Mapping[str, Mapping[str, tuple[float, float, int]
 # ------------------------------------------------------------------------------------------------ plots
 def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str,
               ylabel: str, size: tuple[int, int] = (480, 320)) -> Path:
-    """A PNG line plot of named ``(x, y)`` series (NaNs break lines), with axes, min/max tick labels and a legend."""
-    width, height = size
-    left, right, top, bottom = 56, 12, 24, 36
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    arrays = [(np.asarray(x, float), np.asarray(y, float)) for x, y in series.values()]
-    xs = np.concatenate([x[np.isfinite(y)] for x, y in arrays]) if arrays else np.zeros(0)
-    ys = np.concatenate([y[np.isfinite(y)] for _, y in arrays]) if arrays else np.zeros(0)
-    x0, x1 = (float(xs.min()), float(xs.max())) if xs.size else (0.0, 1.0)
-    y0, y1 = (float(ys.min()), float(ys.max())) if ys.size else (0.0, 1.0)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
-    pw, ph = width - left - right, height - top - bottom
-
-    def px(x, y):
-        return left + (x - x0) / (x1 - x0) * pw, top + ph - (y - y0) / (y1 - y0) * ph
-
-    draw.rectangle([left, top, left + pw, top + ph], outline=(120, 120, 120))
-    texts = (((left, 4), title), ((left, top + ph + 4), f"{x0:.3g}"), ((left + pw - 30, top + ph + 4), f"{x1:.3g}"),
-             ((left + pw // 2 - 20, top + ph + 18), xlabel), ((2, top), f"{y1:.3g}"), ((2, top + ph - 10), f"{y0:.3g}"),
-             ((2, top + ph // 2), ylabel[:9]))
-    for xy, text in texts:
-        draw.text(xy, text, fill=(0, 0, 0), font=font)
-    for i, (name, (x, y)) in enumerate(zip(series, arrays)):
-        colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
-        runs = [[px(*p) for p in run] for finite, run in itertools.groupby(zip(x, y), lambda p: math.isfinite(p[1]))
-                if finite]  # the finite stretches of the series
-        for points in runs:
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-        if y.size and math.isfinite(y[-1]) and len(runs[-1]) == 1:  # a lone last point is drawn as a dot
-            (cx, cy), = runs[-1]
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
-        draw.text((left + pw - 150, top + 4 + 12 * i), name[:24], fill=colour, font=font)
+    """A PNG line plot (matplotlib, Agg) of named ``(x, y)`` series with a legend; NaNs break lines, dots mark the
+    points. ``size``: ``(width, height)`` in pixels."""
+    figure = Figure(figsize=(size[0] / PLOT_DPI, size[1] / PLOT_DPI), dpi=PLOT_DPI, layout="constrained")
+    axes = figure.add_subplot()
+    for name, (x, y) in series.items():
+        axes.plot(x, y, marker=".", markersize=3, label=name)
+    axes.set_title(title, fontsize="small")
+    axes.set(xlabel=xlabel, ylabel=ylabel)
+    if series:
+        axes.legend(fontsize="x-small")
     path = Path(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        figure.savefig(tmp, format="png")
     return path
 
 

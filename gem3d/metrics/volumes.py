@@ -123,23 +123,22 @@ def has_ground_truth(sample: SyntheticSample) -> bool:
     return "gt" in record.get("files", {}) or (record.get("setting") == "test" and not record.get("mask_edits"))
 
 
-def reconstruction_quality(setting_dir: str | Path, records: list[dict], body: str = "nonzero",
-                           slice_axis: int = 2) -> dict[str, float] | None:
-    """Mean :func:`gem3d.metrics.image.reconstruction_metrics` (inside the body) of the records of ``setting_dir`` that
-    have a ground truth (``files["gt"]``, the ``test`` setting), for ``scripts/demo.py``'s table; None without any."""
+def reconstruction_quality(setting_dir: str | Path, records: list[dict]) -> dict[str, float] | None:
+    """Mean :func:`gem3d.metrics.image.reconstruction_metrics` (inside the nonzero body, axial slices) of the records
+    of ``setting_dir`` that have a ground truth (``files["gt"]``, the ``test`` setting); None without any."""
     setting_dir = Path(setting_dir)
-    config = PreprocessConfig(body=body, size=None)
+    config = PreprocessConfig(body="nonzero", size=None)
     scores: list[dict[str, float]] = []
     for record in records:
         files = record.get("files", {})
         if "gt" not in files:
             continue
-        real = load_canonical(setting_dir / files["gt"], slice_axis)
-        fake = load_canonical(setting_dir / files["image"], slice_axis)
+        real = load_canonical(setting_dir / files["gt"])
+        fake = load_canonical(setting_dir / files["image"])
         region = compute_body_mask(real, config)
         label = None
         if "label" in files:
-            label = load_canonical(setting_dir / files["label"], slice_axis, np.int16)
+            label = load_canonical(setting_dir / files["label"], dtype=np.int16)
             region |= label > 0
         scores.append(reconstruction_metrics(fake, real, region, label))
     if not scores:
