@@ -283,22 +283,10 @@ def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [names[i] for i in order]
     return {
+        "train": sorted(shuffled[n_val + n_test:]),
         "val": sorted(shuffled[:n_val]),
         "test": sorted(shuffled[n_val:n_val + n_test]),
-        "train": sorted(shuffled[n_val + n_test:]),
     }
-
-
-def write_splits(path: str | Path, splits: dict[str, list[str]], **info: Any) -> None:
-    """Write splits (+ optional info such as seed) as JSON, atomically."""
-    missing = [k for k in ("train", "val") if k not in splits]
-    if missing:
-        raise KeyError(f"splits lack {missing}; need keys {list(SPLIT_KEYS)}")
-    payload = {k: sorted(splits.get(k, [])) for k in SPLIT_KEYS}
-    payload.update(info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, payload)
 
 
 def read_splits(path: str | Path, fold: int = 0) -> dict[str, list[str]]:
@@ -333,7 +321,7 @@ def load_or_create_splits(dataset_dir: str | Path, names: list[str] | None = Non
             warnings.warn(f"{len(unlisted)} cases are in no split of {path}, e.g. {unlisted[:5]}", stacklevel=2)
         return splits
     splits = make_splits(names, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    write_splits(path, splits, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    atomic_write_json(path, {**splits, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction})
     return splits
 
 
