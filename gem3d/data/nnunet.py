@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .case import Case, labels_as_int16, load_case
@@ -169,9 +170,8 @@ def reader_affine(properties: dict) -> np.ndarray:
         spacing = np.asarray(sitk["spacing"], dtype=np.float64)
         if spacing.shape != (3,):
             raise ValueError(f"only 3-D nnU-Net cases are supported, got sitk spacing {tuple(spacing)}")
-        lps = np.eye(4)
-        lps[:3, :3] = np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3) * spacing
-        lps[:3, 3] = sitk["origin"]
+        lps = nib.affines.from_matvec(np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3) * spacing,
+                                      np.asarray(sitk["origin"], dtype=np.float64))
         xyz_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS+ -> RAS+
     elif "nibabel_stuff" in properties:
         stuff = properties["nibabel_stuff"]
@@ -196,8 +196,8 @@ def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, i
         raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {transpose_forward!r}")
     transpose = np.eye(4)[:, [*axes, 3]]  # transposed axis a is the reader's axis axes[a]
     scale = np.asarray(properties["shape_after_cropping_and_before_resampling"], np.float64) / np.asarray(shape)
-    crop_and_resample = np.diag([*scale, 1.0])
-    crop_and_resample[:3, 3] = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
+    offset = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
+    crop_and_resample = nib.affines.from_matvec(np.diag(scale), offset)
     return reader_affine(properties) @ transpose @ crop_and_resample
 
 
