@@ -33,10 +33,6 @@ def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-def _fingerprint(paths: list[Path]) -> list[list]:
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-
-
 VARIANT_MARK = "~"
 
 
@@ -94,12 +90,9 @@ class VolumeCache(_CaseStore):
         self.names: list[str] = self.dataset.case_names(split)
         if not self.names:
             raise FileNotFoundError(f"no {split} cases found in {self.dataset_dir}")
-        labels = getattr(self.dataset, "labels", None)
-        if labels and max(labels.values()) > cfg.max_label:
-            raise ValueError(
-                f"dataset.json labels {labels} exceed preprocess.max_label={cfg.max_label}; set max_label to "
-                f"{max(labels.values())}"
-            )
+        if (self.dataset.max_label or 0) > cfg.max_label:
+            raise ValueError(f"dataset.json labels {self.dataset.labels} exceed preprocess.max_label={cfg.max_label}; "
+                             f"set max_label to {self.dataset.max_label}")
         self.prepared_count = 0  # cases prepared (not read from the cache) by this instance
         self._meta: dict[str, dict] = {}
 
@@ -120,7 +113,7 @@ class VolumeCache(_CaseStore):
         if name not in self._meta:
             label = self.dataset.label_path(name, self.split)
             sources = [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
-            fingerprint = _fingerprint(sources)
+            fingerprint = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
             self._meta[name] = self._read_entry(name, ["image"], fingerprint) or self._prepare(name, fingerprint)
         return self._meta[name]
 
