@@ -72,9 +72,9 @@ def load_case(
             raise ValueError(f"{what} shapes differ: {geometry.shape} vs {label_geometry.shape}")
         diff = affine_difference(geometry.affine, label_geometry.affine)
         if diff > AFFINE_ATOL_MM:
-            raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): "
-                             f"{np.round(geometry.affine[:3], 4).tolist()} vs "
-                             f"{np.round(label_geometry.affine[:3], 4).tolist()}; resample the label onto the image grid")
+            a, b = (np.round(g.affine[:3], 4).tolist() for g in (geometry, label_geometry))
+            raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): {a} vs {b}; "
+                             "resample the label onto the image grid")
         label = geometry.to_canonical(labels_as_int16(label_raw, where=str(label_path)))
     if name is None:
         name = image_path.name.split(".")[0].removesuffix("_0000")
