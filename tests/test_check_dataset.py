@@ -53,25 +53,25 @@ def _image_of(root, name="case_001", channel=0):
 
 
 BREAKAGES = {
-    check.FOLDER_NAME: lambda r: r.rename(r.with_name("check_data")),  # returns the moved dataset
-    check.JSON_MISSING: lambda r: (r / "dataset.json").unlink(),
-    check.JSON_INVALID: lambda r: (r / "dataset.json").write_text("{not json"),
-    check.JSON_KEY_MISSING: _edit_json(file_ending=None),
-    check.JSON_BAD_LABELS: _edit_json(labels={"background": 0, "tumour": [1, 2]}),
-    check.NUM_TRAINING: _edit_json(numTraining=7),
-    check.NO_CASES: lambda r: [p.unlink() for p in [*(r / "imagesTr").iterdir(), *(r / "labelsTr").iterdir()]],
-    check.IMAGE_MISSING: lambda r: _image_of(r).unlink(),
-    check.LABEL_MISSING: lambda r: _label_of(r).unlink(),
-    check.CHANNEL_MISSING: lambda r: [_edit_json(channel_names={"0": "FLAIR", "1": "T1"})(r),
+    "folder_name": lambda r: r.rename(r.with_name("check_data")),  # returns the moved dataset
+    "dataset_json_missing": lambda r: (r / "dataset.json").unlink(),
+    "dataset_json_invalid": lambda r: (r / "dataset.json").write_text("{not json"),
+    "dataset_json_key_missing": _edit_json(file_ending=None),
+    "dataset_json_bad_labels": _edit_json(labels={"background": 0, "tumour": [1, 2]}),
+    "num_training_mismatch": _edit_json(numTraining=7),
+    "no_training_cases": lambda r: [p.unlink() for p in [*(r / "imagesTr").iterdir(), *(r / "labelsTr").iterdir()]],
+    "image_missing": lambda r: _image_of(r).unlink(),
+    "label_missing": lambda r: _label_of(r).unlink(),
+    "channel_missing": lambda r: [_edit_json(channel_names={"0": "FLAIR", "1": "T1"})(r),
                                       shutil.copy(_image_of(r, "case_000"), _image_of(r, "case_000", 1))],
-    check.UNREADABLE: lambda r: _label_of(r).write_bytes(b"garbage"),
-    check.NOT_3D: lambda r: _save(_image_of(r), np.ones(SHAPE[:2], np.float32)),
-    check.SHAPE_MISMATCH: lambda r: _save(_label_of(r), np.zeros(SHAPE[:2] + (11,), np.uint8)),
-    check.AFFINE_MISMATCH: lambda r: _save(_label_of(r), np.zeros(SHAPE, np.uint8), np.diag([2.0, 2.0, 3.5, 1.0])),
-    check.UNDECLARED_LABEL: lambda r: _save(_label_of(r), np.full(SHAPE, 5, np.uint8)),
-    check.NON_INTEGER_LABEL: lambda r: _save(_label_of(r), np.full(SHAPE, 0.5, np.float32)),
-    check.NON_FINITE: lambda r: _save(_image_of(r), np.full(SHAPE, np.nan, np.float32)),
-    check.TOO_FEW_SLICES: lambda r: [_save(_image_of(r), np.ones(SHAPE[:2] + (3,), np.float32)),
+    "unreadable": lambda r: _label_of(r).write_bytes(b"garbage"),
+    "not_3d": lambda r: _save(_image_of(r), np.ones(SHAPE[:2], np.float32)),
+    "shape_mismatch": lambda r: _save(_label_of(r), np.zeros(SHAPE[:2] + (11,), np.uint8)),
+    "affine_mismatch": lambda r: _save(_label_of(r), np.zeros(SHAPE, np.uint8), np.diag([2.0, 2.0, 3.5, 1.0])),
+    "undeclared_label": lambda r: _save(_label_of(r), np.full(SHAPE, 5, np.uint8)),
+    "non_integer_label": lambda r: _save(_label_of(r), np.full(SHAPE, 0.5, np.float32)),
+    "non_finite": lambda r: _save(_image_of(r), np.full(SHAPE, np.nan, np.float32)),
+    "too_few_slices": lambda r: [_save(_image_of(r), np.ones(SHAPE[:2] + (3,), np.float32)),
                                      _save(_label_of(r), np.zeros(SHAPE[:2] + (3,), np.uint8))],
 }
 
@@ -84,6 +84,8 @@ def make(tmp_path):
 
 def test_every_kind_has_a_breakage():
     assert set(BREAKAGES) == set(KINDS)
+    with pytest.raises(ValueError, match="unknown problem kind 'typo'; kinds are"):
+        check.Problem("typo", "-", "dataset.json", "x")
 
 
 def test_clean_dataset_has_no_problems(tmp_path):
@@ -101,29 +103,29 @@ def test_each_problem_kind(tmp_path, kind):
     found = next(p for p in problems if p.kind == kind)
     line = str(found)
     assert line.startswith(f"{kind}: case=") and "file=" in line and "value=" in line
-    if kind not in (check.FOLDER_NAME, check.JSON_MISSING, check.JSON_INVALID, check.JSON_KEY_MISSING,
-                    check.JSON_BAD_LABELS, check.NUM_TRAINING, check.NO_CASES):
+    if kind not in ("folder_name", "dataset_json_missing", "dataset_json_invalid", "dataset_json_key_missing",
+                    "dataset_json_bad_labels", "num_training_mismatch", "no_training_cases"):
         assert found.case == "case_001"  # the broken case is named; the intact one is not
         assert all(p.case != "case_000" for p in problems)
 
 
 def test_problem_values_are_specific(tmp_path):
     root = make(tmp_path)
-    BREAKAGES[check.UNDECLARED_LABEL](root)
-    BREAKAGES[check.NUM_TRAINING](root)
+    BREAKAGES["undeclared_label"](root)
+    BREAKAGES["num_training_mismatch"](root)
     problems = {p.kind: p for p in check_dataset(root, min_slices=4)}
-    assert problems[check.UNDECLARED_LABEL].file == "labelsTr/case_001.nii.gz"
-    assert problems[check.UNDECLARED_LABEL].value.startswith("[5] not in dataset.json labels [0, 1, 2, 3]")
-    assert "numTraining=7" in problems[check.NUM_TRAINING].value
-    assert check_dataset(root, min_slices=13)[-1].kind == check.NUM_TRAINING
-    assert {p.kind for p in check_dataset(make(tmp_path / "b"), min_slices=13)} == {check.TOO_FEW_SLICES}
+    assert problems["undeclared_label"].file == "labelsTr/case_001.nii.gz"
+    assert problems["undeclared_label"].value.startswith("[5] not in dataset.json labels [0, 1, 2, 3]")
+    assert "numTraining=7" in problems["num_training_mismatch"].value
+    assert check_dataset(root, min_slices=13)[-1].kind == "num_training_mismatch"
+    assert {p.kind for p in check_dataset(make(tmp_path / "b"), min_slices=13)} == {"too_few_slices"}
 
 
 def test_folder_name_is_required_only_for_nnunet(tmp_path):
     root = make(tmp_path).rename(tmp_path / "brain")
     assert check_dataset(root, min_slices=4) == []  # gem3d reads any folder name
     problems = check_dataset(root, min_slices=4, nnunet_name=True)
-    assert [p.kind for p in problems] == [check.FOLDER_NAME] and validate_nnunet_dataset(root) == [str(problems[0])]
+    assert [p.kind for p in problems] == ["folder_name"] and validate_nnunet_dataset(root) == [str(problems[0])]
 
 
 @pytest.mark.parametrize("shift_mm, same_grid", [(5e-4, True), (2e-3, False)])
@@ -133,7 +135,7 @@ def test_one_affine_tolerance_for_checker_export_and_loader(tmp_path, shift_mm, 
     affine = label.affine.copy()
     affine[0, 3] += shift_mm
     _save(_label_of(root), np.asanyarray(label.dataobj), affine)
-    assert (check.AFFINE_MISMATCH not in {p.kind for p in check_dataset(root, min_slices=4)}) == same_grid
+    assert ("affine_mismatch" not in {p.kind for p in check_dataset(root, min_slices=4)}) == same_grid
     assert (validate_nnunet_dataset(root) == []) == same_grid
     if same_grid:
         RawDataset(root).load_case("case_001")
@@ -154,7 +156,7 @@ def test_one_label_rule_for_checker_export_and_loader(tmp_path):
         meta = _json(root) | {"labels": labels}
         meta.pop("regions_class_order", None)
         _set_json(root, meta)
-        found = [p for p in check_dataset(root, min_slices=4) if p.kind == check.JSON_BAD_LABELS]
+        found = [p for p in check_dataset(root, min_slices=4) if p.kind == "dataset_json_bad_labels"]
         assert len(found) == 1 and message in found[0].value
         assert str(found[0]) in validate_nnunet_dataset(root)
         with pytest.raises(ValueError, match=message):
@@ -168,7 +170,7 @@ def test_cli_exit_codes(tmp_path):
                         env=child_env())
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("OK ") and "2 training cases" in ok.stdout
-    BREAKAGES[check.LABEL_MISSING](root)
+    BREAKAGES["label_missing"](root)
     bad = subprocess.run([sys.executable, str(script), str(root), "--min-slices", "4"], capture_output=True, text=True,
                          env=child_env())
     assert bad.returncode == 1

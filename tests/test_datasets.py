@@ -15,7 +15,6 @@ from gem3d.data.datasets import (
     load_or_create_splits,
     make_splits,
     read_splits,
-    write_splits,
 )
 from gem3d.data.module import Gem3dDataModule
 from gem3d.data.nnunet import RawDataset, open_dataset
@@ -162,7 +161,7 @@ def test_splits_deterministic_disjoint_complete(tmp_path):
     with pytest.raises(ValueError, match="val_fraction must lie in"):
         make_splits(names, val_fraction=1.5)
     path = tmp_path / "s.json"
-    write_splits(path, a, seed=5)
+    path.write_text(json.dumps({**a, "seed": 5}))
     assert read_splits(path) == a
     nnunet = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}]
     (tmp_path / "splits_final.json").write_text(json.dumps(nnunet))

@@ -49,17 +49,6 @@ def affine_difference(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
     return float(np.abs(np.asarray(affine_a, np.float64) - np.asarray(affine_b, np.float64)).max())
 
 
-def check_same_grid(geom_a: Geometry, geom_b: Geometry, what: str = "image and label") -> None:
-    """Raise ValueError when two source geometries differ in shape or affine (tolerance `AFFINE_ATOL_MM`)."""
-    if geom_a.shape != geom_b.shape:
-        raise ValueError(f"{what} shapes differ: {geom_a.shape} vs {geom_b.shape}")
-    diff = affine_difference(geom_a.affine, geom_b.affine)
-    if diff > AFFINE_ATOL_MM:
-        raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): "
-                         f"{np.round(geom_a.affine[:3], 4).tolist()} vs {np.round(geom_b.affine[:3], 4).tolist()}; "
-                         "resample the label onto the image grid")
-
-
 def load_case(
     image_path: str | Path,
     label_path: str | Path | None = None,
@@ -78,7 +67,14 @@ def load_case(
     if label_path is not None:
         label_path = Path(label_path)
         label_raw, label_geometry = load_nifti(label_path, dtype=np.float64, slice_axis=slice_axis)
-        check_same_grid(geometry, label_geometry, what=f"image {image_path.name} and label {label_path.name}")
+        what = f"image {image_path.name} and label {label_path.name}"
+        if geometry.shape != label_geometry.shape:
+            raise ValueError(f"{what} shapes differ: {geometry.shape} vs {label_geometry.shape}")
+        diff = affine_difference(geometry.affine, label_geometry.affine)
+        if diff > AFFINE_ATOL_MM:
+            a, b = (np.round(g.affine[:3], 4).tolist() for g in (geometry, label_geometry))
+            raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): {a} vs {b}; "
+                             "resample the label onto the image grid")
         label = geometry.to_canonical(labels_as_int16(label_raw, where=str(label_path)))
     if name is None:
         name = image_path.name.split(".")[0].removesuffix("_0000")

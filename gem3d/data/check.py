@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -16,29 +17,12 @@ from .geometry import Geometry
 from .nnunet import REQUIRED_KEYS, parse_labels
 
 DATASET_FOLDER_PATTERN = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
+Report = Callable[[str, str, Path, str], None]  # (kind, case, file, value)
 
-# problem kinds
-FOLDER_NAME = "folder_name"
-JSON_MISSING = "dataset_json_missing"
-JSON_INVALID = "dataset_json_invalid"
-JSON_KEY_MISSING = "dataset_json_key_missing"
-JSON_BAD_LABELS = "dataset_json_bad_labels"
-NUM_TRAINING = "num_training_mismatch"
-NO_CASES = "no_training_cases"
-IMAGE_MISSING = "image_missing"
-LABEL_MISSING = "label_missing"
-CHANNEL_MISSING = "channel_missing"
-UNREADABLE = "unreadable"
-NOT_3D = "not_3d"
-SHAPE_MISMATCH = "shape_mismatch"
-AFFINE_MISMATCH = "affine_mismatch"
-UNDECLARED_LABEL = "undeclared_label"
-NON_INTEGER_LABEL = "non_integer_label"
-NON_FINITE = "non_finite"
-TOO_FEW_SLICES = "too_few_slices"
-KINDS = (FOLDER_NAME, JSON_MISSING, JSON_INVALID, JSON_KEY_MISSING, JSON_BAD_LABELS, NUM_TRAINING, NO_CASES,
-         IMAGE_MISSING, LABEL_MISSING, CHANNEL_MISSING, UNREADABLE, NOT_3D, SHAPE_MISMATCH, AFFINE_MISMATCH,
-         UNDECLARED_LABEL, NON_INTEGER_LABEL, NON_FINITE, TOO_FEW_SLICES)
+KINDS = ("folder_name", "dataset_json_missing", "dataset_json_invalid", "dataset_json_key_missing",
+         "dataset_json_bad_labels", "num_training_mismatch", "no_training_cases", "image_missing", "label_missing",
+         "channel_missing", "unreadable", "not_3d", "shape_mismatch", "affine_mismatch", "undeclared_label",
+         "non_integer_label", "non_finite", "too_few_slices")
 
 
 @dataclass(frozen=True)
@@ -50,119 +34,120 @@ class Problem:
     file: str
     value: str
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown problem kind {self.kind!r}; kinds are {KINDS}")
+
     def __str__(self) -> str:
         return f"{self.kind}: case={self.case} file={self.file} value={self.value}"
 
 
-def _read(path: Path, root: Path, case: str, problems: list[Problem]) -> tuple[np.ndarray, Geometry] | None:
-    rel = str(path.relative_to(root))
+def _read(path: Path, case: str, report: Report) -> tuple[np.ndarray, Geometry] | None:
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # corrupt / truncated / not NIfTI
-        problems.append(Problem(UNREADABLE, case, rel, f"{type(exc).__name__}: {exc}"))
-        return None
+        return report("unreadable", case, path, f"{type(exc).__name__}: {exc}")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        problems.append(Problem(NOT_3D, case, rel, f"shape {tuple(data.shape)}"))
-        return None
+        return report("not_3d", case, path, f"shape {tuple(data.shape)}")
     try:
-        geometry = Geometry(np.asarray(img.affine, dtype=np.float64), data.shape)
+        return data, Geometry(np.asarray(img.affine, dtype=np.float64), data.shape)
     except ValueError as exc:
-        problems.append(Problem(UNREADABLE, case, rel, f"bad affine: {exc}"))
-        return None
-    return data, geometry
+        return report("unreadable", case, path, f"bad affine: {exc}")
 
 
 def _check_json(root: Path, problems: list[Problem]) -> dict:
+    def report(kind: str, value: str) -> dict:
+        problems.append(Problem(kind, "-", "dataset.json", value))
+        return {}
+
     path = root / "dataset.json"
     if not path.is_file():
-        problems.append(Problem(JSON_MISSING, "-", "dataset.json", "absent"))
-        return {}
+        return report("dataset_json_missing", "absent")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        problems.append(Problem(JSON_INVALID, "-", "dataset.json", str(exc)))
-        return {}
+        return report("dataset_json_invalid", str(exc))
     if not isinstance(meta, dict):
-        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"top level is {type(meta).__name__}, not object"))
-        return {}
+        return report("dataset_json_invalid", f"top level is {type(meta).__name__}, not object")
     for key in (*REQUIRED_KEYS, "numTraining"):
         if key not in meta:
-            problems.append(Problem(JSON_KEY_MISSING, "-", "dataset.json", key))
+            report("dataset_json_key_missing", key)
     channels = meta.get("channel_names")
     if channels is not None and (not isinstance(channels, dict) or not channels
                                  or set(map(str, channels)) != {str(c) for c in range(len(channels))}):
-        problems.append(Problem(JSON_INVALID, "-", "dataset.json", f"channel_names={channels!r} (keys must be 0..n-1)"))
+        report("dataset_json_invalid", f"channel_names={channels!r} (keys must be 0..n-1)")
         meta.pop("channel_names")
     if "labels" in meta:
         try:
             meta["labels"] = parse_labels(meta["labels"], meta.get("regions_class_order"))
         except ValueError as exc:
-            problems.append(Problem(JSON_BAD_LABELS, "-", "dataset.json", str(exc)))
+            report("dataset_json_bad_labels", str(exc))
             meta.pop("labels")
     return meta
 
 
 def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axis: int,
                   problems: list[Problem], summary: dict) -> int:
+    def report(kind: str, case: str, path: Path, value: str) -> None:
+        problems.append(Problem(kind, case, str(path.relative_to(root)), value))
+
     ending = meta.get("file_ending", ".nii.gz")
     channels = sorted(int(c) for c in meta.get("channel_names", {"0": ""}) if str(c).isdigit()) or [0]
     labels = set(meta["labels"].values()) if "labels" in meta else None
+    images_dir, labels_dir = root / f"images{split}", root / f"labels{split}"
     pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
     by_case: dict[str, dict[int, Path]] = {}
-    for p in sorted((root / f"images{split}").glob(f"*{ending}")):
+    for p in sorted(images_dir.glob(f"*{ending}")):
         m = pattern.match(p.name)
         if m:
             by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
-    label_files = {p.name[: -len(ending)]: p for p in sorted((root / f"labels{split}").glob(f"*{ending}"))}
+    label_files = {p.name[: -len(ending)]: p for p in sorted(labels_dir.glob(f"*{ending}"))}
     if split == "Tr":
         for name in sorted(set(label_files) - set(by_case)):
-            problems.append(Problem(IMAGE_MISSING, name, f"images{split}/{name}_0000{ending}",
-                                    f"label {label_files[name].name} has no image"))
+            report("image_missing", name, images_dir / f"{name}_0000{ending}",
+                   f"label {label_files[name].name} has no image")
     for name, files in sorted(by_case.items()):
         for c in channels:
             if c not in files:
-                problems.append(Problem(CHANNEL_MISSING, name, f"images{split}/{name}_{c:04d}{ending}",
-                                        f"channel {c} absent (channels {channels})"))
-        reads = [(p, _read(p, root, name, problems)) for _, p in sorted(files.items())]
+                report("channel_missing", name, images_dir / f"{name}_{c:04d}{ending}",
+                       f"channel {c} absent (channels {channels})")
+        reads = [(p, _read(p, name, report)) for _, p in sorted(files.items())]
         reads = [(p, r) for p, r in reads if r is not None]
         for p, (data, _) in reads:
             if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-                n_bad = int((~np.isfinite(data)).sum())
-                problems.append(Problem(NON_FINITE, name, str(p.relative_to(root)), f"{n_bad} non-finite voxels"))
+                report("non_finite", name, p, f"{int((~np.isfinite(data)).sum())} non-finite voxels")
         if reads:
             ref_path, (_, ref_geom) = reads[0]
             slices = Geometry(ref_geom.affine, ref_geom.shape, slice_axis).canonical_shape[0]
             summary["slices"].append(slices)
             summary["shapes"].add(ref_geom.shape)
             if slices < min_slices:
-                problems.append(Problem(TOO_FEW_SLICES, name, str(ref_path.relative_to(root)),
-                                        f"{slices} slices < {min_slices} (slice axis {slice_axis})"))
+                report("too_few_slices", name, ref_path, f"{slices} slices < {min_slices} (slice axis {slice_axis})")
         label_path = label_files.get(name)
         if label_path is None and split == "Tr":
-            problems.append(Problem(LABEL_MISSING, name, f"labels{split}/{name}{ending}", "absent"))
-        label_read = _read(label_path, root, name, problems) if label_path is not None else None
+            report("label_missing", name, labels_dir / f"{name}{ending}", "absent")
+        label_read = _read(label_path, name, report) if label_path is not None else None
         if label_read is not None:
             reads.append((label_path, label_read))
-            data, rel = label_read[0], str(label_path.relative_to(root))
+            data = label_read[0]
             if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.rint(data))):
                 bad = data[~np.isfinite(data) | (data != np.rint(data))]
-                problems.append(Problem(NON_INTEGER_LABEL, name, rel, f"values such as {bad[:3].tolist()}"))
+                report("non_integer_label", name, label_path, f"values such as {bad[:3].tolist()}")
             elif labels is not None:
                 undeclared = sorted(set(np.unique(data).astype(int).tolist()) - labels)
                 if undeclared:
-                    problems.append(Problem(UNDECLARED_LABEL, name, rel,
-                                            f"{undeclared} not in dataset.json labels {sorted(labels)}"))
+                    report("undeclared_label", name, label_path,
+                           f"{undeclared} not in dataset.json labels {sorted(labels)}")
         for p, (_, geom) in reads[1:]:  # other channels and the label vs the first image
             diff = affine_difference(geom.affine, ref_geom.affine)
             if geom.shape != ref_geom.shape:
-                problems.append(Problem(SHAPE_MISMATCH, name, str(p.relative_to(root)),
-                                        f"{geom.shape} vs image {ref_geom.shape}"))
+                report("shape_mismatch", name, p, f"{geom.shape} vs image {ref_geom.shape}")
             elif diff > AFFINE_ATOL_MM:
-                problems.append(Problem(AFFINE_MISMATCH, name, str(p.relative_to(root)),
-                                        f"max |affine diff| {diff:.4g} mm > {AFFINE_ATOL_MM} vs {ref_path.name}"))
+                report("affine_mismatch", name, p,
+                       f"max |affine diff| {diff:.4g} mm > {AFFINE_ATOL_MM} vs {ref_path.name}")
     return len(by_case)
 
 
@@ -174,7 +159,7 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, sl
         raise FileNotFoundError(f"dataset folder not found: {root}")
     problems: list[Problem] = []
     if nnunet_name and not DATASET_FOLDER_PATTERN.match(root.resolve().name):
-        problems.append(Problem(FOLDER_NAME, "-", ".", f"{root.resolve().name!r} is not DatasetNNN_Name "
+        problems.append(Problem("folder_name", "-", ".", f"{root.resolve().name!r} is not DatasetNNN_Name "
                                                        "(nnU-Net will not find it)"))
     meta = _check_json(root, problems)
     summary = {"labels": meta.get("labels", {}), "slices": [], "shapes": set()}
@@ -182,10 +167,10 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, sl
     summary["num_test"] = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
     if summary["num_training"] == 0:
         absent = [f"{d}/ is missing" for d in ("imagesTr", "labelsTr") if not (root / d).is_dir()]
-        problems.append(Problem(NO_CASES, "-", "imagesTr", "; ".join(["no <case>_0000 images", *absent])))
+        problems.append(Problem("no_training_cases", "-", "imagesTr", "; ".join(["no <case>_0000 images", *absent])))
     n_declared = meta.get("numTraining")
     if n_declared is not None and n_declared != summary["num_training"]:
-        problems.append(Problem(NUM_TRAINING, "-", "dataset.json",
+        problems.append(Problem("num_training_mismatch", "-", "dataset.json",
                                 f"numTraining={n_declared!r} but imagesTr holds {summary['num_training']} cases"))
     return problems, summary
 

@@ -33,26 +33,6 @@ def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-def _fingerprint(paths: list[Path]) -> list[list]:
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-
-
-def _read_entry(meta_path: Path, arrays: list[Path], fingerprint: list) -> dict | None:
-    """The meta of a complete cache entry made from sources with this fingerprint, else None."""
-    if not meta_path.is_file() or not all(p.is_file() for p in arrays):
-        return None
-    meta = json.loads(meta_path.read_text())
-    return meta if meta.get("fingerprint") == fingerprint else None
-
-
-def _write_entry(meta_path: Path, arrays: dict[Path, np.ndarray], meta: dict) -> None:
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, arr in arrays.items():
-        with atomic_path(path) as tmp:
-            np.save(tmp, np.ascontiguousarray(arr))
-    atomic_write_json(meta_path, meta)  # written last: its presence marks a complete entry
-
-
 VARIANT_MARK = "~"
 
 
@@ -61,73 +41,84 @@ def variant_name(name: str, invert: bool = False, gamma: float = 1.0) -> str:
     return f"{name}{VARIANT_MARK}{'inv-' if invert else ''}g{float(gamma):g}"
 
 
-class VolumeCache:
+class _CaseStore:
+    """Per-case cache entries in ``cache_dir``: arrays ``<name>_<field>.npy`` and the meta ``<name>.json`` (with
+    the sources' fingerprint), written last so that its presence marks a complete entry. Memmaps stay unpickled."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
+        self._loaded: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own memmaps
+        return {**self.__dict__, "_loaded": {}}
+
+    def _array_path(self, name: str, field: str) -> Path:
+        return self.cache_dir / f"{name}_{field}.npy"
+
+    def _read_entry(self, name: str, fields: list[str], fingerprint: list) -> dict | None:
+        """The meta of a complete entry made from sources with this fingerprint, else None."""
+        meta_path = self.cache_dir / f"{name}.json"
+        if not meta_path.is_file() or not all(self._array_path(name, f).is_file() for f in fields):
+            return None
+        meta = json.loads(meta_path.read_text())
+        return meta if meta.get("fingerprint") == fingerprint else None
+
+    def _write_entry(self, name: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        for field, arr in arrays.items():
+            with atomic_path(self._array_path(name, field)) as tmp:
+                np.save(tmp, np.ascontiguousarray(arr))
+        atomic_write_json(self.cache_dir / f"{name}.json", meta)
+        self._loaded.pop(name, None)
+
+    def _open(self, name: str, fields: list[str]) -> dict[str, np.ndarray]:
+        return {f: np.load(self._array_path(name, f), mmap_mode="r") for f in fields}
+
+
+class VolumeCache(_CaseStore):
     """Each case prepared once into `.npy` files + a meta json (geometry, stats, source fingerprint) under
-    `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`; a changed source (size or mtime) is prepared again."""
+    `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`; a changed source (size or mtime) is prepared again.
+    Names made by :func:`variant_name` address a case in another contrast, computed from its cached image."""
 
     def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
                  split: str = "Tr"):
+        base = Path(cache_dir) if cache_dir is not None else Path(dataset_dir) / ".gem3d_cache"
+        super().__init__(base / config_hash(cfg, split))
         self.dataset_dir = Path(dataset_dir)
         self.dataset = open_dataset(self.dataset_dir)
         self.cfg = cfg
         self.split = split
-        base = Path(cache_dir) if cache_dir is not None else self.dataset_dir / ".gem3d_cache"
-        self.cache_dir = base / config_hash(cfg, split)
         self.names: list[str] = self.dataset.case_names(split)
         if not self.names:
             raise FileNotFoundError(f"no {split} cases found in {self.dataset_dir}")
-        labels = getattr(self.dataset, "labels", None)
-        if labels and max(labels.values()) > cfg.max_label:
-            raise ValueError(
-                f"dataset.json labels {labels} exceed preprocess.max_label={cfg.max_label}; set max_label to "
-                f"{max(labels.values())}"
-            )
+        if (self.dataset.max_label or 0) > cfg.max_label:
+            raise ValueError(f"dataset.json labels {self.dataset.labels} exceed preprocess.max_label={cfg.max_label}; "
+                             f"set max_label to {self.dataset.max_label}")
         self.prepared_count = 0  # cases prepared (not read from the cache) by this instance
-        self._loaded: dict[str, PreparedCase] = {}
         self._meta: dict[str, dict] = {}
 
-    def __getstate__(self) -> dict:  # do not pickle memmaps into DataLoader workers
-        state = dict(self.__dict__)
-        state["_loaded"] = {}
-        return state
-
-    def _paths(self, name: str) -> tuple[Path, Path, Path]:
-        return (self.cache_dir / f"{name}_image.npy", self.cache_dir / f"{name}_label.npy",
-                self.cache_dir / f"{name}.json")
-
-    def _source_paths(self, name: str) -> list[Path]:
-        label = self.dataset.label_path(name, self.split)
-        return [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
-
-    def _variant(self, name: str) -> tuple[str, dict | None]:
-        """``(case, contrast_variant arguments or None)`` of a name made by :func:`variant_name`."""
-        base, mark, tag = name.partition(VARIANT_MARK)
-        if name in self.names or not mark:
-            return name, None
-        return base, {"invert": tag.startswith("inv-"), "gamma": float(tag.removeprefix("inv-").removeprefix("g"))}
-
-    def _check_name(self, name: str) -> None:
-        name = self._variant(name)[0]
-        if name not in self.names:
+    def _resolve(self, name: str) -> tuple[str, dict | None]:
+        """``(case, contrast_variant arguments or None)`` of a case name or a :func:`variant_name`."""
+        base, variant = name, None
+        if name not in self.names and VARIANT_MARK in name:
+            base, tag = name.split(VARIANT_MARK, 1)
+            variant = {"invert": tag.startswith("inv-"), "gamma": float(tag.removeprefix("inv-").removeprefix("g"))}
+        if base not in self.names:
             shown = self.names[:8] + (["..."] if len(self.names) > 8 else [])
-            raise KeyError(f"case {name!r} not in {self.dataset_dir} ({self.split}); cases: {shown}")
+            raise KeyError(f"case {base!r} not in {self.dataset_dir} ({self.split}); cases: {shown}")
+        return base, variant
 
     def meta(self, name: str) -> dict:
         """The cached meta of one case (prepares the case when needed)."""
-        self._check_name(name)
-        name = self._variant(name)[0]
-        if name in self._meta:
-            return self._meta[name]
-        image_path, _, meta_path = self._paths(name)
-        fingerprint = _fingerprint(self._source_paths(name))
-        self._meta[name] = _read_entry(meta_path, [image_path], fingerprint) or self._prepare(name, fingerprint)
+        name = self._resolve(name)[0]
+        if name not in self._meta:
+            label = self.dataset.label_path(name, self.split)
+            sources = [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
+            fingerprint = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
+            self._meta[name] = self._read_entry(name, ["image"], fingerprint) or self._prepare(name, fingerprint)
         return self._meta[name]
 
     def _prepare(self, name: str, fingerprint: list) -> dict:
-        case = self.dataset.load_case(name, self.split, slice_axis=self.cfg.slice_axis)
-        prepared = prepare_case(case, self.cfg)
-        image_path, label_path, meta_path = self._paths(name)
-        arrays = {image_path: prepared.image} | ({} if prepared.label is None else {label_path: prepared.label})
+        prepared = prepare_case(self.dataset.load_case(name, self.split, slice_axis=self.cfg.slice_axis), self.cfg)
         meta = {
             "name": name,
             "fingerprint": fingerprint,
@@ -138,9 +129,9 @@ class VolumeCache:
             "shape": list(prepared.image.shape),
             "has_label": prepared.label is not None,
         }
-        _write_entry(meta_path, arrays, meta)
+        arrays = {"image": prepared.image} | ({} if prepared.label is None else {"label": prepared.label})
+        self._write_entry(name, arrays, meta)
         self.prepared_count += 1
-        self._loaded.pop(name, None)
         return meta
 
     def num_slices(self, name: str) -> int:
@@ -151,7 +142,7 @@ class VolumeCache:
         meta = self.meta(name)
         if name in self._loaded:
             return self._loaded[name]
-        base, variant = self._variant(name)
+        base, variant = self._resolve(name)
         if variant is not None:
             prepared = self.get(base)
             if prepared.label is None:
@@ -159,18 +150,17 @@ class VolumeCache:
             image = contrast_variant(prepared.image, np.asarray(prepared.label) >= 0, **variant)
             self._loaded[name] = replace(prepared, name=name, image=image)
             return self._loaded[name]
-        image_path, label_path, _ = self._paths(name)
-        prepared = PreparedCase(
+        arrays = self._open(name, ["image", "label"] if meta["has_label"] else ["image"])
+        self._loaded[name] = PreparedCase(
             name=name,
-            image=np.load(image_path, mmap_mode="r"),
-            label=np.load(label_path, mmap_mode="r") if meta["has_label"] else None,
+            image=arrays["image"],
+            label=arrays.get("label"),
             stats=meta["stats"],
             geometry=Geometry.from_dict(meta["geometry"]),
             canonical_hw=tuple(meta["canonical_hw"]),
             max_label=int(meta["max_label"]),
         )
-        self._loaded[name] = prepared
-        return prepared
+        return self._loaded[name]
 
     def prepare_all(self, progress: bool = False) -> None:
         for name in tqdm(self.names, desc="preparing cases", disable=not progress):
@@ -190,30 +180,24 @@ class LatentEncoder(Protocol):
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class LatentCache:
+class LatentCache(_CaseStore):
     """Each case of a :class:`VolumeCache` encoded once: unscaled posterior mean and std of the image slices and
     mean of the grey mask slices, ``(D, z, h, w)`` f32 ``.npy`` under ``<volume cache>/latents-<encoder key>``;
     a case whose source fingerprint changed is encoded again."""
 
-    FIELDS = ("image_mean", "image_std", "mask_mean")
+    FIELDS = ["image_mean", "image_std", "mask_mean"]
 
     def __init__(self, volumes: VolumeCache, encoder: LatentEncoder):
         key = str(getattr(encoder, "key", "") or "")
         if not key or any(c in key for c in "/\\ ."):
             raise ValueError(f"the latent encoder needs a key of letters/digits to name its cache, got {key!r}")
+        super().__init__(volumes.cache_dir / f"latents-{key}")
         self.volumes, self.encoder = volumes, encoder
         self.scale_factor = float(encoder.scale_factor)
-        self.cache_dir = volumes.cache_dir / f"latents-{key}"
         self.encoded_count = 0  # cases encoded (not read from the cache) by this instance
-        self._loaded: dict[str, dict[str, np.ndarray]] = {}
 
-    def __getstate__(self) -> dict:  # DataLoader workers: no encoder, no memmaps
-        state = dict(self.__dict__)
-        state["_loaded"], state["encoder"] = {}, None
-        return state
-
-    def _paths(self, name: str) -> tuple[dict[str, Path], Path]:
-        return {f: self.cache_dir / f"{name}_{f}.npy" for f in self.FIELDS}, self.cache_dir / f"{name}.json"
+    def __getstate__(self) -> dict:  # DataLoader workers: no encoder either
+        return {**super().__getstate__(), "encoder": None}
 
     @torch.no_grad()
     def _encode(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +205,7 @@ class LatentCache:
         mean, std = self.encoder(rearrange(torch.from_numpy(np.array(slices, dtype=np.float32)), "n h w -> n 1 h w"))
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
-    def _encode_case(self, name: str) -> None:
+    def _encode_case(self, name: str, fingerprint: list) -> None:
         if self.encoder is None:
             raise RuntimeError(f"latent cache {self.cache_dir} lacks case {name!r} and has no encoder here "
                                "(encode every case in the main process: LatentCache.encode_all)")
@@ -230,22 +214,17 @@ class LatentCache:
             raise ValueError(f"case {name!r} has no label; the latent cache encodes labelled cases only")
         image_mean, image_std = self._encode(prepared.image)
         mask_mean, _ = self._encode(label_to_grey(np.asarray(prepared.label), prepared.max_label))
-        paths, meta_path = self._paths(name)
-        arrays = {paths[field]: arr for field, arr in zip(self.FIELDS, (image_mean, image_std, mask_mean))}
-        meta = {"name": name, "fingerprint": self.volumes.meta(name)["fingerprint"], "shape": list(image_mean.shape)}
-        _write_entry(meta_path, arrays, meta)
+        arrays = dict(zip(self.FIELDS, (image_mean, image_std, mask_mean)))
+        self._write_entry(name, arrays, {"name": name, "fingerprint": fingerprint, "shape": list(image_mean.shape)})
         self.encoded_count += 1
-        self._loaded.pop(name, None)
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         """``{image_mean, image_std, mask_mean}``: read-only memmaps ``(D, z, h, w)``, unscaled."""
-        if name in self._loaded:
-            return self._loaded[name]
-        self.volumes._check_name(name)
-        arrays, meta_path = self._paths(name)
-        if _read_entry(meta_path, list(arrays.values()), self.volumes.meta(name)["fingerprint"]) is None:
-            self._encode_case(name)
-        self._loaded[name] = {f: np.load(p, mmap_mode="r") for f, p in arrays.items()}
+        if name not in self._loaded:
+            fingerprint = self.volumes.meta(name)["fingerprint"]
+            if self._read_entry(name, self.FIELDS, fingerprint) is None:
+                self._encode_case(name, fingerprint)
+            self._loaded[name] = self._open(name, self.FIELDS)
         return self._loaded[name]
 
     def encode_all(self, names: list[str] | None = None, progress: bool = False) -> None:
@@ -297,22 +276,10 @@ def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [names[i] for i in order]
     return {
+        "train": sorted(shuffled[n_val + n_test:]),
         "val": sorted(shuffled[:n_val]),
         "test": sorted(shuffled[n_val:n_val + n_test]),
-        "train": sorted(shuffled[n_val + n_test:]),
     }
-
-
-def write_splits(path: str | Path, splits: dict[str, list[str]], **info: Any) -> None:
-    """Write splits (+ optional info such as seed) as JSON, atomically."""
-    missing = [k for k in ("train", "val") if k not in splits]
-    if missing:
-        raise KeyError(f"splits lack {missing}; need keys {list(SPLIT_KEYS)}")
-    payload = {k: sorted(splits.get(k, [])) for k in SPLIT_KEYS}
-    payload.update(info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, payload)
 
 
 def read_splits(path: str | Path, fold: int = 0) -> dict[str, list[str]]:
@@ -347,28 +314,36 @@ def load_or_create_splits(dataset_dir: str | Path, names: list[str] | None = Non
             warnings.warn(f"{len(unlisted)} cases are in no split of {path}, e.g. {unlisted[:5]}", stacklevel=2)
         return splits
     splits = make_splits(names, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    write_splits(path, splits, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    atomic_write_json(path, {**splits, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction})
     return splits
 
 
-class _EpochDataset(Dataset):
-    """Shared logic: names, seed, epoch, length, per-item rng."""
+class ClipDataset(Dataset):
+    """Random clips of `clip_len` consecutive slices of labelled cases, `length` items an epoch (default: one per
+    case). Item: image (F, 1, S, S) f32 in [-1, 1]; mask (F, 1, S, S) f32 grey; informed (1, S, S) =
+    image[informed_index]; informed_index in [0, F) (inside the clip); start (first slice); case; num_slices. With
+    latents (:meth:`use_latents`) also, scaled: latent (F, z, h, w) a posterior sample of the image; mask_latent
+    (F, z, h, w) and informed_latent (z, h, w) posterior means."""
 
-    def __init__(self, cache: VolumeCache, names: list[str], seed: int = 0, length: int | None = None):
-        names = list(names)
-        if not names:
+    def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
+                 length: int | None = None):
+        self.names = list(names)
+        if not self.names:
             raise ValueError(f"{type(self).__name__} needs at least one case name")
-        for name in names:
-            cache._check_name(name)
         if length is not None and length < 1:
             raise ValueError(f"length must be >= 1 or None, got {length}")
-        self.cache, self.names, self.seed = cache, names, int(seed)
-        self.length = int(length) if length is not None else len(names)
+        if clip_len < 1:
+            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
+        self.cache, self.seed, self.clip_len = cache, int(seed), int(clip_len)
+        self.length = int(length) if length is not None else len(self.names)
         self.epoch = 0
         self.latents: LatentCache | None = None
+        short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
+        if short:
+            raise ValueError(f"cases with fewer slices than clip_len={self.clip_len}: {short} (name: slices)")
 
     def use_latents(self, latents: LatentCache | None) -> None:
-        """Add cached first-stage latents to every item (see the subclasses), or stop (None)."""
+        """Add cached first-stage latents to every item, or stop (None)."""
         if latents is not None and latents.volumes is not self.cache:
             raise ValueError(f"{latents!r} belongs to another volume cache than {self.cache!r}")
         self.latents = latents
@@ -390,43 +365,17 @@ class _EpochDataset(Dataset):
         order = np.random.default_rng([self.seed, cycle, 0xCA5E]).permutation(len(self.names))
         return self.names[int(order[position])], np.random.default_rng([self.seed, epoch, i])
 
-    def _labelled(self, name: str) -> PreparedCase:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, rng = self._locate(index)
         prepared = self.cache.get(name)
         if prepared.label is None:
             raise ValueError(f"case {name!r} has no label; {type(self).__name__} needs labelled cases")
-        return prepared
-
-
-def _image_and_mask(prepared: PreparedCase, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slices [start, stop) of the image and the grey mask, each (F, S, S) f32."""
-    image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
-    return image, torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
-
-
-class ClipDataset(_EpochDataset):
-    """Random clips of `clip_len` consecutive slices. Item: image (F, 1, S, S) f32 in [-1, 1]; mask (F, 1, S, S)
-    f32 grey; informed (1, S, S) = image[informed_index]; informed_index in [0, F) (inside the clip); start (first
-    slice); case; num_slices. With latents (:meth:`use_latents`) also, scaled: latent (F, z, h, w) a posterior
-    sample of the image; mask_latent (F, z, h, w) and informed_latent (z, h, w) posterior means."""
-
-    def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
-                 length: int | None = None):
-        super().__init__(cache, names, seed, length)
-        if clip_len < 1:
-            raise ValueError(f"clip_len must be >= 1, got {clip_len}")
-        self.clip_len = int(clip_len)
-        short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
-        if short:
-            raise ValueError(f"cases with fewer slices than clip_len={self.clip_len}: {short} (name: slices)")
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        name, rng = self._locate(index)
-        prepared = self._labelled(name)
         d = prepared.num_slices
         start = int(rng.integers(0, d - self.clip_len + 1))
-        informed_index = int(rng.integers(0, self.clip_len))
+        informed_index = int(rng.integers(0, self.clip_len))  # draws nothing when clip_len is 1
         stop = start + self.clip_len
-        image, mask = _image_and_mask(prepared, start, stop)
+        image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
+        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
         item = {
             "image": rearrange(image, "f h w -> f 1 h w"),
             "mask": rearrange(mask, "f h w -> f 1 h w"),
@@ -444,25 +393,25 @@ class ClipDataset(_EpochDataset):
         return item
 
 
-class SliceDataset(_EpochDataset):
-    """Random single slices. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices in [0, 1),
-    index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample."""
+class SliceDataset(ClipDataset):
+    """Random single slices: clips of one slice. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices
+    in [0, 1), index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample."""
+
+    def __init__(self, cache: VolumeCache, names: list[str], seed: int = 0, length: int | None = None):
+        super().__init__(cache, names, clip_len=1, seed=seed, length=length)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        name, rng = self._locate(index)
-        prepared = self._labelled(name)
-        d = prepared.num_slices
-        k = int(rng.integers(0, d))
-        image, mask = _image_and_mask(prepared, k, k + 1)
-        item = {"image": image, "mask": mask, "pos": torch.tensor(k / d, dtype=torch.float32), "index": k,
-                "case": name}
-        if self.latents is not None:
-            item["latent"] = self.latents.sample(name, k, k + 1, rng)
+        clip = super().__getitem__(index)
+        k = clip["start"]
+        item = {"image": clip["image"][0], "mask": clip["mask"][0],
+                "pos": torch.tensor(k / clip["num_slices"], dtype=torch.float32), "index": k, "case": clip["case"]}
+        if "latent" in clip:
+            item["latent"] = clip["latent"]
         return item
 
 
 class EpochSampler(Sampler[int]):
-    """Yields `epoch * len(dataset) + i` for a (seeded, per-epoch) permutation of i, so `_EpochDataset` items change
+    """Yields `epoch * len(dataset) + i` for a (seeded, per-epoch) permutation of i, so `ClipDataset` items change
     with the epoch even inside persistent DataLoader workers. Lightning calls `set_epoch` on it."""
 
     def __init__(self, length: int, shuffle: bool = True, seed: int = 0):

@@ -50,8 +50,7 @@ def demo_affine(origin_shift_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
     spacing = np.asarray(DEMO_SPACING)
     centre = np.asarray(BRAIN_CENTRE_MM) + np.asarray(origin_shift_mm)
     origin = centre - spacing * (np.asarray(DEMO_SHAPE) - 1) / 2.0
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = np.round(origin, 3)
+    affine = nib.affines.from_matvec(np.diag(spacing), np.round(origin, 3))
     return affine.astype(np.float32).astype(np.float64)  # what the NIfTI header stores, exactly
 
 

@@ -100,7 +100,6 @@ class Geometry:
                    slice_axis=int(d.get("slice_axis", 2)))
 
 
-
 def load_nifti(
     path: str | Path, channel: int | None = None, dtype=np.float32, slice_axis: int = 2
 ) -> tuple[np.ndarray, Geometry]:

@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .case import Case, labels_as_int16, load_case
@@ -85,7 +86,8 @@ class RawDataset:
         self.channel_names: dict[str, str] = {str(k): v for k, v in self.dataset_json["channel_names"].items()}
         for split in SPLITS:
             labels_dir, images = self.root / f"labels{split}", set(self.case_names(split))
-            stray = sorted(p.name for p in labels_dir.glob(f"*{self.file_ending}") if p.name[: -len(self.file_ending)] not in images)
+            stray = sorted(p.name for p in labels_dir.glob(f"*{self.file_ending}")
+                           if p.name[: -len(self.file_ending)] not in images)
             if stray:
                 raise ValueError(f"{labels_dir}: {stray[:3]} have no image (expected images{split}/<case>_0000"
                                  f"{self.file_ending}); remove these labels or add their images")
@@ -168,9 +170,8 @@ def reader_affine(properties: dict) -> np.ndarray:
         spacing = np.asarray(sitk["spacing"], dtype=np.float64)
         if spacing.shape != (3,):
             raise ValueError(f"only 3-D nnU-Net cases are supported, got sitk spacing {tuple(spacing)}")
-        lps = np.eye(4)
-        lps[:3, :3] = np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3) * spacing
-        lps[:3, 3] = sitk["origin"]
+        lps = nib.affines.from_matvec(np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3) * spacing,
+                                      np.asarray(sitk["origin"], dtype=np.float64))
         xyz_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS+ -> RAS+
     elif "nibabel_stuff" in properties:
         stuff = properties["nibabel_stuff"]
@@ -195,8 +196,8 @@ def preprocessed_affine(properties: dict, transpose_forward, shape: tuple[int, i
         raise ValueError(f"transpose_forward must be a permutation of (0, 1, 2), got {transpose_forward!r}")
     transpose = np.eye(4)[:, [*axes, 3]]  # transposed axis a is the reader's axis axes[a]
     scale = np.asarray(properties["shape_after_cropping_and_before_resampling"], np.float64) / np.asarray(shape)
-    crop_and_resample = np.diag([*scale, 1.0])
-    crop_and_resample[:3, 3] = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
+    offset = [lo for lo, _ in properties["bbox_used_for_cropping"]] + 0.5 * scale - 0.5
+    crop_and_resample = nib.affines.from_matvec(np.diag(scale), offset)
     return reader_affine(properties) @ transpose @ crop_and_resample
 
 
@@ -228,28 +229,24 @@ def _seg_path(path: Path) -> Path:
     return path if path.suffix == ".npz" else path.with_name(f"{path.stem}_seg{path.suffix}")
 
 
-def read_preprocessed_arrays(image_path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """`data` (C, X0, X1, X2) and `seg` (1, X0, X1, X2) or None of one preprocessed case, from `<case>.b2nd`
-    (+ `<case>_seg.b2nd`), `<case>.npz` (keys data, seg) or `<case>.npy` (+ `<case>_seg.npy`)."""
-    path = Path(image_path)
+def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: int = 0, name: str | None = None,
+                           slice_axis: int = 2) -> Case:
+    """One preprocessed case -> Case on the preprocessed grid in world space (`preprocessed_affine`, from
+    `<case>.pkl`). Arrays: `data` (C, X0, X1, X2) and `seg` (1, X0, X1, X2) or none, from `<case>.b2nd`
+    (+ `<case>_seg.b2nd`), `<case>.npz` (keys data, seg) or `<case>.npy` (+ `<case>_seg.npy`); seg -1 (outside
+    nnU-Net's crop mask) is kept. `slice_axis`: RAS axis (2 = axial)."""
+    path, seg_path = Path(image_path), _seg_path(Path(image_path))
     if not path.is_file():
         raise FileNotFoundError(f"preprocessed case not found: {path}")
     if path.suffix == ".npz":
         with np.load(path) as npz:
             if "data" not in npz.files:
                 raise KeyError(f"{path} lacks 'data'; holds {npz.files}")
-            return np.asarray(npz["data"]), (np.asarray(npz["seg"]) if "seg" in npz.files else None)
-    if path.suffix not in (".b2nd", ".npy"):
+            data, seg = np.asarray(npz["data"]), (np.asarray(npz["seg"]) if "seg" in npz.files else None)
+    elif path.suffix in (".b2nd", ".npy"):
+        data, seg = _read_array(path), (_read_array(seg_path) if seg_path.is_file() else None)
+    else:
         raise ValueError(f"preprocessed case must be one of {CASE_LAYOUTS}, got {path.name}")
-    return _read_array(path), (_read_array(_seg_path(path)) if _seg_path(path).is_file() else None)
-
-
-def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: int = 0, name: str | None = None,
-                           slice_axis: int = 2) -> Case:
-    """One preprocessed case (arrays + `<case>.pkl`) -> Case on the preprocessed grid in world space
-    (`preprocessed_affine`); seg -1 (outside nnU-Net's crop mask) is kept. `slice_axis`: RAS axis (2 = axial)."""
-    path = Path(image_path)
-    data, seg = read_preprocessed_arrays(path)
     if data.ndim != 4:
         raise ValueError(f"{path}: 'data' must be (C, X0, X1, X2), got shape {data.shape}")
     if not 0 <= channel < data.shape[0]:
@@ -263,7 +260,7 @@ def read_preprocessed_case(image_path: str | Path, transpose_forward, channel: i
         label = geometry.to_canonical(labels_as_int16(seg[0], where=str(path)))
     image = geometry.to_canonical(np.asarray(data[channel], dtype=np.float32))
     return Case(name=name or path.stem, image=image, label=label, geometry=geometry, image_path=path,
-                label_path=_seg_path(path) if seg is not None else None)
+                label_path=seg_path if seg is not None else None)
 
 
 class PreprocessedDataset:

@@ -110,13 +110,12 @@ def normalise_intensity(
         lo, hi = (float(v) for v in np.percentile(voxels, cfg.percentiles))
     else:
         lo, hi = cfg.window
-    if hi <= lo and cfg.intensity != "window":
-        raise ValueError(f"image intensities are constant ({lo:g} everywhere{' in the body' if cfg.intensity == 'percentile' else ''}): "
-                         f"nothing to normalise with intensity={cfg.intensity!r}; check the image file")
-    stats = {"mode": cfg.intensity, "lo": lo, "hi": hi}
-    scale = hi - lo if hi > lo else 1.0
-    x = (np.clip(image, lo, hi) - lo) / scale * 2.0 - 1.0
-    return x.astype(np.float32), stats
+    if hi <= lo:  # a window always has lo < hi (PreprocessConfig)
+        where = " in the body" if cfg.intensity == "percentile" else ""
+        raise ValueError(f"image intensities are constant ({lo:g} everywhere{where}): nothing to normalise with "
+                         f"intensity={cfg.intensity!r}; check the image file")
+    x = (np.clip(image, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+    return x.astype(np.float32), {"mode": cfg.intensity, "lo": lo, "hi": hi}
 
 
 def denormalise_intensity(x: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
