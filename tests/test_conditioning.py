@@ -45,14 +45,12 @@ def test_position_embedding_matches_original_slice_context(original_fixtures):
 
 
 def test_concat_condition_puts_mask_first():
-    mask = torch.randn(6, 4, 8, 8)
-    informed = torch.randn(6, 4, 8, 8)
+    mask = torch.randn(2, 3, 4, 8, 8)
+    informed = torch.randn(2, 3, 4, 8, 8)
     cond = concat_condition(mask, informed)
-    assert cond.shape == (6, 8, 8, 8)
-    assert torch.equal(cond[:, :4], mask) and torch.equal(cond[:, 4:], informed)
+    assert cond.shape == (2, 3, 8, 8, 8)
+    assert torch.equal(cond[:, :, :4], mask) and torch.equal(cond[:, :, 4:], informed)
     assert concat_condition(mask) is mask  # baseline: mask only
-    one = concat_condition(mask, informed[0])  # one informed slice for every row
-    assert torch.equal(one[:, 4:], informed[:1].expand(6, -1, -1, -1))
 
 
 def test_concat_condition_clips_share_their_informed_slice():
@@ -64,5 +62,5 @@ def test_concat_condition_clips_share_their_informed_slice():
     with pytest.raises(ValueError, match="does not match"):
         concat_condition(mask, torch.randn(3, 4, 8, 8))
     with pytest.raises(ValueError, match="mask_latent"):
-        concat_condition(torch.randn(4, 8, 8))
+        concat_condition(torch.randn(6, 4, 8, 8))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -165,12 +166,10 @@ def test_volumetric_parameter_names_are_the_extra_layers():
             assert torch.equal(param[:, :, 1], torch.eye(param.shape[0])) and param[:, :, [0, 2]].abs().sum() == 0
 
 
-def test_load_slice_weights_strips_the_prefix_and_refuses_missing_keys():
+def test_load_slice_weights_ignores_other_keys_and_refuses_missing_ones():
     volume = UNetModel(**tiny_config(volumetric=True))
     state = UNetModel(**tiny_config()).state_dict()
-    prefixed = {f"model.diffusion_model.{k}": v for k, v in state.items()}
-    prefixed["model.diffusion_model.extra.weight"] = torch.zeros(1)
-    volume.load_slice_weights(prefixed, prefix="model.diffusion_model.")
+    volume.load_slice_weights({**state, "extra.weight": torch.zeros(1)})  # other keys are ignored
     assert all(torch.equal(volume.state_dict()[k], v) for k, v in state.items())
     del state["middle_block.0.in_layers.2.weight"]
     with pytest.raises(KeyError, match="middle_block.0.in_layers.2.weight"):
@@ -296,9 +295,9 @@ def test_hyperparameters_live_in_one_validated_config():
     assert isinstance(config, unet_module.UNetConfig)
     assert config.channel_mult == (1, 2) and unet.channel_mult is config.channel_mult  # attributes read the config
     assert unet.model_channels == 32 and unet.volumetric is False
-    rebuilt = UNetModel(**config)  # the config is a mapping of the constructor's keywords
+    rebuilt = UNetModel(**asdict(config))  # the config's fields are the constructor's keywords
     assert rebuilt.config == config
-    assert list(inspect.signature(UNetModel).parameters) == config.keys()  # the keyword API stays introspectable
+    assert list(inspect.signature(UNetModel).parameters) == [f.name for f in fields(config)]  # introspectable
     with pytest.raises(Exception):
         config.model_channels = 64  # frozen
     with pytest.raises(ValueError, match=r"unknown key 'model_channel' in UNetModel's hyperparameters; did you mean 'model_channels'"):

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.utils.torch_utils import randn_tensor
-from einops import rearrange, repeat
+from einops import pack, rearrange, repeat, unpack
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -276,15 +276,11 @@ class FirstStage(nn.Module):
 
     def decode(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Scaled latents ``(N, z, h, w)`` (or ``(B, F, z, h, w)``) -> images ``(N, C_out, h*f, w*f)`` (not clamped)."""
-        clip = z.ndim == 5
-        if clip:
-            batch = z.shape[0]
-            z = rearrange(z, "b f c h w -> (b f) c h w")
-        if z.ndim != 4 or z.shape[1] != self.latent_channels or z.shape[0] == 0:
+        if z.ndim not in (4, 5) or z.shape[-3] != self.latent_channels or z.numel() == 0:
             raise ValueError(f"latents must be (N, {self.latent_channels}, h, w) with N >= 1, got shape {tuple(z.shape)}")
-        z = z.to(device=self.device, dtype=self.dtype) / self.scale_factor
+        z, batch_shape = pack([z.to(device=self.device, dtype=self.dtype) / self.scale_factor], "* c h w")
         images = torch.cat([self.vae.decode(chunk).sample for chunk in self._chunks(z, progress, "decode")])
-        return rearrange(images, "(b f) c h w -> b f c h w", b=batch) if clip else images
+        return unpack(images, batch_shape, "* c h w")[0]
 
     def decode_grey(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Scaled latents -> grey images ``(N, 1, H, W)`` (channel mean of :meth:`decode`)."""

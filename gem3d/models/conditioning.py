@@ -37,27 +37,17 @@ def position_embedding(pos: torch.Tensor | float, dim: int) -> torch.Tensor:
 
 
 def concat_condition(mask_latent: torch.Tensor, informed_latent: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask latent ``(N, z, h, w)`` or ``(B, F, z, h, w)``, then the informed-slice latent (None for the baseline)
-    along channels -> ``(N | B, F, z or 2z, h, w)``. ``informed_latent`` has the mask's shape, or is one per clip
-    ``(B, z, h, w)`` for 5-D masks, or one ``(z, h, w)`` / ``(1, z, h, w)`` shared by the rows of a 4-D mask."""
-    if mask_latent.ndim not in (4, 5):
-        raise ValueError(
-            f"concat_condition: mask_latent must be (N,z,h,w) or (B,F,z,h,w), got shape {tuple(mask_latent.shape)}"
-        )
+    """Mask latent clips ``(B, F, z, h, w)``, then the informed-slice latent (None for the baseline) along channels
+    -> ``(B, F, z or 2z, h, w)``. ``informed_latent`` is ``(B, F, z, h, w)`` or one per clip ``(B, z, h, w)``."""
+    if mask_latent.ndim != 5:
+        raise ValueError(f"concat_condition: mask_latent must be (B,F,z,h,w), got shape {tuple(mask_latent.shape)}")
     if informed_latent is None:
         return mask_latent
-    channel_dim = mask_latent.ndim - 3
-    if informed_latent.shape != mask_latent.shape:
-        if mask_latent.ndim == 5 and informed_latent.ndim == 4 and informed_latent.shape[0] == mask_latent.shape[0]:
-            informed_latent = repeat(informed_latent, "b c h w -> b f c h w", f=mask_latent.shape[1])
-        elif mask_latent.ndim == 4 and informed_latent.ndim == 3:
-            informed_latent = repeat(informed_latent, "c h w -> n c h w", n=mask_latent.shape[0])
-        elif mask_latent.ndim == 4 and informed_latent.ndim == 4 and informed_latent.shape[0] == 1:
-            informed_latent = repeat(rearrange(informed_latent, "1 c h w -> c h w"), "c h w -> n c h w", n=mask_latent.shape[0])
+    if informed_latent.ndim == 4:
+        informed_latent = repeat(informed_latent, "b c h w -> b f c h w", f=mask_latent.shape[1])
     if informed_latent.shape != mask_latent.shape:
         raise ValueError(
-            "concat_condition: informed_latent shape "
-            f"{tuple(informed_latent.shape)} does not match mask_latent {tuple(mask_latent.shape)}; allowed: the same "
-            "shape, (B,z,h,w) per clip for 5-D masks, or (z,h,w) / (1,z,h,w) for 4-D masks"
+            f"concat_condition: informed_latent shape {tuple(informed_latent.shape)} does not match mask_latent "
+            f"{tuple(mask_latent.shape)}; allowed: the same shape or (B,z,h,w), one per clip"
         )
-    return torch.cat([mask_latent, informed_latent.to(mask_latent.dtype)], dim=channel_dim)
+    return torch.cat([mask_latent, informed_latent.to(mask_latent.dtype)], dim=2)

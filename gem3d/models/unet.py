@@ -66,20 +66,16 @@ def pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
     return F.linear(tokens, rearrange(conv.weight, "o i 1 -> o i"), conv.bias)
 
 
-def legacy_qkv_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """Self-attention in the original's *legacy* head order: ``qkv (N, T, 3C)`` splits into heads first, then into
-    q, k, v of ``C/heads`` each -> ``(N, T, C)``. The head dimension stays innermost, so SDPA can take a fused kernel.
-    """
-    q, k, v = rearrange(qkv, "n t (h three d) -> three n h t d", h=heads, three=3)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, "n h t d -> n t (h d)")
-
-
 def self_attention(tokens: torch.Tensor, norm: nn.GroupNorm, qkv: nn.Conv1d, proj_out: nn.Conv1d, heads: int) -> torch.Tensor:
-    """``tokens + proj_out(attention(qkv(norm(tokens))))`` for ``tokens (N, C, T)``; returns ``(N, C, T)``."""
-    normed = rearrange(norm(tokens), "n c t -> n t c")
-    attended = pointwise(proj_out, legacy_qkv_attention(pointwise(qkv, normed), heads))
-    return tokens + rearrange(attended, "n t c -> n c t")
+    """``tokens + proj_out(attention(qkv(norm(tokens))))`` for ``tokens (N, C, T)``; returns ``(N, C, T)``.
+
+    The original's *legacy* head order: ``qkv`` splits into heads first, then into q, k, v of ``C/heads`` each. The
+    head dimension stays innermost, so SDPA can take a fused kernel.
+    """
+    qkv_tokens = pointwise(qkv, rearrange(norm(tokens), "n c t -> n t c"))
+    q, k, v = rearrange(qkv_tokens, "n t (h three d) -> three n h t d", h=heads, three=3)
+    attended = rearrange(F.scaled_dot_product_attention(q, k, v), "n h t d -> n t (h d)")
+    return tokens + rearrange(pointwise(proj_out, attended), "n t c -> n c t")
 
 
 class TemporalConv(nn.Module):
@@ -268,8 +264,7 @@ class UNetConfig:
         context_dim: cross-attention context width (required with ``use_spatial_transformer``).
         volumetric: add the temporal layers of GEM-3D stage 2 (identity at initialisation).
 
-    Sequences are stored as tuples. ``keys()`` and ``[name]`` make it a mapping, so ``UNetModel(**config)``
-    rebuilds a model.
+    Sequences are stored as tuples; ``UNetModel(**dataclasses.asdict(config))`` rebuilds a model.
     """
 
     in_channels: int
@@ -344,26 +339,22 @@ class UNetConfig:
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
 
-    def heads(self, channels: int) -> tuple[int, int]:
-        """(heads, dim_head) for an attention layer of ``channels``."""
-        if self.num_head_channels == -1:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.num_head_channels, self.num_head_channels
-
-    # mapping protocol: UNetModel(**config)
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self)]
-
-    def __getitem__(self, name: str):
-        if name not in self.keys():
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise ValueError(f"UNetModel: {name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def per_row(value: torch.Tensor, name: str, rows: int, clips: int | None) -> torch.Tensor:
+    """``value`` with one entry per input row; one per clip ``(B, ...)`` is repeated over the clip's slices."""
+    if clips is not None and value.shape[0] == clips != rows:
+        value = repeat(value, "b ... -> (b f) ...", f=rows // clips)
+    if value.shape[0] != rows:
+        clip_note = "" if clips is None else f" ({clips} clips)"
+        raise ValueError(f"UNetModel: {name} has {value.shape[0]} rows, the input has {rows}{clip_note}")
+    return value
 
 
 CONFIG_FIELDS = frozenset(f.name for f in fields(UNetConfig))
@@ -388,9 +379,9 @@ class UNetModel(nn.Module):
             return TimestepEmbedSequential(layers, use_checkpoint=self.use_checkpoint)
 
         def attention(channels: int) -> nn.Module:
-            heads, dim_head = self.config.heads(channels)
+            heads = self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
             if self.use_spatial_transformer:
-                depth = self.transformer_depth
+                dim_head, depth = channels // heads, self.transformer_depth
                 return SpatialTransformer(channels, heads, dim_head, depth, self.context_dim, self.dropout)
             return AttentionBlock(channels, heads, self.volumetric)
 
@@ -455,14 +446,9 @@ class UNetModel(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(is_volumetric_parameter_name(name))
 
-    def load_slice_weights(self, state_dict_2d: Mapping[str, torch.Tensor], prefix: str | None = None) -> None:
+    def load_slice_weights(self, state_dict_2d: Mapping[str, torch.Tensor]) -> None:
         """Load a 2D (slice) UNet's weights; temporal layers keep their current (identity) values.
-
-        ``prefix``: use only the keys under it, stripped (``"model.diffusion_model."`` for an original checkpoint).
-        A missing 2D tensor raises KeyError, a shape that differs ValueError; other keys are ignored.
-        """
-        if prefix:
-            state_dict_2d = {k[len(prefix):]: v for k, v in state_dict_2d.items() if k.startswith(prefix)}
+        A missing 2D tensor raises KeyError, a shape that differs ValueError; other keys are ignored."""
         own = self.state_dict()
         wanted = [k for k in own if not is_volumetric_parameter_name(k)]
         missing = [k for k in wanted if k not in state_dict_2d]
@@ -470,7 +456,6 @@ class UNetModel(nn.Module):
             raise KeyError(
                 f"load_slice_weights: {len(missing)} slice (2D) tensors are missing from the state dict, e.g. "
                 f"{missing[:8]}; got {len(state_dict_2d)} keys such as {list(state_dict_2d)[:4]}"
-                + ("" if prefix else " (pass prefix='model.diffusion_model.' for an original checkpoint)")
             )
         mismatched = [
             f"{k}: model {tuple(own[k].shape)} vs state dict {tuple(state_dict_2d[k].shape)}"
@@ -494,11 +479,7 @@ class UNetModel(nn.Module):
                 f"UNetModel: context must be (N, L, {self.context_dim}) or (N, {self.context_dim}), "
                 f"got shape {tuple(context.shape)}"
             )
-        if clips is not None and context.shape[0] == clips and clips != rows:
-            context = repeat(context, "b l d -> (b f) l d", f=rows // clips)
-        if context.shape[0] != rows:
-            raise ValueError(f"UNetModel: context has {context.shape[0]} rows, the input has {rows}")
-        return context
+        return per_row(context, "context", rows, clips)
 
     @staticmethod
     def _prepare_timesteps(timesteps: torch.Tensor | float | int, rows: int, clips: int | None, device) -> torch.Tensor:
@@ -507,14 +488,7 @@ class UNetModel(nn.Module):
             timesteps = repeat(timesteps, " -> n", n=rows)
         if timesteps.ndim != 1:
             raise ValueError(f"UNetModel: timesteps must be a scalar or 1-D, got shape {tuple(timesteps.shape)}")
-        if clips is not None and timesteps.shape[0] == clips and clips != rows:
-            timesteps = repeat(timesteps, "b -> (b f)", f=rows // clips)
-        if timesteps.shape[0] != rows:
-            raise ValueError(
-                f"UNetModel: {timesteps.shape[0]} timesteps for {rows} input rows"
-                + (f" ({clips} clips)" if clips is not None else "")
-            )
-        return timesteps
+        return per_row(timesteps, "timesteps", rows, clips)
 
     def forward(
         self,
