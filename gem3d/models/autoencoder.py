@@ -145,7 +145,12 @@ class FirstStage(nn.Module):
     def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
         """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
         ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
-        bare = ldm_vae.extract_ldm_autoencoder(state_dict, prefix)
+        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
+        if layout != "ldm":
+            raise ValueError(
+                f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout"
+            )
+        bare = ldm_vae.strip_prefix(state_dict, prefix)
         converted = convert_ldm_vae_checkpoint(bare, dict(self.vae.config))
         load_weights(self.vae, converted, "LDM autoencoder weights")
         return self

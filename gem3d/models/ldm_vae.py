@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
 from einops import rearrange
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gem3d.config import to_plain
 
@@ -65,21 +65,14 @@ AUTOENCODER_PARAMS_AT = (
 )
 
 
-def _select(cfg: Any, where: str) -> Any:
-    """``cfg["a"]["b"]`` for ``where="a.b"`` (``""``: ``cfg``); None where a level is missing or not a mapping."""
-    for key in filter(None, where.split(".")):
-        cfg = cfg.get(key) if isinstance(cfg, Mapping) else None
-    return cfg
-
-
 def find_autoencoder_params(config: str | Path | Mapping) -> dict:
     """The autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) of a latent-diffusion config: a full
     model, an autoencoder-only config, a ``first_stage_config`` node or the params themselves."""
-    cfg = read_config(config)
+    cfg = OmegaConf.create(read_config(config))
     for where in AUTOENCODER_PARAMS_AT:
-        params = _select(cfg, where)
-        if isinstance(params, Mapping) and "ddconfig" in params:
-            return dict(params)
+        params = OmegaConf.select(cfg, where)
+        if isinstance(params, DictConfig) and "ddconfig" in params:
+            return to_plain(params)
     where = ", ".join(w or "<top level>" for w in AUTOENCODER_PARAMS_AT)
     raise KeyError(f"no autoencoder 'ddconfig' found in the config; looked under: {where} (top-level keys: {sorted(cfg)})")
 
@@ -127,13 +120,10 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
 def diffusers_config_from_ddconfig(ddconfig: Mapping, embed_dim: int, scale_factor: float = DEFAULT_SCALE_FACTOR) -> dict:
     """latent-diffusion ``ddconfig`` -> ``AutoencoderKL`` kwargs (via diffusers' ``create_vae_diffusers_config_from_ldm``)."""
     dd = validate_ddconfig(ddconfig, embed_dim)
+    ldm_config = {"model": {"params": {"first_stage_config": {"params": {"ddconfig": dd}}}}}
+    config = create_vae_diffusers_config_from_ldm(ldm_config, {}, scaling_factor=float(scale_factor))
     # an empty checkpoint makes diffusers guess a default sample size; the ddconfig's resolution is the truth
-    autoencoder = {"params": {"embed_dim": embed_dim, "ddconfig": dd}}
-    params = {"scale_factor": float(scale_factor), "first_stage_config": autoencoder}
-    config = create_vae_diffusers_config_from_ldm({"model": {"params": params}}, {})
-    config["sample_size"] = dd["resolution"]
-    config["norm_num_groups"] = NORM_NUM_GROUPS
-    return config
+    return {**config, "sample_size": dd["resolution"]}
 
 
 LDM_MARKER = "encoder.down.0.block.0.conv1.weight"
@@ -165,24 +155,16 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor], prefix: str | None = N
     return found[0]
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str, parts: tuple[str, ...] = LDM_AUTOENCODER_PARTS) -> dict[str, torch.Tensor]:
-    """Keys under ``prefix`` that start with one of ``parts``, with the prefix removed."""
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The autoencoder's weights under ``prefix``, with the prefix removed; anything else (``loss.*``,
+    ``cond_stage_model.*``, UNet weights) is dropped."""
     out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items() if k.startswith(parts)}
-
-
-def extract_ldm_autoencoder(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Bare LDM autoencoder weights; ``prefix=None`` detects ``first_stage_model.`` / ``vae.`` / none. Anything
-    else (``loss.*``, ``cond_stage_model.*``, UNet weights) is dropped."""
-    layout, prefix = detect_layout(state_dict, prefix)
-    if layout != "ldm":
-        raise ValueError(f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout")
-    return strip_prefix(state_dict, prefix)
+    return {k: v for k, v in out.items() if k.startswith(LDM_AUTOENCODER_PARTS)}
 
 
 def find_scale_factor(config: str | Path | Mapping) -> float | None:
     """``model.params.scale_factor`` of a full LatentDiffusion config, or ``None``."""
-    value = _select(read_config(config), "model.params.scale_factor")
+    value = OmegaConf.select(OmegaConf.create(read_config(config)), "model.params.scale_factor")
     return None if value is None else float(value)
 
 
