@@ -84,10 +84,9 @@ class Denoiser(nn.Module):
         self.condition_latent_factor = float(condition_latent_factor)
         self.first_stage = instantiate_from_config(first_stage_config)
         self.first_stage.freeze()
-        unet_params = dict(unet_config.get("params") or {})
-        self._validate_unet_params(unet_params, int(self.first_stage.latent_channels), position_embed_dim)
         self.unet = instantiate_from_config(unet_config)
-        self.position_embed_dim = int(position_embed_dim or unet_params.get("context_dim") or 0) or None
+        self._check_unet_fits_variant(int(self.first_stage.latent_channels), position_embed_dim)
+        self.position_embed_dim = position_embed_dim or self.unet.context_dim
         self.num_train_timesteps = int(num_train_timesteps)
         alphas_cumprod = alphas_cumprod_tensor(self.num_train_timesteps, beta_start, beta_end)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
@@ -102,33 +101,29 @@ class Denoiser(nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
-    def _validate_unet_params(self, params: dict, latent_channels: int, position_embed_dim: int | None) -> None:
-        spec = self.spec
-        cond_channels = latent_channels * ((1 + int(spec.use_informed)) if spec.conditioning == "concat" else 0)
-        expected_in = latent_channels + cond_channels
-        got_in = params.get("in_channels")
-        if got_in != expected_in:
-            layout = {"concat": "noisy + mask" + (" + informed" if spec.use_informed else ""), "crossattn": "noisy"}[spec.conditioning]
-            raise ValueError(
-                f"unet_config.params.in_channels={got_in!r} does not fit variant={self.variant!r}: expected {expected_in} "
-                f"({layout}, {latent_channels} latent channels each)"
-            )
-        if params.get("out_channels", latent_channels) != latent_channels:
-            raise ValueError(f"unet_config.params.out_channels={params.get('out_channels')!r}; expected {latent_channels}")
-        if bool(params.get("volumetric", False)) != spec.volumetric:
-            raise ValueError(
-                f"unet_config.params.volumetric={params.get('volumetric', False)!r} does not fit variant={self.variant!r} "
-                f"(expected {spec.volumetric})"
-            )
-        if spec.conditioning == "crossattn":
-            context_dim = params.get("context_dim")
-            if not params.get("use_spatial_transformer") or not context_dim:
+    def _check_unet_fits_variant(self, latent_channels: int, position_embed_dim: int | None) -> None:
+        spec, unet = self.spec, self.unet
+        conditions = {"concat": 1 + int(spec.use_informed), "crossattn": 0}[spec.conditioning]
+        layout = {"concat": "noisy + mask" + (" + informed" if spec.use_informed else ""), "crossattn": "noisy"}
+        expected = {"in_channels": latent_channels * (1 + conditions), "out_channels": latent_channels}
+        expected["volumetric"] = spec.volumetric
+        for key, value in expected.items():
+            if getattr(unet, key) != value:
                 raise ValueError(
-                    f"variant='position' needs unet_config.params.use_spatial_transformer=true and a context_dim, got "
-                    f"use_spatial_transformer={params.get('use_spatial_transformer')!r}, context_dim={context_dim!r}"
+                    f"unet_config.params.{key}={getattr(unet, key)!r} does not fit variant={self.variant!r}: expected "
+                    f"{value!r} ({layout[spec.conditioning]}, {latent_channels} latent channels each)"
                 )
-            if position_embed_dim is not None and position_embed_dim != context_dim:
-                raise ValueError(f"position_embed_dim={position_embed_dim!r} must equal unet context_dim={context_dim!r}")
+        if spec.conditioning != "crossattn":
+            return
+        if not unet.use_spatial_transformer:
+            raise ValueError(
+                f"variant={self.variant!r} needs unet_config.params.use_spatial_transformer=true and a context_dim, "
+                "got use_spatial_transformer=False"
+            )
+        if position_embed_dim is not None and position_embed_dim != unet.context_dim:
+            raise ValueError(
+                f"position_embed_dim={position_embed_dim!r} must equal unet context_dim={unet.context_dim!r}"
+            )
 
     def condition(
         self,
