@@ -97,6 +97,11 @@ class TemporalConv(nn.Module):
         return rearrange(y, "(b h w) c f -> (b f) c h w", h=height, w=width)
 
 
+def temporal(layer: TemporalConv | None, x: torch.Tensor, num_frames: int | None) -> torch.Tensor:
+    """``layer(x, num_frames)``, or ``x`` where a 2D model has no temporal layer (None)."""
+    return x if layer is None else layer(x, num_frames)
+
+
 class ResBlock(nn.Module):
     """ADM residual block, the time embedding added as a per-channel bias (no scale-shift)."""
 
@@ -111,19 +116,13 @@ class ResBlock(nn.Module):
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        self.volumetric = volumetric
-        if volumetric:
-            self.in_layers_tem = TemporalConv(out_channels)
-            self.out_layers_tem = TemporalConv(out_channels)
+        self.in_layers_tem = TemporalConv(out_channels) if volumetric else None
+        self.out_layers_tem = TemporalConv(out_channels) if volumetric else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        h = self.in_layers(x)
-        if self.volumetric:
-            h = self.in_layers_tem(h, num_frames)
+        h = temporal(self.in_layers_tem, self.in_layers(x), num_frames)
         h = h + rearrange(self.emb_layers(emb).type(h.dtype), "n c -> n c 1 1")
-        h = self.out_layers(h)
-        if self.volumetric:
-            h = self.out_layers_tem(h, num_frames)
+        h = temporal(self.out_layers_tem, self.out_layers(h), num_frames)
         return self.skip_connection(x) + h
 
 
@@ -201,13 +200,10 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, volumetric: bool):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.volumetric = volumetric
-        if volumetric:
-            self.op_tem = TemporalConv(channels)
+        self.op_tem = TemporalConv(channels) if volumetric else None
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        x = self.op(x)
-        return self.op_tem(x, num_frames) if self.volumetric else x
+        return temporal(self.op_tem, self.op(x), num_frames)
 
 
 class Upsample(nn.Module):
@@ -216,13 +212,10 @@ class Upsample(nn.Module):
     def __init__(self, channels: int, volumetric: bool):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.volumetric = volumetric
-        if volumetric:
-            self.conv_tem = TemporalConv(channels)
+        self.conv_tem = TemporalConv(channels) if volumetric else None
 
     def forward(self, x: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
-        x = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-        return self.conv_tem(x, num_frames) if self.volumetric else x
+        return temporal(self.conv_tem, self.conv(F.interpolate(x, scale_factor=2, mode="nearest")), num_frames)
 
 
 class TimestepEmbedSequential(nn.ModuleList):
@@ -424,8 +417,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         )
-        if self.volumetric:
-            self.out_tem = TemporalConv(self.out_channels)
+        self.out_tem = TemporalConv(self.out_channels) if self.volumetric else None
 
     def __getattr__(self, name: str):
         config = self.__dict__.get("config")
@@ -555,8 +547,7 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = module(h, emb, context, frames)
-        h = self.out(h)
-        return self.out_tem(h, frames) if self.volumetric else h
+        return temporal(self.out_tem, self.out(h), frames)
 
 
 # the constructor's keywords, visible to inspect.signature (config checks, tools): UNetConfig's fields
