@@ -140,9 +140,8 @@ class Denoiser(nn.Module):
                 raise ValueError(f"variant {self.variant!r} needs pos (relative slice positions in [0, 1])")
             pos = torch.as_tensor(pos, dtype=torch.float32, device=self.device).reshape(-1)
             return {"concat": None, "context": position_embedding(pos, self.position_embed_dim).to(self.device)}
-        if mask_latent is None or mask_latent.ndim != 5:
-            got = None if mask_latent is None else tuple(mask_latent.shape)
-            raise ValueError(f"variant {self.variant!r} needs mask_latent (B, F, z, h, w), got {got}")
+        if mask_latent is None:
+            raise ValueError(f"variant {self.variant!r} needs mask_latent (B, F, z, h, w)")
         if spec.use_informed and informed_latent is None:
             raise ValueError(f"variant {self.variant!r} needs informed_latent (B, z, h, w) or (B, F, z, h, w)")
         if not spec.use_informed and informed_latent is not None:

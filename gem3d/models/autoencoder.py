@@ -115,8 +115,7 @@ class FirstStage(nn.Module):
         """Load latent-diffusion weights offline: its ``kl-f8/model.ckpt`` (autoencoder-only, the default config
         ``gem3d/configs/first_stage/kl-f8.yaml``) or a LatentDiffusion checkpoint (``first_stage_model.*``) with its config."""
         model = cls.from_ldm_config(config_path, scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
-        state_dict = state_dict_of(load_checkpoint(ckpt_path, key="first_stage ckpt_path", trust=trust))
-        return model.load_ldm_state_dict(state_dict, prefix=prefix)
+        return model.load_checkpoint(ckpt_path, trust=trust, prefix=prefix)
 
     @classmethod
     def from_run(cls, ckpt_path: str | Path, scale_factor: float | None = None, chunk_size: int | None = None) -> FirstStage:
@@ -143,28 +142,21 @@ class FirstStage(nn.Module):
         return {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config", "params": params}
 
     def load_ldm_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> FirstStage:
-        """Load original latent-diffusion weights (``encoder.*``, ``decoder.*``, ``quant_conv.*``,
-        ``post_quant_conv.*``, optionally behind ``first_stage_model.``); strict. Returns self."""
+        """Load autoencoder weights in either layout (detected, strict): latent-diffusion's (``encoder.*``,
+        ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``, optionally behind ``first_stage_model.``) or diffusers'
+        (``first_stage.vae.*``, ``vae.*`` or bare). Returns self."""
         layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
-        if layout != "ldm":
-            raise ValueError(
-                f"the weights under prefix {prefix!r} are in the diffusers layout (encoder.down_blocks.*), not the LDM layout"
-            )
-        bare = ldm_vae.strip_prefix(state_dict, prefix)
-        converted = convert_ldm_vae_checkpoint(bare, dict(self.vae.config))
-        load_weights(self.vae, converted, "LDM autoencoder weights")
+        weights = ldm_vae.strip_prefix(state_dict, prefix)
+        if layout == "ldm":
+            weights = convert_ldm_vae_checkpoint(weights, dict(self.vae.config))
+        load_weights(self.vae, weights, f"{layout} autoencoder weights")
         return self
 
     def load_checkpoint(self, path: str | Path, *, trust: bool = False, prefix: str | None = None) -> FirstStage:
-        """Load a checkpoint file in either layout (detected): LDM ``.ckpt``; gem3d Lightning ``.ckpt``, ``.pt`` or
-        ``.safetensors`` holding diffusers weights (``first_stage.vae.*``, ``vae.*`` or bare). ``trust=True`` allows
-        non-weights pickles (runs code from the file). Returns self."""
+        """:meth:`load_ldm_state_dict` from a file: LDM ``.ckpt``; gem3d Lightning ``.ckpt``, ``.pt`` or
+        ``.safetensors``. ``trust=True`` allows non-weights pickles (runs code from the file). Returns self."""
         state_dict = state_dict_of(load_checkpoint(path, key="first_stage ckpt_path", trust=trust))
-        layout, prefix = ldm_vae.detect_layout(state_dict, prefix)
-        if layout == "ldm":
-            return self.load_ldm_state_dict(state_dict, prefix)
-        load_weights(self.vae, ldm_vae.strip_prefix(state_dict, prefix), "diffusers autoencoder weights")
-        return self
+        return self.load_ldm_state_dict(state_dict, prefix)
 
     def to_ldm_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The weights in latent-diffusion's layout (e.g. ``prefix="first_stage_model."``)."""

@@ -1,18 +1,15 @@
 """Clip sampling: one loop over a diffusers scheduler, with known-frame replacement (k-diffusion style)::
 
     schedule = make_schedule("ddim", alphas_cumprod, steps=200, eta=1.0)   # or "dpmpp"
-    x0 = sample(eps_fn, x_T, schedule, known=None, generator=None, progress=False, clip_x0=None,
-                slice_noise_correlation=0.0)
+    x0 = sample(eps_fn, x_T, schedule, known=None, generator=None, progress=False)
 
 ``eps_fn(x (B,F,C,h,w), t LongTensor (B,)) -> eps (B,F,C,h,w)`` is the denoiser with its condition bound in (the
-F slices of a clip share its timestep). ``alphas_cumprod (T,)``, the training schedule, reaches diffusers exactly
-through ``trained_betas``. ``generator`` makes every random draw (DDIM's eta noise, known-frame noise) repeatable.
+F slices of a clip share its timestep). ``generator`` makes every random draw repeatable.
 
 Known frames (:class:`KnownFrames`) start as their latent forward-noised, ``sqrt(a) z0 + sqrt(1 - a) noise``, are
-noised again after every step to the level of the next step with fresh noise, and end exactly at ``z0``. With
-``noise_level="timestep"`` (default) ``a = alphas_cumprod[t]`` at the timestep ``t`` of the clip. ``"original"``
-is the original GEM-3D's choice, kept for measuring: ``a = alphas_cumprod[T - 1]`` at the start, then
-``alphas_cumprod[i]`` after the step with DDIM *index* ``i`` (N-1, ..., 0), much less noisy than the clip.
+noised again with fresh noise after every step, and end exactly at ``z0``. ``noise_level="timestep"`` (default) uses
+``a = alphas_cumprod[t]`` at the clip's timestep ``t``; ``"original"`` (the original GEM-3D's, kept for measuring)
+``alphas_cumprod[T - 1]`` at the start, then ``alphas_cumprod[i]`` after DDIM step *index* ``i`` (N-1, ..., 0).
 """
 
 from __future__ import annotations
