@@ -24,6 +24,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gem3d.checkpoint import load_weights
 from gem3d.config import check_keys
 from gem3d.models.conditioning import timestep_embedding
 from gem3d.models.precision import denoiser_autocast
@@ -333,7 +334,6 @@ class UNetConfig:
         object.__setattr__(self, name, value)
 
 
-
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise ValueError(f"UNetModel: {name} must be a positive integer, got {value!r}")
@@ -449,13 +449,7 @@ class UNetModel(nn.Module):
                 f"load_slice_weights: {len(missing)} slice (2D) tensors are missing from the state dict, e.g. "
                 f"{missing[:8]}; got {len(state_dict_2d)} keys such as {list(state_dict_2d)[:4]}"
             )
-        mismatched = [
-            f"{k}: model {tuple(own[k].shape)} vs state dict {tuple(state_dict_2d[k].shape)}"
-            for k in wanted if tuple(own[k].shape) != tuple(state_dict_2d[k].shape)
-        ]
-        if mismatched:
-            raise ValueError(f"load_slice_weights: shape mismatch for {len(mismatched)} tensors: {mismatched[:8]}")
-        self.load_state_dict({k: state_dict_2d[k] for k in wanted}, strict=False)
+        load_weights(self, {**own, **{k: state_dict_2d[k] for k in wanted}}, "load_slice_weights")
 
     def _prepare_context(self, context: torch.Tensor | None, rows: int, clips: int | None) -> torch.Tensor | None:
         if not self.use_spatial_transformer:
