@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
-from einops import rearrange, repeat
+from einops import repeat
 
 __all__ = ["timestep_embedding", "position_embedding", "concat_condition"]
 
@@ -16,9 +16,7 @@ def timestep_embedding(t: torch.Tensor | float | int, dim: int, max_period: floa
     ``t``'s device; an odd ``dim`` ends in a zero column."""
     if int(dim) != dim or dim < 1:
         raise ValueError(f"timestep_embedding: dim must be a positive integer, got {dim!r}")
-    t = torch.as_tensor(t)
-    if t.ndim == 0:
-        t = rearrange(t, " -> 1")
+    t = torch.atleast_1d(torch.as_tensor(t))
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding: t must be a scalar or 1-D (N,), got shape {tuple(t.shape)}")
     return get_timestep_embedding(t, int(dim), flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
