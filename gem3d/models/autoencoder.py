@@ -84,7 +84,6 @@ class FirstStage(nn.Module):
                 raise ValueError(f"{key} has {len(kwargs[key])} entries but block_out_channels has {len(blocks)}: {list(kwargs[key])}")
         if scale_factor is None:
             scale_factor = kwargs.get("scaling_factor", DEFAULT_SCALE_FACTOR)
-        kwargs["scaling_factor"] = scale_factor
         return cls(AutoencoderKL(**kwargs), scale_factor=scale_factor, chunk_size=chunk_size, frozen=frozen)
 
     @classmethod
