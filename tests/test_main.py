@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -186,7 +187,7 @@ def test_stage2_from_stage1_trains_only_volumetric(tmp_path, dataset, autoencode
         if name in volumetric:
             continue
         torch.testing.assert_close(stage2["unet." + name], stage1["unet." + name])
-    identity = model.unet.__class__(**model.unet.config).state_dict()
+    identity = model.unet.__class__(**asdict(model.unet.config)).state_dict()
     changed = [n for n in volumetric if not torch.equal(stage2["unet." + n], identity[n])]
     assert len(changed) == len(volumetric)
 
