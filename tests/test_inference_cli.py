@@ -86,12 +86,13 @@ def test_sampler_option_flags(tiny):
         args = cli.build_parser("demo", "icma").parse_args(["--data", str(tiny["data"]), *flags])
         return cli.config_from_args("demo", "icma", args).sampler
 
-    # the demo config clips x0 (measured to help the demo models); the paper configs keep it off
-    assert (sampler().clip_x0, sampler().slice_noise_correlation) == (2.0, 0.0)
-    assert cli.config_from_args("brain", "icma", cli.build_parser("brain", "icma").parse_args(
-        ["--data", str(tiny["data"]), "--model", "m"])).sampler.clip_x0 is None
-    options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3")
-    assert (options.clip_x0, options.slice_noise_correlation) == (2.5, 0.3)
+    # the demo config starts from the informed slice (measured to help the demo models); the paper configs do not
+    assert (sampler().clip_x0, sampler().slice_noise_correlation, sampler().informed_start) == (None, 0.0, 0.5)
+    paper = cli.config_from_args("brain", "icma", cli.build_parser("brain", "icma").parse_args(
+        ["--data", str(tiny["data"]), "--model", "m"])).sampler
+    assert (paper.clip_x0, paper.informed_start) == (None, 1.0)
+    options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3", "--informed-start", "0.7")
+    assert (options.clip_x0, options.slice_noise_correlation, options.informed_start) == (2.5, 0.3, 0.7)
     with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got 1.0"):
         sampler("--slice-noise-correlation", "1")
 
