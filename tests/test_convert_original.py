@@ -12,6 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from gem3d.checkpoint import UnsafeCheckpointError, safe_load_checkpoint
+from gem3d.denoiser import VARIANTS
 from gem3d.model_dirs.original import ema_key, is_original_model_dir, read_original_model_dir
 from gem3d.models.unet import UNetModel
 
@@ -51,6 +52,9 @@ def test_every_folder_is_read_from_its_own_config(original_fixtures):
         params = config["params"]
         unet_cfg = params["unet_config"]
         original = read_original_model_dir(folder)
+        kwargs = original.denoiser_kwargs
+        spec = VARIANTS[kwargs["variant"]]
+        first_stage = kwargs["first_stage_config"]["params"]
         vectors = torch.load(folder / "vectors.pt", weights_only=True)
         name = folder.name
 
@@ -58,48 +62,47 @@ def test_every_folder_is_read_from_its_own_config(original_fixtures):
                     "use_spatial_transformer", "transformer_depth"):
             assert original.unet_params[key] == unet_cfg["params"][key], (name, key)
         assert original.unet_params["channel_mult"] == list(unet_cfg["params"]["channel_mult"]), name
-        assert original.volumetric == ("pseudo3D" in unet_cfg["target"]), name
-        assert original.volumetric == any("_tem" in k for k in original.unet_state_dict), name
-        assert original.conditioning_key == params["conditioning_key"]
-        assert original.fix_t == bool(params.get("fix_t", False)), name
-        assert (original.linear_start, original.linear_end, original.timesteps) == (
+        assert spec.volumetric == original.unet_params["volumetric"] == ("pseudo3D" in unet_cfg["target"]), name
+        assert spec.volumetric == any("_tem" in k for k in original.unet_state_dict), name
+        assert spec.conditioning == params["conditioning_key"]
+        assert spec.fix_t == bool(params.get("fix_t", False)), name
+        assert (kwargs["beta_start"], kwargs["beta_end"], kwargs["num_train_timesteps"]) == (
             params["linear_start"], params["linear_end"], params["timesteps"]), name
-        assert original.scale_factor == params["scale_factor"], name
+        assert first_stage["scale_factor"] == params["scale_factor"], name
         assert original.has_ema == bool(params["use_ema"]), name
 
-        if original.conditioning_key == "concat":
-            assert original.concat_channels == vectors["cond"].shape[1], name
-            assert original.uses_informed_slice == (unet_cfg["params"]["in_channels"] == 12), name
-            assert original.position_embed_dim is None
+        if spec.conditioning == "concat":
+            assert vectors["cond"].shape[1] == vectors["x"].shape[1] * (1 + spec.use_informed), name
+            assert spec.use_informed == (unet_cfg["params"]["in_channels"] == 12), name
+            assert kwargs["position_embed_dim"] is None
         else:
-            assert original.concat_channels == 0 and not original.uses_informed_slice
-            assert original.position_embed_dim == params["cond_stage_config"]["params"]["dim"] == vectors["cond"].shape[1]
+            assert not spec.use_informed and unet_cfg["params"]["in_channels"] == vectors["x"].shape[1]
+            assert kwargs["position_embed_dim"] == params["cond_stage_config"]["params"]["dim"] == vectors["cond"].shape[1]
             assert original.unet_params["context_dim"] == unet_cfg["params"]["context_dim"]
 
         first = params["first_stage_config"]["params"]
-        assert original.first_stage_ddconfig == first["ddconfig"] and original.first_stage_embed_dim == first["embed_dim"]
+        assert first_stage["ddconfig"] == first["ddconfig"] and first_stage["embed_dim"] == first["embed_dim"]
         assert original.first_stage_state_dict and all(
             k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"} for k in original.first_stage_state_dict
         ), name
         if "scale_factor" in vectors:
-            assert original.scale_factor == pytest.approx(float(vectors["scale_factor"]))
+            assert first_stage["scale_factor"] == pytest.approx(float(vectors["scale_factor"]))
 
         # The schedule buffers agree with the config's linear-in-sqrt schedule.
-        betas = np.linspace(original.linear_start**0.5, original.linear_end**0.5, original.timesteps, dtype=np.float64) ** 2
+        betas = np.linspace(kwargs["beta_start"]**0.5, kwargs["beta_end"]**0.5, kwargs["num_train_timesteps"],
+                            dtype=np.float64) ** 2
         np.testing.assert_allclose(original.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
 
 
 def test_expected_settings_of_the_four_fixtures(original_fixtures):
-    """The recipe's four folders (README of the fixtures); sizes come from each folder's own config."""
-    stage1, stage2, base, slice_ = (read_original_model_dir(original_fixtures / n)
-                                    for n in ("stage1", "stage2", "base_stage2", "slice"))
-    channels = {n: load_config(original_fixtures / n)["model"]["params"].get("channels", 4) for n in ("stage1", "base_stage2")}
-    assert (stage1.volumetric, stage1.uses_informed_slice, stage1.concat_channels) == (False, True, 2 * channels["stage1"])
-    assert (stage2.volumetric, stage2.uses_informed_slice, stage2.fix_t) == (True, True, True)
-    assert (base.volumetric, base.uses_informed_slice, base.concat_channels) == (True, False, channels["base_stage2"])
+    """The recipe's four folders (README of the fixtures) map onto the four gem3d variants."""
+    variants = {n: read_original_model_dir(original_fixtures / n).denoiser_kwargs["variant"]
+                for n in ("stage1", "stage2", "base_stage2", "slice")}
+    assert variants == {"stage1": "slice_stage", "stage2": "volume_stage", "base_stage2": "baseline_volume",
+                        "slice": "position"}
+    slice_ = read_original_model_dir(original_fixtures / "slice")
     slice_dim = load_config(original_fixtures / "slice")["model"]["params"]["cond_stage_config"]["params"]["dim"]
-    assert (slice_.conditioning_key, slice_.position_embed_dim, slice_.unet_params["use_spatial_transformer"]) == (
-        "crossattn", slice_dim, True)
+    assert (slice_.denoiser_kwargs["position_embed_dim"], slice_.unet_params["use_spatial_transformer"]) == (slice_dim, True)
 
 
 def test_ema_weights_are_mapped_back_and_differ(original_fixtures):
@@ -120,7 +123,7 @@ def test_ema_weights_are_mapped_back_and_differ(original_fixtures):
         raw_unet, ema_unet = UNetModel(**raw.unet_params).eval(), UNetModel(**ema.unet_params).eval()
         raw_unet.load_state_dict(raw.unet_state_dict, strict=True)
         ema_unet.load_state_dict(ema.unet_state_dict, strict=True)
-        if raw.conditioning_key == "crossattn":
+        if raw.denoiser_kwargs["variant"] == "position":
             args = (vectors["x"], vectors["t"]), {"context": vectors["cond"]}
         else:
             args = (torch.cat([vectors["x"], vectors["cond"]], 1), vectors["t"]), {}
@@ -170,6 +173,7 @@ def test_gem3d_run_is_not_an_original_folder(tmp_path, original_fixtures):
         (lambda c: c["model"]["params"]["unet_config"]["params"].update(mystery_option=3), ValueError, "mystery_option"),
         (lambda c: c["model"]["params"].update(channels=3), ValueError, "concat condition"),
         (lambda c: c["model"]["params"].pop("unet_config"), KeyError, "unet_config"),
+        (lambda c: c["model"]["params"].update(beta_schedule="cosine"), NotImplementedError, "beta_schedule='cosine'"),
     ],
 )
 def test_config_problems_are_named(tmp_path, original_fixtures, edit, error, message):

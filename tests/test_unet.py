@@ -11,6 +11,7 @@ import torch
 
 import gem3d.models.unet as unet_module
 from conftest import ORIGINAL_CLIP_LEN
+from gem3d.denoiser import VARIANTS
 from gem3d.model_dirs import is_original_model_dir, read_original_model_dir
 from gem3d.models.conditioning import position_embedding
 from gem3d.models.unet import UNetModel, is_volumetric_parameter_name
@@ -26,12 +27,13 @@ def run_on_vectors(unet: UNetModel, original, vectors: dict) -> torch.Tensor:
     """The original's UNet call for a fixture's vectors: concat models see cat([x, cond]); crossattn models get
     cond as context (one token); volumetric models see clips of 16 slices."""
     x, t, cond = vectors["x"], vectors["t"], vectors["cond"]
+    spec = VARIANTS[original.denoiser_kwargs["variant"]]
     with torch.no_grad():
-        if original.conditioning_key == "crossattn":
+        if spec.conditioning == "crossattn":
             return unet(x, t, context=cond)
-        assert cond.shape[1] == original.concat_channels
+        assert cond.shape[1] == x.shape[1] * (1 + spec.use_informed)
         inputs = torch.cat([x, cond], dim=1)
-        if original.volumetric:
+        if spec.volumetric:
             assert inputs.shape[0] % ORIGINAL_CLIP_LEN == 0
             return unet(inputs, t, num_frames=ORIGINAL_CLIP_LEN)
         return unet(inputs, t)

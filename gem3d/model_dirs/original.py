@@ -4,8 +4,8 @@ A folder is ``checkpoints/last.ckpt`` (Lightning) + ``configs/<name>-project.yam
 ``model.diffusion_model.*`` holds the UNet with gem3d's names (loads strictly after stripping the prefix);
 ``model_ema.*`` the EMA shadow, named without dots (``model_ema.diffusion_modelinput_blocks00weight``, see
 :func:`ema_key`); ``first_stage_model.*`` the KL autoencoder in latent-diffusion layout; then schedule buffers.
-Everything is derived from the folder's own config, and :func:`load_original_denoiser` maps it onto a
-:class:`gem3d.denoiser.Denoiser`.
+Everything is derived from the folder's own config: :func:`read_original_model_dir` gives the
+:class:`gem3d.denoiser.Denoiser` kwargs, :func:`load_original_denoiser` the loaded denoiser.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from gem3d.models.unet import is_volumetric_parameter_name
 
 __all__ = [
     "OriginalModel", "is_original_model_dir", "find_original_config", "read_original_model_dir",
-    "original_unet_params", "denoiser_kwargs", "load_original_denoiser", "ema_key",
+    "original_unet_params", "original_variant", "load_original_denoiser", "ema_key",
 ]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -118,36 +118,54 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
+UNET_TARGET = "gem3d.models.unet.UNetModel"
+LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
+KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
+# the gem3d variant of a concat-conditioned original model, by (volumetric UNet, informed slice in the condition)
+CONCAT_VARIANTS = {
+    (False, True): "slice_stage", (True, True): "volume_stage",
+    (False, False): "baseline_slice", (True, False): "baseline_volume",
+}
+
+
 @dataclass
 class OriginalModel:
     """Everything gem3d needs from an original GEM-3D model folder (see :func:`read_original_model_dir`)."""
 
     config_path: Path
     checkpoint_path: Path
-    unet_params: dict  # gem3d UNetModel kwargs
+    denoiser_kwargs: dict  # Denoiser kwargs: architecture and schedule (the weights are loaded separately)
     unet_state_dict: dict  # raw (or EMA, if requested) UNet weights, gem3d names
     has_ema: bool
-    first_stage_ddconfig: dict
-    first_stage_embed_dim: int
     first_stage_state_dict: dict  # LDM layout, prefix stripped (empty if the checkpoint holds none)
     first_stage_ckpt_path: str | None  # first_stage_config.params.ckpt_path, if the config names one
-    scale_factor: float
-    conditioning_key: str | None
-    fix_t: bool
-    latent_channels: int
-    concat_channels: int  # channels of the concat condition (0, z: mask only, 2z: mask + informed)
-    uses_informed_slice: bool
-    linear_start: float
-    linear_end: float
-    timesteps: int
-    beta_schedule: str
-    parameterization: str
-    position_embed_dim: int | None  # crossattn: width of the position embedding context
     alphas_cumprod: torch.Tensor | None = None  # schedule buffer from the checkpoint, if present
 
     @property
-    def volumetric(self) -> bool:
-        return bool(self.unet_params["volumetric"])
+    def unet_params(self) -> dict:
+        """The :class:`UNetModel` kwargs."""
+        return self.denoiser_kwargs["unet_config"]["params"]
+
+
+def original_variant(params: Mapping[str, Any], unet_params: Mapping[str, Any], source: Path) -> str:
+    """The gem3d variant of an original model (``params``: its ``model.params``) from its conditioning and UNet."""
+    conditioning_key = params.get("conditioning_key")
+    if conditioning_key == "crossattn":
+        return "position"
+    if conditioning_key not in ("concat", "hybrid"):
+        raise NotImplementedError(
+            f"conditioning_key={conditioning_key!r} is not supported; gem3d maps 'concat' and 'crossattn'"
+        )
+    latent_channels = int(params.get("channels", 4))
+    in_channels = int(unet_params["in_channels"])
+    concat_channels = in_channels - latent_channels
+    if concat_channels not in (latent_channels, 2 * latent_channels):
+        raise ValueError(
+            f"{source}: in_channels={in_channels} with {latent_channels}-channel latents gives a "
+            f"{concat_channels}-channel concat condition; expected {latent_channels} (mask) or "
+            f"{2 * latent_channels} (mask + informed slice)"
+        )
+    return CONCAT_VARIANTS[bool(unet_params["volumetric"]), concat_channels == 2 * latent_channels]
 
 
 def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = False) -> OriginalModel:
@@ -165,6 +183,12 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
     for key in ("unet_config", "first_stage_config"):
         if not isinstance(params.get(key), dict):
             raise KeyError(f"{config_path}: model.params.{key} is missing")
+    schedule, parameterization = params.get("beta_schedule", "linear"), params.get("parameterization", "eps")
+    if schedule != "linear" or parameterization != "eps":
+        raise NotImplementedError(
+            f"{path}: beta_schedule={schedule!r}, parameterization={parameterization!r}; gem3d supports "
+            f"the original's 'linear' (linear-in-sqrt) schedule with eps-prediction"
+        )
 
     loaded = safe_load_checkpoint(ckpt_path, trust=trust)
     state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
@@ -195,85 +219,39 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
     if not first_sd and not first_ckpt:
         warnings.warn(f"{ckpt_path}: no first-stage weights in the checkpoint and no first_stage_config ckpt_path")
 
-    conditioning_key = params.get("conditioning_key")
-    latent_channels = int(params.get("channels", 4))
-    in_channels = int(unet_params["in_channels"])
-    concat_channels = in_channels - latent_channels if conditioning_key in ("concat", "hybrid") else 0
-    if conditioning_key in ("concat", "hybrid") and concat_channels not in (latent_channels, 2 * latent_channels):
-        raise ValueError(
-            f"{config_path}: in_channels={in_channels} with {latent_channels}-channel latents gives a "
-            f"{concat_channels}-channel concat condition; expected {latent_channels} (mask) or "
-            f"{2 * latent_channels} (mask + informed slice)"
-        )
+    variant = original_variant(params, unet_params, config_path)
     position_dim = None
-    if conditioning_key in ("crossattn", "hybrid"):
+    if variant == "position":
         cond_cfg = params.get("cond_stage_config")
-        if isinstance(cond_cfg, dict) and "dim" in (cond_cfg.get("params") or {}):
-            position_dim = int(cond_cfg["params"]["dim"])
-        else:
-            position_dim = unet_params.get("context_dim")
-
+        cond_params = (cond_cfg.get("params") or {}) if isinstance(cond_cfg, dict) else {}
+        position_dim = cond_params.get("dim", unet_params["context_dim"])
+    # no condition_latent_factor (1): the original's concat condition is scale_factor * posterior, the scale
+    # FirstStage.encode / encode_mask give (get_first_stage_encoding in its get_input and inference scripts)
+    denoiser_kwargs = {
+        "unet_config": {"target": UNET_TARGET, "params": unet_params},
+        "first_stage_config": {
+            "target": LDM_FIRST_STAGE_TARGET,
+            "params": {"ddconfig": dict(first_cfg.get("ddconfig") or {}),
+                       "embed_dim": int(first_cfg.get("embed_dim", 4)),
+                       "scale_factor": float(params.get("scale_factor", 1.0))},
+        },
+        "variant": variant,
+        "position_embed_dim": position_dim,
+        "num_train_timesteps": int(params.get("timesteps", 1000)),
+        "beta_start": float(params.get("linear_start", 1e-4)),
+        "beta_end": float(params.get("linear_end", 2e-2)),
+    }
     alphas_cumprod = state_dict.get("alphas_cumprod")
     return OriginalModel(
         config_path=config_path,
         checkpoint_path=ckpt_path,
-        unet_params=unet_params,
+        denoiser_kwargs=denoiser_kwargs,
         unet_state_dict=unet_state_dict,
         has_ema=has_ema,
-        first_stage_ddconfig=dict(first_cfg.get("ddconfig") or {}),
-        first_stage_embed_dim=int(first_cfg.get("embed_dim", 4)),
         first_stage_state_dict=first_sd,
         first_stage_ckpt_path=None if first_ckpt is None else str(first_ckpt),
-        scale_factor=float(params.get("scale_factor", 1.0)),
-        conditioning_key=conditioning_key,
-        fix_t=bool(params.get("fix_t", False)),
-        latent_channels=latent_channels,
-        concat_channels=concat_channels,
-        uses_informed_slice=concat_channels == 2 * latent_channels,
-        linear_start=float(params.get("linear_start", 1e-4)),
-        linear_end=float(params.get("linear_end", 2e-2)),
-        timesteps=int(params.get("timesteps", 1000)),
-        beta_schedule=str(params.get("beta_schedule", "linear")),
-        parameterization=str(params.get("parameterization", "eps")),
-        position_embed_dim=position_dim,
         alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.detach().clone(),
     )
-
-
-UNET_TARGET = "gem3d.models.unet.UNetModel"
-LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
-KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
-
-
-def variant_of(*, conditioning: str | None, volumetric: bool, uses_informed: bool) -> str:
-    """The gem3d variant that matches an original model's conditioning and UNet type."""
-    if conditioning == "crossattn":
-        return "position"
-    if conditioning not in ("concat", "hybrid"):
-        raise NotImplementedError(f"conditioning_key={conditioning!r} is not supported; gem3d maps 'concat' and 'crossattn'")
-    if volumetric:
-        return "volume_stage" if uses_informed else "baseline_volume"
-    return "slice_stage" if uses_informed else "baseline_slice"
-
-
-def denoiser_kwargs(orig: OriginalModel) -> dict[str, Any]:
-    """:class:`Denoiser` kwargs for an original model (architecture only: the weights are loaded separately)."""
-    variant = variant_of(conditioning=orig.conditioning_key, volumetric=orig.volumetric, uses_informed=orig.uses_informed_slice)
-    return {
-        "unet_config": {"target": UNET_TARGET, "params": dict(orig.unet_params)},
-        "first_stage_config": {
-            "target": LDM_FIRST_STAGE_TARGET,
-            "params": {"ddconfig": dict(orig.first_stage_ddconfig), "embed_dim": int(orig.first_stage_embed_dim),
-                       "scale_factor": float(orig.scale_factor)},
-        },
-        # no condition_latent_factor (1): the original's concat condition is scale_factor * posterior, the scale
-        # FirstStage.encode / encode_mask give (get_first_stage_encoding in its get_input and inference scripts)
-        "variant": variant,
-        "position_embed_dim": orig.position_embed_dim if variant == "position" else None,
-        "num_train_timesteps": int(orig.timesteps),
-        "beta_start": float(orig.linear_start),
-        "beta_end": float(orig.linear_end),
-    }
 
 
 def resolve_first_stage_ckpt(ckpt_path: str | Path, model_dir: Path, config_path: Path | None = None) -> Path:
@@ -297,12 +275,7 @@ def load_original_denoiser(path: str | os.PathLike, ema: bool | None = None, tru
     """An original GEM-3D folder as a gem3d :class:`Denoiser` in eval mode, and its checkpoint file; ``ema`` True:
     the EMA shadow, else the raw UNet weights (which the fixtures' reference outputs use)."""
     orig = read_original_model_dir(path, ema=bool(ema), trust=trust)
-    if orig.beta_schedule != "linear" or orig.parameterization != "eps":
-        raise NotImplementedError(
-            f"{path}: beta_schedule={orig.beta_schedule!r}, parameterization={orig.parameterization!r}; gem3d supports "
-            f"the original's 'linear' (linear-in-sqrt) schedule with eps-prediction"
-        )
-    model = Denoiser(**denoiser_kwargs(orig))
+    model = Denoiser(**orig.denoiser_kwargs)
     load_weights(model.unet, orig.unet_state_dict, f"{orig.checkpoint_path} (model.diffusion_model.*)")
     if orig.first_stage_state_dict:
         model.first_stage.load_ldm_state_dict(orig.first_stage_state_dict)
