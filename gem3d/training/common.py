@@ -6,22 +6,7 @@ import torch
 from einops import rearrange
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["scaled_learning_rate", "learning_rate_message", "LearningRateRule", "image_grid", "log_image_grids"]
-
-
-def scaled_learning_rate(base_lr: float, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-    """latent-diffusion's rule: ``lr = accumulate * ngpu * batch_size * base_lr``."""
-    for name, value in (("ngpu", ngpu), ("batch_size", batch_size), ("accumulate", accumulate)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return float(accumulate * ngpu * batch_size * base_lr)
-
-
-def learning_rate_message(lr: float, base_lr: float, ngpu: int, batch_size: int, accumulate: int) -> str:
-    return (
-        f"Setting learning rate to {lr:.2e} = {accumulate} (accumulate_grad_batches) * {ngpu} (num_gpus) * "
-        f"{batch_size} (batchsize) * {base_lr:.2e} (base_lr)"
-    )
+__all__ = ["LearningRateRule", "image_grid", "log_image_grids"]
 
 
 @rank_zero_only
@@ -33,14 +18,20 @@ class LearningRateRule:
     """``set_learning_rate`` for the training modules, which hold ``base_learning_rate`` and ``scale_lr``."""
 
     def set_learning_rate(self, ngpu: int, batch_size: int, accumulate: int = 1) -> float:
-        """Set ``learning_rate`` (latent-diffusion's rule when ``scale_lr``), print latent-diffusion's message and
-        return it."""
+        """Set ``learning_rate`` (with ``scale_lr`` by latent-diffusion's rule, ``accumulate * ngpu * batch_size *
+        base_learning_rate``), print latent-diffusion's message and return it."""
+        base = self.base_learning_rate
         if self.scale_lr:
-            base = self.base_learning_rate
-            self.learning_rate = scaled_learning_rate(base, ngpu, batch_size, accumulate)
-            _print_rank_zero(learning_rate_message(self.learning_rate, base, ngpu, batch_size, accumulate))
+            for name, value in (("ngpu", ngpu), ("batch_size", batch_size), ("accumulate", accumulate)):
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be a positive int, got {value!r}")
+            self.learning_rate = float(accumulate * ngpu * batch_size * base)
+            _print_rank_zero(
+                f"Setting learning rate to {self.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * {ngpu} "
+                f"(num_gpus) * {batch_size} (batchsize) * {base:.2e} (base_lr)"
+            )
         else:
-            self.learning_rate = self.base_learning_rate
+            self.learning_rate = base
             _print_rank_zero(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {self.learning_rate:.2e}")
         return self.learning_rate
 
