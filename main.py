@@ -48,7 +48,7 @@ from gem3d.training.faults import AtomicCheckpointIO, RandomStateCheckpoint  # n
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
 RUN_DIR_ENV = "GEM3D_RUN_LOGDIR"  # shared with the DDP child processes Lightning launches
-PATH_KEYS = ("ckpt_path", "config_path", "diffusers_dir")
+PATH_KEYS = ("ckpt_path", "config_path")
 # what a bad config, path, target or checkpoint raises before training starts: one line, exit status 2
 STARTUP_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
                   NotImplementedError, pickle.UnpicklingError)
