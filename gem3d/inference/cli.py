@@ -45,12 +45,6 @@ def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
     return config
 
 
-def _bool_flag(parser, name: str, help: str):
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(f"--{name}", dest=name.replace("-", "_"), action="store_true", default=None, help=help)
-    group.add_argument(f"--no-{name}", dest=name.replace("-", "_"), action="store_false")
-
-
 def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"inference_{dataset}_{setting}.py",
@@ -88,8 +82,10 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="UNet precision while sampling (auto: bf16 on GPUs that support it, fp32 on the CPU)")
     p.add_argument("--gpus", help="shard the cases over these GPUs, e.g. 0,1,2,3 (one process each, Lightning DDP)")
     p.add_argument("--num-processes", type=int, help="shard over N CPU processes (testing the sharding)")
-    _bool_flag(p, "ema", "sample the volume model with its EMA weights (default: the model's own choice)")
-    _bool_flag(p, "slice-ema", "sample the slice model with its EMA weights (default: the model's own choice)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="sample the volume model with its EMA weights (default: the model's own choice)")
+    p.add_argument("--slice-ema", action=argparse.BooleanOptionalAction,
+                   help="sample the slice model with its EMA weights (default: the model's own choice)")
     p.add_argument("--informed-from", help="counterfactual: take the informed slice from CASE[:POS] (ic, icma)")
     p.add_argument("--informed-select", choices=("brightest", "darkest"),
                    help="de-enhancement: pick informed slices from the brightest/darkest decile of candidates")
