@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from numpy._core import multiarray
 from omegaconf import DictConfig, ListConfig, base, nodes
 from safetensors.torch import load_file
 
@@ -54,14 +55,6 @@ def _dict_ignoring_factory(default_factory: Any = None) -> dict:
     return {}
 
 
-def _optional(module_name: str, attribute: str) -> Any | None:
-    try:
-        module = __import__(module_name, fromlist=[attribute])
-        return getattr(module, attribute)
-    except (ImportError, AttributeError):
-        return None
-
-
 def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
     """The non-tensor globals of Lightning / latent-diffusion checkpoints that are safe to rebuild. Dict subclasses
     are read back as plain dicts (torch's safe unpickler fills only those), the callback classes that PL < 1.5 used
@@ -81,14 +74,10 @@ def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
     for package in ("pytorch_lightning", "lightning.pytorch"):
         for name in ("callbacks.model_checkpoint.ModelCheckpoint", "callbacks.early_stopping.EarlyStopping"):
             allow.append((_placeholder(f"{package}.{name}"), f"{package}.{name}"))
-    multiarray = _optional("numpy._core", "multiarray") or _optional("numpy.core", "multiarray")
-    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allow.append((multiarray._reconstruct, f"{core}._reconstruct"))
-        allow.append((multiarray.scalar, f"{core}.scalar"))
-    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
-        obj = _optional("numpy.dtypes", dtype_name)
-        if obj is not None:
-            allow.append((obj, f"numpy.dtypes.{dtype_name}"))
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x and 2.x pickles name these
+        allow += [(multiarray._reconstruct, f"{core}._reconstruct"), (multiarray.scalar, f"{core}.scalar")]
+    allow += [(getattr(np.dtypes, name), f"numpy.dtypes.{name}")
+              for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType")]
     return allow
 
 
