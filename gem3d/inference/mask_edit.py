@@ -311,12 +311,7 @@ def icma_edit(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degre
 
 
 EDITS: dict[str, EditFn] = {
-    "move_toward_centre": move_toward_centre,
-    "rotate": rotate,
-    "flip": flip,
-    "scale": scale,
-    "remove_lesion": remove_lesion,
-    "remap_labels": remap_labels,
+    **{edit.__name__: edit for edit in (move_toward_centre, rotate, flip, scale, remove_lesion, remap_labels)},
     "icma": icma_edit,
 }
 

@@ -14,13 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gem3d.files import atomic_path
 
-__all__ = ["AtomicCheckpointIO", "RandomStateCheckpoint", "check_finite_loss", "non_finite_tensors"]
-
-
-def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
-    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an Inf."""
-    return [name for name, value in state_dict.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+__all__ = ["AtomicCheckpointIO", "RandomStateCheckpoint", "check_finite_loss"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,7 +25,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
-        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        bad = [name for name, value in checkpoint.get("state_dict", {}).items()
+               if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:
             shown = bad[:3] + (["..."] if len(bad) > 3 else [])
             raise FloatingPointError(
