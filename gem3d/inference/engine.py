@@ -1,10 +1,9 @@
 """The one inference engine: every setting of :mod:`gem3d.inference.settings` runs through :class:`Enhancer`.
 
-Per sample it picks the informed slice and the mask the setting asks for, samples the volume, writes
-``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the exact grid of the input label,
-``<case>_gt.nii.gz`` where the real image is the ground truth of that mask, ``previews/<case>_s<k>.png`` and a
-``manifest.json`` record. Finished samples are skipped on a rerun; every sample has its own seed derived from
-``(seed, case, k)``, so the outputs do not depend on how cases are sharded across processes.
+Per sample it writes ``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the input label's grid,
+``<case>_gt.nii.gz`` (when the real image is the mask's ground truth), ``previews/<case>_s<k>.png`` and a
+``manifest.json`` record. A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
+outputs do not depend on sharding.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import os
 import socket
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache, lru_cache, partial
 from pathlib import Path
@@ -36,7 +35,6 @@ from gem3d.inference.settings import Setting, get_setting
 from gem3d.inference.volume import (
     SamplerOptions,
     decode_volume,
-    encode_informed_slice,
     encode_mask_volume,
     informed_start_latents,
     sample_rounds,
@@ -52,14 +50,11 @@ PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 @dataclass
 class InferenceConfig:
-    """Everything one run needs (the CLI and ``gem3d/configs/inference/*.yaml`` fill it). data: nnU-Net raw dataset
-    folder; split: ``Tr`` or ``Ts``; out: output root (samples go to ``out/<setting>``); model / slice_model: model dirs
-    (volume model, or baseline for ``base``; slice model for ``ig``/``igma``/``slice``); cases: ``None``/``"all"``, a
-    count ``"N"``, ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``; informed_from: counterfactual ``CASE[:POS]``
-    (POS relative, in [0, 1]); informed_select: de-enhancement rule (``brightest``/``darkest`` decile of candidate
-    slices); mask_edit: keyword arguments of ``icma_edit``; preprocess: overrides the model's own data preprocessing;
-    ema / slice_ema: EMA weights for the volume / slice model (None = the model's default; the published stage-2 models
-    have no EMA, their slice models do)."""
+    """Everything one run needs (filled by the CLI or ``gem3d/configs/inference/*.yaml``). data: nnU-Net raw dataset
+    folder; out: output root (samples go to ``out/<setting>``); cases: ``None``/``"all"``, a count ``"N"``,
+    ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``; informed_from: ``CASE[:POS]`` (POS in [0, 1]);
+    informed_select: ``brightest``/``darkest`` decile of candidate slices; mask_edit: ``icma_edit`` keyword arguments;
+    preprocess: overrides the model's; ema / slice_ema: None = the model's default."""
 
     setting: str
     data: Path
@@ -173,18 +168,14 @@ class Enhancer:
         self.dataset = open_dataset(cfg.data)
         self.device = torch.device(cfg.device)
         self.volume_model = self.slice_model = None  # LoadedModels, where the setting needs them
-        if self.setting.needs_volume_model:
+        if self.setting.needs_volume_model:  # a stage-1 model runs the same windows, every slice independent
             self.volume_model = load_model_dir(cfg.model, ema=cfg.ema, trust=cfg.trust_checkpoint, device=self.device)
-            expected = "baseline" if self.setting.model == "baseline" else "gem3d"
             spec = self.volume_model.model.spec
-            got = "gem3d" if spec.use_informed else "baseline"
-            if got != expected or spec.conditioning != "concat":
+            if spec.use_informed != (self.setting.model == "gem3d") or spec.conditioning != "concat":
                 raise ValueError(
-                    f"setting {cfg.setting!r} needs a {expected} model (stage 2, or stage 1 alone); {cfg.model} holds "
-                    f"variant {self.volume_model.model.variant!r}"
+                    f"setting {cfg.setting!r} needs a {self.setting.model} model (stage 2, or stage 1 alone); "
+                    f"{cfg.model} holds variant {self.volume_model.model.variant!r}"
                 )
-            # a stage-1 model (no volumetric layers) runs the same windows with every slice independent: the
-            # "stage 1 alone" reference row of the evaluation
         if self.setting.needs_slice_model:
             self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
             if self.slice_model.model.variant != "position":
@@ -211,10 +202,8 @@ class Enhancer:
                 )
 
     def _preprocess_config(self) -> PreprocessConfig:
-        cfg = self.cfg.preprocess
-        for loaded in (self.volume_model, self.slice_model):
-            if cfg is None and loaded is not None and loaded.preprocess is not None:
-                cfg = loaded.preprocess
+        loaded = [m for m in (self.volume_model, self.slice_model) if m is not None and m.preprocess is not None]
+        cfg = self.cfg.preprocess if self.cfg.preprocess is not None else next((m.preprocess for m in loaded), None)
         if cfg is None:
             raise ValueError(
                 "no preprocessing config: the model dir's config has no data.params.preprocess; pass one in the "
@@ -287,10 +276,8 @@ class Enhancer:
     def _select_donor(self, donors: list[str], pos: float, rng: np.random.Generator) -> str:
         """De-enhancement: the donor among the brightest / darkest decile of candidate slices at ``pos``
         (mean intensity inside the body)."""
-        brightness = []
-        for name in donors:
-            profile = self.brightness_profile(name)
-            brightness.append(float(profile[slice_index(pos, len(profile))]))
+        profiles = [self.brightness_profile(name) for name in donors]
+        brightness = [float(profile[slice_index(pos, len(profile))]) for profile in profiles]
         order = np.argsort(brightness, kind="stable")
         if self.cfg.informed_select == "brightest":
             order = order[::-1]
@@ -349,14 +336,13 @@ class Enhancer:
             draw = {"sample": options.condition_posterior == "sample", "generator": generator}
             mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
             informed_latent = None
-            if informed.source == "generated":
-                informed_latent = sample_slice_latents(
-                    self.slice_model.model, torch.tensor([informed.position]), hw, options, generator
-                )[0]
-            elif informed.image is not None:
-                informed_latent = encode_informed_slice(model, torch.as_tensor(np.asarray(informed.image)), **draw)
-            if informed_latent is not None and informed.image is None:  # a generated slice: show what was used
+            if informed.source == "generated":  # its image: the generated slice, decoded
+                position = torch.tensor([informed.position])
+                informed_latent = sample_slice_latents(self.slice_model.model, position, hw, options, generator)[0]
                 informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
+            elif informed.image is not None:
+                image = torch.as_tensor(np.asarray(informed.image))
+                informed_latent = encode_mask_volume(model, image[None], **draw)[0]
             start_latent = None
             if informed_latent is not None and float(options.informed_start) < 1.0:
                 body = torch.from_numpy(np.asarray(prepared.label) >= 0)
@@ -407,7 +393,7 @@ class Enhancer:
     def run(self, rank: int = 0, world_size: int = 1) -> Path:
         """Generate this rank's share of the samples; returns the manifest it wrote."""
         prepare_output_dir(self.cfg.setting_dir)
-        with output_lock(self.cfg.setting_dir, enabled=rank == 0):
+        with output_lock(self.cfg.setting_dir) if rank == 0 else nullcontext():
             if world_size == 1:  # nobody else writes here: drop the temporary files of a killed run
                 for leftover in self.cfg.setting_dir.rglob(".*.tmp*"):
                     leftover.unlink(missing_ok=True)
@@ -450,12 +436,9 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def output_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+def output_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder/.gem3d.lock`` while a run writes there: a second run on the same folder fails naming the
     first one's process; a lock left by a dead process on this host is taken over."""
-    if not enabled:
-        yield
-        return
     path, me = folder / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
     tmp = folder / f"{LOCK_NAME}.{os.getpid()}"
     tmp.write_text(json.dumps(me))

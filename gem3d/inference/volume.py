@@ -29,18 +29,16 @@ CONDITION_POSTERIORS = ("mean", "sample")  # the conditioning latents: posterior
 
 @dataclass
 class SamplerOptions:
-    """How to sample: ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM only; the paper: 200 steps, eta 1),
-    ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames noised to their clip's timestep;
-    ``original``: the original's step-index level), ``batch_directions`` (upward and downward windows in one batch),
-    ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0] at every step; None: off, as in the original),
-    ``slice_noise_correlation`` (rho in [0, 1): noise correlated across neighbouring slices of a window, ISCS-style; 0:
-    independent), ``condition_posterior`` (mask and informed latents from the encoder posterior's ``mean``, or a
-    ``sample`` from it as the original draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``,
-    classifier-free-guidance style against the null informed slice; 1 = off, as in the paper; meant for models trained
-    with ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep, their windows in shared UNet calls; a
-    volume's result does not depend on it), ``informed_start`` (strength S in (0, 1]: every window starts from
-    :func:`informed_start_latents` noised to the level of the last S of the steps, SDEdit-style; 1 = off: from pure
-    noise, as the original). See :mod:`gem3d.sampling.samplers`."""
+    """How to sample (see :mod:`gem3d.sampling.samplers`): ``sampler`` (ddim | dpmpp), ``steps``, ``eta`` (DDIM
+    only; the paper: 200 steps, eta 1), ``window``/``overlap`` (slices), ``known_noise`` (``timestep``: known frames
+    noised to their clip's timestep; ``original``: the original's step-index level), ``batch_directions`` (upward and
+    downward windows in one batch), ``clip_x0`` (clip the latent x0 estimate to [-clip_x0, clip_x0]; None: off),
+    ``slice_noise_correlation`` (rho in [0, 1) across neighbouring slices, ISCS-style; 0: independent),
+    ``condition_posterior`` (conditioning latents: the encoder posterior's ``mean``, or a ``sample`` as the original
+    draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``; 1 = off; for models trained with
+    ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep; a volume's result does not depend on it),
+    ``informed_start`` (SDEdit strength S in (0, 1]: windows start from :func:`informed_start_latents` noised to the
+    level of the last S of the steps; 1 = off: from pure noise, as the original)."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -90,18 +88,10 @@ class SamplerOptions:
 
 
 @torch.no_grad()
-def encode_informed_slice(model, image: torch.Tensor, sample: bool = False,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """A real slice ``(S, S)`` in [-1, 1] -> its latent ``(C, h, w)`` (posterior mean, as in training; a posterior
-    draw with ``sample``)."""
-    return encode_mask_volume(model, image[None], sample=sample, generator=generator)[0]
-
-
-@torch.no_grad()
 def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, sample: bool = False,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """A grey mask volume ``(D, S, S)`` -> mask latents ``(D, C, h, w)`` (chunked encode; posterior mean, or a
-    posterior draw with ``sample``)."""
+    """Grey slices ``(D, S, S)`` (a grey mask volume; real slices in [-1, 1]) -> latents ``(D, C, h, w)`` (chunked
+    encode; posterior mean, as in training, or a posterior draw with ``sample``)."""
     x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
     return model.first_stage.encode(x, sample=sample, generator=generator, progress=progress)
 
@@ -121,7 +111,7 @@ def informed_start_latents(model, informed_image: torch.Tensor, body: torch.Tens
     """Where ``informed_start`` begins each slice: the informed slice ``(S, S)`` in [-1, 1] inside that slice's
     ``body (D, S, S)``, background (-1) outside, encoded -> ``(D, C, h, w)`` (posterior mean)."""
     images = torch.where(torch.as_tensor(body, dtype=torch.bool), torch.as_tensor(informed_image).float()[None], -1.0)
-    return model.first_stage.encode(rearrange(images, "d h w -> d 1 h w").to(model.device))
+    return encode_mask_volume(model, images)
 
 
 def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,

@@ -203,26 +203,21 @@ def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: tor
     return WindowJob(list(window.indices), {i: slices[i] for i in window.known_indices}, informed, window, case)
 
 
-def known_frames_for_jobs(
-    jobs: Sequence[WindowJob], latent_shape: tuple[int, int, int], noise_level: str = "timestep",
-    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-) -> KnownFrames | None:
+def known_frames_for_jobs(jobs: Sequence[WindowJob], latent_shape: tuple[int, int, int], noise_level: str = "timestep",
+                          device: torch.device | str | None = None) -> KnownFrames | None:
     """Stack the jobs' known frames into :class:`KnownFrames` (``(B,F)`` mask, ``(B,F,C,h,w)`` latents, zero where
     unknown); None if no job has a known frame. All jobs must have the same length."""
     known = [[i in job.known_latents for i in job.indices] for job in jobs]
     mask = torch.tensor(known, dtype=torch.bool, device=device)
     if not bool(mask.any()):
         return None
-    zero = torch.zeros(latent_shape, dtype=dtype, device=device)
+    zero = torch.zeros(latent_shape, device=device)
     latents = [torch.stack([job.known_latents.get(i, zero).to(zero) for i in job.indices]) for job in jobs]
     return KnownFrames(mask=mask, latents=torch.stack(latents), noise_level=noise_level)
 
 
 def informed_latents_for_jobs(jobs: Sequence[WindowJob], device: torch.device | None = None) -> torch.Tensor | None:
-    """``(B,C,h,w)`` informed latents of the jobs on ``device``, or None when none has one (baseline); mixing raises."""
-    has = [j.informed_latent is not None for j in jobs]
-    if not any(has):
+    """``(B,C,h,w)`` informed latents of the jobs on ``device``, or None for baseline jobs (which have none)."""
+    if jobs[0].informed_latent is None:
         return None
-    if not all(has):
-        raise ValueError(f"either every job or none has an informed latent, got {has}")
     return torch.stack([j.informed_latent for j in jobs]).to(device)
