@@ -180,8 +180,7 @@ class Enhancer:
             self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
             if self.slice_model.model.variant != "position":
                 raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
-        if self.volume_model is not None and self.slice_model is not None:
-            # the generated informed slice's latent goes straight into the volume model: same latent space needed
+        if self.volume_model is not None and self.slice_model is not None:  # a generated latent feeds the volume model
             shapes = [(m.model.first_stage.latent_channels, m.model.first_stage.downsample_factor)
                       for m in (self.volume_model, self.slice_model)]
             if shapes[0] != shapes[1]:
