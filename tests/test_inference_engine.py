@@ -285,8 +285,9 @@ def test_batch_windows_leaves_the_samples_unchanged(tiny, tmp_path):
 
 
 def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_body(tiny, tmp_path):
-    """SDEdit from the informed slice: a tiny strength keeps the start (the informed slice inside each slice's body,
-    background outside); cases sampled together still give the same volumes; 1 is off."""
+    """SDEdit from the informed slice: a tiny strength keeps the start (the informed slice on each slice's body tissue,
+    its mean on labelled structures, background outside); cases sampled together still give the same volumes; 1 is
+    off."""
     name = [n for n in tiny["names"] if n != tiny["oblique"]][0]
     images = {}
     for start, batch in ((1.0, 1), (0.5, 1), (0.5, 2)):
@@ -298,11 +299,16 @@ def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_bod
         np.testing.assert_allclose(images[0.5, 2][case], image, atol=1e-4)
         assert not np.allclose(images[1.0, 1][case], image, atol=1e-3)
     model = load_model_dir(tiny["volume_stage"]).model
-    informed, body = torch.rand(16, 16) * 2 - 1, torch.zeros(6, 16, 16, dtype=torch.bool)
-    body[:, 4:12, 4:12] = True
-    starts = informed_start_latents(model, informed, body)
+    informed = torch.rand(16, 16) * 1.5 - 0.5  # in the body: > -1
+    labels = torch.full((6, 16, 16), -1)
+    labels[:, 4:12, 4:12] = 0  # body tissue
+    labels[2:4, 6:9, 6:9] = 3  # a structure on two slices
+    starts = informed_start_latents(model, informed, labels)
+    image = torch.full((6, 16, 16), -1.0)
+    image[:, 4:12, 4:12] = informed[4:12, 4:12]
+    image[2:4, 6:9, 6:9] = informed.mean()  # the mask says what is there, not the informed slice's pixels
     with torch.no_grad():
-        expected = model.first_stage.encode(torch.where(body, informed, -1.0)[:, None])
+        expected = model.first_stage.encode(image[:, None])
     torch.testing.assert_close(starts, expected)
     mask_latent = torch.zeros_like(starts)
     options = SamplerOptions(steps=50, eta=0.0, window=4, informed_start=0.02)  # one step, at t = 21

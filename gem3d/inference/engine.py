@@ -344,8 +344,8 @@ class Enhancer:
                 informed_latent = encode_mask_volume(model, image[None], **draw)[0]
             start_latent = None
             if informed_latent is not None and float(options.informed_start) < 1.0:
-                body = torch.from_numpy(np.asarray(prepared.label) >= 0)
-                start_latent = informed_start_latents(model, torch.as_tensor(np.asarray(informed.image)), body)
+                labels = torch.from_numpy(np.asarray(prepared.label).astype(np.int64))
+                start_latent = informed_start_latents(model, torch.as_tensor(np.asarray(informed.image)), labels)
             latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
                                                     generator, start_latent)
         image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)

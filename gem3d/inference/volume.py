@@ -107,10 +107,15 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def informed_start_latents(model, informed_image: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
-    """Where ``informed_start`` begins each slice: the informed slice ``(S, S)`` in [-1, 1] inside that slice's
-    ``body (D, S, S)``, background (-1) outside, encoded -> ``(D, C, h, w)`` (posterior mean)."""
-    images = torch.where(torch.as_tensor(body, dtype=torch.bool), torch.as_tensor(informed_image).float()[None], -1.0)
+def informed_start_latents(model, informed_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Where ``informed_start`` begins each slice: the informed slice ``(S, S)`` in [-1, 1] on each slice's body
+    tissue (``labels (D, S, S)`` 0), its body's mean intensity on the labelled structures (> 0: the mask, not the
+    informed slice's pixels, says what is there), background (-1) outside the body (-1); encoded -> ``(D, C, h, w)``
+    (posterior mean)."""
+    labels, informed_image = torch.as_tensor(labels), torch.as_tensor(informed_image).float()
+    in_body = informed_image > -1
+    grey = informed_image[in_body].mean() if in_body.any() else informed_image.new_tensor(0.0)
+    images = torch.where(labels > 0, grey, torch.where(labels == 0, informed_image[None], -1.0))
     return encode_mask_volume(model, images)
 
 
