@@ -11,40 +11,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = [
-    "NUM_TRAIN_TIMESTEPS", "BETA_START", "BETA_END", "betas_tensor", "alphas_cumprod_tensor", "original_ddim_timesteps",
-    "trained_betas",
-]
-
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START = 0.00085
-BETA_END = 0.012
+__all__ = ["alphas_cumprod_tensor", "original_ddim_timesteps", "trained_betas"]
 
 
-def _betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
-    """Validated float64 betas ``linspace(sqrt(beta_start), sqrt(beta_end), T)**2``."""
+def alphas_cumprod_tensor(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """``cumprod(1 - betas)`` of the betas ``linspace(sqrt(beta_start), sqrt(beta_end), T)**2``, in float64,
+    returned as float32 ``(T,)`` (the original's ``alphas_cumprod`` buffer)."""
     if not isinstance(num_train_timesteps, (int, np.integer)) or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
     if not (0.0 < beta_start < beta_end < 1.0):
         raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start!r}, beta_end={beta_end!r}")
-    return np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return torch.from_numpy(np.cumprod(1.0 - betas)).to(torch.float32)
 
 
-def betas_tensor(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
-) -> torch.Tensor:
-    """The betas as float32 ``(T,)`` (the original's ``betas`` buffer)."""
-    return torch.from_numpy(_betas(num_train_timesteps, beta_start, beta_end)).to(torch.float32)
-
-
-def alphas_cumprod_tensor(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
-) -> torch.Tensor:
-    """``cumprod(1 - betas)`` in float64, returned as float32 ``(T,)`` (the original's ``alphas_cumprod`` buffer)."""
-    return torch.from_numpy(np.cumprod(1.0 - _betas(num_train_timesteps, beta_start, beta_end))).to(torch.float32)
-
-
-def original_ddim_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+def original_ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The original's "uniform" DDIM timesteps, ascending: ``range(0, T, T // steps) + 1`` as a LongTensor
     (``1, 6, ..., 996`` for 200 steps; ``ceil(T / (T // steps))`` entries where ``steps`` does not divide ``T``)."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
