@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
+from itertools import compress
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def _expected_informed(num_slices: int, start: int, informed: float, window: int
     up, down = plan_windows(num_slices, start, window, overlap)
     for win in up + down:  # upward windows depend on earlier upward ones, downward ones on the first and earlier ones
         inf = torch.full((C, H, W), informed) if win.informed_index is None else out[win.informed_index]
-        for index in win.new_indices:
+        for index in compress(win.indices, win.write):
             out[index] = mask[index] + inf
     return torch.stack(out)
 

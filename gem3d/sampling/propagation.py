@@ -44,11 +44,6 @@ class Window:
     informed_index: int | None = None
 
     @property
-    def new_indices(self) -> list[int]:
-        """The slices this window writes."""
-        return [i for i, w in zip(self.indices, self.write) if w]
-
-    @property
     def known_indices(self) -> list[int]:
         return [i for i, k in zip(self.indices, self.known) if k]
 
