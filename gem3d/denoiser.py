@@ -28,22 +28,20 @@ __all__ = ["VARIANTS", "VariantSpec", "Denoiser"]
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """What a variant means: conditioning, UNet type, timestep sharing, trained parameters, data kind."""
+    """What a variant means: conditioning, informed slice or not, UNet type, data kind."""
 
     conditioning: str  # "concat" | "crossattn"
     use_informed: bool
-    volumetric: bool
-    fix_t: bool  # one timestep per clip
-    train_only_volumetric: bool
+    volumetric: bool  # volumetric layers (the only ones trained), one timestep per clip
     data_kind: str  # "clip" | "slice"
 
 
 VARIANTS: dict[str, VariantSpec] = {
-    "slice_stage": VariantSpec("concat", True, False, False, False, "clip"),
-    "volume_stage": VariantSpec("concat", True, True, True, True, "clip"),
-    "position": VariantSpec("crossattn", False, False, False, False, "slice"),
-    "baseline_slice": VariantSpec("concat", False, False, False, False, "clip"),
-    "baseline_volume": VariantSpec("concat", False, True, True, True, "clip"),
+    "slice_stage": VariantSpec("concat", True, False, "clip"),
+    "volume_stage": VariantSpec("concat", True, True, "clip"),
+    "position": VariantSpec("crossattn", False, False, "slice"),
+    "baseline_slice": VariantSpec("concat", False, False, "clip"),
+    "baseline_volume": VariantSpec("concat", False, True, "clip"),
 }
 
 
@@ -105,8 +103,8 @@ class Denoiser(nn.Module):
         spec, unet = self.spec, self.unet
         conditions = {"concat": 1 + int(spec.use_informed), "crossattn": 0}[spec.conditioning]
         layout = {"concat": "noisy + mask" + (" + informed" if spec.use_informed else ""), "crossattn": "noisy"}
-        expected = {"in_channels": latent_channels * (1 + conditions), "out_channels": latent_channels}
-        expected["volumetric"] = spec.volumetric
+        expected = {"in_channels": latent_channels * (1 + conditions), "out_channels": latent_channels,
+                    "volumetric": spec.volumetric}
         for key, value in expected.items():
             if getattr(unet, key) != value:
                 raise ValueError(

@@ -140,7 +140,7 @@ def test_shrunk_copy_instantiates_and_runs(name):
     loss.backward()
     trained = model.trainable_parameters()
     assert trained and all(p.grad is not None for p in trained)
-    if model.spec.train_only_volumetric:
+    if model.spec.volumetric:
         assert len(trained) == len(list(model.unet.volumetric_parameters()))
 
 

@@ -65,7 +65,7 @@ def test_every_folder_is_read_from_its_own_config(original_fixtures):
         assert spec.volumetric == original.unet_params["volumetric"] == ("pseudo3D" in unet_cfg["target"]), name
         assert spec.volumetric == any("_tem" in k for k in original.unet_state_dict), name
         assert spec.conditioning == params["conditioning_key"]
-        assert spec.fix_t == bool(params.get("fix_t", False)), name
+        assert spec.volumetric == bool(params.get("fix_t", False)), name
         assert (kwargs["beta_start"], kwargs["beta_end"], kwargs["num_train_timesteps"]) == (
             params["linear_start"], params["linear_end"], params["timesteps"]), name
         assert first_stage["scale_factor"] == params["scale_factor"], name

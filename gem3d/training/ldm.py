@@ -120,7 +120,7 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
             rank_zero_info(f"Loaded the stage-1 UNet weights ({weights}) of {resolved} into the {variant} UNet")
         elif self.spec.volumetric:
             rank_zero_warn(f"variant={variant!r} without ckpt_path: the 2D UNet weights start from scratch")
-        if self.spec.train_only_volumetric:
+        if self.spec.volumetric:
             self.unet.freeze_non_volumetric()
 
         self.ema = EMA(self.unet, decay=ema_decay) if use_ema else None
@@ -188,10 +188,10 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
 
     def sample_timesteps(self, b: int, f: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps ``(B, F)``: one per clip for the volume variants, one per slice otherwise."""
-        n = b if self.spec.fix_t else b * f
+        n = b if self.spec.volumetric else b * f
         device = self.device if generator is None else generator.device
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device).to(self.device)
-        return repeat(t, "b -> b f", f=f) if self.spec.fix_t else rearrange(t, "(b f) -> b f", b=b)
+        return repeat(t, "b -> b f", f=f) if self.spec.volumetric else rearrange(t, "(b f) -> b f", b=b)
 
     def loss(self, batch: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
         """L2 between predicted and true noise, averaged over all elements."""
@@ -260,7 +260,7 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters AdamW updates: the volumetric ones for the volume variants, else the whole UNet."""
-        if self.spec.train_only_volumetric:
+        if self.spec.volumetric:
             return list(self.unet.volumetric_parameters())
         return [p for p in self.unet.parameters() if p.requires_grad]
 
