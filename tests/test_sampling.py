@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -270,11 +271,11 @@ def _original_config(model_dir):
 def _build_original_unet(model_dir):
     from omegaconf import OmegaConf
 
-    from gem3d.models.unet import UNetModel
+    from gem3d.models.unet import UNetConfig, UNetModel
 
     unet_config = _original_config(model_dir).model.params.unet_config
     params = OmegaConf.to_container(unet_config.params)
-    accepted = inspect.signature(UNetModel).parameters
+    accepted = {f.name for f in fields(UNetConfig)}
     kwargs = {k: v for k, v in params.items() if k in accepted}
     # the original builds attention only at the rates its levels reach (1, 2, 4, ...); others are inert
     reachable = [2**level for level in range(len(kwargs["channel_mult"]))]

@@ -1,18 +1,13 @@
 """The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric (METHOD.md §3, §7).
 
-One class, :class:`UNetModel`, covers the slice denoisers (concat conditioning with ``AttentionBlock``, or the
-position model's ``SpatialTransformer`` cross-attending to a context) and stage 2 (``volumetric=True``): a temporal
-``Conv1d(C, C, 3)`` across the slices after every 3x3 convolution (identity at initialisation) and a temporal
-self-attention after every spatial one (zero ``proj_out_tem``, residual). The slice count comes from the input.
-
-Parameter names equal the original's ``model.diffusion_model.*`` (prefix stripped), so its weights load with
-``load_state_dict(strict=True)``. 2D layers see ``(N, C, H, W)``; a volumetric model sees ``N = B*F`` rows,
-clip-major; temporal layers view them as ``(B*H*W, C, F)``.
+:class:`UNetModel` covers the slice denoisers (concat conditioning with ``AttentionBlock``, or the position model's
+``SpatialTransformer`` cross-attending to a context) and stage 2 (``volumetric=True``: temporal layers across the
+slices, identity at initialisation). Parameter names equal the original's ``model.diffusion_model.*`` (prefix
+stripped), so its weights load strictly. A volumetric model sees ``N = B*F`` rows, clip-major.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, fields
 from typing import Iterable, Iterator, Mapping
 
@@ -47,7 +42,10 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (input and affine parameters), returned in the input's dtype."""
+    """GroupNorm over 32 groups computed in float32 (input and affine parameters), returned in the input's dtype."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(NORM_GROUPS, channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
@@ -55,10 +53,6 @@ class GroupNorm32(nn.GroupNorm):
         with torch.autocast(x.device.type, enabled=False):
             y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return y.type(x.dtype)
-
-
-def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    return GroupNorm32(NORM_GROUPS, channels, eps=eps)
 
 
 def pointwise(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,11 +74,8 @@ def self_attention(tokens: torch.Tensor, norm: nn.GroupNorm, qkv: nn.Conv1d, pro
 
 
 class TemporalConv(nn.Module):
-    """Temporal ``Conv1d(C, C, 3, padding=1)`` across the slices at every spatial position.
-
-    Replaces its input (no residual); identity at initialisation (Dirac weight, zero bias).
-    ``(B*F, C, H, W) -> (B*F, C, H, W)``.
-    """
+    """Temporal ``Conv1d(C, C, 3, padding=1)`` across the slices at every position, replacing its input (no
+    residual); identity at initialisation (Dirac weight, zero bias). ``(B*F, C, H, W) -> (B*F, C, H, W)``."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -108,10 +99,12 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, volumetric: bool):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels),
+            GroupNorm32(out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -134,7 +127,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, heads: int, volumetric: bool):
         super().__init__()
         self.heads = heads
-        self.norm = normalization(channels)
+        self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
         self.volumetric = volumetric
@@ -179,7 +172,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
         inner = heads * dim_head
-        self.norm = normalization(channels, eps=1e-6)
+        self.norm = GroupNorm32(channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)]
@@ -415,7 +408,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(block(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+            GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1))
         )
         self.out_tem = TemporalConv(self.out_channels) if self.volumetric else None
 
@@ -424,10 +417,6 @@ class UNetModel(nn.Module):
         if config is not None and name in CONFIG_FIELDS:  # hyperparameters are read from the one config
             return getattr(config, name)
         return super().__getattr__(name)
-
-    def volumetric_parameter_names(self) -> list[str]:
-        """Names of the temporal-layer parameters (empty for a 2D model)."""
-        return [name for name, _ in self.named_parameters() if is_volumetric_parameter_name(name)]
 
     def volumetric_parameters(self) -> Iterator[nn.Parameter]:
         """The temporal-layer parameters (what stage 2 trains)."""
@@ -542,10 +531,3 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = module(h, emb, context, frames)
         return temporal(self.out_tem, self.out(h), frames)
-
-
-# the constructor's keywords, visible to inspect.signature (config checks, tools): UNetConfig's fields
-UNetModel.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [param.replace(kind=inspect.Parameter.KEYWORD_ONLY) for param in inspect.signature(UNetConfig).parameters.values()]
-)
