@@ -18,35 +18,29 @@ def shadow_key(name: str) -> str:
 
 
 class EMA(nn.Module):
-    """Shadow copies of ``model``'s trainable (``requires_grad``) parameters; ``decay`` in (0, 1) is the asymptotic
-    decay, ``use_num_updates`` turns on the warm-up."""
+    """Shadow copies of ``model``'s trainable (``requires_grad``) parameters; ``decay`` in (0, 1), asymptotic."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
         super().__init__()
         if not 0.0 < float(decay) < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
         self.decay = float(decay)
-        self.use_num_updates = bool(use_num_updates)
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
         self.names: list[str] = [n for n, p in model.named_parameters() if p.requires_grad]
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                self.register_buffer(shadow_key(name), param.detach().clone())
+        for name in self.names:
+            self.register_buffer(shadow_key(name), model.get_parameter(name).detach().clone())
 
     def current_decay(self) -> float:
         """Decay used by the next update (after the warm-up rule)."""
-        if not self.use_num_updates:
-            return self.decay
         n = int(self.num_updates)
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         params = dict(model.named_parameters())
-        buffers = dict(self.named_buffers())
         for name in self.names:
             if name not in params:
                 raise KeyError(f"EMA tracks parameter {name!r} which the model does not have")
-            yield buffers[shadow_key(name)], params[name]
+            yield self.get_buffer(shadow_key(name)), params[name]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -56,25 +50,17 @@ class EMA(nn.Module):
         for shadow, param in self._pairs(model):
             shadow.sub_((1.0 - decay) * (shadow - param.detach().to(shadow.dtype)))
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the shadow values into ``model``'s parameters."""
-        for shadow, param in self._pairs(model):
-            param.copy_(shadow.to(param.dtype))
-
-    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: EMA value}`` with the model's own (dotted) names."""
-        buffers = dict(self.named_buffers())
-        return {name: buffers[shadow_key(name)] for name in self.names}
-
     @contextmanager
     def swapped_in(self, model: nn.Module):
         """Context in which ``model`` holds the EMA weights; its own are put back on exit."""
-        saved = [param.detach().clone() for _, param in self._pairs(model)]
-        self.copy_to(model)
+        pairs = list(self._pairs(model))
+        saved = [param.detach().clone() for _, param in pairs]
+        with torch.no_grad():
+            for shadow, param in pairs:
+                param.copy_(shadow)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for value, (_, param) in zip(saved, self._pairs(model)):
+                for value, (_, param) in zip(saved, pairs):
                     param.copy_(value)

@@ -11,8 +11,9 @@ from gem3d.denoiser import VARIANTS
 from gem3d.model_dirs import load_model_dir
 from gem3d.models.autoencoder import FirstStage
 from gem3d.training import AutoencoderModule, Gem3dLDM
-from gem3d.ema import EMA
+from gem3d.ema import EMA, shadow_key
 from gem3d.models.conditioning import position_embedding
+from gem3d.models.unet import is_volumetric_parameter_name
 
 S = 16  # slice side in pixels; latents are 4 x 8 x 8
 
@@ -209,7 +210,7 @@ def test_volume_stage_trains_only_volumetric_parameters(tmp_path):
     model = make_model("volume_stage", ckpt_path=str(path))
     model.set_learning_rate(ngpu=1, batch_size=1)
     optimizer = model.configure_optimizers()
-    volumetric = set(model.unet.volumetric_parameter_names())
+    volumetric = {n for n, _ in model.unet.named_parameters() if is_volumetric_parameter_name(n)}
     assert volumetric and {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for n, p in model.unet.named_parameters() if n in volumetric
     }
@@ -233,7 +234,7 @@ def test_volume_stage_can_start_from_stage1_ema(tmp_path):
     torch.save({"state_dict": stage1.state_dict()}, path)
     stage2 = make_model("volume_stage", ckpt_path=str(path), ckpt_use_ema=True)
     name = "input_blocks.0.0.weight"
-    torch.testing.assert_close(stage2.unet.state_dict()[name], stage1.ema.shadow_state_dict()[name])
+    torch.testing.assert_close(stage2.unet.state_dict()[name], stage1.ema.get_buffer(shadow_key(name)))
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -249,7 +250,7 @@ def test_ema_warmup_update_and_swap():
             p.add_(1.0)
     ema.update(net)
     for name, p in net.named_parameters():  # shadow <- shadow - (1 - 0.1) (shadow - p)
-        torch.testing.assert_close(ema.shadow_state_dict()[name], start[name] + 0.9)
+        torch.testing.assert_close(ema.get_buffer(shadow_key(name)), start[name] + 0.9)
     assert int(ema.num_updates) == 1 and ema.current_decay() == pytest.approx(2 / 11)
     raw = {n: p.detach().clone() for n, p in net.named_parameters()}
     with ema.swapped_in(net):
@@ -268,9 +269,9 @@ def test_ema_lives_in_the_checkpoint_state_dict():
     fresh = make_model("slice_stage", ema_decay=0.99)
     fresh.load_state_dict(state)
     assert int(fresh.ema.num_updates) == 1
-    torch.testing.assert_close(fresh.ema.shadow_state_dict()["out.2.weight"], model.ema.shadow_state_dict()["out.2.weight"])
+    torch.testing.assert_close(fresh.ema.out__2__weight, model.ema.out__2__weight)
     with model.ema_scope():
-        torch.testing.assert_close(model.unet.out[2].weight, model.ema.shadow_state_dict()["out.2.weight"])
+        torch.testing.assert_close(model.unet.out[2].weight, model.ema.out__2__weight)
 
 
 def test_load_ldm_from_run_raw_and_ema(tmp_path):
