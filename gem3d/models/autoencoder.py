@@ -7,7 +7,7 @@ by ``scale_factor`` (0.18215 for KL-f8). Encoding and decoding run in chunks of 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.utils.torch_utils import randn_tensor
 from einops import pack, rearrange, repeat, unpack
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -92,11 +93,12 @@ class FirstStage(nn.Module):
     ) -> FirstStage:
         """Random-weight model from a latent-diffusion YAML (full model or autoencoder-only layout).
         ``scale_factor`` defaults to the config's ``model.params.scale_factor``, else 0.18215."""
+        config = ldm_vae.read_config(config)
         params = ldm_vae.find_autoencoder_params(config)
         if "embed_dim" not in params:
             raise KeyError(f"autoencoder params hold no 'embed_dim' (keys: {sorted(params)})")
         if scale_factor is None:
-            scale_factor = ldm_vae.find_scale_factor(config) or DEFAULT_SCALE_FACTOR
+            scale_factor = float(OmegaConf.select(config, "model.params.scale_factor") or DEFAULT_SCALE_FACTOR)
         return cls.from_ldm_ddconfig(params["ddconfig"], params["embed_dim"], scale_factor, chunk_size, frozen)
 
     @classmethod
@@ -204,13 +206,8 @@ class FirstStage(nn.Module):
         f = self.downsample_factor
         return self.latent_channels, height // f, width // f
 
-    def extra_repr(self) -> str:
-        return f"scale_factor={self.scale_factor}, chunk_size={self.chunk_size}, frozen={self.frozen}, f={self.downsample_factor}"
-
-    def _chunks(self, x: torch.Tensor, progress: bool, desc: str) -> Iterator[torch.Tensor]:
-        starts = range(0, x.shape[0], self.chunk_size)
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            yield x[start : start + self.chunk_size]
+    def _chunks(self, x: torch.Tensor, progress: bool, desc: str) -> Iterable[torch.Tensor]:
+        return tqdm(x.split(self.chunk_size), desc=desc, disable=not progress, leave=False)
 
     def _prepare_images(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 1|C, H, W)`` -> ``(N, C, H, W)`` on the model's device/dtype; grey repeated to C channels."""
@@ -280,6 +277,4 @@ class FirstStage(nn.Module):
 
     def decode_grey(self, z: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Scaled latents -> grey images ``(N, 1, H, W)`` (channel mean of :meth:`decode`)."""
-        images = self.decode(z, progress=progress)
-        return images.mean(dim=-3, keepdim=True)
-
+        return self.decode(z, progress=progress).mean(dim=-3, keepdim=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
@@ -38,26 +37,15 @@ DDCONFIG_KEYS = DDCONFIG_REQUIRED + tuple(DDCONFIG_FIXED)
 NORM_NUM_GROUPS = 32  # latent-diffusion's Normalize() uses GroupNorm(32, C, eps=1e-6), as diffusers' VAE does
 
 
-def _plain(config: Any) -> Any:
-    """OmegaConf node / Mapping -> plain python containers, every sequence a list."""
-    config = to_plain(config)
-    if isinstance(config, Mapping):
-        return {k: _plain(v) for k, v in config.items()}
-    if isinstance(config, (list, tuple)):
-        return [_plain(v) for v in config]
-    return config
-
-
-def read_config(config: str | Path | Mapping) -> dict:
-    """A YAML path, OmegaConf node or dict -> plain dict (clear error for a missing file)."""
+def read_config(config: str | Path | Mapping) -> DictConfig:
+    """A YAML path, OmegaConf node or dict -> OmegaConf node (clear error for a missing file)."""
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"autoencoder config file not found: {str(path)!r}")
-        return _plain(OmegaConf.load(path))
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"autoencoder config file not found: {str(config)!r}")
+        return OmegaConf.load(config)
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a path, a dict or an OmegaConf node, got {type(config).__name__}")
-    return _plain(config)
+    return OmegaConf.create(config)
 
 
 AUTOENCODER_PARAMS_AT = (
@@ -68,7 +56,7 @@ AUTOENCODER_PARAMS_AT = (
 def find_autoencoder_params(config: str | Path | Mapping) -> dict:
     """The autoencoder ``params`` (holding ``ddconfig`` and ``embed_dim``) of a latent-diffusion config: a full
     model, an autoencoder-only config, a ``first_stage_config`` node or the params themselves."""
-    cfg = OmegaConf.create(read_config(config))
+    cfg = read_config(config)
     for where in AUTOENCODER_PARAMS_AT:
         params = OmegaConf.select(cfg, where)
         if isinstance(params, DictConfig) and "ddconfig" in params:
@@ -80,7 +68,7 @@ def find_autoencoder_params(config: str | Path | Mapping) -> dict:
 def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
     """A latent-diffusion ``ddconfig`` that ``diffusers.AutoencoderKL`` holds exactly, as a plain dict with the
     optional keys filled with their latent-diffusion defaults; a ValueError otherwise."""
-    dd = _plain(dict(ddconfig))
+    dd = to_plain(OmegaConf.create(dict(ddconfig)))  # every sequence a list
     unknown = sorted(set(dd) - set(DDCONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown ddconfig key(s) {unknown}; allowed keys: {list(DDCONFIG_KEYS)}")
@@ -104,7 +92,7 @@ def validate_ddconfig(ddconfig: Mapping, embed_dim: int) -> dict:
         )
     for key, allowed in DDCONFIG_FIXED.items():
         value = dd.setdefault(key, allowed)
-        if value != allowed:  # _plain made every sequence a list
+        if value != allowed:
             raise ValueError(
                 f"ddconfig.{key}={value!r} is not supported by diffusers.AutoencoderKL; allowed: {allowed!r}"
                 + (" (attention only in the middle block, as in kl-f8)" if key == "attn_resolutions" else "")
@@ -160,12 +148,6 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[st
     ``cond_stage_model.*``, UNet weights) is dropped."""
     out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return {k: v for k, v in out.items() if k.startswith(LDM_AUTOENCODER_PARTS)}
-
-
-def find_scale_factor(config: str | Path | Mapping) -> float | None:
-    """``model.params.scale_factor`` of a full LatentDiffusion config, or ``None``."""
-    value = OmegaConf.select(OmegaConf.create(read_config(config)), "model.params.scale_factor")
-    return None if value is None else float(value)
 
 
 _ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
