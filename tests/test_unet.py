@@ -148,7 +148,7 @@ def test_volumetric_requires_whole_clips():
         unet(x.reshape(2, 3, 12, 8, 8), torch.zeros(2), num_frames=4)
 
 
-def test_volumetric_parameter_names_are_the_extra_layers():
+def test_volumetric_parameters_are_the_extra_layers():
     flat = UNetModel(**tiny_config())
     volume = UNetModel(**tiny_config(volumetric=True))
     names = set(volume.state_dict()) - set(flat.state_dict())
