@@ -22,6 +22,15 @@ def panel(png: np.ndarray, row: int, column: int) -> np.ndarray:
     return png[top : top + PANEL, column * PANEL : (column + 1) * PANEL]
 
 
+def read(path) -> np.ndarray:
+    """The preview as ``(height, width, 3)`` RGB; it must be opaque."""
+    with Image.open(path) as handle:
+        assert handle.format == "PNG"
+        png = np.asarray(handle.convert("RGBA"))
+    assert np.all(png[..., 3] == 255)
+    return png[..., :3]
+
+
 def content_box(cell: np.ndarray) -> tuple[int, int]:
     rows, cols = np.nonzero(cell.sum(axis=-1) > 0)
     return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
@@ -33,9 +42,7 @@ def test_preview_size_and_content(tmp_path):
     path = save_preview(tmp_path / "p.png", [("real", image), ("synthetic", noisy)], mask=label, panel_size=PANEL, max_label=2)
     assert path == tmp_path / "p.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
-    with Image.open(path) as handle:
-        assert handle.format == "PNG" and handle.mode == "RGB"
-        png = np.asarray(handle)
+    png = read(path)
     assert (png.shape[1], png.shape[0]) == (3 * PANEL, TITLE_HEIGHT + 3 * (TITLE_HEIGHT + PANEL)) == preview_size(2, True, PANEL)
     for row in range(2):
         for column in range(3):
@@ -53,8 +60,7 @@ def test_preview_size_and_content(tmp_path):
 def test_preview_aspect_follows_spacing(tmp_path):
     image, _ = phantom((12, 24, 24))
     path = save_preview(tmp_path / "a.png", [("v", image + 1.0)], spacing=(4.0, 1.0, 1.0), panel_size=PANEL, contours=False)
-    with Image.open(path) as handle:
-        png = np.asarray(handle)
+    png = read(path)
     assert png.shape[:2] == preview_size(1, False, PANEL)[::-1]
     axial_h, axial_w = content_box(panel(png, 0, 0))
     coronal_h, coronal_w = content_box(panel(png, 0, 1))
@@ -82,7 +88,7 @@ def test_contours_only_on_the_named_rows(tmp_path):
 
     def render(name, contours):
         path = save_preview(tmp_path / name, volumes, mask=label, panel_size=PANEL, contours=contours)
-        return np.asarray(Image.open(path).convert("RGB"))
+        return read(path)
 
     none, both, only = render("n.png", False), render("b.png", True), render("o.png", ["synthetic"])
     for column in range(3):
@@ -96,8 +102,7 @@ def test_informed_slice_row_and_ticks(tmp_path):
     informed = image[4, ::2, ::2] * -1.0  # another size and contrast than the volume
     path = save_preview(tmp_path / "i.png", [("real", image), ("synthetic", image)], mask=label, panel_size=PANEL,
                         max_label=2, informed=informed, informed_title="informed: case_x slice 4", informed_index=4)
-    with Image.open(path) as handle:
-        png = np.asarray(handle)
+    png = read(path)
     assert (png.shape[1], png.shape[0]) == preview_size(2, True, PANEL, with_informed=True)
     cell = panel(png, 2, 0)  # the informed row comes after the volumes, before the mask
     assert cell.std() > 10 and content_box(cell) == content_box(panel(png, 0, 0))  # same physical extent as axial
@@ -105,12 +110,13 @@ def test_informed_slice_row_and_ticks(tmp_path):
     tick = np.array([255, 200, 0])
     for column in (1, 2):
         for row in range(2):
-            rows = np.nonzero(np.all(panel(png, row, column)[:, :3] == tick, axis=-1))[0]
-            assert rows.size, (row, column)
+            rows, columns = np.nonzero(np.all(panel(png, row, column) == tick, axis=-1))
+            assert columns.min() < PANEL // 2 < columns.max(), (row, column)  # at both sides
             height = content_box(panel(png, 0, column))[0]
             top = (PANEL - height) // 2
-            assert abs(rows[0] - (top + (12 - 1 - 4 + 0.5) * height / 12)) <= 1  # slice 4 of 12, superior up
-    assert not np.all(panel(png, 0, 0)[:, :3] == tick, axis=-1).any()  # no ticks on axial panels
+            centre = rows.mean() + 0.5  # of the tick line, in pixels from the panel's top
+            assert abs(centre - (top + (12 - 1 - 4 + 0.5) * height / 12)) <= 1  # slice 4 of 12, superior up
+    assert not np.all(panel(png, 0, 0) == tick, axis=-1).any()  # no ticks on axial panels
     with pytest.raises(ValueError, match="informed_index"):
         save_preview(tmp_path / "j.png", [("v", image)], informed=informed, informed_index=12)
     with pytest.raises(ValueError, match="one slice"):

@@ -1,5 +1,5 @@
-"""PNG previews: a row of axial / coronal / sagittal panels (square cells keeping the physical aspect ratio; D drawn
-vertically, superior up) under a title strip per canonical ``(D, H, W)`` volume, the mask as contours and as a row."""
+"""PNG previews (matplotlib): a row of axial / coronal / sagittal panels (physical aspect ratio, D drawn vertically,
+superior up) under a title strip per canonical ``(D, H, W)`` volume, the mask as contours and as a row."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
 from scipy import ndimage
 
 from gem3d.files import atomic_path
@@ -16,30 +16,31 @@ from gem3d.files import atomic_path
 __all__ = ["save_preview", "preview_size", "LABEL_COLOURS", "TITLE_HEIGHT", "VIEWS"]
 
 TITLE_HEIGHT = 14
+DPI = 100
 WINDOW_PERCENTILES = (0.5, 99.5)  # each volume's display window
 # (name, fixed axis): axial fixes D; with canonical (S, R, A) layout, axis 2 fixed = coronal, axis 1 fixed = sagittal
 VIEWS: tuple[tuple[str, int], ...] = (("axial", 0), ("coronal", 2), ("sagittal", 1))
 LABEL_COLOURS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
                                                    (240, 50, 230), (70, 240, 240), (245, 130, 48), (145, 30, 180))
 _COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")  # of LABEL_COLOURS
+_PALETTE = np.asarray(LABEL_COLOURS, np.uint8)
 _OUTSIDE_BODY = (40, 40, 40)
-_TICK = (255, 200, 0)
-_TICK_LENGTH = 6
+_TICK = "#ffc800"
+_TICK_LENGTH = 0.06  # of the image's width
 
 
-def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160, with_informed: bool = False) -> tuple[int, int]:
+def preview_size(num_volumes: int, with_mask: bool, panel_size: int = 160,
+                 with_informed: bool = False) -> tuple[int, int]:
     """``(width, height)`` in pixels of a preview with ``num_volumes`` rows (+ the informed and mask rows)."""
     rows = num_volumes + int(with_mask) + int(with_informed)
     return 3 * panel_size, TITLE_HEIGHT + rows * (TITLE_HEIGHT + panel_size)
 
 
-def _windowed(array: np.ndarray) -> tuple[np.ndarray, str]:
-    """``array`` mapped to [0, 255] by its display window (``WINDOW_PERCENTILES`` of the finite values; NaN -> low),
-    and the window as a caption."""
+def _window(array: np.ndarray) -> tuple[float, float]:
+    """``(low, high)`` display window: ``WINDOW_PERCENTILES`` of the finite values (NaN is drawn black)."""
     finite = array[np.isfinite(array)]
     low, high = (float(v) for v in np.percentile(finite, WINDOW_PERCENTILES)) if finite.size else (0.0, 1.0)
-    high = high if high > low else low + 1.0
-    return (np.nan_to_num(array, nan=low) - low) / (high - low) * 255.0, f"[{low:.3g}, {high:.3g}]"
+    return low, high if high > low else low + 1.0
 
 
 def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, int, int]:
@@ -49,59 +50,25 @@ def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, i
 
 
 def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2-D slice for display: rows top -> bottom, columns left -> right."""
+    """2-D slice to draw with ``origin="lower"``: axial ``(W, H)`` (anterior up), else ``(D, other)`` (superior up)."""
     plane = np.take(volume, index, axis=axis)
-    if axis == 0:  # (H, W): W vertical (anterior up), H horizontal
-        return plane.T[::-1]
-    return plane[::-1]  # (D, other): D vertical, superior up
+    return plane.T if axis == 0 else plane
 
 
-def _view_spacing(spacing: Sequence[float], axis: int) -> tuple[float, float]:
-    """(row, column) pixel size in mm for ``_view``."""
-    d, h, w = (float(s) for s in spacing)
+def _aspect(spacing: Sequence[float], axis: int) -> float:
+    """Height / width of a pixel of ``_view``."""
+    d, h, w = spacing
     if axis == 0:
-        return w, h
-    return d, (w if axis == 1 else h)
+        return w / h
+    return d / (w if axis == 1 else h)
 
 
-def _fit(rows: int, cols: int, row_mm: float, col_mm: float, panel: int) -> tuple[int, int]:
-    """Display ``(height, width)`` of a ``rows x cols`` image with the given pixel sizes inside ``panel``."""
-    height_mm, width_mm = rows * row_mm, cols * col_mm
-    k = panel / max(height_mm, width_mm)
-    return max(1, min(panel, round(height_mm * k))), max(1, min(panel, round(width_mm * k)))
-
-
-def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Bool: pixels with a label > 0 that touch a different label (4-neighbourhood, edges repeated)."""
-    cross = ndimage.generate_binary_structure(2, 1)
-    low = ndimage.minimum_filter(labels, footprint=cross, mode="nearest")
-    high = ndimage.maximum_filter(labels, footprint=cross, mode="nearest")
-    return ((low != labels) | (high != labels)) & (labels > 0)
-
-
-def _panel(grey: np.ndarray | None, labels: np.ndarray | None, row_mm: float, col_mm: float, panel: int,
-           contours: bool, filled: bool) -> Image.Image:
-    """One ``panel x panel`` RGB cell: grey image (already in [0, 255]) and/or labels, centred."""
-    ref = grey if grey is not None else labels
-    height, width = _fit(ref.shape[0], ref.shape[1], row_mm, col_mm, panel)
-    if grey is not None:
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
-        rgb = np.repeat(np.asarray(image)[..., None], 3, axis=-1).copy()
-    else:
-        rgb = np.zeros((height, width, 3), dtype=np.uint8)
-    if labels is not None:
-        lab_img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.int32)).resize((width, height), Image.NEAREST)
-        lab = np.asarray(lab_img).astype(np.int64)
-        palette = np.asarray(LABEL_COLOURS, np.uint8)  # label k > 0 gets colour k - 1, repeating after 8
-        if filled:
-            rgb[lab < 0] = _OUTSIDE_BODY
-            rgb[lab > 0] = palette[(lab[lab > 0] - 1) % len(palette)]
-        if contours:
-            edge = _boundary(lab)
-            rgb[edge] = palette[(lab[edge] - 1) % len(palette)]
-    cell = Image.new("RGB", (panel, panel), (0, 0, 0))
-    cell.paste(Image.fromarray(rgb), ((panel - width) // 2, (panel - height) // 2))
-    return cell
+def _label_rgb(labels: np.ndarray) -> np.ndarray:
+    """Label k > 0 gets colour k - 1 of ``LABEL_COLOURS`` (repeating after 8), < 0 (outside the body) dark grey."""
+    rgb = np.zeros(labels.shape + (3,), np.uint8)
+    rgb[labels < 0] = _OUTSIDE_BODY
+    rgb[labels > 0] = _PALETTE[(labels[labels > 0] - 1) % len(_PALETTE)]
+    return rgb
 
 
 def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarray]], mask: np.ndarray | None = None,
@@ -163,61 +130,56 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
         raise ValueError(f"contours names unknown volume titles {unknown}; titles: {titles}")
 
     width, height = preview_size(len(arrays), label is not None, panel_size, with_informed=informed is not None)
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for column, (name, axis) in enumerate(VIEWS):
-        draw.text((column * panel_size + 3, 1), f"{name} {'DHW'[axis]}={centre[axis]}", fill=(255, 255, 255), font=font)
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
 
+    def caption(left: int, top: int, text: str, colour: str = "white") -> None:
+        figure.text(left / width, 1 - top / height, text, color=colour, fontsize=7, va="top")
+
+    def panel(column: int, top: int):
+        axes = figure.add_axes((column * panel_size / width, 1 - (top + panel_size) / height,
+                                panel_size / width, panel_size / height))
+        axes.set_axis_off()
+        return axes
+
+    for column, (name, axis) in enumerate(VIEWS):
+        caption(column * panel_size + 3, 1, f"{name} {'DHW'[axis]}={centre[axis]}")
     top = TITLE_HEIGHT
-    rows = [(title, array, label is not None and title in contour_titles, False) for title, array in arrays]
+    for title, array in arrays:
+        low, high = _window(array)
+        caption(3, top + 1, f"{title}  [{low:.3g}, {high:.3g}]")
+        top += TITLE_HEIGHT
+        for column, (_, axis) in enumerate(VIEWS):
+            axes = panel(column, top)
+            axes.imshow(_view(array, axis, centre[axis]), cmap="gray", vmin=low, vmax=high, origin="lower",
+                        aspect=_aspect(spacing, axis), interpolation="bilinear")
+            if label is not None and title in contour_titles:
+                labels = _view(label, axis, centre[axis])
+                for value in np.unique(labels[labels > 0]):
+                    colour = _PALETTE[(value - 1) % len(_PALETTE)] / 255
+                    axes.contour(labels == value, levels=[0.5], colors=[colour], linewidths=1, antialiased=False)
+            if informed_index is not None and axis != 0:
+                axes.axhline(informed_index, 0, _TICK_LENGTH, color=_TICK, linewidth=1, antialiased=False)
+                axes.axhline(informed_index, 1 - _TICK_LENGTH, 1, color=_TICK, linewidth=1, antialiased=False)
+        top += panel_size
+    if informed is not None:
+        low, high = _window(informed)
+        caption(3, top + 1, f"{informed_title}  [{low:.3g}, {high:.3g}]", _TICK)
+        top += TITLE_HEIGHT
+        # the volume's axial extent: the informed slice may be resampled
+        extent = (-0.5, shape[1] - 0.5, -0.5, shape[2] - 0.5)
+        panel(0, top).imshow(informed.T, cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent,
+                             aspect=_aspect(spacing, 0), interpolation="bilinear")
+        top += panel_size
     if label is not None:
         present = sorted(int(v) for v in np.unique(label) if v > 0)
         legend_values = list(range(1, max_label + 1)) if max_label is not None else present
         legend = ", ".join(f"{v} {_COLOUR_NAMES[(v - 1) % len(_COLOUR_NAMES)]}" for v in legend_values)
-        rows.append((f"mask ({legend})" if legend else "mask (empty)", None, False, True))
-
-    for title, array, with_contours, filled in rows:
-        caption = title
-        if array is not None:
-            grey_volume, window = _windowed(array)
-            caption = f"{title}  {window}"
-        draw.text((3, top + 1), caption, fill=(255, 255, 255), font=font)
+        caption(3, top + 1, f"mask ({legend})" if legend else "mask (empty)")
         top += TITLE_HEIGHT
         for column, (_, axis) in enumerate(VIEWS):
-            row_mm, col_mm = _view_spacing(spacing, axis)
-            grey = _view(grey_volume, axis, centre[axis]) if array is not None else None
-            labels = _view(label, axis, centre[axis]) if (label is not None and (with_contours or filled)) else None
-            cell = _panel(grey, labels, row_mm, col_mm, panel_size, contours=with_contours, filled=filled)
-            if informed_index is not None and axis != 0 and array is not None:
-                _mark_slice(cell, shape[0], int(informed_index), _fit(shape[0], shape[3 - axis], row_mm, col_mm, panel_size)[0])
-            canvas.paste(cell, (column * panel_size, top))
-        top += panel_size
-        if informed is not None and array is not None and title == arrays[-1][0]:
-            top = _informed_row(canvas, draw, font, informed, informed_title, shape, spacing, panel_size, top)
+            panel(column, top).imshow(_label_rgb(_view(label, axis, centre[axis])), origin="lower",
+                                      aspect=_aspect(spacing, axis), interpolation="nearest")
 
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        figure.savefig(tmp, format="png")
     return path
-
-
-def _mark_slice(cell: Image.Image, num_slices: int, index: int, height: int) -> None:
-    """Ticks at both sides of a coronal/sagittal cell (slices drawn superior up) at slice ``index``."""
-    panel = cell.size[1]
-    y = (panel - height) // 2 + int((num_slices - 1 - index + 0.5) * height / num_slices)
-    draw = ImageDraw.Draw(cell)
-    draw.line([(0, y), (_TICK_LENGTH - 1, y)], fill=_TICK)
-    draw.line([(panel - _TICK_LENGTH, y), (panel - 1, y)], fill=_TICK)
-
-
-def _informed_row(canvas, draw, font, informed: np.ndarray, title: str, shape: Sequence[int], spacing: Sequence[float],
-                  panel_size: int, top: int) -> int:
-    """The informed slice in the axial column, with its physical extent taken from the volume's axial view."""
-    grey, window = _windowed(informed)
-    draw.text((3, top + 1), f"{title}  {window}", fill=_TICK, font=font)
-    top += TITLE_HEIGHT
-    grey = _view(grey[None], 0, 0)
-    row_mm, col_mm = _view_spacing(spacing, 0)  # per volume pixel; the informed slice may be resampled
-    rows_mm, cols_mm = row_mm * shape[2] / grey.shape[0], col_mm * shape[1] / grey.shape[1]
-    canvas.paste(_panel(grey, None, rows_mm, cols_mm, panel_size, contours=False, filled=False), (0, top))
-    return top + panel_size

@@ -23,11 +23,10 @@ VIEWS = dict(PREVIEW_VIEWS)  # view name -> the canonical axis it fixes
 
 def radimagenet_resnet50() -> torch.nn.Module:
     """ResNet-50 feature extractor in the torchvision layout (``(B, 3, H, W)`` -> ``(B, 2048)``), eval mode."""
-    model = monai_resnet.ResNet(
+    return monai_resnet.ResNet(
         "bottleneck", [3, 4, 6, 3], monai_resnet.get_inplanes(), spatial_dims=2, n_input_channels=3,
         conv1_t_size=7, conv1_t_stride=2, shortcut_type="B", bias_downsample=False, feed_forward=False,
-    )
-    return model.eval()
+    ).eval()
 
 
 def medicalnet_resnet(depth: int = 10) -> torch.nn.Module:
@@ -37,16 +36,12 @@ def medicalnet_resnet(depth: int = 10) -> torch.nn.Module:
         raise ValueError(f"MedicalNet ResNet depth must be one of {MEDICALNET_DEPTHS}, got {depth}")
     bias_downsample, shortcut_type = monai_resnet.get_medicalnet_pretrained_resnet_args(depth)
     factory = getattr(monai_resnet, f"resnet{depth}")
-    model = factory(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type=shortcut_type,
-                    bias_downsample=bias_downsample, conv1_t_size=7, conv1_t_stride=2)
-    return model.eval()
+    return factory(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type=shortcut_type,
+                   bias_downsample=bias_downsample, conv1_t_size=7, conv1_t_stride=2).eval()
 
 
 def _state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature-network weights not found: {path}")
-    state = safe_load_checkpoint(path)
+    state = safe_load_checkpoint(path)  # raises FileNotFoundError naming a missing path
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -15,7 +15,6 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
 OUTSIDE = "outside"
-NNUNET_MISSING = "skipped: nnunetv2 not installed (see ENVIRONMENT.md)"
 
 
 def label_intensity_stats(volume, labels, body=None) -> dict[str, dict[str, float]]:
@@ -91,7 +90,7 @@ def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], la
     if model_folder is None:
         return None, "skipped: no --segmenter model folder given"
     if not nnunet_available():
-        return None, NNUNET_MISSING
+        return None, "skipped: nnunetv2 not installed (see ENVIRONMENT.md)"
     model_folder = Path(model_folder)
     if not model_folder.is_dir():
         raise FileNotFoundError(f"--segmenter: nnU-Net model folder {model_folder} does not exist")

@@ -65,9 +65,7 @@ def describe(metric: str) -> str:
 # ------------------------------------------------------------------------------------------------ tables
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
     """One row per dict; columns: the union of the keys, in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
@@ -142,10 +140,9 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarra
     axes.set(xlabel=xlabel, ylabel=ylabel)
     if series:
         axes.legend(fontsize="x-small")
-    path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
-    return path
+    return Path(path)
 
 
 def density(values: np.ndarray, bins: int = 50, value_range: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +171,7 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path], s
                columns: Sequence[str], notes: Sequence[str], embed: bool = True) -> Path:
     """``report.html``: the summary table, notes, the plots, and every sample's preview beside its metrics. Images are
     embedded as base64 (``embed``) or linked by relative path; no external resource, so it opens offline."""
-    path = Path(path)
-    base = path.parent
+    base = Path(path).parent
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>gem3d evaluation</title><style>",
              "body{font-family:sans-serif;margin:1em} table{border-collapse:collapse;font-size:12px}",
              "td,th{border:1px solid #bbb;padding:2px 5px} .sample{display:flex;gap:1em;margin:1em 0}",
