@@ -16,12 +16,6 @@ import numpy as np
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "json_default", "file_sha256"]
 
 
-def _suffix_of(path: Path) -> str:
-    """The file ending that decides the format (``.nii.gz`` counts as one ending)."""
-    double = [suffix for suffix in (".nii.gz", ".tar.gz", ".json.gz") if path.name.endswith(suffix)]
-    return double[0] if double else path.suffix
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -34,7 +28,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     it onto ``path``, on any exception remove it. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix_of(path), dir=path.parent)
+    ending = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + ending, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

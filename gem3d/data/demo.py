@@ -71,9 +71,9 @@ def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     return rx @ ry @ rz
 
 
-def warp_template(rng: np.random.Generator, t1: np.ndarray, brain: np.ndarray, template_affine: np.ndarray,
-                  affine: np.ndarray, deformation_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Resample template and mask onto the demo grid through a random similarity + smooth displacement (mm)."""
+def warp_template(rng: np.random.Generator, affine: np.ndarray, deformation_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample the MNI template and mask onto the demo grid through a random similarity + smooth displacement (mm)."""
+    t1, brain, template_affine = load_mni_template()
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in DEMO_SHAPE], indexing="ij"), axis=-1)
     world = grid @ affine[:3, :3].T + affine[:3, 3]
     centre = np.asarray(BRAIN_CENTRE_MM)
@@ -159,13 +159,12 @@ def draw_case_params(index: int, seed: int) -> dict:
     }
 
 
-def make_demo_case(index: int, seed: int, template=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def make_demo_case(index: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """One case -> (image (64, 64, 48) float32, label uint8, affine (4, 4), its record: name, draws, tumours)."""
-    t1, brain_t, template_affine = template if template is not None else load_mni_template()
     params = draw_case_params(index, seed)
     rng = np.random.default_rng([seed, index, 1])
     affine = demo_affine(params["origin_shift_mm"])
-    anatomy, brain = warp_template(rng, t1, brain_t, template_affine, affine, params["deformation_mm"])
+    anatomy, brain = warp_template(rng, affine, params["deformation_mm"])
     label, tumours = place_tumours(rng, brain, count=params.pop("num_tumours"))
     image = render_intensities(rng, anatomy, brain, label, params)
     record = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in params.items()}
@@ -194,10 +193,9 @@ def build_demo_dataset(out: str | Path, cases: int = 10, seed: int = 0, overwrit
         (out / "splits.json").unlink(missing_ok=True)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    template = load_mni_template()
     records = []
     for index in tqdm(range(cases), desc="demo cases", disable=not progress):
-        image, label, affine, record = make_demo_case(index, seed, template)
+        image, label, affine, record = make_demo_case(index, seed)
         _save(image, affine, out / "imagesTr" / f"{record['name']}_0000.nii.gz")
         _save(label, affine, out / "labelsTr" / f"{record['name']}.nii.gz")
         records.append(record)

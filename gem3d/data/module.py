@@ -10,16 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import (
-    ClipDataset,
-    EpochSampler,
-    LatentCache,
-    LatentEncoder,
-    SliceDataset,
-    VolumeCache,
-    load_or_create_splits,
-    variant_name,
-)
+from .datasets import ClipDataset, EpochSampler, LatentCache, LatentEncoder, SliceDataset, VolumeCache
+from .datasets import load_or_create_splits, variant_name
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
@@ -36,10 +28,7 @@ class _SkipOnResume:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = iter(self.batch_sampler)
-        for _ in itertools.islice(batches, self.loader._skipping):
-            pass
-        return batches
+        return itertools.islice(self.batch_sampler, self.loader._skipping, None)
 
 
 class ResumableDataLoader(DataLoader):
@@ -149,9 +138,8 @@ class Gem3dDataModule(L.LightningDataModule):
         return epochs.processed, batches
 
     def attach_first_stage(self, encoder: LatentEncoder) -> LatentCache | None:
-        """Encode every case of the train and val splits with ``encoder`` (once: reused while the preprocessing,
-        the encoder's key and the source files stay the same) and make the datasets return latents. Does nothing
-        (None) when ``latent_cache`` is off."""
+        """Encode the train and val cases with ``encoder`` once (reused while the preprocessing, the encoder's key and
+        the source files stay the same) and make the datasets return latents; None when ``latent_cache`` is off."""
         if not self.latent_cache:
             return None
         self.setup()

@@ -16,8 +16,7 @@ from .geometry import SLICE_AXES, Geometry
 
 INTENSITY_MODES = ("minmax", "percentile", "window")
 BODY_MODES = ("nonzero", "threshold", "none")
-RESIZE_MODES = ("bilinear", "nearest")
-TORCH_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact"}  # bilinear: align_corners False
+RESIZE_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact"}  # torch's names; bilinear: align_corners False
 
 
 @dataclass
@@ -157,17 +156,15 @@ def resize_slices(vol: np.ndarray, size: int | tuple[int, int], mode: str = "bil
     """(D, H, W) -> (D, S, S) (or (D, *size)) per slice with torch interpolate (align_corners=False).
     mode "nearest" keeps the input dtype (labels; nearest-exact pixel centres); "bilinear" returns float32."""
     if mode not in RESIZE_MODES:
-        raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {tuple(RESIZE_MODES)}, got {mode!r}")
     vol = np.asarray(vol)
     if vol.ndim != 3:
         raise ValueError(f"vol must be (D, H, W), got shape {vol.shape}")
     out_hw = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-    if len(out_hw) != 2 or min(out_hw) < 1:
-        raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
     if tuple(vol.shape[1:]) == out_hw:
         return vol.astype(np.float32) if mode == "bilinear" else vol.copy()
     x = rearrange(torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)), "d h w -> d 1 h w")
-    y = rearrange(F.interpolate(x, size=out_hw, mode=TORCH_MODES[mode]), "d 1 h w -> d h w").numpy()
+    y = rearrange(F.interpolate(x, size=out_hw, mode=RESIZE_MODES[mode]), "d 1 h w -> d h w").numpy()
     return y if mode == "bilinear" else y.astype(vol.dtype)
 
 
@@ -229,9 +226,3 @@ def restore_volume(x: np.ndarray, prepared: PreparedCase) -> np.ndarray:
     """(D, S, S) in [-1, 1] -> source-grid float32 raw intensities (bilinear back to canonical H, W; clamped)."""
     x = np.clip(resize_slices(x, prepared.canonical_hw, "bilinear"), -1.0, 1.0)
     return prepared.geometry.to_source(denormalise_intensity(x, prepared.stats))
-
-
-def restore_label(label: np.ndarray, prepared: PreparedCase) -> np.ndarray:
-    """(D, S, S) labels -> source-grid int16 labels (nearest; -1 -> 0)."""
-    label = resize_slices(np.asarray(label, dtype=np.int16), prepared.canonical_hw, "nearest")
-    return prepared.geometry.to_source(np.maximum(label, 0).astype(np.int16))

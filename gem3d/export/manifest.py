@@ -1,7 +1,6 @@
 """Run manifests: one JSON file of sample records (:func:`make_record`), keyed by ``(case, setting, sample)`` and
 rewritten atomically after every sample; a resumed run skips keys it already ``has``. Each data-parallel rank writes
-its own manifest; :func:`merge_manifests` joins them.
-"""
+its own manifest; :func:`merge_manifests` joins them."""
 
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ def make_record(case: str, setting: str, sample: int, seed: int, *, informed: Ma
                 checkpoint_sha256: str | None = None, seconds: float | None = None,
                 files: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     """A manifest record with the standard fields (``extra`` fields are kept as given)."""
-    record: dict[str, Any] = {
+    return {
         "case": str(case),
         "setting": str(setting),
         "sample": int(sample),
@@ -52,9 +51,8 @@ def make_record(case: str, setting: str, sample: int, seed: int, *, informed: Ma
         "checkpoint_sha256": checkpoint_sha256,
         "seconds": None if seconds is None else float(seconds),
         "files": {str(k): str(v) for k, v in (files or {}).items()},
+        **extra,
     }
-    record.update(extra)
-    return record
 
 
 class Manifest:
@@ -64,22 +62,21 @@ class Manifest:
     def __init__(self, path: str | os.PathLike, load: bool = True):
         self.path = Path(path)
         self._records: dict[tuple[str, str, int], dict[str, Any]] = {}  # key -> record, in insertion order
-        if load and self.path.exists():
-            for record in self._read(self.path):
-                self._insert(record, replace=False)
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, Any]]:
+        if not (load and self.path.exists()):
+            return
         try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
+            payload = json.loads(self.path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"manifest {path} is not valid JSON: {err}") from err
+            raise ValueError(f"manifest {self.path} is not valid JSON: {err}") from err
         if not isinstance(payload, dict) or "records" not in payload:
-            raise ValueError(f"manifest {path} must hold {{'version': ..., 'records': [...]}}, got {type(payload).__name__}")
+            raise ValueError(f"manifest {self.path} must hold {{'version': ..., 'records': [...]}}, "
+                             f"got {type(payload).__name__}")
         version = payload.get("version", MANIFEST_VERSION)
         if version != MANIFEST_VERSION:
-            raise ValueError(f"manifest {path} has version {version!r}; this gem3d reads version {MANIFEST_VERSION}")
-        return list(payload["records"])
+            raise ValueError(f"manifest {self.path} has version {version!r}; this gem3d reads version "
+                             f"{MANIFEST_VERSION}")
+        for record in payload["records"]:
+            self._insert(record, replace=False)
 
     def _insert(self, record: Mapping[str, Any], replace: bool) -> dict[str, Any]:
         if not isinstance(record, Mapping):
@@ -127,11 +124,10 @@ def merge_manifests(paths: Iterable[str | os.PathLike], out: str | os.PathLike) 
     for path in paths:
         for record in Manifest(path).records:
             key = record_key(record)
-            if key in seen and seen[key][0] != record:
-                raise ValueError(f"conflicting records for {key} in {seen[key][1]} and {path}")
-            seen.setdefault(key, (record, path))
+            first, first_path = seen.setdefault(key, (record, path))
+            if first != record:
+                raise ValueError(f"conflicting records for {key} in {first_path} and {path}")
     merged = Manifest(out, load=False)
-    for key in sorted(seen):
-        merged._insert(seen[key][0], replace=False)
+    merged._records = {key: seen[key][0] for key in sorted(seen)}
     merged.save()
     return merged

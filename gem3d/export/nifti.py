@@ -9,39 +9,20 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from gem3d.data.geometry import Geometry
 from gem3d.files import atomic_path
 
-__all__ = ["NIFTI_SUFFIXES", "save_nifti", "resolve_affine"]
+__all__ = ["NIFTI_SUFFIXES", "save_nifti"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-def resolve_affine(geometry_or_affine: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
-    """``(affine (4,4) float64, expected source shape or None)`` from a Geometry (``.affine``, ``.shape``) or an
-    affine array."""
-    is_geometry = hasattr(geometry_or_affine, "affine")
-    affine = np.asarray(geometry_or_affine.affine if is_geometry else geometry_or_affine, dtype=np.float64)
-    shape = tuple(int(s) for s in geometry_or_affine.shape) if is_geometry else None
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must have shape (4, 4), got {affine.shape}")
-    if not np.all(np.isfinite(affine)):
-        raise ValueError(f"affine must be finite, got\n{affine}")
-    if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
-        raise ValueError(f"affine's last row must be [0, 0, 0, 1], got {affine[3].tolist()}")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"affine is singular (zero voxel size?):\n{affine}")
-    return affine, shape
-
-
-def _default_dtype(arr: np.ndarray) -> np.dtype:
-    """A NIfTI-friendly dtype: bool -> uint8, float64 -> float32, int64 -> int32/int16 when it fits."""
+def _default_dtype(arr: np.ndarray) -> np.dtype:  # see save_nifti
     if arr.dtype == np.bool_:
         return np.dtype(np.uint8)
     if arr.dtype in (np.float64, np.float16):
         return np.dtype(np.float32)
     if arr.dtype in (np.int64, np.uint64):
-        if arr.size == 0:
-            return np.dtype(np.int16)
         lo, hi = int(arr.min()), int(arr.max())
         for candidate in (np.int16, np.int32):
             info = np.iinfo(candidate)
@@ -51,7 +32,8 @@ def _default_dtype(arr: np.ndarray) -> np.dtype:
     return arr.dtype
 
 
-def save_nifti(arr_source: np.ndarray, geometry_or_affine: Any, path: str | os.PathLike, dtype: Any = None) -> Path:
+def save_nifti(arr_source: np.ndarray, geometry_or_affine: Geometry | np.ndarray, path: str | os.PathLike,
+               dtype: Any = None) -> Path:
     """Write ``arr_source`` (in the *source* orientation, e.g. ``geometry.to_source(vol_dhw)``) atomically as ``.nii``
     or ``.nii.gz`` with the affine of ``geometry_or_affine`` (a ``Geometry`` of the array's shape, or a (4,4) affine)
     in sform and qform (codes 1). ``dtype``: stored type, no scaling; default the array's, except bool -> uint8,
@@ -60,14 +42,17 @@ def save_nifti(arr_source: np.ndarray, geometry_or_affine: Any, path: str | os.P
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise ValueError(f"NIfTI path must end with one of {NIFTI_SUFFIXES}, got {path.name!r}")
     arr = np.asarray(arr_source)
-    affine, expected_shape = resolve_affine(geometry_or_affine)
     if arr.ndim not in (3, 4):
         raise ValueError(f"expected a 3-D volume (or 4-D with channels last), got shape {arr.shape}")
-    if expected_shape is not None and tuple(arr.shape[:3]) != tuple(expected_shape[:3]):
-        raise ValueError(
-            f"array shape {tuple(arr.shape)} does not match the geometry's source shape {tuple(expected_shape)}; "
-            "pass the array in source orientation (geometry.to_source(volume_dhw))"
-        )
+    geometry = geometry_or_affine
+    if not isinstance(geometry, Geometry):  # a plain affine, validated by Geometry
+        geometry = Geometry(geometry_or_affine, arr.shape[:3])
+    affine = geometry.affine
+    if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        raise ValueError(f"affine's last row must be [0, 0, 0, 1], got {affine[3].tolist()}")
+    if tuple(arr.shape[:3]) != geometry.shape:
+        raise ValueError(f"array shape {tuple(arr.shape)} does not match the geometry's source shape {geometry.shape}; "
+                         "pass the array in source orientation (geometry.to_source(volume_dhw))")
     out_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(arr)
     if np.issubdtype(out_dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
         rounded = np.rint(arr)

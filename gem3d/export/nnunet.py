@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
-import numpy as np
 
 from gem3d.data.check import check_dataset
 from gem3d.data.nnunet import read_dataset_json
@@ -66,10 +65,6 @@ def find_synthetic_cases(folder: str | os.PathLike) -> list[SyntheticCase]:
     return sorted(cases, key=lambda c: (c.case, c.sample))
 
 
-def _case_names(labels_dir: Path, ending: str) -> list[str]:
-    return sorted(p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
-
-
 def _transfer(src: Path, dst: Path, copy: bool) -> None:
     """Copy or symlink ``src`` to the new ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
     if src.name.endswith(OUTPUT_ENDING) == dst.name.endswith(OUTPUT_ENDING):
@@ -79,13 +74,11 @@ def _transfer(src: Path, dst: Path, copy: bool) -> None:
         else:
             os.symlink(src.resolve(), dst)
         return
-    image = nib.load(str(src))
-    converted = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, header=image.header)
     with atomic_path(dst) as tmp:
-        nib.save(converted, tmp)
+        nib.save(nib.load(src), tmp)
 
 
-def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[str | os.PathLike] | str | os.PathLike,
+def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[str | os.PathLike],
                          out_dir: str | os.PathLike, dataset_name: str | None = None, copy: bool = True, *,
                          channel: int = 0, overwrite: bool = False,
                          keep: Callable[[SyntheticCase], bool] | None = None) -> Path:
@@ -93,8 +86,6 @@ def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[s
     ``keep``) to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name);
     ``copy``: copy files, else symlink them; ``overwrite``: replace an existing export in ``out_dir``."""
     real_dir, out_dir = Path(real_dir), Path(out_dir)
-    if isinstance(synthetic_dirs, (str, os.PathLike)):
-        synthetic_dirs = [synthetic_dirs]
     meta = read_dataset_json(real_dir)
     ending = meta["file_ending"]
     if ending not in (".nii.gz", ".nii"):
@@ -123,7 +114,8 @@ def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[s
         _transfer(label, labels_out / f"{name}{OUTPUT_ENDING}", copy)
         sources[name] = {**source, "image": str(image), "label": str(label)}
 
-    real_cases = _case_names(real_dir / "labelsTr", ending)
+    real_cases = sorted(p.name[: -len(ending)] for p in (real_dir / "labelsTr").iterdir()
+                        if p.name.endswith(ending) and not p.name.startswith("."))
     if not real_cases:
         raise ValueError(f"no training labels ending with {ending!r} in {real_dir / 'labelsTr'}")
     for case in real_cases:
