@@ -10,8 +10,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import ClipDataset, EpochSampler, LatentCache, LatentEncoder, SliceDataset, VolumeCache
-from .datasets import load_or_create_splits, variant_name
+from .datasets import (
+    ClipDataset,
+    EpochSampler,
+    LatentCache,
+    LatentEncoder,
+    SliceDataset,
+    VolumeCache,
+    load_or_create_splits,
+    variant_name,
+)
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
