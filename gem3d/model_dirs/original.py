@@ -184,6 +184,7 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
 
     unet_params = original_unet_params(params["unet_config"], list(raw_unet), source=str(config_path))
     has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in state_dict)
+    unet_state_dict = raw_unet
     if ema:
         if not has_ema:
             raise KeyError(
@@ -194,8 +195,6 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
         fallback = [key for key in raw_unet if ema_key(key) not in state_dict]
         if fallback:
             warnings.warn(f"{ckpt_path}: {len(fallback)} UNet tensors have no EMA copy, raw weights used: {fallback[:6]}")
-    else:
-        unet_state_dict = raw_unet
 
     first_cfg = params["first_stage_config"].get("params") or {}
     first_sd = with_prefix(state_dict, FIRST_STAGE_PREFIX)
