@@ -30,11 +30,6 @@ from safetensors.torch import load_file
 from gem3d.config import check_existing_path, is_placeholder
 from gem3d.ema import shadow_key
 
-__all__ = [
-    "UnsafeCheckpointError", "checkpoint_allowlist", "safe_load_checkpoint", "resolve_checkpoint", "load_checkpoint",
-    "state_dict_of", "unet_state_dict", "load_weights", "with_prefix",
-]
-
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds pickled objects outside gem3d's allowlist; ``unsafe_globals`` names them."""
@@ -81,38 +76,31 @@ def checkpoint_allowlist() -> list[Callable | tuple[Callable, str]]:
     return allow
 
 
-def _offending_globals(path: Path, error: Exception) -> list[str]:
-    allowed = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in checkpoint_allowlist()}
-    try:
-        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
-    except Exception:  # legacy (non-zip) format or unreadable pickle: fall back to the error text
-        found = []
-    if not found:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(error)) or re.findall(r"Unsupported global: ([\w.]+)", str(error))
-    return sorted(set(found))
-
-
 def safe_load_checkpoint(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
     """Load a ``.ckpt`` / ``.pt`` file with ``torch.load(weights_only=True)`` and gem3d's allowlist; where that
     fails, unpickle fully if ``trust`` (only for files you trust), else raise :class:`UnsafeCheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(checkpoint_allowlist()):
+    with torch.serialization.safe_globals(checkpoint_allowlist()):
+        try:
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if trust:
-            warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully because trust=True")
-            return torch.load(path, map_location=map_location, weights_only=False)
-        offending = _offending_globals(path, error)
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to unpickle {', '.join(offending) or 'objects'} — not on gem3d's allowlist of "
-            f"checkpoint objects (weights_only=True failed: {str(error).splitlines()[0] if str(error) else error!r}). "
-            "If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles it "
-            "fully and can run arbitrary code.",
-            offending,
-        ) from error
+        except pickle.UnpicklingError as error:
+            if trust:
+                warnings.warn(f"{path}: not loadable with weights_only=True; unpickling it fully because trust=True")
+                return torch.load(path, map_location=map_location, weights_only=False)
+            try:  # every global outside torch's and gem3d's allowlists
+                offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # legacy (non-zip) format or unreadable pickle: fall back to the error text
+                offending = []
+            offending = sorted(set(offending or re.findall(r"GLOBAL ([\w.]+)", str(error))))
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to unpickle {', '.join(offending) or 'objects'} — not on gem3d's allowlist of "
+                f"checkpoint objects (weights_only=True failed: {str(error).splitlines()[0] if str(error) else error!r}"
+                "). If you trust this file, load it with trust=True (command line: --trust-checkpoint); that unpickles "
+                "it fully and can run arbitrary code.",
+                offending,
+            ) from error
 
 
 def with_prefix(state_dict, prefix: str) -> dict:

@@ -21,8 +21,6 @@ from gem3d.model_dirs.load import (
     CONVERTED_CONFIG, CONVERTED_WEIGHTS, DENOISER_TARGET, EXPECTED, detect_layout, load_model_dir, read_preprocess,
 )  # fmt: skip
 
-__all__ = ["convert_model_dir", "main"]
-
 
 def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None, trust: bool = False,
                       preprocess: dict | None = None, overwrite: bool = False) -> Path:

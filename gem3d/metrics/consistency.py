@@ -7,20 +7,15 @@ import math
 import numpy as np
 
 
-def _volume(volume) -> np.ndarray:
+def _volume_and_mask(volume, mask) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` as float64 ``(D >= 2, H, W)`` and ``mask`` as bool of its shape (everywhere if None)."""
     v = np.asarray(volume, dtype=np.float64)
     if v.ndim != 3 or v.shape[0] < 2:
         raise ValueError(f"volume must be (D >= 2, H, W), got shape {v.shape}")
-    return v
-
-
-def _mask(mask, shape) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, bool)
-    m = np.asarray(mask, bool)
-    if m.shape != shape:
-        raise ValueError(f"mask shape {m.shape} differs from the volume's {shape}")
-    return m
+    m = np.ones(v.shape, bool) if mask is None else np.asarray(mask, bool)
+    if m.shape != v.shape:
+        raise ValueError(f"mask shape {m.shape} differs from the volume's {v.shape}")
+    return v, m
 
 
 def _slice_means(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -31,16 +26,14 @@ def _slice_means(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def slice_jumps(volume, mask=None) -> np.ndarray:
     """``(D-1,)`` mean ``|v[d+1] - v[d]|`` over the pixels inside ``mask`` in both slices (NaN where none)."""
-    v = _volume(volume)
-    m = _mask(mask, v.shape)
+    v, m = _volume_and_mask(volume, mask)
     return _slice_means(np.abs(v[1:] - v[:-1]), m[1:] & m[:-1])
 
 
 def through_plane_gradient(volume, mask=None) -> tuple[float, float]:
     """``(mean |dv/dd|, mean |dv/dd| / mean in-plane |grad v|)`` inside ``mask`` (numpy.gradient, voxel units). An
     isotropic texture gives a ratio near 1; slice-wise stripes raise it."""
-    v = _volume(volume)
-    m = _mask(mask, v.shape)
+    v, m = _volume_and_mask(volume, mask)
     gd, gh, gw = np.gradient(v)
     through = float(np.abs(gd)[m].mean())
     in_plane = float(np.hypot(gh, gw)[m].mean())
@@ -49,8 +42,7 @@ def through_plane_gradient(volume, mask=None) -> tuple[float, float]:
 
 def intensity_profile(volume, mask=None) -> np.ndarray:
     """``(D,)`` mean intensity of each slice inside ``mask`` (NaN for slices without mask voxels)."""
-    v = _volume(volume)
-    return _slice_means(v, _mask(mask, v.shape))
+    return _slice_means(*_volume_and_mask(volume, mask))
 
 
 def _ratio(a: float, b: float) -> float:

@@ -90,6 +90,5 @@ def frd(real_files: Sequence[Path], synthetic_files: Sequence[Path], real_masks:
     masks = None if real_masks is None else [[str(p) for p in real_masks], [str(p) for p in synthetic_masks]]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # frd-score prints its result
         warnings.simplefilter("ignore")
-        value = frd_score.compute_frd([[str(p) for p in real_files], [str(p) for p in synthetic_files]],
-                                      paths_masks=masks, num_workers=num_workers, verbose=False)
-    return float(value)
+        return float(frd_score.compute_frd([[str(p) for p in real_files], [str(p) for p in synthetic_files]],
+                                           paths_masks=masks, num_workers=num_workers, verbose=False))

@@ -80,9 +80,7 @@ def counterfactual_effect(output_a, output_b, labels, body, donor_a_slice, donor
     shared = sorted(set(out_a) & set(out_b) & set(donor_a) & set(donor_b))
     vec = {name: np.array([d[k] for k in shared]) for name, d in
            (("a", out_a), ("b", out_b), ("donor_a", donor_a), ("donor_b", donor_b))}
-    for o in ("a", "b"):
-        for d in ("donor_a", "donor_b"):
-            out[f"corr_{o}_{d}"] = _correlation(vec[o], vec[d])
+    out.update({f"corr_{o}_{d}": _correlation(vec[o], vec[d]) for o in ("a", "b") for d in ("donor_a", "donor_b")})
     for o, d in (("a", "donor_a"), ("b", "donor_b")):
         out[f"order_{o}_is_{d}s"] = float(shared != [] and list(np.argsort(vec[o], kind="stable"))
                                           == list(np.argsort(vec[d], kind="stable")))

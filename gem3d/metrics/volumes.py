@@ -8,18 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gem3d.data.geometry import Geometry, load_nifti
+from gem3d.data.case import load_case
+from gem3d.data.geometry import Geometry
 from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
 from gem3d.export.manifest import Manifest
 
 from .image import reconstruction_metrics, to_unit_range
-
-
-def load_canonical(path: str | Path, slice_axis: int = 2, dtype=np.float32) -> np.ndarray:
-    """A NIfTI file as a canonical ``(D, H, W)`` array (slice axis first: axial for ``slice_axis=2``)."""
-    data, geometry = load_nifti(path, dtype=dtype, slice_axis=slice_axis)
-    return geometry.to_canonical(data)
 
 
 @dataclass
@@ -105,11 +100,12 @@ def load_samples(folder: str | Path, row: str, real: RealData) -> list[Synthetic
             raise ValueError(f"{path}: case {record['case']!r} is not in the real dataset {real.dataset.root}")
         case = real.case(record["case"])
         image_path = folder / files["image"]
-        image01 = to_unit_range(load_canonical(image_path, real.slice_axis), case.raw_range)
+        label_path = folder / files["label"] if "label" in files else None
+        synthetic = load_case(image_path, label_path, slice_axis=real.slice_axis)
+        image01 = to_unit_range(synthetic.image, case.raw_range)
         if image01.shape != case.image.shape:
             raise ValueError(f"{image_path}: shape {image01.shape} differs from the real case's {case.image.shape}")
-        label_path = folder / files["label"] if "label" in files else None
-        label = case.label if label_path is None else load_canonical(label_path, real.slice_axis, np.int16)
+        label = case.label if label_path is None else synthetic.label
         body = case.body | (label > 0)
         preview = folder / files["preview"] if "preview" in files else None
         samples.append(SyntheticSample(row, record, image01, np.asarray(label), body, image_path, label_path,
@@ -133,14 +129,12 @@ def reconstruction_quality(setting_dir: str | Path, records: list[dict]) -> dict
         files = record.get("files", {})
         if "gt" not in files:
             continue
-        real = load_canonical(setting_dir / files["gt"])
-        fake = load_canonical(setting_dir / files["image"])
-        region = compute_body_mask(real, config)
-        label = None
-        if "label" in files:
-            label = load_canonical(setting_dir / files["label"], dtype=np.int16)
-            region |= label > 0
-        scores.append(reconstruction_metrics(fake, real, region, label))
+        real = load_case(setting_dir / files["gt"], setting_dir / files["label"] if "label" in files else None)
+        fake = load_case(setting_dir / files["image"]).image
+        region = compute_body_mask(real.image, config)
+        if real.label is not None:
+            region |= real.label > 0
+        scores.append(reconstruction_metrics(fake, real.image, region, real.label))
     if not scores:
         return None
     keys = [k for k in scores[0] if all(k in s for s in scores)]

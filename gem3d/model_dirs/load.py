@@ -22,11 +22,6 @@ from gem3d.denoiser import Denoiser
 from gem3d.files import file_sha256
 from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
 
-__all__ = [
-    "CONVERTED_WEIGHTS", "CONVERTED_CONFIG", "DENOISER_TARGET", "EXPECTED", "LAYOUTS", "LoadedModel", "detect_layout",
-    "load_model_dir", "read_preprocess", "run_preprocess",
-]
-
 CONVERTED_WEIGHTS = "weights.safetensors"
 CONVERTED_CONFIG = "configs/model.yaml"
 DENOISER_TARGET = "gem3d.denoiser.Denoiser"
@@ -123,25 +118,13 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     return model, checkpoint, use_ema, run_preprocess(run_dir)
 
 
-def check_condition_latent_factor(params: dict, source: str | None, where: str | os.PathLike) -> dict:
-    """``params`` of a converted config, refused where gem3d before issue 16 wrote ``condition_latent_factor: 1 /
-    scale_factor`` for an original GEM-3D model (which conditions on ``scale_factor * posterior``, as gem3d does)."""
-    factor = float(params.get("condition_latent_factor", 1.0))
-    if source == "original" and factor != 1.0:
-        raise ValueError(
-            f"{where}: model.params.condition_latent_factor={factor!r}; allowed for a model converted from an "
-            f"original GEM-3D folder: 1.0 (older gem3d wrote 1 / scale_factor, which makes the mask and informed-slice "
-            f"latents {factor:.3g}x too large). Convert the original folder again (scripts/convert_gem3d_checkpoint.py "
-            f"--overwrite) or set the value to 1.0"
-        )
-    return params
-
-
 def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool, dict | None]:
     """A converted folder. Its weights are whichever set (raw or EMA) was chosen at conversion; asking for the
-    other one is an error."""
+    other one is an error. Refused where gem3d before issue 16 wrote ``condition_latent_factor: 1 / scale_factor``
+    for an original GEM-3D model (which conditions on ``scale_factor * posterior``, as gem3d does)."""
     config = OmegaConf.to_container(OmegaConf.load(path / CONVERTED_CONFIG), resolve=True)
-    converted_ema = bool((config.get("source") or {}).get("ema", False))
+    source = config.get("source") or {}
+    converted_ema = bool(source.get("ema", False))
     if ema is not None and bool(ema) != converted_ema:
         raise ValueError(
             f"{path} was converted with {'EMA' if converted_ema else 'raw'} weights; ema={ema} asks for the other set. "
@@ -151,8 +134,15 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
     target = model_cfg.get("target")
     if target != DENOISER_TARGET and target not in LEGACY_TARGETS:
         raise ValueError(f"{path / CONVERTED_CONFIG}: model.target={target!r}, expected {DENOISER_TARGET!r}")
-    params = check_condition_latent_factor(model_cfg.get("params") or {}, (config.get("source") or {}).get("kind"),
-                                           path / CONVERTED_CONFIG)
+    params = model_cfg.get("params") or {}
+    factor = float(params.get("condition_latent_factor", 1.0))
+    if source.get("kind") == "original" and factor != 1.0:
+        raise ValueError(
+            f"{path / CONVERTED_CONFIG}: model.params.condition_latent_factor={factor!r}; allowed for a model "
+            f"converted from an original GEM-3D folder: 1.0 (older gem3d wrote 1 / scale_factor, which makes the mask "
+            f"and informed-slice latents {factor:.3g}x too large). Convert the original folder again "
+            f"(scripts/convert_gem3d_checkpoint.py --overwrite) or set the value to 1.0"
+        )
     model = Denoiser.from_kwargs(params)
     load_weights(model, load_file(str(path / CONVERTED_WEIGHTS)), str(path / CONVERTED_WEIGHTS))
     preprocess = ((config.get("data") or {}).get("params") or {}).get("preprocess")

@@ -2,10 +2,8 @@
 
 A folder is ``checkpoints/last.ckpt`` (Lightning) + ``configs/<name>-project.yaml`` (target/params). State dict:
 ``model.diffusion_model.*`` holds the UNet with gem3d's names (loads strictly after stripping the prefix);
-``model_ema.*`` the EMA shadow, named without dots (``model_ema.diffusion_modelinput_blocks00weight``, see
-:func:`ema_key`); ``first_stage_model.*`` the KL autoencoder in latent-diffusion layout; then schedule buffers.
-Everything is derived from the folder's own config: :func:`read_original_model_dir` gives the
-:class:`gem3d.denoiser.Denoiser` kwargs, :func:`load_original_denoiser` the loaded denoiser.
+``model_ema.*`` the EMA shadow, named without dots (see :func:`ema_key`); ``first_stage_model.*`` the KL
+autoencoder in latent-diffusion layout; then schedule buffers.
 """
 
 from __future__ import annotations
@@ -17,17 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gem3d.checkpoint import load_weights, safe_load_checkpoint, with_prefix
 from gem3d.config import check_config_targets
 from gem3d.denoiser import Denoiser
 from gem3d.models.unet import is_volumetric_parameter_name
-
-__all__ = [
-    "OriginalModel", "is_original_model_dir", "find_original_config", "read_original_model_dir",
-    "original_unet_params", "original_variant", "load_original_denoiser", "ema_key",
-]
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -55,14 +48,12 @@ def is_original_model_dir(path: str | Path) -> bool:
     if not (path / "checkpoints" / "last.ckpt").is_file():
         return False
     try:
-        config = OmegaConf.to_container(OmegaConf.load(find_original_config(path)), resolve=True)
+        config = OmegaConf.load(find_original_config(path))
+        target = OmegaConf.select(config, "model.target", default="")
+        unet_config = OmegaConf.select(config, "model.params.unet_config")
     except Exception:
         return False
-    model = config.get("model") or {}
-    params = model.get("params") or {}
-    if str(model.get("target", "")).startswith("gem3d."):
-        return False
-    return isinstance(params, dict) and isinstance(params.get("unet_config"), dict)
+    return not str(target).startswith("gem3d.") and isinstance(unet_config, DictConfig)
 
 
 # UNet kwargs of the original openaimodel that gem3d takes over, with the original's defaults.
@@ -94,12 +85,10 @@ def original_unet_params(unet_config: Mapping[str, Any], unet_state_keys: list[s
             raise NotImplementedError(
                 f"{source}: unet_config.params.{key}={params[key]!r} is not supported (gem3d supports {allowed!r})"
             )
-    out: dict[str, Any] = {}
-    for key, default in _UNET_TAKEN.items():
-        value = params.get(key, default)
-        if value is None and key not in ("context_dim",):
-            raise KeyError(f"{source}: unet_config.params.{key} is required")
-        out[key] = value
+    out = {key: params.get(key, default) for key, default in _UNET_TAKEN.items()}
+    missing = [key for key, value in out.items() if value is None and key != "context_dim"]
+    if missing:
+        raise KeyError(f"{source}: unet_config.params.{missing[0]} is required")
     heads_up = params.get("num_heads_upsample", -1)
     if heads_up not in (-1, out["num_heads"]):
         raise NotImplementedError(f"{source}: num_heads_upsample={heads_up!r} differs from num_heads={out['num_heads']!r}")
@@ -118,8 +107,6 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-UNET_TARGET = "gem3d.models.unet.UNetModel"
-LDM_FIRST_STAGE_TARGET = "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig"
 KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
 # the gem3d variant of a concat-conditioned original model, by (volumetric UNet, informed slice in the condition)
 CONCAT_VARIANTS = {
@@ -174,15 +161,12 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
     path = Path(path)
     config_path = find_original_config(path)
     ckpt_path = path / "checkpoints" / "last.ckpt"
-    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    model_cfg = config.get("model")
-    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("params"), dict):
-        raise KeyError(f"{config_path}: expected model.target and model.params")
-    check_config_targets(model_cfg, where=str(config_path))  # the original's ldm. classes, nothing foreign
-    params = model_cfg["params"]
-    for key in ("unet_config", "first_stage_config"):
-        if not isinstance(params.get(key), dict):
-            raise KeyError(f"{config_path}: model.params.{key} is missing")
+    config = OmegaConf.load(config_path)
+    for key in ("model.params", "model.params.unet_config", "model.params.first_stage_config"):
+        if not isinstance(OmegaConf.select(config, key), DictConfig):
+            raise KeyError(f"{config_path}: {key} is missing")
+    check_config_targets(config.model, where=str(config_path))  # the original's ldm. classes, nothing foreign
+    params = OmegaConf.to_container(config.model.params, resolve=True)
     schedule, parameterization = params.get("beta_schedule", "linear"), params.get("parameterization", "eps")
     if schedule != "linear" or parameterization != "eps":
         raise NotImplementedError(
@@ -200,6 +184,7 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
 
     unet_params = original_unet_params(params["unet_config"], list(raw_unet), source=str(config_path))
     has_ema = any(k.startswith(EMA_PREFIX) and k not in EMA_BOOKKEEPING for k in state_dict)
+    unet_state_dict = raw_unet
     if ema:
         if not has_ema:
             raise KeyError(
@@ -210,8 +195,6 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
         fallback = [key for key in raw_unet if ema_key(key) not in state_dict]
         if fallback:
             warnings.warn(f"{ckpt_path}: {len(fallback)} UNet tensors have no EMA copy, raw weights used: {fallback[:6]}")
-    else:
-        unet_state_dict = raw_unet
 
     first_cfg = params["first_stage_config"].get("params") or {}
     first_sd = with_prefix(state_dict, FIRST_STAGE_PREFIX)
@@ -222,15 +205,14 @@ def read_original_model_dir(path: str | Path, ema: bool = False, trust: bool = F
     variant = original_variant(params, unet_params, config_path)
     position_dim = None
     if variant == "position":
-        cond_cfg = params.get("cond_stage_config")
-        cond_params = (cond_cfg.get("params") or {}) if isinstance(cond_cfg, dict) else {}
-        position_dim = cond_params.get("dim", unet_params["context_dim"])
+        position_dim = OmegaConf.select(config, "model.params.cond_stage_config.params.dim",
+                                        default=unet_params["context_dim"])
     # no condition_latent_factor (1): the original's concat condition is scale_factor * posterior, the scale
     # FirstStage.encode / encode_mask give (get_first_stage_encoding in its get_input and inference scripts)
     denoiser_kwargs = {
-        "unet_config": {"target": UNET_TARGET, "params": unet_params},
+        "unet_config": {"target": "gem3d.models.unet.UNetModel", "params": unet_params},
         "first_stage_config": {
-            "target": LDM_FIRST_STAGE_TARGET,
+            "target": "gem3d.models.autoencoder.FirstStage.from_ldm_ddconfig",
             "params": {"ddconfig": dict(first_cfg.get("ddconfig") or {}),
                        "embed_dim": int(first_cfg.get("embed_dim", 4)),
                        "scale_factor": float(params.get("scale_factor", 1.0))},
