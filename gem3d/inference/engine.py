@@ -8,7 +8,6 @@ outputs do not depend on sharding.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -21,6 +20,7 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
@@ -424,46 +424,25 @@ def prepare_output_dir(folder: Path) -> None:
         raise ValueError(f"output {str(folder)!r} is not a writable folder (permission denied); choose another --out")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
-
-
 @contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.gem3d.lock`` while a run writes there: a second run on the same folder fails naming the
-    first one's process; a lock left by a dead process on this host is taken over."""
-    path, me = folder / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
-    tmp = folder / f"{LOCK_NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(me))
+    """Hold ``folder/.gem3d.lock`` while a run writes there (an OS file lock: a killed run's lock goes with its
+    process); a second run on the same folder fails naming the first one's process."""
+    path = folder / LOCK_NAME
+    lock = FileLock(path, timeout=0)
     try:
-        for _ in range(2):
-            try:
-                os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
-                break
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                    path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise ValueError(
-                    f"another gem3d run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
-                    f"{folder} (lock file {path}); wait for it to finish, or choose another --out"
-                ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"another gem3d run ({path.read_text() or 'pid ?'}) is writing to {folder} (lock file {path}); wait for "
+            f"it to finish, or choose another --out"
+        ) from None
+    path.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink()
+        lock.release()
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
