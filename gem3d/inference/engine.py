@@ -449,19 +449,15 @@ def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
     """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them. The ranks' records are merged with each
     other (:func:`merge_manifests`: a key in two rank files must hold the same record) and then replace the records of
     an earlier run under the same key (a regenerated sample)."""
-    out = setting_dir / "manifest.json"
+    manifest = Manifest(setting_dir / "manifest.json")
     rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
-    if rank_paths:
-        merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
-        manifest = Manifest(out)
-        for record in merged_ranks.records:
-            manifest.add(record, replace=True)
-        merged_ranks.path.unlink(missing_ok=True)
-    elif not out.exists():
-        Manifest(out).save()
-    for path in rank_paths:
-        path.unlink(missing_ok=True)
-    return out
+    merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
+    for record in merged_ranks.records:
+        manifest.add(record, replace=True)
+    manifest.save()
+    for path in [*rank_paths, merged_ranks.path]:
+        path.unlink()
+    return manifest.path
 
 
 def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:
