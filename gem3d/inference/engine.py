@@ -344,8 +344,7 @@ class Enhancer:
                 informed_latent = encode_mask_volume(model, image[None], **draw)[0]
             start_latent = None
             if informed_latent is not None and float(options.informed_start) < 1.0:
-                labels = torch.from_numpy(np.asarray(prepared.label).astype(np.int64))
-                start_latent = informed_start_latents(model, torch.as_tensor(np.asarray(informed.image)), labels)
+                start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))
             latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
                                                     generator, start_latent)
         image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
@@ -378,7 +377,7 @@ class Enhancer:
             case_name, self.cfg.setting, k, seed,
             informed=informed.record(),
             mask_edits=None if edits is None else [edits],
-            sampler=options.to_dict(),
+            sampler=dataclasses.asdict(options),
             steps=options.steps,
             checkpoint_sha256=loaded.sha256,
             seconds=round(time.perf_counter() - t0, 3),
