@@ -7,6 +7,7 @@ on the UNet (calls, and slices through it) and, for a 155-slice volume, from the
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 import time
@@ -112,7 +113,7 @@ def bench_volume(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     for name, (options, what) in RECIPES.items():
         run_options = options
         if options.steps > 50:
-            run_options = SamplerOptions(**{**options.to_dict(), "steps": scale_steps})
+            run_options = dataclasses.replace(options, steps=scale_steps)
         memory, result = peak_memory(
             lambda: end_to_end(model, state, grey_mask, informed_index, run_options, None, device, tmp), device)
         factor = options.steps / run_options.steps

@@ -22,6 +22,7 @@ from gem3d.configs import packaged
 from gem3d.data.check import main as check_main
 from gem3d.files import atomic_write_text
 from gem3d.inference import cli
+from gem3d.inference.engine import output_lock
 from tests._tiny_models import tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,9 +279,9 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_two_runs_on_one_output_folder(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    lock = out / "test" / ".gem3d.lock"
-    lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))  # a live process holds it
-    code, err = run_cli("demo", "test", ["--data", str(tiny["data"]), "--model", str(tiny["volume_stage"]),
-                                         "--out", str(out), "--no-progress", "--cases", "1", "--steps", "2"], capsys)
-    assert_one_line_error(code, err, ("another gem3d run", str(os.getppid()), ".gem3d.lock"))
+    (out / "test").mkdir(parents=True)
+    args = ["--data", str(tiny["data"]), "--model", str(tiny["volume_stage"]), "--out", str(out), "--no-progress",
+            "--cases", "1", "--steps", "2"]
+    with output_lock(out / "test"):  # a first run writes there
+        code, err = run_cli("demo", "test", args, capsys)
+    assert_one_line_error(code, err, ("another gem3d run", f"pid {os.getpid()} on", ".gem3d.lock"))

@@ -112,9 +112,9 @@ def test_baseline_mode_samples_each_slice_from_its_own_mask_without_informed_sli
 
 
 def test_informed_slice_presence_must_match_the_variant():
-    with pytest.raises(ValueError, match="needs an informed slice"):
+    with pytest.raises(ValueError, match="needs informed_latent as a tensor"):
         _sample(FakeModel("volume_stage"), 8, 0, None)
-    with pytest.raises(ValueError, match="mask-only"):
+    with pytest.raises(ValueError, match="without an informed slice"):
         _sample(FakeModel("baseline_volume"), 8, 0, torch.zeros(C, H, W))
 
 

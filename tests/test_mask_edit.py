@@ -161,7 +161,7 @@ def test_left_right_axis_matches_geometry_canonical_layout():
                 assert np.allclose(np.diff(canonical, axis=other), 0)
 
 
-def test_compose_and_config():
+def test_compose():
     label, body = phantom()
     edit = me.compose(functools.partial(me.rotate, max_degrees=5), me.flip, name="mine")
     new, info = edit(label, body, 3)
@@ -170,14 +170,8 @@ def test_compose_and_config():
     step1, _ = me.rotate(label, body, rng, max_degrees=5)
     step2, _ = me.flip(step1, body, rng)
     assert np.array_equal(new, step2)
-    from_config = me.edit_from_config([{"edit": "rotate", "max_degrees": 5}, "flip"])
-    assert np.array_equal(from_config(label, body, 3)[0], new)
-    remap = me.edit_from_config({"edit": "remap_labels", "mapping": {"3": "2"}})
-    assert np.array_equal(remap(label, body, 0)[0], me.remap_labels(label, body, mapping={3: 2})[0])
     _, icma_info = me.icma_edit(label, body, 0)
     assert [s["edit"] for s in icma_info["steps"]] == ["rotate", "flip", "move_toward_centre"]
-    with pytest.raises(ValueError, match="unknown mask edit 'warp'"):
-        me.edit_from_config("warp")
     with pytest.raises(ValueError, match=r"label must be a \(D, H, W\)"):
         me.rotate(label[0], body[0], 0)
     with pytest.raises(ValueError, match="body shape"):

@@ -8,7 +8,6 @@ outputs do not depend on sharding.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -21,6 +20,7 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
@@ -344,8 +344,7 @@ class Enhancer:
                 informed_latent = encode_mask_volume(model, image[None], **draw)[0]
             start_latent = None
             if informed_latent is not None and float(options.informed_start) < 1.0:
-                labels = torch.from_numpy(np.asarray(prepared.label).astype(np.int64))
-                start_latent = informed_start_latents(model, torch.as_tensor(np.asarray(informed.image)), labels)
+                start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))
             latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
                                                     generator, start_latent)
         image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
@@ -378,7 +377,7 @@ class Enhancer:
             case_name, self.cfg.setting, k, seed,
             informed=informed.record(),
             mask_edits=None if edits is None else [edits],
-            sampler=options.to_dict(),
+            sampler=dataclasses.asdict(options),
             steps=options.steps,
             checkpoint_sha256=loaded.sha256,
             seconds=round(time.perf_counter() - t0, 3),
@@ -424,65 +423,40 @@ def prepare_output_dir(folder: Path) -> None:
         raise ValueError(f"output {str(folder)!r} is not a writable folder (permission denied); choose another --out")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
-
-
 @contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.gem3d.lock`` while a run writes there: a second run on the same folder fails naming the
-    first one's process; a lock left by a dead process on this host is taken over."""
-    path, me = folder / LOCK_NAME, {"pid": os.getpid(), "host": socket.gethostname()}
-    tmp = folder / f"{LOCK_NAME}.{os.getpid()}"
-    tmp.write_text(json.dumps(me))
+    """Hold ``folder/.gem3d.lock`` while a run writes there (an OS file lock: a killed run's lock goes with its
+    process); a second run on the same folder fails naming the first one's process."""
+    path = folder / LOCK_NAME
+    lock = FileLock(path, timeout=0)
     try:
-        for _ in range(2):
-            try:
-                os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
-                break
-            except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                    path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise ValueError(
-                    f"another gem3d run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing to "
-                    f"{folder} (lock file {path}); wait for it to finish, or choose another --out"
-                ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"another gem3d run ({path.read_text() or 'pid ?'}) is writing to {folder} (lock file {path}); wait for "
+            f"it to finish, or choose another --out"
+        ) from None
+    path.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink()
+        lock.release()
 
 
 def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
     """Merge ``manifest.rank*.json`` into ``manifest.json`` and delete them. The ranks' records are merged with each
     other (:func:`merge_manifests`: a key in two rank files must hold the same record) and then replace the records of
     an earlier run under the same key (a regenerated sample)."""
-    out = setting_dir / "manifest.json"
+    manifest = Manifest(setting_dir / "manifest.json")
     rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
-    if rank_paths:
-        merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
-        manifest = Manifest(out)
-        for record in merged_ranks.records:
-            manifest.add(record, replace=True)
-        merged_ranks.path.unlink(missing_ok=True)
-    elif not out.exists():
-        Manifest(out).save()
-    for path in rank_paths:
-        path.unlink(missing_ok=True)
-    return out
+    merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
+    for record in merged_ranks.records:
+        manifest.add(record, replace=True)
+    manifest.save()
+    for path in [*rank_paths, merged_ranks.path]:
+        path.unlink()
+    return manifest.path
 
 
 def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_processes: int = 1) -> Path:

@@ -309,23 +309,3 @@ def icma_edit(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degre
     )
     return edit(label, body, rng)
 
-
-EDITS: dict[str, EditFn] = {
-    **{edit.__name__: edit for edit in (move_toward_centre, rotate, flip, scale, remove_lesion, remap_labels)},
-    "icma": icma_edit,
-}
-
-
-def edit_from_config(spec: Sequence[Mapping[str, Any] | str] | Mapping[str, Any] | str) -> EditFn:
-    """Build an edit from config: a name (``"icma"``), ``{"edit": name, **params}``, or a list of them (composed),
-    e.g. ``[{"edit": "rotate", "max_degrees": 5}, "flip", {"edit": "remap_labels", "mapping": {3: 2}}]``."""
-    if isinstance(spec, (str, Mapping)):
-        spec = [spec]
-    edits = []
-    for item in spec:
-        params = {"edit": item} if isinstance(item, str) else dict(item)
-        name = params.pop("edit", None)
-        if name not in EDITS:
-            raise ValueError(f"unknown mask edit {name!r}; known edits: {sorted(EDITS)}")
-        edits.append(functools.partial(EDITS[name], **params) if params else EDITS[name])
-    return edits[0] if len(edits) == 1 else compose(*edits)

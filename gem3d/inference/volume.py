@@ -7,7 +7,7 @@ Shapes: masks and images ``(D, S, S)`` in [-1, 1] (the grey mask goes below -1 o
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -70,9 +70,6 @@ class SamplerOptions:
         if self.window < 2 or not 0 <= self.overlap < self.window:
             raise ValueError(f"need window >= 2 and 0 <= overlap < window, got window={self.window}, overlap={self.overlap}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def noise(self, shape, generator: torch.Generator, device) -> torch.Tensor:
         """Seeded starting noise ``(B, F, C, h, w)`` drawn on the generator's device, then moved (same numbers on
         any device), correlated across slices by ``slice_noise_correlation``."""
@@ -126,13 +123,9 @@ def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.
     options), ...)``. ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D),
     or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline);
     ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1."""
-    uses_informed = bool(model.spec.use_informed)
-    if uses_informed and informed_latent is None:
-        raise ValueError(f"model variant {model.variant!r} needs an informed slice; got none")
-    if not uses_informed and informed_latent is not None:
-        raise ValueError(f"model variant {model.variant!r} is mask-only; informed_latent must be None")
-    return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap,
-                       mode="informed" if uses_informed else "base", case=(mask_latent, generator, start_latent))
+    mode = "informed" if model.spec.use_informed else "base"
+    return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap, mode=mode,
+                       case=(mask_latent, generator, start_latent))
 
 
 @torch.no_grad()
