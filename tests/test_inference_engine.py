@@ -17,7 +17,7 @@ from gem3d.export.preview import TITLE_HEIGHT
 from gem3d.files import file_sha256
 from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
 from gem3d.model_dirs import load_model_dir
-from gem3d.inference.settings import SETTINGS
+from gem3d.inference.settings import SETTINGS, Setting
 from gem3d.inference.volume import SamplerOptions, informed_start_latents, sample_volume_latents
 from tests import _tiny_models
 
@@ -318,3 +318,9 @@ def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_bod
     assert (near - starts).abs().mean() < 0.2 * (far - starts).abs().mean()
     with pytest.raises(ValueError, match=r"informed_start must lie in \(0, 1\] \(1 = off: from pure noise\), got 0"):
         SamplerOptions(informed_start=0)
+
+
+def test_a_setting_row_names_only_known_sources():
+    with pytest.raises(ValueError, match=r"Setting 'odd': mask='painted' is not one of \['own', 'edited', 'none'\]"):
+        Setting("odd", informed="none", mask="painted", model="baseline")
+    assert Setting("fine", informed="none", mask="own", model="baseline").needs_volume_model

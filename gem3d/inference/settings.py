@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+INFORMED_SOURCES = ("other_case", "generated", "own_middle", "none")
+MASK_SOURCES = ("own", "edited", "none")
+MODELS = ("gem3d", "baseline", "slice")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -24,6 +28,12 @@ class Setting:
     mask: str
     model: str
     description: str = ""
+
+    def __post_init__(self):
+        for field, allowed in (("informed", INFORMED_SOURCES), ("mask", MASK_SOURCES), ("model", MODELS)):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"Setting {self.name!r}: {field}={value!r} is not one of {list(allowed)}")
 
     @property
     def needs_slice_model(self) -> bool:
