@@ -120,8 +120,8 @@ def test_oblique_case_lands_on_the_source_world_points(tmp_path, layout, reader)
         case = dataset.load_case("case_0", slice_axis=2, channel=channel)
         geometry = case.geometry
         assert geometry.shape == PREPROCESSED_SHAPE and case.image.shape == geometry.canonical_shape
-        world = world_points(geometry.canonical_affine, geometry.canonical_shape)
-        np.testing.assert_allclose(case.image, field(channel, world), atol=1e-3)
+        world = world_points(geometry.affine, geometry.shape)
+        np.testing.assert_allclose(geometry.to_source(case.image), field(channel, world), atol=1e-3)
     plans_spacing = json.loads((root / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]["spacing"]
     np.testing.assert_allclose(np.linalg.norm(geometry.affine[:3, :3], axis=0), plans_spacing, rtol=1e-6)
     assert case.label.shape == case.image.shape and set(np.unique(case.label)) == {-1, 0, 1}

@@ -46,10 +46,7 @@ class Geometry:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Geometry):
             return NotImplemented
-        return (self.shape, self.slice_axis) == (other.shape, other.slice_axis) and bool(
-            np.array_equal(self.affine, other.affine))
-
-    __hash__ = None  # mutable
+        return self.to_dict() == other.to_dict()
 
     @property
     def _source_axes(self) -> np.ndarray:
@@ -66,11 +63,6 @@ class Geometry:
         """Voxel size in mm along the canonical (D, H, W) axes."""
         return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine)[self._source_axes])
 
-    @property
-    def canonical_affine(self) -> np.ndarray:
-        """(4, 4) voxel -> world affine of the canonical (D, H, W) array (same world positions as the source)."""
-        return self.affine @ nio.inv_ornt_aff(self._to_canonical, self.shape)
-
     def to_canonical(self, arr: np.ndarray) -> np.ndarray:
         """Source-grid array (shape == self.shape) -> canonical (D, H, W) array (a contiguous copy)."""
         arr = np.asarray(arr)
@@ -82,10 +74,8 @@ class Geometry:
         """Canonical (D, H, W) array -> source-grid array (exact inverse of `to_canonical`)."""
         arr_dhw = np.asarray(arr_dhw)
         if tuple(arr_dhw.shape) != self.canonical_shape:
-            raise ValueError(
-                f"canonical array shape {tuple(arr_dhw.shape)} does not match the geometry's canonical shape "
-                f"{self.canonical_shape} (source shape {self.shape}, slice_axis {self.slice_axis})"
-            )
+            raise ValueError(f"canonical array shape {tuple(arr_dhw.shape)} does not match the geometry's canonical "
+                             f"shape {self.canonical_shape} (source shape {self.shape}, slice_axis {self.slice_axis})")
         return np.ascontiguousarray(nio.apply_orientation(arr_dhw, self._to_source))
 
     def to_dict(self) -> dict:
@@ -96,8 +86,7 @@ class Geometry:
         missing = {"affine", "shape"} - set(d)
         if missing:
             raise KeyError(f"geometry dict lacks {sorted(missing)}; has {sorted(d)}")
-        return cls(affine=np.asarray(d["affine"], dtype=np.float64), shape=tuple(d["shape"]),
-                   slice_axis=int(d.get("slice_axis", 2)))
+        return cls(d["affine"], d["shape"], int(d.get("slice_axis", 2)))
 
 
 def load_nifti(
