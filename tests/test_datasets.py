@@ -123,8 +123,7 @@ def test_clip_dataset_shapes_ranges_determinism(dataset):
     starts = [(ds[i]["start"], ds[i]["informed_index"]) for i in range(10)]
     assert starts == [(same[i]["start"], same[i]["informed_index"]) for i in range(10)]
     ahead = [(ds[i + 10]["start"], ds[i + 10]["informed_index"]) for i in range(10)]
-    ds.set_epoch(1)
-    assert [(ds[i]["start"], ds[i]["informed_index"]) for i in range(10)] == ahead != starts
+    assert ahead != starts
     other_seed = ClipDataset(cache, names, clip_len=6, seed=4, length=10)
     assert [(other_seed[i]["start"], other_seed[i]["informed_index"]) for i in range(10)] != starts
 

@@ -1,7 +1,7 @@
 """Cached preprocessed volumes (and their first-stage latents), deterministic splits, torch datasets.
 
-Item `i` at epoch `e` draws from `np.random.default_rng([seed, e, i])` (the same in every worker); index
-`epoch_offset * len + i` addresses a later epoch, so `EpochSampler` moves epochs without reaching into workers."""
+Index `e * len + i` is item `i` at epoch `e`, drawn from `np.random.default_rng([seed, e, i])` (the same in every
+worker), so `EpochSampler` moves epochs without reaching into workers."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import Dataset, Sampler
-from tqdm.auto import tqdm
 
 from gem3d.files import atomic_path, atomic_write_json
 
@@ -25,14 +24,6 @@ from .preprocess import PreparedCase, PreprocessConfig, contrast_variant, label_
 
 CACHE_VERSION = 1
 SPLIT_KEYS = ("train", "val", "test")
-
-
-def config_hash(cfg: PreprocessConfig, split: str = "Tr") -> str:
-    """12 hex digits identifying (preprocess config, split, cache format)."""
-    payload = json.dumps({"cfg": asdict(cfg), "split": split, "version": CACHE_VERSION}, sort_keys=True)
-    return hashlib.sha1(payload.encode()).hexdigest()[:12]
-
-
 VARIANT_MARK = "~"
 
 
@@ -75,21 +66,20 @@ class _CaseStore:
 
 
 class VolumeCache(_CaseStore):
-    """Each case prepared once into `.npy` files + a meta json (geometry, stats, source fingerprint) under
-    `<cache_dir or dataset_dir/.gem3d_cache>/<config_hash>`; a changed source (size or mtime) is prepared again.
+    """Each training case prepared once into `.npy` files + a meta json (geometry, stats, source fingerprint) under
+    `<cache_dir or dataset_dir/.gem3d_cache>/<hash of cfg>`; a changed source (size or mtime) is prepared again.
     Names made by :func:`variant_name` address a case in another contrast, computed from its cached image."""
 
-    def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
-                 split: str = "Tr"):
+    def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None):
         base = Path(cache_dir) if cache_dir is not None else Path(dataset_dir) / ".gem3d_cache"
-        super().__init__(base / config_hash(cfg, split))
+        payload = json.dumps({"cfg": asdict(cfg), "split": "Tr", "version": CACHE_VERSION}, sort_keys=True)
+        super().__init__(base / hashlib.sha1(payload.encode()).hexdigest()[:12])
         self.dataset_dir = Path(dataset_dir)
         self.dataset = open_dataset(self.dataset_dir)
         self.cfg = cfg
-        self.split = split
-        self.names: list[str] = self.dataset.case_names(split)
+        self.names: list[str] = self.dataset.case_names("Tr")
         if not self.names:
-            raise FileNotFoundError(f"no {split} cases found in {self.dataset_dir}")
+            raise FileNotFoundError(f"no Tr cases found in {self.dataset_dir}")
         if (self.dataset.max_label or 0) > cfg.max_label:
             raise ValueError(f"dataset.json labels {self.dataset.labels} exceed preprocess.max_label={cfg.max_label}; "
                              f"set max_label to {self.dataset.max_label}")
@@ -104,21 +94,21 @@ class VolumeCache(_CaseStore):
             variant = {"invert": tag.startswith("inv-"), "gamma": float(tag.removeprefix("inv-").removeprefix("g"))}
         if base not in self.names:
             shown = self.names[:8] + (["..."] if len(self.names) > 8 else [])
-            raise KeyError(f"case {base!r} not in {self.dataset_dir} ({self.split}); cases: {shown}")
+            raise KeyError(f"case {base!r} not in {self.dataset_dir} (Tr); cases: {shown}")
         return base, variant
 
     def meta(self, name: str) -> dict:
         """The cached meta of one case (prepares the case when needed)."""
         name = self._resolve(name)[0]
         if name not in self._meta:
-            label = self.dataset.label_path(name, self.split)
-            sources = [self.dataset.image_path(name, self.split), *([label] if label.is_file() else [])]
+            label = self.dataset.label_path(name)
+            sources = [self.dataset.image_path(name), *([label] if label.is_file() else [])]
             fingerprint = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
             self._meta[name] = self._read_entry(name, ["image"], fingerprint) or self._prepare(name, fingerprint)
         return self._meta[name]
 
     def _prepare(self, name: str, fingerprint: list) -> dict:
-        prepared = prepare_case(self.dataset.load_case(name, self.split, slice_axis=self.cfg.slice_axis), self.cfg)
+        prepared = prepare_case(self.dataset.load_case(name, slice_axis=self.cfg.slice_axis), self.cfg)
         meta = {
             "name": name,
             "fingerprint": fingerprint,
@@ -162,12 +152,9 @@ class VolumeCache(_CaseStore):
         )
         return self._loaded[name]
 
-    def prepare_all(self, progress: bool = False) -> None:
-        for name in tqdm(self.names, desc="preparing cases", disable=not progress):
+    def prepare_all(self) -> None:
+        for name in self.names:
             self.meta(name)
-
-    def __repr__(self) -> str:
-        return f"VolumeCache({str(self.dataset_dir)!r}, cases={len(self.names)}, cache_dir={str(self.cache_dir)!r})"
 
 
 class LatentEncoder(Protocol):
@@ -205,31 +192,27 @@ class LatentCache(_CaseStore):
         mean, std = self.encoder(rearrange(torch.from_numpy(np.array(slices, dtype=np.float32)), "n h w -> n 1 h w"))
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
-    def _encode_case(self, name: str, fingerprint: list) -> None:
-        if self.encoder is None:
-            raise RuntimeError(f"latent cache {self.cache_dir} lacks case {name!r} and has no encoder here "
-                               "(encode every case in the main process: LatentCache.encode_all)")
-        prepared = self.volumes.get(name)
-        if prepared.label is None:
-            raise ValueError(f"case {name!r} has no label; the latent cache encodes labelled cases only")
-        image_mean, image_std = self._encode(prepared.image)
-        mask_mean, _ = self._encode(label_to_grey(np.asarray(prepared.label), prepared.max_label))
-        arrays = dict(zip(self.FIELDS, (image_mean, image_std, mask_mean)))
-        self._write_entry(name, arrays, {"name": name, "fingerprint": fingerprint, "shape": list(image_mean.shape)})
-        self.encoded_count += 1
-
     def get(self, name: str) -> dict[str, np.ndarray]:
-        """``{image_mean, image_std, mask_mean}``: read-only memmaps ``(D, z, h, w)``, unscaled."""
-        if name not in self._loaded:
-            fingerprint = self.volumes.meta(name)["fingerprint"]
-            if self._read_entry(name, self.FIELDS, fingerprint) is None:
-                self._encode_case(name, fingerprint)
-            self._loaded[name] = self._open(name, self.FIELDS)
+        """``{image_mean, image_std, mask_mean}``: read-only memmaps ``(D, z, h, w)``, unscaled; a case not (or no
+        longer) in the cache is encoded first."""
+        if name in self._loaded:
+            return self._loaded[name]
+        fingerprint = self.volumes.meta(name)["fingerprint"]
+        if self._read_entry(name, self.FIELDS, fingerprint) is None:
+            if self.encoder is None:
+                raise RuntimeError(f"latent cache {self.cache_dir} lacks case {name!r} and has no encoder here "
+                                   "(encode every case in the main process: LatentCache.encode_all)")
+            prepared = self.volumes.get(name)
+            image_mean, image_std = self._encode(prepared.image)
+            mask_mean, _ = self._encode(prepared.grey_mask())  # labelled cases only
+            arrays = dict(zip(self.FIELDS, (image_mean, image_std, mask_mean)))
+            self._write_entry(name, arrays, {"name": name, "fingerprint": fingerprint, "shape": list(image_mean.shape)})
+            self.encoded_count += 1
+        self._loaded[name] = self._open(name, self.FIELDS)
         return self._loaded[name]
 
-    def encode_all(self, names: list[str] | None = None, progress: bool = False) -> None:
-        for name in tqdm(names if names is not None else self.volumes.names, desc="encoding latents",
-                         disable=not progress):
+    def encode_all(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else self.volumes.names:
             self.get(name)
 
     def sample(self, name: str, start: int, stop: int, rng: np.random.Generator) -> torch.Tensor:
@@ -246,9 +229,6 @@ class LatentCache(_CaseStore):
         arr = np.asarray(self.get(name)[field][start:stop], dtype=np.float32)
         return torch.from_numpy(arr * np.float32(self.scale_factor))
 
-    def __repr__(self) -> str:
-        return f"LatentCache({str(self.cache_dir)!r}, scale_factor={self.scale_factor})"
-
 
 def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
                 test_fraction: float = 0.0) -> dict[str, list[str]]:
@@ -264,12 +244,9 @@ def make_splits(names: list[str], seed: int = 0, val_fraction: float = 0.2,
     if n == 0:
         raise ValueError("make_splits needs at least one case name")
 
-    def count(frac: float) -> int:
-        return max(1, int(round(frac * n))) if frac > 0 else 0
-
-    n_val, n_test = count(val_fraction), count(test_fraction)
-    while n_val + n_test > n - 1 and (n_val or n_test):  # keep one training case
-        if n_test >= n_val and n_test:
+    n_val, n_test = (max(1, int(round(frac * n))) if frac > 0 else 0 for frac in (val_fraction, test_fraction))
+    while n_val + n_test > n - 1:  # keep one training case
+        if n_test >= n_val:
             n_test -= 1
         else:
             n_val -= 1
@@ -336,7 +313,6 @@ class ClipDataset(Dataset):
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
         self.cache, self.seed, self.clip_len = cache, int(seed), int(clip_len)
         self.length = int(length) if length is not None else len(self.names)
-        self.epoch = 0
         self.latents: LatentCache | None = None
         short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
         if short:
@@ -345,11 +321,9 @@ class ClipDataset(Dataset):
     def use_latents(self, latents: LatentCache | None) -> None:
         """Add cached first-stage latents to every item, or stop (None)."""
         if latents is not None and latents.volumes is not self.cache:
-            raise ValueError(f"{latents!r} belongs to another volume cache than {self.cache!r}")
+            raise ValueError(f"latent cache {latents.cache_dir} belongs to another volume cache than "
+                             f"{self.cache.cache_dir}")
         self.latents = latents
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.length
@@ -357,11 +331,10 @@ class ClipDataset(Dataset):
     def _locate(self, index: int) -> tuple[str, np.random.Generator]:
         if index < 0:
             raise IndexError(f"index must be >= 0, got {index}")
-        epoch_offset, i = divmod(int(index), self.length)
-        epoch = self.epoch + epoch_offset
+        epoch, i = divmod(int(index), self.length)
         # cases: consecutive seeded permutations of all names, walked through across items and epochs, so every
         # case comes up equally often whatever `length` is
-        cycle, position = divmod(epoch * self.length + i, len(self.names))
+        cycle, position = divmod(int(index), len(self.names))
         order = np.random.default_rng([self.seed, cycle, 0xCA5E]).permutation(len(self.names))
         return self.names[int(order[position])], np.random.default_rng([self.seed, epoch, i])
 
