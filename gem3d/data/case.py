@@ -8,7 +8,7 @@ import numpy as np
 
 from .geometry import Geometry, load_nifti
 
-AFFINE_ATOL_MM = 1e-3
+AFFINE_ATOL_MM = 1e-3  # two affines whose entries differ by more (mm) are two grids
 
 
 @dataclass
@@ -44,11 +44,6 @@ def labels_as_int16(label: np.ndarray, where: str = "label") -> np.ndarray:
     return label.astype(np.int16)
 
 
-def affine_difference(affine_a: np.ndarray, affine_b: np.ndarray) -> float:
-    """Largest absolute difference of two (4, 4) affines (mm); above `AFFINE_ATOL_MM` they are two grids."""
-    return float(np.abs(np.asarray(affine_a, np.float64) - np.asarray(affine_b, np.float64)).max())
-
-
 def load_case(
     image_path: str | Path,
     label_path: str | Path | None = None,
@@ -70,7 +65,7 @@ def load_case(
         what = f"image {image_path.name} and label {label_path.name}"
         if geometry.shape != label_geometry.shape:
             raise ValueError(f"{what} shapes differ: {geometry.shape} vs {label_geometry.shape}")
-        diff = affine_difference(geometry.affine, label_geometry.affine)
+        diff = float(np.abs(geometry.affine - label_geometry.affine).max())
         if diff > AFFINE_ATOL_MM:
             a, b = (np.round(g.affine[:3], 4).tolist() for g in (geometry, label_geometry))
             raise ValueError(f"{what} affines differ (max |diff| {diff:.4g} mm > {AFFINE_ATOL_MM} mm): {a} vs {b}; "

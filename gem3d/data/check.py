@@ -12,12 +12,11 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from .case import AFFINE_ATOL_MM, affine_difference
+from .case import AFFINE_ATOL_MM
 from .geometry import Geometry
 from .nnunet import REQUIRED_KEYS, parse_labels
 
 DATASET_FOLDER_PATTERN = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
-Report = Callable[[str, str, Path, str], None]  # (kind, case, file, value)
 
 KINDS = ("folder_name", "dataset_json_missing", "dataset_json_invalid", "dataset_json_key_missing",
          "dataset_json_bad_labels", "num_training_mismatch", "no_training_cases", "image_missing", "label_missing",
@@ -42,7 +41,7 @@ class Problem:
         return f"{self.kind}: case={self.case} file={self.file} value={self.value}"
 
 
-def _read(path: Path, case: str, report: Report) -> tuple[np.ndarray, Geometry] | None:
+def _read(path: Path, case: str, report: Callable[[str, str, Path, str], None]) -> tuple[np.ndarray, Geometry] | None:
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -142,7 +141,7 @@ def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axi
                     report("undeclared_label", name, label_path,
                            f"{undeclared} not in dataset.json labels {sorted(labels)}")
         for p, (_, geom) in reads[1:]:  # other channels and the label vs the first image
-            diff = affine_difference(geom.affine, ref_geom.affine)
+            diff = float(np.abs(geom.affine - ref_geom.affine).max())
             if geom.shape != ref_geom.shape:
                 report("shape_mismatch", name, p, f"{geom.shape} vs image {ref_geom.shape}")
             elif diff > AFFINE_ATOL_MM:
@@ -151,9 +150,13 @@ def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axi
     return len(by_case)
 
 
-def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
-                               nnunet_name: bool = False) -> tuple[list[Problem], dict]:
-    """`check_dataset` plus what it found: {num_training, num_test, labels, slices (per case), shapes}."""
+def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2, nnunet_name: bool = False,
+                  summary: dict | None = None) -> list[Problem]:
+    """Check an nnU-Net raw dataset: dataset.json (labels by `parse_labels`, channel_names 0..n-1, numTraining);
+    each case's image (every channel) and label present, on one grid (`AFFINE_ATOL_MM`); integer, declared label
+    values; finite intensities; >= `min_slices` canonical slices; with `nnunet_name`, the DatasetNNN_Name folder
+    name nnU-Net needs (gem3d reads any name). Returns the problems found (empty = OK); fills `summary`, when
+    given, with what it found: {num_training, num_test, labels, slices (per case), shapes}."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -162,7 +165,8 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, sl
         problems.append(Problem("folder_name", "-", ".", f"{root.resolve().name!r} is not DatasetNNN_Name "
                                                        "(nnU-Net will not find it)"))
     meta = _check_json(root, problems)
-    summary = {"labels": meta.get("labels", {}), "slices": [], "shapes": set()}
+    summary = {} if summary is None else summary
+    summary.update(labels=meta.get("labels", {}), slices=[], shapes=set())
     summary["num_training"] = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
     summary["num_test"] = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
     if summary["num_training"] == 0:
@@ -172,16 +176,7 @@ def check_dataset_with_summary(dataset_dir: str | Path, min_slices: int = 16, sl
     if n_declared is not None and n_declared != summary["num_training"]:
         problems.append(Problem("num_training_mismatch", "-", "dataset.json",
                                 f"numTraining={n_declared!r} but imagesTr holds {summary['num_training']} cases"))
-    return problems, summary
-
-
-def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2,
-                  nnunet_name: bool = False) -> list[Problem]:
-    """Check an nnU-Net raw dataset: dataset.json (labels by `parse_labels`, channel_names 0..n-1, numTraining);
-    each case's image (every channel) and label present, on one grid (`AFFINE_ATOL_MM`); integer, declared label
-    values; finite intensities; >= `min_slices` canonical slices; with `nnunet_name`, the DatasetNNN_Name folder
-    name nnU-Net needs (gem3d reads any name). Returns the problems found (empty = OK)."""
-    return check_dataset_with_summary(dataset_dir, min_slices, slice_axis, nnunet_name)[0]
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices")
     parser.add_argument("--nnunet-name", action="store_true", help="require nnU-Net's DatasetNNN_Name folder name")
     args = parser.parse_args(argv)
-    problems, summary = check_dataset_with_summary(args.dataset_dir, args.min_slices, args.slice_axis,
-                                                   args.nnunet_name)
+    summary = {}
+    problems = check_dataset(args.dataset_dir, args.min_slices, args.slice_axis, args.nnunet_name, summary)
     for problem in problems:
         print(problem)
     if problems:

@@ -127,9 +127,6 @@ class RawDataset:
                                  f"{self.labels}")
         return case
 
-    def __repr__(self) -> str:
-        return f"RawDataset({str(self.root)!r}, cases={len(self.case_names())}, labels={self.labels})"
-
 
 CASE_LAYOUTS = ("<case>.b2nd + <case>_seg.b2nd (nnU-Net >= 2.5, blosc2)", "<case>.npz (data, seg)",
                 "<case>.npy + <case>_seg.npy (unpacked)")
