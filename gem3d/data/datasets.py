@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
 
 from gem3d.files import atomic_path, atomic_write_json
 
@@ -153,7 +154,7 @@ class VolumeCache(_CaseStore):
         return self._loaded[name]
 
     def prepare_all(self) -> None:
-        for name in self.names:
+        for name in tqdm(self.names, desc="preparing cases", leave=False):
             self.meta(name)
 
 
@@ -212,7 +213,7 @@ class LatentCache(_CaseStore):
         return self._loaded[name]
 
     def encode_all(self, names: list[str] | None = None) -> None:
-        for name in names if names is not None else self.volumes.names:
+        for name in tqdm(names if names is not None else self.volumes.names, desc="encoding latents", leave=False):
             self.get(name)
 
     def sample(self, name: str, start: int, stop: int, rng: np.random.Generator) -> torch.Tensor:

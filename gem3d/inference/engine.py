@@ -440,7 +440,7 @@ def output_lock(folder: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink()
+        path.unlink(missing_ok=True)  # a user may have removed it
         lock.release()
 
 
