@@ -324,3 +324,12 @@ def test_a_setting_row_names_only_known_sources():
     with pytest.raises(ValueError, match=r"Setting 'odd': mask='painted' is not one of \['own', 'edited', 'none'\]"):
         Setting("odd", informed="none", mask="painted", model="baseline")
     assert Setting("fine", informed="none", mask="own", model="baseline").needs_volume_model
+
+
+@pytest.mark.parametrize("slice_axis, lr_axis", [(2, 1), (0, 0)])
+def test_icma_flips_left_right_whatever_the_slice_axis(tiny, tmp_path, slice_axis, lr_axis):
+    preprocess = dict(_tiny_models.PREPROCESS, slice_axis=slice_axis)
+    cfg = make_config(tiny, "icma", tmp_path, cases=tiny["names"][0], preprocess=preprocess, previews=False)
+    records = Manifest(run_inference(cfg)).records
+    flip = [step for step in records[0]["mask_edits"][0]["steps"] if step["edit"] == "flip"]
+    assert [step["axis"] for step in flip] == [lr_axis]

@@ -317,7 +317,8 @@ class Enhancer:
                     f"to edit; use ic (or ig) for this case, or exclude it with --cases"
                 )
             body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
-            label, edits = mask_edit.icma_edit(label, body, rng, **self.cfg.mask_edit)
+            flip_axis = mask_edit.left_right_axis(self.preprocess.slice_axis)  # the label is canonical (D, H, W)
+            label, edits = mask_edit.icma_edit(label, body, rng, **{"lr_axis": flip_axis, **self.cfg.mask_edit})
             label = np.maximum(label, 0).astype(np.int16)
         prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
         num_slices = prepared.num_slices
