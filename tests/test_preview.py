@@ -121,3 +121,14 @@ def test_informed_slice_row_and_ticks(tmp_path):
         save_preview(tmp_path / "j.png", [("v", image)], informed=informed, informed_index=12)
     with pytest.raises(ValueError, match="one slice"):
         save_preview(tmp_path / "k.png", [("v", image)], informed=image)
+
+
+def test_a_small_structure_inside_a_larger_one_keeps_its_outline(tmp_path):
+    image, label = phantom()
+    label[label == 1] = 3  # the larger structure gets the higher label value: outlines drawn by value would hide 2's
+    path = save_preview(tmp_path / "p.png", [("real", image)], mask=label, panel_size=PANEL, max_label=3)
+    png = read(path)
+    for column in range(3):
+        cell = panel(png, 0, column)
+        for colour in (LABEL_COLOURS[1], LABEL_COLOURS[2]):
+            assert np.any(np.all(cell == colour, axis=-1)), (column, colour)

@@ -154,7 +154,8 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
                         aspect=_aspect(spacing, axis), interpolation="bilinear")
             if label is not None and title in contour_titles:
                 labels = _view(label, axis, centre[axis])
-                for value in np.unique(labels[labels > 0]):
+                values, voxels = np.unique(labels[labels > 0], return_counts=True)
+                for value in values[np.argsort(-voxels, kind="stable")]:  # the smallest drawn last, on top
                     colour = _PALETTE[(value - 1) % len(_PALETTE)] / 255
                     axes.contour(labels == value, levels=[0.5], colors=[colour], linewidths=1, antialiased=False)
             if informed_index is not None and axis != 0:
