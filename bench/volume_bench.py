@@ -23,7 +23,7 @@ from peers import CONFIGS
 from gem3d.training.ldm import Gem3dLDM
 from gem3d.export.nifti import save_nifti
 from gem3d.models.precision import default_precision, sampling_precision
-from gem3d.inference.volume import SamplerOptions, decode_volume, encode_mask_volume, sample_volume_latents
+from gem3d.inference.volume import SamplerOptions, decode_volume, encode_slices, sample_volume_latents
 from gem3d.sampling.propagation import plan_windows, window_rounds
 
 RECIPES = {  # name: (options, what it is)
@@ -81,7 +81,7 @@ def end_to_end(model: Gem3dLDM, state: bytes, grey_mask: torch.Tensor, informed_
     counter = EvaluationCounter(model.unet)
     try:
         t0 = time.perf_counter()
-        mask_latent = encode_mask_volume(model, grey_mask)
+        mask_latent = encode_slices(model, grey_mask)
         informed = mask_latent[informed_index].clone()  # stands in for the encoded real slice (same cost)
         seconds["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from gem3d.denoiser import VARIANTS
 from gem3d.inference.volume import (
     SamplerOptions,
     decode_volume,
-    encode_mask_volume,
+    encode_slices,
     sample_rounds,
     sample_slice_latents,
     sample_volume_latents,
@@ -173,9 +173,9 @@ def test_tiny_models_encode_sample_and_decode_a_volume(tiny):
     volume = load_model_dir(tiny["volume_stage"]).model
     slice_model = load_model_dir(tiny["position"]).model
     grey_mask = torch.rand(7, 32, 32) * 2 - 1
-    mask_latent = encode_mask_volume(volume, grey_mask)
+    mask_latent = encode_slices(volume, grey_mask)
     assert mask_latent.shape == (7, 4, 8, 8)
-    informed = encode_mask_volume(volume, grey_mask[3:4])[0]
+    informed = encode_slices(volume, grey_mask[3:4])[0]
     assert informed.shape == (4, 8, 8)
     options = SamplerOptions(steps=2, window=4)
     latents = sample_volume_latents(volume, mask_latent, informed, 3, options, torch.Generator().manual_seed(0))

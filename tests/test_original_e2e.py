@@ -7,7 +7,7 @@ posterior sample there, gem3d's inference uses the mean, see docs/original-model
 and the original's deterministic DDIM output before and after decoding. Shapes, slice and channel counts, steps and
 eta come from the file.
 
-The path under test is the engine's: ``encode_mask_volume`` (mask and informed slice) -> ``sample_volume_latents``
+The path under test is the engine's: ``encode_slices`` (mask and informed slice) -> ``sample_volume_latents``
 (propagation over one window, ``Denoiser.condition``, the DDIM sampler) -> ``FirstStage.decode``; only the sampler's
 start noise is replaced by ``e2e_xT``.
 """
@@ -28,7 +28,7 @@ import gem3d.inference.volume as volume
 from conftest import fixture_root
 from gem3d.convert import convert_model_dir
 from gem3d.data.preprocess import grey_to_label, label_to_grey
-from gem3d.inference.volume import SamplerOptions, decode_volume, encode_mask_volume
+from gem3d.inference.volume import SamplerOptions, decode_volume, encode_slices
 from gem3d.model_dirs.load import CONVERTED_CONFIG, load_model_dir
 
 ATOL = 1e-4  # the README's expected agreement: ~1e-5 for conditions and images, ~1e-4 for e2e_out (values ~35)
@@ -88,10 +88,10 @@ def e2e_cases(tmp_path_factory):
 def engine_condition(model, v: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mask latents ``(F, C, h, w)`` and the informed latent ``(C, h, w)`` (None for mask-only models), encoded
     the way ``Enhancer.generate`` encodes them."""
-    mask_latent = encode_mask_volume(model, rearrange(v["mask_image"], "f 1 h w -> f h w"))
+    mask_latent = encode_slices(model, rearrange(v["mask_image"], "f 1 h w -> f h w"))
     informed = None
     if model.spec.use_informed:
-        informed = encode_mask_volume(model, rearrange(v["informed_image"], "1 1 h w -> 1 h w"))[0]
+        informed = encode_slices(model, rearrange(v["informed_image"], "1 1 h w -> 1 h w"))[0]
     return mask_latent, informed
 
 
@@ -216,8 +216,8 @@ def test_condition_posterior_sample_draws_like_the_original(folder, e2e_cases):
     with pytest.raises(ValueError, match=r"condition_posterior='mode' is not one of \['mean', 'sample'\]"):
         SamplerOptions(condition_posterior="mode")
     with torch.no_grad():
-        mean = encode_mask_volume(loaded.model, images)
-        draws = [encode_mask_volume(loaded.model, images, sample=True, generator=torch.Generator().manual_seed(seed))
+        mean = encode_slices(loaded.model, images)
+        draws = [encode_slices(loaded.model, images, sample=True, generator=torch.Generator().manual_seed(seed))
                  for seed in (3, 3, 4)]
         std = first_stage.posterior(rearrange(images, "f h w -> f 1 h w")).std
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
@@ -225,5 +225,5 @@ def test_condition_posterior_sample_draws_like_the_original(folder, e2e_cases):
     assert abs(float(noise.mean())) < 0.2 and 0.8 < float(noise.std()) < 1.2, "the draw is not mean + std * N(0, 1)"
     if loaded.model.spec.use_informed:
         informed = rearrange(v["informed_image"], "1 1 h w -> 1 h w")
-        drawn = encode_mask_volume(loaded.model, informed, sample=True, generator=torch.Generator().manual_seed(3))
-        assert max_diff(drawn, encode_mask_volume(loaded.model, informed)) > ATOL
+        drawn = encode_slices(loaded.model, informed, sample=True, generator=torch.Generator().manual_seed(3))
+        assert max_diff(drawn, encode_slices(loaded.model, informed)) > ATOL

@@ -35,7 +35,7 @@ from gem3d.inference.settings import Setting, get_setting
 from gem3d.inference.volume import (
     SamplerOptions,
     decode_volume,
-    encode_mask_volume,
+    encode_slices,
     informed_start_latents,
     sample_rounds,
     sample_slice_latents,
@@ -334,7 +334,7 @@ class Enhancer:
             loaded = self.volume_model
             model = loaded.model
             draw = {"sample": options.condition_posterior == "sample", "generator": generator}
-            mask_latent = encode_mask_volume(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
+            mask_latent = encode_slices(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
             informed_latent = None
             if informed.source == "generated":  # its image: the generated slice, decoded
                 position = torch.tensor([informed.position])
@@ -342,7 +342,7 @@ class Enhancer:
                 informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
             elif informed.image is not None:
                 image = torch.as_tensor(np.asarray(informed.image))
-                informed_latent = encode_mask_volume(model, image[None], **draw)[0]
+                informed_latent = encode_slices(model, image[None], **draw)[0]
             start_latent = None
             if informed_latent is not None and float(options.informed_start) < 1.0:
                 start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))

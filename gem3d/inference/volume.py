@@ -85,11 +85,11 @@ class SamplerOptions:
 
 
 @torch.no_grad()
-def encode_mask_volume(model, grey_mask: torch.Tensor, progress: bool = False, sample: bool = False,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Grey slices ``(D, S, S)`` (a grey mask volume; real slices in [-1, 1]) -> latents ``(D, C, h, w)`` (chunked
+def encode_slices(model, slices: torch.Tensor, progress: bool = False, sample: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Grey slices ``(D, S, S)`` (a grey mask volume, real slices in [-1, 1]) -> latents ``(D, C, h, w)`` (chunked
     encode; posterior mean, as in training, or a posterior draw with ``sample``)."""
-    x = rearrange(grey_mask.to(model.device, torch.float32), "d h w -> d 1 h w")
+    x = rearrange(slices.to(model.device, torch.float32), "d h w -> d 1 h w")
     return model.first_stage.encode(x, sample=sample, generator=generator, progress=progress)
 
 
@@ -113,7 +113,7 @@ def informed_start_latents(model, informed_image: torch.Tensor, labels: torch.Te
     in_body = informed_image > -1
     grey = informed_image[in_body].mean() if in_body.any() else informed_image.new_tensor(0.0)
     images = torch.where(labels > 0, grey, torch.where(labels == 0, informed_image[None], -1.0))
-    return encode_mask_volume(model, images)
+    return encode_slices(model, images)
 
 
 def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
