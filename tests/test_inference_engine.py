@@ -12,10 +12,10 @@ import torch
 
 from gem3d.data.nnunet import RawDataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
-from gem3d.export.manifest import Manifest
+from gem3d.export.manifest import Manifest, make_record
 from gem3d.export.preview import TITLE_HEIGHT
 from gem3d.files import file_sha256
-from gem3d.inference.engine import Enhancer, InferenceConfig, run_inference
+from gem3d.inference.engine import Enhancer, InferenceConfig, merge_rank_manifests, run_inference
 from gem3d.model_dirs import load_model_dir
 from gem3d.inference.settings import SETTINGS, Setting
 from gem3d.inference.volume import SamplerOptions, informed_start_latents, sample_volume_latents
@@ -333,3 +333,18 @@ def test_icma_flips_left_right_whatever_the_slice_axis(tiny, tmp_path, slice_axi
     records = Manifest(run_inference(cfg)).records
     flip = [step for step in records[0]["mask_edits"][0]["steps"] if step["edit"] == "flip"]
     assert [step["axis"] for step in flip] == [lr_axis]
+
+
+def test_sharded_ranks_merge_into_one_manifest(tiny, tmp_path):
+    cases = ",".join(tiny["names"][:3])
+    cfg = make_config(tiny, "test", tmp_path, cases=cases, previews=False)
+    stale = dict(make_record(tiny["names"][0], "test", 0, seed=-1), note="from an earlier run")
+    Manifest(cfg.setting_dir / "manifest.json").add(stale)
+    own = [Enhancer(cfg).run(rank=rank, world_size=2) for rank in range(2)]
+    assert [p.name for p in own] == ["manifest.rank0.json", "manifest.rank1.json"]
+    assert sorted(len(Manifest(p)) for p in own) == [1, 2]
+    merged = merge_rank_manifests(cfg.setting_dir, world_size=2)
+    records = Manifest(merged).records
+    assert sorted(r["case"] for r in records) == sorted(tiny["names"][:3])
+    assert all("note" not in r and r["seed"] >= 0 for r in records)  # the regenerated sample replaced the stale one
+    assert sorted(p.name for p in cfg.setting_dir.glob("manifest*.json")) == ["manifest.json"]

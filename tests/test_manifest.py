@@ -48,6 +48,22 @@ def test_duplicate_key_needs_replace(tmp_path):
     assert Manifest(tmp_path / "m.json").records[0]["steps_note"] == "again"
 
 
+def test_extend_adds_several_records_in_one_write(tmp_path, monkeypatch):
+    manifest = Manifest(tmp_path / "m.json")
+    manifest.add(record("a"))
+    writes = []
+    save = Manifest.save
+    monkeypatch.setattr(Manifest, "save", lambda self: writes.append(1) or save(self))
+    with pytest.raises(ValueError, match=r"already has a record for \('a', 'icma', 0\)"):
+        manifest.extend([record("b"), record("a")])
+    assert writes == [] and len(Manifest(tmp_path / "m.json")) == 1
+    manifest = Manifest(tmp_path / "m.json")
+    manifest.extend([record("a", steps_note="again"), record("b"), record("c")], replace=True)
+    assert writes == [1]
+    assert [r["case"] for r in Manifest(tmp_path / "m.json").records] == ["a", "b", "c"]
+    assert Manifest(tmp_path / "m.json").records[0]["steps_note"] == "again"
+
+
 def test_key_validation():
     assert record_key(("a", "ic", np.int32(2))) == ("a", "ic", 2)
     with pytest.raises(KeyError, match="sample"):

@@ -105,6 +105,12 @@ class Manifest:
         self.save()
         return plain
 
+    def extend(self, records: Iterable[Mapping[str, Any]], replace: bool = False) -> None:
+        """Add several records and rewrite the manifest once. Duplicate keys fail unless ``replace``."""
+        for record in records:
+            self._insert(record, replace=replace)
+        self.save()
+
     def save(self) -> Path:
         """Write all records atomically."""
         return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "records": self.records})

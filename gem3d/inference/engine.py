@@ -452,9 +452,7 @@ def merge_rank_manifests(setting_dir: Path, world_size: int) -> Path:
     manifest = Manifest(setting_dir / "manifest.json")
     rank_paths = [p for p in (setting_dir / f"manifest.rank{r}.json" for r in range(world_size)) if p.exists()]
     merged_ranks = merge_manifests(rank_paths, setting_dir / "manifest.ranks.json")
-    for record in merged_ranks.records:
-        manifest.add(record, replace=True)
-    manifest.save()
+    manifest.extend(merged_ranks.records, replace=True)
     for path in [*rank_paths, merged_ranks.path]:
         path.unlink()
     return manifest.path
