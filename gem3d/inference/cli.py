@@ -27,7 +27,7 @@ CONFIG_DIR = packaged("inference")
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
                "sampler", "mask_edit", "preprocess")
 SAMPLER_FLAGS = ("steps", "sampler", "eta", "window", "overlap", "known_noise", "clip_x0", "slice_noise_correlation",
-                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start")
+                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start", "window_informed")
 
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
@@ -75,6 +75,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--informed-start", type=float, metavar="S",
                    help="start every slice from the informed slice (inside its body), noised to the last S of the steps "
                         "(SDEdit strength in (0, 1]; 1 = off, from pure noise, as the paper)")
+    p.add_argument("--window-informed", choices=["nearest", "first"],
+                   help="each later window's informed latent: the nearest generated slice (the paper) or the real "
+                        "informed slice (first)")
     p.add_argument("--batch-windows", type=int, metavar="N", help="sample N cases at once, windows in shared UNet calls")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
