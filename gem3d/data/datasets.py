@@ -33,6 +33,7 @@ from .preprocess import (
 
 CACHE_VERSION = 1
 SPLIT_KEYS = ("train", "val", "test")
+INFORMED_SLICES = ("clip", "volume")  # where a training clip's informed slice is drawn from
 VARIANT_MARK = "~"
 
 
@@ -317,10 +318,11 @@ class ClipDataset(Dataset):
     latents (:meth:`use_latents`) also, scaled: latent (F, z, h, w) a posterior sample of the image; mask_latent
     (F, z, h, w) and informed_latent (z, h, w) posterior means. With the preprocessing's ``informed_labels: hidden``
     the informed slice has its labels hidden (:func:`~gem3d.data.preprocess.hide_labels`), and so does the image when
-    ``hidden_target`` (the slice model, whose slices become informed slices)."""
+    ``hidden_target`` (the slice model, whose slices become informed slices). ``informed_slices``: ``clip`` (a slice
+    of the clip, the paper) or ``volume`` (any slice of the case: ``informed_index`` may then lie outside [0, F))."""
 
     def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
-                 length: int | None = None, hidden_target: bool = False):
+                 length: int | None = None, hidden_target: bool = False, informed_slices: str = "clip"):
         self.names = list(names)
         if not self.names:
             raise ValueError(f"{type(self).__name__} needs at least one case name")
@@ -331,6 +333,9 @@ class ClipDataset(Dataset):
         self.cache, self.seed, self.clip_len = cache, int(seed), int(clip_len)
         self.hidden = cache.cfg.informed_labels == "hidden"
         self.hidden_target = bool(hidden_target) and self.hidden
+        if informed_slices not in INFORMED_SLICES:
+            raise ValueError(f"informed_slices must be one of {INFORMED_SLICES}, got {informed_slices!r}")
+        self.informed_slices = informed_slices
         self.length = int(length) if length is not None else len(self.names)
         self.latents: LatentCache | None = None
         short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
@@ -365,10 +370,13 @@ class ClipDataset(Dataset):
         d = prepared.num_slices
         start = int(rng.integers(0, d - self.clip_len + 1))
         informed_index = int(rng.integers(0, self.clip_len))  # draws nothing when clip_len is 1
-        stop = start + self.clip_len
+        if self.informed_slices == "volume":
+            informed_index = int(rng.integers(0, d)) - start
+        stop, k = start + self.clip_len, start + informed_index
         label = np.asarray(prepared.label[start:stop])
         image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
-        informed = torch.from_numpy(informed_image(image[informed_index].numpy(), label[informed_index], self.cache.cfg))
+        informed = torch.from_numpy(informed_image(np.asarray(prepared.image[k], dtype=np.float32),
+                                                   np.asarray(prepared.label[k]), self.cache.cfg))
         if self.hidden_target:
             image = torch.from_numpy(hide_labels(image.numpy(), label))
         mask = torch.from_numpy(label_to_grey(label, prepared.max_label))
@@ -384,9 +392,8 @@ class ClipDataset(Dataset):
         if self.latents is not None:
             item["latent"] = self.latents.sample(name, start, stop, rng, "informed" if self.hidden_target else "image")
             item["mask_latent"] = self.latents.mean(name, "mask_mean", start, stop)
-            informed = start + informed_index
             field = "informed_mean" if self.hidden else "image_mean"
-            item["informed_latent"] = self.latents.mean(name, field, informed, informed + 1)[0]
+            item["informed_latent"] = self.latents.mean(name, field, k, k + 1)[0]
         return item
 
 
