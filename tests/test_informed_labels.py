@@ -109,3 +109,37 @@ def test_window_informed_picks_the_latent_of_later_windows(window_informed):
         assert all(float(x.flatten()[0]) >= 0 for _, x in later)
     with pytest.raises(ValueError, match=r"window_informed must be one of \('nearest', 'first'\), got 'x'"):
         next(propagation(20, 8, real, window=6, window_informed="x"))
+
+
+def test_label_loss_weight_counts_labelled_pixels_more():
+    from test_diffusion import make_model as make
+
+    torch.manual_seed(0)
+    model = make("slice_stage")
+    model.label_loss_weight = 3.0
+    grey = torch.full((1, 2, 1, 8, 8), -1.0)  # background everywhere ...
+    grey[0, 0, 0, :4, :4] = 1.0  # ... but one labelled quarter of the first slice
+    grey[0, 1, 0, :, :] = -1.7  # outside the body: weight 1
+    weights = model.label_weights(grey, (2, 2))
+    assert weights.shape == (1, 2, 1, 2, 2)
+    torch.testing.assert_close(weights[0, 0, 0], torch.tensor([[4.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(weights[0, 1, 0], torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"label_loss_weight must be >= 0 \(0 = off\), got -1"):
+        make("slice_stage", label_loss_weight=-1)
+    with pytest.raises(ValueError, match="label_loss_weight=2.0 needs a variant with a mask; 'position' has none"):
+        make("position", label_loss_weight=2.0)
+
+
+def test_label_weighted_loss_is_plain_l2_without_labels_and_weighs_labelled_errors():
+    from test_diffusion import clip_batch, make_model as make
+
+    torch.manual_seed(0)
+    plain, weighted = make("slice_stage"), make("slice_stage", label_loss_weight=5.0)
+    weighted.load_state_dict(plain.state_dict())
+    batch = clip_batch()
+    batch["mask"] = torch.full_like(batch["mask"], -1.0)  # no labelled structure: weights all 1
+    same = [m.loss(batch, torch.Generator().manual_seed(3)) for m in (plain, weighted)]
+    torch.testing.assert_close(same[0], same[1])
+    batch = clip_batch()  # random labels: the weighted loss differs
+    losses = [m.loss(batch, torch.Generator().manual_seed(3)) for m in (plain, weighted)]
+    assert not torch.allclose(losses[0], losses[1])
