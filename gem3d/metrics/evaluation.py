@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from gem3d.data.case import load_case
 from gem3d.data.datasets import read_splits
 from gem3d.data.preprocess import PreprocessConfig
 from gem3d.export.preview import save_preview
@@ -387,6 +388,31 @@ def add_dice_ratio(scored: list[tuple[SyntheticSample, dict]]) -> float:
     return mean
 
 
+def add_segmenter_arguments(p: argparse.ArgumentParser, default_cache: str) -> None:
+    """The ``--segmenter*`` options of the label-fidelity segmenter (evaluation and the ``--min-dice`` filter)."""
+    p.add_argument("--segmenter", type=Path, metavar="TRAINED_FOLDER",
+                   help="use a segmenter trained before: a gem3d segmenter folder (segmenter.json, either backend) "
+                   "or a trained nnU-Net v2 model folder (needs nnunetv2); default: train one on the real training "
+                   "cases with the options below")
+    p.add_argument("--segmenter-backend", default=SEGMENTER_DEFAULTS["backend"], choices=sorted(BACKENDS),
+                   help="backend of the segmenter trained on the real training cases (default monai)")
+    p.add_argument("--segmenter-iterations", type=int, default=SEGMENTER_DEFAULTS["iterations"],
+                   help="its training iterations (nnU-Net: epochs x iterations per epoch; default 400)")
+    p.add_argument("--segmenter-seed", type=int, default=SEGMENTER_DEFAULTS["seed"])
+    p.add_argument("--segmenter-device", default=None,
+                   help="cpu, cuda, cuda:N (default: cpu, or a trained folder's own)")
+    p.add_argument("--segmenter-fold", default=None, help="fold of an nnU-Net model folder: 0..4 or all (default 0)")
+    p.add_argument("--segmenter-cache", type=Path, metavar="DIR",
+                   help=f"folder of trained segmenters, one per settings and training cases (default {default_cache})")
+
+
+def check_segmenter_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.segmenter_iterations < 1:
+        p.error(f"--segmenter-iterations must be >= 1, got {args.segmenter_iterations}")
+    if args.segmenter_fold is not None and args.segmenter_fold not in ("0", "1", "2", "3", "4", "all"):
+        p.error(f"--segmenter-fold must be one of 0, 1, 2, 3, 4, all; got {args.segmenter_fold!r}")
+
+
 # ------------------------------------------------------------------------------------------------ the command
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -403,20 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fid-weights-3d", type=Path, help="MedicalNet resnet_10/18/50 weights (.pth)")
     p.add_argument("--fid-depth-3d", type=int, choices=features.MEDICALNET_DEPTHS,
                    help="MedicalNet depth (default: from the file name)")
-    p.add_argument("--segmenter", type=Path, metavar="TRAINED_FOLDER",
-                   help="label fidelity with a segmenter trained before: a gem3d segmenter folder (segmenter.json, "
-                   "either backend) or a trained nnU-Net v2 model folder (needs nnunetv2); default: train one")
-    p.add_argument("--segmenter-backend", default=SEGMENTER_DEFAULTS["backend"], choices=sorted(BACKENDS),
-                   help="backend of the label-fidelity segmenter trained on the real training cases")
-    p.add_argument("--segmenter-iterations", type=int, default=SEGMENTER_DEFAULTS["iterations"],
-                   help="its training iterations (nnU-Net: epochs x iterations per epoch)")
-    p.add_argument("--segmenter-seed", type=int, default=SEGMENTER_DEFAULTS["seed"])
-    p.add_argument("--segmenter-device", default=None, help="cpu, cuda, cuda:N (default: cpu, or a trained "
-                   "folder's own)")
-    p.add_argument("--segmenter-fold", default=None, help="fold of an nnU-Net model folder: 0..4 or all (default 0)")
-    p.add_argument("--segmenter-cache", type=Path, metavar="DIR",
-                   help="folder of trained segmenters, one per settings and training cases (default OUT/"
-                   "segmenter_cache)")
+    add_segmenter_arguments(p, "OUT/segmenter_cache")
     p.add_argument("--body", default="nonzero", choices=("nonzero", "threshold", "none"),
                    help="body region of the real volumes: nonzero (MRI), threshold (CT), none")
     p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices (2 = axial)")
@@ -424,8 +437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--link-images", action="store_true", help="link the PNGs from report.html instead of embedding")
     p.add_argument("--trust-checkpoint", action="store_true")
     args = p.parse_args(argv)
-    if args.segmenter_iterations < 1:
-        p.error(f"--segmenter-iterations must be >= 1, got {args.segmenter_iterations}")
+    check_segmenter_arguments(p, args)
     return args
 
 
@@ -559,3 +571,44 @@ def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows
     html_samples = [(s.preview_path, row) for s, row in scored if s.row != REAL_VOLUME_ROW]
     report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not link_images)
     return text
+
+
+# ------------------------------------------------------------------------------------------------ the --min-dice filter
+def quality_filter(real_root: Path, synthetic_cases, min_dice: float, args, cache_root: Path,
+                   body: str = "nonzero", progress: bool = False) -> dict:
+    """FreeTumor-style filter of ``scripts/enhance_dataset.py --min-dice``: the label-fidelity segmenter
+    (:func:`fidelity_segmenter`: ``args.segmenter`` or trained on the real training cases) labels every synthetic
+    case (``.name``, ``.case``, ``.image``, ``.label``); a case is dropped when the mean Dice over the labels its mask
+    holds is below ``min_dice`` (or NaN). Returns ``{"min_dice", "segmenter", "dice": {name: mean Dice}, "dropped",
+    "notes"}``. With ``body="nonzero"`` each volume is set to 0 outside its body (its real case's nonzero voxels
+    plus its labels) first."""
+    if not 0.0 <= min_dice <= 1.0:
+        raise ValueError(f"--min-dice must lie in [0, 1], got {min_dice}")
+    real = RealData(real_root, body=body)
+    notes: list[str] = []
+    segmenter = fidelity_segmenter(real, [], args, cache_root, notes, progress=progress)
+    if segmenter is None:
+        raise ValueError(f"--min-dice: no segmenter: {notes[-1]}")
+    unknown = sorted({c.case for c in synthetic_cases} - set(real.names))
+    if unknown:
+        raise ValueError(f"synthetic cases of {unknown} have no real case in {real_root} (it has {real.names})")
+    num_labels = max(1, real.dataset.max_label)
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="gem3d_quality_filter_") as work:
+        images, masks = [], []
+        for c in synthetic_cases:
+            if body == "nonzero":
+                label = load_case(c.image, c.label).label
+                path = label_metrics.zero_outside(c.image, real.case(c.case).body | (label > 0),
+                                                  Path(work) / "inputs" / f"{c.name}_0000.nii.gz")
+            else:
+                path = c.image
+            images.append(path)
+            masks.append(c.label)
+        dice = label_metrics.segmenter_dice(segmenter, images, masks, num_labels, Path(work) / "predictions",
+                                            progress=progress)
+        for c, d in zip(synthetic_cases, dice):
+            scores[c.name] = label_metrics.mean_dice(d)
+    dropped = sorted(name for name, d in scores.items() if not d >= min_dice)
+    return {"min_dice": min_dice, "segmenter": str(segmenter.work_dir), "dice": scores, "dropped": dropped,
+            "notes": notes}
