@@ -141,6 +141,8 @@ def test_the_cache_trains_once_per_settings_and_cases(tmp_path, cases, monkeypat
         trained_segmenter(_settings(iterations=2), cases[:2], tmp_path / "cache", progress=False)
     loaded = load_trained_segmenter(first.work_dir, device="cpu")
     assert isinstance(loaded, MonaiSegmenter) and loaded.settings == first.settings
+    with pytest.raises(ValueError, match="a fold applies to nnU-Net segmenters; .* holds a monai segmenter"):
+        load_trained_segmenter(first.work_dir, fold="all")
     with pytest.raises(ValueError, match="holds no finished training"):
         (tmp_path / "unfinished").mkdir()
         get_segmenter(_settings(), tmp_path / "unfinished").save_settings(cases)

@@ -504,11 +504,11 @@ def label_fidelity_rows(scored: list[tuple[SyntheticSample, dict]], rows, real_s
     for s, row in scored:
         row.update(dice.get(id(s), {}))
     reference = add_dice_ratio(scored)
+    zeroed = "; every volume is set to 0 outside its body first, as the real volumes are" if zero_outside_body else ""
     notes.append("dice_<label>: Dice (MONAI DiceMetric) of the segmenter's labels on each volume against the mask "
                  "the volume was made from (the real label for 'reference: real volume'); dice_mean: their mean over "
-                 f"the labels the mask holds; dice_ratio: dice_mean / the real volumes' mean dice_mean ({reference:.3g})"
-                 + ("; every volume is set to 0 outside its body first, as the real volumes are"
-                    if zero_outside_body else ""))
+                 "the labels the mask holds; dice_ratio: dice_mean / the real volumes' mean dice_mean "
+                 f"({reference:.3g}){zeroed}")
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,8 @@ def load_trained_segmenter(folder: str | Path, device: str | None = None, fold: 
         values = read_settings(folder).to_dict()
         if device is not None:
             values["device"] = device
+        if fold is not None and values["backend"] != "nnunet":
+            raise ValueError(f"a fold applies to nnU-Net segmenters; {folder} holds a {values['backend']} segmenter")
         if fold is not None:
             values["options"] = {**values["options"], "fold": fold}
         segmenter = get_segmenter(SegmenterSettings.from_dict(values), folder)
