@@ -382,7 +382,8 @@ def main(argv=None) -> int:
     plot_paths = plots(out, all_rows, real, cases)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in zip((s for v in all_rows.values() for s in v), metric_rows)]
-    report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not args.link_images)
+    report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not args.link_images,
+                      summary=summary)
     print(text)
     print(f"report: {out / 'report.html'}")
     return 0
