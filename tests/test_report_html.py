@@ -121,6 +121,7 @@ def build_report(folder: Path, embed: bool = True, missing_preview: tuple[str, s
              "outside_mean_diff": 0.0, "label_order_kept": 1.0} for c in CASES]
     summary = report.summarise(rows + real)
     summary["gem3d"]["fid_25d"] = (12.5, math.nan, 3)  # a set-level value
+    summary |= report.summarise([{"row": "counterfactual: ic vs icma", "mean_abs_diff": 0.25, "follows_donor": 1.0}])
     x = np.linspace(0, 1, 20)
     series = {"real": (x, x)} | {name: (x, x ** (i + 2)) for i, name in enumerate((COPY_ROW, *SYNTHETIC_ROWS))}
     plots = [report.line_plot(folder / "histogram_label1.png", series, "intensity histogram", "intensity", "density"),
@@ -158,15 +159,15 @@ def test_values_that_lose_to_a_yardstick_or_miss_a_target_are_marked(built):
     psnr, dice = "PSNR body (dB)", "Dice mean"
     tag, attrs, text = table["gem3d"][psnr]
     assert attrs["class"] == "loses" and "▼" in text
-    assert attrs["title"] == f"below {COPY_ROW}'s 20"
-    assert table["gem3d"][dice][1] == {"class": "loses", "title": "below base's 0.51"}
+    assert attrs["title"] == f"below the row '{COPY_ROW}' (20)"
+    assert table["gem3d"][dice][1] == {"class": "loses", "title": "below the row 'base' (0.51)"}
     assert "class" not in table["ic"][dice][1] and "class" not in table["base"][dice][1]  # base: the yardstick
     assert "class" not in table["base"][psnr][1]  # 22 > 20
     assert table["gem3d"]["outside diff"][1]["class"] == "misses" and "✗" in table["gem3d"]["outside diff"][2]
     assert table["stage1-alone"]["outside diff"][1]["class"] == "misses"  # |-0.03| > 0.02
     assert table["gem3d"]["label order kept"][1]["title"] == "below the target 0.9"
     gradient = "through / in-plane gradient"
-    assert table["gem3d"][gradient][1]["title"] == f"above 1.1 × {AUTOENCODER_ROW}'s 0.74"  # 0.888 = 1.2 x 0.74
+    assert table["gem3d"][gradient][1]["title"] == f"above 1.1 × the row '{AUTOENCODER_ROW}' (0.74)"  # 1.2 x 0.74
     assert "class" not in table["base"][gradient][1]  # 0.80 < 1.1 x 0.74
     jumps = "slice jumps ×real"
     assert table["gem3d"][jumps][1]["class"] == "loses" and "class" not in table["base"][jumps][1]
@@ -195,7 +196,8 @@ def test_bootstrap_interval_known_answers():
     values = np.random.default_rng(1).normal(5.0, 2.0, 400)
     low, high = report.bootstrap_ci(values)
     half = 1.96 * values.std() / math.sqrt(values.size)
-    assert low == pytest.approx(values.mean() - half, abs=0.04) and high == pytest.approx(values.mean() + half, abs=0.04)
+    assert low == pytest.approx(values.mean() - half, abs=0.04)
+    assert high == pytest.approx(values.mean() + half, abs=0.04)
     assert report.bootstrap_ci(values) == (low, high)  # seeded
     assert report.format_interval(report.Aggregate(5.0, 0.0, 1, [5.0])) == ""
 
@@ -230,6 +232,8 @@ def test_details_fold_the_per_label_every_metric_and_per_sample_tables(built):
     assert ["row", "edema", "enhancing"] in headers and ["row", "edema"] in headers  # mean_diff, dice
     every = [t for t in folded if t["rows"][0][0][2] == "metric" and len(t["rows"][0]) == 1 + 10]
     assert len(every) == 1 and "fid_25d" in [r[0][2] for r in every[0]["rows"]]
+    assert [[c[2] for c in r] for t in folded for r in t["rows"] if t["rows"][0][0][2] == "counterfactual pair"] == [
+        ["counterfactual pair", "mean_abs_diff", "follows_donor"], ["counterfactual: ic vs icma", "0.25", "1"]]
     gem3d = [t for t in folded if [c[2] for c in t["rows"][0]][1:] == ["case_000 #0from case_000:6",
                                                                        "case_001 #0from case_001:6",
                                                                        "case_002 #0from case_002:6"]]
@@ -265,9 +269,10 @@ def test_summary_markdown_is_short_the_headline_with_the_same_columns(built):
     lines = text.splitlines()
     gem3d = next(line for line in lines if line.startswith("| gem3d | 3 |"))
     assert "| 19 ± 0 [19, 19] ▼ |" in gem3d and "| 0.05 ± 0 [0.05, 0.05] ✗ |" in gem3d
-    assert next(line for line in lines if line.startswith(f"| {REAL_ROW} | 3 |")).count("—") == 4  # no PSNR, SSIM, Dice
+    real = next(line for line in lines if line.startswith(f"| {REAL_ROW} | 3 |"))
+    assert real.count("—") == 4  # no PSNR, SSIM, Dice
     assert "Per label: 2 metrics" in text and "`ms_ssim`" in text and "a note with <angle brackets>" in text
-    assert len(lines) < 45
+    assert len(lines) < 50  # 10 rows; the old summary had an 18-column table and one line per metric
 
 
 # ------------------------------------------------------------------------------------------------ plots

@@ -118,8 +118,8 @@ HEADLINE = (
 )
 LOSES = ("loses", "▼")  # (CSS class, symbol): worse than a yardstick row
 MISSES = ("misses", "✗")  # worse than a fixed target
-RULE_TEXT = {"below": "below {yardstick}'s {target}", "above_times": "above {bound:g} × {yardstick}'s {target}",
-             "farther_from_one": "further from 1 than {yardstick}'s {target}",
+RULE_TEXT = {"below": "below the row '{yardstick}'", "above_times": "above {bound:g} × the row '{yardstick}'",
+             "farther_from_one": "further from 1 than the row '{yardstick}'",
              "abs_above": "|x| above the target {bound:g}", "below_bound": "below the target {bound:g}"}
 
 
@@ -246,8 +246,8 @@ def mark(column: HeadlineColumn, row: str,
     if not loses[column.rule]():
         return None
     kind, symbol = LOSES if column.yardstick is not None else MISSES
-    reason = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound, target=f"{target:.4g}")
-    return kind, symbol, reason
+    reason = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound)
+    return kind, symbol, reason + (f" ({target:.4g})" if column.yardstick is not None else "")
 
 
 def headline_columns(summary: Mapping[str, Mapping[str, Sequence]]) -> list[HeadlineColumn]:
@@ -310,7 +310,7 @@ def summary_markdown(summary: Mapping[str, Mapping[str, Sequence]], metrics: Seq
     lines += _table(summary, headline, headline_rows(summary), marks=True)
     lines += ["", "## Columns", ""]
     for column in columns:
-        rule = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound, target="value")
+        rule = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound)
         lines.append(f"- `{column.metric}` ({column.header}): {column.meaning}. Marked when {rule}.")
     shown = set(headline)
     for title, group in (("Set-level metrics", SET_METRICS), ("Counterfactual", COUNTERFACTUAL_METRICS)):
@@ -348,8 +348,8 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[np.ndarray, np.ndarra
 
     - One axes with a legend: ``size`` = ``(width, height)`` in pixels.
     - ``panels`` (default: with more than ``MAX_LINES_PER_AXES`` series): small multiples, one panel per series
-      titled with its name, each with ``reference`` (default: the first series) drawn in grey beside it, on shared
-      axes; ``columns`` panels of ``panel_size`` pixels per line, ``size`` unused.
+      titled with its name, in ``order_rows`` order, each with ``reference`` (default: the first series) drawn in
+      grey beside it, on shared axes; ``columns`` panels of ``panel_size`` pixels per line, ``size`` unused.
     """
     if panels is None:
         panels = len(series) > MAX_LINES_PER_AXES
@@ -378,7 +378,7 @@ def _small_multiples(series: Mapping[str, tuple[np.ndarray, np.ndarray]], title:
     reference = names[0] if reference is None and names else reference
     if reference is not None and reference not in series:
         raise ValueError(f"reference {reference!r} is not a series; the series are {names}")
-    shown = [n for n in names if n != reference] or names
+    shown = order_rows(n for n in names if n != reference) or names
     n_columns = min(columns, max(len(shown), 1))
     n_lines = max(math.ceil(len(shown) / n_columns), 1)
     title_height = 40
@@ -424,6 +424,7 @@ td.loses{background:#fde0e0} td.misses{background:#fff0d0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:10px}
 figure{margin:0} figure img{width:100%;height:auto;border:1px solid #ddd} figcaption{font-size:12px;margin:2px 0}
 img.plot{max-width:100%;height:auto;display:block;margin:10px 0;border:1px solid #eee}
+.compact th,.compact td{font-size:11px;padding:2px 4px;white-space:nowrap} .compact thead th{white-space:normal}
 details{margin:.5em 0} details details{margin-left:1em} summary{cursor:pointer;font-weight:600}
 """
 IDENTITY_KEYS = ("row", "case", "setting", "sample", "informed_from")
@@ -491,7 +492,7 @@ def headline_html(summary: Mapping[str, Mapping[str, Sequence]]) -> str:
               f'<dt>marks</dt><dd><span class="loses">{LOSES[1]}</span> loses to a yardstick row, '
               f'<span class="misses">{MISSES[1]}</span> misses a target; hover a marked value for the bar.</dd>']
     for column in columns:
-        rule = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound, target="value")
+        rule = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound)
         kind, symbol = LOSES if column.yardstick is not None else MISSES
         legend.append(f"<dt>{_esc(column.header)} <code>{_esc(column.metric)}</code></dt><dd>{_esc(column.meaning)}. "
                       f'<span class="{kind}">{symbol}</span> when {_esc(rule)}.</dd>')
@@ -524,15 +525,29 @@ def _per_label_html(summary: Mapping[str, Mapping[str, Sequence]]) -> str:
     return "".join(parts)
 
 
+def is_pair_row(values: Mapping[str, Sequence]) -> bool:
+    """A counterfactual pair's row (its metrics compare two outputs, not a volume with its real case)."""
+    return any(m in COUNTERFACTUAL_METRICS or m.startswith("corr_") for m in values)
+
+
 def _every_metric_html(summary: Mapping[str, Mapping[str, Sequence]]) -> str:
-    rows = order_rows(summary)
-    metrics = list(dict.fromkeys(m for row in rows for m in summary[row]))
-    head = "".join(f'<th scope="col">{_esc(row)}</th>' for row in rows)
-    body = "".join(f'<tr><th scope="row" title="{_esc(describe(m))}"><code>{_esc(m)}</code></th>'
-                   + "".join(_stat_cell(summary[row].get(m), interval=False) for row in rows) + "</tr>"
-                   for m in metrics)
-    return (f'<div class="wide"><table><thead><tr><th scope="col">metric</th>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
+    """Metrics down, rows across (counterfactual pairs apart: rows down, their metrics across)."""
+    rows = [r for r in order_rows(summary) if not is_pair_row(summary[r])]
+    pairs = [r for r in order_rows(summary) if is_pair_row(summary[r])]
+    parts = []
+    for names, across in ((rows, True), (pairs, False)):
+        metrics = list(dict.fromkeys(m for row in names for m in summary[row]))
+        if not names:
+            continue
+        columns, lines = (names, metrics) if across else (metrics, names)
+        head = "".join(f'<th scope="col">{_esc(c)}</th>' for c in columns)
+        body = "".join(f'<tr><th scope="row" title="{_esc(describe(line) if across else "")}">{_esc(line)}</th>'
+                       + "".join(_stat_cell(summary[c if across else line].get(line if across else c),
+                                            interval=False) for c in columns) + "</tr>" for line in lines)
+        corner = "metric" if across else "counterfactual pair"
+        parts.append(f'<div class="wide"><table class="compact"><thead><tr><th scope="col">{corner}</th>{head}'
+                     f"</tr></thead><tbody>{body}</tbody></table></div>")
+    return "".join(parts)
 
 
 def _per_sample_html(samples: Sequence[tuple[Path | None, Mapping]], columns: Sequence[str]) -> str:
