@@ -230,8 +230,10 @@ def test_details_fold_the_per_label_every_metric_and_per_sample_tables(built):
     assert len(folded) == len(page.tables) - 1  # all but the headline
     headers = [[c[2] for c in t["rows"][0]] for t in folded]
     assert ["row", "edema", "enhancing"] in headers and ["row", "edema"] in headers  # mean_diff, dice
-    every = [t for t in folded if t["rows"][0][0][2] == "metric" and len(t["rows"][0]) == 1 + 10]
-    assert len(every) == 1 and "fid_25d" in [r[0][2] for r in every[0]["rows"]]
+    every = [t for t in folded if t["rows"][0][0][2] == "metric" and "#" not in t["rows"][0][1][2]]
+    assert [len(t["rows"][0]) for t in every] == [1 + 8, 1 + 2]  # 10 rows: stacked, at most 8 value columns each
+    assert [c[2] for t in every for c in t["rows"][0][1:]] == list(headline(page))
+    assert "fid_25d" in [r[0][2] for r in every[0]["rows"]]
     assert [[c[2] for c in r] for t in folded for r in t["rows"] if t["rows"][0][0][2] == "counterfactual pair"] == [
         ["counterfactual pair", "mean_abs_diff", "follows_donor"], ["counterfactual: ic vs icma", "0.25", "1"]]
     gem3d = [t for t in folded if [c[2] for c in t["rows"][0]][1:] == ["case_000 #0from case_000:6",
@@ -310,6 +312,7 @@ window.addEventListener("load", () => {
     headline_overflow: headline ? headline.parentElement.scrollWidth - headline.parentElement.clientWidth : -1,
     headline_right: headline ? headline.getBoundingClientRect().right : -1,
     page_overflow: document.documentElement.scrollWidth - window.innerWidth,
+    wide_tables: [...document.querySelectorAll("div.wide")].filter(d => d.scrollWidth > d.clientWidth).length,
     viewport: window.innerWidth,
     images: images.length,
     broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
@@ -347,3 +350,4 @@ def test_the_page_renders_in_headless_chromium(tmp_path, embed):
     assert result["broken"] == []
     assert result["headline_overflow"] <= 0 and result["headline_right"] <= 1280
     assert result["page_overflow"] <= 0
+    assert result["wide_tables"] == 0  # with every <details> open, no table scrolls sideways either

@@ -428,6 +428,7 @@ img.plot{max-width:100%;height:auto;display:block;margin:10px 0;border:1px solid
 details{margin:.5em 0} details details{margin-left:1em} summary{cursor:pointer;font-weight:600}
 """
 IDENTITY_KEYS = ("row", "case", "setting", "sample", "informed_from")
+TABLE_COLUMNS = 8  # value columns per folded table: wider tables are split, so that 1280 px hold them
 
 
 def _esc(value: object) -> str:
@@ -530,23 +531,37 @@ def is_pair_row(values: Mapping[str, Sequence]) -> bool:
     return any(m in COUNTERFACTUAL_METRICS or m.startswith("corr_") for m in values)
 
 
+def _stacked_tables(corner: str, heads: Sequence[str], lines: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """Compact tables of ``lines`` (``(row header HTML, cell HTMLs)``) under the column ``heads`` (HTML), at most
+    ``TABLE_COLUMNS`` value columns each: wider ones are stacked instead of scrolling sideways."""
+    parts = []
+    for start in range(0, max(len(heads), 1), TABLE_COLUMNS):
+        head = "".join(heads[start:start + TABLE_COLUMNS])
+        body = "".join(f"<tr>{line}{''.join(cells[start:start + TABLE_COLUMNS])}</tr>" for line, cells in lines)
+        parts.append(f'<div class="wide"><table class="compact"><thead><tr><th scope="col">{_esc(corner)}</th>'
+                     f"{head}</tr></thead><tbody>{body}</tbody></table></div>")
+    return "".join(parts)
+
+
+def _metric_header(metric: str) -> str:
+    return f'<th scope="row" title="{_esc(describe(metric))}"><code>{_esc(metric)}</code></th>'
+
+
 def _every_metric_html(summary: Mapping[str, Mapping[str, Sequence]]) -> str:
-    """Metrics down, rows across (counterfactual pairs apart: rows down, their metrics across)."""
+    """Metrics down, rows across; counterfactual pairs apart (pairs down, their metrics across)."""
     rows = [r for r in order_rows(summary) if not is_pair_row(summary[r])]
     pairs = [r for r in order_rows(summary) if is_pair_row(summary[r])]
     parts = []
-    for names, across in ((rows, True), (pairs, False)):
-        metrics = list(dict.fromkeys(m for row in names for m in summary[row]))
-        if not names:
-            continue
-        columns, lines = (names, metrics) if across else (metrics, names)
-        head = "".join(f'<th scope="col">{_esc(c)}</th>' for c in columns)
-        body = "".join(f'<tr><th scope="row" title="{_esc(describe(line) if across else "")}">{_esc(line)}</th>'
-                       + "".join(_stat_cell(summary[c if across else line].get(line if across else c),
-                                            interval=False) for c in columns) + "</tr>" for line in lines)
-        corner = "metric" if across else "counterfactual pair"
-        parts.append(f'<div class="wide"><table class="compact"><thead><tr><th scope="col">{corner}</th>{head}'
-                     f"</tr></thead><tbody>{body}</tbody></table></div>")
+    if rows:
+        metrics = list(dict.fromkeys(m for row in rows for m in summary[row]))
+        lines = [(_metric_header(m), [_stat_cell(summary[r].get(m), interval=False) for r in rows]) for m in metrics]
+        parts.append(_stacked_tables("metric", [f'<th scope="col">{_esc(r)}</th>' for r in rows], lines))
+    if pairs:
+        metrics = list(dict.fromkeys(m for pair in pairs for m in summary[pair]))
+        lines = [(f'<th scope="row">{_esc(pair)}</th>', [_stat_cell(summary[pair].get(m), interval=False)
+                                                          for m in metrics]) for pair in pairs]
+        heads = [f'<th scope="col" title="{_esc(describe(m))}">{_esc(m)}</th>' for m in metrics]
+        parts.append(_stacked_tables("counterfactual pair", heads, lines))
     return "".join(parts)
 
 
@@ -559,14 +574,12 @@ def _per_sample_html(samples: Sequence[tuple[Path | None, Mapping]], columns: Se
     for name in order_rows(by_row):
         rows = by_row[name]
         metrics = [c for c in columns if c not in IDENTITY_KEYS and any(r.get(c, "") != "" for r in rows)]
-        head = "".join(f'<th scope="col">{_esc(r.get("case", "?"))} #{_esc(r.get("sample", 0))}'
-                       + (f'<span class="ci">from {_esc(r["informed_from"])}</span>' if r.get("informed_from") else "")
-                       + "</th>" for r in rows)
-        body = "".join(f'<tr><th scope="row" title="{_esc(describe(m))}"><code>{_esc(m)}</code></th>'
-                       + "".join(f"<td>{_esc(_fmt(r.get(m, '')))}</td>" for r in rows) + "</tr>" for m in metrics)
+        heads = [f'<th scope="col">{_esc(r.get("case", "?"))} #{_esc(r.get("sample", 0))}'
+                 + (f'<span class="ci">from {_esc(r["informed_from"])}</span>' if r.get("informed_from") else "")
+                 + "</th>" for r in rows]
+        lines = [(_metric_header(m), [f"<td>{_esc(_fmt(r.get(m, '')))}</td>" for r in rows]) for m in metrics]
         parts.append(f"<details><summary>{_esc(name)} ({len(rows)} sample{'s' if len(rows) != 1 else ''})</summary>"
-                     f'<div class="wide"><table><thead><tr><th scope="col">metric</th>{head}</tr></thead>'
-                     f"<tbody>{body}</tbody></table></div></details>")
+                     f"{_stacked_tables('metric', heads, lines)}</details>")
     return "".join(parts)
 
 
