@@ -569,7 +569,8 @@ def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows
     plot_paths = plots(out, all_rows, real, cases)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in scored if s.row != REAL_VOLUME_ROW]
-    report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not link_images)
+    report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not link_images,
+                      summary=summary)
     return text
 
 
