@@ -83,7 +83,7 @@ class Gem3dDataModule(L.LightningDataModule):
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
                  test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True,
-                 contrast_variants: list[dict] | None = None):
+                 contrast_variants: list[dict] | None = None, channel: int | str | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -98,6 +98,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.seed, self.val_fraction, self.test_fraction = int(seed), float(val_fraction), float(test_fraction)
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
+        self.channel = channel  # image channel: index or dataset.json channel name (None: 0)
         self.latent_cache = bool(latent_cache)
         self.contrast_variants = [dict(v) for v in contrast_variants or []]
         for variant in self.contrast_variants:
@@ -109,7 +110,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
-        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
+        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir, channel=self.channel)
         return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=self.splits_path,
                                             val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
