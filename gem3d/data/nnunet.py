@@ -90,7 +90,7 @@ def resolve_channel(channel_names: dict, channel: int | str | None, where: str =
         found = [index for index, name in names.items() if match(name)]
         if len(found) == 1:
             return found[0]
-    allowed = [f"{index} ({name!r})" for index, name in sorted(names.items())]
+    allowed = ", ".join(f"{index} ({name!r})" for index, name in sorted(names.items()))
     raise ValueError(f"channel {channel!r} is not in {where} channel_names; allowed (index or name): {allowed}")
 
 

@@ -1,7 +1,7 @@
 """The one inference engine: every setting of :mod:`gem3d.inference.settings` runs through :class:`Enhancer`.
 
 Per sample it writes ``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the input label's grid,
-``<case>_gt.nii.gz`` (when the real image is the mask's ground truth), ``previews/<case>_s<k>.png`` and a
+``<case>_gt.nii.gz`` (``test`` only: the real image is its ground truth), ``previews/<case>_s<k>.png`` and a
 ``manifest.json`` record. A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
 outputs do not depend on sharding.
 """
