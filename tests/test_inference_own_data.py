@@ -59,8 +59,8 @@ def test_the_fallback_serves_models_that_carry_no_preprocessing(tiny, tmp_path):
 def test_an_explicit_preprocessing_that_differs_from_the_models_is_refused_unless_forced(tiny, tmp_path):
     cfg = cli_config(tiny, "test", "preprocess.max_label=4")
     assert cfg.preprocess == {"max_label": 4}
-    with pytest.raises(ValueError, match=r"the explicit preprocessing differs from the one .*last.ckpt was trained with "
-                                         r"\(max_label: model 3 vs config 4\); .* --force-preprocess"):
+    with pytest.raises(ValueError, match=r"the explicit preprocessing differs from the one .*last.ckpt was trained "
+                                         r"with \(max_label: model 3 vs config 4\); .* --force-preprocess"):
         Enhancer(cfg)
     with pytest.warns(UserWarning, match=r"max_label: model 3 vs config 4\); using the config's"):
         forced = Enhancer(cli_config(tiny, "test", "--force-preprocess", "preprocess.max_label=4"))

@@ -77,7 +77,8 @@ class Gem3dDataModule(L.LightningDataModule):
     item per val case. `preprocess`: a PreprocessConfig dict. `latent_cache`: once the model hands its first stage
     over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder.
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
-    slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice."""
+    slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
+    `channel`: the image channel of a multi-channel dataset (index or dataset.json name; None: 0)."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,

@@ -198,9 +198,11 @@ class Enhancer:
                     f"{cfg.model} holds variant {self.volume_model.model.variant!r}"
                 )
         if self.setting.needs_slice_model:
-            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
+            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint,
+                                              device=self.device)
             if self.slice_model.model.variant != "position":
-                raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
+                raise ValueError(f"--slice-model {cfg.slice_model} holds variant "
+                                 f"{self.slice_model.model.variant!r}, not 'position'")
         if self.volume_model is not None and self.slice_model is not None:  # a generated latent feeds the volume model
             check_shared_first_stage(self.volume_model.model, self.slice_model.model, cfg.model, cfg.slice_model)
         self.dataset = open_dataset(cfg.data, channel=self._channel())
@@ -528,7 +530,8 @@ def prepare_output_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"output {str(folder)!r} is not a writable folder ({exc.strerror or exc}); choose another --out") from None
+        raise ValueError(f"output {str(folder)!r} is not a writable folder ({exc.strerror or exc}); "
+                         f"choose another --out") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"output {str(folder)!r} is not a writable folder (permission denied); choose another --out")
 
