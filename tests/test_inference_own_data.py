@@ -299,3 +299,12 @@ def test_the_progress_bar_advances_when_a_sample_is_written(tiny, tmp_path, monk
     monkeypatch.setattr(engine, "tqdm", Bar)
     run_inference(cfg)
     assert seen == [1, 2]  # each step after its sample is in the manifest
+
+
+def test_the_packaged_configs_override_no_models_preprocessing():
+    """Only a user's file or override is explicit: the packaged configs carry the fallback alone."""
+    for dataset in ("brain", "abdomen", "demo"):
+        config, explicit = cli.read_inference_config(dataset)
+        assert explicit is None and "preprocess" not in config, dataset
+    assert cli.read_inference_config("brain")[0]["fallback_preprocess"]["max_label"] == 3
+    assert cli.read_inference_config("abdomen")[0]["fallback_preprocess"]["max_label"] == 4

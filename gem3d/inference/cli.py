@@ -60,8 +60,8 @@ def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
 def read_inference_config(dataset: str, config_dir: Path = CONFIG_DIR, config_files: Sequence[Path] = (),
                           overrides: Sequence[str] = ()) -> tuple[dict, dict | None]:
     """``(config, explicit preprocess)``: ``<config_dir>/<dataset>.yaml`` merged with ``config_files`` (in order)
-    and the dotlist ``overrides`` (``key=value``); the explicit preprocess is the ``preprocess`` the files and the
-    overrides set (None where they set none: the model's own is used)."""
+    and the dotlist ``overrides`` (``key=value``); the explicit preprocess is the merged ``preprocess`` (None where no
+    file or override sets one: the model's own is used; the packaged configs hold ``fallback_preprocess`` only)."""
     path = Path(config_dir) / f"{dataset}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in Path(config_dir).glob("*.yaml"))
@@ -75,11 +75,10 @@ def read_inference_config(dataset: str, config_dir: Path = CONFIG_DIR, config_fi
     if bad:
         raise ValueError(f"unrecognised arguments {bad}: overrides are KEY=VALUE (e.g. sampler.steps=50)")
     layers.append(OmegaConf.from_dotlist(list(overrides)))
-    explicit = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True) or {}
     where = " + ".join([str(path), *map(str, config_files), *(["overrides"] if overrides else [])])
     config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), *layers), resolve=True) or {}
     _check_config(config, where)
-    return config, explicit.get("preprocess")
+    return config, config.get("preprocess")  # the packaged configs set none: only a user's file or override does
 
 
 def parse_part(text: str | None) -> tuple[int, int] | None:
