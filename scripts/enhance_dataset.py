@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. nnUNet_raw/Dataset101_Name")
     parser.add_argument("--name", default=None, help="dataset.json name (default: the output folder's name)")
     parser.add_argument("--link", action="store_true", help="symlink files instead of copying them")
-    parser.add_argument("--channel", type=int, default=0, help="channel of the real dataset to keep (default 0)")
+    parser.add_argument("--channel", help="channel of the real dataset to export: index or name (required when the "
+                                           "dataset has several)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     parser.add_argument("--min-dice", type=float, help="keep synthetic cases whose segmenter Dice is at least this")
     parser.add_argument("--body", default="nonzero", choices=("nonzero", "none"),

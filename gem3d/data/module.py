@@ -78,13 +78,16 @@ class Gem3dDataModule(L.LightningDataModule):
     over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder.
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
     slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
-    `informed_slices`: a clip's informed slice is a slice of the ``clip`` (the paper) or of the whole ``volume``."""
+    `informed_slices`: a clip's informed slice is a slice of the ``clip`` (the paper) or of the whole ``volume``.
+
+    `channel`: the image channel of a multi-channel dataset (index or dataset.json name; None: 0)."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
                  test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True,
-                 contrast_variants: list[dict] | None = None, informed_slices: str = "clip"):
+                 contrast_variants: list[dict] | None = None, channel: int | str | None = None,
+                 informed_slices: str = "clip"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -99,6 +102,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.seed, self.val_fraction, self.test_fraction = int(seed), float(val_fraction), float(test_fraction)
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
+        self.channel = channel  # image channel: index or dataset.json channel name (None: 0)
         self.latent_cache = bool(latent_cache)
         self.informed_slices = informed_slices
         self.contrast_variants = [dict(v) for v in contrast_variants or []]
@@ -111,7 +115,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
-        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
+        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir, channel=self.channel)
         return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=self.splits_path,
                                             val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 

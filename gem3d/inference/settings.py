@@ -43,6 +43,12 @@ class Setting:
     def needs_volume_model(self) -> bool:
         return self.model in ("gem3d", "baseline")
 
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the real image is the sample's ground truth (``<case>_gt.nii.gz`` is written, reconstruction
+        metrics are scored): only where the informed slice is the case's own and the mask its own (``test``)."""
+        return self.informed == "own_middle" and self.mask == "own"
+
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("ic", "other_case", "own", "gem3d", "informed slice from another case, own mask"),
