@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import GiB, fmt_bytes, fmt_seconds, peak_memory
+from common import GiB, fmt_bytes, fmt_seconds, peak_memory, sync
 from peers import CONFIGS, LATENT_SIZE
 
 from gem3d.models.unet import TimestepEmbedSequential, UNetModel
@@ -78,6 +78,7 @@ def bench_training(device: str, quick: bool) -> tuple[list[dict], list[str]]:
                         for _ in range(2 if quick else 5):
                             t0 = time.perf_counter()
                             step()
+                            sync(device)
                             times.append(time.perf_counter() - t0)
                         seconds = sorted(times + [seconds])[len(times) // 2 + 0]
                     results[precision, checkpointing] = (seconds, memory)

@@ -69,7 +69,20 @@ def flops(size: str, slices: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
+def clip_flops_note() -> str:
+    """The FLOPs of the paper's stage-2 UNet on one 16-slice clip of 64x64 latents (counted on the meta device, so
+    the same on every machine): what a GPU step costs, whatever the slices this run could afford."""
+    with torch.device("meta"):
+        unet = UNetModel(**CONFIGS["paper stage 2"])
+        x = torch.randn(16, 12, LATENT_SIZE["paper"], LATENT_SIZE["paper"])
+        t = torch.full((16,), 500)
+    forward = count_flops(forward_fn(OURS_2, unet, x, t))
+    step = count_flops(train_fn(OURS_2, unet, x, t))
+    return (f"Paper stage 2 on one 16-slice clip of 64x64 latents (counted by torch.utils.flop_counter on the meta "
+            f"device): forward {forward / 1e12:.2f} TFLOP, forward + backward {step / 1e12:.2f} TFLOP.")
+
+
+def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> tuple[list[dict], list[str]]:
     rows = []
     for size in sizes:
         slices = 1 if size == "paper" and device == "cpu" else 16
@@ -109,7 +122,7 @@ def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
                 print("  " + " | ".join(rows[-1].values()), flush=True)
         del models
         gc.collect()
-    return rows
+    return rows, [clip_flops_note()]
 
 
 def bench_compile(device: str, quick: bool) -> tuple[list[dict], list[str]]:
