@@ -17,7 +17,8 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 - ``latent_cache`` (opt-in): a training step on cached latents against encoding every batch, and the KL-f8
   encoder's cost per paper-size step;
 - ``profile``: ``torch.profiler`` of the paper's stage-1 forward, self time per op, gem3d against both peers;
-- ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions.
+- ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
+- ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
 
@@ -57,8 +58,10 @@ SECTIONS = {
     "profile": ("9. Profile of the paper stage-1 forward, per op (torch.profiler)", "profile_bench", "bench_profile"),
     "temporal_conv": ("10. Temporal convolution: Conv1d against shifted 1x1 convolutions", "temporal_conv_bench",
                       "bench_temporal_conv"),
+    "targets": ("Targets, read from the sections' blocks", "targets", "bench_targets"),
 }
-DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv")
+DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "targets")
+GPU_PLACEHOLDERS = DEFAULT[:-1]  # "targets" measures nothing: one block, whatever the device
 # opt-in: unet_paper (minutes), compile (minutes of compilation), quality_steps (trained demo models, minutes),
 # latent_cache (the KL-f8 encoder on 512x512 slices: minutes)
 INTRO = """# gem3d benchmarks
@@ -75,11 +78,16 @@ def block_key(kind: str, section: str) -> str:
 
 
 def render(section: str, kind: str, rows: list[dict], info: dict, command: str, notes: list[str]) -> str:
+    """One block of BENCHMARKS.md: title, the command and machine line, the table, the notes. ``kind``: cpu, gpu, or
+    all (a block that measures nothing, such as the targets)."""
     title = SECTIONS[section][0]
-    lines = [f"<!-- {block_key(kind, section)} -->", f"### {title} ({info['device']})", "",
-             f"`{command}` · {info['machine']} · {info['date']} · torch {info['torch']} · threads {info['threads']} "
-             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}) · "
-             f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
+    if kind == "all":
+        lines = [f"<!-- {block_key(kind, section)} -->", f"### {title}", "", f"`{command}` · {info['date']}", ""]
+    else:
+        lines = [f"<!-- {block_key(kind, section)} -->", f"### {title} ({info['device']})", "",
+                 f"`{command}` · {info['machine']} · {info['date']} · torch {info['torch']} · threads "
+                 f"{info['threads']} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}) · "
+                 f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
     if rows:
         columns = list(rows[0])
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -102,7 +110,7 @@ def write_blocks(path: Path, blocks: dict[str, str]) -> None:
     if "<!-- bench:" not in text:
         text = INTRO
     for kind in ("cpu", "gpu"):
-        for section in DEFAULT:
+        for section in GPU_PLACEHOLDERS:
             key = block_key(kind, section)
             if f"<!-- {key} -->" not in text and key not in blocks:
                 blocks[key] = not_measured(section, kind)
@@ -158,11 +166,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         module = __import__(module_name)
         extra = {"demo_out": args.demo_out, "work": args.work} if name == "quality_steps" else {}
+        if name == "targets":
+            extra = {"out": args.out}
         result = getattr(module, function)(args.device, args.quick, **extra)
         rows, notes = result if isinstance(result, tuple) else (result, [])
-        notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s; load average (1 min) "
-                               f"{load_before:.1f} at its start, {os.getloadavg()[0]:.1f} at its end."]
-        blocks[block_key(kind, name)] = render(name, kind, rows, info, command.strip(), notes)
+        if name != "targets":  # measures nothing
+            notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s; load average (1 min) "
+                                   f"{load_before:.1f} at its start, {os.getloadavg()[0]:.1f} at its end."]
+        block_kind = "all" if name == "targets" else kind
+        blocks[block_key(block_kind, name)] = render(name, block_kind, rows, info, command.strip(), notes)
         write_blocks(args.out, dict(blocks))  # after each section, so a stopped run keeps what it measured
     print(f"[bench] wrote {args.out}")
     return 0
