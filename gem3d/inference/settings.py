@@ -1,5 +1,6 @@
-"""The inference settings of GEM-3D as data (METHOD §5, paper Tab. 1): one engine (:mod:`gem3d.inference.engine`)
-runs them all; a setting only says where the informed slice comes from, which mask and which model are used.
+"""The inference settings of GEM-3D as data (docs/method.md §5, paper Tab. 1): one engine
+(:mod:`gem3d.inference.engine`) runs them all; a setting only says where the informed slice comes from, which mask
+and which model are used.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ MODELS = ("gem3d", "baseline", "slice")
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of METHOD §5.
+    """One row of the table in docs/method.md §5.
 
     informed: where the informed slice comes from
         ``other_case`` a real slice of another case at the same relative position (random case and position),
