@@ -17,6 +17,8 @@ from .datasets import (
     LatentEncoder,
     SliceDataset,
     VolumeCache,
+    default_splits_path,
+    format_bytes,
     load_or_create_splits,
     variant_name,
 )
@@ -77,7 +79,11 @@ class Gem3dDataModule(L.LightningDataModule):
     item per val case. `preprocess`: a PreprocessConfig dict. `latent_cache`: once the model hands its first stage
     over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder.
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
-    slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice."""
+    slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
+    `cache_dir`: the folder of the prepared volumes and latents (default: :func:`gem3d.data.datasets.dataset_cache_dir`,
+    outside the dataset); `splits_path`: the splits file (default: :func:`gem3d.data.datasets.default_splits_path`).
+    Under DDP every rank prepares and encodes its share of the cases (``names[rank::world_size]``), then they wait
+    for each other once."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
@@ -110,12 +116,33 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
         cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
-        return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=self.splits_path,
+        path = self.splits_path if self.splits_path is not None else default_splits_path(self.dataset_dir,
+                                                                                         self.cache_dir)
+        return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=path,
                                             val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
     def prepare_data(self) -> None:
-        """Write splits.json and fill the cache once (main process)."""
-        self._cache_and_splits()[0].prepare_all()
+        """Write the splits once (main process) and print the cache's size estimate; the cases are prepared in
+        :meth:`setup`, each rank its share."""
+        cache, _ = self._cache_and_splits()
+        self.print_estimate(cache)
+
+    def print_estimate(self, cache: VolumeCache, latent_channels: int = 0, downsample_factor: int = 8) -> dict:
+        """Print how much the cache will hold (from the image headers), before anything is prepared."""
+        estimate = cache.estimate_bytes(latent_channels=latent_channels, downsample_factor=downsample_factor)
+        latents = f", latents {format_bytes(estimate['latents'])}" if latent_channels else ""
+        print(f"cache {cache.cache_dir}: {len(cache.names)} cases, about {estimate['slices']} slices: volumes "
+              f"{format_bytes(estimate['volumes'])}{latents} (estimate from the image headers)", flush=True)
+        return estimate
+
+    def _rank_share(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the attached trainer, ``(0, 1)`` without one."""
+        trainer = self.trainer
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+
+    def _barrier(self, name: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.trainer.strategy.barrier(name)
 
     def _make(self, names: list[str], length: int | None, seed: int):
         if self.kind == "clip":
@@ -125,6 +152,9 @@ class Gem3dDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache, self.splits = self._cache_and_splits()
+            rank, world = self._rank_share()
+            self.cache.prepare_all(self.cache.names[rank::world])  # each rank its share, then all read
+            self._barrier("gem3d_volume_cache")
             if not self.splits["train"]:
                 raise ValueError(f"the train split of {self.dataset_dir} is empty: {self.splits}")
             train = self.splits["train"] + [variant_name(n, **v) for n in self.splits["train"]
@@ -145,14 +175,22 @@ class Gem3dDataModule(L.LightningDataModule):
             return epochs.processed + 1, 0
         return epochs.processed, batches
 
-    def attach_first_stage(self, encoder: LatentEncoder) -> LatentCache | None:
-        """Encode the train and val cases with ``encoder`` once (reused while the preprocessing, the encoder's key and
-        the source files stay the same) and make the datasets return latents; None when ``latent_cache`` is off."""
+    def attach_first_stage(self, encoder: LatentEncoder, part: tuple[int, int] = (0, 1)) -> LatentCache | None:
+        """Encode share ``part = (index, count)`` of the train and val cases (``names[index::count]``) with
+        ``encoder`` once (reused while the preprocessing, the encoder's key and the source files stay the same) and
+        make the datasets return latents, encoding any case still missing when it is first read; None when
+        ``latent_cache`` is off."""
         if not self.latent_cache:
             return None
+        index, count = part
+        if not 0 <= index < count:
+            raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
         self.setup()
         self.latents = LatentCache(self.cache, encoder)
-        self.latents.encode_all(self.train_set.names + self.splits["val"])
+        if index == 0 and getattr(encoder, "latent_channels", None):
+            self.print_estimate(self.cache, int(encoder.latent_channels), int(getattr(encoder, "downsample_factor", 8)))
+        names = self.train_set.names + self.splits["val"]
+        self.latents.encode_all(names[index::count])
         for dataset in (self.train_set, self.val_set):
             if dataset is not None:
                 dataset.use_latents(self.latents)
