@@ -16,6 +16,7 @@ from .datasets import (
     LatentCache,
     LatentEncoder,
     SliceDataset,
+    VARIANT_MARK,
     VolumeCache,
     default_splits_path,
     format_bytes,
@@ -25,6 +26,16 @@ from .datasets import (
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
+
+
+def share_of(names: list[str], part: tuple[int, int]) -> list[str]:
+    """The names of share ``part = (index, count)``: every ``count``-th case from ``index`` in sorted order, each
+    with its contrast variants (so no two shares prepare the same case)."""
+    index, count = part
+    if not 0 <= index < count:
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
+    mine = set(sorted({n.split(VARIANT_MARK)[0] for n in names})[index::count])
+    return [n for n in names if n.split(VARIANT_MARK)[0] in mine]
 
 
 class _SkipOnResume:
@@ -114,7 +125,8 @@ class Gem3dDataModule(L.LightningDataModule):
         self.splits: dict[str, list[str]] | None = None
         self.train_set = self.val_set = None
 
-    def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
+    def cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
+        """The volume cache and the splits (read, or made and written), without preparing any case."""
         cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
         path = self.splits_path if self.splits_path is not None else default_splits_path(self.dataset_dir,
                                                                                          self.cache_dir)
@@ -124,7 +136,7 @@ class Gem3dDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the splits once (main process) and print the cache's size estimate; the cases are prepared in
         :meth:`setup`, each rank its share."""
-        cache, _ = self._cache_and_splits()
+        cache, _ = self.cache_and_splits()
         self.print_estimate(cache)
 
     def print_estimate(self, cache: VolumeCache, latent_channels: int = 0, downsample_factor: int = 8) -> dict:
@@ -151,16 +163,19 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
-            self.cache, self.splits = self._cache_and_splits()
+            self.cache, self.splits = self.cache_and_splits()
             rank, world = self._rank_share()
-            self.cache.prepare_all(self.cache.names[rank::world])  # each rank its share, then all read
+            self.cache.prepare_all(share_of(self.cache.names, (rank, world)))  # each rank its share, then all read
             self._barrier("gem3d_volume_cache")
             if not self.splits["train"]:
                 raise ValueError(f"the train split of {self.dataset_dir} is empty: {self.splits}")
-            train = self.splits["train"] + [variant_name(n, **v) for n in self.splits["train"]
-                                            for v in self.contrast_variants]
+            train = self.train_names(self.splits)
             self.train_set = self._make(train, self.samples_per_epoch, self.seed)
             self.val_set = self._make(self.splits["val"], None, self.seed + 1) if self.splits["val"] else None
+
+    def train_names(self, splits: dict[str, list[str]]) -> list[str]:
+        """The train cases, each also under the names of its contrast variants."""
+        return splits["train"] + [variant_name(n, **v) for n in splits["train"] for v in self.contrast_variants]
 
     def train_position(self) -> tuple[int, int]:
         """``(epoch, batches of it trained)`` of the attached trainer: where a resumed run goes on."""
@@ -176,21 +191,18 @@ class Gem3dDataModule(L.LightningDataModule):
         return epochs.processed, batches
 
     def attach_first_stage(self, encoder: LatentEncoder, part: tuple[int, int] = (0, 1)) -> LatentCache | None:
-        """Encode share ``part = (index, count)`` of the train and val cases (``names[index::count]``) with
+        """Encode share ``part = (index, count)`` of the train and val cases (:func:`share_of`) with
         ``encoder`` once (reused while the preprocessing, the encoder's key and the source files stay the same) and
         make the datasets return latents, encoding any case still missing when it is first read; None when
         ``latent_cache`` is off."""
         if not self.latent_cache:
             return None
-        index, count = part
-        if not 0 <= index < count:
-            raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
         self.setup()
+        names = share_of(self.train_set.names + self.splits["val"], part)
         self.latents = LatentCache(self.cache, encoder)
-        if index == 0 and getattr(encoder, "latent_channels", None):
+        if part[0] == 0 and getattr(encoder, "latent_channels", None):
             self.print_estimate(self.cache, int(encoder.latent_channels), int(getattr(encoder, "downsample_factor", 8)))
-        names = self.train_set.names + self.splits["val"]
-        self.latents.encode_all(names[index::count])
+        self.latents.encode_all(names)
         for dataset in (self.train_set, self.val_set):
             if dataset is not None:
                 dataset.use_latents(self.latents)

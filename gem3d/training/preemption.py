@@ -73,6 +73,8 @@ class SignalCheckpoint(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is None:  # single-device strategies hold none; Lightning's signal connector reads it here
+            environment = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment):
             self.requeue = bool(environment.auto_requeue)
             self.requeue_signal = environment.requeue_signal or self.requeue_signal
