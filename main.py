@@ -14,10 +14,10 @@ stops); SIGTERM saves it and exits cleanly. Of the step checkpoints the newest 3
 ``error:`` line and exit status 2, every config problem in it (``--debug``: the traceback).
 
 Config layout: ``model: {target, params}``, ``data: {target, params}``, ``lightning: {trainer: {...},
-modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``, and optionally ``dataset: {...}``, the
-dataset block that ``data.params`` interpolates (``${dataset.preprocess}``); a config file may ``include:`` other
-files (paths relative to it), which it overrides. Every ``lightning.trainer`` key goes to
-``lightning.Trainer`` as is (``accelerator``, ``devices``, ``strategy``, ``max_steps``, ...).
+modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``. A config file may ``include:`` other files
+(paths relative to it), which it overrides: the paper's configs include their dataset block,
+``configs/datasets/*.yaml`` (``data.params.dataset_dir`` and ``preprocess``). Every ``lightning.trainer`` key goes to
+``lightning.Trainer`` as is (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``max_steps``, ...).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from gem3d.denoiser import VARIANTS  # noqa: E402
 from gem3d.training.faults import AtomicCheckpointIO, RandomStateCheckpoint  # noqa: E402
 from gem3d.training.preemption import SignalCheckpoint  # noqa: E402
 
-TOP_LEVEL_KEYS = ("model", "data", "lightning", "dataset")
+TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
 RUN_DIR_ENV = "GEM3D_RUN_LOGDIR"  # shared with the DDP child processes Lightning launches
 PATH_KEYS = ("ckpt_path", "config_path")
