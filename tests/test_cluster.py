@@ -183,3 +183,21 @@ def test_every_config_problem_at_once(tmp_path, dataset, capsys):
                  "(4) model.params.first_stage_config.params.ckpt_path='/no/autoencoder/last.ckpt': no such file"):
         assert part in err, err
     assert not (tmp_path / "l").exists()
+
+
+def test_inference_split_cases_read_the_splits_that_training_wrote(tmp_path_factory, tmp_path, monkeypatch):
+    from gem3d.data.datasets import dataset_cache_dir
+    from gem3d.inference.engine import Enhancer, InferenceConfig
+    from tests import _tiny_models
+
+    tiny = _tiny_models.tiny_setup(tmp_path_factory)
+    monkeypatch.setenv("GEM3D_CACHE", str(tmp_path / "cache"))
+    assert not (tiny["data"] / "splits.json").exists()  # training wrote them outside the dataset
+    config = InferenceConfig(setting="test", data=tiny["data"], out=tmp_path / "out", model=tiny["volume_stage"],
+                             cases="split:val", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"--cases split:val: .*splits\.json does not exist"):
+        Enhancer(config).select_cases()
+    splits = dataset_cache_dir(tiny["data"]) / "splits.json"
+    splits.parent.mkdir(parents=True)
+    splits.write_text(json.dumps({"train": tiny["names"][:-1], "val": tiny["names"][-1:], "test": []}))
+    assert Enhancer(config).select_cases() == tiny["names"][-1:]

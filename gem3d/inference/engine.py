@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
-from gem3d.data.datasets import read_splits
+from gem3d.data.datasets import default_splits_path, read_splits
 from gem3d.data.nnunet import open_dataset
 from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, prepare_case, restore_volume
 from gem3d.export.manifest import Manifest, make_record, merge_manifests
@@ -219,7 +219,7 @@ class Enhancer:
             return list(self.names[: int(spec)])
         if spec.startswith("split:"):
             which = spec.split(":", 1)[1]
-            path = self.cfg.data / "splits.json"
+            path = default_splits_path(self.cfg.data)  # the dataset's own, else where training wrote it
             if not path.is_file():
                 raise FileNotFoundError(f"--cases {spec}: {path} does not exist (it is written by training)")
             splits = read_splits(path)
