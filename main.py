@@ -27,7 +27,6 @@ import datetime
 import glob
 import os
 import pickle
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -45,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gem3d.checkpoint import resolve_checkpoint  # noqa: E402
 from gem3d.config import (  # noqa: E402
-    ALLOW_ANY_TARGET_FLAG, ConfigProblems, allow_any_target, check_config_targets, check_existing_path, check_params,
+    ALLOW_ANY_TARGET_FLAG, allow_any_target, check_config_targets, check_existing_path, check_params,
     error_line, instantiate_from_config, load_config_file, raise_problems,
 )  # fmt: skip
 from gem3d.denoiser import VARIANTS  # noqa: E402
@@ -461,7 +460,8 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
                                "plugins": with_atomic_checkpoints(trainer_kwargs.get("plugins"))},
                             callbacks=callbacks, logger=logger)
     except (MisconfigurationException, RuntimeError) as err:  # e.g. accelerator=gpu where there is none
-        shown = {k: trainer_kwargs[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in trainer_kwargs}
+        keys = ("accelerator", "devices", "num_nodes", "strategy")
+        shown = {k: trainer_kwargs[k] for k in keys if k in trainer_kwargs}
         raise ValueError(f"lightning.trainer {shown}: {err}") from err
 
     model = instantiate_from_config(config.model)
@@ -480,7 +480,8 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
         resolved = OmegaConf.to_container(config, resolve=True)  # the dataset block's values, not its references
         project = OmegaConf.create({k: resolved[k] for k in ("model", "data")})
         OmegaConf.save(project, cfg_dir / f"{now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"lightning": resolved.get("lightning") or {}}), cfg_dir / f"{now}-lightning.yaml")
+        lightning_saved = OmegaConf.create({"lightning": resolved.get("lightning") or {}})
+        OmegaConf.save(lightning_saved, cfg_dir / f"{now}-lightning.yaml")
         print(f"run folder: {run_dir}", flush=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return trainer, model, data, ckpt_path, is_child

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
 from gem3d.data import encode  # noqa: E402
 from gem3d.training.preemption import SignalCheckpoint, slurm_job_id  # noqa: E402
-from test_main import SignalSender, autoencoder_run, dataset, load_ckpt, only_run, stage_args  # noqa: E402,F401
+from test_main import autoencoder_run, dataset, load_ckpt, only_run, stage_args  # noqa: E402,F401
 
 FAKE_SLURM = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "gem3d-train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
               "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "node1"}
@@ -79,7 +79,8 @@ def test_slurm_job_id_of_array_tasks_and_bad_ids():
 
 def test_resume_if_exists_starts_then_resumes_and_keeps_the_newest_step_checkpoints(tmp_path, dataset,
                                                                                    autoencoder_run, capsys):
-    args = stage_args("demo_base_stage1.yaml", dataset, autoencoder_run, tmp_path, "model.params.log_images_every_n_steps=0",
+    args = stage_args("demo_base_stage1.yaml", dataset, autoencoder_run, tmp_path,
+                      "model.params.log_images_every_n_steps=0",
                       "data.params.samples_per_epoch=100", "lightning.modelcheckpoint.params.every_n_train_steps=1",
                       "lightning.modelcheckpoint.params.save_top_k=2", "-n", "stable", "--resume-if-exists")
     first = main_module.run([*args, "lightning.trainer.max_steps=3"])
@@ -177,7 +178,8 @@ def test_every_config_problem_at_once(tmp_path, dataset, capsys):
             "model.params.ckpt_path=/no/stage1.ckpt"]
     assert main_module.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 4 config problems: (1) unknown key 'kl_wieght' in model.params") and err.count("\n") == 1
+    assert err.startswith("error: 4 config problems: (1) unknown key 'kl_wieght' in model.params")
+    assert err.count("\n") == 1
     for part in ("(2) unknown key 'batch_sise' in data.params", "did you mean 'batch_size'",
                  "(3) model.params.ckpt_path='/no/stage1.ckpt': no such file",
                  "(4) model.params.first_stage_config.params.ckpt_path='/no/autoencoder/last.ckpt': no such file"):
