@@ -348,16 +348,6 @@ def world_size(trainer: L.Trainer) -> int:
     return size
 
 
-def number_of_devices(kwargs: dict) -> int:
-    devices = kwargs.get("devices", 1)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str):
-        parsed = parse_gpus(devices)
-        return len(parsed) if parsed else 1
-    return max(int(devices), 1) if devices not in (None, -1) else 1
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
