@@ -288,7 +288,7 @@ def test_missing_dataset_and_unknown_keys(tmp_path, autoencoder_run):
     with pytest.raises(ValueError, match=r"\(1\) unknown top-level config key\(s\) \['trainer'\]; allowed: "
                                          r"\['model', 'data', 'lightning'\]; \(2\)"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), str(extra), "-t"])
-    with pytest.raises(KeyError, match=r"unknown 'lightning' config key\(s\) \['logger'\]"):
+    with pytest.raises(ValueError, match=r"\(1\) unknown 'lightning' config key\(s\) \['logger'\]"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), "-t", "lightning.logger.x=1"])
     with pytest.raises(ValueError, match=r"unrecognised arguments \['--bogus'\]"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), "--bogus"])
