@@ -157,7 +157,7 @@ def donors_by_contrast(dataset: Path) -> dict[str, str]:
     return found
 
 
-def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, seed: int) -> Path:
+def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, seed: int, split: str) -> Path:
     """6. The evaluation with its yardsticks: stage 1 alone (the test setting through the stage-1 model), ``base``
     and GEM-3D against the copy-the-informed-slice baseline and the autoencoder ceiling, and a counterfactual pair
     (the ``ic`` setting with a T1-like and an inverted, T2-like donor slice, same seed)."""
@@ -172,7 +172,7 @@ def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, 
         synthetic.append(f"{name}={cfg.setting_dir}")
     synthetic += [f"{s}={out / 'synthetic' / s}" for s in ("ic", "icma", "ig", "igma")]
     report = out / "report"
-    run([sys.executable, "scripts/evaluate.py", "--real", str(dataset), "--cases", "split:val", "--out", str(report),
+    run([sys.executable, "scripts/evaluate.py", "--real", str(dataset), "--cases", f"split:{split}", "--out", str(report),
          "--autoencoder", str(models["demo_autoencoder"]), *[a for s in synthetic for a in ("--synthetic", s)]],
         out / "train_logs" / "evaluate.log")
     return report
@@ -181,7 +181,9 @@ def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "demo_out")
-    p.add_argument("--cases", type=int, default=10, help="demo cases to build")
+    p.add_argument("--cases", type=int, default=16, help="demo cases to build (8 train, 2 val, 6 test by default)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="the cases to synthesise and report: test (never used to choose a setting) or val (tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-scale", type=float, default=1.0, help="scale every training's minutes (max_time)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training's steps (quick checks)")
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     for setting in SETTINGS:
         t0 = time.perf_counter()
         cfg = InferenceConfig(
-            setting=setting, data=dataset, out=out / "synthetic", split="Tr", cases="split:val",
+            setting=setting, data=dataset, out=out / "synthetic", split="Tr", cases=f"split:{args.split}",
             model=models["demo_base" if setting == "base" else "demo"], slice_model=models["demo_slice"],
             samples_per_case=int(defaults.get("samples_per_case", 1)), sampler=SamplerOptions(**sampler),
             seed=args.seed, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}), progress=False,
@@ -236,10 +238,10 @@ def main(argv=None) -> int:
 
     # 5. the evaluation, with its reference rows
     t0 = time.perf_counter()
-    base_cfg = dict(split="Tr", cases="split:val", slice_model=models["demo_slice"],
+    base_cfg = dict(split="Tr", cases=f"split:{args.split}", slice_model=models["demo_slice"],
                     samples_per_case=int(defaults.get("samples_per_case", 1)), sampler=SamplerOptions(**sampler),
                     seed=args.seed, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}), progress=False)
-    report = evaluate(out, dataset, models, base_cfg, args.seed)
+    report = evaluate(out, dataset, models, base_cfg, args.seed, args.split)
     print(f"[demo] evaluation in {time.perf_counter() - t0:.0f} s")
 
     # 6. the tables

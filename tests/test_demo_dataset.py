@@ -92,3 +92,20 @@ def test_script_and_refusal_to_overwrite(tmp_path):
     script = runpy.run_path(str(ROOT / "scripts" / "make_demo_dataset.py"), run_name="make_demo_dataset")
     assert script["main"]([str(out), "--cases", "1", "--seed", "2"]) == 0
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["GEM3DDemo_000_0000.nii.gz"]
+
+
+def test_demo_splits_keep_tuning_and_reported_cases_apart(tmp_path):
+    from gem3d.data.demo import DEMO_SPLIT, demo_splits
+
+    names = [f"c{i:02d}" for i in range(16)]
+    splits = demo_splits(names, seed=0, **DEMO_SPLIT)
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (8, 2, 6)
+    assert sorted(sum(splits.values(), [])) == names
+    assert splits == demo_splits(list(reversed(names)), seed=0, **DEMO_SPLIT)  # the names' order does not matter
+    assert demo_splits(names, seed=1, **DEMO_SPLIT) != splits
+    with pytest.raises(ValueError, match=r"val \+ test <= cases - 1 = 3; got val=2, test=6"):
+        demo_splits(names[:4], val=2, test=6)
+    folder = build_demo_dataset(tmp_path / "d", cases=4, val=1, test=2)
+    written = json.loads((folder / "splits.json").read_text())
+    assert (len(written["train"]), len(written["val"]), len(written["test"])) == (1, 1, 2)
+    assert not (build_demo_dataset(tmp_path / "small", cases=2) / "splits.json").exists()

@@ -25,11 +25,20 @@ from gem3d.files import atomic_path, atomic_write_json
 
 from .geometry import Geometry
 from .nnunet import open_dataset
-from .preprocess import PreparedCase, PreprocessConfig, contrast_variant, label_to_grey, prepare_case
+from .preprocess import (
+    PreparedCase,
+    PreprocessConfig,
+    contrast_variant,
+    hide_labels,
+    informed_image,
+    label_to_grey,
+    prepare_case,
+)
 
 CACHE_VERSION = 1
 CACHE_ENV = "GEM3D_CACHE"
 SPLIT_KEYS = ("train", "val", "test")
+INFORMED_SLICES = ("clip", "volume")  # where a training clip's informed slice is drawn from
 VARIANT_MARK = "~"
 
 
@@ -240,10 +249,12 @@ class LatentEncoder(Protocol):
 
 class LatentCache(_CaseStore):
     """Each case of a :class:`VolumeCache` encoded once: unscaled posterior mean and std of the image slices and
-    mean of the grey mask slices, ``(D, z, h, w)`` f32 ``.npy`` under ``<volume cache>/latents-<encoder key>``;
-    a case whose source fingerprint changed is encoded again."""
+    mean of the grey mask slices (and, with ``informed_labels: hidden``, mean and std of the slices with their labels
+    hidden), ``(D, z, h, w)`` f32 ``.npy`` under ``<volume cache>/latents-<encoder key>``; a case whose source
+    fingerprint changed is encoded again."""
 
     FIELDS = ["image_mean", "image_std", "mask_mean"]
+    HIDDEN_FIELDS = ["informed_mean", "informed_std"]
 
     def __init__(self, volumes: VolumeCache, encoder: LatentEncoder):
         key = str(getattr(encoder, "key", "") or "")
@@ -252,6 +263,7 @@ class LatentCache(_CaseStore):
         super().__init__(volumes.cache_dir / f"latents-{key}")
         self.volumes, self.encoder = volumes, encoder
         self.scale_factor = float(encoder.scale_factor)
+        self.fields = self.FIELDS + (self.HIDDEN_FIELDS if volumes.cfg.informed_labels == "hidden" else [])
         self.encoded_count = 0  # cases encoded (not read from the cache) by this instance
 
     def __getstate__(self) -> dict:  # DataLoader workers: no encoder either
@@ -264,12 +276,12 @@ class LatentCache(_CaseStore):
         return mean.float().cpu().numpy(), std.float().cpu().numpy()
 
     def get(self, name: str) -> dict[str, np.ndarray]:
-        """``{image_mean, image_std, mask_mean}``: read-only memmaps ``(D, z, h, w)``, unscaled; a case not (or no
-        longer) in the cache is encoded first."""
+        """``{image_mean, image_std, mask_mean}`` (+ ``informed_mean, informed_std``): read-only memmaps
+        ``(D, z, h, w)``, unscaled; a case not (or no longer) in the cache is encoded first."""
         if name in self._loaded:
             return self._loaded[name]
         fingerprint = self.volumes.meta(name)["fingerprint"]
-        if self._read_entry(name, self.FIELDS, fingerprint) is None:
+        if self._read_entry(name, self.fields, fingerprint) is None:
             if self.encoder is None:
                 raise RuntimeError(f"latent cache {self.cache_dir} lacks case {name!r} and has no encoder here "
                                    "(encode every case in the main process: LatentCache.encode_all)")
@@ -277,26 +289,29 @@ class LatentCache(_CaseStore):
             image_mean, image_std = self._encode(prepared.image)
             mask_mean, _ = self._encode(prepared.grey_mask())  # labelled cases only
             arrays = dict(zip(self.FIELDS, (image_mean, image_std, mask_mean)))
+            if self.HIDDEN_FIELDS[0] in self.fields:
+                hidden = self._encode(hide_labels(prepared.image, prepared.label))
+                arrays |= dict(zip(self.HIDDEN_FIELDS, hidden))
             self._write_entry(name, arrays, {"name": name, "fingerprint": fingerprint, "shape": list(image_mean.shape)})
             self.encoded_count += 1
-        self._loaded[name] = self._open(name, self.FIELDS)
+        self._loaded[name] = self._open(name, self.fields)
         return self._loaded[name]
 
     def encode_all(self, names: list[str] | None = None) -> None:
         for name in tqdm(names if names is not None else self.volumes.names, desc="encoding latents", leave=False):
             self.get(name)
 
-    def sample(self, name: str, start: int, stop: int, rng: np.random.Generator) -> torch.Tensor:
-        """A posterior sample of slices ``[start, stop)``, scaled: ``(mean + std * noise) * scale_factor``
-        ``(F, z, h, w)`` f32, the noise from ``rng``."""
+    def sample(self, name: str, start: int, stop: int, rng: np.random.Generator, kind: str = "image") -> torch.Tensor:
+        """A posterior sample of slices ``[start, stop)`` (``kind``: ``image``, or ``informed``: labels hidden),
+        scaled: ``(mean + std * noise) * scale_factor`` ``(F, z, h, w)`` f32, the noise from ``rng``."""
         latents = self.get(name)
-        mean = np.asarray(latents["image_mean"][start:stop], dtype=np.float32)
+        mean = np.asarray(latents[f"{kind}_mean"][start:stop], dtype=np.float32)
         noise = rng.standard_normal(mean.shape, dtype=np.float32)
-        sample = mean + np.asarray(latents["image_std"][start:stop], dtype=np.float32) * noise
+        sample = mean + np.asarray(latents[f"{kind}_std"][start:stop], dtype=np.float32) * noise
         return torch.from_numpy(sample * np.float32(self.scale_factor))
 
     def mean(self, name: str, field: str, start: int, stop: int) -> torch.Tensor:
-        """The scaled posterior mean of ``field`` (image_mean | mask_mean) over slices ``[start, stop)``."""
+        """The scaled posterior mean of ``field`` (image_mean | mask_mean | informed_mean) over ``[start, stop)``."""
         arr = np.asarray(self.get(name)[field][start:stop], dtype=np.float32)
         return torch.from_numpy(arr * np.float32(self.scale_factor))
 
@@ -372,10 +387,13 @@ class ClipDataset(Dataset):
     case). Item: image (F, 1, S, S) f32 in [-1, 1]; mask (F, 1, S, S) f32 grey; informed (1, S, S) =
     image[informed_index]; informed_index in [0, F) (inside the clip); start (first slice); case; num_slices. With
     latents (:meth:`use_latents`) also, scaled: latent (F, z, h, w) a posterior sample of the image; mask_latent
-    (F, z, h, w) and informed_latent (z, h, w) posterior means."""
+    (F, z, h, w) and informed_latent (z, h, w) posterior means. With the preprocessing's ``informed_labels: hidden``
+    the informed slice has its labels hidden (:func:`~gem3d.data.preprocess.hide_labels`), and so does the image when
+    ``hidden_target`` (the slice model, whose slices become informed slices). ``informed_slices``: ``clip`` (a slice
+    of the clip, the paper) or ``volume`` (any slice of the case: ``informed_index`` may then lie outside [0, F))."""
 
     def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
-                 length: int | None = None):
+                 length: int | None = None, hidden_target: bool = False, informed_slices: str = "clip"):
         self.names = list(names)
         if not self.names:
             raise ValueError(f"{type(self).__name__} needs at least one case name")
@@ -384,6 +402,11 @@ class ClipDataset(Dataset):
         if clip_len < 1:
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
         self.cache, self.seed, self.clip_len = cache, int(seed), int(clip_len)
+        self.hidden = cache.cfg.informed_labels == "hidden"
+        self.hidden_target = bool(hidden_target) and self.hidden
+        if informed_slices not in INFORMED_SLICES:
+            raise ValueError(f"informed_slices must be one of {INFORMED_SLICES}, got {informed_slices!r}")
+        self.informed_slices = informed_slices
         self.length = int(length) if length is not None else len(self.names)
         self.latents: LatentCache | None = None
         short = {n: cache.num_slices(n) for n in self.names if cache.num_slices(n) < self.clip_len}
@@ -418,32 +441,40 @@ class ClipDataset(Dataset):
         d = prepared.num_slices
         start = int(rng.integers(0, d - self.clip_len + 1))
         informed_index = int(rng.integers(0, self.clip_len))  # draws nothing when clip_len is 1
-        stop = start + self.clip_len
+        if self.informed_slices == "volume":
+            informed_index = int(rng.integers(0, d)) - start
+        stop, k = start + self.clip_len, start + informed_index
+        label = np.asarray(prepared.label[start:stop])
         image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
-        mask = torch.from_numpy(label_to_grey(np.asarray(prepared.label[start:stop]), prepared.max_label))
+        informed = torch.from_numpy(informed_image(np.asarray(prepared.image[k], dtype=np.float32),
+                                                   np.asarray(prepared.label[k]), self.cache.cfg))
+        if self.hidden_target:
+            image = torch.from_numpy(hide_labels(image.numpy(), label))
+        mask = torch.from_numpy(label_to_grey(label, prepared.max_label))
         item = {
             "image": rearrange(image, "f h w -> f 1 h w"),
             "mask": rearrange(mask, "f h w -> f 1 h w"),
-            "informed": rearrange(image[informed_index], "h w -> 1 h w").clone(),
+            "informed": rearrange(informed, "h w -> 1 h w"),
             "informed_index": informed_index,
             "start": start,
             "case": name,
             "num_slices": d,
         }
         if self.latents is not None:
-            item["latent"] = self.latents.sample(name, start, stop, rng)
+            item["latent"] = self.latents.sample(name, start, stop, rng, "informed" if self.hidden_target else "image")
             item["mask_latent"] = self.latents.mean(name, "mask_mean", start, stop)
-            informed = start + informed_index
-            item["informed_latent"] = self.latents.mean(name, "image_mean", informed, informed + 1)[0]
+            field = "informed_mean" if self.hidden else "image_mean"
+            item["informed_latent"] = self.latents.mean(name, field, k, k + 1)[0]
         return item
 
 
 class SliceDataset(ClipDataset):
     """Random single slices: clips of one slice. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices
-    in [0, 1), index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample."""
+    in [0, 1), index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample.
+    With ``informed_labels: hidden`` the slices have their labels hidden: they are what informed slices look like."""
 
     def __init__(self, cache: VolumeCache, names: list[str], seed: int = 0, length: int | None = None):
-        super().__init__(cache, names, clip_len=1, seed=seed, length=length)
+        super().__init__(cache, names, clip_len=1, seed=seed, length=length, hidden_target=True)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip = super().__getitem__(index)

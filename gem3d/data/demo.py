@@ -179,9 +179,27 @@ def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def build_demo_dataset(out: str | Path, cases: int = 10, seed: int = 0, overwrite: bool = False,
-                       progress: bool = False) -> Path:
-    """Write the demo nnU-Net raw dataset into the folder `out` (dataset.json, imagesTr, labelsTr, gem3d_demo.json)."""
+DEMO_CASES = 16
+DEMO_SPLIT = {"val": 2, "test": 6}  # tuning cases (val) apart from the reported ones (test); the rest train
+
+
+def demo_splits(names: list[str], seed: int = 0, val: int = 2, test: int = 6) -> dict[str, list[str]]:
+    """``{train, val, test}``: ``val`` tuning and ``test`` reporting cases drawn from ``names`` (seeded), the rest
+    for training (at least one)."""
+    if val < 0 or test < 0 or val + test > len(names) - 1:
+        raise ValueError(f"need 0 <= val, test and val + test <= cases - 1 = {len(names) - 1}; got val={val}, "
+                         f"test={test}")
+    names = sorted(names)
+    order = [names[i] for i in np.random.default_rng([seed, 0x5B1]).permutation(len(names))]
+    return {"train": sorted(order[val + test:]), "val": sorted(order[:val]), "test": sorted(order[val:val + test])}
+
+
+def build_demo_dataset(out: str | Path, cases: int = DEMO_CASES, seed: int = 0, overwrite: bool = False,
+                       progress: bool = False, val: int | None = None, test: int | None = None) -> Path:
+    """Write the demo nnU-Net raw dataset into the folder `out` (dataset.json, imagesTr, labelsTr, gem3d_demo.json)
+    and splits.json with ``val`` tuning and ``test`` reporting cases (default :data:`DEMO_SPLIT` from
+    :data:`DEMO_CASES` cases on; smaller datasets get no splits.json unless ``val``/``test`` are given, and training
+    splits them)."""
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
     out = Path(out)
@@ -210,20 +228,28 @@ def build_demo_dataset(out: str | Path, cases: int = 10, seed: int = 0, overwrit
     }
     (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     (out / "gem3d_demo.json").write_text(json.dumps({"seed": seed, "cases": records}, indent=1))
+    if val is not None or test is not None or cases >= DEMO_CASES:
+        val = DEMO_SPLIT["val"] if val is None else val
+        test = DEMO_SPLIT["test"] if test is None else test
+        splits = demo_splits([r["name"] for r in records], seed, val=val, test=test)
+        (out / "splits.json").write_text(json.dumps({**splits, "seed": seed}, indent=1))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``scripts/make_demo_dataset.py OUT [--cases 10] [--seed 0] [--overwrite]``."""
+    """``scripts/make_demo_dataset.py OUT [--cases 16] [--val 2] [--test 6] [--seed 0] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="make_demo_dataset.py",
                                      description="Write the gem3d demo dataset (nnU-Net raw layout, from nilearn's "
                                                  "MNI152 template) into OUT.")
     parser.add_argument("out", type=Path, help="dataset folder to write (it becomes the nnU-Net dataset folder)")
-    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--cases", type=int, default=DEMO_CASES)
+    parser.add_argument("--val", type=int, help=f"tuning cases (splits.json val; default {DEMO_SPLIT['val']})")
+    parser.add_argument("--test", type=int, help=f"reported cases (splits.json test; default {DEMO_SPLIT['test']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that is not a gem3d demo")
     args = parser.parse_args(argv)
     t0 = time.time()
-    out = build_demo_dataset(args.out, cases=args.cases, seed=args.seed, overwrite=args.overwrite, progress=True)
+    out = build_demo_dataset(args.out, cases=args.cases, seed=args.seed, overwrite=args.overwrite, progress=True,
+                             val=args.val, test=args.test)
     print(f"wrote {args.cases} demo cases to {out} in {time.time() - t0:.1f} s")
     return 0

@@ -91,16 +91,17 @@ class Gem3dDataModule(L.LightningDataModule):
     over (:meth:`attach_first_stage`), items carry cached latents, so no training step runs the encoder.
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
     slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
+    `informed_slices`: a clip's informed slice is a slice of the ``clip`` (the paper) or of the whole ``volume``.
     `cache_dir`: the folder of the prepared volumes and latents (default: :func:`gem3d.data.datasets.dataset_cache_dir`,
     outside the dataset); `splits_path`: the splits file (default: :func:`gem3d.data.datasets.default_splits_path`).
-    Under DDP every rank prepares and encodes its share of the cases (``names[rank::world_size]``), then they wait
-    for each other once."""
+    Under DDP every rank prepares and encodes its share of the cases (:func:`share_of`), then they wait for each
+    other once."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
                  test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True,
-                 contrast_variants: list[dict] | None = None):
+                 contrast_variants: list[dict] | None = None, informed_slices: str = "clip"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -116,6 +117,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
         self.latent_cache = bool(latent_cache)
+        self.informed_slices = informed_slices
         self.contrast_variants = [dict(v) for v in contrast_variants or []]
         for variant in self.contrast_variants:
             if not set(variant) <= {"invert", "gamma"} or float(variant.get("gamma", 1.0)) <= 0:
@@ -158,7 +160,8 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def _make(self, names: list[str], length: int | None, seed: int):
         if self.kind == "clip":
-            return ClipDataset(self.cache, names, clip_len=self.clip_len, seed=seed, length=length)
+            return ClipDataset(self.cache, names, clip_len=self.clip_len, seed=seed, length=length,
+                               informed_slices=self.informed_slices)
         return SliceDataset(self.cache, names, seed=seed, length=length)
 
     def setup(self, stage: str | None = None) -> None:

@@ -16,6 +16,7 @@ from .geometry import SLICE_AXES, Geometry
 
 INTENSITY_MODES = ("minmax", "percentile", "window")
 BODY_MODES = ("nonzero", "threshold", "none")
+INFORMED_LABELS = ("shown", "hidden")
 RESIZE_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact"}  # torch's names; bilinear: align_corners False
 
 
@@ -23,7 +24,9 @@ RESIZE_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact"}  # torch's n
 class PreprocessConfig:
     """size: in-plane side S in pixels (None keeps the canonical H, W); slice_axis: RAS axis of the slices;
     intensity: "minmax" (per volume, the paper) | "percentile" (clip to body percentiles) | "window" (CT, HU);
-    max_label: labels 0..max_label become grey levels; body: "nonzero" (MRI) | "threshold" (CT) | "none"."""
+    max_label: labels 0..max_label become grey levels; body: "nonzero" (MRI) | "threshold" (CT) | "none";
+    informed_labels: "shown" (the informed slice as it is, the paper) | "hidden" (its labelled structures filled with
+    its body tissue's mean, in training and inference: see :func:`hide_labels`)."""
 
     size: int | None = 512
     slice_axis: int = 2
@@ -35,6 +38,7 @@ class PreprocessConfig:
     body_threshold: float = -500.0
     body_fill_holes: bool = True
     body_largest_component: bool = True
+    informed_labels: str = "shown"
 
     def __post_init__(self) -> None:
         if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer))
@@ -56,6 +60,8 @@ class PreprocessConfig:
         if isinstance(self.max_label, bool) or not isinstance(self.max_label, (int, np.integer)) or self.max_label < 1:
             raise ValueError(f"max_label must be an int >= 1, got {self.max_label!r}")
         self.body_threshold = float(self.body_threshold)
+        if self.informed_labels not in INFORMED_LABELS:
+            raise ValueError(f"informed_labels must be one of {INFORMED_LABELS}, got {self.informed_labels!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "PreprocessConfig":
@@ -136,6 +142,32 @@ def grey_to_label(grey: np.ndarray, max_label: int) -> np.ndarray:
     """float grey -> int16 label of the nearest level in {-1, 0, .., max_label}."""
     k = np.rint((np.asarray(grey, dtype=np.float64) + 1.0) * max_label / 2.0)
     return np.clip(k, -1, max_label).astype(np.int16)
+
+
+def hide_labels(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Slices ``(..., S, S)`` in [-1, 1] and their labels -> copies whose labelled voxels (> 0) hold the mean of
+    the same slice's unlabelled body (label 0; the labelled voxels' own mean where a slice has none). An informed slice
+    so hidden tells the model the patient's contrast and anatomy but not how a structure looks where it cuts one, so
+    each structure's look must come from the mask (without it the model copies the cut structure's look onto every
+    label of the mask)."""
+    image, label = np.asarray(image, dtype=np.float32), np.asarray(label)
+    if image.shape != label.shape:
+        raise ValueError(f"image shape {image.shape} differs from the label's {label.shape}")
+    labelled, tissue = label > 0, label == 0
+    fill_from = np.where(tissue.any(axis=(-2, -1), keepdims=True), tissue, labelled)
+    count = np.maximum(fill_from.sum(axis=(-2, -1), keepdims=True), 1)
+    fill = np.where(fill_from, image, 0.0).sum(axis=(-2, -1), keepdims=True) / count
+    return np.where(labelled, fill, image).astype(np.float32)
+
+
+def informed_image(image: np.ndarray, label: np.ndarray | None, cfg: PreprocessConfig) -> np.ndarray:
+    """What the model sees of informed slices ``(..., S, S)``: as they are, or :func:`hide_labels` when
+    ``cfg.informed_labels`` is ``hidden`` (which needs their labels)."""
+    if cfg.informed_labels == "shown":
+        return np.asarray(image, dtype=np.float32)
+    if label is None:
+        raise ValueError("informed_labels='hidden' needs the informed slice's labels; this slice has none")
+    return hide_labels(image, label)
 
 
 def contrast_variant(image: np.ndarray, body: np.ndarray, invert: bool = False, gamma: float = 1.0) -> np.ndarray:

@@ -28,7 +28,7 @@ CONFIG_DIR = packaged("inference")
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
                "sampler", "mask_edit", "preprocess")
 SAMPLER_FLAGS = ("steps", "sampler", "eta", "window", "overlap", "known_noise", "clip_x0", "slice_noise_correlation",
-                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start")
+                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start", "window_informed")
 
 
 def load_inference_config(dataset: str, config_dir: Path = CONFIG_DIR) -> dict:
@@ -76,6 +76,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--informed-start", type=float, metavar="S",
                    help="start every slice from the informed slice (inside its body), noised to the last S of the steps "
                         "(SDEdit strength in (0, 1]; 1 = off, from pure noise, as the paper)")
+    p.add_argument("--window-informed", choices=["nearest", "first"],
+                   help="each later window's informed latent: the nearest generated slice (the paper) or the real "
+                        "informed slice (first)")
     p.add_argument("--batch-windows", type=int, metavar="N", help="sample N cases at once, windows in shared UNet calls")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -119,7 +122,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         raise ValueError(f"no dataset: pass --data or set data: in gem3d/configs/inference/{dataset}.yaml")
     data = Path(pick(args.data, "data"))
     cases = None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases"))
-    if args.cases is None and cases is not None and cases.startswith("split:") and not default_splits_path(data).is_file():
+    no_splits = not default_splits_path(data).is_file()  # the dataset's own, else where training wrote them
+    if args.cases is None and cases is not None and cases.startswith("split:") and no_splits:
         print(f"note: {data} has no splits.json (written by training), so the default --cases {cases} means all cases")
         cases = "all"
     return InferenceConfig(

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from gem3d.data.datasets import default_splits_path, read_splits
 from gem3d.data.nnunet import open_dataset
-from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, prepare_case, restore_volume
+from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, informed_image, prepare_case, restore_volume
 from gem3d.export.manifest import Manifest, make_record, merge_manifests
 from gem3d.export.nifti import save_nifti
 from gem3d.export.preview import save_preview
@@ -251,7 +251,7 @@ class Enhancer:
             return InformedSlice("none")
         if kind == "own_middle":
             s = num_slices // 2
-            return InformedSlice("own_middle", case, s, s / num_slices, s, self.prepared(case).image[s])
+            return InformedSlice("own_middle", case, s, s / num_slices, s, self.informed_pixels(case, s))
         if kind == "generated":
             s = int(rng.integers(num_slices))
             return InformedSlice("generated", position=s / num_slices, target_index=s)
@@ -269,8 +269,15 @@ class Enhancer:
             donor = donors[int(rng.integers(len(donors)))]
         prepared = self.prepared(donor)
         index = slice_index(pos, prepared.num_slices)
-        return InformedSlice("other_case", donor, index, pos, slice_index(pos, num_slices), prepared.image[index],
-                             self.cfg.informed_select)
+        return InformedSlice("other_case", donor, index, pos, slice_index(pos, num_slices),
+                             self.informed_pixels(donor, index), self.cfg.informed_select)
+
+    def informed_pixels(self, case: str, index: int) -> np.ndarray:
+        """Slice ``index`` of ``case`` as the model sees an informed slice ``(S, S)`` (its labels hidden when the
+        model was trained so: ``preprocess.informed_labels``)."""
+        prepared = self.prepared(case)
+        label = None if prepared.label is None else prepared.label[index]
+        return informed_image(prepared.image[index], label, self.preprocess)
 
     def _select_donor(self, donors: list[str], pos: float, rng: np.random.Generator) -> str:
         """De-enhancement: the donor among the brightest / darkest decile of candidate slices at ``pos``

@@ -38,7 +38,8 @@ class SamplerOptions:
     draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``; 1 = off; for models trained with
     ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep; a volume's result does not depend on it),
     ``informed_start`` (SDEdit strength S in (0, 1]: windows start from :func:`informed_start_latents` noised to the
-    level of the last S of the steps; 1 = off: from pure noise, as the original)."""
+    level of the last S of the steps; 1 = off: from pure noise, as the original), ``window_informed`` (each later
+    window's informed latent: ``nearest`` generated slice, as the paper, or the ``first``, real one)."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -53,6 +54,7 @@ class SamplerOptions:
     informed_guidance: float = 1.0
     batch_windows: int = 1
     informed_start: float = 1.0
+    window_informed: str = "nearest"
 
     def __post_init__(self):
         make_schedule(self.sampler, alphas_cumprod_tensor(), self.steps, eta=self.eta)  # validates eagerly
@@ -125,7 +127,7 @@ def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.
     ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1."""
     mode = "informed" if model.spec.use_informed else "base"
     return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap, mode=mode,
-                       case=(mask_latent, generator, start_latent))
+                       case=(mask_latent, generator, start_latent), window_informed=options.window_informed)
 
 
 @torch.no_grad()

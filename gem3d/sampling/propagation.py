@@ -29,6 +29,7 @@ import torch
 from .samplers import KnownFrames
 
 MODES = ("informed", "base")
+WINDOW_INFORMED = ("nearest", "first")  # each window's informed latent: the nearest generated slice, or the real one
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,18 @@ def window_rounds(up: list[Window], down: list[Window]) -> list[list[Window]]:
 
 
 def propagation(num_slices: int, start: int | None, informed_latent: torch.Tensor | None, window: int = 16,
-                overlap: int = 1, *, mode: str = "informed", base_batch: int = 2, case: Any = None) -> Propagation:
+                overlap: int = 1, *, mode: str = "informed", base_batch: int = 2, case: Any = None,
+                window_informed: str = "nearest") -> Propagation:
     """One volume's propagation as a generator: yields each round's ``list[WindowJob]`` (``case`` attached to each),
     is sent their outputs ``(F, C, h, w)``, returns all slice latents ``(num_slices, C, h, w)`` (see run_lockstep).
     ``informed_latent (C,h,w)``: the real informed slice's latent (``mode="informed"``), None for ``mode="base"``
-    (where ``start`` is unused and up to ``base_batch`` independent windows form a round)."""
+    (where ``start`` is unused and up to ``base_batch`` independent windows form a round). ``window_informed``:
+    ``nearest`` (the paper: each later window's informed latent is the generated slice nearest to its new slices) or
+    ``first`` (every window keeps the real informed slice's latent)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if window_informed not in WINDOW_INFORMED:
+        raise ValueError(f"window_informed must be one of {WINDOW_INFORMED}, got {window_informed!r}")
     if mode == "informed":
         if not isinstance(informed_latent, torch.Tensor) or informed_latent.ndim != 3:
             got = tuple(informed_latent.shape) if isinstance(informed_latent, torch.Tensor) else informed_latent
@@ -151,7 +157,7 @@ def propagation(num_slices: int, start: int | None, informed_latent: torch.Tenso
         rounds = [windows[i : i + base_batch] for i in range(0, len(windows), base_batch)]
     slices: list[torch.Tensor | None] = [None] * num_slices  # planned so that each is written once, before it is read
     for windows_in_round in rounds:
-        jobs = [_job(w, slices, informed_latent, case) for w in windows_in_round]
+        jobs = [_job(w, slices, informed_latent, case, window_informed) for w in windows_in_round]
         outputs = list((yield jobs))
         if len(outputs) != len(jobs):
             raise ValueError(f"sample_windows returned {len(outputs)} outputs for {len(jobs)} jobs")
@@ -190,9 +196,10 @@ def run_lockstep(sample_rounds: SampleRounds, steppers: Iterable[Generator], bat
         active = running
 
 
-def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None, case) -> WindowJob:
+def _job(window: Window, slices: list[torch.Tensor | None], informed_latent: torch.Tensor | None, case,
+         window_informed: str = "nearest") -> WindowJob:
     if window.informed_index is not None:
-        informed = slices[window.informed_index]
+        informed = slices[window.informed_index] if window_informed == "nearest" else informed_latent
     else:  # the first window: the real informed slice's latent; a baseline window: none
         informed = informed_latent if window.direction == "first" else None
     return WindowJob(list(window.indices), {i: slices[i] for i in window.known_indices}, informed, window, case)

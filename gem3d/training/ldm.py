@@ -66,6 +66,9 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         sample_steps_for_logging: DDIM steps of the logged sample.
         informed_dropout: probability that a training clip's informed slice is replaced by the null latent, so the
             model also learns the unconditional case that informed-slice guidance needs; 0 (off) as in the original.
+        label_loss_weight: W >= 0: the noise error of latent pixels covered by labelled structures (label > 0, the
+            fraction of the pixel's footprint) counts 1 + W times (small structures get as much say as the tissue
+            around them); 0 (off): plain L2, as the original.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         informed_dropout: float = 0.0,
+        label_loss_weight: float = 0.0,
     ):
         super().__init__(
             unet_config, first_stage_config, variant=variant, position_embed_dim=position_embed_dim,
@@ -108,6 +112,12 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
             raise ValueError(f"informed_dropout={informed_dropout!r} needs a variant with an informed slice; "
                              f"{variant!r} has none (set it to 0)")
         self.informed_dropout = float(informed_dropout)
+        if not float(label_loss_weight) >= 0.0:
+            raise ValueError(f"label_loss_weight must be >= 0 (0 = off), got {label_loss_weight!r}")
+        if label_loss_weight and self.spec.data_kind == "slice":
+            raise ValueError(f"label_loss_weight={label_loss_weight!r} needs a variant with a mask; {variant!r} has "
+                             "none (set it to 0)")
+        self.label_loss_weight = float(label_loss_weight)
 
         if ckpt_path is not None:
             if not self.spec.volumetric:
@@ -194,13 +204,25 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         return repeat(t, "b -> b f", f=f) if self.spec.volumetric else rearrange(t, "(b f) -> b f", b=b)
 
     def loss(self, batch: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L2 between predicted and true noise, averaged over all elements."""
+        """L2 between predicted and true noise, averaged over all elements (weighted by :meth:`label_weights` when
+        ``label_loss_weight`` > 0)."""
         z0, cond = self.encode_batch(batch, generator=generator)
         b, f = z0.shape[:2]
         t = self.sample_timesteps(b, f, generator)
         noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         x_t = self.q_sample(z0, t, noise)
-        return F.mse_loss(self.eps(x_t, t, cond), noise)
+        if not self.label_loss_weight:
+            return F.mse_loss(self.eps(x_t, t, cond), noise)
+        weights = self.label_weights(batch["mask"], z0.shape[-2:])
+        return ((self.eps(x_t, t, cond) - noise) ** 2 * weights).mean() / weights.mean()
+
+    def label_weights(self, grey_mask: torch.Tensor, latent_hw) -> torch.Tensor:
+        """Grey masks ``(B, F, 1, S, S)`` -> per-latent-pixel loss weights ``(B, F, 1, h, w)``: 1 + W x the fraction
+        of the pixel's footprint inside a labelled structure (grey level above background's -1)."""
+        labelled = rearrange((grey_mask > -1.0 + 1e-3).float(), "b f 1 s t -> (b f) 1 s t")
+        fraction = F.adaptive_avg_pool2d(labelled, tuple(latent_hw))
+        weights = 1.0 + self.label_loss_weight * fraction
+        return rearrange(weights, "(b f) 1 h w -> b f 1 h w", b=grey_mask.shape[0]).to(self.device)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
