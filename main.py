@@ -4,15 +4,20 @@
     python main.py --base configs/latent-diffusion/demo_stage1.yaml -t [--gpus 0,1,] [-n NAME] [-l LOGDIR] [-s SEED] \
         [model.params.base_learning_rate=1e-5 lightning.trainer.max_steps=20 ...]
     python main.py -r LOGDIR_OR_CKPT -t [overrides ...]      # resume: config, global step, optimiser, EMA
+    python main.py --base CONFIG -t -n NAME --resume-if-exists  # LOGDIR/NAME: resumed when it has a checkpoint
 
 A run writes ``LOGDIR/<timestamp>_<name>/``: ``checkpoints/{last.ckpt, step-*.ckpt}``,
 ``configs/<timestamp>-project.yaml`` / ``-lightning.yaml`` and TensorBoard logs under ``tensorboard/``.
-SIGUSR1 saves ``last.ckpt`` and goes on; SIGTERM saves it and exits cleanly. A bad config, path or target stops
-the run before it starts with one ``error:`` line and exit status 2 (``--debug``: the traceback).
+SIGUSR1 saves ``last.ckpt`` and goes on (under SLURM it then requeues the job, as Lightning's auto-requeue does, and
+stops); SIGTERM saves it and exits cleanly. Of the step checkpoints the newest 3 are kept (``save_top_k`` in
+``lightning.modelcheckpoint.params``). A bad config, path or target stops the run before it starts with one
+``error:`` line and exit status 2, every config problem in it (``--debug``: the traceback).
 
 Config layout: ``model: {target, params}``, ``data: {target, params}``, ``lightning: {trainer: {...},
-modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``. Every ``lightning.trainer`` key goes to
-``lightning.Trainer`` as is (``accelerator``, ``devices``, ``strategy``, ``max_steps``, ...).
+modelcheckpoint: {params: {...}}, callbacks: {name: {target, params}}}``. A config file may ``include:`` other files
+(paths relative to it), which it overrides: the paper's configs include their dataset block,
+``configs/datasets/*.yaml`` (``data.params.dataset_dir`` and ``preprocess``). Every ``lightning.trainer`` key goes to
+``lightning.Trainer`` as is (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``max_steps``, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import datetime
 import glob
 import os
 import pickle
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -35,15 +39,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint  # 
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
-from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gem3d.checkpoint import resolve_checkpoint  # noqa: E402
 from gem3d.config import (  # noqa: E402
-    ALLOW_ANY_TARGET_FLAG, allow_any_target, check_config_targets, check_existing_path, error_line, instantiate_from_config,
+    ALLOW_ANY_TARGET_FLAG, allow_any_target, check_config_targets, check_existing_path, check_params,
+    error_line, instantiate_from_config, load_config_file, raise_problems,
 )  # fmt: skip
 from gem3d.denoiser import VARIANTS  # noqa: E402
 from gem3d.training.faults import AtomicCheckpointIO, RandomStateCheckpoint  # noqa: E402
+from gem3d.training.preemption import SignalCheckpoint  # noqa: E402
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
 LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks")
@@ -51,7 +57,7 @@ RUN_DIR_ENV = "GEM3D_RUN_LOGDIR"  # shared with the DDP child processes Lightnin
 PATH_KEYS = ("ckpt_path", "config_path")
 # what a bad config, path, target or checkpoint raises before training starts: one line, exit status 2
 STARTUP_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
-                  NotImplementedError, pickle.UnpicklingError)
+                  NotImplementedError, pickle.UnpicklingError, MisconfigurationException)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -65,6 +71,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. '0,1,' (absent: CPU)")
     parser.add_argument("-r", "--resume", type=str, default="", help="resume from a run folder or a checkpoint")
     parser.add_argument("-n", "--name", type=str, default="", help="run name postfix (default: the first config's name)")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="with -n NAME: the run folder is LOGDIR/NAME (no timestamp), resumed when it holds a "
+                             "checkpoint, so a requeued job (SLURM) finds its own run")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="folder holding the runs")
     parser.add_argument("-s", "--seed", type=int, default=23, help="global seed")
     parser.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name")
@@ -116,31 +125,68 @@ def load_config(paths: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
         raise ValueError(f"unrecognised arguments {bad}; overrides look like 'lightning.trainer.max_steps=20'")
-    config = OmegaConf.merge(*[OmegaConf.load(p) for p in paths], OmegaConf.from_dotlist(list(overrides)))
-    validate_config(config)
+    config = OmegaConf.merge(*[load_config_file(p) for p in paths], OmegaConf.from_dotlist(list(overrides)))
     check_config_targets(config, where="the config")  # before anything is built or imported
     return config
 
 
-def validate_config(config: DictConfig) -> None:
+def layout_problems(config: DictConfig) -> list[Exception]:
+    """The config's layout problems (unknown or missing sections), all of them."""
+    problems: list[Exception] = []
     unknown = sorted(set(config.keys()) - set(TOP_LEVEL_KEYS))
     if unknown:
-        raise KeyError(f"unknown top-level config key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}")
+        problems.append(KeyError(f"unknown top-level config key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}"))
     for key in ("model", "data"):
         if key not in config:
-            raise KeyError(f"config has no '{key}' section (with target/params)")
+            problems.append(KeyError(f"config has no '{key}' section (with target/params)"))
+            continue
         node = config[key]
         extra = sorted(set(node.keys()) - {"target", "params", "base_learning_rate"})
         if "target" not in node or extra:
-            raise KeyError(f"config '{key}' must hold 'target' and 'params'; got keys {sorted(node.keys())}")
+            problems.append(KeyError(f"config '{key}' must hold 'target' and 'params'; got keys {sorted(node.keys())}"))
     lightning_cfg = config.get("lightning") or {}
     unknown = sorted(set(lightning_cfg.keys()) - set(LIGHTNING_KEYS))
     if unknown:
-        raise KeyError(f"unknown 'lightning' config key(s) {unknown}; allowed: {list(LIGHTNING_KEYS)}")
+        problems.append(KeyError(f"unknown 'lightning' config key(s) {unknown}; allowed: {list(LIGHTNING_KEYS)}"))
+    return problems
+
+
+def validate_config(config: DictConfig) -> None:
+    raise_problems(layout_problems(config))
+
+
+def check_config(config: DictConfig) -> None:
+    """Every problem of a loaded config at once (:class:`ConfigProblems`; one problem raises as itself): unknown
+    ``params`` keys of every ``target`` (imports the targets, which :func:`load_config` allowed), placeholder or
+    missing paths, and a data kind that does not fit the variant; the layout (unknown sections) first."""
+    problems = layout_problems(config)
+    if any(key not in config for key in ("model", "data")):
+        raise_problems(problems)
+    problems += check_params(config.model, where="model") + check_params(config.data, where="data")
+    for name, cb_cfg in ((config.get("lightning") or {}).get("callbacks") or {}).items():
+        problems += check_params(cb_cfg, where=f"lightning.callbacks.{name}")
+    problems += path_problems(config)
+    try:
+        check_variant_data(config)
+    except ValueError as err:
+        problems.append(err)
+    raise_problems(problems)
 
 
 def check_paths(config: DictConfig) -> None:
-    """Fail at start-up on placeholder or missing paths, naming the key and the value."""
+    """Fail at start-up on placeholder or missing paths, naming the key and the value (every bad path at once)."""
+    raise_problems(path_problems(config))
+
+
+def path_problems(config: DictConfig) -> list[Exception]:
+    """The placeholder or missing paths of ``model`` (``ckpt_path``, ``config_path`` keys) and the dataset folder."""
+    problems: list[Exception] = []
+
+    def check(function, *args, **kwargs) -> None:
+        try:
+            function(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+            problems.append(err)
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, DictConfig):
@@ -149,16 +195,17 @@ def check_paths(config: DictConfig) -> None:
                 dotted = f"{prefix}.{key}" if prefix else str(key)
                 if str(key) in PATH_KEYS and value is not None:
                     if str(key) == "ckpt_path":
-                        resolve_checkpoint(value, key=dotted)
+                        check(resolve_checkpoint, value, key=dotted)
                     else:
-                        check_existing_path(dotted, value, kind="path")
+                        check(check_existing_path, dotted, value, kind="path")
                 else:
                     walk(value, dotted)
 
     walk(config.model, "model")
     data_params = config.data.get("params") or {}
     if "dataset_dir" in data_params:
-        check_existing_path("data.params.dataset_dir", data_params.dataset_dir, kind="directory")
+        check(check_existing_path, "data.params.dataset_dir", data_params.dataset_dir, kind="directory")
+    return problems
 
 
 def check_variant_data(config: DictConfig) -> None:
@@ -210,6 +257,26 @@ def newest_step_checkpoint(ckpt_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """True when ``run_dir/checkpoints`` holds ``last.ckpt`` or a ``step-*.ckpt``."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    return (ckpt_dir / "last.ckpt").is_file() or any(ckpt_dir.glob("step-*.ckpt"))
+
+
+def resolve_stable_run(opt: argparse.Namespace) -> Path | None:
+    """``--resume-if-exists``: the run folder ``LOGDIR/NAME<postfix>`` (no timestamp, so a requeued job and every
+    rank started by ``srun`` find the same one); None without the flag."""
+    if not opt.resume_if_exists:
+        return None
+    if opt.resume:
+        raise ValueError(f"--resume-if-exists finds the run by -n NAME; it cannot be combined with -r {opt.resume!r}")
+    if not opt.name:
+        raise ValueError("--resume-if-exists needs -n NAME: the run folder LOGDIR/NAME that a requeued job finds again")
+    if any(c in opt.name for c in "/\\") or opt.name in (".", ".."):
+        raise ValueError(f"-n {opt.name!r}: a run name is one folder name, without '/'")
+    return Path(opt.logdir) / f"{opt.name}{opt.postfix}"
+
+
 def make_run_dir(opt: argparse.Namespace, now: str) -> Path:
     if opt.name:
         name = opt.name
@@ -221,62 +288,6 @@ def make_run_dir(opt: argparse.Namespace, now: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
-
-
-def _callbacks():
-
-    class SignalCheckpoint(L.Callback):
-        """Saves ``last.ckpt`` on SIGUSR1 (then goes on) and on SIGTERM (then Lightning stops cleanly), and at the
-        end of training."""
-
-        def __init__(self, ckpt_dir: Path):
-            self.ckpt_dir = Path(ckpt_dir)
-            self.usr1 = False
-            self._previous = None
-            self._last_saved_step = -1
-
-        def _on_usr1(self, signum, frame) -> None:
-            self.usr1 = True
-
-        def on_fit_start(self, trainer, pl_module) -> None:
-            if hasattr(signal, "SIGUSR1"):
-                try:
-                    self._previous = signal.signal(signal.SIGUSR1, self._on_usr1)
-                except ValueError:  # not the main thread
-                    self._previous = None
-
-        def on_fit_end(self, trainer, pl_module) -> None:
-            if self._previous is not None:
-                signal.signal(signal.SIGUSR1, self._previous)
-                self._previous = None
-
-        def save(self, trainer, reason: str) -> None:
-            path = self.ckpt_dir / "last.ckpt"
-            trainer.save_checkpoint(path, weights_only=False)
-            self._last_saved_step = trainer.global_step
-            if trainer.is_global_zero:
-                print(f"[{reason}] saved {path} at global step {trainer.global_step}", flush=True)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            request = self.usr1 or bool(trainer.received_sigterm)
-            if trainer.world_size > 1:
-                request = trainer.strategy.reduce_boolean_decision(request, all=False)
-            if request:
-                self.save(trainer, "SIGTERM" if trainer.received_sigterm else "SIGUSR1")
-                self.usr1 = False
-
-        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        
-            # SIGTERM arriving after this callback's batch-end check: Lightning stops at the end of that batch
-            if isinstance(exception, SIGTERMException) and trainer.global_step != self._last_saved_step:
-                self.save(trainer, "SIGTERM")
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            saved_by_model_checkpoint = getattr(trainer.checkpoint_callback, "_last_global_step_saved", -1)
-            if trainer.global_step not in (self._last_saved_step, saved_by_model_checkpoint):
-                self.save(trainer, "end of training")
-
-    return SignalCheckpoint
 
 
 def build_trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> dict:
@@ -298,6 +309,19 @@ def build_trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> dict:
     return kwargs
 
 
+def check_gpus_exist(gpus: list[int], flag: str) -> None:
+    """``--gpus`` ids that this machine has, else ValueError naming the flag and the GPUs there are."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--gpus={flag!r}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                         f"leave --gpus out to train on the CPU")
+    missing = [g for g in gpus if not 0 <= g < count]
+    if missing:
+        raise ValueError(f"--gpus={flag!r}: no GPU {missing}; this machine has GPUs {list(range(count))}")
+
+
 def resolve_strategy(strategy: Any) -> Any:
     """``"ddp"`` -> ``DDPStrategy(broadcast_buffers=False)``: the EMA shadow and the frozen first stage are buffers
     that are identical on every rank, so DDP need not re-broadcast them (a UNet-sized copy) every step."""
@@ -316,14 +340,12 @@ def with_atomic_checkpoints(plugins: Any) -> list:
     return plugins
 
 
-def number_of_devices(kwargs: dict) -> int:
-    devices = kwargs.get("devices", 1)
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str):
-        parsed = parse_gpus(devices)
-        return len(parsed) if parsed else 1
-    return max(int(devices), 1) if devices not in (None, -1) else 1
+def world_size(trainer: L.Trainer) -> int:
+    """The processes that train together: ``num_nodes x devices`` (each with its own batch); printed."""
+    size = int(trainer.num_nodes) * int(trainer.num_devices)
+    if trainer.is_global_zero:
+        print(f"world size {size} = {trainer.num_nodes} node(s) x {trainer.num_devices} device(s)", flush=True)
+    return size
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -363,12 +385,20 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # the frozen first stage
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     if opt.name and opt.resume:
-        raise ValueError("-n/--name cannot be combined with -r/--resume (the run keeps its name)")
+        raise ValueError("-n/--name cannot be combined with -r/--resume (the run keeps its name); for a run that "
+                         "resumes when it exists use -n NAME --resume-if-exists")
+    gpus = parse_gpus(opt.gpus)
+    if gpus is not None:
+        check_gpus_exist(gpus, opt.gpus)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     inherited_run_dir = os.environ.get(RUN_DIR_ENV)  # set: this is a DDP child process of rank 0
     is_child = bool(inherited_run_dir)
     ckpt_path = None
     base = list(opt.base)
+    stable_run_dir = resolve_stable_run(opt)
+    if stable_run_dir is not None and has_checkpoint(stable_run_dir):
+        print(f"--resume-if-exists: resuming {stable_run_dir}", flush=True)
+        opt.resume = str(stable_run_dir)
     if opt.resume:
         run_dir, ckpt = resolve_resume(opt.resume)
         ckpt_path = str(ckpt)
@@ -383,11 +413,10 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
     else:
         if not opt.base:
             raise ValueError("give at least one config with --base (or --resume a run)")
-        run_dir = make_run_dir(opt, now)
+        run_dir = stable_run_dir or make_run_dir(opt, now)
 
     config = load_config(base, overrides)
-    check_paths(config)
-    check_variant_data(config)
+    check_config(config)
     L.seed_everything(opt.seed, workers=True)
 
     trainer_kwargs = build_trainer_kwargs(config, opt)
@@ -400,12 +429,14 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
         "filename": "step-{step:06d}",
         "auto_insert_metric_name": False,
         "save_last": True,
-        "save_top_k": -1,
+        "save_top_k": 3,  # the newest 3 step checkpoints (by step); -1 keeps them all
+        "monitor": "step",
+        "mode": "max",
         "every_n_train_steps": 1000,
         "enable_version_counter": False,  # last.ckpt is overwritten, never last-v1.ckpt
         **mc_params,
     }
-    callbacks = [ModelCheckpoint(**mc_params), _callbacks()(ckpt_dir), LearningRateMonitor(logging_interval="step"),
+    callbacks = [ModelCheckpoint(**mc_params), SignalCheckpoint(ckpt_dir), LearningRateMonitor(logging_interval="step"),
                  RandomStateCheckpoint()]
     for name, cb_cfg in (lightning_cfg.get("callbacks") or {}).items():
         try:
@@ -414,27 +445,33 @@ def _start(opt: argparse.Namespace, overrides: Sequence[str]):
             raise type(err)(f"lightning.callbacks.{name}: {err}") from err
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
     trainer_kwargs.setdefault("default_root_dir", str(run_dir))
-    trainer = L.Trainer(**{**trainer_kwargs, "strategy": resolve_strategy(trainer_kwargs.get("strategy", "auto")),
-                           "plugins": with_atomic_checkpoints(trainer_kwargs.get("plugins"))},
-                        callbacks=callbacks, logger=logger)
+    try:
+        trainer = L.Trainer(**{**trainer_kwargs, "strategy": resolve_strategy(trainer_kwargs.get("strategy", "auto")),
+                               "plugins": with_atomic_checkpoints(trainer_kwargs.get("plugins"))},
+                            callbacks=callbacks, logger=logger)
+    except (MisconfigurationException, RuntimeError) as err:  # e.g. accelerator=gpu where there is none
+        keys = ("accelerator", "devices", "num_nodes", "strategy")
+        shown = {k: trainer_kwargs[k] for k in keys if k in trainer_kwargs}
+        raise ValueError(f"lightning.trainer {shown}: {err}") from err
 
     model = instantiate_from_config(config.model)
     if "base_learning_rate" in config.model:  # latent-diffusion puts it next to target/params
         model.base_learning_rate = float(config.model.base_learning_rate)
     data = instantiate_from_config(config.data)
 
-    batch_size = int((config.data.get("params") or {}).get("batch_size", 1))
-    accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
-    ngpu = number_of_devices(trainer_kwargs)
     if hasattr(model, "set_learning_rate"):
-        model.set_learning_rate(ngpu=ngpu, batch_size=batch_size, accumulate=accumulate)
+        batch_size = int((config.data.get("params") or {}).get("batch_size", 1))
+        accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
+        model.set_learning_rate(ngpu=world_size(trainer), batch_size=batch_size, accumulate=accumulate)
 
     if trainer.is_global_zero and not is_child:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         cfg_dir.mkdir(parents=True, exist_ok=True)
-        project = OmegaConf.create({k: config[k] for k in ("model", "data")})
+        resolved = OmegaConf.to_container(config, resolve=True)  # the dataset block's values, not its references
+        project = OmegaConf.create({k: resolved[k] for k in ("model", "data")})
         OmegaConf.save(project, cfg_dir / f"{now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"lightning": lightning_cfg}), cfg_dir / f"{now}-lightning.yaml")
+        lightning_saved = OmegaConf.create({"lightning": resolved.get("lightning") or {}})
+        OmegaConf.save(lightning_saved, cfg_dir / f"{now}-lightning.yaml")
         print(f"run folder: {run_dir}", flush=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return trainer, model, data, ckpt_path, is_child

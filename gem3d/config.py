@@ -229,3 +229,66 @@ def check_existing_path(key: str, value: Any, *, kind: str = "file") -> Path:
     if not exists():
         raise FileNotFoundError(f"{key}={value!r}: no such {noun}")
     return path
+
+
+class ConfigProblems(ValueError):
+    """Several problems of one config, reported together (``problems``: the exceptions)."""
+
+    def __init__(self, problems: list[BaseException]):
+        self.problems = list(problems)
+        listed = "; ".join(f"({i}) {error_line(p)}" for i, p in enumerate(self.problems, 1))
+        super().__init__(f"{len(self.problems)} config problems: {listed}")
+
+
+def raise_problems(problems: list[BaseException]) -> None:
+    """Nothing for no problem, the problem itself for one, :class:`ConfigProblems` for several."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigProblems(problems)
+
+
+def check_params(config: Any, where: str) -> list[Exception]:
+    """The unknown ``params`` keys of every ``{target, params}`` mapping in ``config`` (nested ones too), as
+    exceptions, without building anything (the targets are imported: check them with :func:`check_config_targets`
+    first). A target that cannot be imported is a problem too."""
+    problems: list[Exception] = []
+    for path, mapping in _mappings(to_plain(config), where):
+        target, params = mapping.get("target"), mapping.get("params")
+        if not isinstance(target, str) or not isinstance(params, Mapping):
+            continue
+        try:
+            signature = inspect.signature(get_obj_from_str(target))
+        except ImportError as err:
+            problems.append(err)
+            continue
+        except (TypeError, ValueError):  # builtins without a signature
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            continue
+        try:
+            check_keys(params, [n for n in signature.parameters if n != "self"], f"{path}.params (target {target!r})")
+        except ValueError as err:
+            problems.append(err)
+    return problems
+
+
+def load_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """One YAML config; its ``include:`` (a path or a list, relative to the file) is loaded first and overridden
+    by the file itself, so several configs can share one block (``configs/datasets/*.yaml``)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ValueError(f"config include cycle: {chain}")
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig) or "include" not in config:
+        return config
+    includes = config.pop("include")
+    includes = [includes] if isinstance(includes, str) else list(includes or [])
+    parts = []
+    for include in includes:
+        included = (path.parent / str(include)).resolve()
+        if not included.is_file():
+            raise FileNotFoundError(f"{path}: include {str(include)!r}: no such file ({included})")
+        parts.append(load_config_file(included, (*_seen, path)))
+    return OmegaConf.merge(*parts, config)

@@ -47,6 +47,19 @@ def skip_missing_fixtures(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gem3d_cache_in_tmp(tmp_path_factory) -> Path:
+    """The default cache root (``$GEM3D_CACHE``) in a temporary folder: tests never write to ~/.cache/gem3d."""
+    root = tmp_path_factory.mktemp("gem3d_cache")
+    previous = os.environ.get("GEM3D_CACHE")
+    os.environ["GEM3D_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("GEM3D_CACHE", None)
+    else:
+        os.environ["GEM3D_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def original_fixtures() -> Path:
     """The fixture folder; absent: every test using it skips with one shared reason (an error with

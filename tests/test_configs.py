@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
-from gem3d.config import get_obj_from_str, is_placeholder, to_plain  # noqa: E402
+from gem3d.config import get_obj_from_str, is_placeholder, load_config_file, to_plain  # noqa: E402
 from gem3d.data.module import Gem3dDataModule  # noqa: E402
 from gem3d.data.preprocess import PreprocessConfig  # noqa: E402
 from gem3d.denoiser import VARIANTS  # noqa: E402
@@ -34,7 +34,7 @@ ALL_CONFIGS = LDM_CONFIGS + ["demo_autoencoder"]
 
 
 def load(name: str):
-    return OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    return load_config_file(CONFIG_DIR / f"{name}.yaml")  # with its included dataset block
 
 
 def test_the_config_set_is_complete():

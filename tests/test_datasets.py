@@ -1,5 +1,6 @@
 """Cache, splits, clip / slice / volume datasets and the LightningDataModule on tiny nnU-Net datasets."""
 import json
+from pathlib import Path
 import os
 
 import nibabel as nib
@@ -12,6 +13,10 @@ from gem3d.data.datasets import (
     EpochSampler,
     SliceDataset,
     VolumeCache,
+    dataset_cache_dir,
+    default_cache_root,
+    default_splits_path,
+    format_bytes,
     load_or_create_splits,
     make_splits,
     read_splits,
@@ -76,7 +81,7 @@ def test_cache_is_reused_and_refreshed(dataset, tmp_path):
     prepared = cache.get("case_000")
     assert isinstance(prepared.image, np.memmap) and prepared.image.shape == (20, 16, 16)
     assert prepared.label.dtype == np.int16 and cache.prepared_count == 1
-    assert cache.cache_dir.parent == dataset / ".gem3d_cache"
+    assert cache.cache_dir.parent == dataset_cache_dir(dataset) and dataset not in cache.cache_dir.parents
     cache.prepare_all()
     assert cache.prepared_count == 5
     again = VolumeCache(dataset, CFG)
@@ -169,10 +174,14 @@ def test_splits_deterministic_disjoint_complete(tmp_path):
 
 def test_load_or_create_splits_writes_once(dataset):
     splits = load_or_create_splits(dataset, seed=0, val_fraction=0.4)
-    assert (dataset / "splits.json").is_file() and len(splits["val"]) == 2
+    written = dataset_cache_dir(dataset) / "splits.json"
+    assert written.is_file() and not (dataset / "splits.json").exists() and len(splits["val"]) == 2
+    assert default_splits_path(dataset) == written
     # an existing file wins over new arguments (the split is a record, not recomputed)
     assert load_or_create_splits(dataset, seed=9, val_fraction=0.2) == splits
-    (dataset / "splits.json").write_text(json.dumps({"train": ["ghost"], "val": []}))
+    written.unlink()
+    (dataset / "splits.json").write_text(json.dumps({"train": ["ghost"], "val": []}))  # the dataset's own wins
+    assert default_splits_path(dataset) == dataset / "splits.json"
     with pytest.raises(ValueError, match=r"not in the dataset: \['ghost'\]"):
         load_or_create_splits(dataset)
 
@@ -256,3 +265,92 @@ def test_contrast_variants_are_train_cases_with_their_own_informed_slice(dataset
         Gem3dDataModule(dataset, contrast_variants=[{"gamma": 0}])
     with pytest.raises(KeyError, match="case 'nope' not in"):
         dm.cache.get("nope~g2")
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_read_only_dataset_trains_from_the_cache_outside_it(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEM3D_CACHE", str(tmp_path / "cache"))
+    before = _tree(dataset)
+    modes = {p: p.stat().st_mode for p in [dataset, *dataset.rglob("*")]}
+    for path in modes:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        dm = Gem3dDataModule(dataset, kind="clip", preprocess={"size": 16, "max_label": 3}, clip_len=4, seed=0,
+                             val_fraction=0.4, samples_per_epoch=2)
+        dm.prepare_data()
+        dm.setup("fit")
+        assert next(iter(dm.train_dataloader()))["image"].shape == (1, 4, 1, 16, 16)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+    assert _tree(dataset) == before  # nothing written into the dataset (root ignores the permission bits)
+    home = tmp_path / "cache" / f"{dataset.name}-{dataset_cache_dir(dataset).name.rsplit('-', 1)[1]}"
+    assert dataset_cache_dir(dataset) == home and (home / "splits.json").is_file()
+    assert dm.cache.cache_dir.parent == home
+
+
+def test_cache_root_and_explicit_paths(dataset, tmp_path, monkeypatch):
+    monkeypatch.delenv("GEM3D_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_root() == tmp_path / "xdg" / "gem3d"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_root() == Path.home() / ".cache" / "gem3d"
+    other = tmp_path / "elsewhere" / dataset.name  # the same folder name, another dataset: another cache
+    assert dataset_cache_dir(other).name != dataset_cache_dir(dataset).name
+    monkeypatch.setenv("GEM3D_CACHE", str(tmp_path / "unused"))
+    dm = Gem3dDataModule(dataset, preprocess={"size": 16, "max_label": 3}, clip_len=4, val_fraction=0.4,
+                         cache_dir=tmp_path / "mine", splits_path=tmp_path / "s" / "my_splits.json")
+    dm.setup("fit")
+    assert dm.cache.cache_dir.parent == tmp_path / "mine" and (tmp_path / "s" / "my_splits.json").is_file()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_size_estimate_from_headers_matches_the_prepared_cache(dataset, capsys):
+    cache = VolumeCache(dataset, CFG)
+    estimate = cache.estimate_bytes(latent_channels=4, downsample_factor=4)
+    assert not any(cache.cache_dir.glob("*.npy"))  # estimated before anything is prepared
+    assert estimate["slices"] == 5 * 20  # (12, 10, 20) images, slices along the third (RAS z) axis
+    cache.prepare_all()
+    written = sum(p.stat().st_size for p in cache.cache_dir.glob("*.npy"))
+    assert abs(written - estimate["volumes"]) / estimate["volumes"] < 0.05  # .npy headers only
+    assert estimate["latents"] == 5 * 20 * 3 * 4 * 4 * 4 * 4
+    assert format_bytes(1_500_000_000) == "1.5 GB" and format_bytes(999) == "999 B"
+    dm = Gem3dDataModule(dataset, preprocess={"size": 16, "max_label": 3}, clip_len=4, val_fraction=0.4)
+    dm.prepare_data()
+    out = capsys.readouterr().out
+    assert f"5 cases, about 100 slices: volumes {format_bytes(estimate['volumes'])}" in out
+
+
+class _CountingEncoder:
+    """A latent encoder (mean = 2x2 average pooling, std 1) that counts the slices it encodes."""
+
+    key = "counting0"
+    scale_factor = 1.0
+    latent_channels = 1
+    downsample_factor = 2
+
+    def __init__(self):
+        self.slices = 0
+
+    def __call__(self, images):
+        self.slices += images.shape[0]
+        mean = torch.nn.functional.avg_pool2d(images, 2)
+        return mean, torch.ones_like(mean)
+
+
+def test_ranks_encode_disjoint_shares_that_cover_every_case(dataset):
+    shares = []
+    for rank in range(2):
+        dm = Gem3dDataModule(dataset, preprocess={"size": 16, "max_label": 3}, clip_len=4, val_fraction=0.4)
+        latents = dm.attach_first_stage(_CountingEncoder(), part=(rank, 2))
+        shares.append(latents.encoded_count)
+    assert shares == [3, 2]  # 5 cases: rank 0 encodes 3 (names[0::2]), rank 1 the other 2
+    again = Gem3dDataModule(dataset, preprocess={"size": 16, "max_label": 3}, clip_len=4, val_fraction=0.4)
+    encoder = _CountingEncoder()
+    again.attach_first_stage(encoder)
+    assert again.latents.encoded_count == 0 and encoder.slices == 0  # all cached by the two shares
+    with pytest.raises(ValueError, match=r"part must be \(index, count\) with 0 <= index < count, got \(2, 2\)"):
+        again.attach_first_stage(encoder, part=(2, 2))

@@ -285,9 +285,11 @@ def test_missing_dataset_and_unknown_keys(tmp_path, autoencoder_run):
                          f"model.params.first_stage_config.params.ckpt_path={autoencoder_run}"])
     extra = tmp_path / "extra.yaml"
     extra.write_text("trainer:\n  max_steps: 3\n")
-    with pytest.raises(KeyError, match=r"unknown top-level config key\(s\) \['trainer'\]; allowed: \['model', 'data', 'lightning'\]"):
+    # reported with the other problems of that config (the demo's missing dataset and autoencoder run)
+    with pytest.raises(ValueError, match=r"\(1\) unknown top-level config key\(s\) \['trainer'\]; allowed: "
+                                         r"\['model', 'data', 'lightning'\]; \(2\)"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), str(extra), "-t"])
-    with pytest.raises(KeyError, match=r"unknown 'lightning' config key\(s\) \['logger'\]"):
+    with pytest.raises(ValueError, match=r"\(1\) unknown 'lightning' config key\(s\) \['logger'\]"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), "-t", "lightning.logger.x=1"])
     with pytest.raises(ValueError, match=r"unrecognised arguments \['--bogus'\]"):
         main_module.run(["--base", str(CONFIGS / "demo_stage1.yaml"), "--bogus"])
@@ -328,6 +330,5 @@ def test_flags_gpus_and_trainer_passthrough():
     opt.gpus = "0,1,"
     kwargs = main_module.build_trainer_kwargs(config, opt)
     assert kwargs["accelerator"] == "gpu" and kwargs["devices"] == [0, 1] and kwargs["strategy"] == "ddp"
-    assert main_module.number_of_devices(kwargs) == 2
     with pytest.raises(ValueError, match="--gpus='a,b'"):
         main_module.parse_gpus("a,b")

@@ -1,11 +1,15 @@
 """Cached preprocessed volumes (and their first-stage latents), deterministic splits, torch datasets.
 
+Caches live outside the dataset, so a read-only dataset works: under ``cache_dir`` when given, else under
+``$GEM3D_CACHE`` (or ``$XDG_CACHE_HOME/gem3d``, ``~/.cache/gem3d``) in a folder per dataset (:func:`dataset_cache_dir`).
+
 Index `e * len + i` is item `i` at epoch `e`, drawn from `np.random.default_rng([seed, e, i])` (the same in every
 worker), so `EpochSampler` moves epochs without reaching into workers."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,6 +36,7 @@ from .preprocess import (
 )
 
 CACHE_VERSION = 1
+CACHE_ENV = "GEM3D_CACHE"
 SPLIT_KEYS = ("train", "val", "test")
 INFORMED_SLICES = ("clip", "volume")  # where a training clip's informed slice is drawn from
 VARIANT_MARK = "~"
@@ -40,6 +45,33 @@ VARIANT_MARK = "~"
 def variant_name(name: str, invert: bool = False, gamma: float = 1.0) -> str:
     """The name of case ``name`` in another contrast (:func:`contrast_variant`, training only): ``case~inv-g0.7``."""
     return f"{name}{VARIANT_MARK}{'inv-' if invert else ''}g{float(gamma):g}"
+
+
+def default_cache_root() -> Path:
+    """``$GEM3D_CACHE``, else ``$XDG_CACHE_HOME/gem3d``, else ``~/.cache/gem3d``: one place per user (or per
+    cluster scratch folder, set by the variable) that every stage and every rank shares."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gem3d"
+
+
+def dataset_cache_dir(dataset_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The folder of one dataset's caches: ``cache_dir`` when given, else ``<default_cache_root>/<dataset folder
+    name>-<8 hex digits of its absolute path>`` (two datasets of the same name do not share a cache)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    dataset_dir = Path(dataset_dir).expanduser().resolve()
+    digest = hashlib.sha1(str(dataset_dir).encode()).hexdigest()[:8]
+    return default_cache_root() / f"{dataset_dir.name}-{digest}"
+
+
+def default_splits_path(dataset_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the splits are read or written when ``splits_path`` is not given: the dataset's own ``splits.json``
+    when it has one (a split written by an earlier gem3d, or by hand), else ``splits.json`` in
+    :func:`dataset_cache_dir`."""
+    own = Path(dataset_dir) / "splits.json"
+    return own if own.is_file() else dataset_cache_dir(dataset_dir, cache_dir) / "splits.json"
 
 
 class _CaseStore:
@@ -77,12 +109,12 @@ class _CaseStore:
 
 class VolumeCache(_CaseStore):
     """Each training case prepared once into `.npy` files + a meta json (geometry, stats, source fingerprint) under
-    `<cache_dir or dataset_dir/.gem3d_cache>/<hash of cfg>`; a changed source (size or mtime) is prepared again.
+    `<dataset_cache_dir(dataset_dir, cache_dir)>/<hash of cfg>`; a changed source (size or mtime) is prepared again.
     Names made by :func:`variant_name` address a case in another contrast, computed from its cached image."""
 
     def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
                  channel: int | str | None = None):
-        base = Path(cache_dir) if cache_dir is not None else Path(dataset_dir) / ".gem3d_cache"
+        base = dataset_cache_dir(dataset_dir, cache_dir)
         dataset = open_dataset(dataset_dir, channel=channel)
         key = {"cfg": asdict(cfg), "split": "Tr", "version": CACHE_VERSION}
         if dataset.channel != 0:  # channel 0 keeps the key of caches written before channels could be chosen
@@ -167,9 +199,47 @@ class VolumeCache(_CaseStore):
         )
         return self._loaded[name]
 
-    def prepare_all(self) -> None:
-        for name in tqdm(self.names, desc="preparing cases", leave=False):
+    def prepare_all(self, names: list[str] | None = None) -> None:
+        for name in tqdm(self.names if names is None else names, desc="preparing cases", leave=False):
             self.meta(name)
+
+    def estimate_bytes(self, names: list[str] | None = None, latent_channels: int = 0,
+                       downsample_factor: int = 8) -> dict[str, int]:
+        """Bytes the cache will hold for ``names`` (default: all), from the image headers (no voxel is read):
+        ``{"slices", "volumes", "latents"}``; volumes: image f32 + label i16 per slice of S x S; latents (with
+        ``latent_channels``): 3 f32 fields of ``latent_channels x (S / f)^2`` per slice. Cases whose header
+        cannot be read count as the mean of the others."""
+        names = self.names if names is None else names
+        counts = [n for n in (_slices_from_header(self.dataset, name, self.cfg.slice_axis) for name in names) if n]
+        slices = int(round(sum(counts) / len(counts) * len(names))) if counts else 0
+        side = self.cfg.size or 0
+        if not side and counts:  # size None keeps the canonical in-plane shape: take the first case's
+            side = int(max(self.get(names[0]).image.shape[1:]))
+        volume_bytes = slices * side * side * (4 + 2)
+        latent_side = -(-side // max(int(downsample_factor), 1))
+        latent_bytes = slices * 3 * int(latent_channels) * latent_side * latent_side * 4
+        return {"slices": slices, "volumes": volume_bytes, "latents": latent_bytes}
+
+
+def _slices_from_header(dataset, name: str, slice_axis: int) -> int | None:
+    """The number of slices along the RAS axis ``slice_axis`` of a case's image, from its NIfTI header only."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(dataset.image_path(name)))
+    except Exception:  # not a NIfTI file (nnU-Net preprocessed arrays, other formats): unknown
+        return None
+    axes = nib.io_orientation(image.affine)[:, 0]
+    return int(image.shape[int(np.flatnonzero(axes == slice_axis)[0])])
+
+
+def format_bytes(n: float) -> str:
+    """``1.5e9`` -> ``'1.5 GB'`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 class LatentEncoder(Protocol):
@@ -296,9 +366,10 @@ def read_splits(path: str | Path, fold: int = 0) -> dict[str, list[str]]:
 def load_or_create_splits(dataset_dir: str | Path, names: list[str] | None = None, seed: int = 0,
                           val_fraction: float = 0.2, test_fraction: float = 0.0,
                           path: str | Path | None = None) -> dict[str, list[str]]:
-    """Read `<dataset_dir>/splits.json` (or `path`), or make and write it. Cases named there must exist."""
+    """Read the splits at `path` (default: :func:`default_splits_path`), or make and write them there. Cases named
+    there must exist."""
     dataset_dir = Path(dataset_dir)
-    path = Path(path) if path is not None else dataset_dir / "splits.json"
+    path = Path(path) if path is not None else default_splits_path(dataset_dir)
     if names is None:
         names = open_dataset(dataset_dir).case_names("Tr")
     if path.is_file():

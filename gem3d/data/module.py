@@ -16,13 +16,26 @@ from .datasets import (
     LatentCache,
     LatentEncoder,
     SliceDataset,
+    VARIANT_MARK,
     VolumeCache,
+    default_splits_path,
+    format_bytes,
     load_or_create_splits,
     variant_name,
 )
 from .preprocess import PreprocessConfig
 
 KINDS = ("clip", "slice")
+
+
+def share_of(names: list[str], part: tuple[int, int]) -> list[str]:
+    """The names of share ``part = (index, count)``: every ``count``-th case from ``index`` in sorted order, each
+    with its contrast variants (so no two shares prepare the same case)."""
+    index, count = part
+    if not 0 <= index < count:
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part!r}")
+    mine = set(sorted({n.split(VARIANT_MARK)[0] for n in names})[index::count])
+    return [n for n in names if n.split(VARIANT_MARK)[0] in mine]
 
 
 class _SkipOnResume:
@@ -79,8 +92,11 @@ class Gem3dDataModule(L.LightningDataModule):
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
     slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
     `informed_slices`: a clip's informed slice is a slice of the ``clip`` (the paper) or of the whole ``volume``.
-
-    `channel`: the image channel of a multi-channel dataset (index or dataset.json name; None: 0)."""
+    `channel`: the image channel of a multi-channel dataset (index or dataset.json name; None: 0).
+    `cache_dir`: the folder of the prepared volumes and latents (default: :func:`gem3d.data.datasets.dataset_cache_dir`,
+    outside the dataset); `splits_path`: the splits file (default: :func:`gem3d.data.datasets.default_splits_path`).
+    Under DDP every rank prepares and encodes its share of the cases (:func:`share_of`), then they wait for each
+    other once."""
 
     def __init__(self, dataset_dir: str | Path, kind: str = "clip", preprocess: dict[str, Any] | None = None,
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
@@ -114,14 +130,36 @@ class Gem3dDataModule(L.LightningDataModule):
         self.splits: dict[str, list[str]] | None = None
         self.train_set = self.val_set = None
 
-    def _cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
+    def cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
+        """The volume cache and the splits (read, or made and written), without preparing any case."""
         cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir, channel=self.channel)
-        return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=self.splits_path,
+        path = self.splits_path if self.splits_path is not None else default_splits_path(self.dataset_dir,
+                                                                                         self.cache_dir)
+        return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=path,
                                             val_fraction=self.val_fraction, test_fraction=self.test_fraction)
 
     def prepare_data(self) -> None:
-        """Write splits.json and fill the cache once (main process)."""
-        self._cache_and_splits()[0].prepare_all()
+        """Write the splits once (main process) and print the cache's size estimate; the cases are prepared in
+        :meth:`setup`, each rank its share."""
+        cache, _ = self.cache_and_splits()
+        self.print_estimate(cache)
+
+    def print_estimate(self, cache: VolumeCache, latent_channels: int = 0, downsample_factor: int = 8) -> dict:
+        """Print how much the cache will hold (from the image headers), before anything is prepared."""
+        estimate = cache.estimate_bytes(latent_channels=latent_channels, downsample_factor=downsample_factor)
+        latents = f", latents {format_bytes(estimate['latents'])}" if latent_channels else ""
+        print(f"cache {cache.cache_dir}: {len(cache.names)} cases, about {estimate['slices']} slices: volumes "
+              f"{format_bytes(estimate['volumes'])}{latents} (estimate from the image headers)", flush=True)
+        return estimate
+
+    def _rank_share(self) -> tuple[int, int]:
+        """``(rank, world size)`` of the attached trainer, ``(0, 1)`` without one."""
+        trainer = self.trainer
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+
+    def _barrier(self, name: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            self.trainer.strategy.barrier(name)
 
     def _make(self, names: list[str], length: int | None, seed: int):
         if self.kind == "clip":
@@ -131,13 +169,19 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
-            self.cache, self.splits = self._cache_and_splits()
+            self.cache, self.splits = self.cache_and_splits()
+            rank, world = self._rank_share()
+            self.cache.prepare_all(share_of(self.cache.names, (rank, world)))  # each rank its share, then all read
+            self._barrier("gem3d_volume_cache")
             if not self.splits["train"]:
                 raise ValueError(f"the train split of {self.dataset_dir} is empty: {self.splits}")
-            train = self.splits["train"] + [variant_name(n, **v) for n in self.splits["train"]
-                                            for v in self.contrast_variants]
+            train = self.train_names(self.splits)
             self.train_set = self._make(train, self.samples_per_epoch, self.seed)
             self.val_set = self._make(self.splits["val"], None, self.seed + 1) if self.splits["val"] else None
+
+    def train_names(self, splits: dict[str, list[str]]) -> list[str]:
+        """The train cases, each also under the names of its contrast variants."""
+        return splits["train"] + [variant_name(n, **v) for n in splits["train"] for v in self.contrast_variants]
 
     def train_position(self) -> tuple[int, int]:
         """``(epoch, batches of it trained)`` of the attached trainer: where a resumed run goes on."""
@@ -152,14 +196,19 @@ class Gem3dDataModule(L.LightningDataModule):
             return epochs.processed + 1, 0
         return epochs.processed, batches
 
-    def attach_first_stage(self, encoder: LatentEncoder) -> LatentCache | None:
-        """Encode the train and val cases with ``encoder`` once (reused while the preprocessing, the encoder's key and
-        the source files stay the same) and make the datasets return latents; None when ``latent_cache`` is off."""
+    def attach_first_stage(self, encoder: LatentEncoder, part: tuple[int, int] = (0, 1)) -> LatentCache | None:
+        """Encode share ``part = (index, count)`` of the train and val cases (:func:`share_of`) with
+        ``encoder`` once (reused while the preprocessing, the encoder's key and the source files stay the same) and
+        make the datasets return latents, encoding any case still missing when it is first read; None when
+        ``latent_cache`` is off."""
         if not self.latent_cache:
             return None
         self.setup()
+        names = share_of(self.train_set.names + self.splits["val"], part)
         self.latents = LatentCache(self.cache, encoder)
-        self.latents.encode_all(self.train_set.names + self.splits["val"])
+        if part[0] == 0 and getattr(encoder, "latent_channels", None):
+            self.print_estimate(self.cache, int(encoder.latent_channels), int(getattr(encoder, "downsample_factor", 8)))
+        self.latents.encode_all(names)
         for dataset in (self.train_set, self.val_set):
             if dataset is not None:
                 dataset.use_latents(self.latents)

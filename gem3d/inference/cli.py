@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from gem3d.config import ALLOW_ANY_TARGET_FLAG, allow_any_target, check_keys, error_line
 from gem3d.configs import packaged
+from gem3d.data.datasets import default_splits_path
 from gem3d.inference.engine import InferenceConfig, merge_rank_manifests, run_inference
 from gem3d.inference.mask_edit import icma_edit
 from gem3d.inference.settings import get_setting
@@ -238,7 +239,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         raise ValueError(f"no dataset: pass --data or set data: in gem3d/configs/inference/{dataset}.yaml")
     data = Path(pick(args.data, "data"))
     cases = None if pick(args.cases, "cases") is None else str(pick(args.cases, "cases"))
-    if args.cases is None and cases is not None and cases.startswith("split:") and not (data / "splits.json").is_file():
+    no_splits = not default_splits_path(data).is_file()  # the dataset's own, else where training wrote them
+    if args.cases is None and cases is not None and cases.startswith("split:") and no_splits:
         print(f"note: {data} has no splits.json (written by training), so the default --cases {cases} means all cases")
         cases = "all"
     return InferenceConfig(

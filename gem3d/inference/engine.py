@@ -27,7 +27,7 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from gem3d.data.case import Case
-from gem3d.data.datasets import read_splits
+from gem3d.data.datasets import default_splits_path, read_splits
 from gem3d.data.nnunet import PreprocessedDataset, open_dataset
 from gem3d.data.preprocess import (
     PreparedCase,
@@ -276,7 +276,7 @@ class Enhancer:
             return list(self.names[: int(spec)])
         if spec.startswith("split:"):
             which = spec.split(":", 1)[1]
-            path = self.cfg.data / "splits.json"
+            path = default_splits_path(self.cfg.data)  # the dataset's own, else where training wrote it
             if not path.is_file():
                 raise FileNotFoundError(f"--cases {spec}: {path} does not exist (it is written by training)")
             splits = read_splits(path)

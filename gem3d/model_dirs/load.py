@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from gem3d.checkpoint import load_checkpoint, load_weights, resolve_checkpoint, state_dict_of, unet_state_dict, with_prefix
+from gem3d.config import load_config_file
 from gem3d.denoiser import Denoiser
 from gem3d.files import file_sha256
 from gem3d.model_dirs.original import is_original_model_dir, load_original_denoiser
@@ -74,7 +75,7 @@ def read_preprocess(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preprocess config {str(path)!r} not found")
-    config = OmegaConf.load(path)
+    config = load_config_file(path)  # a training config's include: (its dataset block) too
     for key in ("preprocess", "fallback_preprocess", "data.params.preprocess"):
         node = OmegaConf.select(config, key)
         if node is not None:

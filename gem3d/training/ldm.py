@@ -36,6 +36,8 @@ class FirstStageLatentEncoder:
     def __init__(self, first_stage):
         self.first_stage = first_stage
         self.scale_factor = float(first_stage.scale_factor)
+        self.latent_channels = int(first_stage.latent_channels)  # for the cache's size estimate
+        self.downsample_factor = int(first_stage.downsample_factor)
         # the constructor arguments (diffusers' whole config lists sets in a per-process order), without the scale
         # factor: the cache holds unscaled latents
         params = {k: v for k, v in first_stage.architecture()["params"].items()
@@ -137,18 +139,16 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         self.sample_with_ema = bool(sample_with_ema) and self.ema is not None
 
     def setup(self, stage: str) -> None:
-        """Hand the first stage to the data module's latent cache, if it has one (rank 0 encodes every case once,
-        the others then read); its batches hold latents and no training step runs the encoder."""
+        """Hand the first stage to the data module's latent cache, if it has one: every rank encodes its share of
+        the cases (those not cached yet), then they wait for each other once; the batches hold latents and no
+        training step runs the encoder. ``python -m gem3d.data.encode`` fills the cache ahead of training."""
         attach = getattr(self.trainer.datamodule, "attach_first_stage", None)
         if attach is None:
             return
         self.first_stage.to(self.trainer.strategy.root_device)
         encoder = FirstStageLatentEncoder(self.first_stage)
-        if self.trainer.is_global_zero:
-            attach(encoder)
+        attach(encoder, part=(self.trainer.global_rank, self.trainer.world_size))
         self.trainer.strategy.barrier("gem3d_latent_cache")
-        if not self.trainer.is_global_zero:
-            attach(encoder)
 
     def drop_informed(self, informed_latent: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Informed-slice dropout (training only): each clip's informed latent ``(B, ...)`` becomes the null
