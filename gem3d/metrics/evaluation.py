@@ -543,6 +543,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def train_fidelity_segmenter(argv=None) -> Path | None:
+    """Train (or find in its cache) the label-fidelity segmenter that ``main(argv)`` would use, without evaluating
+    anything (the demo trains it beside its slice model); its folder, or None when it cannot run."""
+    args = parse_args(argv)
+    real = RealData(args.real, split=args.split, slice_axis=args.slice_axis, body=args.body)
+    cases = [c for c in real.names if c in select_cases(args.cases, real)] if args.cases else real.names
+    notes: list[str] = []
+    segmenter = fidelity_segmenter(real, cases, args, args.segmenter_cache or args.out / "segmenter_cache", notes)
+    print("\n".join(notes))
+    return None if segmenter is None else segmenter.work_dir
+
+
 def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows, set_values, counterfactual,
                  real: RealData, cases: list[str], notes: list[str], link_images: bool) -> str:
     """metrics.csv, counterfactual.csv, summary.md, the plots and report.html; returns the summary's text."""
