@@ -157,10 +157,18 @@ def plan_runs(config: DownstreamConfig) -> tuple[list[Run], list[str], RawDatase
     return runs, list(splits["test"]), dataset
 
 
-def _segmenter(config: DownstreamConfig, run: Run, factory: Callable[..., Segmenter]) -> Segmenter:
+def _segmenter(config: DownstreamConfig, run: Run, factory: Callable[..., Segmenter],
+               labels: dict[str, int]) -> Segmenter:
+    """The run's segmenter: ``config.segmenter`` with the run's seed, and every label of the real dataset (a regime
+    whose few cases lack one still predicts them all): MONAI ``num_labels``, nnU-Net ``labels``, unless given."""
     base = config.segmenter
+    options = dict(base.options)
+    if base.backend == "monai":
+        options.setdefault("num_labels", max(labels.values()))
+    elif base.backend == "nnunet":
+        options.setdefault("labels", dict(labels))
     settings = SegmenterSettings(backend=base.backend, iterations=base.iterations, seed=run.seed,
-                                 device=base.device, options=dict(base.options))
+                                 device=base.device, options=options)
     return factory(settings, run.folder(config.out) / "segmenter")
 
 
@@ -202,7 +210,7 @@ def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], datas
         scores = filter_scores(config, real_run, real_segmenter, synthetic, dataset.max_label)
         synthetic = [c for c in synthetic if math.isfinite(scores[c.name]) and scores[c.name] >= config.min_dice]
     cases = [*run.real_cases, *(TrainingCase(c.name, c.image, c.label) for c in synthetic)]
-    segmenter = _segmenter(config, run, factory)
+    segmenter = _segmenter(config, run, factory, dataset.labels)
     start = time.perf_counter()
     if cases:
         segmenter.train(cases, progress=config.progress)
@@ -237,7 +245,7 @@ def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] =
         if path.is_file():
             results.append(json.loads(path.read_text()))
             if run.condition == REAL:
-                real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory))
+                real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory, dataset.labels))
             log(f"{tag}: done before, skipped")
             continue
         log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)} synthetic cases")
