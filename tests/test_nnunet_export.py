@@ -149,31 +149,3 @@ def test_cli(tmp_path, sources, capsys):
     assert code == 0
     assert "with 7 training cases" in capsys.readouterr().out
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 7
-
-
-def test_cli_quality_filter_drops_cases_the_segmenter_disagrees_with(tmp_path, sources, capsys, monkeypatch):
-    real, synthetic = sources
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import enhance_dataset
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    import gem3d.metrics.labels as labels
-
-    def fake_dice(model_folder, images, masks, num_labels, device="cpu"):  # the nnU-Net call, scripted
-        assert model_folder == tmp_path / "nnunet" and len(images) == len(masks)
-        return [{1: 0.9 if "s0" in Path(i).name else 0.2, 2: float("nan")} for i in images], "ok"
-
-    monkeypatch.setattr(labels, "segmenter_dice", fake_dice)
-    out = tmp_path / "Dataset106_Filtered"
-    code = enhance_dataset.main(["--real", str(real), "--synthetic", *map(str, synthetic), "--out", str(out),
-                                 "--min-dice", "0.5", "--segmenter", str(tmp_path / "nnunet")])
-    assert code == 0
-    report = json.loads((out / "quality_filter.json").read_text())
-    assert report["dropped"] and all("_s0" not in name for name in report["dropped"])
-    assert all(report["dice"][name] == (0.9 if "_s0" in name else 0.2) for name in report["dice"])  # NaN label ignored
-    kept = {p.name[: -len(".nii.gz")] for p in (out / "labelsTr").glob("*.nii.gz")}
-    assert not kept & set(report["dropped"])
-    assert f"dropped {len(report['dropped'])} of {len(report['dice'])}" in capsys.readouterr().out
-    assert enhance_dataset.main(["--real", str(real), "--out", str(tmp_path / "x"), "--min-dice", "0.5"]) == 2
-    assert "--segmenter" in capsys.readouterr().err
