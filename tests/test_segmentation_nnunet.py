@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gem3d.segmentation import SegmenterSettings, TrainingCase, get_segmenter
+from gem3d.segmentation import SegmenterSettings, TrainingCase, get_segmenter, load_trained_segmenter
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                                 reason="nnunetv2 is not installed (make nnunet installs it, see the README)")
@@ -85,6 +85,9 @@ def test_nnunet_trains_resumes_keeps_and_predicts_on_the_image_grid(tmp_path, mo
         np.testing.assert_array_equal(prediction.affine, image.affine)
         assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2}
 
+    reopened = load_trained_segmenter(tmp_path / "work")  # from its segmenter.json alone
+    assert type(reopened) is type(segmenter) and reopened.is_trained() and reopened.settings == segmenter.settings
+
     other = get_segmenter(settings(iterations=4), tmp_path / "work")
     with pytest.raises(ValueError, match="holds an nnU-Net training with other settings"):
         other.train(cases, progress=False)
@@ -99,15 +102,6 @@ def test_nnunet_trains_resumes_keeps_and_predicts_on_the_image_grid(tmp_path, mo
 def test_nnunet_rejects_bad_options(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         get_segmenter(SegmenterSettings(backend="nnunet", iterations=2, options=options), tmp_path)
-
-
-def test_nnunet_prediction_names():
-    from gem3d.segmentation.nnunet_backend import prediction_name
-
-    assert prediction_name(Path("a/case_0000.nii.gz")) == "case.nii.gz"
-    assert prediction_name(Path("x_s1_image.nii")) == "x_s1_image.nii.gz"
-    with pytest.raises(ValueError, match="is not a NIfTI file"):
-        prediction_name(Path("case.mha"))
 
 
 def test_nnunet_raw_dataset_json(tmp_path):

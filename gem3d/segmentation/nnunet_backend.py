@@ -45,16 +45,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from gem3d.files import atomic_path, atomic_write_json
 
-from .base import Segmenter, SegmenterSettings, TrainingCase
+from .base import SETTINGS_FILE, Segmenter, SegmenterSettings, TrainingCase, prediction_name
 
-__all__ = ["NnUNetSegmenter", "Gem3dTrainer", "CONFIGURATIONS", "prediction_name"]
+__all__ = ["NnUNetSegmenter", "Gem3dTrainer", "CONFIGURATIONS"]
 
 CONFIGURATIONS = ("2d", "3d_fullres")
 DATASET_ID = 1
 DATASET_NAME = "Dataset001_gem3d"
 PLANS = "nnUNetPlans"
 ENDING = ".nii.gz"
-SETTINGS_FILE = "gem3d_segmenter.json"
 PREPROCESSED_STAMP = "preprocessed.done"
 OPTION_KEYS = ("configuration", "iterations_per_epoch", "val_iterations_per_epoch", "fold", "labels", "mirroring",
                "processes")
@@ -69,20 +68,6 @@ class Gem3dTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.save_every = 1
-
-
-def prediction_name(image: Path) -> str:
-    """``<case>_0000.nii.gz`` -> ``<case>.nii.gz``; any other NIfTI name keeps its stem: ``x.nii`` -> ``x.nii.gz``."""
-    name = Path(image).name
-    for ending in (".nii.gz", ".nii"):
-        if name.endswith(ending):
-            name = name[: -len(ending)]
-            break
-    else:
-        raise ValueError(f"image {image} is not a NIfTI file (.nii.gz or .nii)")
-    if name.endswith("_0000"):
-        name = name[: -len("_0000")]
-    return name + ENDING
 
 
 @contextlib.contextmanager
@@ -174,22 +159,21 @@ class NnUNetSegmenter(Segmenter):
         return (self.fold_dir / "checkpoint_final.pth").is_file()
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _record(self, cases: Sequence[TrainingCase]) -> dict[str, Any]:
-        return {"settings": {"backend": self.settings.backend, "iterations": self.settings.iterations,
-                             "seed": self.settings.seed, "options": self.settings.options},
-                "cases": sorted(c.name for c in cases)}
-
     def _check_work_dir(self, cases: Sequence[TrainingCase]) -> None:
-        """Write ``gem3d_segmenter.json`` (settings and case names) or check that it matches: a work folder holds
-        one training."""
-        record, path = self._record(cases), self.work_dir / SETTINGS_FILE
+        """A work folder holds one training: its ``segmenter.json`` (the settings and case names) must match these
+        (the device may differ); a new folder gets one."""
+        path = self.work_dir / SETTINGS_FILE
         if path.is_file():
             held = json.loads(path.read_text())
-            if held != json.loads(json.dumps(record)):
-                raise ValueError(f"{self.work_dir} holds an nnU-Net training with other settings or cases ({held}); "
-                                 f"asked for {record}: use another work folder")
+            mine = json.loads(json.dumps(self.settings.to_dict()))
+            same = {k: v for k, v in held["settings"].items() if k != "device"} == \
+                {k: v for k, v in mine.items() if k != "device"}
+            if not same or sorted(held["cases"]) != sorted(c.name for c in cases):
+                raise ValueError(f"{self.work_dir} holds an nnU-Net training with other settings or cases "
+                                 f"({held['settings']}, {held['cases']}); asked for {mine}, "
+                                 f"{[c.name for c in cases]}: use another work folder")
             return
-        atomic_write_json(path, record)
+        self.save_settings(cases)
 
     def _labels(self, cases: Sequence[TrainingCase]) -> dict[str, Any]:
         if self.labels is not None:
