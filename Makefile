@@ -26,7 +26,7 @@ NNUNET_PACKAGES := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 $(VENV)/.nnunet: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps $(NNUNET_PACKAGES)
 	$(PY) -m pip install -q -e ".[dev,demo,nnunet]" "torch==2.13.0"
-	$(PY) -c "import torch, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print('nnU-Net ready, torch', torch.__version__)"
+	$(PY) -c "import torch, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print('nnU-Net, torch', torch.__version__)"
 	touch $@
 
 nnunet: $(VENV)/.nnunet

@@ -25,7 +25,7 @@ TRAIN, VAL, TEST = ["c0", "c1", "c2", "c3"], ["c4"], ["c5", "c6", "c7"]
 
 
 class FakeSegmenter(Segmenter):
-    """Learns each label's mean intensity (every training case in every iteration) and labels a voxel by the nearest mean.
+    """Learns each label's mean intensity (every training case in every iteration), labels a voxel by the nearest.
     A state file after every iteration makes it resumable; ``stop_after`` (class-wide) interrupts it."""
 
     stop_after: int | None = None
