@@ -251,7 +251,8 @@ def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] =
                 real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory, dataset.labels))
             log(f"{tag}: done before, skipped")
             continue
-        log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)} synthetic cases")
+        candidates = " candidate (before the filter)" if run.condition == FILTERED else ""
+        log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)}{candidates} synthetic cases")
         result = run_one(config, run, test_cases, dataset, factory, real_segmenters)
         results.append(result)
         log(f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s")
