@@ -246,7 +246,15 @@ def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] =
         path = run.folder(config.out) / RESULT_FILE
         tag = f"[downstream {index}/{len(runs)}] {run.regime} real, {run.condition}, seed {run.seed}"
         if path.is_file():
-            results.append(json.loads(path.read_text()))
+            done = json.loads(path.read_text())
+            wanted = _segmenter(config, run, factory, dataset.labels).settings
+            held = done["segmenter"]
+            if (held["backend"], held["iterations"], held["options"]) != (wanted.backend, wanted.iterations,
+                                                                          json.loads(json.dumps(wanted.options))):
+                raise ValueError(f"{path} was trained with other segmenter settings ({held}); asked for "
+                                 f"{wanted.backend}, {wanted.iterations} iterations, options {wanted.options}: "
+                                 "use another --out")
+            results.append(done)
             if run.condition == REAL:
                 real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory, dataset.labels))
             log(f"{tag}: done before, skipped")

@@ -258,6 +258,12 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(data, tmp_path
     run_experiment(cfg, log=lambda _: None)
     assert FakeSegmenter.steps == []  # everything finished: nothing trains
 
+    longer = SegmenterSettings(backend="fake", iterations=5)
+    with pytest.raises(ValueError, match=r"seed0/result.json was trained with other segmenter settings .*asked for "
+                                         r"fake, 5 iterations, options \{\}: use another --out"):
+        run_experiment(config(data, tmp_path, longer, conditions=("real", "real+icma"), seeds=(0,)),
+                       log=lambda _: None)
+
 
 def test_cli_prints_the_table(data, tmp_path, fake_backend, capsys):
     real, synthetic = data
