@@ -263,7 +263,9 @@ def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] =
         log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)}{candidates} synthetic cases")
         result = run_one(config, run, test_cases, dataset, factory, real_segmenters)
         results.append(result)
-        log(f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s")
+        per_iteration = result["train_seconds"] / max(1, config.segmenter.iterations)
+        log(f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s "
+            f"({per_iteration:.2f} s an iteration)")
     write_summary(config, results, dataset, time.perf_counter() - start)
     return results
 
