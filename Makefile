@@ -1,4 +1,6 @@
 # gem3d: the two README commands. Each creates .venv with pip and installs what it needs.
+# Also: `make nnunet` (nnU-Net v2 beside the CPU torch; `make test` needs it so that its test runs) and
+# `make downstream` (after `make demo`: segmenters trained on real vs real + synthetic cases).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 DEMO_OUT ?= demo_out
 WORKERS ?= 2
 
-.PHONY: venv test demo clean bench
+.PHONY: venv nnunet test demo downstream clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +20,28 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# nnU-Net v2 without its own requirements (timm -> torchvision -> a CUDA torch), then the rest by name (the
+# `nnunet` extra); "torch==2.13.0" on the same line makes pip keep the installed torch or fail.
+NNUNET_PACKAGES := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+$(VENV)/.nnunet: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(NNUNET_PACKAGES)
+	$(PY) -m pip install -q -e ".[dev,demo,nnunet]" "torch==2.13.0"
+	$(PY) -c "import torch, nnunetv2.training.nnUNetTrainer.nnUNetTrainer; print('nnU-Net, torch', torch.__version__)"
+	touch $@
+
+nnunet: $(VENV)/.nnunet
+
+test: venv nnunet
 	$(PY) -m pytest -n $(WORKERS) -q
 
 demo: venv
 	$(PY) scripts/demo.py --out $(DEMO_OUT)
+
+# the downstream experiment on the demo's outputs; DOWNSTREAM_ARGS adds or overrides flags (see --help)
+DOWNSTREAM_ARGS ?=
+downstream: venv
+	$(PY) scripts/downstream.py --real $(DEMO_OUT)/dataset --synthetic $(DEMO_OUT)/synthetic \
+		--out $(DEMO_OUT)/downstream $(DOWNSTREAM_ARGS)
 
 BENCH_ARGS ?= --quick --threads 1
 

@@ -1,0 +1,183 @@
+"""Mask-true synthesis: which training and sampling choices let GEM-3D draw the mask's structures (docs/mask-true.md).
+
+On the demo dataset (16 cases: 8 train, 2 val, 6 test), every model trains for a FIXED number of steps (not minutes,
+so the comparison does not depend on the machine's load), and every choice is scored on the VAL cases only (never
+on the test cases the demo reports):
+
+1. the autoencoder; stage-1 variants (informed slice shown / hidden, contrast variants on / off, informed slice from
+   the clip / the volume, label-weighted loss) and the baseline's stage 1;
+2. stage 2 on the chosen stage 1, and the baseline's stage 2;
+3. sampling variants on stage 2 (informed start, slice noise correlation);
+4. label fidelity (mean Dice of the evaluation's segmenter, trained on the real train cases, against the masks;
+   ``gem3d.metrics.evaluation``) and the through-plane / in-plane gradient ratio (stripes), beside the same
+   segmenter on the real val volumes.
+
+    python bench/mask_true.py --out bench_out/mask_true [--quick] [--write docs/mask-true.md]
+
+``--quick``: a few steps per model (checks the script, no meaningful figures). The table is printed and, with
+``--write``, replaces the generated block of that file. About an hour on 2 CPU cores at the default steps.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gem3d.data.demo import build_demo_dataset  # noqa: E402
+from gem3d.inference.cli import load_inference_config  # noqa: E402
+from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: E402
+from gem3d.inference.volume import SamplerOptions  # noqa: E402
+from gem3d.metrics import evaluation  # noqa: E402
+
+HIDDEN = "data.params.preprocess.informed_labels=hidden"
+NO_VARIANTS = "data.params.contrast_variants=[]"
+SHOWN = "data.params.preprocess.informed_labels=shown"
+VARIANTS = ("data.params.contrast_variants=[{invert: true}, {gamma: 0.6}, {gamma: 1.6}, {invert: true, gamma: 0.7}]")
+# stage-1 variant -> its overrides of configs/latent-diffusion/demo_stage1.yaml
+STAGE1 = {
+    "shown, contrast variants (the earlier demo)": [SHOWN, VARIANTS],
+    "hidden, contrast variants": [HIDDEN, VARIANTS],
+    "hidden, contrast variants, informed from the volume, label weight 4": [
+        HIDDEN, VARIANTS, "data.params.informed_slices=volume", "model.params.label_loss_weight=4"],
+    "shown, no contrast variants": [SHOWN, NO_VARIANTS],
+    "hidden, no contrast variants (the demo)": [HIDDEN, NO_VARIANTS],
+    "hidden, no contrast variants, informed from the volume": [HIDDEN, NO_VARIANTS, "data.params.informed_slices=volume"],
+    "hidden, no contrast variants, label weight 4": [HIDDEN, NO_VARIANTS, "model.params.label_loss_weight=4"],
+}
+CHOSEN = "hidden, no contrast variants (the demo)"
+# sampling variant -> SamplerOptions changes (stage 2)
+SAMPLING = {
+    "informed start 0.5": {"informed_start": 0.5},
+    "informed start 0.7": {"informed_start": 0.7},
+    "informed start 1.0 (pure noise)": {"informed_start": 1.0},
+    "informed start 0.7, slice noise correlation 0.8 (the demo)": {"informed_start": 0.7,
+                                                                   "slice_noise_correlation": 0.8},
+}
+BEGIN, END = "<!-- bench:mask_true:begin -->", "<!-- bench:mask_true:end -->"
+
+
+def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str]) -> Path:
+    """One main.py training for exactly ``steps`` steps (no time budget); its run folder (kept on a rerun)."""
+    logs = out / "logs"
+    runs = sorted(logs.glob(f"*_{name}"))
+    if runs and (runs[-1] / "checkpoints" / "last.ckpt").is_file() and (runs[-1] / "done").is_file():
+        return runs[-1]
+    cmd = [sys.executable, "main.py", "--base", f"configs/latent-diffusion/{config}.yaml", "-t", "-n", name,
+           "-l", str(logs), f"data.params.dataset_dir={dataset}", "lightning.trainer.max_time=null",
+           f"lightning.trainer.max_steps={steps}", *overrides]
+    log = out / "train_logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = sorted(logs.glob(f"*_{name}"))[-1]
+    (run / "done").touch()
+    print(f"[mask_true] trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run
+
+
+def synthesise(out: Path, dataset: Path, name: str, setting: str, model: Path, sampler: dict, seed: int,
+               slice_model: Path | None = None) -> Path:
+    """The ``setting``'s volumes of the val cases (2 samples each) in ``out/synthetic/<name>/<setting>``."""
+    cfg = InferenceConfig(setting=setting, data=dataset, out=out / "synthetic" / name, model=model,
+                          slice_model=slice_model, split="Tr", cases="split:val", samples_per_case=2,
+                          sampler=SamplerOptions(**sampler), seed=seed, device="cpu", progress=False, previews=False,
+                          mask_edit=dict(load_inference_config("demo").get("mask_edit") or {}))
+    run_inference(cfg)
+    return cfg.setting_dir
+
+
+def score(out: Path, dataset: Path, rows: dict[str, Path], iterations: int) -> dict[str, dict[str, float]]:
+    """``{row: {dice_mean, dice_ratio, through_plane_ratio}}`` on the val cases (the evaluation's label-fidelity
+    segmenter, trained on the real train cases), plus the real volumes' row."""
+    report = out / "report"
+    evaluation.main(["--real", str(dataset), "--cases", "split:val", "--out", str(report), "--metrics", "consistency",
+                     "segmenter", "--segmenter-iterations", str(iterations),
+                     *[a for name, folder in rows.items() for a in ("--synthetic", f"{name}={folder}")]])
+    values: dict[str, dict[str, list[float]]] = {}
+    with open(report / "metrics.csv") as fh:
+        for row in csv.DictReader(fh):
+            for key in ("dice_mean", "dice_ratio", "through_plane_ratio"):
+                if row.get(key) not in (None, "", "nan"):
+                    values.setdefault(row["row"], {}).setdefault(key, []).append(float(row[key]))
+    return {row: {k: sum(v) / len(v) for k, v in metrics.items()} for row, metrics in values.items()}
+
+
+def table(results: dict[str, dict[str, float]], steps: dict[str, int]) -> str:
+    def cell(row: str, key: str) -> str:
+        value = results.get(row, {}).get(key)
+        return "—" if value is None else f"{value:.2f}"
+
+    lines = [f"Val cases, 2 samples each; steps: autoencoder {steps['ae']}, stage 1 {steps['stage1']}, stage 2 "
+             f"{steps['stage2']}, slice model {steps['slice']}; segmenter {steps['segmenter']} iterations.", "",
+             "| row | label fidelity (mean Dice) | ratio to real | through-plane / in-plane |", "|---|---|---|---|"]
+    lines += [f"| {row} | {cell(row, 'dice_mean')} | {cell(row, 'dice_ratio')} | {cell(row, 'through_plane_ratio')} |"
+              for row in results]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "mask_true")
+    p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
+    p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    steps = ({"ae": 4, "stage1": 4, "stage2": 4, "slice": 4, "segmenter": 2} if args.quick else
+             {"ae": 1500, "stage1": 1600, "stage2": 850, "slice": 800, "segmenter": 300})
+    out = args.out.resolve()
+    dataset = out / "dataset"
+    if not (dataset / "dataset.json").is_file():
+        build_demo_dataset(dataset, cases=8 if args.quick else 16, seed=args.seed,
+                           **({"val": 2, "test": 2} if args.quick else {}))
+    ae = train("ae", "demo_autoencoder", out, dataset, steps["ae"], [])
+    first_stage = f"model.params.first_stage_config.params.ckpt_path={ae / 'checkpoints' / 'last.ckpt'}"
+    stage1 = {name: train(f"s1_{i}", "demo_stage1", out, dataset, steps["stage1"], [first_stage, *overrides])
+              for i, (name, overrides) in enumerate(STAGE1.items())}
+    base1 = train("b1", "demo_base_stage1", out, dataset, steps["stage1"], [first_stage])
+    stage2 = train("s2", "demo_stage2", out, dataset, steps["stage2"],
+                   [first_stage, *STAGE1[CHOSEN], f"model.params.ckpt_path={stage1[CHOSEN] / 'checkpoints' / 'last.ckpt'}"])
+    base2 = train("b2", "demo_base_stage2", out, dataset, steps["stage2"],
+                  [first_stage, f"model.params.ckpt_path={base1 / 'checkpoints' / 'last.ckpt'}"])
+    slice_model = train("slice", "demo_slice", out, dataset, steps["slice"], [first_stage])
+
+    sampler = dict(load_inference_config("demo")["sampler"])
+    rows: dict[str, Path] = {}
+    for i, (name, run) in enumerate(stage1.items()):
+        for setting in ("test", "ic"):
+            rows[f"stage 1 alone, {name}: {setting}"] = synthesise(out, dataset, f"s1_{i}", setting, run,
+                                                                    {**sampler, "informed_start": 0.5}, args.seed)
+    rows["base stage 1: base"] = synthesise(out, dataset, "b1", "base", base1, {**sampler, "informed_start": 0.5},
+                                            args.seed)
+    for i, (name, change) in enumerate(SAMPLING.items()):
+        for setting in ("test", "ic"):
+            rows[f"stage 2, {name}: {setting}"] = synthesise(out, dataset, f"s2_{i}", setting, stage2,
+                                                              {**sampler, **change}, args.seed)
+    for setting in ("ig", "igma", "icma"):
+        rows[f"stage 2, the demo's sampling: {setting}"] = synthesise(out, dataset, "s2_demo", setting, stage2,
+                                                                       sampler, args.seed, slice_model)
+    rows["base stage 2 (the demo's sampling): base"] = synthesise(out, dataset, "b2", "base", base2, sampler, args.seed)
+    results = score(out, dataset, rows, steps["segmenter"])
+    text = table(results, steps)
+    print(text)
+    if args.write is not None:
+        page = args.write.read_text()
+        block = f"{BEGIN}\n{text}\n{END}"
+        page = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, page, flags=re.S) \
+            if BEGIN in page else page + "\n" + block + "\n"
+        args.write.write_text(page)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

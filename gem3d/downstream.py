@@ -1,0 +1,515 @@
+"""The downstream experiment: does a segmenter trained on real + synthetic cases beat one trained on real cases only?
+
+Given a real nnU-Net raw dataset with ``splits.json`` (``train`` / ``val`` / ``test``) and gem3d output folders
+``SYNTHETIC/<setting>/`` (``<case>_s<k>_image.nii.gz`` + ``_label.nii.gz``), it trains one segmenter (any backend of
+:mod:`gem3d.segmentation`) per (regime, condition, seed) and scores each on the real ``test`` cases only.
+
+- **Regime** ``k``: the first ``k`` cases of the sorted ``train`` split (``all``: every one). The synthetic cases of
+  a regime are those made from these ``k`` cases' masks.
+- **Conditions**: ``real``; ``real+<setting>`` (real + that setting's synthetic cases); ``<setting>-only``
+  (synthetic cases alone); ``real+filtered`` (real + the synthetic cases of the filter settings whose label-fidelity
+  Dice, by the ``real`` segmenter of the same regime and seed, is at least ``min_dice``).
+- **Scores**: Dice per label of every test case (MONAI, :func:`gem3d.metrics.labels.dice_per_label`); per condition
+  the mean +/- std over seeds of the per-seed mean over test cases, and the paired difference against ``real``
+  (paired by test case and seed, mean Dice over labels) with a percentile bootstrap 95 % interval.
+
+Layout of ``out``: ``runs/<regime>/<condition>/seed<k>/`` (``segmenter/`` the backend's work folder,
+``predictions/``, ``result.json`` written last: the done-stamp), ``results.csv`` (one row per run, test case and
+label), ``summary.md``, ``summary.json``, ``downstream.png`` and ``downstream.html``. A rerun skips every run with a
+``result.json`` and lets the backend resume an interrupted training.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import stats
+
+from gem3d.data.datasets import read_splits
+from gem3d.data.nnunet import RawDataset
+from gem3d.export.nnunet import SyntheticCase, find_synthetic_cases
+from gem3d.files import atomic_path, atomic_write_json, atomic_write_text
+from gem3d.metrics.labels import dice_per_label, mean_dice
+from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase, get_segmenter
+
+__all__ = ["DownstreamConfig", "Run", "parse_condition", "plan_runs", "run_experiment", "bootstrap_ci",
+           "paired_differences", "summarise", "main"]
+
+SETTINGS = ("ic", "icma", "ig", "igma", "base")
+GEM3D_SETTINGS = ("ic", "icma", "ig", "igma")
+REAL = "real"
+FILTERED = "real+filtered"
+RESULT_FILE = "result.json"
+MEAN = "mean"  # the per-(case, seed) mean Dice over the labels the test case holds
+# MONAI BasicUNet, a batch of two whole demo volumes: about 0.5 s an iteration on 2 CPU cores, so the default 12
+# trainings (2 real cases; real, real+icma, real+base, icma-only; 3 seeds) of 200 iterations take about 20 minutes
+DEMO_ITERATIONS = 200
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """One experiment: where the data are, what to train, how (``segmenter``: backend, iterations, device, options;
+    its seed is replaced by each run's seed)."""
+
+    real: Path
+    synthetic: Path
+    out: Path
+    conditions: tuple[str, ...] = (REAL, "real+icma", "real+base", "icma-only")
+    real_counts: tuple[str, ...] = ("2",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+    splits: Path | None = None
+    min_dice: float | None = None
+    filter_settings: tuple[str, ...] = GEM3D_SETTINGS
+    resamples: int = 10000
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training: ``regime`` (``"2"``, ``"all"``), ``condition``, ``seed``, its real and synthetic cases."""
+
+    regime: str
+    condition: str
+    seed: int
+    real_cases: tuple[TrainingCase, ...]
+    synthetic_cases: tuple[SyntheticCase, ...]
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / f"n{self.regime}" / self.condition / f"seed{self.seed}"
+
+
+def parse_condition(condition: str) -> tuple[bool, str | None]:
+    """``(uses real cases, synthetic setting or None)``: ``real`` -> ``(True, None)``, ``real+icma`` ->
+    ``(True, "icma")``, ``icma-only`` -> ``(False, "icma")``, ``real+filtered`` -> ``(True, "filtered")``."""
+    match = re.fullmatch(r"real(?:\+(?P<added>[A-Za-z0-9]+))?|(?P<alone>[A-Za-z0-9]+)-only", condition)
+    if match is None:
+        raise ValueError(f"condition {condition!r} is not one of: real, real+<setting>, <setting>-only, "
+                         f"real+filtered (settings: {list(SETTINGS)})")
+    if match["alone"]:
+        return False, match["alone"]
+    return True, match["added"]
+
+
+def regime_cases(train: Sequence[str], regime: str) -> list[str]:
+    """The first ``regime`` names of the sorted training split (``all``: every one)."""
+    names = sorted(train)
+    if regime == "all":
+        return names
+    if not regime.isdigit() or not 1 <= int(regime) <= len(names):
+        raise ValueError(f"real count {regime!r} must be 'all' or an int in [1, {len(names)}] (the training split "
+                         f"has {len(names)} cases)")
+    return names[: int(regime)]
+
+
+def plan_runs(config: DownstreamConfig) -> tuple[list[Run], list[str], RawDataset]:
+    """Every run of the experiment (regime, seed, condition order; ``real`` first in each), the test case names, and
+    the real dataset. Fails before any training when a condition has no cases."""
+    dataset = RawDataset(config.real)
+    splits = read_splits(config.splits or config.real / "splits.json")
+    if not splits["test"]:
+        raise ValueError(f"{config.splits or config.real / 'splits.json'} has no test cases: the downstream "
+                         "experiment scores on the real test split only")
+    overlap = sorted(set(splits["test"]) & set(splits["train"]))
+    if overlap:
+        raise ValueError(f"test cases {overlap} are in the training split too")
+    conditions = list(dict.fromkeys(config.conditions))
+    if FILTERED in conditions:
+        if config.min_dice is None or not 0.0 <= config.min_dice <= 1.0:
+            raise ValueError(f"condition {FILTERED} needs min_dice in [0, 1], got {config.min_dice!r}")
+        if REAL not in conditions:
+            conditions.insert(0, REAL)  # its segmenter scores the synthetic cases
+    if REAL in conditions:
+        conditions.insert(0, conditions.pop(conditions.index(REAL)))
+    synthetic: dict[str, list[SyntheticCase]] = {}
+    for condition in conditions:
+        _, setting = parse_condition(condition)
+        wanted = list(config.filter_settings) if setting == "filtered" else [setting] if setting else []
+        for name in wanted:
+            if name not in synthetic:
+                folder = config.synthetic / name
+                if not folder.is_dir():
+                    raise FileNotFoundError(f"condition {condition}: no synthetic folder {folder} (have "
+                                            f"{sorted(p.name for p in config.synthetic.iterdir() if p.is_dir())})")
+                synthetic[name] = find_synthetic_cases(folder)
+    runs = []
+    for regime in config.real_counts:
+        names = regime_cases(splits["train"], regime)
+        real = tuple(TrainingCase(n, dataset.image_path(n), dataset.label_path(n)) for n in names)
+        for condition in conditions:
+            uses_real, setting = parse_condition(condition)
+            wanted = list(config.filter_settings) if setting == "filtered" else [setting] if setting else []
+            added = tuple(c for s in wanted for c in synthetic[s] if c.case in names)
+            if setting and not added:
+                made_from = sorted({c.case for s in wanted for c in synthetic[s]})
+                raise ValueError(f"condition {condition}, {regime} real cases {names}: no synthetic case was made "
+                                 f"from their masks (the synthetic cases come from {made_from})")
+            for seed in config.seeds:
+                runs.append(Run(regime, condition, seed, real if uses_real else (), added))
+    return runs, list(splits["test"]), dataset
+
+
+def _segmenter(config: DownstreamConfig, run: Run, factory: Callable[..., Segmenter],
+               labels: dict[str, int]) -> Segmenter:
+    """The run's segmenter: ``config.segmenter`` with the run's seed, and every label of the real dataset (a regime
+    whose few cases lack one still predicts them all): MONAI ``num_labels``, nnU-Net ``labels``, unless given."""
+    base = config.segmenter
+    options = dict(base.options)
+    if base.backend == "monai":
+        options.setdefault("num_labels", max(labels.values()))
+    elif base.backend == "nnunet":
+        options.setdefault("labels", dict(labels))
+    settings = SegmenterSettings(backend=base.backend, iterations=base.iterations, seed=run.seed,
+                                 device=base.device, options=options)
+    return factory(settings, run.folder(config.out) / "segmenter")
+
+
+def _dice_rows(predictions: Sequence[Path], labels: Sequence[Path], num_labels: int) -> list[dict[int, float]]:
+    out = []
+    for prediction, label in zip(predictions, labels):
+        predicted = np.asarray(nib.load(str(prediction)).dataobj)
+        reference = np.asarray(nib.load(str(label)).dataobj)
+        out.append(dice_per_label(predicted, reference, num_labels))
+    return out
+
+
+def filter_scores(config: DownstreamConfig, real_run: Run, segmenter: Segmenter,
+                  candidates: Sequence[SyntheticCase], num_labels: int) -> dict[str, float]:
+    """Label-fidelity Dice (mean over the mask's labels) of each candidate synthetic case by the ``real``
+    segmenter of the same regime and seed; cached in that run's ``filter_scores.json``."""
+    path = real_run.folder(config.out) / "filter_scores.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [c for c in candidates if c.name not in scores]
+    for setting in dict.fromkeys(c.setting for c in missing):  # one folder per setting: file names repeat
+        batch = [c for c in missing if c.setting == setting]
+        predicted = segmenter.predict([c.image for c in batch],
+                                      real_run.folder(config.out) / "filter_predictions" / setting,
+                                      progress=config.progress)
+        for case, dice in zip(batch, _dice_rows(predicted, [c.label for c in batch], num_labels)):
+            scores[case.name] = mean_dice(dice)
+        atomic_write_json(path, scores)
+    return {c.name: scores[c.name] for c in candidates}
+
+
+def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], dataset: RawDataset,
+            factory: Callable[..., Segmenter], real_segmenters: dict) -> dict[str, Any]:
+    """Train (or resume) one run, predict the test cases, write and return its ``result.json``."""
+    folder = run.folder(config.out)
+    synthetic = list(run.synthetic_cases)
+    scores = None
+    if run.condition == FILTERED:
+        real_run, real_segmenter = real_segmenters[(run.regime, run.seed)]
+        scores = filter_scores(config, real_run, real_segmenter, synthetic, dataset.max_label)
+        synthetic = [c for c in synthetic if math.isfinite(scores[c.name]) and scores[c.name] >= config.min_dice]
+    cases = [*run.real_cases, *(TrainingCase(c.name, c.image, c.label) for c in synthetic)]
+    segmenter = _segmenter(config, run, factory, dataset.labels)
+    start = time.perf_counter()
+    if cases:
+        segmenter.train(cases, progress=config.progress)
+    train_seconds = time.perf_counter() - start
+    if run.condition == REAL:
+        real_segmenters[(run.regime, run.seed)] = (run, segmenter)
+    images = [dataset.image_path(n) for n in test_cases]
+    predictions = segmenter.predict(images, folder / "predictions", progress=config.progress) if cases else []
+    dice = _dice_rows(predictions, [dataset.label_path(n) for n in test_cases], dataset.max_label)
+    result = {
+        "regime": run.regime, "condition": run.condition, "seed": run.seed,
+        "real_cases": [c.name for c in run.real_cases], "synthetic_cases": [c.name for c in synthetic],
+        "filter_scores": scores, "min_dice": config.min_dice if scores is not None else None,
+        "dice": {name: {str(k): v for k, v in d.items()} for name, d in zip(test_cases, dice)},
+        "train_seconds": round(train_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
+        "segmenter": {"backend": segmenter.settings.backend, "iterations": segmenter.settings.iterations,
+                      "device": segmenter.settings.device, "options": segmenter.settings.options},
+    }
+    atomic_write_json(folder / RESULT_FILE, result)
+    return result
+
+
+def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] = get_segmenter,
+                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every run's result (finished runs read from their ``result.json``), then the summary files."""
+    runs, test_cases, dataset = plan_runs(config)
+    results, real_segmenters = [], {}
+    start = time.perf_counter()
+    for index, run in enumerate(runs, 1):
+        path = run.folder(config.out) / RESULT_FILE
+        tag = f"[downstream {index}/{len(runs)}] {run.regime} real, {run.condition}, seed {run.seed}"
+        if path.is_file():
+            done = json.loads(path.read_text())
+            wanted = _segmenter(config, run, factory, dataset.labels).settings
+            held = done["segmenter"]
+            if (held["backend"], held["iterations"], held["options"]) != (wanted.backend, wanted.iterations,
+                                                                          json.loads(json.dumps(wanted.options))):
+                raise ValueError(f"{path} was trained with other segmenter settings ({held}); asked for "
+                                 f"{wanted.backend}, {wanted.iterations} iterations, options {wanted.options}: "
+                                 "use another --out")
+            results.append(done)
+            if run.condition == REAL:
+                real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory, dataset.labels))
+            log(f"{tag}: done before, skipped")
+            continue
+        candidates = " candidate (before the filter)" if run.condition == FILTERED else ""
+        log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)}{candidates} synthetic cases")
+        result = run_one(config, run, test_cases, dataset, factory, real_segmenters)
+        results.append(result)
+        per_iteration = result["train_seconds"] / max(1, config.segmenter.iterations)
+        log(f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s "
+            f"({per_iteration:.2f} s an iteration)")
+    write_summary(config, results, dataset, time.perf_counter() - start)
+    return results
+
+
+# -- statistics ----------------------------------------------------------------------------------------------------
+def _case_means(result: dict[str, Any]) -> dict[str, float]:
+    """``{test case: mean Dice over its labels}`` of one run's result."""
+    return {case: mean_dice({int(k): v for k, v in dice.items()}) for case, dice in result["dice"].items()}
+
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 10000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (``scipy.stats.bootstrap``); NaN for < 2 values."""
+    values = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if values.size < 2:
+        return math.nan, math.nan
+    found = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                            method="percentile", rng=np.random.default_rng(seed))
+    return float(found.confidence_interval.low), float(found.confidence_interval.high)
+
+
+def paired_differences(results: Sequence[dict[str, Any]], regime: str, condition: str) -> list[float]:
+    """``condition`` - ``real`` mean Dice, paired by (test case, seed), of one regime (pairs where both exist)."""
+    def by_pair(name: str) -> dict[tuple[str, int], float]:
+        return {(case, r["seed"]): value for r in results if r["regime"] == regime and r["condition"] == name
+                for case, value in _case_means(r).items()}
+    real, other = by_pair(REAL), by_pair(condition)
+    return [other[key] - real[key] for key in sorted(set(real) & set(other))
+            if math.isfinite(other[key]) and math.isfinite(real[key])]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(results: Sequence[dict[str, Any]], label_names: dict[int, str], resamples: int = 10000
+              ) -> list[dict[str, Any]]:
+    """One row per (regime, condition) in run order: Dice per label and ``mean`` as mean +/- std over seeds (each
+    seed's value is its mean over test cases), the paired difference against ``real`` and its bootstrap 95 % CI."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for result in results:
+        rows.setdefault((result["regime"], result["condition"]), {"runs": []})["runs"].append(result)
+    out = []
+    for (regime, condition), row in rows.items():
+        runs = row["runs"]
+        dice = {}
+        for value, name in [*label_names.items(), (None, MEAN)]:
+            per_seed = []
+            for r in runs:
+                cases = _case_means(r) if value is None else {c: d[str(value)] for c, d in r["dice"].items()}
+                finite = [v for v in cases.values() if math.isfinite(v)]
+                per_seed.append(float(np.mean(finite)) if finite else math.nan)
+            dice[name] = _mean_std(per_seed)
+        differences = paired_differences(results, regime, condition) if condition != REAL else []
+        low, high = bootstrap_ci(differences, resamples=resamples) if differences else (math.nan, math.nan)
+        out.append({
+            "regime": regime, "condition": condition, "seeds": sorted(r["seed"] for r in runs),
+            "real_cases": len(runs[0]["real_cases"]),
+            "synthetic_cases": float(np.mean([len(r["synthetic_cases"]) for r in runs])),
+            "dice": dice, "difference": float(np.mean(differences)) if differences else math.nan,
+            "ci": (low, high), "pairs": len(differences),
+            "better_pairs": int(sum(d > 0 for d in differences)),
+            "minutes": sum(r["seconds"] for r in runs) / 60.0,
+        })
+    return out
+
+
+# -- outputs -------------------------------------------------------------------------------------------------------
+def _fmt(mean_std: tuple[float, float]) -> str:
+    mean, std = mean_std
+    return "—" if not math.isfinite(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _fmt_difference(row: dict[str, Any]) -> str:
+    if row["condition"] == REAL:
+        return "(reference)"
+    if not math.isfinite(row["difference"]):
+        return "—"
+    low, high = row["ci"]
+    interval = f" [{low:+.3f}, {high:+.3f}]" if math.isfinite(low) else ""
+    return f"{row['difference']:+.3f}{interval}"
+
+
+def table_rows(summary: Sequence[dict[str, Any]], label_names: dict[int, str]) -> tuple[list[str], list[list[str]]]:
+    header = ["real cases", "condition", "training cases (real + synthetic)",
+              *[f"Dice {n}" for n in label_names.values()], "Dice mean", "Δ vs real [95 % CI]", "better pairs"]
+    body = []
+    for row in summary:
+        cases = f"{row['real_cases']} + {row['synthetic_cases']:g}"
+        better = "" if row["condition"] == REAL else f"{row['better_pairs']}/{row['pairs']}"
+        body.append([row["regime"], row["condition"], cases, *[_fmt(row["dice"][n]) for n in label_names.values()],
+                     _fmt(row["dice"][MEAN]), _fmt_difference(row), better])
+    return header, body
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], label_names: dict[int, str]) -> str:
+    header, body = table_rows(summary, label_names)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def plot(summary: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One panel per regime: mean Dice per condition (bar: mean over seeds, whisker: std, dots: each seed)."""
+    import matplotlib  # noqa: PLC0415  (only for the figure)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    regimes = list(dict.fromkeys(row["regime"] for row in summary))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(1.2 + 1.3 * max(4, len(summary) / len(regimes)) *
+                                                       len(regimes), 3.6), squeeze=False, sharey=True)
+    for ax, regime in zip(axes[0], regimes):
+        rows = [row for row in summary if row["regime"] == regime]
+        for x, row in enumerate(rows):
+            mean, std = row["dice"][MEAN]
+            ax.bar(x, mean, yerr=std, color="#4c72b0" if row["condition"] != REAL else "#999999", capsize=3)
+            seeds = [np.nanmean(list(_case_means(r).values())) for r in results
+                     if r["regime"] == regime and r["condition"] == row["condition"]]
+            ax.plot([x] * len(seeds), seeds, "k.", markersize=4)
+        ax.set_xticks(range(len(rows)), [row["condition"] for row in rows], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{regime} real training cases", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("Dice on the real test cases (mean over labels)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def html_section(summary: Sequence[dict[str, Any]], label_names: dict[int, str], image: str, note: str) -> str:
+    """A standalone HTML page (one ``<section>``): the table, the plot and what they show."""
+    header, body = table_rows(summary, label_names)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>gem3d downstream</title><style>"
+        "body{font-family:sans-serif;max-width:1200px;margin:1em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(2){text-align:left}"
+        "</style></head><body>\n<section id='downstream'><h2>Downstream: segmenters trained on real vs real + "
+        "synthetic cases</h2>\n"
+        f"<p>{html.escape(note)}</p>\n<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>\n"
+        f"<p><img src='{html.escape(image)}' alt='Dice per condition' style='max-width:100%'></p>\n"
+        "</section></body></html>\n")
+
+
+def write_summary(config: DownstreamConfig, results: Sequence[dict[str, Any]], dataset: RawDataset,
+                  seconds: float) -> str:
+    """``results.csv``, ``summary.json``, ``summary.md``, ``downstream.png``, ``downstream.html``; returns the
+    markdown table."""
+    out = config.out
+    label_names = {v: name for name, v in dataset.labels.items() if v > 0}
+    summary = summarise(results, label_names, config.resamples)
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["regime", "condition", "seed", "case", "label", "dice"])
+        for r in results:
+            for case, dice in r["dice"].items():
+                for value, name in label_names.items():
+                    writer.writerow([r["regime"], r["condition"], r["seed"], case, name, dice[str(value)]])
+                writer.writerow([r["regime"], r["condition"], r["seed"], case, MEAN, _case_means(r)[case]])
+    segmenter = config.segmenter
+    test_count = len(next(iter(results))["dice"]) if results else 0
+    note = (f"Segmenter: {segmenter.backend}, {segmenter.iterations} iterations, options {segmenter.options}, "
+            f"seeds {list(config.seeds)}. Dice on {test_count} real test cases (never trained on): mean ± std over "
+            "seeds of each seed's mean over the test cases. Δ: the condition minus real only, paired by test case "
+            "and seed (mean Dice over labels), with its percentile bootstrap 95 % interval; better pairs: pairs "
+            f"where the condition scores higher. Runs took {sum(r['seconds'] for r in results) / 60:.1f} minutes "
+            f"in all (this call {seconds / 60:.1f}).")
+    table = markdown_table(summary, label_names)
+    atomic_write_json(out / "summary.json", {"rows": summary, "note": note})
+    atomic_write_text(out / "summary.md", f"# Downstream\n\n{note}\n\n{table}\n")
+    plot(summary, results, out / "downstream.png")
+    atomic_write_text(out / "downstream.html", html_section(summary, label_names, "downstream.png", note))
+    return table
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE (VALUE as JSON or a bare string), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", required=True, type=Path, help="real nnU-Net raw dataset (with splits.json)")
+    p.add_argument("--synthetic", required=True, type=Path, help="folder of gem3d setting folders (OUT/<setting>)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (runs, summary, plot, HTML)")
+    p.add_argument("--splits", type=Path, default=None, help="splits.json (default REAL/splits.json)")
+    p.add_argument("--conditions", nargs="+", default=list(DownstreamConfig.conditions),
+                   help="real, real+<setting>, <setting>-only, real+filtered; 'all' = real, real+<each of "
+                        f"{list(SETTINGS)} found>, icma-only, real+filtered (with --min-dice)")
+    p.add_argument("--real-counts", nargs="+", default=list(DownstreamConfig.real_counts),
+                   help="real training cases per regime: ints or 'all' (the first k of the sorted train split)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(DownstreamConfig.seeds))
+    p.add_argument("--backend", default="monai", choices=sorted(BACKENDS))
+    p.add_argument("--iterations", type=int, default=DEMO_ITERATIONS,
+                   help="optimiser steps per training (the default fits `make downstream` in 30 min on 2 cores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. configuration=3d_fullres iterations_per_epoch=250 (nnunet)")
+    p.add_argument("--min-dice", type=float, default=None, help="quality filter of real+filtered")
+    p.add_argument("--filter-settings", nargs="+", default=list(GEM3D_SETTINGS),
+                   help="the settings whose synthetic cases real+filtered considers")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DownstreamConfig:
+    conditions = list(args.conditions)
+    if conditions == ["all"]:
+        found = [s for s in SETTINGS if (args.synthetic / s).is_dir()]
+        conditions = [REAL, *[f"real+{s}" for s in found], "icma-only"]
+        conditions += [FILTERED] if args.min_dice is not None else []
+    for condition in conditions:
+        parse_condition(condition)
+    segmenter = SegmenterSettings(backend=args.backend, iterations=args.iterations, device=args.device,
+                                  options=dict(args.option))
+    return DownstreamConfig(real=args.real, synthetic=args.synthetic, out=args.out, conditions=tuple(conditions),
+                            real_counts=tuple(args.real_counts), seeds=tuple(args.seeds), segmenter=segmenter,
+                            splits=args.splits, min_dice=args.min_dice, filter_settings=tuple(args.filter_settings),
+                            resamples=args.resamples, progress=not args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        start = time.perf_counter()
+        run_experiment(config)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print((config.out / "summary.md").read_text())
+    print(f"[downstream] {time.perf_counter() - start:.0f} s; wrote {config.out}/summary.md, downstream.png, "
+          "downstream.html, results.csv")
+    return 0

@@ -1,0 +1,279 @@
+"""The downstream experiment: conditions and regimes, the paired statistics with known answers, the outputs, and
+resume (finished runs skipped, an interrupted training continued), with a small deterministic test segmenter."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from gem3d import downstream
+from gem3d.downstream import (DownstreamConfig, bootstrap_ci, paired_differences, parse_condition, plan_runs,
+                              run_experiment, summarise)
+from gem3d.files import atomic_write_json
+from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase
+
+SHAPE = (12, 10, 8)
+AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
+LABELS = {"background": 0, "edema": 1, "core": 2}
+INTENSITY = np.array([0.0, 1.0, 2.0])  # real intensity of background, edema, core
+TRAIN, VAL, TEST = ["c0", "c1", "c2", "c3"], ["c4"], ["c5", "c6", "c7"]
+
+
+class FakeSegmenter(Segmenter):
+    """Learns each label's mean intensity (every training case in every iteration), labels a voxel by the nearest.
+    A state file after every iteration makes it resumable; ``stop_after`` (class-wide) interrupts it."""
+
+    stop_after: int | None = None
+    steps: list[tuple[str, int]] = []  # (work folder, iteration) of every iteration run, by any instance
+
+    def is_trained(self) -> bool:
+        return (self.work_dir / "trained.json").is_file()
+
+    def train(self, cases: Sequence[TrainingCase], progress: bool = True) -> None:
+        if self.is_trained():
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.work_dir / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "sums": [0.0] * 3,
+                                                                                  "counts": [0] * 3}
+        for step in range(state["step"], self.settings.iterations):
+            if FakeSegmenter.stop_after is not None and len(FakeSegmenter.steps) >= FakeSegmenter.stop_after:
+                raise KeyboardInterrupt("simulated interruption")
+            for case in cases:
+                image = np.asarray(nib.load(case.image).dataobj, dtype=np.float64)
+                label = np.asarray(nib.load(case.label).dataobj).astype(int)
+                for value in range(3):
+                    state["sums"][value] += float(image[label == value].sum())
+                    state["counts"][value] += int((label == value).sum())
+            state["step"] = step + 1
+            FakeSegmenter.steps.append((str(self.work_dir), step))
+            atomic_write_json(state_path, state)
+        means = [s / c if c else math.inf for s, c in zip(state["sums"], state["counts"])]
+        atomic_write_json(self.work_dir / "trained.json", {"means": means})
+
+    def predict(self, images: Sequence[Path], out_dir, progress: bool = True) -> list[Path]:
+        means = np.array(json.loads((self.work_dir / "trained.json").read_text())["means"])
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outputs = []
+        for image_path in images:
+            image = nib.load(image_path)
+            labels = np.abs(np.asarray(image.dataobj)[..., None] - means).argmin(-1).astype(np.uint8)
+            path = out_dir / Path(image_path).name.replace("_0000", "")
+            nib.save(nib.Nifti1Image(labels, image.affine), path)
+            outputs.append(path)
+        return outputs
+
+
+@pytest.fixture()
+def fake_backend(monkeypatch):
+    monkeypatch.setitem(BACKENDS, "fake", f"{__name__}:FakeSegmenter")
+    monkeypatch.setattr(FakeSegmenter, "steps", [])
+    monkeypatch.setattr(FakeSegmenter, "stop_after", None)
+    return SegmenterSettings(backend="fake", iterations=4)
+
+
+def label_map(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    x, y = rng.integers(2, 6, 2)
+    label[x:x + 5, y:y + 4, 2:6] = 1
+    label[x + 1:x + 3, y + 1:y + 3, 3:5] = 2
+    return label
+
+
+def save_case(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path) -> None:
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), AFFINE), image_path)
+    nib.save(nib.Nifti1Image(label, AFFINE), label_path)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    """A real dataset (4 train, 1 val, 3 test cases; label k has intensity k) and synthetic folders: ``icma`` true
+    to the real intensities, ``base`` with edema and core swapped, both made from c0 and c1 only, plus ``ic`` made
+    from c3 only."""
+    real = tmp_path / "Dataset001_Toy"
+    rng = np.random.default_rng(0)
+    for i, name in enumerate([*TRAIN, *VAL, *TEST]):
+        label = label_map(i)
+        image = INTENSITY[label] + rng.normal(0, 0.05, SHAPE)
+        save_case(image, label, real / "imagesTr" / f"{name}_0000.nii.gz", real / "labelsTr" / f"{name}.nii.gz")
+    atomic_write_json(real / "dataset.json", {"channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": 8,
+                                              "file_ending": ".nii.gz"})
+    atomic_write_json(real / "splits.json", {"train": TRAIN, "val": VAL, "test": TEST})
+    synthetic = tmp_path / "synthetic"
+    for setting, intensity, cases in (("icma", INTENSITY, ("c0", "c1")), ("base", INTENSITY[[0, 2, 1]], ("c0", "c1")),
+                                      ("ic", INTENSITY, ("c3",))):
+        for case in cases:
+            for k in range(2):
+                label = label_map(100 + 10 * k + int(case[1]))
+                image = intensity[label] + rng.normal(0, 0.05, SHAPE)
+                folder = synthetic / setting
+                save_case(image, label, folder / f"{case}_s{k}_image.nii.gz", folder / f"{case}_s{k}_label.nii.gz")
+    return real, synthetic
+
+
+def config(data, tmp_path, settings, **kw) -> DownstreamConfig:
+    real, synthetic = data
+    defaults = dict(conditions=("real", "real+icma", "real+base", "icma-only"), real_counts=("2",), seeds=(0, 1),
+                    segmenter=settings, resamples=2000, progress=False)
+    return DownstreamConfig(real=real, synthetic=synthetic, out=tmp_path / "out", **{**defaults, **kw})
+
+
+# -- conditions, regimes -------------------------------------------------------------------------------------------
+def test_parse_condition():
+    assert parse_condition("real") == (True, None)
+    assert parse_condition("real+icma") == (True, "icma")
+    assert parse_condition("icma-only") == (False, "icma")
+    assert parse_condition("real+filtered") == (True, "filtered")
+    with pytest.raises(ValueError, match=r"condition 'synthetic' is not one of: real, real\+<setting>"):
+        parse_condition("synthetic")
+
+
+def test_plan_uses_the_first_k_training_cases_and_their_synthetic_cases(data, tmp_path, fake_backend):
+    runs, test_cases, _ = plan_runs(config(data, tmp_path, fake_backend, real_counts=("2", "all")))
+    assert test_cases == TEST
+    assert [(r.regime, r.condition, r.seed) for r in runs[:3]] == [("2", "real", 0), ("2", "real", 1),
+                                                                   ("2", "real+icma", 0)]
+    by_key = {(r.regime, r.condition, r.seed): r for r in runs}
+    assert [c.name for c in by_key["2", "real", 0].real_cases] == ["c0", "c1"]
+    assert [c.name for c in by_key["all", "real", 0].real_cases] == TRAIN
+    assert [c.name for c in by_key["2", "real+icma", 1].synthetic_cases] == ["c0_icma_s0", "c0_icma_s1",
+                                                                            "c1_icma_s0", "c1_icma_s1"]
+    assert by_key["2", "icma-only", 0].real_cases == ()
+    assert len(runs) == 2 * 4 * 2
+
+
+def test_plan_fails_before_training(data, tmp_path, fake_backend):
+    with pytest.raises(ValueError, match=r"condition real\+ic, 2 real cases \['c0', 'c1'\]: no synthetic case was "
+                                         r"made from their masks \(the synthetic cases come from \['c3'\]\)"):
+        plan_runs(config(data, tmp_path, fake_backend, conditions=("real", "real+ic")))
+    with pytest.raises(ValueError, match=r"real count '9' must be 'all' or an int in \[1, 4\]"):
+        plan_runs(config(data, tmp_path, fake_backend, real_counts=("9",)))
+    with pytest.raises(FileNotFoundError, match=r"condition real\+igma: no synthetic folder .*igma \(have \['base', "
+                                                r"'ic', 'icma'\]\)"):
+        plan_runs(config(data, tmp_path, fake_backend, conditions=("real+igma",)))
+    with pytest.raises(ValueError, match=r"condition real\+filtered needs min_dice in \[0, 1\], got None"):
+        plan_runs(config(data, tmp_path, fake_backend, conditions=("real+filtered",)))
+    real, _ = data
+    atomic_write_json(real / "splits.json", {"train": TRAIN, "val": VAL, "test": []})
+    with pytest.raises(ValueError, match="has no test cases"):
+        plan_runs(config(data, tmp_path, fake_backend))
+
+
+# -- statistics with known answers ---------------------------------------------------------------------------------
+def test_bootstrap_ci_known_answers():
+    assert bootstrap_ci([0.1] * 12) == pytest.approx((0.1, 0.1))
+    low, high = bootstrap_ci([-0.2, 0.2] * 10)
+    assert low < 0 < high and low == pytest.approx(-high, abs=0.03)
+    low, high = bootstrap_ci(np.linspace(0.1, 0.3, 30))
+    assert 0.1 < low < 0.2 < high < 0.3
+    assert all(math.isnan(v) for v in bootstrap_ci([0.5]))
+
+
+def result(condition, seed, dice, regime="2"):
+    """A run result with ``dice`` = {case: (edema, core)}."""
+    return {"regime": regime, "condition": condition, "seed": seed, "real_cases": ["c0", "c1"],
+            "synthetic_cases": [] if condition == "real" else ["s"] * 4, "seconds": 60.0,
+            "dice": {case: {"1": a, "2": b} for case, (a, b) in dice.items()}}
+
+
+def test_paired_differences_pair_by_case_and_seed():
+    results = [result("real", 0, {"a": (0.5, 0.7), "b": (0.4, 0.4)}),
+               result("real", 1, {"a": (0.6, 0.6), "b": (0.2, float("nan"))}),
+               result("real+icma", 0, {"b": (0.5, 0.5), "a": (0.7, 0.9)}),
+               result("real+icma", 1, {"a": (0.7, 0.7), "b": (0.3, float("nan"))}),
+               result("real+icma", 2, {"a": (1.0, 1.0)})]  # no real run with seed 2: unpaired, left out
+    assert paired_differences(results, "2", "real+icma") == pytest.approx([0.2, 0.1, 0.1, 0.1])
+
+
+def test_summarise_mean_std_over_seeds_and_constant_difference():
+    results = [result("real", s, {"a": (0.4 + 0.1 * s, 0.6), "b": (0.6 + 0.1 * s, 0.8)}) for s in range(3)]
+    results += [result("real+icma", s, {"a": (0.5 + 0.1 * s, 0.7), "b": (0.7 + 0.1 * s, 0.9)}) for s in range(3)]
+    rows = summarise(results, {1: "edema", 2: "core"}, resamples=1000)
+    real, icma = rows
+    assert real["condition"] == "real" and real["pairs"] == 0 and math.isnan(real["difference"])
+    assert real["dice"]["edema"] == pytest.approx((0.6, 0.1))  # per-seed means 0.5, 0.6, 0.7
+    assert real["dice"]["core"] == pytest.approx((0.7, 0.0))
+    assert real["dice"]["mean"] == pytest.approx((0.65, 0.05))
+    assert icma["difference"] == pytest.approx(0.1) and icma["ci"] == pytest.approx((0.1, 0.1))
+    assert icma["pairs"] == 6 and icma["better_pairs"] == 6 and icma["synthetic_cases"] == 4
+
+
+# -- the whole experiment ------------------------------------------------------------------------------------------
+def test_experiment_outputs_and_known_effects(data, tmp_path, fake_backend):
+    """True-intensity synthetic cases change nothing; label-swapped ones (``base`` here) hurt, with an interval
+    below zero; the filter drops them."""
+    cfg = config(data, tmp_path, fake_backend, conditions=("real", "real+icma", "real+base", "icma-only",
+                                                           "real+filtered"),
+                 min_dice=0.8, filter_settings=("icma", "base"))
+    run_experiment(cfg, log=lambda _: None)
+    out = cfg.out
+    for name in ("results.csv", "summary.md", "summary.json", "downstream.png", "downstream.html"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = {r["condition"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["real", "real+icma", "real+base", "icma-only", "real+filtered"]
+    assert rows["real"]["dice"]["mean"][0] > 0.95
+    assert abs(rows["real+icma"]["difference"]) < 0.02 and rows["icma-only"]["dice"]["mean"][0] > 0.95
+    assert rows["real+base"]["difference"] < -0.2 and rows["real+base"]["ci"][1] < 0
+    filtered = json.loads((out / "runs/n2/real+filtered/seed0/result.json").read_text())
+    assert filtered["synthetic_cases"] == ["c0_icma_s0", "c0_icma_s1", "c1_icma_s0", "c1_icma_s1"]
+    assert filtered["filter_scores"]["c0_base_s0"] < 0.8 <= filtered["filter_scores"]["c0_icma_s0"]
+    table = (out / "summary.md").read_text()
+    assert "| 2 | real+base | 2 + 4 |" in table and "Δ vs real [95 % CI]" in table
+    html_text = (out / "downstream.html").read_text()
+    assert "<table>" in html_text and "<td>real+base</td>" in html_text and "downstream.png" in html_text
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0] == "regime,condition,seed,case,label,dice"
+    assert len(csv_lines) == 1 + 5 * 2 * 3 * 3  # conditions x seeds x test cases x (2 labels + mean)
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(data, tmp_path, fake_backend):
+    cfg = config(data, tmp_path, fake_backend, conditions=("real", "real+icma"), seeds=(0,))
+    FakeSegmenter.stop_after = 6  # run 1 (real) takes 4 iterations, run 2 stops after 2 of its 4
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, log=lambda _: None)
+    real_dir = str(cfg.out / "runs/n2/real/seed0/segmenter")
+    icma_dir = str(cfg.out / "runs/n2/real+icma/seed0/segmenter")
+    assert (cfg.out / "runs/n2/real/seed0/result.json").is_file()
+    assert not (cfg.out / "runs/n2/real+icma/seed0/result.json").exists()
+    assert FakeSegmenter.steps == [(real_dir, i) for i in range(4)] + [(icma_dir, 0), (icma_dir, 1)]
+
+    FakeSegmenter.stop_after = None
+    FakeSegmenter.steps.clear()
+    messages = []
+    run_experiment(cfg, log=messages.append)
+    assert FakeSegmenter.steps == [(icma_dir, 2), (icma_dir, 3)]  # the finished run is skipped, the other resumes
+    assert any("real, seed 0: done before, skipped" in m for m in messages)
+    assert (cfg.out / "runs/n2/real+icma/seed0/result.json").is_file()
+
+    FakeSegmenter.steps.clear()
+    run_experiment(cfg, log=lambda _: None)
+    assert FakeSegmenter.steps == []  # everything finished: nothing trains
+
+    longer = SegmenterSettings(backend="fake", iterations=5)
+    with pytest.raises(ValueError, match=r"seed0/result.json was trained with other segmenter settings .*asked for "
+                                         r"fake, 5 iterations, options \{\}: use another --out"):
+        run_experiment(config(data, tmp_path, longer, conditions=("real", "real+icma"), seeds=(0,)),
+                       log=lambda _: None)
+
+
+def test_cli_prints_the_table(data, tmp_path, fake_backend, capsys):
+    real, synthetic = data
+    code = downstream.main(["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "cli"),
+                            "--backend", "fake", "--iterations", "2", "--conditions", "real", "real+icma",
+                            "--seeds", "0", "1", "--real-counts", "2", "--resamples", "500", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| real cases | condition | training cases (real + synthetic) | Dice edema | Dice core |" in printed
+    assert "| 2 | real+icma | 2 + 4 |" in printed
+    code = downstream.main(["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "bad"),
+                            "--backend", "fake", "--conditions", "real", "synthetic"])
+    assert code == 2 and "error: condition 'synthetic' is not one of" in capsys.readouterr().err
