@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
-from gem3d.data import encode  # noqa: E402
+from gem3d.training import encode  # noqa: E402
 from gem3d.training.preemption import SignalCheckpoint, slurm_job_id  # noqa: E402
 from test_main import autoencoder_run, dataset, load_ckpt, only_run, stage_args  # noqa: E402,F401
 

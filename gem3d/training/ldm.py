@@ -141,7 +141,7 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the first stage to the data module's latent cache, if it has one: every rank encodes its share of
         the cases (those not cached yet), then they wait for each other once; the batches hold latents and no
-        training step runs the encoder. ``python -m gem3d.data.encode`` fills the cache ahead of training."""
+        training step runs the encoder. ``python -m gem3d.training.encode`` fills the cache ahead of training."""
         attach = getattr(self.trainer.datamodule, "attach_first_stage", None)
         if attach is None:
             return

@@ -1,6 +1,6 @@
 """Fill a training config's caches ahead of training, so that no rank of the training job waits on the encoding:
 
-    python -m gem3d.data.encode --base configs/latent-diffusion/abdomen_stage1.yaml [--part I/N] [--device cuda] \
+    python -m gem3d.training.encode --base configs/latent-diffusion/abdomen_stage1.yaml [--part I/N] [--device cuda] \
         [data.params.dataset_dir=/data/Dataset002_AbdomenCT1K ...]
 
 It reads the same configs and ``key=value`` overrides as ``main.py``, writes the splits, prints the cache's size
