@@ -76,7 +76,8 @@ def bench_batch(device: str, quick: bool) -> tuple[list[dict], list[str]]:
         rows.append({
             "what": f"demo: {cases} cases of 48x64x64, ic, DDIM 25 (demo.yaml)", "variant": f"batch_windows {batch}",
             "s / volume": f"{seconds[batch]:.2f} s", "CPU s / volume": f"{cpu[batch]:.2f} s",
-            "UNet calls (slice evaluations) / volume": f"{runs[0]['calls'] / cases:.1f} ({runs[0]['slices'] / cases:.0f})",
+            "UNet calls (slice evaluations) / volume":
+                f"{runs[0]['calls'] / cases:.1f} ({runs[0]['slices'] / cases:.0f})",
             "peak memory": fmt_bytes(max(r["memory"] for r in runs)),
             "ratio": f"{seconds[batch] / seconds[1]:.2f}x time, {cpu[batch] / cpu[1]:.2f}x CPU time of batch_windows 1",
             "repeats": str(repeats),

@@ -120,8 +120,9 @@ def shortfalls(figures: dict, result: dict, reference: dict) -> list[str]:
 def plot(results: list[dict], path: Path) -> Path:
     """PSNR and slice-jump ratio against UNet evaluations per volume (log10), one line per sampler, side by side."""
     panels = []
-    for key, title, ylabel in (("psnr", "test PSNR (axial, in the head) vs UNet evaluations", "PSNR dB"),
-                               ("slice_jump_ratio", "slice-jump ratio to the real volume vs UNet evaluations", "jump/real")):
+    panel_specs = (("psnr", "test PSNR (axial, in the head) vs UNet evaluations", "PSNR dB"),
+                   ("slice_jump_ratio", "slice-jump ratio to the real volume vs UNet evaluations", "jump/real"))
+    for key, title, ylabel in panel_specs:
         series = {}
         for sampler in dict.fromkeys(r["sampler"] for r in results):
             rows = sorted((r for r in results if r["sampler"] == sampler), key=lambda r: r["unet_evaluations"])
@@ -144,7 +145,8 @@ def plot(results: list[dict], path: Path) -> Path:
 def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, work: Path | None = None,
                         seed: int = 0) -> tuple[list[dict], list[str]]:
     if demo_out is None:
-        raise SystemExit("--only quality_steps needs --demo-out DIR (the output of `make demo`: DIR/models/demo, DIR/dataset)")
+        raise SystemExit("--only quality_steps needs --demo-out DIR (the output of `make demo`: DIR/models/demo, "
+                         "DIR/dataset)")
     demo_out = Path(demo_out).resolve()
     for needed in (demo_out / "models" / "demo", demo_out / "dataset" / "splits.json"):
         if not needed.exists():
@@ -172,17 +174,20 @@ def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, 
             "slice-jump ratio": f"{r['slice_jump_ratio']:.3f}",
             "vs DDIM 200 (evaluations: vs the original recipe) / PSNR / jump ratio / time": (
                 f"{1 / f['saving']:.3f}x / {-f['psnr_drop']:+.2f} dB / "
-                f"{r['slice_jump_ratio'] / reference['slice_jump_ratio'] - 1:+.1%} / {r['seconds'] / reference['seconds']:.3f}x"),
+                f"{r['slice_jump_ratio'] / reference['slice_jump_ratio'] - 1:+.1%} / "
+                f"{r['seconds'] / reference['seconds']:.3f}x"),
             "target": "meets" if ok and r is not original else "-",
         })
     plot(results, PLOT)
     default = dict(load_inference_config("demo")["sampler"])
-    default_result = next((r for r in results if (r["sampler"], r["steps"]) == (default["sampler"], default["steps"])), None)
+    default_key = (default["sampler"], default["steps"])
+    default_result = next((r for r in results if (r["sampler"], r["steps"]) == default_key), None)
     best = min(passing, key=lambda r: (r["unet_evaluations"], -r["psnr"])) if passing else None
     notes = [
         f"Demo models from {demo_out}; `test` setting on the `val` cases of splits.json "
         f"({reference['volumes']} volumes), seed {seed} for every recipe; other sampler options from "
-        f"gem3d/configs/inference/demo.yaml: " + ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("sampler", "steps")) + ".",
+        "gem3d/configs/inference/demo.yaml: "
+        + ", ".join(f"{k}={v}" for k, v in base.items() if k not in ("sampler", "steps")) + ".",
         "PSNR / SSIM: gem3d.metrics.volumes.reconstruction_quality (mean over canonical axial slices, inside the head, "
         "real volume's [0, 1] scale); slice-jump ratio: gem3d.metrics.consistency (synthetic / real mean |neighbouring "
         "slice difference| inside the head; 1 = as smooth as the real volume). UNet evaluations: 16-slice clips "
@@ -191,7 +196,8 @@ def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, 
         f"Target (issue 14, \"fewer steps\"): at least {MIN_SAVING:.0f}x fewer UNet evaluations than the original "
         f"recipe (DDIM 200 from pure noise), within {MAX_PSNR_DROP} dB PSNR of DDIM 200 and a slice-jump ratio at most "
         f"{MAX_CONSISTENCY_CHANGE:.0%} further from the real volume's than DDIM 200's. "
-        + (f"Fewest evaluations meeting it: {NAMES[best['sampler']]} {best['steps']}." if best else "No recipe meets it."),
+        + (f"Fewest evaluations meeting it: {NAMES[best['sampler']]} {best['steps']}." if best
+           else "No recipe meets it."),
     ]
     if misses:
         notes.append("Recipes with the saving that miss the target: " + "; ".join(misses) + ".")
@@ -199,7 +205,8 @@ def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, 
                  "differences of a few tenths of a dB between recipes are not established by it.")
     reused = [recipe_name(r["sampler"], r["steps"]) for r in results if r.get("reused")]
     if reused:
-        notes.append(f"Reused from {work} (sampled by an earlier run of this command, not timed again): {', '.join(reused)}.")
+        notes.append(f"Reused from {work} (sampled by an earlier run of this command, not timed again): "
+                     f"{', '.join(reused)}.")
     if default_result is not None:
         ok, f = meets_target(default_result, reference, original)
         notes.append(f"The demo's default ({NAMES[default['sampler']]} {default['steps']}, demo.yaml): "

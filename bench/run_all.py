@@ -13,11 +13,16 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 - ``unet_paper`` (opt-in): the paper's stage-1 forward against both peers, with more slices and repeats;
 - ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager;
 - ``quality_steps`` (opt-in, needs trained demo models: ``--demo-out DIR``): ``test``-setting PSNR, SSIM and slice
-  consistency against UNet evaluations for DDIM and DPM-Solver++ step counts, with the curve as a PNG.
+  consistency against UNet evaluations for DDIM and DPM-Solver++ step counts, with the curve as a PNG;
+- ``latent_cache`` (opt-in): a training step on cached latents against encoding every batch, and the KL-f8
+  encoder's cost per paper-size step;
+- ``profile``: ``torch.profiler`` of the paper's stage-1 forward, self time per op, gem3d against both peers;
+- ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
+- ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
 
-    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,batch,channels_last,...] [--threads N]
+    python bench/run_all.py [--device cuda] [--quick] [--only unet,volume,training,data,...] [--threads N]
     python bench/run_all.py --only quality_steps --demo-out demo_out [--work DIR]
 """
 from __future__ import annotations
@@ -50,9 +55,15 @@ SECTIONS = {
     "latent_cache": ("6. Latent cache: a training step without the encoder", "latent_cache", "bench_latent_cache"),
     "batch": ("7. Cases batched in lockstep (batch_windows)", "batch_bench", "bench_batch"),
     "channels_last": ("8. channels_last memory format", "unet_bench", "bench_channels_last"),
+    "profile": ("9. Profile of the paper stage-1 forward, per op (torch.profiler)", "profile_bench", "bench_profile"),
+    "temporal_conv": ("10. Temporal convolution: Conv1d against shifted 1x1 convolutions", "temporal_conv_bench",
+                      "bench_temporal_conv"),
+    "targets": ("Targets, read from the sections' blocks", "targets", "bench_targets"),
 }
-DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last")  # opt-in: unet_paper (minutes), compile (minutes of compilation),
-# quality_steps (trained demo models, minutes), latent_cache (the KL-f8 encoder on a 512x512 slice: a minute)
+DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "targets")
+GPU_PLACEHOLDERS = DEFAULT[:-1]  # "targets" measures nothing: one block, whatever the device
+# opt-in: unet_paper (minutes), compile (minutes of compilation), quality_steps (trained demo models, minutes),
+# latent_cache (the KL-f8 encoder on 512x512 slices: minutes)
 INTRO = """# gem3d benchmarks
 
 Written by `python bench/run_all.py` (`make bench`); each section rewrites its own block below. Every comparison is
@@ -67,10 +78,16 @@ def block_key(kind: str, section: str) -> str:
 
 
 def render(section: str, kind: str, rows: list[dict], info: dict, command: str, notes: list[str]) -> str:
+    """One block of BENCHMARKS.md: title, the command and machine line, the table, the notes. ``kind``: cpu, gpu, or
+    all (a block that measures nothing, such as the targets)."""
     title = SECTIONS[section][0]
-    lines = [f"<!-- {block_key(kind, section)} -->", f"### {title} ({info['device']})", "",
-             f"`{command}` · {info['machine']} · {info['date']} · torch {info['torch']} · threads {info['threads']} · "
-             f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
+    if kind == "all":
+        lines = [f"<!-- {block_key(kind, section)} -->", f"### {title}", "", f"`{command}` · {info['date']}", ""]
+    else:
+        lines = [f"<!-- {block_key(kind, section)} -->", f"### {title} ({info['device']})", "",
+                 f"`{command}` · {info['machine']} · {info['date']} · torch {info['torch']} · threads "
+                 f"{info['threads']} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}) · "
+                 f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
     if rows:
         columns = list(rows[0])
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -93,7 +110,7 @@ def write_blocks(path: Path, blocks: dict[str, str]) -> None:
     if "<!-- bench:" not in text:
         text = INTRO
     for kind in ("cpu", "gpu"):
-        for section in DEFAULT:
+        for section in GPU_PLACEHOLDERS:
             key = block_key(kind, section)
             if f"<!-- {key} -->" not in text and key not in blocks:
                 blocks[key] = not_measured(section, kind)
@@ -104,6 +121,19 @@ def write_blocks(path: Path, blocks: dict[str, str]) -> None:
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def shown_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments that decide the figures: ``--out`` (which file the blocks go to) is left out."""
+    shown, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--out":
+            skip = True
+        elif not argument.startswith("--out="):
+            shown.append(argument)
+    return shown
 
 
 def main(argv=None) -> int:
@@ -126,19 +156,25 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    command = "python bench/run_all.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python bench/run_all.py " + shlex.join(shown_arguments(argv if argv is not None else sys.argv[1:]))
     blocks = {}
     for name in names:
         title, module_name, function = SECTIONS[name]
         print(f"[bench] {title} on {args.device} ...", flush=True)
         info = run_info(args.device)
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         module = __import__(module_name)
         extra = {"demo_out": args.demo_out, "work": args.work} if name == "quality_steps" else {}
+        if name == "targets":
+            extra = {"out": args.out}
         result = getattr(module, function)(args.device, args.quick, **extra)
         rows, notes = result if isinstance(result, tuple) else (result, [])
-        notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s."]
-        blocks[block_key(kind, name)] = render(name, kind, rows, info, command.strip(), notes)
+        if name != "targets":  # measures nothing
+            notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s; load average (1 min) "
+                                   f"{load_before:.1f} at its start, {os.getloadavg()[0]:.1f} at its end."]
+        block_kind = "all" if name == "targets" else kind
+        blocks[block_key(block_kind, name)] = render(name, block_kind, rows, info, command.strip(), notes)
         write_blocks(args.out, dict(blocks))  # after each section, so a stopped run keeps what it measured
     print(f"[bench] wrote {args.out}")
     return 0

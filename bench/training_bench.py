@@ -3,7 +3,8 @@ Lightning's ``precision: bf16-mixed`` does), gradient checkpointing on vs off.
 
 The step is the denoiser's: latents in, noise-prediction MSE, backward, AdamW over what the stage trains (all of
 the UNet for stage 1; only the volumetric layers for stage 2). The frozen first-stage encoding of the batch is
-not included (no gradients; its cost is in section 2). Paper size on the CPU: 1 slice instead of a 16-slice clip, one step per variant.
+not included (no gradients; its cost is in section 2). Paper size on the CPU: 1 slice instead of a 16-slice clip,
+one step per variant.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import GiB, fmt_bytes, fmt_seconds, peak_memory
+from common import GiB, fmt_bytes, fmt_seconds, peak_memory, sync
 from peers import CONFIGS, LATENT_SIZE
 
 from gem3d.models.unet import TimestepEmbedSequential, UNetModel
@@ -78,6 +79,7 @@ def bench_training(device: str, quick: bool) -> tuple[list[dict], list[str]]:
                         for _ in range(2 if quick else 5):
                             t0 = time.perf_counter()
                             step()
+                            sync(device)
                             times.append(time.perf_counter() - t0)
                         seconds = sorted(times + [seconds])[len(times) // 2 + 0]
                     results[precision, checkpointing] = (seconds, memory)
@@ -102,15 +104,17 @@ def paper_stage2_estimate(unet: UNetModel, n_train: int, results: dict, slices: 
     n_all = sum(p.numel() for p in unet.parameters())
     weights = 4 * n_all
     grads_and_adam = 3 * 4 * n_train  # grads + two AdamW moments, fp32
-    notes = [f"Paper stage 2: {n_all / 1e6:.1f} M parameters ({fmt_bytes(weights)} fp32), {n_train / 1e6:.1f} M trained "
-             f"(gradients + AdamW moments {fmt_bytes(grads_and_adam)}). Activations per slice = the step's peak above the "
+    notes = [f"Paper stage 2: {n_all / 1e6:.1f} M parameters ({fmt_bytes(weights)} fp32), {n_train / 1e6:.1f} M "
+             f"trained (gradients + AdamW moments {fmt_bytes(grads_and_adam)}). Activations per slice = the step's "
+             "peak above the "
              "held weights and optimizer state, less the gradients (and autocast's cached bf16 copies of the trained "
              "weights); from one CPU step on 1 slice, so a rough figure (RSS-based, single run)."]
     for (precision, checkpointing), (_, memory) in sorted(results.items()):
         copies = 2 * n_train if precision == "bf16" else 0  # autocast caches bf16 copies of trainable weights only
         per_slice = (memory - 4 * n_train - copies) / slices  # the step's peak less gradients and copies: activations
         need = weights + grads_and_adam + copies + 16 * per_slice
-        notes.append(f"{precision}, checkpointing {'on' if checkpointing else 'off'}: activations {fmt_bytes(per_slice)} "
-                     f"per slice (measured on {slices} slice(s)) -> one 16-slice clip needs about {need / GiB:.1f} GiB on "
-                     "one GPU (weights + gradients + AdamW moments + bf16 copies + 16 x activations per slice, linear).")
+        notes.append(f"{precision}, checkpointing {'on' if checkpointing else 'off'}: activations "
+                     f"{fmt_bytes(per_slice)} per slice (measured on {slices} slice(s)) -> one 16-slice clip needs "
+                     f"about {need / GiB:.1f} GiB on one GPU (weights + gradients + AdamW moments + bf16 copies + 16 x "
+                     "activations per slice, linear).")
     return notes

@@ -69,7 +69,20 @@ def flops(size: str, slices: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
+def clip_flops_note() -> str:
+    """The FLOPs of the paper's stage-2 UNet on one 16-slice clip of 64x64 latents (counted on the meta device, so
+    the same on every machine): what a GPU step costs, whatever the slices this run could afford."""
+    with torch.device("meta"):
+        unet = UNetModel(**CONFIGS["paper stage 2"])
+        x = torch.randn(16, 12, LATENT_SIZE["paper"], LATENT_SIZE["paper"])
+        t = torch.full((16,), 500)
+    forward = count_flops(forward_fn(OURS_2, unet, x, t))
+    step = count_flops(train_fn(OURS_2, unet, x, t))
+    return (f"Paper stage 2 on one 16-slice clip of 64x64 latents (counted by torch.utils.flop_counter on the meta "
+            f"device): forward {forward / 1e12:.2f} TFLOP, forward + backward {step / 1e12:.2f} TFLOP.")
+
+
+def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> tuple[list[dict], list[str]]:
     rows = []
     for size in sizes:
         slices = 1 if size == "paper" and device == "cpu" else 16
@@ -80,7 +93,8 @@ def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
         x = torch.randn(slices, 12, hw, hw, device=device)
         t = torch.full((slices,), 500, device=device)
         shape = f"{slices}x12x{hw}x{hw}"
-        for mode, make, reps, index in (("forward", forward_fn, repeats[0], 0), ("forward+backward", train_fn, repeats[1], 1)):
+        modes = (("forward", forward_fn, repeats[0], 0), ("forward+backward", train_fn, repeats[1], 1))
+        for mode, make, reps, index in modes:
             fns = {name: make(name, model, x, t) for name, model in models.items()}
             if mode == "forward" and size == "demo":  # warm-up (first-call caches); else the memory call warms up
                 for fn in fns.values():
@@ -90,7 +104,8 @@ def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
                 t0 = time.perf_counter()
                 memory[name] = peak_memory(fn, device)[0]
                 once[name] = time.perf_counter() - t0
-            print(f"  [{size} {mode}] peak memory: " + ", ".join(f"{n} {fmt_bytes(m)}" for n, m in memory.items()), flush=True)
+            print(f"  [{size} {mode}] peak memory: " + ", ".join(f"{n} {fmt_bytes(m)}" for n, m in memory.items()),
+                  flush=True)
             seconds = interleaved_medians(fns, reps, device, warmup=0) if reps else once  # reps 0: the one timed call
             for name in fns:
                 ratio = []
@@ -101,15 +116,22 @@ def bench_unet(device: str, quick: bool, sizes=("demo", "paper")) -> list[dict]:
                     ratio = [f"{seconds[name] / seconds[OURS_1]:.2f}x time of {OURS_1}",
                              f"{seconds[name] / seconds[next(iter(PEERS))]:.2f}x time of {next(iter(PEERS))}"]
                 rows.append({
-                    "what": f"UNet {mode}, {size} config, {shape}", "variant": f"{name} ({parameters_m(models[name]):.1f} M)",
+                    "what": f"UNet {mode}, {size} config, {shape}",
+                    "variant": f"{name} ({parameters_m(models[name]):.1f} M)",
                     "time": fmt_seconds(seconds[name]), "peak memory": fmt_bytes(memory[name]),
-                    "FLOP/s": f"{counted[name][index] / seconds[name] / 1e9:.0f} GFLOP/s ({counted[name][index] / 1e9:.0f} GFLOP)",
+                    "FLOP/s": f"{counted[name][index] / seconds[name] / 1e9:.0f} GFLOP/s "
+                              f"({counted[name][index] / 1e9:.0f} GFLOP)",
                     "ratio": "; ".join(ratio), "repeats": str(reps or 1),
                 })
                 print("  " + " | ".join(rows[-1].values()), flush=True)
         del models
         gc.collect()
-    return rows
+    notes = [clip_flops_note()]
+    if any(row["repeats"] == "1" for row in rows):
+        notes.append("Rows with 1 repeat time one call per model, one model after the other (the peak-memory call): "
+                     "a load that changes during the section changes their ratios, so read those as rough; the rows "
+                     "with more repeats are interleaved medians.")
+    return rows, notes
 
 
 def bench_compile(device: str, quick: bool) -> tuple[list[dict], list[str]]:
@@ -145,10 +167,11 @@ def bench_unet_paper(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     memory = {name: peak_memory(fn, device)[0] for name, fn in fns.items()}  # also the warm-up
     repeats = 5
     seconds = interleaved_medians(fns, repeats, device, warmup=0)
+    ours = "; ".join(f"{seconds[OURS_1] / seconds[p]:.2f}x time, {memory[OURS_1] / memory[p]:.2f}x memory of {p}"
+                     for p in PEERS)
     rows = [{"what": f"UNet forward, paper stage 1, {slices}x12x{hw}x{hw}", "variant": name, "time": fmt_seconds(s),
-             "peak memory": fmt_bytes(memory[name]),
-             "ratio": "; ".join(f"{seconds[OURS_1] / seconds[p]:.2f}x time, {memory[OURS_1] / memory[p]:.2f}x memory of {p}"
-                                for p in PEERS) if name == OURS_1 else "", "repeats": str(repeats)}
+             "peak memory": fmt_bytes(memory[name]), "ratio": ours if name == OURS_1 else "",
+             "repeats": str(repeats)}
             for name, s in seconds.items()]
     return rows, []
 

@@ -3,7 +3,8 @@
 Demo size: one 48-slice 64x64 volume (the demo's UNet and autoencoder configs, random weights). Paper size on the
 CPU: one window of 512x512 slices (the paper's stage-2 UNet, latent-diffusion's KL-f8): one sampling step on 2 slices
 and one decoded slice, extrapolated to 16 slices per recipe (said in each row). UNet evaluations are counted by a hook
-on the UNet (calls, and slices through it) and, for a 155-slice volume, from the propagation plan.
+on the UNet (calls, and slices through it) and, for a 155-slice volume, from the propagation plan. Everything runs on
+the benchmark's ``--device``; on a GPU each phase's clock is read after the device's queue has drained.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import fmt_bytes, fmt_seconds, peak_memory
+from common import fmt_bytes, fmt_seconds, peak_memory, sync
 from peers import CONFIGS
 
 from gem3d.training.ldm import Gem3dLDM
@@ -73,19 +74,24 @@ def planned_calls(num_slices: int, start: int, options: SamplerOptions) -> tuple
 
 def end_to_end(model: Gem3dLDM, state: bytes, grey_mask: torch.Tensor, informed_index: int, options: SamplerOptions,
                decode_slices: int | None, device: str, out: Path) -> dict:
-    """Seconds per phase and the UNet calls of one run."""
+    """Seconds per phase and the UNet calls of one run (each phase timed up to the end of its device work)."""
     seconds = {}
+    sync(device)
     t0 = time.perf_counter()
     model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+    sync(device)
     seconds["load"] = time.perf_counter() - t0
     counter = EvaluationCounter(model.unet)
     try:
         t0 = time.perf_counter()
         mask_latent = encode_slices(model, grey_mask)
         informed = mask_latent[informed_index].clone()  # stands in for the encoded real slice (same cost)
+        sync(device)
         seconds["encode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        latents = sample_volume_latents(model, mask_latent, informed, informed_index, options, torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        latents = sample_volume_latents(model, mask_latent, informed, informed_index, options, generator)
+        sync(device)
         seconds["propagate"] = time.perf_counter() - t0
     finally:
         counter.handle.remove()

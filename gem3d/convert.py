@@ -43,7 +43,8 @@ def convert_model_dir(src: str | Path, dst: str | Path, ema: bool | None = None,
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
     config = {
         "model": {"target": DENOISER_TARGET, "params": loaded.model.architecture()},
-        "data": {"params": {"preprocess": preprocess if preprocess is not None else loaded.preprocess}},
+        "data": {"params": {"preprocess": preprocess if preprocess is not None else loaded.preprocess,
+                            "channel": loaded.channel}},
         "source": {"path": str(src.resolve()), "kind": kind, "checkpoint_sha256": loaded.sha256, "ema": bool(loaded.ema)},
     }
     with atomic_path(dst / CONVERTED_WEIGHTS) as tmp:

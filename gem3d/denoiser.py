@@ -6,7 +6,7 @@ slice), ``volume_stage`` (volumetric layers, one timestep per clip), ``position`
 the slice position), ``baseline_slice`` / ``baseline_volume`` (the first two without the informed slice).
 
 Latents: the target is the first stage's posterior sample times ``scale_factor``; the conditions (mask slices,
-informed slice) are the posterior mean at the same scale, as in the original's ``get_input`` (METHOD §3).
+informed slice) are the posterior mean at the same scale, as in the original's ``get_input`` (docs/method.md §3).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Denoiser(nn.Module):
         position_embed_dim: width of the position embedding (default: the UNet's ``context_dim``).
         condition_latent_factor: multiplier of the conditioning latents; 1 for every model gem3d knows, other
             values are for experiments only.
-        num_train_timesteps / beta_start / beta_end: the schedule (linear in sqrt, METHOD §3).
+        num_train_timesteps / beta_start / beta_end: the schedule (linear in sqrt, docs/method.md §3).
     """
 
     def __init__(

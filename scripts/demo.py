@@ -30,6 +30,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gem3d.checkpoint import load_checkpoint
+from gem3d.data.demo import split_counts
 from gem3d.export.manifest import Manifest
 from gem3d.export.nnunet import validate_nnunet_dataset, write_nnunet_dataset
 from gem3d.inference.cli import load_inference_config
@@ -49,7 +50,11 @@ TRAINING = {
     "demo": ("demo_stage2", ["first_stage", "stage1:demo_stage1"]),
     "demo_base": ("demo_base_stage2", ["first_stage", "stage1:demo_base_stage1"]),
     "demo_slice": ("demo_slice", ["first_stage"]),
+    # the label-fidelity segmenter (MONAI, on the real training cases): after the stage-2 models, so that it shares
+    # the machine with the slice model and not with the models whose minutes count
+    "segmenter": (None, ["stage1:demo_base"]),
 }
+SEGMENTER_ITERATIONS = 300
 SETTINGS = ["test", "ic", "icma", "ig", "igma", "base"]
 
 
@@ -88,10 +93,31 @@ def trained_steps(model_dir: Path) -> int:
     return int(load_checkpoint(model_dir / "checkpoints" / "last.ckpt").get("global_step", 0))
 
 
+def evaluation_args(out: Path, dataset: Path, split: str, max_steps: int | None) -> list[str]:
+    """The arguments of ``scripts/evaluate.py`` shared by the demo's evaluation and its segmenter training (one
+    cache entry)."""
+    iterations = SEGMENTER_ITERATIONS if max_steps is None else max(2, max_steps)
+    return ["--real", str(dataset), "--cases", f"split:{split}", "--out", str(out / "report"),
+            "--segmenter-iterations", str(iterations)]
+
+
+def train_segmenter(out: Path, dataset: Path, split: str, max_steps: int | None, threads: int | None) -> Path:
+    """The label-fidelity segmenter, trained into the evaluation's cache (``out/report/segmenter_cache``)."""
+    t0 = time.perf_counter()
+    code = "import sys; from gem3d.metrics.evaluation import train_fidelity_segmenter; train_fidelity_segmenter(sys.argv[1:])"
+    run([sys.executable, "-c", code, *evaluation_args(out, dataset, split, max_steps)],
+        out / "train_logs" / "segmenter.log", threads)
+    folder = out / "report" / "segmenter_cache"
+    print(f"[demo] segmenter: trained in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
+    return folder
+
+
 def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps: int | None,
-              threads: int | None) -> Path:
+              threads: int | None, split: str = "test") -> Path:
     """Train one demo model with main.py and link its run folder as ``out/models/<name>``. ``time_scale``
     scales the config's ``max_time``; ``max_steps`` caps the steps (quick checks)."""
+    if name == "segmenter":
+        return train_segmenter(out, dataset, split, max_steps, threads)
     config, needs = TRAINING[name]
     models, logdir = out / "models", out / "logs"
     overrides = [f"data.params.dataset_dir={dataset}"]
@@ -117,9 +143,10 @@ def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps:
     return target
 
 
-def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int) -> dict[str, Path]:
+def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int,
+                 split: str = "test") -> dict[str, Path]:
     """Train every demo model, ``jobs`` at a time as their dependencies allow (one thread each when parallel);
-    models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept."""
+    models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept (the segmenter: by its cache)."""
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     done = {n: models / n for n in TRAINING if (models / n / "checkpoints" / "last.ckpt").is_file()}
@@ -137,7 +164,8 @@ def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | N
             for name in [n for n in pending if ready(n)][: jobs - len(running)]:
                 pending.remove(name)
                 parallel = jobs > 1 and (len(running) > 0 or sum(ready(n) for n in pending) > 0)
-                running[pool.submit(train_one, name, out, dataset, time_scale, max_steps, 1 if parallel else None)] = name
+                running[pool.submit(train_one, name, out, dataset, time_scale, max_steps, 1 if parallel else None,
+                                    split)] = name
             if not running:
                 raise RuntimeError(f"cannot train {pending}: their dependencies failed")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -157,7 +185,8 @@ def donors_by_contrast(dataset: Path) -> dict[str, str]:
     return found
 
 
-def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, seed: int, split: str) -> Path:
+def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, seed: int, split: str,
+             max_steps: int | None) -> Path:
     """6. The evaluation with its yardsticks: stage 1 alone (the test setting through the stage-1 model), ``base``
     and GEM-3D against the copy-the-informed-slice baseline and the autoencoder ceiling, and a counterfactual pair
     (the ``ic`` setting with a T1-like and an inverted, T2-like donor slice, same seed)."""
@@ -172,7 +201,7 @@ def evaluate(out: Path, dataset: Path, models: dict[str, Path], base_cfg: dict, 
         synthetic.append(f"{name}={cfg.setting_dir}")
     synthetic += [f"{s}={out / 'synthetic' / s}" for s in ("ic", "icma", "ig", "igma")]
     report = out / "report"
-    run([sys.executable, "scripts/evaluate.py", "--real", str(dataset), "--cases", f"split:{split}", "--out", str(report),
+    run([sys.executable, "scripts/evaluate.py", *evaluation_args(out, dataset, split, max_steps),
          "--autoencoder", str(models["demo_autoencoder"]), *[a for s in synthetic for a in ("--synthetic", s)]],
         out / "train_logs" / "evaluate.log")
     return report
@@ -196,14 +225,15 @@ def main(argv=None) -> int:
 
     # 1. the dataset
     if not (dataset / "dataset.json").is_file():
+        val, test = split_counts(args.cases)
         run([sys.executable, "scripts/make_demo_dataset.py", str(dataset), "--cases", str(args.cases), "--seed",
-             str(args.seed)], out / "train_logs" / "make_demo_dataset.log")
+             str(args.seed), "--val", str(val), "--test", str(test)], out / "train_logs" / "make_demo_dataset.log")
     run([sys.executable, "scripts/check_dataset.py", str(dataset)], out / "train_logs" / "check_dataset.log")
     print(f"[demo] dataset ready: {dataset}")
 
     # 2. training
-    models = train_models(out, dataset, args.time_scale, args.max_steps, args.jobs)
-    steps = {name: trained_steps(path) for name, path in models.items()}
+    models = train_models(out, dataset, args.time_scale, args.max_steps, args.jobs, args.split)
+    steps = {name: trained_steps(path) for name, path in models.items() if name != "segmenter"}
 
     # 3. inference on the held-out cases
     defaults = load_inference_config("demo")
@@ -241,7 +271,7 @@ def main(argv=None) -> int:
     base_cfg = dict(split="Tr", cases=f"split:{args.split}", slice_model=models["demo_slice"],
                     samples_per_case=int(defaults.get("samples_per_case", 1)), sampler=SamplerOptions(**sampler),
                     seed=args.seed, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}), progress=False)
-    report = evaluate(out, dataset, models, base_cfg, args.seed, args.split)
+    report = evaluate(out, dataset, models, base_cfg, args.seed, args.split, args.max_steps)
     print(f"[demo] evaluation in {time.perf_counter() - t0:.0f} s")
 
     # 6. the tables

@@ -63,10 +63,14 @@ def build_model(variant: str, seed: int = 0):
     return model.eval()
 
 
-def build_model_dir(folder: str | Path, variant: str, seed: int = 0, preprocess: dict | None = None) -> Path:
-    """A training-run-like folder for ``variant`` (see the module docstring)."""
+def build_model_dir(folder: str | Path, variant: str, seed: int = 0, preprocess: dict | None = None,
+                    first_stage: dict | None = None) -> Path:
+    """A training-run-like folder for ``variant`` (see the module docstring); ``first_stage``: a first stage's
+    state dict to use (models that share an autoencoder)."""
     folder = Path(folder)
     model = build_model(variant, seed)
+    if first_stage is not None:
+        model.first_stage.load_state_dict(first_stage)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0, "global_step": 0}
@@ -150,7 +154,12 @@ def tiny_setup(tmp_path_factory) -> dict:
         data, oblique = build_dataset(root / "dataset", cases=4)
         setup = {"data": data, "oblique": oblique,
                  "names": sorted(p.name[: -len(".nii.gz")] for p in (data / "labelsTr").glob("*.nii.gz"))}
+        first_stage = None  # one autoencoder for all three, as a GEM-3D model family has
         for seed, variant in enumerate(MODEL_VARIANTS):
-            setup[variant] = build_model_dir(root / "models" / variant, variant, seed=seed)
+            setup[variant] = build_model_dir(root / "models" / variant, variant, seed=seed, first_stage=first_stage)
+            if first_stage is None:
+                first_stage = {k.removeprefix("first_stage."): v for k, v in torch.load(
+                    setup[variant] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].items()
+                    if k.startswith("first_stage.")}
         _SETUP.update(setup)
     return dict(_SETUP)

@@ -39,6 +39,14 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+def skip_missing_fixtures(message: str) -> None:
+    """Skip the calling test because original fixtures are missing (``message`` says which); with
+    GEM3D_REQUIRE_FIXTURES=1 fail it instead. Every skip for missing fixtures goes through here."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{message}; {REQUIRE_ENV}=1 requires them", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gem3d_cache_in_tmp(tmp_path_factory) -> Path:
     """The default cache root (``$GEM3D_CACHE``) in a temporary folder: tests never write to ~/.cache/gem3d."""
@@ -58,9 +66,7 @@ def original_fixtures() -> Path:
     GEM3D_REQUIRE_FIXTURES=1)."""
     root = fixture_root()
     if not root.is_dir():
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{missing_fixtures_message(root)}; {REQUIRE_ENV}=1 requires them", pytrace=False)
-        pytest.skip(missing_fixtures_message(root))
+        skip_missing_fixtures(missing_fixtures_message(root))
     return root
 
 

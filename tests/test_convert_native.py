@@ -95,7 +95,7 @@ def test_cli_converts_and_the_result_loads_natively(cli, ema_folder, tmp_path, c
     assert config["model"]["target"] == "gem3d.denoiser.Denoiser"
     assert config["source"]["kind"] == "original" and config["source"]["ema"] is False
     brain = OmegaConf.to_container(OmegaConf.load(packaged("inference", "brain.yaml")))
-    assert config["data"]["params"]["preprocess"] == brain["preprocess"]
+    assert config["data"]["params"]["preprocess"] == brain["fallback_preprocess"]
     # nothing in the config refers to a file: the weights file holds every tensor
     assert "ckpt_path" not in config["model"]["params"]["first_stage_config"]["params"]
     assert "ckpt_path" not in config["model"]["params"]
@@ -104,7 +104,7 @@ def test_cli_converts_and_the_result_loads_natively(cli, ema_folder, tmp_path, c
     for key, value in raw_unet.items():
         assert torch.equal(weights["unet." + key], value), key
     loaded = load_model_dir(dst)
-    assert loaded.preprocess == brain["preprocess"] and loaded.ema is False and loaded.kind == "converted"
+    assert loaded.preprocess == brain["fallback_preprocess"] and loaded.ema is False and loaded.kind == "converted"
     assert detect_layout(dst) == "converted"
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from gem3d.checkpoint import UnsafeCheckpointError, safe_load_checkpoint
 from gem3d.denoiser import VARIANTS
-from gem3d.model_dirs.original import ema_key, is_original_model_dir, read_original_model_dir
+from gem3d.model_dirs.original import ema_key, is_original_model_dir, original_variant, read_original_model_dir
 from gem3d.models.unet import UNetModel
 
 from tests._payload import UNPICKLE_CALLS, ArbitraryPayload, record_unpickle  # noqa: E402
@@ -174,6 +174,8 @@ def test_gem3d_run_is_not_an_original_folder(tmp_path, original_fixtures):
         (lambda c: c["model"]["params"].update(channels=3), ValueError, "concat condition"),
         (lambda c: c["model"]["params"].pop("unet_config"), KeyError, "unet_config"),
         (lambda c: c["model"]["params"].update(beta_schedule="cosine"), NotImplementedError, "beta_schedule='cosine'"),
+        (lambda c: c["model"]["params"].update(conditioning_key="hybrid"), NotImplementedError,
+         r"conditioning_key='hybrid' is not supported; allowed: \['concat', 'crossattn'\]"),
     ],
 )
 def test_config_problems_are_named(tmp_path, original_fixtures, edit, error, message):
@@ -258,3 +260,14 @@ def test_loads_lightning_checkpoint_objects_without_trust(tmp_path):
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         safe_load_checkpoint(tmp_path / "nothing.ckpt")
+
+
+@pytest.mark.parametrize("key", ["hybrid", "adm", None])
+def test_conditioning_keys_without_a_gem3d_variant_are_refused_naming_the_allowed_ones(key):
+    """'hybrid' (concat + cross-attention) was once read as concat, silently dropping its cross-attention."""
+    unet_params = {"in_channels": 12, "volumetric": False}
+    message = rf"folder: conditioning_key={key!r} is not supported; allowed: \['concat', 'crossattn'\]"
+    with pytest.raises(NotImplementedError, match=message):
+        original_variant({"conditioning_key": key, "channels": 4}, unet_params, Path("folder"))
+    assert original_variant({"conditioning_key": "concat", "channels": 4}, unet_params, Path("folder")) == "slice_stage"
+    assert original_variant({"conditioning_key": "crossattn"}, unet_params, Path("folder")) == "position"

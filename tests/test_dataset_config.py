@@ -67,7 +67,7 @@ def test_ct_block_has_the_foreground_percentile_window(ct_dataset, tmp_path, cap
     assert preprocess | {"window": None} == {
         "size": 512, "slice_axis": 2, "intensity": "window", "percentiles": [0.5, 99.5], "window": None,
         "max_label": 2, "body": "threshold", "body_threshold": -500.0, "body_fill_holes": True,
-        "body_largest_component": True, "informed_labels": PreprocessConfig().informed_labels}
+        "body_largest_component": True, "informed_labels": "shown"}
     assert written["data"]["params"]["dataset_dir"] == str(root.resolve())
     assert "# labels: background 0, liver 1, tumour 2" in out.read_text()
 

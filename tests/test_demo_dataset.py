@@ -109,3 +109,10 @@ def test_demo_splits_keep_tuning_and_reported_cases_apart(tmp_path):
     written = json.loads((folder / "splits.json").read_text())
     assert (len(written["train"]), len(written["val"]), len(written["test"])) == (1, 1, 2)
     assert not (build_demo_dataset(tmp_path / "small", cases=2) / "splits.json").exists()
+
+
+def test_split_counts_scale_the_demo_split_and_keep_two_training_cases():
+    from gem3d.data.demo import split_counts
+
+    assert split_counts(16) == (2, 6)
+    assert split_counts(4) == (1, 1) and split_counts(8) == (1, 3) and split_counts(32) == (4, 12)

@@ -133,8 +133,19 @@ def test_training_latents_sample_posterior_conditions_use_mean():
     assert not torch.allclose(z1, z2)  # posterior sample
     torch.testing.assert_close(c1["concat"], c2["concat"])  # posterior mean
     assert not z1.requires_grad and not c1["concat"].requires_grad
-    mean = model.first_stage.encode(batch["image"], sample=False)
-    assert (z1 - mean).abs().max() < 10 * (z1 - mean).abs().mean() + 1  # a sample around the mean
+    first_stage = model.first_stage
+    assert first_stage.scale_factor != 1  # so that a missing or doubled scale shows below
+    # the target: scale x (posterior mean + posterior std x the generator's first normal draw), exactly
+    mean, std = first_stage.moments(batch["image"].flatten(0, 1))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z1.flatten(0, 1), first_stage.scale_factor * (mean + std * noise))
+    assert (std > 0).all()
+    # the conditions: the scaled posterior means of the mask and the informed slice, exactly
+    torch.testing.assert_close(c1["concat"][:, :, :4], first_stage.scale_factor * first_stage.moments(
+        batch["mask"].flatten(0, 1))[0].unflatten(0, (2, 4)))
+    informed_mean = first_stage.scale_factor * first_stage.moments(batch["informed"])[0]
+    for frame in range(4):
+        torch.testing.assert_close(c1["concat"][:, frame, 4:], informed_mean)
 
 
 def test_condition_latent_factor_scales_conditions():

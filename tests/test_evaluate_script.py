@@ -1,9 +1,11 @@
-"""scripts/evaluate.py end to end on a tiny real dataset and manifest-like synthetic folders written here."""
+"""The evaluation (gem3d.metrics.evaluation, behind scripts/evaluate.py) end to end on a tiny real dataset and
+manifest-like synthetic folders written here."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -14,19 +16,12 @@ import torch
 from PIL import Image
 
 from gem3d.export.manifest import Manifest, make_record
-from gem3d.metrics import features
+from gem3d.metrics import evaluation, features
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("case_000", "case_001", "case_002")
+CASES = ("case_000", "case_001", "case_002", "case_003")  # case_003: no synthetic sample; the segmenter trains on it
 SHAPE = (20, 20, 12)  # x, y, z (RAS): 12 axial slices of 20 x 20
 LABELS = {"background": 0, "tissue": 1, "lesion": 2}
-
-
-def _evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save(array, path: Path, dtype=np.float32):
@@ -73,7 +68,7 @@ def folders(tmp_path_factory):
         Manifest(setting_dir / "manifest.json").add(make_record(case, setting, 0, 0, informed=informed, files=files))
 
     out = root / "out"
-    for case, (image, label) in real.items():
+    for case, (image, label) in list(real.items())[:3]:
         noisy = np.where(label > 0, image + rng.normal(0, 3.0, image.shape), 0.0)
         write(out / "test", "test", case, noisy, {"source": "own_middle", "case": case, "index": 6}, gt=True)
         striped = np.where(label > 0, image + rng.normal(0, 8.0, (1, 1, SHAPE[2])), 0.0)
@@ -97,13 +92,13 @@ def folders(tmp_path_factory):
 def test_evaluate_writes_csv_summary_plots_and_offline_html(folders, capsys):
     report = folders["root"] / "report"
     root = folders["root"]
-    code = _evaluate().main([
+    code = evaluation.main([
         "--real", str(folders["data"]), "--synthetic", f"gem3d={folders['out'] / 'test'}",
         "--synthetic", f"stage1={folders['out'] / 'stage1'}", "--synthetic", f"cf_bright={root / 'cf_bright' / 'ic'}",
         "--synthetic", f"cf_dark={root / 'cf_dark' / 'ic'}", "--out", str(report),
         "--metrics", "reconstruction", "consistency", "labels", "fid", "mmd", "counterfactual", "segmenter",
         "--fid-weights-2d", str(root / "ResNet50.pt"), "--fid-weights-3d", str(root / "resnet_10.pth"),
-        "--segmenter", str(root),  # any folder: without nnunetv2 the hook reports the skip
+        "--segmenter-iterations", "2",  # a MONAI segmenter trained on case_003, the one case not evaluated
     ])
     assert code == 0
     for name in ("metrics.csv", "summary.md", "report.html", "slice_jumps.png", "profile_through_plane.png",
@@ -117,16 +112,29 @@ def test_evaluate_writes_csv_summary_plots_and_offline_html(folders, capsys):
     by_row = {}
     for row in rows:
         by_row.setdefault(row["row"], []).append(row)
-    assert set(by_row) == {"reference: copy informed slice", "gem3d", "stage1", "cf_bright", "cf_dark", "real"}
-    assert len(by_row["gem3d"]) == 3 and len(by_row["real"]) == 3
+    assert set(by_row) == {"reference: copy informed slice", "gem3d", "stage1", "cf_bright", "cf_dark",
+                           "reference: real volume"}
+    assert len(by_row["gem3d"]) == 3 and len(by_row["reference: real volume"]) == 3
+    assert {"dice_tissue", "dice_lesion", "dice_mean", "dice_ratio"} <= columns
+    for name in ("gem3d", "stage1", "cf_bright", "cf_dark", "reference: real volume"):  # every scored row
+        assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in by_row[name]), name
+    assert all(r["dice_mean"] == "" for r in by_row["reference: copy informed slice"])
+    reference = np.mean([float(r["dice_mean"]) for r in by_row["reference: real volume"]])
+    for r in by_row["gem3d"]:
+        assert float(r["dice_ratio"]) == pytest.approx(float(r["dice_mean"]) / reference, rel=1e-4)
+    assert sorted(p.name for p in (report / "segmentations" / "gem3d").glob("*.nii.gz")) == [
+        f"case_00{i}_s0.nii.gz" for i in range(3)]
+    cache = list((report / "segmenter_cache").iterdir())
+    assert len(cache) == 1 and json.loads((cache[0] / "segmenter.json").read_text())["cases"] == ["case_003"]
     # the striped volume jumps more between slices than the noisy one; the real one has ratio 1
     mean = lambda r, m: np.mean([float(x[m]) for x in by_row[r]])  # noqa: E731
     assert mean("stage1", "slice_jump_ratio") > mean("gem3d", "slice_jump_ratio")
-    assert mean("real", "slice_jump_ratio") == pytest.approx(1.0)
+    assert mean("reference: real volume", "slice_jump_ratio") == pytest.approx(1.0)
     assert mean("gem3d", "psnr_body") > mean("reference: copy informed slice", "psnr_body")
     summary = (report / "summary.md").read_text()
     assert "| gem3d | 3 |" in summary and "fid_25d" in summary and "fid_3d" in summary
-    assert "nnunetv2 not installed" in summary  # the segmenter hook's skip reason
+    assert "| reference: real volume | 3 |" in summary and "dice_mean" in summary and "dice_lesion" in summary
+    assert "trained on the 1 real training cases ['case_003']" in summary
     assert "autoencoder" in summary  # its row is named as skipped
     html = (report / "report.html").read_text()
     assert not re.search(r"https?://", html)
@@ -144,7 +152,7 @@ def test_evaluate_with_autoencoder_reference_row(folders, tmp_path):
     model = _tiny_models.build_model_dir(tmp_path / "model", "volume_stage",
                                          preprocess=dict(_tiny_models.PREPROCESS, size=16))
     report = tmp_path / "report"
-    code = _evaluate().main(["--real", str(folders["data"]), "--synthetic", f"gem3d={folders['out'] / 'test'}",
+    code = evaluation.main(["--real", str(folders["data"]), "--synthetic", f"gem3d={folders['out'] / 'test'}",
                              "--out", str(report), "--metrics", "reconstruction", "consistency",
                              "--autoencoder", str(model), "--link-images", "--cases", "case_000,case_002"])
     assert code == 0
@@ -157,11 +165,11 @@ def test_evaluate_with_autoencoder_reference_row(folders, tmp_path):
 
 def test_synthetic_folder_without_manifest_and_unknown_cases_are_named(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        _evaluate().main(["--real", str(folders["data"]), "--synthetic", str(tmp_path), "--out", str(tmp_path / "r")])
+        evaluation.main(["--real", str(folders["data"]), "--synthetic", str(tmp_path), "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match=r"unknown case\(s\) \['nope'\]"):
-        _evaluate().main(["--real", str(folders["data"]), "--cases", "nope", "--out", str(tmp_path / "r")])
+        evaluation.main(["--real", str(folders["data"]), "--cases", "nope", "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="splits.json"):
-        _evaluate().main(["--real", str(folders["data"]), "--cases", "split:val", "--out", str(tmp_path / "r")])
+        evaluation.main(["--real", str(folders["data"]), "--cases", "split:val", "--out", str(tmp_path / "r")])
 
 
 def test_reconstruction_quality_for_the_demo_table_matches_the_report(folders, tmp_path):
@@ -172,9 +180,19 @@ def test_reconstruction_quality_for_the_demo_table_matches_the_report(folders, t
     quality = reconstruction_quality(setting_dir, records)
     assert reconstruction_quality(setting_dir, [dict(r, files={"image": r["files"]["image"]}) for r in records]) is None
     report = tmp_path / "report"
-    _evaluate().main(["--real", str(folders["data"]), "--synthetic", f"gem3d={setting_dir}", "--out", str(report),
+    evaluation.main(["--real", str(folders["data"]), "--synthetic", f"gem3d={setting_dir}", "--out", str(report),
                       "--metrics", "reconstruction"])
     with open(report / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["row"] == "gem3d"]
     for key in ("psnr_body", "ssim_axial_body", "ms_ssim"):
         assert quality[key] == pytest.approx(np.mean([float(r[key]) for r in rows]), rel=1e-4), key
+
+
+def test_the_script_is_a_thin_entry_point_to_the_package():
+    script = ROOT / "scripts" / "evaluate.py"
+    assert len(script.read_text().splitlines()) <= 30
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                          check=True)
+    for flag in ("--segmenter-backend", "--segmenter-iterations", "--segmenter-seed", "--segmenter-device",
+                 "--segmenter-cache", "--segmenter TRAINED_FOLDER"):
+        assert flag in done.stdout, flag

@@ -87,12 +87,14 @@ def test_sampler_option_flags(tiny):
         return cli.config_from_args("demo", "icma", args).sampler
 
     # the demo config starts from the informed slice (measured to help the demo models); the paper configs do not
-    assert (sampler().clip_x0, sampler().slice_noise_correlation, sampler().informed_start) == (None, 0.0, 0.5)
+    assert (sampler().clip_x0, sampler().slice_noise_correlation, sampler().informed_start) == (None, 0.8, 0.7)
     paper = cli.config_from_args("brain", "icma", cli.build_parser("brain", "icma").parse_args(
         ["--data", str(tiny["data"]), "--model", "m"])).sampler
     assert (paper.clip_x0, paper.informed_start) == (None, 1.0)
-    options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3", "--informed-start", "0.7")
-    assert (options.clip_x0, options.slice_noise_correlation, options.informed_start) == (2.5, 0.3, 0.7)
+    options = sampler("--clip-x0", "2.5", "--slice-noise-correlation", "0.3", "--informed-start", "0.4",
+                      "--window-informed", "first")
+    assert (options.clip_x0, options.slice_noise_correlation, options.informed_start) == (2.5, 0.3, 0.4)
+    assert (options.window_informed, sampler().window_informed) == ("first", "nearest")
     with pytest.raises(ValueError, match=r"slice_noise_correlation must be a float in \[0, 1\), got 1.0"):
         sampler("--slice-noise-correlation", "1")
 
@@ -120,13 +122,13 @@ def test_default_split_cases_fall_back_to_all_cases_without_splits_json(tmp_path
     def cases(data, *argv):
         return cli.config_from_args("demo", "ic", cli.build_parser("demo", "ic").parse_args(["--data", str(data), *argv])).cases
 
-    assert cli.load_inference_config("demo")["cases"] == "split:val"
+    assert cli.load_inference_config("demo")["cases"] == "split:test"  # the reported cases; val is for tuning
     assert cases(tmp_path) == "all"
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and f"{tmp_path} has no splits.json" in out and "all cases" in out
     assert cases(tmp_path, "--cases", "split:val") == "split:val"  # asked for explicitly: the engine says it is missing
-    (tmp_path / "splits.json").write_text('{"train": [], "val": []}')
-    assert cases(tmp_path) == "split:val" and capsys.readouterr().out == ""
+    (tmp_path / "splits.json").write_text('{"train": [], "val": [], "test": []}')
+    assert cases(tmp_path) == "split:test" and capsys.readouterr().out == ""
 
 
 def test_refused_checkpoint_exits_2_naming_the_trust_flag(tiny, tmp_path, capsys):

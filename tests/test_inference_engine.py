@@ -89,9 +89,12 @@ def test_every_setting_writes_its_samples_on_the_input_label_grid(tiny, runs):
             assert label.shape == label_in.shape and np.array_equal(label_affine, affine_in), (setting, case)
             if SETTINGS[setting].mask == "own":
                 assert np.array_equal(label, label_in), (setting, case)
+                assert ("gt" in files) == (setting == "test"), setting  # the real image is only test's ground truth
+            if "gt" in files:
                 gt, gt_affine = load(folder / files["gt"])
                 assert np.array_equal(gt_affine, affine_in) and np.allclose(gt, image_in)
-            else:  # edited: lesions stay inside the body (the demo's nonzero brain, holes filled), labels stay valid
+            if SETTINGS[setting].mask != "own":
+                # edited: lesions stay inside the body (the demo's nonzero brain, holes filled), labels stay valid
                 assert label.min() >= 0 and label.max() <= 3
                 assert set(np.unique(label)) <= set(np.unique(label_in))
                 assert not np.any((label > 0) & ~body_mask(tiny, case)), (setting, case)
@@ -306,7 +309,8 @@ def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_bod
     starts = informed_start_latents(model, informed, labels)
     image = torch.full((6, 16, 16), -1.0)
     image[:, 4:12, 4:12] = informed[4:12, 4:12]
-    image[2:4, 6:9, 6:9] = informed.mean()  # the mask says what is there, not the informed slice's pixels
+    # the mask says what is there, not the informed slice's pixels: their mean inside the labels' body
+    image[2:4, 6:9, 6:9] = informed[4:12, 4:12].mean()
     with torch.no_grad():
         expected = model.first_stage.encode(image[:, None])
     torch.testing.assert_close(starts, expected)
@@ -329,7 +333,8 @@ def test_a_setting_row_names_only_known_sources():
 @pytest.mark.parametrize("slice_axis, lr_axis", [(2, 1), (0, 0)])
 def test_icma_flips_left_right_whatever_the_slice_axis(tiny, tmp_path, slice_axis, lr_axis):
     preprocess = dict(_tiny_models.PREPROCESS, slice_axis=slice_axis)
-    cfg = make_config(tiny, "icma", tmp_path, cases=tiny["names"][0], preprocess=preprocess, previews=False)
+    cfg = make_config(tiny, "icma", tmp_path, cases=tiny["names"][0], preprocess=preprocess, previews=False,
+                      force_preprocess=True)  # another slice axis than the model was trained with
     records = Manifest(run_inference(cfg)).records
     flip = [step for step in records[0]["mask_edits"][0]["steps"] if step["edit"] == "flip"]
     assert [step["axis"] for step in flip] == [lr_axis]

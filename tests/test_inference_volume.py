@@ -94,14 +94,55 @@ def test_informed_windows_cover_every_slice_once_with_the_right_condition(num_sl
     torch.testing.assert_close(latents[start], _mask_latent(num_slices)[start] + 100.0, atol=1e-3, rtol=1e-4)
 
 
-def test_batching_directions_on_and_off_give_the_same_volume():
-    on_model, off_model = FakeModel("volume_stage"), FakeModel("volume_stage")
-    informed = torch.full((C, H, W), 7.0)
-    on = _sample(on_model, 24, 11, informed, batch_directions=True)
-    off = _sample(off_model, 24, 11, informed, batch_directions=False)
-    torch.testing.assert_close(on, off, atol=1e-3, rtol=1e-4)
-    assert max(on_model.batch_sizes) == 2  # the upward and downward windows went into one batch
-    assert max(off_model.batch_sizes) == 1
+class NoiseDependentModel(FakeModel):
+    """FakeModel whose x0 prediction also depends on its input, ``x0 = target + sin(x)``: every sampled slice then
+    depends on the noise it was drawn from, so noise given to the wrong window (or in another order) shows."""
+
+    def model_fn(self, cond):
+        target = cond["target"]
+
+        def eps_fn(x, t):
+            self.batch_sizes.append(x.shape[0])
+            a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1).to(x.dtype)
+            return (x - a.sqrt() * (target + torch.sin(x))) / (1 - a).sqrt()
+
+        return eps_fn
+
+
+def _noise_dependent_volume(batch_directions: bool, seed: int, overlap: int) -> tuple[torch.Tensor, list[int]]:
+    model = NoiseDependentModel("volume_stage")
+    options = SamplerOptions(sampler="ddim", steps=4, eta=0.0, window=4, overlap=overlap,
+                             batch_directions=batch_directions)
+    latents = sample_volume_latents(model, _mask_latent(24), torch.full((C, H, W), 7.0), 12, options,
+                                    torch.Generator().manual_seed(seed))
+    return latents, model.batch_sizes
+
+
+def test_batching_directions_on_and_off_give_the_same_volume_when_only_the_start_noise_is_random():
+    """DDIM with eta 0 and windows that tile the volume exactly (24 slices from 12, window 4, overlap 0: no known
+    frames) draw nothing but each window's starting noise, in the same order whether the directions share calls or
+    not: the volumes agree, with a model whose output depends on that noise."""
+    up, down = plan_windows(24, 12, 4, 0)
+    assert not any(any(window.known) for window in up + down)
+    on, on_batches = _noise_dependent_volume(True, seed=0, overlap=0)
+    off, off_batches = _noise_dependent_volume(False, seed=0, overlap=0)
+    other_seed, _ = _noise_dependent_volume(True, seed=1, overlap=0)
+    assert (on - other_seed).abs().amax(dim=(1, 2, 3)).min() > 1e-2  # every slice depends on the noise
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+    assert max(on_batches) == 2  # the upward and downward windows went into one batch
+    assert max(off_batches) == 1
+    assert len(on_batches) < len(off_batches)
+
+
+def test_batching_directions_with_known_frames_is_seeded_in_both_modes():
+    """With known frames every step draws their noise, and sharing a call interleaves the two directions' draws: the
+    volume is then another sample with batching than without, but each mode repeats itself for a seed."""
+    for batch_directions in (True, False):
+        first, _ = _noise_dependent_volume(batch_directions, seed=0, overlap=1)
+        again, _ = _noise_dependent_volume(batch_directions, seed=0, overlap=1)
+        other, _ = _noise_dependent_volume(batch_directions, seed=1, overlap=1)
+        assert torch.equal(first, again)
+        assert not torch.allclose(first, other)
 
 
 def test_baseline_mode_samples_each_slice_from_its_own_mask_without_informed_slice():

@@ -16,7 +16,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and models", ("gem3d.data", "gem3d.models")),
     ("sampling and training", ("gem3d.sampling", "gem3d.denoiser", "gem3d.training")),
     ("model folders and conversion", ("gem3d.model_dirs", "gem3d.convert")),
-    ("inference, export and metrics", ("gem3d.inference", "gem3d.export", "gem3d.metrics")),
+    ("inference, export, segmentation and metrics",
+     ("gem3d.inference", "gem3d.export", "gem3d.segmentation", "gem3d.metrics")),
 ]
 # pairs in the same or a lower layer that must still not know each other
 FORBIDDEN = [("gem3d.inference", "gem3d.convert"), ("gem3d.convert", "gem3d.inference"),

@@ -1,11 +1,23 @@
-"""gem3d.metrics.labels and .references: label fidelity, Dice, the nnU-Net hook, copy/counterfactual references."""
+"""gem3d.metrics.labels and .references: label fidelity, Dice, the segmenter's Dice with known answers (in the
+evaluation and in enhance_dataset's --min-dice filter), copy/counterfactual references."""
+import csv
+import json
 import math
+import sys
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from gem3d.metrics import labels as label_metrics
+from gem3d.export.manifest import Manifest, make_record
+from gem3d.export.nifti import save_nifti
+from gem3d.metrics import evaluation, labels as label_metrics
 from gem3d.metrics.references import copy_slice_volume, counterfactual_effect
+from gem3d.segmentation import BACKENDS, SegmenterSettings, get_segmenter
+from tests._segmenters import AFFINE, TRAINED, blob_case, blob_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _phantom():
@@ -48,11 +60,148 @@ def test_dice_per_label_known_values():
         label_metrics.dice_per_label(ref, ref[:1])
 
 
-def test_segmenter_hook_reports_why_it_is_skipped(tmp_path, monkeypatch):
-    assert label_metrics.segmenter_dice(None, [], [], 2) == (None, "skipped: no --segmenter model folder given")
-    monkeypatch.setattr(label_metrics, "nnunet_available", lambda: False)
-    result = label_metrics.segmenter_dice(tmp_path, [], [], 2)
-    assert result == (None, "skipped: nnunetv2 not installed (see ENVIRONMENT.md)")
+@pytest.fixture()
+def threshold_backend(monkeypatch):
+    """The ``threshold`` backend: :class:`tests._segmenters.ThresholdSegmenter`, exact on blob volumes."""
+    monkeypatch.setitem(BACKENDS, "threshold", "tests._segmenters:ThresholdSegmenter")
+    return SegmenterSettings(backend="threshold", iterations=1)
+
+
+def test_segmenter_dice_known_answers(tmp_path, threshold_backend):
+    """A segmenter that is exact on real volumes scores 1 on a real-like volume and 0 where the labels were moved."""
+    segmenter = get_segmenter(threshold_backend, tmp_path / "work")
+    image, label = blob_case(3)
+    swapped, _ = blob_case(3, swap=True)
+    save_nifti(image, AFFINE, tmp_path / "real_0000.nii.gz")
+    save_nifti(swapped, AFFINE, tmp_path / "moved_0000.nii.gz")
+    save_nifti(label, AFFINE, tmp_path / "label.nii.gz")
+    from gem3d.data.case import load_case
+
+    canonical = load_case(tmp_path / "real_0000.nii.gz", tmp_path / "label.nii.gz").label
+    images = [tmp_path / "real_0000.nii.gz", tmp_path / "moved_0000.nii.gz", tmp_path / "real_0000.nii.gz"]
+    masks = [tmp_path / "label.nii.gz", tmp_path / "label.nii.gz", canonical]  # a file or a canonical array
+    dice = label_metrics.segmenter_dice(segmenter, images, masks, 2, tmp_path / "predicted")
+    assert dice == [{1: 1.0, 2: 1.0}, {1: 0.0, 2: 0.0}, {1: 1.0, 2: 1.0}]
+    written = nib.load(str(tmp_path / "predicted" / "moved.nii.gz"))
+    assert np.array_equal(written.affine, AFFINE) and written.shape == image.shape  # on the image's own grid
+    with pytest.raises(ValueError, match="one mask per image, got 3 images and 1 masks"):
+        label_metrics.segmenter_dice(segmenter, images, masks[:1], 2, tmp_path / "predicted")
+    with pytest.raises(ValueError, match=r"has shape \(20, 24, 24\), the mask of .* \(2, 2, 2\)"):
+        label_metrics.segmenter_dice(segmenter, images[:1], [np.zeros((2, 2, 2), int)], 2, tmp_path / "predicted")
+
+
+def test_dice_columns_use_the_label_names_and_average_the_labels_the_mask_holds():
+    columns = label_metrics.dice_columns({1: 0.5, 2: float("nan"), 3: 1.0}, {1: "bright blob", 2: "core", 3: "ring"})
+    assert columns["dice_bright_blob"] == 0.5 and columns["dice_ring"] == 1.0 and math.isnan(columns["dice_core"])
+    assert columns["dice_mean"] == 0.75  # the NaN label (absent from the mask) is left out
+    assert math.isnan(label_metrics.dice_columns({1: float("nan")}, {})["dice_mean"])
+
+
+def _blob_outputs(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A blob dataset (cases 0-1 train, 2-3 val) and two setting folders of the val cases: ``faithful`` (the real
+    volume, noisier) and ``moved`` (each blob drawn where the mask has the other)."""
+    data = blob_dataset(tmp_path / "dataset", n=4)
+    (data / "splits.json").write_text(json.dumps({"train": ["case_000", "case_001"], "val": ["case_002", "case_003"],
+                                                  "test": []}))
+    folders = {}
+    for setting, swap in (("faithful", False), ("moved", True)):
+        folder = folders[setting] = tmp_path / "out" / setting
+        for i in (2, 3):
+            image, label = blob_case(i, swap=swap)
+            files = {"image": f"case_{i:03d}_s0_image.nii.gz", "label": f"case_{i:03d}_s0_label.nii.gz"}
+            save_nifti(image + np.where(image > 0, 1.0, 0.0), AFFINE, folder / files["image"])
+            save_nifti(label, AFFINE, folder / files["label"])
+            Manifest(folder / "manifest.json").add(make_record(f"case_{i:03d}", "ic", 0, 0, files=files))
+    return data, folders
+
+
+def test_evaluation_label_fidelity_known_answers_and_cache(tmp_path, threshold_backend):
+    data, folders = _blob_outputs(tmp_path)
+    report = tmp_path / "report"
+    argv = ["--real", str(data), "--cases", "split:val", "--out", str(report), "--metrics", "labels", "segmenter",
+            "--segmenter-backend", "threshold", "--synthetic", f"faithful={folders['faithful']}",
+            "--synthetic", f"moved={folders['moved']}"]
+    assert evaluation.main(argv) == 0
+    with open(report / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    by_row = {}
+    for row in rows:
+        by_row.setdefault(row["row"], []).append(row)
+    assert sorted(by_row) == ["faithful", "moved", "reference: copy informed slice", "reference: real volume"]
+    for name, expected in (("reference: real volume", 1.0), ("faithful", 1.0), ("moved", 0.0)):
+        assert [r["case"] for r in by_row[name]] == ["case_002", "case_003"]
+        for r in by_row[name]:
+            assert (float(r["dice_bright_blob"]), float(r["dice_dark_blob"])) == (expected, expected), name
+            assert float(r["dice_mean"]) == expected and float(r["dice_ratio"]) == expected, name
+    summary = (report / "summary.md").read_text()
+    assert "| reference: real volume | 2 |" in summary and "| moved | 2 |" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| row |"))
+    assert {"dice_mean", "dice_ratio"} <= set(header.replace(" ", "").split("|"))  # the headline's label fidelity
+    html = (report / "report.html").read_text()  # the per-label Dice: metrics.csv (above) and the report's details
+    assert "dice_bright_blob" in html and "dice_dark_blob" in html
+    # trained on splits.json's train cases only, once; the second evaluation reuses it
+    (work,) = list((report / "segmenter_cache").iterdir())
+    assert json.loads((work / TRAINED).read_text())["cases"] == ["case_000", "case_001"]
+    (work / TRAINED).write_text(json.dumps({"cases": "kept"}))
+    assert evaluation.main(argv) == 0
+    assert json.loads((work / TRAINED).read_text()) == {"cases": "kept"} and len(list(work.parent.iterdir())) == 1
+    # a new seed is another segmenter
+    assert evaluation.main(argv + ["--segmenter-seed", "1"]) == 0
+    assert len(list((report / "segmenter_cache").iterdir())) == 2
+
+
+def test_evaluation_uses_a_trained_segmenter_folder(tmp_path, threshold_backend):
+    data, folders = _blob_outputs(tmp_path)
+    trained = get_segmenter(threshold_backend, tmp_path / "trained")
+    trained.save_settings()
+    trained.train([])
+    report = tmp_path / "report"
+    assert evaluation.main(["--real", str(data), "--cases", "split:val", "--out", str(report), "--metrics",
+                            "segmenter", "--segmenter", str(tmp_path / "trained"),
+                            "--synthetic", f"moved={folders['moved']}"]) == 0
+    rows = list(csv.DictReader(open(report / "metrics.csv")))
+    assert [float(r["dice_mean"]) for r in rows if r["row"] == "moved"] == [0.0, 0.0]
+    assert not (report / "segmenter_cache").exists()
+    with pytest.raises(ValueError, match="neither a gem3d segmenter folder"):
+        evaluation.main(["--real", str(data), "--out", str(report), "--metrics", "segmenter",
+                         "--segmenter", str(tmp_path)])
+
+
+def _enhance(argv):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import enhance_dataset
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return enhance_dataset.main(argv)
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_min_dice_filter_keeps_faithful_cases_with_plain_and_region_labels(tmp_path, threshold_backend, regions,
+                                                                           capsys):
+    """BraTS-style region labels (lists in dataset.json) once made every Dice NaN, so every case was dropped."""
+    labels = {"background": 0, "whole": [1, 2], "dark blob": [2]} if regions else None
+    real = blob_dataset(tmp_path / "raw" / "Dataset001_Blobs", n=2, labels=labels,
+                        regions_class_order=[1, 2] if regions else None)
+    folder = tmp_path / "out" / "icma"
+    for i, swap in ((0, False), (1, True)):
+        image, label = blob_case(i, swap=swap)
+        save_nifti(image, AFFINE, folder / f"case_{i:03d}_s0_image.nii.gz")
+        save_nifti(label, AFFINE, folder / f"case_{i:03d}_s0_label.nii.gz")
+    out = tmp_path / "raw" / "Dataset101_Enhanced"
+    code = _enhance(["--real", str(real), "--synthetic", str(folder), "--out", str(out), "--min-dice", "0.5",
+                     "--segmenter-backend", "threshold", "--segmenter-device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "quality_filter.json").read_text())
+    assert report["dice"] == {"case_000_icma_s0": 1.0, "case_001_icma_s0": 0.0}
+    assert report["dropped"] == ["case_001_icma_s0"]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["case_000.nii.gz", "case_000_icma_s0.nii.gz",
+                                                                     "case_001.nii.gz"]
+    assert "dropped 1 of 2" in capsys.readouterr().out
+    assert len(list((tmp_path / "raw" / "gem3d_segmenter_cache").iterdir())) == 1  # outside the datasets
+    assert _enhance(["--real", str(real), "--synthetic", str(folder), "--out", str(tmp_path / "x"),
+                     "--min-dice", "1.5", "--segmenter-backend", "threshold"]) == 2
+    assert "--min-dice must lie in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_copy_slice_volume():

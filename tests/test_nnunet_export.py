@@ -8,7 +8,8 @@ import pytest
 
 from gem3d.export.nifti import save_nifti
 from gem3d.files import atomic_write_json
-from gem3d.export.nnunet import find_synthetic_cases, validate_nnunet_dataset, write_nnunet_dataset
+from gem3d.export.nnunet import (crossval_folds, find_synthetic_cases, leak_free_splits, validate_nnunet_dataset,
+                                 write_nnunet_dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 9, 10)
@@ -52,7 +53,7 @@ def sources(tmp_path):
 
 def test_export_validates_and_counts(tmp_path, sources):
     real, synthetic = sources
-    out = write_nnunet_dataset(real, synthetic, tmp_path / "raw" / "Dataset101_ToyGem3d")
+    out = write_nnunet_dataset(real, synthetic, tmp_path / "raw" / "Dataset101_ToyGem3d", channel="FLAIR")
     assert validate_nnunet_dataset(out) == []
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["numTraining"] == 7
@@ -74,7 +75,7 @@ def test_export_validates_and_counts(tmp_path, sources):
     assert recorded["case_002_ic_s0"]["setting"] == "ic" and recorded["case_000"]["kind"] == "real"
 
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        write_nnunet_dataset(real, synthetic, out)
+        write_nnunet_dataset(real, synthetic, out, channel=0)
     again = write_nnunet_dataset(real, synthetic[:1], out, overwrite=True, channel=1, dataset_name="Named")
     meta = json.loads((again / "dataset.json").read_text())
     assert meta["numTraining"] == 6 and meta["channel_names"] == {"0": "T1"} and meta["name"] == "Named"
@@ -85,7 +86,7 @@ def test_export_validates_and_counts(tmp_path, sources):
 def test_symlinks_and_nii_source(tmp_path):
     real = make_real(tmp_path / "Dataset002_Nii", ending=".nii")
     synthetic = make_synthetic(tmp_path / "out", "test", [("case_000", 0)])
-    out = write_nnunet_dataset(real, [synthetic], tmp_path / "Dataset102_Linked", copy=False)
+    out = write_nnunet_dataset(real, [synthetic], tmp_path / "Dataset102_Linked", copy=False, channel=0)
     assert validate_nnunet_dataset(out) == []
     linked = out / "labelsTr" / "case_000_test_s0.nii.gz"
     assert linked.is_symlink() and linked.resolve() == (synthetic / "case_000_s0_label.nii.gz").resolve()
@@ -96,7 +97,7 @@ def test_symlinks_and_nii_source(tmp_path):
 
 def test_validate_catches_broken_datasets(tmp_path, sources):
     real, synthetic = sources
-    out = write_nnunet_dataset(real, synthetic, tmp_path / "Dataset103_Broken")
+    out = write_nnunet_dataset(real, synthetic, tmp_path / "Dataset103_Broken", channel=0)
     (out / "imagesTr" / "case_000_icma_s0_0000.nii.gz").unlink()
     (out / "imagesTr" / "stray_0000.nii.gz").write_bytes(b"")
     save_nifti(np.full(SHAPE, 5, np.int16), AFFINE, out / "labelsTr" / "case_001.nii.gz")
@@ -133,7 +134,7 @@ def test_unpaired_synthetic_files_are_refused(tmp_path, sources):
     with pytest.raises(ValueError, match=r"case_001_s0_image.nii.gz \(no case_001_s0_label.nii.gz\)"):
         find_synthetic_cases(synthetic[0])
     with pytest.raises(ValueError, match="unpaired"):
-        write_nnunet_dataset(real, synthetic, tmp_path / "Dataset104_X")
+        write_nnunet_dataset(real, synthetic, tmp_path / "Dataset104_X", channel=0)
     assert not (tmp_path / "Dataset104_X" / "dataset.json").exists()
 
 
@@ -145,35 +146,82 @@ def test_cli(tmp_path, sources, capsys):
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     out = tmp_path / "Dataset105_Cli"
-    code = enhance_dataset.main(["--real", str(real), "--synthetic", *map(str, synthetic), "--out", str(out)])
+    code = enhance_dataset.main(["--real", str(real), "--synthetic", *map(str, synthetic), "--out", str(out),
+                                 "--channel", "FLAIR"])
     assert code == 0
     assert "with 7 training cases" in capsys.readouterr().out
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 7
 
 
-def test_cli_quality_filter_drops_cases_the_segmenter_disagrees_with(tmp_path, sources, capsys, monkeypatch):
+def test_a_multichannel_real_dataset_needs_the_channel_named(tmp_path, sources):
+    """Synthetic cases have one modality: a 4-channel BraTS export once wrote channel 0 alone without a word."""
     real, synthetic = sources
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import enhance_dataset
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    import gem3d.metrics.labels as labels
+    with pytest.raises(ValueError, match=r"has 2 channels \{'0': 'FLAIR', '1': 'T1'\}, but synthetic cases have one "
+                                         r"modality: choose the channel to export \(--channel NAME or index\)"):
+        write_nnunet_dataset(real, synthetic, tmp_path / "Dataset106_X")
+    assert not (tmp_path / "Dataset106_X" / "dataset.json").exists()
+    with pytest.raises(ValueError, match=r"channel 'T2' is not in the real dataset's .*allowed \(index or name\)"):
+        write_nnunet_dataset(real, synthetic, tmp_path / "Dataset106_X", channel="T2")
+    out = write_nnunet_dataset(real, synthetic, tmp_path / "Dataset106_X", channel="t1")
+    assert json.loads((out / "gem3d_sources.json").read_text())["channel"] == 1
 
-    def fake_dice(model_folder, images, masks, num_labels, device="cpu"):  # the nnU-Net call, scripted
-        assert model_folder == tmp_path / "nnunet" and len(images) == len(masks)
-        return [{1: 0.9 if "s0" in Path(i).name else 0.2, 2: float("nan")} for i in images], "ok"
 
-    monkeypatch.setattr(labels, "segmenter_dice", fake_dice)
-    out = tmp_path / "Dataset106_Filtered"
-    code = enhance_dataset.main(["--real", str(real), "--synthetic", *map(str, synthetic), "--out", str(out),
-                                 "--min-dice", "0.5", "--segmenter", str(tmp_path / "nnunet")])
-    assert code == 0
-    report = json.loads((out / "quality_filter.json").read_text())
-    assert report["dropped"] and all("_s0" not in name for name in report["dropped"])
-    assert all(report["dice"][name] == (0.9 if "_s0" in name else 0.2) for name in report["dice"])  # NaN label ignored
-    kept = {p.name[: -len(".nii.gz")] for p in (out / "labelsTr").glob("*.nii.gz")}
-    assert not kept & set(report["dropped"])
-    assert f"dropped {len(report['dropped'])} of {len(report['dice'])}" in capsys.readouterr().out
-    assert enhance_dataset.main(["--real", str(real), "--out", str(tmp_path / "x"), "--min-dice", "0.5"]) == 2
-    assert "--segmenter" in capsys.readouterr().err
+def assert_leak_free(splits, sources: dict[str, str]) -> None:
+    """No synthetic case is validated on, none trains in a fold that validates its source, every real case is
+    validated exactly once."""
+    validated = [c for fold in splits for c in fold["val"]]
+    assert sorted(validated) == sorted(set(validated)) and not set(validated) & set(sources)
+    for fold in splits:
+        assert not set(fold["train"]) & set(fold["val"])
+        for name, source in sources.items():
+            assert (name in fold["train"]) == (source not in fold["val"]), (name, fold)
+
+
+def test_splits_final_keeps_synthetic_cases_with_their_source_fold(tmp_path, sources):
+    real, synthetic = sources
+    out = write_nnunet_dataset(real, synthetic, tmp_path / "Dataset107_Splits", channel=0)
+    splits = json.loads((out / "splits_final.json").read_text())
+    assert len(splits) == 3  # 3 real cases: 3 folds, one real case validated in each
+    assert sorted(c for fold in splits for c in fold["val"]) == ["case_000", "case_001", "case_002"]
+    sources_of = {"case_000_icma_s0": "case_000", "case_000_icma_s1": "case_000", "case_001_icma_s0": "case_001",
+                  "case_002_ic_s0": "case_002"}
+    assert_leak_free(splits, sources_of)
+    many = [f"case_{i:03d}" for i in range(12)]
+    synthetic_of = {f"{c}_ic_s{k}": c for c in many for k in range(2)} | {"elsewhere_ic_s0": "not_a_real_case"}
+    folds = leak_free_splits(many, synthetic_of)
+    assert len(folds) == 5 and [len(f["val"]) for f in folds] == [3, 3, 2, 2, 2]
+    assert_leak_free(folds, {k: v for k, v in synthetic_of.items() if v in many})
+    assert all("elsewhere_ic_s0" in f["train"] for f in folds)  # its source is never validated on
+    with pytest.warns(UserWarning, match="one real case cannot be cross-validated, so no splits_final.json"):
+        single = write_nnunet_dataset(make_real(tmp_path / "Dataset008_One", cases=("case_000",)), [synthetic[0]],
+                                      tmp_path / "Dataset108_One", channel=0, keep=lambda c: c.case == "case_000")
+    assert not (single / "splits_final.json").exists()
+
+
+def test_real_folds_are_nnunets_own_and_nnunet_reads_the_file(tmp_path, sources):
+    """The real cases keep the folds nnU-Net's default split gives them, and nnU-Net's trainer (``do_split``) reads
+    the file into the same folds (the file belongs in nnUNet_preprocessed/<Dataset>/)."""
+    nnunet = pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed: nnU-Net's own reading is not checked")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    cases = [f"case_{i:03d}" for i in range(13)]
+    assert [sorted(f["val"]) for f in generate_crossval_split(cases, seed=12345, n_splits=5)] == [
+        sorted(v) for v in crossval_folds(cases)]
+    real, synthetic = sources
+    out = write_nnunet_dataset(real, synthetic, tmp_path / "Dataset109_Read", channel=0)
+    written = json.loads((out / "splits_final.json").read_text())
+    identifiers = sorted(p.name[: -len(".nii.gz")] for p in (out / "labelsTr").iterdir())
+
+    class Dataset:  # what do_split needs of nnU-Net's dataset class
+        def __init__(self, folder, identifiers=None, folder_with_segs_from_previous_stage=None):
+            self.identifiers = identifiers or list(ids)
+
+    ids = identifiers
+    for fold in range(len(written)):
+        trainer = type("Trainer", (), {"dataset_class": Dataset, "fold": fold, "preprocessed_dataset_folder": "",
+                                       "preprocessed_dataset_folder_base": str(out),
+                                       "folder_with_segs_from_previous_stage": None,
+                                       "print_to_log_file": lambda self, *a, **k: None})()
+        train, val = nnUNetTrainer.do_split(trainer)
+        assert (list(train), list(val)) == (written[fold]["train"], written[fold]["val"]), nnunet.__file__

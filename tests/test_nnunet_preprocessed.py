@@ -215,3 +215,21 @@ def test_region_based_labels_of_a_preprocessed_dataset(tmp_path):
     dataset = open_dataset(root)
     assert dataset.labels == {"background": 0, "whole tumour": 1, "tumour core": 2, "enhancing": 3}
     assert dataset.max_label == 3
+
+
+def test_own_masks_from_a_preprocessed_folder_are_written_without_nnunets_minus_one(tiny, tmp_path):  # noqa: F811
+    """nnU-Net's seg holds -1 outside its crop. It tells the conditioning where the body is, but the label file written
+    beside a sample is an nnU-Net label map: background 0 there, never -1."""
+    root = tmp_path / "Dataset013_Minus"
+    write_preprocessed_dataset(root, "npz", cases=("case_0", "case_1"),
+                               labels={"background": 0, "edema": 1, "core": 2, "enhancing": 3})
+    seg = open_dataset(root, channel=0).load_case("case_0")
+    assert seg.label.min() == -1
+    for setting in ("ic", "icma"):
+        config = make_config(tiny, setting, tmp_path / "out", data=root, cases="case_0", previews=False,
+                             sampler=SamplerOptions(steps=2, window=4))
+        manifest = run_inference(config)
+        label = np.asanyarray(nib.load(str(manifest.parent / Manifest(manifest).records[0]["files"]["label"])).dataobj)
+        assert label.min() == 0 and label.max() == 1, setting
+        if setting == "ic":  # the own mask, with -1 read as background
+            np.testing.assert_array_equal(label, seg.geometry.to_source(np.maximum(seg.label, 0)))

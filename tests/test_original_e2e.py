@@ -15,6 +15,8 @@ start noise is replaced by ``e2e_xT``.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from einops import rearrange
 from omegaconf import OmegaConf
 
 import gem3d.inference.volume as volume
-from conftest import fixture_root
+from conftest import FIXTURES_ENV, REQUIRE_ENV, child_env, fixture_root, skip_missing_fixtures
 from gem3d.convert import convert_model_dir
 from gem3d.data.preprocess import grey_to_label, label_to_grey
 from gem3d.inference.volume import SamplerOptions, decode_volume, encode_slices
@@ -45,13 +47,19 @@ def e2e_folders(root: Path) -> list[Path]:
 
 FOLDERS = e2e_folders(fixture_root())
 # no folder: one placeholder; every test needs the fixture folder (absent: the shared skip, an error in CI), and a
-# folder without e2e.pt files skips naming it
-NO_FIXTURES = pytest.param(
-    None, id="<no e2e folder>", marks=pytest.mark.skipif(
-        fixture_root().is_dir(),
-        reason=f"no original GEM-3D folder with an e2e.pt under {fixture_root()} (set GEM3D_ORIGINAL_FIXTURES)"))
+# fixture folder without e2e.pt files skips naming it, through the same helper (an error in CI too)
+NO_FIXTURES = pytest.param(None, id="<no e2e folder>")
 PARAMS = [pytest.param(p, id=p.name) for p in FOLDERS] or [NO_FIXTURES]
 pytestmark = pytest.mark.usefixtures("original_fixtures")
+
+
+@pytest.fixture(autouse=True)
+def _e2e_folder_present(request, original_fixtures):
+    """The placeholder parameter (no folder with an e2e.pt) skips, or fails with GEM3D_REQUIRE_FIXTURES=1."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and "folder" in callspec.params and callspec.params["folder"] is None:
+        skip_missing_fixtures(f"no original GEM-3D folder with an e2e.pt under {original_fixtures} "
+                              "(set GEM3D_ORIGINAL_FIXTURES)")
 SOURCES = ("original", "converted")
 
 
@@ -227,3 +235,17 @@ def test_condition_posterior_sample_draws_like_the_original(folder, e2e_cases):
         informed = rearrange(v["informed_image"], "1 1 h w -> 1 h w")
         drawn = encode_slices(loaded.model, informed, sample=True, generator=torch.Generator().manual_seed(3))
         assert max_diff(drawn, encode_slices(loaded.model, informed)) > ATOL
+
+
+@pytest.mark.parametrize("require, outcome", [("0", "1 skipped"), ("1", "1 error")])
+def test_a_fixture_folder_without_e2e_vectors_skips_or_fails_as_required(tmp_path, require, outcome):
+    """An existing fixture folder that holds no e2e.pt: the shared skip, which GEM3D_REQUIRE_FIXTURES=1 turns into a
+    failure, an error in its fixture (run in a child pytest that sees an empty fixture folder)."""
+    empty = tmp_path / "fixtures"
+    empty.mkdir()
+    env = child_env(**{FIXTURES_ENV: str(empty), REQUIRE_ENV: require})
+    test_id = f"{Path(__file__).name}::test_mask_images_are_gem3d_grey_masks"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rsE", test_id],
+                          cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+    assert f"no original GEM-3D folder with an e2e.pt under {empty}" in proc.stdout, proc.stdout[-2000:]

@@ -36,7 +36,7 @@ assert Path(gem3d.__file__).resolve().is_relative_to(target), gem3d.__file__
 assert KL_F8_CONFIG.resolve().is_relative_to(target) and KL_F8_CONFIG == packaged("first_stage", "kl-f8.yaml")
 params = ldm_vae.find_autoencoder_params(KL_F8_CONFIG)
 assert ldm_vae.diffusers_config_from_ddconfig(params["ddconfig"], params["embed_dim"])["block_out_channels"] == [128, 256, 512, 512]
-assert load_inference_config("brain")["preprocess"]["max_label"] == 3
+assert load_inference_config("brain")["fallback_preprocess"]["max_label"] == 3
 loaded = load_model_dir(model_dir)
 print("OK", loaded.kind, type(loaded.model).__name__)
 """

@@ -6,7 +6,8 @@ import torch
 
 from gem3d.models import precision
 from gem3d.inference import cli
-from gem3d.models.unet import UNetModel
+from gem3d.models.unet import TimestepEmbedSequential, UNetModel
+from tests import _tiny_models
 
 # bf16 keeps 8 mantissa bits (relative step 2**-8 = 0.4 %); through a tiny UNet the error stays within 3 % of the
 # output's scale, fp16 (11 bits) within 0.5 %
@@ -63,3 +64,40 @@ def test_cli_takes_precision():
     assert parser.parse_args(["--precision", "bf16"]).precision == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args(["--precision", "half"])
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return _tiny_models.tiny_setup(tmp_path_factory)
+
+
+def dtypes_inside_the_unet(tiny, out, *flags) -> tuple[set, set]:
+    """Run the demo ``test`` script's entry point (1 case, 1 DDIM step) and return the dtypes that the UNet's blocks
+    (:class:`TimestepEmbedSequential`) put out, and the CPU autocast dtypes seen inside them (``None``: autocast
+    off)."""
+    block_dtypes, autocast_dtypes = set(), set()
+
+    def record(module, args, output):
+        if isinstance(module, TimestepEmbedSequential):
+            block_dtypes.add(output.dtype)
+            autocast_dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        code = cli.main("demo", "test", ["--data", str(tiny["data"]), "--model", str(tiny["volume_stage"]),
+                                         "--out", str(out), "--steps", "1", "--cases", "1", "--no-progress",
+                                         "--no-previews", *flags])
+    finally:
+        handle.remove()
+    assert code == 0
+    return block_dtypes, autocast_dtypes
+
+
+def test_the_precision_flag_reaches_the_unet(tiny, tmp_path):
+    """``--precision bf16`` runs the UNet's blocks under bfloat16 autocast; the default (``auto``, fp32 on the CPU)
+    and ``fp32`` leave them in float32 with autocast off."""
+    blocks, autocast = dtypes_inside_the_unet(tiny, tmp_path / "bf16", "--precision", "bf16")
+    assert blocks == {torch.bfloat16} and autocast == {torch.bfloat16}
+    for name, flags in (("auto", ()), ("fp32", ("--precision", "fp32"))):
+        blocks, autocast = dtypes_inside_the_unet(tiny, tmp_path / name, *flags)
+        assert blocks == {torch.float32} and autocast == {None}, name

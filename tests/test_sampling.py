@@ -49,7 +49,7 @@ def analytic_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def hand_ddim(eps_fn, x_T, alphas_cumprod, timesteps_ascending, eta=0.0, noises=None):
-    """DDIM written from the formulas (METHOD §7), independent of diffusers."""
+    """DDIM written from the formulas (docs/method.md, "Sampling a volume"), independent of diffusers."""
     ac = alphas_cumprod.double()
     ts = [int(t) for t in timesteps_ascending]
     prev = [ac[0]] + [ac[t] for t in ts[:-1]]
@@ -219,8 +219,10 @@ def test_known_frames_are_returned_exactly(sampler, noise_level):
 
 
 @pytest.mark.parametrize("noise_level", ["timestep", "original"])
-def test_known_frames_noise_level_seen_by_the_model(noise_level):
-    """The model sees the known frames at the clip's timestep ("timestep") or at alphas_cumprod[step index]."""
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_known_frames_noise_level_seen_by_the_model(sampler, noise_level):
+    """The model sees the known frames at the clip's timestep ("timestep") or at alphas_cumprod[step index], with
+    either sampler."""
     ac = alphas_cumprod_tensor()
     steps = 10
     mask = torch.zeros(1, 3, dtype=torch.bool)
@@ -233,9 +235,16 @@ def test_known_frames_noise_level_seen_by_the_model(noise_level):
         seen.append((int(t[0]), float(x[0, 0].mean()) / 1.0e4))
         return torch.zeros_like(x)
 
-    sample_ddim(eps_fn, torch.randn(1, 3, 1, 4, 4), ac, steps=steps, eta=0.0, known=KnownFrames(mask, latents, noise_level))
+    known = KnownFrames(mask, latents, noise_level)
+    if sampler == "ddim":
+        sample_ddim(eps_fn, torch.randn(1, 3, 1, 4, 4), ac, steps=steps, eta=0.0, known=known)
+        expected_timesteps = list(range(901, 0, -100))
+    else:
+        sample_dpmpp(eps_fn, torch.randn(1, 3, 1, 4, 4), ac, steps=steps, known=known)
+        expected_timesteps = [int(t) for t in make_schedule("dpmpp", ac, steps).timesteps]
+        assert expected_timesteps[0] == 999 and len(set(expected_timesteps)) == steps  # linspace from the end
     timesteps = [t for t, _ in seen]
-    assert timesteps == list(range(901, 0, -100))
+    assert timesteps == expected_timesteps
     for k, (t, ratio) in enumerate(seen):
         if noise_level == "timestep":
             expected = float(ac[t]) ** 0.5

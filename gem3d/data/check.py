@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ import numpy as np
 
 from .case import AFFINE_ATOL_MM
 from .geometry import Geometry
-from .nnunet import REQUIRED_KEYS, parse_labels
+from .nnunet import REQUIRED_KEYS, parse_labels, resolve_channel
 
 DATASET_FOLDER_PATTERN = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
 
@@ -151,12 +152,14 @@ def _check_images(root: Path, split: str, meta: dict, min_slices: int, slice_axi
 
 
 def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int = 2, nnunet_name: bool = False,
-                  summary: dict | None = None) -> list[Problem]:
+                  summary: dict | None = None, channel: int | str | None = None) -> list[Problem]:
     """Check an nnU-Net raw dataset: dataset.json (labels by `parse_labels`, channel_names 0..n-1, numTraining);
     each case's image (every channel) and label present, on one grid (`AFFINE_ATOL_MM`); integer, declared label
     values; finite intensities; >= `min_slices` canonical slices; with `nnunet_name`, the DatasetNNN_Name folder
-    name nnU-Net needs (gem3d reads any name). Returns the problems found (empty = OK); fills `summary`, when
-    given, with what it found: {num_training, num_test, labels, slices (per case), shapes}."""
+    name nnU-Net needs (gem3d reads any name); `channel` (index or name) must be one of channel_names (a ValueError
+    naming the allowed ones otherwise: a wrong argument, not a problem of the dataset). Returns the
+    problems found (empty = OK); fills `summary`, when given, with what it found: {num_training, num_test, labels,
+    slices (per case), shapes, channel: (index, name) that gem3d will read, channel_names}."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
@@ -167,6 +170,11 @@ def check_dataset(dataset_dir: str | Path, min_slices: int = 16, slice_axis: int
     meta = _check_json(root, problems)
     summary = {} if summary is None else summary
     summary.update(labels=meta.get("labels", {}), slices=[], shapes=set())
+    channel_names = {str(k): str(v) for k, v in (meta.get("channel_names") or {}).items()}
+    summary.update(channel_names=channel_names, channel=None)
+    if channel_names:
+        index = resolve_channel(channel_names, channel, where=str(root / "dataset.json"))
+        summary["channel"] = (index, channel_names[str(index)])
     summary["num_training"] = _check_images(root, "Tr", meta, min_slices, slice_axis, problems, summary)
     summary["num_test"] = _check_images(root, "Ts", meta, min_slices, slice_axis, problems, summary)
     if summary["num_training"] == 0:
@@ -185,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-slices", type=int, default=16, help="slices a case needs for one window (16)")
     parser.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices")
     parser.add_argument("--nnunet-name", action="store_true", help="require nnU-Net's DatasetNNN_Name folder name")
+    parser.add_argument("--channel", help="the channel gem3d will read: index or channel name (default 0)")
     args = parser.parse_args(argv)
     summary = {}
-    problems = check_dataset(args.dataset_dir, args.min_slices, args.slice_axis, args.nnunet_name, summary)
+    try:
+        problems = check_dataset(args.dataset_dir, args.min_slices, args.slice_axis, args.nnunet_name, summary,
+                                 channel=args.channel)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for problem in problems:
         print(problem)
     if problems:
@@ -197,4 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     shapes = ", ".join(str(s) for s in sorted(summary["shapes"])[:4]) + (" ..." if len(summary["shapes"]) > 4 else "")
     print(f"OK {args.dataset_dir}: {summary['num_training']} training cases, {summary['num_test']} test cases, "
           f"labels {summary['labels']}, slices {slices}, shapes {shapes}")
+    print(channel_line(summary, args.channel))
     return 0
+
+
+def channel_line(summary: dict, chosen: str | None) -> str:
+    """Which channel gem3d will read, and how to choose another."""
+    if summary.get("channel") is None:
+        return "channel: dataset.json has no channel_names; gem3d reads channel 0"
+    index, name = summary["channel"]
+    names = summary["channel_names"]
+    how = "" if len(names) == 1 else (
+        f" (of {len(names)}: {names}; " + ("as chosen)" if chosen is not None else
+                                           "the default: choose with --channel / data.params.channel)"))
+    return f"channel: gem3d will read channel {index} ({name!r}), files <case>_{index:04d}{how}"

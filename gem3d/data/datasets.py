@@ -112,12 +112,17 @@ class VolumeCache(_CaseStore):
     `<dataset_cache_dir(dataset_dir, cache_dir)>/<hash of cfg>`; a changed source (size or mtime) is prepared again.
     Names made by :func:`variant_name` address a case in another contrast, computed from its cached image."""
 
-    def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None):
+    def __init__(self, dataset_dir: str | Path, cfg: PreprocessConfig, cache_dir: str | Path | None = None,
+                 channel: int | str | None = None):
         base = dataset_cache_dir(dataset_dir, cache_dir)
-        payload = json.dumps({"cfg": asdict(cfg), "split": "Tr", "version": CACHE_VERSION}, sort_keys=True)
+        dataset = open_dataset(dataset_dir, channel=channel)
+        key = {"cfg": asdict(cfg), "split": "Tr", "version": CACHE_VERSION}
+        if dataset.channel != 0:  # channel 0 keeps the key of caches written before channels could be chosen
+            key["channel"] = dataset.channel
+        payload = json.dumps(key, sort_keys=True)
         super().__init__(base / hashlib.sha1(payload.encode()).hexdigest()[:12])
         self.dataset_dir = Path(dataset_dir)
-        self.dataset = open_dataset(self.dataset_dir)
+        self.dataset = dataset
         self.cfg = cfg
         self.names: list[str] = self.dataset.case_names("Tr")
         if not self.names:

@@ -183,6 +183,14 @@ DEMO_CASES = 16
 DEMO_SPLIT = {"val": 2, "test": 6}  # tuning cases (val) apart from the reported ones (test); the rest train
 
 
+def split_counts(cases: int) -> tuple[int, int]:
+    """``(val, test)`` case counts for a demo of ``cases`` cases: :data:`DEMO_SPLIT` scaled down (one each at least)
+    so that two cases stay for training."""
+    val = max(1, round(cases * DEMO_SPLIT["val"] / DEMO_CASES))
+    test = max(1, min(round(cases * DEMO_SPLIT["test"] / DEMO_CASES), cases - val - 2))
+    return val, test
+
+
 def demo_splits(names: list[str], seed: int = 0, val: int = 2, test: int = 6) -> dict[str, list[str]]:
     """``{train, val, test}``: ``val`` tuning and ``test`` reporting cases drawn from ``names`` (seeded), the rest
     for training (at least one)."""

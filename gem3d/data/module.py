@@ -92,6 +92,7 @@ class Gem3dDataModule(L.LightningDataModule):
     `contrast_variants`: ``[{invert, gamma}, ...]``, each train case also in these contrasts (with its informed
     slice: ``preprocess.contrast_variant``), so that the contrast can only be read from the informed slice.
     `informed_slices`: a clip's informed slice is a slice of the ``clip`` (the paper) or of the whole ``volume``.
+    `channel`: the image channel of a multi-channel dataset (index or dataset.json name; None: 0).
     `cache_dir`: the folder of the prepared volumes and latents (default: :func:`gem3d.data.datasets.dataset_cache_dir`,
     outside the dataset); `splits_path`: the splits file (default: :func:`gem3d.data.datasets.default_splits_path`).
     Under DDP every rank prepares and encodes its share of the cases (:func:`share_of`), then they wait for each
@@ -101,7 +102,8 @@ class Gem3dDataModule(L.LightningDataModule):
                  clip_len: int = 16, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  val_fraction: float = 0.2, samples_per_epoch: int | None = None, cache_dir: str | Path | None = None,
                  test_fraction: float = 0.0, splits_path: str | Path | None = None, latent_cache: bool = True,
-                 contrast_variants: list[dict] | None = None, informed_slices: str = "clip"):
+                 contrast_variants: list[dict] | None = None, channel: int | str | None = None,
+                 informed_slices: str = "clip"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -116,6 +118,7 @@ class Gem3dDataModule(L.LightningDataModule):
         self.seed, self.val_fraction, self.test_fraction = int(seed), float(val_fraction), float(test_fraction)
         self.samples_per_epoch = samples_per_epoch
         self.cache_dir, self.splits_path = cache_dir, splits_path
+        self.channel = channel  # image channel: index or dataset.json channel name (None: 0)
         self.latent_cache = bool(latent_cache)
         self.informed_slices = informed_slices
         self.contrast_variants = [dict(v) for v in contrast_variants or []]
@@ -129,7 +132,7 @@ class Gem3dDataModule(L.LightningDataModule):
 
     def cache_and_splits(self) -> tuple[VolumeCache, dict[str, list[str]]]:
         """The volume cache and the splits (read, or made and written), without preparing any case."""
-        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir)
+        cache = VolumeCache(self.dataset_dir, self.preprocess, cache_dir=self.cache_dir, channel=self.channel)
         path = self.splits_path if self.splits_path is not None else default_splits_path(self.dataset_dir,
                                                                                          self.cache_dir)
         return cache, load_or_create_splits(self.dataset_dir, cache.names, seed=self.seed, path=path,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -72,10 +74,42 @@ def parse_labels(labels: dict, regions_class_order=None, where: str = "dataset.j
     return out
 
 
-class RawDataset:
-    """An nnU-Net v2 raw dataset folder (`root` holds dataset.json, imagesTr, labelsTr, optional imagesTs/labelsTs)."""
+def resolve_channel(channel_names: dict, channel: int | str | None, where: str = "dataset.json") -> int:
+    """The index of ``channel`` (an index, its digits, or a name of ``channel_names``, e.g. ``"FLAIR"``; exact name
+    first, then case-insensitive) in ``channel_names`` (dataset.json's ``{"0": "T1", ...}``); None -> 0. Fails naming
+    the value and the allowed ones."""
+    names = {int(k): str(v) for k, v in channel_names.items()}
+    if channel is None:
+        return 0
+    if isinstance(channel, bool):
+        raise ValueError(f"channel must be an index or a name, got {channel!r}")
+    text = str(channel).strip()
+    if text.isdigit() and int(text) in names:
+        return int(text)
+    for match in (lambda n: n == text, lambda n: n.lower() == text.lower()):
+        found = [index for index, name in names.items() if match(name)]
+        if len(found) == 1:
+            return found[0]
+    allowed = ", ".join(f"{index} ({name!r})" for index, name in sorted(names.items()))
+    raise ValueError(f"channel {channel!r} is not in {where} channel_names; allowed (index or name): {allowed}")
 
-    def __init__(self, root: str | Path):
+
+def default_channel_warning(channel_names: dict, where: str) -> None:
+    """Warn that a multi-channel dataset is read at channel 0 because no channel was chosen."""
+    if len(channel_names) > 1:
+        first = channel_names.get("0", channel_names.get(0))
+        warnings.warn(f"{where} has {len(channel_names)} channels {dict(channel_names)}; reading channel 0 "
+                      f"({first!r}) as none was chosen: pass --channel (inference, check_dataset) or set "
+                      f"data.params.channel (training)", UserWarning, stacklevel=3)
+
+
+class RawDataset:
+    """An nnU-Net v2 raw dataset folder (`root` holds dataset.json, imagesTr, labelsTr, optional imagesTs/labelsTs).
+    `channel`: the image channel read (index or name in dataset.json's channel_names; None: 0, with a warning when
+    the dataset has several). Cases are listed by any channel's file, so a case without the chosen channel fails when
+    it is loaded, naming the file."""
+
+    def __init__(self, root: str | Path, channel: int | str | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
@@ -84,36 +118,47 @@ class RawDataset:
                                                    self.dataset_json.get("regions_class_order"))
         self.file_ending: str = self.dataset_json["file_ending"]
         self.channel_names: dict[str, str] = {str(k): v for k, v in self.dataset_json["channel_names"].items()}
+        self.channel: int = resolve_channel(self.channel_names, channel, where=str(self.root / "dataset.json"))
+        if channel is None:
+            default_channel_warning(self.channel_names, str(self.root))
         for split in SPLITS:
             labels_dir, images = self.root / f"labels{split}", set(self.case_names(split))
             stray = sorted(p.name for p in labels_dir.glob(f"*{self.file_ending}")
                            if p.name[: -len(self.file_ending)] not in images)
             if stray:
-                raise ValueError(f"{labels_dir}: {stray[:3]} have no image (expected images{split}/<case>_0000"
-                                 f"{self.file_ending}); remove these labels or add their images")
+                raise ValueError(f"{labels_dir}: {stray[:3]} have no image (expected images{split}/<case>_"
+                                 f"{self.channel:04d}{self.file_ending}); remove these labels or add their images")
+
+    @property
+    def channel_name(self) -> str:
+        """The name of the channel read (dataset.json's channel_names)."""
+        return str(self.channel_names[str(self.channel)])
 
     @property
     def max_label(self) -> int:
         return max(self.labels.values())
 
     def case_names(self, split: str = "Tr") -> list[str]:
-        """Sorted case names: files `images<split>/<case>_0000<file_ending>`."""
-        suffix = "_0000" + self.file_ending
-        return sorted(p.name[: -len(suffix)] for p in (self.root / f"images{_check_split(split)}").glob(f"*{suffix}"))
+        """Sorted case names: files `images<split>/<case>_<NNNN><file_ending>` of any channel."""
+        pattern = re.compile(r"^(.+)_\d{4}" + re.escape(self.file_ending) + "$")
+        folder = self.root / f"images{_check_split(split)}"
+        matches = (pattern.match(p.name) for p in folder.glob(f"*{self.file_ending}"))
+        return sorted({m.group(1) for m in matches if m})
 
-    def image_path(self, name: str, split: str = "Tr", channel: int = 0) -> Path:
+    def image_path(self, name: str, split: str = "Tr", channel: int | None = None) -> Path:
+        channel = self.channel if channel is None else channel
         return self.root / f"images{_check_split(split)}" / f"{name}_{channel:04d}{self.file_ending}"
 
     def label_path(self, name: str, split: str = "Tr") -> Path:
         return self.root / f"labels{_check_split(split)}" / f"{name}{self.file_ending}"
 
-    def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int = 0) -> Case:
-        """Read one case; the label is required for "Tr" and optional for "Ts"."""
-        if str(channel) not in self.channel_names:
-            raise ValueError(f"channel {channel} not in dataset.json channel_names {self.channel_names}")
+    def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int | str | None = None) -> Case:
+        """Read one case (channel: default the dataset's); the label is required for "Tr" and optional for "Ts"."""
+        channel = self.channel if channel is None else resolve_channel(self.channel_names, channel)
         image_path = self.image_path(name, split, channel)
         if not image_path.is_file():
-            raise FileNotFoundError(f"image for case {name!r} not found: {image_path}")
+            raise FileNotFoundError(f"image of case {name!r} for channel {channel} "
+                                    f"({self.channel_names[str(channel)]!r}) not found: {image_path}")
         label_path = self.label_path(name, split)
         if not label_path.is_file():
             if split == "Tr":
@@ -264,7 +309,7 @@ class PreprocessedDataset:
     """An nnU-Net v2 preprocessed dataset: `root` is `<Dataset>` (holding the folder `plans`) or that folder.
     Outputs are written on the preprocessed (cropped, resampled) grid."""
 
-    def __init__(self, root: str | Path, plans: str = DEFAULT_PLANS):
+    def __init__(self, root: str | Path, plans: str = DEFAULT_PLANS, channel: int | str | None = None):
         self.root = Path(root)
         self.folder = self.root / plans if (self.root / plans).is_dir() else self.root
         if not self.case_names():
@@ -279,6 +324,22 @@ class PreprocessedDataset:
         self.dataset_json = json.loads(json_path.read_text()) if json_path else {}
         self.labels = (parse_labels(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
                        if "labels" in self.dataset_json else None)
+        self.channel_names: dict[str, str] = {str(k): str(v) for k, v in
+                                              (self.dataset_json.get("channel_names") or {}).items()}
+        if self.channel_names:
+            self.channel = resolve_channel(self.channel_names, channel, where=f"{json_path}")
+            if channel is None:
+                default_channel_warning(self.channel_names, str(self.root))
+        elif channel is None or str(channel).isdigit():
+            self.channel = int(channel or 0)
+        else:
+            raise ValueError(f"channel {channel!r} is a name, but {self.root} has no dataset.json channel_names to "
+                             f"look it up in; pass an index")
+
+    @property
+    def channel_name(self) -> str | None:
+        """The name of the channel read, where dataset.json names it."""
+        return self.channel_names.get(str(self.channel))
 
     @property
     def max_label(self) -> int | None:
@@ -297,17 +358,23 @@ class PreprocessedDataset:
     def label_path(self, name: str, split: str = "Tr") -> Path:
         return _seg_path(self.image_path(name, split))
 
-    def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int = 0) -> Case:
-        return read_preprocessed_case(self.image_path(name, split), self.plans["transpose_forward"], channel=channel,
-                                      name=name, slice_axis=slice_axis)
+    def load_case(self, name: str, split: str = "Tr", slice_axis: int = 2, channel: int | str | None = None) -> Case:
+        if channel is None:
+            channel = self.channel
+        elif self.channel_names:
+            channel = resolve_channel(self.channel_names, channel)
+        return read_preprocessed_case(self.image_path(name, split), self.plans["transpose_forward"],
+                                      channel=int(channel), name=name, slice_axis=slice_axis)
 
 
-def open_dataset(root: str | Path, plans: str = DEFAULT_PLANS) -> RawDataset | PreprocessedDataset:
-    """RawDataset when `root` has imagesTr (or imagesTs), else PreprocessedDataset."""
+def open_dataset(root: str | Path, plans: str = DEFAULT_PLANS,
+                 channel: int | str | None = None) -> RawDataset | PreprocessedDataset:
+    """RawDataset when `root` has imagesTr (or imagesTs), else PreprocessedDataset; `channel`: the image channel
+    read (index or dataset.json name; None: 0)."""
     root = Path(root)
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
-        return RawDataset(root)
+        return RawDataset(root, channel=channel)
     if (root / plans).is_dir() or any(p.suffix in (".npz", ".npy", ".b2nd") for p in root.glob("*.*")):
-        return PreprocessedDataset(root, plans)
+        return PreprocessedDataset(root, plans, channel=channel)
     raise FileNotFoundError(f"{root} is neither an nnU-Net raw dataset (imagesTr/, dataset.json) nor a preprocessed "
                             f"one ({plans}/ holding {' / '.join(CASE_LAYOUTS)})")

@@ -1,5 +1,5 @@
-"""Preprocessing as config (METHOD §2): body region, intensity normalisation to [-1, 1], in-plane resizing and the
-grey mask encoding of labels (`-1` outside the body). Every step has an inverse back onto the source grid."""
+"""Preprocessing as config (docs/method.md §2): body region, intensity normalisation to [-1, 1], in-plane resizing and
+the grey mask encoding of labels (`-1` outside the body). Every step has an inverse back onto the source grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

@@ -1,26 +1,36 @@
 """nnU-Net v2 raw dataset export ("dataset enhancement"): real training cases plus the synthetic cases of gem3d output
-folders ``OUT/<setting>/``, one channel (GEM-3D generates one modality). ``dataset.json`` is written last, so a
-half-written export has none; ``gem3d_sources.json`` says where each case came from."""
+folders ``OUT/<setting>/``, one channel (GEM-3D generates one modality; a multi-channel real dataset needs the channel
+named, and the export holds that channel only). ``dataset.json`` is written last, so a half-written export has none;
+``gem3d_sources.json`` says where each case came from; ``splits_final.json`` holds cross-validation folds over the real
+cases in which a synthetic case only trains, and only in the folds where its source case trains (no leak into
+validation). nnU-Net reads that file from its *preprocessed* folder: copy it to
+``$nnUNet_preprocessed/<Dataset>/splits_final.json`` after ``nnUNetv2_plan_and_preprocess`` and before training."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
+import numpy as np
 
 from gem3d.data.check import check_dataset
-from gem3d.data.nnunet import read_dataset_json
+from gem3d.data.nnunet import read_dataset_json, resolve_channel
 from gem3d.files import atomic_path, atomic_write_json
 
-__all__ = ["write_nnunet_dataset", "validate_nnunet_dataset", "find_synthetic_cases", "SyntheticCase"]
+__all__ = ["write_nnunet_dataset", "validate_nnunet_dataset", "find_synthetic_cases", "SyntheticCase",
+           "crossval_folds", "leak_free_splits"]
 
 SYNTHETIC_IMAGE_PATTERN = re.compile(r"^(?P<case>.+)_s(?P<sample>\d+)_image\.nii\.gz$")
 OUTPUT_ENDING = ".nii.gz"
+SPLITS_FILE = "splits_final.json"
+NNUNET_SPLIT_SEED = 12345  # nnU-Net's own 5-fold split: KFold(5, shuffle=True, random_state=12345) of sorted cases
+NNUNET_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,36 @@ def find_synthetic_cases(folder: str | os.PathLike) -> list[SyntheticCase]:
     return sorted(cases, key=lambda c: (c.case, c.sample))
 
 
+def crossval_folds(cases: Sequence[str], n_folds: int = NNUNET_FOLDS, seed: int = NNUNET_SPLIT_SEED) -> list[list[str]]:
+    """The validation cases of each fold of nnU-Net's default split of ``cases`` (scikit-learn's ``KFold(n_folds,
+    shuffle=True, random_state=seed)``: a legacy ``RandomState(seed)`` shuffle of the indices, then consecutive
+    chunks, the first ``len % n_folds`` one longer), so the real cases fall in the folds nnU-Net gives them."""
+    if not 2 <= n_folds <= len(cases):
+        raise ValueError(f"n_folds must lie in [2, {len(cases)}] for {len(cases)} cases, got {n_folds}")
+    order = np.arange(len(cases))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(n_folds, len(cases) // n_folds)
+    sizes[: len(cases) % n_folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [[cases[i] for i in order[lo:hi]] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def leak_free_splits(real_cases: Sequence[str], synthetic_sources: dict[str, str],
+                     n_folds: int = NNUNET_FOLDS) -> list[dict[str, list[str]]]:
+    """nnU-Net ``splits_final.json`` folds ``[{"train": [...], "val": [...]}]`` over the real cases
+    (:func:`crossval_folds` of the sorted cases, ``min(n_folds, len)`` folds); a synthetic case (``{name: source
+    case}``) is never validated on and trains only in the folds where its source case trains (a source that is not a
+    real case trains everywhere)."""
+    real = sorted(real_cases)
+    folds = []
+    for val in crossval_folds(real, min(n_folds, len(real))):
+        held_out = set(val)
+        train = [c for c in real if c not in held_out]
+        train += sorted(name for name, source in synthetic_sources.items() if source not in held_out)
+        folds.append({"train": train, "val": sorted(val)})
+    return folds
+
+
 def _transfer(src: Path, dst: Path, copy: bool) -> None:
     """Copy or symlink ``src`` to the new ``dst``; a ``.nii`` source is re-saved as ``.nii.gz`` with its header."""
     if src.name.endswith(OUTPUT_ENDING) == dst.name.endswith(OUTPUT_ENDING):
@@ -80,19 +120,27 @@ def _transfer(src: Path, dst: Path, copy: bool) -> None:
 
 def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[str | os.PathLike],
                          out_dir: str | os.PathLike, dataset_name: str | None = None, copy: bool = True, *,
-                         channel: int = 0, overwrite: bool = False,
+                         channel: int | str | None = None, overwrite: bool = False,
                          keep: Callable[[SyntheticCase], bool] | None = None) -> Path:
     """Write an enhanced nnU-Net raw dataset (real training cases + every synthetic case kept by the quality filter
-    ``keep``) to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name);
-    ``copy``: copy files, else symlink them; ``overwrite``: replace an existing export in ``out_dir``."""
+    ``keep``) and its leak-free ``splits_final.json`` (:func:`leak_free_splits`; none with fewer than 2 real cases)
+    to ``out_dir`` and return it. ``dataset_name``: ``dataset.json['name']`` (default ``out_dir``'s name); ``copy``:
+    copy files, else symlink them; ``channel``: the real channel exported (index or name; may be omitted for a
+    one-channel dataset: synthetic cases have one modality, so a multi-channel dataset is refused unless one is
+    chosen); ``overwrite``: replace an existing export in ``out_dir``."""
     real_dir, out_dir = Path(real_dir), Path(out_dir)
     meta = read_dataset_json(real_dir)
     ending = meta["file_ending"]
     if ending not in (".nii.gz", ".nii"):
         raise ValueError(f"real dataset file_ending {ending!r} is not supported; gem3d exports NIfTI ('.nii.gz' or '.nii')")
     channel_names = {str(k): v for k, v in meta["channel_names"].items()}
-    if str(channel) not in channel_names:
-        raise ValueError(f"channel {channel} is not in the real dataset's channel_names {channel_names}")
+    if channel is None and len(channel_names) > 1:
+        raise ValueError(
+            f"the real dataset {real_dir} has {len(channel_names)} channels {channel_names}, but synthetic cases have "
+            f"one modality: choose the channel to export (--channel NAME or index); the enhanced dataset then holds "
+            f"that channel only, for real and synthetic cases alike"
+        )
+    channel = resolve_channel(channel_names, channel, where=f"the real dataset's {real_dir / 'dataset.json'}")
     if out_dir.resolve() == real_dir.resolve():
         raise ValueError(f"out_dir {out_dir} must differ from the real dataset {real_dir}")
 
@@ -144,7 +192,15 @@ def write_nnunet_dataset(real_dir: str | os.PathLike, synthetic_dirs: Sequence[s
         description=f"{meta.get('name', real_dir.name)} enhanced by gem3d: {len(real_cases)} real + {num_synthetic} "
                     "synthetic training cases",
     )
-    atomic_write_json(out_dir / "gem3d_sources.json", {"real_dataset": str(real_dir), "cases": sources})
+    atomic_write_json(out_dir / "gem3d_sources.json", {"real_dataset": str(real_dir), "channel": channel,
+                                                       "cases": sources})
+    (out_dir / SPLITS_FILE).unlink(missing_ok=True)
+    if len(real_cases) >= 2:
+        synthetic_sources = {name: s["case"] for name, s in sources.items() if s["kind"] == "synthetic"}
+        atomic_write_json(out_dir / SPLITS_FILE, leak_free_splits(real_cases, synthetic_sources))
+    else:
+        warnings.warn(f"{out_dir}: one real case cannot be cross-validated, so no {SPLITS_FILE} is written; train "
+                      f"nnU-Net with fold 'all'", UserWarning, stacklevel=2)
     atomic_write_json(out_dir / "dataset.json", out_meta)
     return out_dir
 

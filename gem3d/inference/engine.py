@@ -1,16 +1,18 @@
 """The one inference engine: every setting of :mod:`gem3d.inference.settings` runs through :class:`Enhancer`.
 
 Per sample it writes ``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the input label's grid,
-``<case>_gt.nii.gz`` (when the real image is the mask's ground truth), ``previews/<case>_s<k>.png`` and a
+``<case>_gt.nii.gz`` (``test`` only: the real image is its ground truth), ``previews/<case>_s<k>.png`` and a
 ``manifest.json`` record. A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
 outputs do not depend on sharding.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 import time
+import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,9 +26,17 @@ from filelock import FileLock, Timeout
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from gem3d.data.case import Case
 from gem3d.data.datasets import default_splits_path, read_splits
-from gem3d.data.nnunet import open_dataset
-from gem3d.data.preprocess import PreprocessConfig, compute_body_mask, informed_image, prepare_case, restore_volume
+from gem3d.data.nnunet import PreprocessedDataset, open_dataset
+from gem3d.data.preprocess import (
+    PreparedCase,
+    PreprocessConfig,
+    compute_body_mask,
+    informed_image,
+    prepare_case,
+    restore_volume,
+)
 from gem3d.export.manifest import Manifest, make_record, merge_manifests
 from gem3d.export.nifti import save_nifti
 from gem3d.export.preview import save_preview
@@ -45,6 +55,7 @@ from gem3d.model_dirs import load_model_dir
 from gem3d.sampling.propagation import run_lockstep
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
+DONOR_RULES = ("other", "original")  # ic/icma donors: another case (gem3d) or the original's draw (may be the case)
 PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 
@@ -54,7 +65,13 @@ class InferenceConfig:
     folder; out: output root (samples go to ``out/<setting>``); cases: ``None``/``"all"``, a count ``"N"``,
     ``"split:val"`` (from ``splits.json``) or ``"a,b,c"``; informed_from: ``CASE[:POS]`` (POS in [0, 1]);
     informed_select: ``brightest``/``darkest`` decile of candidate slices; mask_edit: ``icma_edit`` keyword arguments;
-    preprocess: overrides the model's; ema / slice_ema: None = the model's default."""
+    preprocess: an explicit override of the model's own training preprocessing (keys merged onto it; a value that
+    differs from the model's is an error unless ``force_preprocess``); fallback_preprocess: used only for models that
+    carry none (original GEM-3D folders); channel: the image channel (index or dataset.json name; None: the model's
+    ``data.params.channel``, else 0); part: ``(i, n)``, this process generates the i-th of n shares of the samples
+    (SLURM arrays; :func:`merge_rank_manifests` joins them); donor: ``other`` (another case) or ``original`` (the
+    original's draw); require_preprocessed: refuse raw datasets (``--as-original``); ema / slice_ema: None = the
+    model's default."""
 
     setting: str
     data: Path
@@ -73,12 +90,24 @@ class InferenceConfig:
     informed_select: str | None = None
     mask_edit: dict = field(default_factory=dict)
     preprocess: dict | None = None
+    fallback_preprocess: dict | None = None
+    force_preprocess: bool = False
+    channel: int | str | None = None
+    part: tuple[int, int] | None = None
+    donor: str = "other"
+    require_preprocessed: bool = False
     previews: bool = True
     progress: bool = True
     trust_checkpoint: bool = False
 
     def __post_init__(self):
         self.setting_spec: Setting = get_setting(self.setting)
+        if self.donor not in DONOR_RULES:
+            raise ValueError(f"donor={self.donor!r} is not one of {list(DONOR_RULES)}")
+        if self.part is not None:
+            index, count = self.part
+            if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+                raise ValueError(f"part must be (i, n) with 0 <= i < n, got {self.part!r}")
         if self.cases is not None and not isinstance(self.cases, str):
             self.cases = str(self.cases)  # a count from YAML
         self.data, self.out = Path(self.data), Path(self.out)
@@ -165,7 +194,6 @@ class Enhancer:
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
         self.setting = cfg.setting_spec
-        self.dataset = open_dataset(cfg.data)
         self.device = torch.device(cfg.device)
         self.volume_model = self.slice_model = None  # LoadedModels, where the setting needs them
         if self.setting.needs_volume_model:  # a stage-1 model runs the same windows, every slice independent
@@ -177,17 +205,17 @@ class Enhancer:
                     f"{cfg.model} holds variant {self.volume_model.model.variant!r}"
                 )
         if self.setting.needs_slice_model:
-            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint, device=self.device)
+            self.slice_model = load_model_dir(cfg.slice_model, ema=cfg.slice_ema, trust=cfg.trust_checkpoint,
+                                              device=self.device)
             if self.slice_model.model.variant != "position":
-                raise ValueError(f"--slice-model {cfg.slice_model} holds variant {self.slice_model.model.variant!r}, not 'position'")
+                raise ValueError(f"--slice-model {cfg.slice_model} holds variant "
+                                 f"{self.slice_model.model.variant!r}, not 'position'")
         if self.volume_model is not None and self.slice_model is not None:  # a generated latent feeds the volume model
-            shapes = [(m.model.first_stage.latent_channels, m.model.first_stage.downsample_factor)
-                      for m in (self.volume_model, self.slice_model)]
-            if shapes[0] != shapes[1]:
-                raise ValueError(
-                    f"the slice model {cfg.slice_model} and the volume model {cfg.model} must share one autoencoder; "
-                    f"their first stages give (latent channels, factor) {shapes[1]} and {shapes[0]}"
-                )
+            check_shared_first_stage(self.volume_model.model, self.slice_model.model, cfg.model, cfg.slice_model)
+        self.dataset = open_dataset(cfg.data, channel=self._channel())
+        if cfg.require_preprocessed and not isinstance(self.dataset, PreprocessedDataset):
+            raise ValueError(f"--as-original runs the original's input: an nnU-Net preprocessed folder "
+                             f"(nnUNet_preprocessed/<Dataset>), but --data {cfg.data} is a raw dataset")
         self.preprocess = self._preprocess_config()
         self.names = self.dataset.case_names(cfg.split)
         # the preprocessed case; a few recently used ones are kept (donors repeat)
@@ -200,15 +228,44 @@ class Enhancer:
                     f"--informed-from: case {donor!r} is not in {cfg.data} (split {cfg.split}); cases: {self.names}"
                 )
 
+    def _channel(self) -> int | str | None:
+        """The image channel: ``cfg.channel``, else the one the model was trained on, else None (channel 0)."""
+        trained = next((m.channel for m in (self.volume_model, self.slice_model) if m is not None
+                        and m.channel is not None), None)
+        if self.cfg.channel is not None and trained is not None and str(self.cfg.channel) != str(trained):
+            warnings.warn(f"--channel {self.cfg.channel!r} differs from the channel the model was trained on "
+                          f"(data.params.channel {trained!r}); reading {self.cfg.channel!r} as asked", UserWarning,
+                          stacklevel=3)
+        return self.cfg.channel if self.cfg.channel is not None else trained
+
     def _preprocess_config(self) -> PreprocessConfig:
-        loaded = [m for m in (self.volume_model, self.slice_model) if m is not None and m.preprocess is not None]
-        cfg = self.cfg.preprocess if self.cfg.preprocess is not None else next((m.preprocess for m in loaded), None)
-        if cfg is None:
+        """The model's own training preprocessing (the first model that carries one), else ``fallback_preprocess``;
+        ``preprocess`` (explicit) keys are merged on top. An explicit value that differs from the model's own is an
+        error naming both, unless ``force_preprocess`` (then a warning)."""
+        model = next((m for m in (self.volume_model, self.slice_model) if m is not None and m.preprocess is not None),
+                     None)
+        own = None if model is None else dict(model.preprocess)
+        base = own if own is not None else self.cfg.fallback_preprocess
+        explicit = dict(self.cfg.preprocess or {})
+        if base is None and not explicit:
             raise ValueError(
-                "no preprocessing config: the model dir's config has no data.params.preprocess; pass one in the "
-                "inference config (preprocess:)"
+                "no preprocessing config: the model dir's config has no data.params.preprocess and the inference "
+                "config has no fallback_preprocess; pass one (--config FILE with preprocess:, or preprocess.KEY=VALUE)"
             )
-        return PreprocessConfig.from_dict(dict(cfg))
+        chosen = PreprocessConfig.from_dict({**(base or {}), **explicit})
+        if own is not None and explicit:
+            trained = PreprocessConfig.from_dict(own)
+            differ = {f.name: (getattr(trained, f.name), getattr(chosen, f.name)) for f in dataclasses.fields(chosen)
+                      if getattr(trained, f.name) != getattr(chosen, f.name)}
+            if differ:
+                listed = ", ".join(f"{key}: model {a!r} vs config {b!r}" for key, (a, b) in differ.items())
+                message = (f"the explicit preprocessing differs from the one {model.checkpoint} was trained with "
+                           f"({listed})")
+                if not self.cfg.force_preprocess:
+                    raise ValueError(f"{message}; drop the override to use the model's, or pass --force-preprocess "
+                                     f"to run with the config's")
+                warnings.warn(f"{message}; using the config's (--force-preprocess)", UserWarning, stacklevel=3)
+        return chosen
 
     def select_cases(self) -> list[str]:
         """The cases to enhance, from ``cfg.cases``."""
@@ -255,6 +312,8 @@ class Enhancer:
         if kind == "generated":
             s = int(rng.integers(num_slices))
             return InformedSlice("generated", position=s / num_slices, target_index=s)
+        if self.cfg.donor == "original" and self.cfg.informed_donor is None:
+            return self._original_donor(num_slices, rng)
         # other_case: a real slice of another case at the same relative position
         donors = [n for n in self.names if n != case]
         pos = float(rng.uniform(0.0, 1.0))
@@ -279,6 +338,17 @@ class Enhancer:
         label = None if prepared.label is None else prepared.label[index]
         return informed_image(prepared.image[index], label, self.preprocess)
 
+    def _original_donor(self, num_slices: int, rng: np.random.Generator) -> InformedSlice:
+        """The original's ``ic`` draw: a donor among the enhanced cases (the case itself included), the target slice
+        ``s ~ randint(0, min(n_donor, n))`` and the donor's slice ``int(s / n * n_donor)``."""
+        cases = self.select_cases()
+        donor = cases[int(rng.integers(len(cases)))]
+        prepared = self.prepared(donor)
+        target = int(rng.integers(min(prepared.num_slices, num_slices)))
+        index = int(target / num_slices * prepared.num_slices)
+        return InformedSlice("other_case", donor, index, target / num_slices, target,
+                             self.informed_pixels(donor, index), "original")
+
     def _select_donor(self, donors: list[str], pos: float, rng: np.random.Generator) -> str:
         """De-enhancement: the donor among the brightest / darkest decile of candidate slices at ``pos``
         (mean intensity inside the body)."""
@@ -301,69 +371,119 @@ class Enhancer:
 
     def sample(self, case_name: str, k: int) -> Generator:
         """Generate, write and describe sample ``k`` of ``case_name``, as a generator that yields the rounds of its
-        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record."""
+        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record. The
+        steps draw from one ``rng`` and one torch ``generator`` seeded by :func:`sample_seed`, in this order."""
         t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
+        case = self._load_labelled_case(case_name)
+        label, edits = self._sample_mask(case, rng)
+        prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
+        informed = self.choose_informed(case_name, prepared.num_slices, rng)
+        loaded = self.slice_model if self.setting.model == "slice" else self.volume_model
+        latents, informed = yield from self._sample_latents(prepared, informed, generator)
+        image = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
+        paths = self._write_outputs(case, k, image, np.maximum(label, 0).astype(np.int16), informed)
+        return make_record(
+            case_name, self.cfg.setting, k, seed,
+            informed=informed.record(),
+            mask_edits=None if edits is None else [edits],
+            sampler=dataclasses.asdict(self.cfg.sampler),
+            steps=self.cfg.sampler.steps,
+            checkpoint_sha256=loaded.sha256,
+            seconds=round(time.perf_counter() - t0, 3),
+            files={name: str(path.relative_to(self.cfg.setting_dir)) for name, path in paths.items()},
+            channel={"index": self.dataset.channel, "name": self.dataset.channel_name},
+        )
+
+    def _load_labelled_case(self, case_name: str) -> Case:
+        """The case, refused when it has no label or (volume settings) fewer slices than a window."""
         case = self.load_case(case_name)
         if case.label is None:
             raise ValueError(f"case {case_name!r} has no label: GEM-3D generates a volume from its mask")
-        label = np.asarray(case.label).astype(np.int16)
-        options = self.cfg.sampler
-        if self.setting.model != "slice" and case.num_slices < options.window:
+        window = self.cfg.sampler.window
+        if self.setting.model != "slice" and case.num_slices < window:
             raise ValueError(
-                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {options.window}; pass "
+                f"case {case_name!r} has {case.num_slices} slices, fewer than a window of {window}; pass "
                 f"--window {case.num_slices} (or fewer) for such short volumes"
             )
-        edits = None
-        if self.setting.mask == "edited":
-            if not (label > 0).any():
-                raise ValueError(
-                    f"case {case_name!r}: its label has no lesion voxels (values > 0) for setting {self.cfg.setting!r} "
-                    f"to edit; use ic (or ig) for this case, or exclude it with --cases"
-                )
-            body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
-            flip_axis = mask_edit.left_right_axis(self.preprocess.slice_axis)  # the label is canonical (D, H, W)
-            label, edits = mask_edit.icma_edit(label, body, rng, **{"lr_axis": flip_axis, **self.cfg.mask_edit})
-            label = np.maximum(label, 0).astype(np.int16)
-        prepared = prepare_case(dataclasses.replace(case, label=label), self.preprocess)
-        num_slices = prepared.num_slices
-        informed = self.choose_informed(case_name, num_slices, rng)
-        if self.slice_model is not None:  # the size of its latents (the volume model shares its first stage)
-            f = self.slice_model.model.first_stage.downsample_factor
-            hw = (prepared.image.shape[1] // f, prepared.image.shape[2] // f)
-        if self.setting.model == "slice":
-            loaded = self.slice_model
-            positions = torch.arange(num_slices, dtype=torch.float32) / num_slices
-            latents = sample_slice_latents(loaded.model, positions, hw, options, generator)
-        else:
-            loaded = self.volume_model
-            model = loaded.model
-            draw = {"sample": options.condition_posterior == "sample", "generator": generator}
-            mask_latent = encode_slices(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
-            informed_latent = None
-            if informed.source == "generated":  # its image: the generated slice, decoded
-                position = torch.tensor([informed.position])
-                informed_latent = sample_slice_latents(self.slice_model.model, position, hw, options, generator)[0]
-                informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
-            elif informed.image is not None:
-                image = torch.as_tensor(np.asarray(informed.image))
-                informed_latent = encode_slices(model, image[None], **draw)[0]
-            start_latent = None
-            if informed_latent is not None and float(options.informed_start) < 1.0:
-                start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))
-            latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
-                                                    generator, start_latent)
-        image_source = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
+        return case
 
-        paths = self.output_paths(case_name, k)
+    def _sample_mask(self, case: Case, rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+        """The mask a sample is generated from, ``(D, H, W)`` int16 (-1 outside the body kept, as nnU-Net's
+        preprocessed seg has it), and the edit's description: the case's own, or the ``icma`` edit of its lesion
+        labels (``mask_edit.lesion_labels``; None: every label > 0)."""
+        label = np.asarray(case.label).astype(np.int16)
+        if self.setting.mask != "edited":
+            return label, None
+        lesions = self.cfg.mask_edit.get("lesion_labels")
+        if lesions is not None and len(lesions) == 0:
+            raise ValueError(
+                f"setting {self.cfg.setting!r} edits the lesion labels, but mask_edit.lesion_labels is empty (the "
+                f"abdomen config moves no organ); pass --lesion-labels 1,2 (or set mask_edit.lesion_labels)"
+            )
+        moved = label > 0 if lesions is None else np.isin(label, [int(v) for v in lesions])
+        if not moved.any():
+            raise ValueError(
+                f"case {case.name!r}: its label has no lesion voxels (lesion labels "
+                f"{'> 0' if lesions is None else list(lesions)}) for setting {self.cfg.setting!r} to edit; use ic "
+                f"(or ig) for this case, or exclude it with --cases"
+            )
+        body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
+        if (label < 0).any():  # nnU-Net's seg: -1 outside its crop, the body is the rest
+            body = label >= 0
+        flip_axis = mask_edit.left_right_axis(self.preprocess.slice_axis)  # the label is canonical (D, H, W)
+        edited, edits = mask_edit.icma_edit(label, body, rng, **{"lr_axis": flip_axis, **self.cfg.mask_edit})
+        return edited.astype(np.int16), edits
+
+    def _sample_latents(self, prepared: PreparedCase, informed: InformedSlice,
+                        generator: torch.Generator) -> Generator:
+        """The sample's latents ``(D, C, h, w)`` and its informed slice (with its image once generated), as a
+        generator that yields the rounds of its windows: the slice model alone, or the volume model conditioned on
+        the grey mask and the informed slice."""
+        options = self.cfg.sampler
+        num_slices = prepared.num_slices
+        if self.setting.model == "slice":
+            positions = torch.arange(num_slices, dtype=torch.float32) / num_slices
+            latents = sample_slice_latents(self.slice_model.model, positions, self._latent_hw(prepared), options,
+                                           generator)
+            return latents, informed
+        model = self.volume_model.model
+        draw = {"sample": options.condition_posterior == "sample", "generator": generator}
+        mask_latent = encode_slices(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
+        informed_latent = None
+        if informed.source == "generated":  # its image: the generated slice, decoded
+            position = torch.tensor([informed.position])
+            informed_latent = sample_slice_latents(self.slice_model.model, position, self._latent_hw(prepared),
+                                                   options, generator)[0]
+            informed = dataclasses.replace(informed, image=decode_volume(model, informed_latent[None])[0].numpy())
+        elif informed.image is not None:
+            image = torch.as_tensor(np.asarray(informed.image))
+            informed_latent = encode_slices(model, image[None], **draw)[0]
+        start_latent = None
+        if informed_latent is not None and float(options.informed_start) < 1.0:
+            start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))
+        latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
+                                                generator, start_latent)
+        return latents, informed
+
+    def _latent_hw(self, prepared: PreparedCase) -> tuple[int, int]:
+        """The slice model's latent size for the prepared slices (the volume model shares its first stage)."""
+        factor = self.slice_model.model.first_stage.downsample_factor
+        return prepared.image.shape[1] // factor, prepared.image.shape[2] // factor
+
+    def _write_outputs(self, case: Case, k: int, image: np.ndarray, label: np.ndarray,
+                       informed: InformedSlice) -> dict[str, Path]:
+        """Write the sample's image ``(source grid)``, its mask (``label``: canonical, >= 0), the ground truth where
+        the setting has one, and the preview; returns the paths written."""
+        paths = self.output_paths(case.name, k)
         geometry = case.geometry
-        save_nifti(image_source, geometry, paths["image"])
+        save_nifti(image, geometry, paths["image"])
         if "label" in paths:
             save_nifti(geometry.to_source(label), geometry, paths["label"], dtype=np.int16)
-        if self.setting.mask == "own":
-            gt = self.cfg.setting_dir / f"{case_name}_gt.nii.gz"
+        if self.setting.has_ground_truth:
+            gt = self.cfg.setting_dir / f"{case.name}_gt.nii.gz"
             if not gt.exists():
                 save_nifti(geometry.to_source(np.asarray(case.image, np.float32)), geometry, gt)
             paths["gt"] = gt
@@ -371,7 +491,7 @@ class Enhancer:
             title = f"{self.cfg.setting} s{k}"
             save_preview(
                 paths["preview"],
-                [("real", np.asarray(case.image)), (title, geometry.to_canonical(image_source))],
+                [("real", np.asarray(case.image)), (title, geometry.to_canonical(image))],
                 mask=label if self.setting.mask != "none" else None,
                 spacing=geometry.spacing,
                 max_label=self.preprocess.max_label,
@@ -381,25 +501,22 @@ class Enhancer:
                 informed_title=informed_caption(informed),
                 informed_index=informed.target_index,
             )
-        return make_record(
-            case_name, self.cfg.setting, k, seed,
-            informed=informed.record(),
-            mask_edits=None if edits is None else [edits],
-            sampler=dataclasses.asdict(options),
-            steps=options.steps,
-            checkpoint_sha256=loaded.sha256,
-            seconds=round(time.perf_counter() - t0, 3),
-            files={name: str(p.relative_to(self.cfg.setting_dir)) for name, p in paths.items()},
-        )
+        return paths
 
     def is_done(self, manifest: Manifest, case: str, k: int) -> bool:
         key = (case, self.cfg.setting, k)
         return manifest.has(key) and all(p.exists() for p in self.output_paths(case, k).values())
 
     def run(self, rank: int = 0, world_size: int = 1) -> Path:
-        """Generate this rank's share of the samples; returns the manifest it wrote."""
+        """Generate this rank's share of the samples (``cfg.part`` = (i, n), when set, is the rank and the world
+        size: one of n independent processes, e.g. a SLURM array task); returns the manifest it wrote. The progress
+        bar advances when a sample is written."""
+        if self.cfg.part is not None:
+            rank, world_size = self.cfg.part
         prepare_output_dir(self.cfg.setting_dir)
-        with output_lock(self.cfg.setting_dir) if rank == 0 else nullcontext():
+        lock = (output_lock(self.cfg.setting_dir, f".gem3d.part{rank}of{world_size}.lock") if self.cfg.part
+                else output_lock(self.cfg.setting_dir) if rank == 0 else nullcontext())
+        with lock:
             if world_size == 1:  # nobody else writes here: drop the temporary files of a killed run
                 for leftover in self.cfg.setting_dir.rglob(".*.tmp*"):
                     leftover.unlink(missing_ok=True)
@@ -408,13 +525,14 @@ class Enhancer:
             manifest = merged if world_size == 1 else Manifest(own_path)
             jobs = [(c, k) for c in self.select_cases() for k in range(self.cfg.samples_per_case)][rank::world_size]
             todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
-            bar = tqdm(todo, desc=f"{self.cfg.setting} (rank {rank})" if world_size > 1 else self.cfg.setting,
-                       disable=not self.cfg.progress)
-            samples = (self.sample(case, k) for case, k in bar)
-            model = None if self.volume_model is None else self.volume_model.model
-            rounds = partial(sample_rounds, model, self.cfg.sampler)
-            for record in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
-                manifest.add(record, replace=True)
+            name = f"{self.cfg.setting} ({'part' if self.cfg.part else 'rank'} {rank})" if world_size > 1 else None
+            with tqdm(total=len(todo), desc=name or self.cfg.setting, disable=not self.cfg.progress) as bar:
+                samples = (self.sample(case, k) for case, k in todo)
+                model = None if self.volume_model is None else self.volume_model.model
+                rounds = partial(sample_rounds, model, self.cfg.sampler)
+                for record in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
+                    manifest.add(record, replace=True)
+                    bar.update(1)
             return own_path
 
 
@@ -426,16 +544,40 @@ def prepare_output_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"output {str(folder)!r} is not a writable folder ({exc.strerror or exc}); choose another --out") from None
+        raise ValueError(f"output {str(folder)!r} is not a writable folder ({exc.strerror or exc}); "
+                         f"choose another --out") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"output {str(folder)!r} is not a writable folder (permission denied); choose another --out")
 
 
+def first_stage_fingerprint(model) -> tuple[str, float]:
+    """``(SHA-256 of the first stage's weights, its scale factor)``: two models share an autoencoder when these
+    agree."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.first_stage.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest(), float(model.first_stage.scale_factor)
+
+
+def check_shared_first_stage(volume_model, slice_model, volume_path, slice_path) -> None:
+    """Refuse a slice model whose autoencoder is not the volume model's (a generated latent feeds the volume model):
+    the first stages' weights (hash) and scale factors must agree."""
+    volume, sliced = first_stage_fingerprint(volume_model), first_stage_fingerprint(slice_model)
+    if volume != sliced:
+        raise ValueError(
+            f"the slice model {slice_path} and the volume model {volume_path} must share one autoencoder; their "
+            f"first stages differ: weights sha256 {sliced[0][:12]} vs {volume[0][:12]}, scale factor {sliced[1]:g} vs "
+            f"{volume[1]:g}"
+        )
+
+
 @contextmanager
-def output_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.gem3d.lock`` while a run writes there (an OS file lock: a killed run's lock goes with its
-    process); a second run on the same folder fails naming the first one's process."""
-    path = folder / LOCK_NAME
+def output_lock(folder: Path, name: str | None = None) -> Iterator[None]:
+    """Hold ``folder/.gem3d.lock`` (or ``folder/name``) while a run writes there (an OS file lock: a killed run's
+    lock goes with its process); a second run on the same folder fails naming the first one's process."""
+    path = folder / (name or LOCK_NAME)
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()

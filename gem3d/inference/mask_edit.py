@@ -157,7 +157,7 @@ def move_toward_centre(label: np.ndarray, body: np.ndarray | None, rng: Rng, *,
                        lesion_labels: Iterable[int] | None = None, fill_label: int = 0) -> Edited:
     """Shift the lesion labels toward the centre by a random distance (voxels), never past the centre.
 
-    - ``distance``: (low, high) voxels (METHOD §5: 20-60) for a volume of ``reference_size`` voxels along its
+    - ``distance``: (low, high) voxels (docs/method.md §5: 20-60) for a volume of ``reference_size`` voxels along its
       shortest moved axis; smaller volumes scale it by ``min(1, shortest / reference_size)`` (``None``: no scaling).
     - ``centre``: ``"volume"`` (the array centre) or ``"body"`` (the body's centre of mass).
     - ``axes``: the axes the shift may use (e.g. ``(1, 2)`` for in-plane only).
@@ -297,7 +297,7 @@ def icma_edit(label: np.ndarray, body: np.ndarray | None, rng: Rng, *, max_degre
               distance: Sequence[float] = (20.0, 60.0), reference_size: float | None = 128.0,
               flip_probability: float = 1.0, lr_axis: int = LEFT_RIGHT_AXIS,
               lesion_labels: Iterable[int] | None = None) -> Edited:
-    """The paper's ``icma``/``igma`` mask edit (METHOD §5): rotate the lesion labels (±``max_degrees``
+    """The paper's ``icma``/``igma`` mask edit (docs/method.md §5): rotate the lesion labels (±``max_degrees``
     per axis), flip them left-right, shift them ``distance`` voxels toward the volume centre (scaled down
     for volumes smaller than ``reference_size``); the body region is restored, so a lesion never leaves it."""
     edit = compose(

@@ -1,5 +1,6 @@
-"""The inference settings of GEM-3D as data (METHOD §5, paper Tab. 1): one engine (:mod:`gem3d.inference.engine`)
-runs them all; a setting only says where the informed slice comes from, which mask and which model are used.
+"""The inference settings of GEM-3D as data (docs/method.md §5, paper Tab. 1): one engine
+(:mod:`gem3d.inference.engine`) runs them all; a setting only says where the informed slice comes from, which mask
+and which model are used.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ MODELS = ("gem3d", "baseline", "slice")
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of METHOD §5.
+    """One row of the table in docs/method.md §5.
 
     informed: where the informed slice comes from
         ``other_case`` a real slice of another case at the same relative position (random case and position),
@@ -42,6 +43,12 @@ class Setting:
     @property
     def needs_volume_model(self) -> bool:
         return self.model in ("gem3d", "baseline")
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the real image is the sample's ground truth (``<case>_gt.nii.gz`` is written, reconstruction
+        metrics are scored): only where the informed slice is the case's own and the mask its own (``test``)."""
+        return self.informed == "own_middle" and self.mask == "own"
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (

@@ -67,6 +67,12 @@ class SamplerOptions:
             raise ValueError(f"informed_guidance must be >= 0 (1 = off), got {self.informed_guidance!r}")
         if not 0.0 < float(self.informed_start) <= 1.0:
             raise ValueError(f"informed_start must lie in (0, 1] (1 = off: from pure noise), got {self.informed_start!r}")
+        if self.known_noise == "original" and float(self.informed_start) < 1.0:
+            raise ValueError(
+                f"known_noise='original' with informed_start={self.informed_start!r}: the original's known-frame noise "
+                f"level follows the step index of a run from pure noise, so a run that starts mid-schedule would noise "
+                f"its known frames as if at the start; use known_noise='timestep' or informed_start=1"
+            )
         if not isinstance(self.batch_windows, int) or isinstance(self.batch_windows, bool) or self.batch_windows < 1:
             raise ValueError(f"batch_windows must be an int >= 1, got {self.batch_windows!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
@@ -105,14 +111,26 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
     return rearrange(torch.cat(grey), "d 1 h w -> d h w")
 
 
+@dataclass(frozen=True, eq=False)
+class VolumeCase:
+    """What the sampler needs to know about one volume (a :class:`~gem3d.sampling.propagation.WindowJob`'s ``case``):
+    ``mask_latent (D, C, h, w)``, the ``generator`` its noise comes from and ``start_latent (D, C, h, w)``
+    (:func:`informed_start_latents`) or None."""
+
+    mask_latent: torch.Tensor
+    generator: torch.Generator
+    start_latent: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def informed_start_latents(model, informed_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Where ``informed_start`` begins each slice: the informed slice ``(S, S)`` in [-1, 1] on each slice's body
-    tissue (``labels (D, S, S)`` 0), its body's mean intensity on the labelled structures (> 0: the mask, not the
-    informed slice's pixels, says what is there), background (-1) outside the body (-1); encoded -> ``(D, C, h, w)``
-    (posterior mean)."""
+    tissue (``labels (D, S, S)`` 0), the informed slice's mean inside the body on the labelled structures (> 0: the
+    mask, not the informed slice's pixels, says what is there), background (-1) outside the body (-1); encoded ->
+    ``(D, C, h, w)`` (posterior mean). The body is the labels' (>= 0 on any slice), not the informed slice's bright
+    pixels (dark tissue such as air in the lungs would count as outside)."""
     labels, informed_image = torch.as_tensor(labels), torch.as_tensor(informed_image).float()
-    in_body = informed_image > -1
+    in_body = (labels >= 0).any(dim=0)
     grey = informed_image[in_body].mean() if in_body.any() else informed_image.new_tensor(0.0)
     images = torch.where(labels > 0, grey, torch.where(labels == 0, informed_image[None], -1.0))
     return encode_slices(model, images)
@@ -127,7 +145,7 @@ def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.
     ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1."""
     mode = "informed" if model.spec.use_informed else "base"
     return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap, mode=mode,
-                       case=(mask_latent, generator, start_latent), window_informed=options.window_informed)
+                       case=VolumeCase(mask_latent, generator, start_latent), window_informed=options.window_informed)
 
 
 @torch.no_grad()
@@ -154,11 +172,11 @@ def sample_rounds(model, options: SamplerOptions, rounds: list[list[WindowJob]])
 
 def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) -> torch.Tensor:
     """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case`` is
-    its volume's ``(mask_latent, generator, start_latent or None)``."""
+    its volume's :class:`VolumeCase`."""
     jobs = [job for call in calls for job in call]
-    shape = (len(jobs[0].indices), *jobs[0].case[0].shape[1:])
-    x_T = torch.cat([options.noise((len(call), *shape), call[0].case[1], model.device) for call in calls])
-    masks = torch.stack([job.case[0][job.indices] for job in jobs]).to(model.device)
+    shape = (len(jobs[0].indices), *jobs[0].case.mask_latent.shape[1:])
+    x_T = torch.cat([options.noise((len(call), *shape), call[0].case.generator, model.device) for call in calls])
+    masks = torch.stack([job.case.mask_latent[job.indices] for job in jobs]).to(model.device)
     informed = informed_latents_for_jobs(jobs, model.device)
     cond = model.condition(masks, informed)
     if informed is not None and float(options.informed_guidance) != 1.0:  # informed-slice guidance
@@ -167,8 +185,8 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
     else:
         eps_fn = model.model_fn(cond)
     known = known_frames_for_jobs(jobs, shape[1:], options.known_noise, device=model.device)
-    generators = [job.case[1] for job in jobs]  # one per window: each volume's noise from its own generator
-    starts = [job.case[2] for job in jobs]
+    generators = [job.case.generator for job in jobs]  # one per window: each volume's noise from its own generator
+    starts = [job.case.start_latent for job in jobs]
     init = None if None in starts else torch.stack([s[job.indices] for s, job in zip(starts, jobs)]).to(model.device)
     return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators,
                           init=init)

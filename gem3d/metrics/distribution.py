@@ -75,7 +75,8 @@ def ms_ssim_diversity(samples: Sequence[np.ndarray], mode: str = "axial") -> flo
 
 def frd_available() -> tuple[bool, str]:
     """Whether ``frd-score`` and pyradiomics import; ``(False, reason)`` if not."""
-    for module, hint in (("frd_score", "pip install frd-score"), ("radiomics", "pyradiomics (see ENVIRONMENT.md)")):
+    hints = (("frd_score", "pip install frd-score"), ("radiomics", "pyradiomics: see the eval extra in pyproject.toml"))
+    for module, hint in hints:
         if importlib.util.find_spec(module) is None:
             return False, f"skipped: {module} not installed ({hint})"
     return True, "ok"

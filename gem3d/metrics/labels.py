@@ -1,18 +1,21 @@
 """Label fidelity: does the synthetic volume look like the real one inside each label of its conditioning mask?
-Per-label intensity statistics, Dice (MONAI), and Dice against an optional trained nnU-Net segmenter (``nnunetv2``,
-imported only when used: it pulls a CUDA torch)."""
+Per-label intensity statistics, Dice (MONAI), and the segmenter's Dice: a segmenter trained on real cases
+(:mod:`gem3d.segmentation`) labels each volume, and its labels are compared with the mask the volume was made from."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
+
+from gem3d.data.case import load_case
+from gem3d.data.geometry import load_nifti
+from gem3d.export.nifti import save_nifti
+from gem3d.segmentation import Segmenter
 
 OUTSIDE = "outside"
 
@@ -79,47 +82,59 @@ def dice_per_label(prediction, reference, num_labels: int | None = None) -> dict
     return {k + 1: float(scores[k]) for k in range(n)}
 
 
-def nnunet_available() -> bool:
-    return importlib.util.find_spec("nnunetv2") is not None
-
-
-def segmenter_dice(model_folder: str | Path | None, volume_paths: list[Path], label_paths: list[Path],
-                   num_labels: int, folds=(0,), device: str = "cpu") -> tuple[list[dict[int, float]] | None, str]:
-    """Dice per label between each conditioning mask (``label_paths``) and the trained nnU-Net ``model_folder``'s
-    prediction on the synthetic image (``volume_paths``): ``(dice per sample, "ok")`` or ``(None, "skipped: why")``."""
-    if model_folder is None:
-        return None, "skipped: no --segmenter model folder given"
-    if not nnunet_available():
-        return None, "skipped: nnunetv2 not installed (see ENVIRONMENT.md)"
-    model_folder = Path(model_folder)
-    if not model_folder.is_dir():
-        raise FileNotFoundError(f"--segmenter: nnU-Net model folder {model_folder} does not exist")
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: PLC0415  (optional dependency)
-
-    predictor = nnUNetPredictor(device=torch.device(device))
-    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=tuple(folds))
-    results = []
-    for image_path, label_path in zip(volume_paths, label_paths):
-        prediction = predictor.predict_from_files([[str(image_path)]], None, save_probabilities=False,
-                                                  overwrite=True, num_processes_preprocessing=1,
-                                                  num_processes_segmentation_export=1)[0]
-        # nnU-Net returns the segmentation in its (z, y, x) order of the file's array: transpose back to (x, y, z)
-        label = np.asarray(nib.load(str(label_path)).dataobj).astype(np.int64)
-        results.append(dice_per_label(np.transpose(np.asarray(prediction)), label, num_labels))
-    return results, "ok"
-
-
-def mean_dice(scores: dict[int, float]) -> float:
+def mean_dice(scores: Mapping[int, float]) -> float:
     """The mean Dice over the labels a mask holds (NaN entries left out); NaN when it holds none."""
     values = [v for v in scores.values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
-def segmenter_agreement(model_folder: str | Path, cases, num_labels: int, device: str = "cpu") -> dict[str, float]:
+def dice_column(label_name: str) -> str:
+    """The metrics column of one label's Dice: ``dice_<name>``, spaces as ``_``."""
+    return "dice_" + str(label_name).replace(" ", "_")
+
+
+def dice_columns(scores: Mapping[int, float], label_names: Mapping[int, str]) -> dict[str, float]:
+    """``{dice_<label name>: Dice, ..., "dice_mean": mean over the labels the mask holds}`` of one sample."""
+    out = {dice_column(label_names.get(value, value)): score for value, score in scores.items()}
+    out["dice_mean"] = mean_dice(scores)
+    return out
+
+
+def zero_outside(image_path: str | Path, body, out_path: str | Path, slice_axis: int = 2) -> Path:
+    """Write the image of ``image_path`` with 0 outside ``body`` (canonical ``(D, H, W)`` bool, the layout of
+    :func:`gem3d.data.case.load_case` with ``slice_axis``) onto its own grid: the input of a segmenter trained on
+    volumes that are 0 outside the body (skull-stripped MRI)."""
+    data, geometry = load_nifti(image_path, slice_axis=slice_axis)
+    inside = geometry.to_source(np.asarray(body, bool))
+    return save_nifti(np.where(inside, data, 0).astype(np.float32), geometry, out_path)
+
+
+def segmenter_dice(segmenter: Segmenter, images: Sequence[Path], masks: Sequence, num_labels: int,
+                   out_dir: str | Path, slice_axis: int = 2, progress: bool = False) -> list[dict[int, float]]:
+    """Dice per label ``1..num_labels`` between ``segmenter``'s prediction on each image (written to ``out_dir``)
+    and that image's mask: a label NIfTI on the image's grid, or a canonical ``(D, H, W)`` int array (the layout of
+    :func:`gem3d.data.case.load_case` with ``slice_axis``). One dict per image, in order; a label absent from the
+    mask gets NaN."""
+    if len(images) != len(masks):
+        raise ValueError(f"segmenter_dice needs one mask per image, got {len(images)} images and {len(masks)} masks")
+    predictions = segmenter.predict(list(images), out_dir, progress=progress)
+    results = []
+    for image, prediction, mask in zip(images, predictions, masks):
+        predicted = load_case(prediction, slice_axis=slice_axis).image
+        if isinstance(mask, (str, Path)):
+            mask = load_case(image, mask, slice_axis=slice_axis).label
+        mask = np.asarray(mask)
+        if predicted.shape != mask.shape:
+            raise ValueError(f"the prediction {prediction} has shape {predicted.shape}, the mask of {image} "
+                             f"{mask.shape}: they must share the image's grid")
+        results.append(dice_per_label(np.rint(predicted).astype(np.int64), mask, num_labels))
+    return results
+
+
+def segmenter_agreement(segmenter: Segmenter, cases, num_labels: int, out_dir: str | Path,
+                        progress: bool = False) -> dict[str, float]:
     """FreeTumor-style quality score ``{case name: mean Dice}`` of synthetic cases (``.name``, ``.image``,
-    ``.label``) from :func:`segmenter_dice`; fails with one line when the segmenter cannot run."""
-    scores, status = segmenter_dice(model_folder, [c.image for c in cases], [c.label for c in cases], num_labels,
-                                    device=device)
-    if scores is None:
-        raise ValueError(f"--segmenter {model_folder}: {status}")
+    ``.label``: a label NIfTI on the image's grid) from :func:`segmenter_dice`."""
+    scores = segmenter_dice(segmenter, [c.image for c in cases], [c.label for c in cases], num_labels, out_dir,
+                            progress=progress)
     return {c.name: mean_dice(s) for c, s in zip(cases, scores)}

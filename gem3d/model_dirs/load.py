@@ -37,7 +37,8 @@ EXPECTED = (
 @dataclass
 class LoadedModel:
     """A model folder, loaded: ``model`` (eval mode), the data preprocessing it was trained with (or None), the
-    weight file, its SHA-256, its layout (one of :data:`LAYOUTS`) and whether the UNet holds the EMA weights."""
+    weight file, its SHA-256, its layout (one of :data:`LAYOUTS`), whether the UNet holds the EMA weights and the
+    image channel of its training data (or None)."""
 
     model: Denoiser
     preprocess: dict | None
@@ -45,6 +46,7 @@ class LoadedModel:
     sha256: str
     kind: str
     ema: bool
+    channel: int | str | None = None  # the image channel it was trained on (data.params.channel), if recorded
 
 
 def detect_layout(path: str | os.PathLike) -> str:
@@ -68,20 +70,20 @@ def detect_layout(path: str | os.PathLike) -> str:
 
 
 def read_preprocess(path: str | os.PathLike) -> dict:
-    """The preprocessing of a YAML file: ``preprocess`` (``gem3d/configs/inference/*.yaml``) or ``data.params.preprocess``
-    (training configs and model folders)."""
+    """The preprocessing of a YAML file: ``preprocess`` or ``fallback_preprocess`` (``gem3d/configs/inference/*.yaml``)
+    or ``data.params.preprocess`` (training configs and model folders)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preprocess config {str(path)!r} not found")
     config = load_config_file(path)  # a training config's include: (its dataset block) too
-    for key in ("preprocess", "data.params.preprocess"):
+    for key in ("preprocess", "fallback_preprocess", "data.params.preprocess"):
         node = OmegaConf.select(config, key)
         if node is not None:
             value = OmegaConf.to_container(node, resolve=True)
             if not isinstance(value, dict):
                 raise ValueError(f"{path}: {key} must be a mapping, got {value!r}")
             return value
-    raise KeyError(f"{path}: no 'preprocess' or 'data.params.preprocess' key")
+    raise KeyError(f"{path}: no 'preprocess', 'fallback_preprocess' or 'data.params.preprocess' key")
 
 
 def run_preprocess(folder: Path) -> dict | None:
@@ -95,7 +97,18 @@ def run_preprocess(folder: Path) -> dict | None:
     return None
 
 
-def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[Denoiser, Path, bool, dict | None]:
+def run_channel(folder: Path) -> int | str | None:
+    """``data.params.channel`` of the newest ``configs/*-project.yaml`` (or ``configs/*.yaml``) in ``folder``."""
+    configs = sorted((folder / "configs").glob("*-project.yaml")) or sorted((folder / "configs").glob("*.yaml"))
+    for path in reversed(configs):
+        channel = OmegaConf.select(OmegaConf.load(path), "data.params.channel")
+        if channel is not None:
+            return channel
+    return None
+
+
+def _load_run(path: str | os.PathLike, ema: bool | None,
+              trust: bool) -> tuple[Denoiser, Path, bool, dict | None, int | str | None]:
     """A gem3d training run: the denoiser is rebuilt from the checkpoint's hyper-parameters, the first stage's
     architecture from its ``first_stage_architecture`` (so moved runs load without the autoencoder's files)."""
     checkpoint = resolve_checkpoint(path, key="model dir")
@@ -116,10 +129,10 @@ def _load_run(path: str | os.PathLike, ema: bool | None, trust: bool) -> tuple[D
     if "first_stage_scale_factor" in ckpt:
         model.first_stage.scale_factor = float(ckpt["first_stage_scale_factor"])
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return model, checkpoint, use_ema, run_preprocess(run_dir)
+    return model, checkpoint, use_ema, run_preprocess(run_dir), run_channel(run_dir)
 
 
-def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool, dict | None]:
+def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool, dict | None, int | str | None]:
     """A converted folder. Its weights are whichever set (raw or EMA) was chosen at conversion; asking for the
     other one is an error. Refused where gem3d before issue 16 wrote ``condition_latent_factor: 1 / scale_factor``
     for an original GEM-3D model (which conditions on ``scale_factor * posterior``, as gem3d does)."""
@@ -146,8 +159,8 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
         )
     model = Denoiser.from_kwargs(params)
     load_weights(model, load_file(str(path / CONVERTED_WEIGHTS)), str(path / CONVERTED_WEIGHTS))
-    preprocess = ((config.get("data") or {}).get("params") or {}).get("preprocess")
-    return model, path / CONVERTED_WEIGHTS, converted_ema, preprocess
+    data_params = (config.get("data") or {}).get("params") or {}
+    return model, path / CONVERTED_WEIGHTS, converted_ema, data_params.get("preprocess"), data_params.get("channel")
 
 
 def load_model_dir(
@@ -158,11 +171,11 @@ def load_model_dir(
     error where that set does not exist). ``trust``: unpickle checkpoints fully (see :mod:`gem3d.checkpoint`)."""
     kind = detect_layout(path)
     if kind == "converted":
-        model, checkpoint, used_ema, preprocess = _load_converted(Path(path), ema)
+        model, checkpoint, used_ema, preprocess, channel = _load_converted(Path(path), ema)
     elif kind == "original":
         model, checkpoint = load_original_denoiser(path, ema=ema, trust=trust)
-        used_ema, preprocess = bool(ema), None
+        used_ema, preprocess, channel = bool(ema), None, None
     else:
-        model, checkpoint, used_ema, preprocess = _load_run(path, ema, trust)
+        model, checkpoint, used_ema, preprocess, channel = _load_run(path, ema, trust)
     model = model.to(device).eval()
-    return LoadedModel(model, preprocess, Path(checkpoint), file_sha256(checkpoint), kind, used_ema)
+    return LoadedModel(model, preprocess, Path(checkpoint), file_sha256(checkpoint), kind, used_ema, channel)

@@ -108,6 +108,7 @@ def ema_key(unet_key: str) -> str:
 
 
 KL_F8_DEFAULT = "models/first_stage_models/kl-f8/model.ckpt"  # latent-diffusion's place for it
+CONDITIONING_KEYS = ("concat", "crossattn")  # the original's conditioning keys that gem3d maps onto a variant
 # the gem3d variant of a concat-conditioned original model, by (volumetric UNet, informed slice in the condition)
 CONCAT_VARIANTS = {
     (False, True): "slice_stage", (True, True): "volume_stage",
@@ -139,9 +140,11 @@ def original_variant(params: Mapping[str, Any], unet_params: Mapping[str, Any], 
     conditioning_key = params.get("conditioning_key")
     if conditioning_key == "crossattn":
         return "position"
-    if conditioning_key not in ("concat", "hybrid"):
+    if conditioning_key != "concat":  # 'hybrid' (concat + cross-attention) too: no variant keeps its cross-attention
         raise NotImplementedError(
-            f"conditioning_key={conditioning_key!r} is not supported; gem3d maps 'concat' and 'crossattn'"
+            f"{source}: conditioning_key={conditioning_key!r} is not supported; allowed: "
+            f"{list(CONDITIONING_KEYS)} (gem3d has no variant for latent-diffusion's 'hybrid', whose "
+            "cross-attention a concat model would drop)"
         )
     latent_channels = int(params.get("channels", 4))
     in_channels = int(unet_params["in_channels"])

@@ -1,4 +1,4 @@
-"""The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric (METHOD.md §3, §7).
+"""The GEM-3D denoiser: the ADM / latent-diffusion "openaimodel" UNet, optionally volumetric (docs/method.md §3, §7).
 
 :class:`UNetModel` covers the slice denoisers (concat conditioning with ``AttentionBlock``, or the position model's
 ``SpatialTransformer`` cross-attending to a context) and stage 2 (``volumetric=True``: temporal layers across the

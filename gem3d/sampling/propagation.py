@@ -1,4 +1,5 @@
-"""Bi-directional overlapping propagation of clip windows over a volume (gem3d's version of GEM-3D §4).
+"""Bi-directional overlapping propagation of clip windows over a volume (gem3d's version of GEM-3D's:
+docs/method.md §4).
 
 A volume of ``num_slices`` slices is generated in windows of ``min(window, num_slices)`` consecutive slices (16 in
 the paper), every slice exactly once:

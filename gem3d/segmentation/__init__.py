@@ -6,11 +6,15 @@ from) and the downstream experiment (real vs real + synthetic training data) bot
     seg = get_segmenter(SegmenterSettings(backend="monai", iterations=400, seed=0), work_dir)
     seg.train([TrainingCase(name, image, label), ...])   # resumable; a finished training is kept
     labels = seg.predict([image_path, ...], out_dir)     # label NIfTIs in each image's own geometry
+    seg = trained_segmenter(settings, cases, cache_root)  # trained once in cache_root/<key>/, reused after
 
 Files are nnU-Net raw NIfTIs (one channel); predictions keep the input image's affine and shape.
 """
 from __future__ import annotations
 
-from .base import BACKENDS, Segmenter, SegmenterSettings, TrainingCase, get_segmenter
+from .base import (BACKENDS, SETTINGS_FILE, Segmenter, SegmenterSettings, TrainingCase, get_segmenter,
+                   prediction_name, read_settings)
+from .cache import dataset_training_cases, load_trained_segmenter, trained_segmenter
 
-__all__ = ["BACKENDS", "Segmenter", "SegmenterSettings", "TrainingCase", "get_segmenter"]
+__all__ = ["BACKENDS", "SETTINGS_FILE", "Segmenter", "SegmenterSettings", "TrainingCase", "dataset_training_cases",
+           "get_segmenter", "load_trained_segmenter", "prediction_name", "read_settings", "trained_segmenter"]

@@ -9,15 +9,18 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
+
+from gem3d.files import atomic_write_json
 
 # backend name -> "module:Class" (imported on demand)
 BACKENDS = {
     "monai": "gem3d.segmentation.monai_backend:MonaiSegmenter",
     "nnunet": "gem3d.segmentation.nnunet_backend:NnUNetSegmenter",
 }
+SETTINGS_FILE = "segmenter.json"  # in a work folder: the settings and training cases it was trained with
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ class SegmenterSettings:
         text = json.dumps({"settings": asdict(self), "cases": files}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SegmenterSettings":
+        """Settings from :meth:`to_dict`'s dict; unknown keys are refused with the allowed ones."""
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"segmenter settings {unknown} are unknown; allowed: {sorted(allowed)}")
+        return cls(**values)
+
 
 def _file_stamp(path: Path) -> list:
     stat = Path(path).stat()
@@ -74,6 +89,13 @@ class Segmenter(ABC):
         self.settings = settings
         self.work_dir = Path(work_dir)
 
+    def save_settings(self, cases: Sequence[TrainingCase] = ()) -> Path:
+        """Write ``work_dir/segmenter.json``: the settings, the training cases' names and their key, so that
+        :func:`read_settings` can rebuild this segmenter from its folder alone."""
+        return atomic_write_json(self.work_dir / SETTINGS_FILE, {
+            "settings": self.settings.to_dict(), "cases": [c.name for c in cases],
+            "key": self.settings.key(cases)})
+
     @abstractmethod
     def is_trained(self) -> bool:
         """Whether ``work_dir`` holds a finished training."""
@@ -85,6 +107,20 @@ class Segmenter(ABC):
     @abstractmethod
     def predict(self, images: Sequence[Path], out_dir: str | Path, progress: bool = True) -> list[Path]:
         """Label NIfTIs (``out_dir/<image name without _0000>.nii.gz``), one per image, each on its image's grid."""
+
+
+def prediction_name(image: Path) -> str:
+    """The prediction file name of an image: ``<name>_0000.nii.gz`` or ``<name>.nii`` -> ``<name>.nii.gz``."""
+    stem = Path(image).name.removesuffix(".gz").removesuffix(".nii")
+    return stem.removesuffix("_0000") + ".nii.gz"
+
+
+def read_settings(work_dir: str | Path) -> SegmenterSettings:
+    """The settings a work folder was trained with (its ``segmenter.json``)."""
+    path = Path(work_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {work_dir} is not a gem3d segmenter folder")
+    return SegmenterSettings.from_dict(json.loads(path.read_text())["settings"])
 
 
 def get_segmenter(settings: SegmenterSettings, work_dir: str | Path) -> Segmenter:
