@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main as main_module  # noqa: E402
+from gem3d.config import load_config_file  # noqa: E402
 from gem3d.training import encode  # noqa: E402
 from gem3d.training.preemption import SignalCheckpoint, slurm_job_id  # noqa: E402
 from test_main import autoencoder_run, dataset, load_ckpt, only_run, stage_args  # noqa: E402,F401
@@ -134,11 +136,14 @@ def test_encode_ahead_in_parts_then_training_encodes_nothing(tmp_path, dataset, 
     assert "3 cases, about 30 slices: volumes" in first and "latents" in first  # tiny: 3 cases x 10 slices
     assert encode.main([*base, "--part", "2/2", *overrides]) == 0
     second = capsys.readouterr().out
-    # part 1: cases 000 and 002, part 2: case 001 (the demo configs train without contrast variants: one entry each)
+    # part 1: cases 000 and 002, part 2: case 001; a train case is encoded with its contrast variants
+    variants = len(OmegaConf.select(load_config_file(base[1]), "data.params.contrast_variants") or [])
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert len(splits["train"]) == 2 and len(splits["val"]) == 1
+    expected = [sum(1 + variants if f"tiny_{i:03d}" in splits["train"] else 1 for i in share)
+                for share in ((0, 2), (1,))]
     counts = [int(text.split(" and encoded ")[1].split()[0]) for text in (first, second)]
-    assert counts == [2, 1], (first, second)
+    assert counts == expected and sum(counts) == 2 * (1 + variants) + 1, (first, second)
     latent_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("latents-*/*.npy")}
     assert latent_files
     trainer = main_module.run(stage_args("demo_stage1.yaml", dataset, autoencoder_run, tmp_path / "logs",
