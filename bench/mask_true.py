@@ -50,7 +50,8 @@ STAGE1 = {
         HIDDEN, VARIANTS, "data.params.informed_slices=volume", "model.params.label_loss_weight=4"],
     "shown, no contrast variants": [SHOWN, NO_VARIANTS],
     "hidden, no contrast variants (the demo)": [HIDDEN, NO_VARIANTS],
-    "hidden, no contrast variants, informed from the volume": [HIDDEN, NO_VARIANTS, "data.params.informed_slices=volume"],
+    "hidden, no contrast variants, informed from the volume": [
+        HIDDEN, NO_VARIANTS, "data.params.informed_slices=volume"],
     "hidden, no contrast variants, label weight 4": [HIDDEN, NO_VARIANTS, "model.params.label_loss_weight=4"],
 }
 CHOSEN = "hidden, no contrast variants (the demo)"
@@ -145,8 +146,9 @@ def main(argv=None) -> int:
     stage1 = {name: train(f"s1_{i}", "demo_stage1", out, dataset, steps["stage1"], [first_stage, *overrides])
               for i, (name, overrides) in enumerate(STAGE1.items())}
     base1 = train("b1", "demo_base_stage1", out, dataset, steps["stage1"], [first_stage])
+    chosen_ckpt = stage1[CHOSEN] / "checkpoints" / "last.ckpt"
     stage2 = train("s2", "demo_stage2", out, dataset, steps["stage2"],
-                   [first_stage, *STAGE1[CHOSEN], f"model.params.ckpt_path={stage1[CHOSEN] / 'checkpoints' / 'last.ckpt'}"])
+                   [first_stage, *STAGE1[CHOSEN], f"model.params.ckpt_path={chosen_ckpt}"])
     base2 = train("b2", "demo_base_stage2", out, dataset, steps["stage2"],
                   [first_stage, f"model.params.ckpt_path={base1 / 'checkpoints' / 'last.ckpt'}"])
     slice_model = train("slice", "demo_slice", out, dataset, steps["slice"], [first_stage])

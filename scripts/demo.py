@@ -104,7 +104,8 @@ def evaluation_args(out: Path, dataset: Path, split: str, max_steps: int | None)
 def train_segmenter(out: Path, dataset: Path, split: str, max_steps: int | None, threads: int | None) -> Path:
     """The label-fidelity segmenter, trained into the evaluation's cache (``out/report/segmenter_cache``)."""
     t0 = time.perf_counter()
-    code = "import sys; from gem3d.metrics.evaluation import train_fidelity_segmenter; train_fidelity_segmenter(sys.argv[1:])"
+    code = ("import sys; from gem3d.metrics.evaluation import train_fidelity_segmenter; "
+            "train_fidelity_segmenter(sys.argv[1:])")
     run([sys.executable, "-c", code, *evaluation_args(out, dataset, split, max_steps)],
         out / "train_logs" / "segmenter.log", threads)
     folder = out / "report" / "segmenter_cache"
