@@ -37,11 +37,13 @@ test: venv nnunet
 demo: venv
 	$(PY) scripts/demo.py --out $(DEMO_OUT)
 
-# the downstream experiment on the demo's outputs; DOWNSTREAM_ARGS adds or overrides flags (see --help)
+# the downstream experiment on the demo's models: it synthesises from the first training cases' masks (never a
+# test case's), then trains segmenters; DOWNSTREAM_ARGS adds or overrides flags (see --help)
 DOWNSTREAM_ARGS ?=
 downstream: venv
-	$(PY) scripts/downstream.py --real $(DEMO_OUT)/dataset --synthetic $(DEMO_OUT)/synthetic \
-		--out $(DEMO_OUT)/downstream $(DOWNSTREAM_ARGS)
+	$(PY) scripts/downstream.py --real $(DEMO_OUT)/dataset --out $(DEMO_OUT)/downstream \
+		--synthetic $(DEMO_OUT)/downstream/synthetic --model gem3d=$(DEMO_OUT)/models/demo \
+		--model base=$(DEMO_OUT)/models/demo_base --slice-model $(DEMO_OUT)/models/demo_slice $(DOWNSTREAM_ARGS)
 
 BENCH_ARGS ?= --quick --threads 1
 

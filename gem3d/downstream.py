@@ -13,6 +13,11 @@ Given a real nnU-Net raw dataset with ``splits.json`` (``train`` / ``val`` / ``t
   the mean +/- std over seeds of the per-seed mean over test cases, and the paired difference against ``real``
   (paired by test case and seed, mean Dice over labels) with a percentile bootstrap 95 % interval.
 
+**Synthesis** (optional, :class:`Synthesis`, ``--model``): the synthetic cases must come from the regimes'
+training masks, never from a test case's. Given the model folders, the experiment first runs the settings its
+conditions need on the largest regime's training cases (``samples_per_case`` each, ``icma``/``igma`` with freshly
+edited masks), into ``synthetic``; finished samples are skipped on a rerun.
+
 Layout of ``out``: ``runs/<regime>/<condition>/seed<k>/`` (``segmenter/`` the backend's work folder,
 ``predictions/``, ``result.json`` written last: the done-stamp), ``results.csv`` (one row per run, test case and
 label), ``summary.md``, ``summary.json``, ``downstream.png`` and ``downstream.html``. A rerun skips every run with a
@@ -36,14 +41,14 @@ import nibabel as nib
 import numpy as np
 from scipy import stats
 
-from gem3d.data.datasets import read_splits
+from gem3d.data.datasets import default_splits_path, read_splits
 from gem3d.data.nnunet import RawDataset
 from gem3d.export.nnunet import SyntheticCase, find_synthetic_cases
 from gem3d.files import atomic_path, atomic_write_json, atomic_write_text
 from gem3d.metrics.labels import dice_per_label, mean_dice
 from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase, get_segmenter
 
-__all__ = ["DownstreamConfig", "Run", "parse_condition", "plan_runs", "run_experiment", "bootstrap_ci",
+__all__ = ["DownstreamConfig", "Run", "Synthesis", "synthesise", "needed_settings", "parse_condition", "plan_runs", "run_experiment", "bootstrap_ci",
            "paired_differences", "summarise", "main"]
 
 SETTINGS = ("ic", "icma", "ig", "igma", "base")
@@ -74,6 +79,26 @@ class DownstreamConfig:
     filter_settings: tuple[str, ...] = GEM3D_SETTINGS
     resamples: int = 10000
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """How to make the synthetic cases from the regimes' training masks: ``models`` maps ``gem3d`` (the stage-2
+    folder for ic/icma/ig/igma) and ``base`` (the baseline's) to model folders; ``slice_model`` for ig/igma;
+    ``inference_config``: the packaged inference defaults (sampler, mask edits) by dataset name."""
+
+    models: dict[str, Path]
+    slice_model: Path | None = None
+    samples_per_case: int = 4
+    inference_config: str = "demo"
+    seed: int = 0
+    device: str = "cpu"
+
+    def model_for(self, setting: str) -> Path:
+        key = "base" if setting == "base" else "gem3d"
+        if key not in self.models:
+            raise ValueError(f"setting {setting!r} needs --model {key}=FOLDER (given: {sorted(self.models)})")
+        return Path(self.models[key])
 
 
 @dataclass(frozen=True)
@@ -113,13 +138,54 @@ def regime_cases(train: Sequence[str], regime: str) -> list[str]:
     return names[: int(regime)]
 
 
+def _splits_path(config: DownstreamConfig) -> Path:
+    return Path(config.splits) if config.splits else default_splits_path(config.real)
+
+
+def needed_settings(config: DownstreamConfig) -> list[str]:
+    """The synthetic settings the conditions read, in condition order."""
+    wanted: list[str] = []
+    for condition in config.conditions:
+        _, setting = parse_condition(condition)
+        wanted += list(config.filter_settings) if setting == "filtered" else [setting] if setting else []
+    return list(dict.fromkeys(wanted))
+
+
+def synthesise(config: DownstreamConfig, synthesis: Synthesis, log: Callable[[str], None] = print) -> list[Path]:
+    """Run every setting the conditions need on the training cases of the largest regime (the first k of the
+    sorted ``train`` split; every regime takes its own from these), ``synthesis.samples_per_case`` samples each, into
+    ``config.synthetic/<setting>``; returns the manifests. Test cases are never synthesised."""
+    from gem3d.inference.cli import load_inference_config  # noqa: PLC0415  (inference only when synthesising)
+    from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: PLC0415
+    from gem3d.inference.volume import SamplerOptions  # noqa: PLC0415
+
+    if synthesis.samples_per_case < 1:
+        raise ValueError(f"samples_per_case must be >= 1, got {synthesis.samples_per_case!r}")
+    train = read_splits(_splits_path(config))["train"]
+    names = sorted({n for regime in config.real_counts for n in regime_cases(train, regime)})
+    defaults = load_inference_config(synthesis.inference_config)
+    manifests = []
+    for setting in needed_settings(config):
+        start = time.perf_counter()
+        cfg = InferenceConfig(
+            setting=setting, data=config.real, out=config.synthetic, cases=",".join(names),
+            model=synthesis.model_for(setting), slice_model=synthesis.slice_model,
+            samples_per_case=synthesis.samples_per_case, sampler=SamplerOptions(**defaults["sampler"]),
+            seed=synthesis.seed, device=synthesis.device, mask_edit=dict(defaults.get("mask_edit") or {}),
+            progress=config.progress)
+        manifests.append(run_inference(cfg))
+        log(f"[downstream] {setting}: {synthesis.samples_per_case} samples of each of {len(names)} training masks "
+            f"in {time.perf_counter() - start:.0f} s -> {cfg.setting_dir}")
+    return manifests
+
+
 def plan_runs(config: DownstreamConfig) -> tuple[list[Run], list[str], RawDataset]:
     """Every run of the experiment (regime, seed, condition order; ``real`` first in each), the test case names, and
     the real dataset. Fails before any training when a condition has no cases."""
     dataset = RawDataset(config.real)
-    splits = read_splits(config.splits or config.real / "splits.json")
+    splits = read_splits(_splits_path(config))
     if not splits["test"]:
-        raise ValueError(f"{config.splits or config.real / 'splits.json'} has no test cases: the downstream "
+        raise ValueError(f"{_splits_path(config)} has no test cases: the downstream "
                          "experiment scores on the real test split only")
     overlap = sorted(set(splits["test"]) & set(splits["train"]))
     if overlap:
@@ -463,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, type=Path, help="real nnU-Net raw dataset (with splits.json)")
     p.add_argument("--synthetic", required=True, type=Path, help="folder of gem3d setting folders (OUT/<setting>)")
     p.add_argument("--out", required=True, type=Path, help="output folder (runs, summary, plot, HTML)")
-    p.add_argument("--splits", type=Path, default=None, help="splits.json (default REAL/splits.json)")
+    p.add_argument("--splits", type=Path, default=None,
+                   help="splits.json (default: REAL/splits.json, else the one training wrote in the cache)")
     p.add_argument("--conditions", nargs="+", default=list(DownstreamConfig.conditions),
                    help="real, real+<setting>, <setting>-only, real+filtered; 'all' = real, real+<each of "
                         f"{list(SETTINGS)} found>, icma-only, real+filtered (with --min-dice)")
@@ -481,13 +548,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the settings whose synthetic cases real+filtered considers")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("synthesis", "make the synthetic cases first, from the regimes' training masks")
+    g.add_argument("--model", action="append", type=_model, default=[], metavar="gem3d=DIR|base=DIR",
+                   help="model folders: gem3d (ic, icma, ig, igma) and base; without --model, SYNTHETIC must hold "
+                        "cases made from the training masks already")
+    g.add_argument("--slice-model", type=Path, default=None, help="the slice model (ig, igma)")
+    g.add_argument("--samples-per-case", type=int, default=4, help="synthetic samples of every training mask")
+    g.add_argument("--inference-config", default="demo", help="packaged inference defaults (sampler, mask edits)")
+    g.add_argument("--synthesis-seed", type=int, default=0)
     return p
+
+
+def _model(text: str) -> tuple[str, Path]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in ("gem3d", "base") or not value:
+        raise argparse.ArgumentTypeError(f"--model takes gem3d=DIR or base=DIR, got {text!r}")
+    return key, Path(value)
+
+
+def synthesis_from_args(args: argparse.Namespace) -> Synthesis | None:
+    if not args.model:
+        return None
+    return Synthesis(models=dict(args.model), slice_model=args.slice_model, samples_per_case=args.samples_per_case,
+                     inference_config=args.inference_config, seed=args.synthesis_seed, device=args.device)
 
 
 def config_from_args(args: argparse.Namespace) -> DownstreamConfig:
     conditions = list(args.conditions)
     if conditions == ["all"]:
-        found = [s for s in SETTINGS if (args.synthetic / s).is_dir()]
+        models = dict(args.model)
+        makeable = {"ic", "icma", *(("ig", "igma") if args.slice_model else ())} if "gem3d" in models else set()
+        makeable |= {"base"} if "base" in models else set()
+        found = [s for s in SETTINGS if s in makeable or (args.synthetic / s).is_dir()]
         conditions = [REAL, *[f"real+{s}" for s in found], "icma-only"]
         conditions += [FILTERED] if args.min_dice is not None else []
     for condition in conditions:
@@ -505,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         start = time.perf_counter()
+        synthesis = synthesis_from_args(args)
+        if synthesis is not None:
+            synthesise(config, synthesis)
         run_experiment(config)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -277,3 +277,51 @@ def test_cli_prints_the_table(data, tmp_path, fake_backend, capsys):
     code = downstream.main(["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "bad"),
                             "--backend", "fake", "--conditions", "real", "synthetic"])
     assert code == 2 and "error: condition 'synthetic' is not one of" in capsys.readouterr().err
+
+
+# -- synthesis from the training masks -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tests import _tiny_models
+
+    return _tiny_models.tiny_setup(tmp_path_factory)
+
+
+def test_synthesis_makes_the_needed_settings_from_the_training_masks_only(tiny, tmp_path, fake_backend):
+    import shutil
+
+    real = Path(shutil.copytree(tiny["data"], tmp_path / "real"))
+    names = tiny["names"]
+    atomic_write_json(real / "splits.json", {"train": names[:3], "val": [], "test": names[3:]})
+    cfg = DownstreamConfig(real=real, synthetic=tmp_path / "synthetic", out=tmp_path / "out",
+                           conditions=("real", "real+icma", "base-only"), real_counts=("1", "2"), seeds=(0,),
+                           segmenter=fake_backend, resamples=200, progress=False)
+    assert downstream.needed_settings(cfg) == ["icma", "base"]
+    synthesis = downstream.Synthesis(models={"gem3d": tiny["volume_stage"], "base": tiny["baseline_volume"]},
+                                     samples_per_case=2)
+    downstream.synthesise(cfg, synthesis, log=lambda _: None)
+    for setting in ("icma", "base"):
+        made = sorted(p.name for p in (cfg.synthetic / setting).glob("*_label.nii.gz"))
+        # the two first training cases (the largest regime), two samples each; never a test case
+        assert made == [f"{n}_s{k}_label.nii.gz" for n in sorted(names[:3])[:2] for k in range(2)]
+    stamps = {p: p.stat().st_mtime_ns for p in cfg.synthetic.rglob("*.nii.gz")}
+    downstream.synthesise(cfg, synthesis, log=lambda _: None)  # a rerun skips the finished samples
+    assert {p: p.stat().st_mtime_ns for p in cfg.synthetic.rglob("*.nii.gz")} == stamps
+    runs, test_cases, _ = plan_runs(cfg)
+    assert test_cases == names[3:]
+    by_condition = {(r.regime, r.condition): r for r in runs}
+    assert len(by_condition[("1", "real+icma")].synthetic_cases) == 2
+    assert len(by_condition[("2", "base-only")].synthetic_cases) == 4
+    assert by_condition[("2", "base-only")].real_cases == ()
+
+
+def test_synthesis_needs_the_model_of_each_setting(tiny, tmp_path):
+    synthesis = downstream.Synthesis(models={"gem3d": tiny["volume_stage"]})
+    assert synthesis.model_for("icma") == Path(tiny["volume_stage"])
+    with pytest.raises(ValueError, match=r"setting 'base' needs --model base=FOLDER \(given: \['gem3d'\]\)"):
+        synthesis.model_for("base")
+    args = downstream.build_parser().parse_args(
+        ["--real", "r", "--synthetic", str(tmp_path), "--out", "o", "--conditions", "all", "--model", "gem3d=m"])
+    assert downstream.config_from_args(args).conditions == ("real", "real+ic", "real+icma", "icma-only")
+    with pytest.raises(SystemExit):
+        downstream.build_parser().parse_args(["--real", "r", "--synthetic", "s", "--out", "o", "--model", "x=m"])
