@@ -88,6 +88,17 @@ def machine(device: str) -> str:
     return text
 
 
+def scheduling() -> str:
+    """This process's CPU scheduling policy when it is not the default (``chrt -r 1``: "SCHED_RR priority 1", a
+    real-time policy that keeps other processes off the core it runs on), else ""."""
+    policy = os.sched_getscheduler(0)
+    if policy == os.SCHED_OTHER:
+        return ""
+    names = {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR", os.SCHED_BATCH: "SCHED_BATCH",
+             os.SCHED_IDLE: "SCHED_IDLE"}
+    return f"{names.get(policy, f'policy {policy}')} priority {os.sched_getparam(0).sched_priority}"
+
+
 def run_info(device: str) -> dict[str, str]:
     return {
         "device": "GPU" if str(device).startswith("cuda") else "CPU",
@@ -95,6 +106,7 @@ def run_info(device: str) -> dict[str, str]:
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "scheduling": scheduling(),
     }
 
 
