@@ -26,7 +26,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str,
+                        warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each ``fns[name]()``, run A B C A B C ... so that load hits all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):

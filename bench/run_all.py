@@ -50,7 +50,8 @@ SECTIONS = {
     "volume": ("2. Volume synthesis, end to end", "volume_bench", "bench_volume"),
     "training": ("3. Training step", "training_bench", "bench_training"),
     "data": ("4. Data loading", "data_bench", "bench_data"),
-    "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench", "bench_unet_paper"),
+    "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench",
+                   "bench_unet_paper"),
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
     "quality_steps": ("5. Quality vs steps (trained demo models)", "quality_steps", "bench_quality_steps"),
     "latent_cache": ("6. Latent cache: each case encoded once, training steps without the encoder", "latent_cache",
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(DEFAULT), help=f"comma list of {list(SECTIONS)}")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--demo-out", type=Path, help="quality_steps: the output of `make demo` (DIR/models/demo, DIR/dataset)")
+    p.add_argument("--demo-out", type=Path,
+                   help="quality_steps: the output of `make demo` (DIR/models/demo, DIR/dataset)")
     p.add_argument("--work", type=Path, default=Path("/tmp/gem3d-quality-steps"),
                    help="quality_steps: where the sampled volumes go (reused on a rerun)")
     args = p.parse_args(argv)
