@@ -31,7 +31,8 @@ RECIPES = {  # name: (options, what it is)
     "original": (SamplerOptions(steps=200, eta=1.0, batch_directions=False),
                  "DDIM 200, eta 1, one direction at a time"),
     "gem3d default": (SamplerOptions(), "DDIM 200, eta 1, both directions in one call (SamplerOptions())"),
-    "demo default": (SamplerOptions(steps=25), "DDIM 25, both directions (configs/inference/demo.yaml)"),
+    "demo steps": (SamplerOptions(steps=25), "DDIM 25, eta 1, both directions, from pure noise (the steps of "
+                   "gem3d/configs/inference/demo.yaml, not its informed_start)"),
     "fastest": (SamplerOptions(sampler="dpmpp", steps=10), "DPM-Solver++ 10, both directions"),
 }
 DEMO_FIRST_STAGE = {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config",
