@@ -98,7 +98,7 @@ def toy_sizes(monkeypatch):
     monkeypatch.setattr(temporal_conv_bench, "SHAPES", {"toy, 2 frames": (2, 8, 4)})
 
 
-@pytest.mark.parametrize("section", ["unet", "unet_paper", "training", "channels_last", "profile", "temporal_conv"])
+@pytest.mark.parametrize("section", ["unet_paper", "profile", "temporal_conv"])
 def test_section_runs_quick_at_toy_sizes_and_writes_its_block(section, toy_sizes, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     assert run_all.main(["--only", section, "--quick", "--out", str(out)]) == 0
@@ -109,13 +109,15 @@ def test_section_runs_quick_at_toy_sizes_and_writes_its_block(section, toy_sizes
 
 def test_targets_reads_the_blocks_it_finds(toy_sizes, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    assert run_all.main(["--only", "unet,targets", "--quick", "--out", str(out)]) == 0
+    assert run_all.main(["--only", "unet_paper,targets", "--quick", "--out", str(out)]) == 0
     text = block_text(out, "all:targets")
     assert text.startswith("### Targets, read from the sections' blocks\n\n`python bench/run_all.py --only "
-                           "unet,targets --quick` · ")
+                           "unet_paper,targets --quick` · ")
     rows = [line for line in text.splitlines() if line.startswith("| paper stage-1 forward")]
-    assert len(rows) == 4 and sum("| section 1 (" in row for row in rows) == 2  # section 1 measured, 1b not
-    assert sum(row.endswith("| not measured |") for row in rows) == 2
+    assert len(rows) == 4 and sum("| section 1b (" in row for row in rows) == 2  # section 1b measured, 1 not
+    assert sum(row.endswith("| section 1 | not measured |") for row in rows) == 2
+    assert all(re.search(r"\| [\d.]+x time, [\d.]+x memory \| section 1b \(.*\) \| (not )?met \|$", row)
+               for row in rows if "1b (" in row)
 
 
 def test_quality_steps_without_demo_models_says_what_it_needs(tmp_path):
