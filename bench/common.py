@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +27,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str,
+                        warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each ``fns[name]()``, run A B C A B C ... so that load hits all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -81,11 +83,32 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo); without them torch
+    emulates bf16 matrix products, many times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def machine(device: str) -> str:
     text = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPU cores"
     if str(device).startswith("cuda"):
         text += f", {torch.cuda.get_device_name()}"
     return text
+
+
+def scheduling() -> str:
+    """This process's CPU scheduling policy when it is not the default (``chrt -r 1``: "SCHED_RR priority 1", a
+    real-time policy that keeps other processes off the core it runs on), else ""."""
+    policy = os.sched_getscheduler(0)
+    if policy == os.SCHED_OTHER:
+        return ""
+    names = {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR", os.SCHED_BATCH: "SCHED_BATCH",
+             os.SCHED_IDLE: "SCHED_IDLE"}
+    return f"{names.get(policy, f'policy {policy}')} priority {os.sched_getparam(0).sched_priority}"
 
 
 def run_info(device: str) -> dict[str, str]:
@@ -95,6 +118,7 @@ def run_info(device: str) -> dict[str, str]:
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "scheduling": scheduling(),
     }
 
 

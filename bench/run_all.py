@@ -14,8 +14,9 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 - ``compile`` (opt-in): ``torch.compile`` of the demo UNet against eager;
 - ``quality_steps`` (opt-in, needs trained demo models: ``--demo-out DIR``): ``test``-setting PSNR, SSIM and slice
   consistency against UNet evaluations for DDIM and DPM-Solver++ step counts, with the curve as a PNG;
-- ``latent_cache`` (opt-in): a training step on cached latents against encoding every batch, and the KL-f8
-  encoder's cost per paper-size step;
+- ``latent_cache`` (opt-in; also ``python bench/latent_cache.py``): encoding a case into the latent cache (time,
+  peak memory, bytes per case) and a demo training step with and without the cache; at paper size the KL-f8
+  encoder's cost per volume and per step against the cache's read;
 - ``profile``: ``torch.profiler`` of the paper's stage-1 forward, self time per op, gem3d against both peers;
 - ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
 - ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
@@ -49,10 +50,12 @@ SECTIONS = {
     "volume": ("2. Volume synthesis, end to end", "volume_bench", "bench_volume"),
     "training": ("3. Training step", "training_bench", "bench_training"),
     "data": ("4. Data loading", "data_bench", "bench_data"),
-    "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench", "bench_unet_paper"),
+    "unet_paper": ("1b. UNet forward at the paper's stage 1, more slices and repeats", "unet_bench",
+                   "bench_unet_paper"),
     "compile": ("Optional torch.compile", "unet_bench", "bench_compile"),
     "quality_steps": ("5. Quality vs steps (trained demo models)", "quality_steps", "bench_quality_steps"),
-    "latent_cache": ("6. Latent cache: a training step without the encoder", "latent_cache", "bench_latent_cache"),
+    "latent_cache": ("6. Latent cache: each case encoded once, training steps without the encoder", "latent_cache",
+                     "bench_latent_cache"),
     "batch": ("7. Cases batched in lockstep (batch_windows)", "batch_bench", "bench_batch"),
     "channels_last": ("8. channels_last memory format", "unet_bench", "bench_channels_last"),
     "profile": ("9. Profile of the paper stage-1 forward, per op (torch.profiler)", "profile_bench", "bench_profile"),
@@ -63,7 +66,7 @@ SECTIONS = {
 DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "targets")
 GPU_PLACEHOLDERS = DEFAULT[:-1]  # "targets" measures nothing: one block, whatever the device
 # opt-in: unet_paper (minutes), compile (minutes of compilation), quality_steps (trained demo models, minutes),
-# latent_cache (the KL-f8 encoder on 512x512 slices: minutes)
+# latent_cache (the KL-f8 encoder on 512x512 slices: a minute or two with --quick)
 INTRO = """# gem3d benchmarks
 
 Written by `python bench/run_all.py` (`make bench`); each section rewrites its own block below. Every comparison is
@@ -87,7 +90,8 @@ def render(section: str, kind: str, rows: list[dict], info: dict, command: str, 
         lines = [f"<!-- {block_key(kind, section)} -->", f"### {title} ({info['device']})", "",
                  f"`{command}` · {info['machine']} · {info['date']} · torch {info['torch']} · threads "
                  f"{info['threads']} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}) · "
-                 f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
+                 + (f"scheduling {info['scheduling']} · " if info.get("scheduling") else "")
+                 + f"{info['device']} · peak memory: {MEMORY_METHOD['cuda' if kind == 'gpu' else 'cpu']}", ""]
     if rows:
         columns = list(rows[0])
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -118,9 +122,27 @@ def write_blocks(path: Path, blocks: dict[str, str]) -> None:
         pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
         if pattern.search(text):
             text = pattern.sub(lambda _: block, text)
-        else:
+            continue
+        end = preceding_block_end(text, key)
+        if end is None:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
+        else:
+            text = text[:end] + "\n\n" + block + text[end:]
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def preceding_block_end(text: str, key: str) -> int | None:
+    """Where a new block ``key`` goes: the end of the block of the nearest section before it in ``SECTIONS`` that
+    the text holds, of the same device kind (so the page keeps the sections' order); None: at the end."""
+    _, kind, section = key.split(":")
+    names = list(SECTIONS)
+    if section not in names:
+        return None
+    for earlier in reversed(names[:names.index(section)]):
+        marker = f"<!-- /{block_key(kind, earlier)} -->"
+        if marker in text:
+            return text.index(marker) + len(marker)
+    return None
 
 
 def shown_arguments(argv: list[str]) -> list[str]:
@@ -136,6 +158,22 @@ def shown_arguments(argv: list[str]) -> list[str]:
     return shown
 
 
+def section_function(name: str):
+    """The function that measures section ``name``: ``fn(device, quick, **section_options(name, args))`` returns
+    ``(rows, notes)``."""
+    _, module_name, function = SECTIONS[name]
+    return getattr(__import__(module_name), function)
+
+
+def section_options(name: str, args: argparse.Namespace) -> dict:
+    """The keyword arguments a section takes beside the device and ``quick``."""
+    if name == "quality_steps":
+        return {"demo_out": args.demo_out, "work": args.work}
+    if name == "targets":
+        return {"out": args.out}
+    return {}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -143,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(DEFAULT), help=f"comma list of {list(SECTIONS)}")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--demo-out", type=Path, help="quality_steps: the output of `make demo` (DIR/models/demo, DIR/dataset)")
+    p.add_argument("--demo-out", type=Path,
+                   help="quality_steps: the output of `make demo` (DIR/models/demo, DIR/dataset)")
     p.add_argument("--work", type=Path, default=Path("/tmp/gem3d-quality-steps"),
                    help="quality_steps: where the sampled volumes go (reused on a rerun)")
     args = p.parse_args(argv)
@@ -159,16 +198,12 @@ def main(argv=None) -> int:
     command = "python bench/run_all.py " + shlex.join(shown_arguments(argv if argv is not None else sys.argv[1:]))
     blocks = {}
     for name in names:
-        title, module_name, function = SECTIONS[name]
+        title = SECTIONS[name][0]
         print(f"[bench] {title} on {args.device} ...", flush=True)
         info = run_info(args.device)
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        module = __import__(module_name)
-        extra = {"demo_out": args.demo_out, "work": args.work} if name == "quality_steps" else {}
-        if name == "targets":
-            extra = {"out": args.out}
-        result = getattr(module, function)(args.device, args.quick, **extra)
+        result = section_function(name)(args.device, args.quick, **section_options(name, args))
         rows, notes = result if isinstance(result, tuple) else (result, [])
         if name != "targets":  # measures nothing
             notes = list(notes) + [f"Section wall time {time.perf_counter() - t0:.0f} s; load average (1 min) "

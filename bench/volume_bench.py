@@ -28,9 +28,11 @@ from gem3d.inference.volume import SamplerOptions, decode_volume, encode_slices,
 from gem3d.sampling.propagation import plan_windows, window_rounds
 
 RECIPES = {  # name: (options, what it is)
-    "original": (SamplerOptions(steps=200, eta=1.0, batch_directions=False), "DDIM 200, eta 1, one direction at a time"),
+    "original": (SamplerOptions(steps=200, eta=1.0, batch_directions=False),
+                 "DDIM 200, eta 1, one direction at a time"),
     "gem3d default": (SamplerOptions(), "DDIM 200, eta 1, both directions in one call (SamplerOptions())"),
-    "demo default": (SamplerOptions(steps=25), "DDIM 25, both directions (configs/inference/demo.yaml)"),
+    "demo steps": (SamplerOptions(steps=25), "DDIM 25, eta 1, both directions, from pure noise (the steps of "
+                   "gem3d/configs/inference/demo.yaml, not its informed_start)"),
     "fastest": (SamplerOptions(sampler="dpmpp", steps=10), "DPM-Solver++ 10, both directions"),
 }
 DEMO_FIRST_STAGE = {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config",
@@ -129,8 +131,10 @@ def bench_volume(device: str, quick: bool) -> tuple[list[dict], list[str]]:
         rows.append({
             "what": "demo volume, 48x64x64", "recipe": f"{name}: {what}",
             "UNet calls (slice evaluations)": f"{result['calls'] * factor:.0f} ({result['slices'] * factor:.0f})",
-            "seconds": f"{total:.1f} s" + (f" (propagation timed at {run_options.steps} steps, x{factor:.0f})" if factor != 1 else ""),
-            "load / encode / propagate / decode / write": " / ".join(fmt_seconds(v * (factor if k == "propagate" else 1)) for k, v in s.items()),
+            "seconds": f"{total:.1f} s" + (f" (propagation timed at {run_options.steps} steps, x{factor:.0f})"
+                                           if factor != 1 else ""),
+            "load / encode / propagate / decode / write": " / ".join(
+                fmt_seconds(v * (factor if k == "propagate" else 1)) for k, v in s.items()),
             "peak memory": fmt_bytes(memory), "ratio": "",
         })
         print("  " + " | ".join(rows[-1].values()), flush=True)
@@ -162,10 +166,13 @@ def bench_volume(device: str, quick: bool) -> tuple[list[dict], list[str]]:
         window_calls = options.steps
         calls, slices = planned_calls(155, 77, options)
         volume_seconds = slices / window * step_seconds + 155 * (encode_per_slice + decode_per_slice)
+        window_seconds = (s["load"] + window_calls * step_seconds + window * (encode_per_slice + decode_per_slice)
+                          + s["write"])
         rows.append({
             "what": "paper: one 16x512x512 window; a 155-slice brain volume", "recipe": f"{name}: {what}",
-            "UNet calls (slice evaluations)": f"window {window_calls} ({window_calls * window}); volume {calls} ({slices})",
-            "seconds": f"window {s['load'] + window_calls * step_seconds + window * (encode_per_slice + decode_per_slice) + s['write']:.0f} s; "
+            "UNet calls (slice evaluations)":
+                f"window {window_calls} ({window_calls * window}); volume {calls} ({slices})",
+            "seconds": f"window {window_seconds:.0f} s; "
                        f"volume {volume_seconds / 60:.0f} min (extrapolated from 1 step on {measured_slices} slices, "
                        f"{decoded} decoded slice(s))",
             "load / encode / propagate / decode / write": "",
@@ -182,14 +189,17 @@ def bench_volume(device: str, quick: bool) -> tuple[list[dict], list[str]]:
                     lambda: end_to_end(model, state, grey_mask, 77, options, None, device, tmp), device)
             rows.append({
                 "what": "paper: one 155x512x512 volume, measured", "recipe": f"{name}: {what}, precision "
-                f"{default_precision(device)}", "UNet calls (slice evaluations)": f"{result['calls']} ({result['slices']})",
+                f"{default_precision(device)}",
+                "UNet calls (slice evaluations)": f"{result['calls']} ({result['slices']})",
                 "seconds": f"{sum(result['seconds'].values()):.1f} s",
-                "load / encode / propagate / decode / write": " / ".join(fmt_seconds(v) for v in result["seconds"].values()),
+                "load / encode / propagate / decode / write": " / ".join(
+                    fmt_seconds(v) for v in result["seconds"].values()),
                 "peak memory": fmt_bytes(memory), "ratio": "",
             })
             print("  " + " | ".join(rows[-1].values()), flush=True)
     original_calls = planned_calls(155, 77, RECIPES["original"][0])
     for row, (name, (options, _)) in zip(rows[len(RECIPES):2 * len(RECIPES)], RECIPES.items()):
         calls, slices = planned_calls(155, 77, options)
-        row["ratio"] = f"{calls / original_calls[0]:.3f}x the original's UNet calls, {slices / original_calls[1]:.3f}x its slice evaluations"
+        row["ratio"] = (f"{calls / original_calls[0]:.3f}x the original's UNet calls, "
+                        f"{slices / original_calls[1]:.3f}x its slice evaluations")
     return rows, notes
