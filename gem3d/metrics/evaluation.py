@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from gem3d.data.case import load_case
-from gem3d.data.datasets import read_splits
+from gem3d.data.datasets import default_splits_path, read_splits, split_cases
 from gem3d.data.preprocess import PreprocessConfig
 from gem3d.export.preview import save_preview
 from gem3d.files import atomic_write_text
@@ -73,17 +73,20 @@ def parse_synthetic(spec: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
-def select_cases(spec: str, real: RealData) -> set[str]:
-    """``--cases``: ``a,b,c`` or ``split:NAME`` (from the dataset's ``splits.json``)."""
+def splits_file(real: RealData, args=None) -> Path:
+    """The splits file: ``--splits``, else the dataset's own ``splits.json``, else the one training wrote in the
+    dataset's cache folder (:func:`gem3d.data.datasets.default_splits_path`, as inference reads it)."""
+    given = getattr(args, "splits", None)
+    return Path(given) if given is not None else default_splits_path(real.dataset.root)
+
+
+def select_cases(spec: str, real: RealData, splits_path: Path | None = None) -> set[str]:
+    """``--cases``: ``a,b,c`` or ``split:NAME`` (from ``splits_path``, default :func:`splits_file`)."""
     if spec.startswith("split:"):
-        path = real.dataset.root / "splits.json"
-        if not path.is_file():
-            raise SystemExit(f"--cases {spec}: {path} does not exist (training writes it)")
-        splits = read_splits(path)
-        which = spec.split(":", 1)[1]
-        if which not in splits:
-            raise SystemExit(f"--cases {spec}: splits.json has {sorted(splits)}, not {which!r}")
-        return set(splits[which])
+        try:
+            return set(split_cases(real.dataset.root, spec.split(":", 1)[1], splits_path or splits_file(real)))
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from None
     names = {n.strip() for n in spec.split(",") if n.strip()}
     unknown = sorted(names - set(real.names))
     if unknown:
@@ -304,10 +307,11 @@ def plots(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cas
 
 
 # ------------------------------------------------------------------------------------------------ label fidelity
-def segmenter_training_cases(real: RealData, held_out: list[str], notes: list[str]) -> list[str]:
-    """The real cases a label-fidelity segmenter trains on: ``splits.json``'s ``train`` (every case when the dataset
-    has no splits.json), never one of ``held_out`` (the evaluated cases)."""
-    path = real.dataset.root / "splits.json"
+def segmenter_training_cases(real: RealData, held_out: list[str], notes: list[str],
+                             splits_path: Path | None = None) -> list[str]:
+    """The real cases a label-fidelity segmenter trains on: the splits file's ``train`` (``splits_path``, default
+    :func:`splits_file`; every case when there is none), never one of ``held_out`` (the evaluated cases)."""
+    path = splits_path or splits_file(real)
     names = read_splits(path)["train"] if path.is_file() else real.names
     kept = [n for n in names if n not in set(held_out)]
     if len(kept) < len(names):
@@ -328,7 +332,7 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
             return None
         notes.append(f"dice: the trained segmenter in {args.segmenter} ({segmenter.settings.backend})")
         return segmenter
-    names = segmenter_training_cases(real, held_out, notes)
+    names = segmenter_training_cases(real, held_out, notes, splits_file(real, args))
     if not names:
         notes.append("dice: skipped: no real training case is left for the segmenter (every case is evaluated)")
         return None
@@ -420,7 +424,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="Tr", choices=("Tr", "Ts"))
     p.add_argument("--synthetic", action="append", default=[], metavar="[NAME=]FOLDER",
                    help="inference output folder OUT/<setting> (repeatable; NAME names the report row)")
-    p.add_argument("--cases", help="real cases to evaluate: 'a,b,c' or 'split:val' (splits.json of the dataset); "
+    p.add_argument("--splits", type=Path, metavar="FILE",
+                   help="splits.json of --cases split:NAME and of the segmenter's training cases (default: the "
+                   "dataset's own splits.json, else the one training wrote in the dataset's cache folder)")
+    p.add_argument("--cases", help="real cases to evaluate: 'a,b,c' or 'split:val' (from --splits); "
                    "default: the cases of the synthetic samples, or every case")
     p.add_argument("--metrics", nargs="+", default=list(METRIC_GROUPS), choices=METRIC_GROUPS)
     p.add_argument("--out", type=Path, required=True, help="report folder")
@@ -451,7 +458,7 @@ def load_rows(args, real: RealData) -> tuple[dict[str, list[SyntheticSample]], l
         rows[name] = load_samples(folder, name, real)
     cases = sorted({s.case for samples in rows.values() for s in samples}) or real.names
     if args.cases:
-        wanted = select_cases(args.cases, real)
+        wanted = select_cases(args.cases, real, splits_file(real, args))
         rows = {name: [s for s in samples if s.case in wanted] for name, samples in rows.items()}
         cases = [c for c in real.names if c in wanted]
     return rows, cases
@@ -548,7 +555,8 @@ def train_fidelity_segmenter(argv=None) -> Path | None:
     anything (the demo trains it beside its slice model); its folder, or None when it cannot run."""
     args = parse_args(argv)
     real = RealData(args.real, split=args.split, slice_axis=args.slice_axis, body=args.body)
-    cases = [c for c in real.names if c in select_cases(args.cases, real)] if args.cases else real.names
+    cases = ([c for c in real.names if c in select_cases(args.cases, real, splits_file(real, args))] if args.cases
+             else real.names)
     notes: list[str] = []
     segmenter = fidelity_segmenter(real, cases, args, args.segmenter_cache or args.out / "segmenter_cache", notes)
     print("\n".join(notes))
