@@ -11,8 +11,13 @@ samples are matched to their real cases through the manifest. NAME (default: the
 row. Reference rows: ``reference: copy informed slice`` (the real informed slice copied into every slice), with
 ``--autoencoder``, ``reference: autoencoder`` (the real volume encoded and decoded: the ceiling), and ``reference:
 real volume`` (the real volumes themselves); stage 1 alone, ``base`` and GEM-3D are ``--synthetic`` folders. All
-volumes are compared in the canonical orientation (axial slices first) on the real case's [0, 1] intensity scale;
-"body" is the real case's body region plus its labels.
+volumes are compared in the canonical orientation (axial slices first) on one [0, 1] intensity scale per row
+(:class:`.volumes.IntensityScale`: a CT model's training window, from the manifest or ``--window``, both volumes
+clipped to it; else the real case's min/max); "body" is the real case's body region plus its labels.
+
+summary.md and report.html also hold each row's intensity scale, the time and memory per setting (from the
+manifests), and, for generated informed slices (``ig``, ``igma``; metric group ``informed``), their plane's intensity
+distance to real slices at the same position and the segmenter's Dice there, each with its real yardstick.
 
 Label fidelity (metric group ``segmenter``): a segmenter trained on the real training cases (``splits.json``
 ``train``, never the evaluated cases; cached in ``--segmenter-cache``) labels every synthetic volume and every
