@@ -84,3 +84,22 @@ def test_time_memory_section_from_records():
     text = "\n".join(section.markdown())
     assert "## Time and memory per setting" in text and "| ig | 2 | cpu | 20 (10–30) | 2,500 | volume | — |" in text
     assert report.time_memory_section({"old": [{"seconds": None}]}) is None
+
+
+def test_cuda_peak_is_reset_per_volume_or_per_run(monkeypatch):
+    """The CUDA path without a GPU: torch.cuda's peak counters replaced by a fake that counts the resets."""
+    calls = {"reset": 0}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.update(reset=calls["reset"] + 1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**20 * (calls["reset"] + 1))
+    per_volume = PeakMemory(torch.device("cuda:0"), reset_per_volume=True)
+    for expected in (1, 2):
+        per_volume.start()
+        record = per_volume.record()
+        assert calls["reset"] == expected
+        assert record["device"] == "cuda:0" and record["cuda_peak_scope"] == "volume"
+        assert record["cuda_peak_allocated_mb"] == 3.0 * (expected + 1)
+    calls["reset"] = 0
+    per_run = PeakMemory(torch.device("cuda:0"), reset_per_volume=False)
+    per_run.start()
+    per_run.start()
+    assert calls["reset"] == 1 and per_run.record()["cuda_peak_scope"] == "run"
