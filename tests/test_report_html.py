@@ -351,3 +351,26 @@ def test_the_page_renders_in_headless_chromium(tmp_path, embed):
     assert result["headline_overflow"] <= 0 and result["headline_right"] <= 1280
     assert result["page_overflow"] <= 0
     assert result["wide_tables"] == 0  # with every <details> open, no table scrolls sideways either
+
+
+def test_sections_follow_the_headline_as_tables_in_the_page_and_the_summary(tmp_path):
+    x = np.linspace(0, 1, 10)
+    plot = report.line_plot(tmp_path / "histogram_informed_slices.png", {"real": (x, x), "ig": (x, x ** 2)},
+                            "informed", "intensity", "density", panels=False)
+    sections = [report.scale_section({"gem3d": "the window [-200, 300] <HU>", REAL_ROW: "the window [-200, 300]"}),
+                report.Section("Generated informed slices", ("row", "n", "informed_w1"), [("ig", "2", "0.1")],
+                               ("a line",), plot)]
+    summary = report.summarise([{"row": "gem3d", "case": "a", "psnr_body": 20.0}])
+    markdown = report.summary_markdown(summary, ["psnr_body"], [], sections=sections)
+    assert markdown.index("## Columns") < markdown.index("## Intensity scale") < markdown.index(
+        "## Generated informed slices") < markdown.index("## More")
+    assert "| real | the window [-200, 300] |\n| gem3d | the window [-200, 300] <HU> |" in markdown  # report order
+    text = report.write_html(tmp_path / "report.html", markdown, [], [], [], [], summary=summary,
+                             sections=sections).read_text()
+    assert text.index("<h2>Headline</h2>") < text.index("<h2>Intensity scale</h2>") < text.index(
+        "<h2>Generated informed slices</h2>")
+    assert "&lt;HU&gt;" in text and "<HU>" not in text
+    page = parse(text)
+    scale = next(t for t in page.tables if [c[2] for c in t["rows"][0]] == ["row", "intensity scale"])
+    assert [(r[0][2], r[0][0]) for r in scale["rows"][1:]] == [(REAL_ROW, "th"), ("gem3d", "th")]
+    assert 'alt="histogram informed slices"' in text and text.count("data:image/png;base64,") == 1

@@ -74,6 +74,18 @@ def default_splits_path(dataset_dir: str | Path, cache_dir: str | Path | None = 
     return own if own.is_file() else dataset_cache_dir(dataset_dir, cache_dir) / "splits.json"
 
 
+def split_cases(dataset_dir: str | Path, which: str, path: str | Path | None = None) -> list[str]:
+    """The case names of split ``which`` (``--cases split:<which>``, in inference and evaluation) from ``path``
+    (default :func:`default_splits_path`: the dataset's own ``splits.json``, else the one in its cache folder)."""
+    path = Path(path) if path is not None else default_splits_path(dataset_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"--cases split:{which}: {path} does not exist (it is written by training)")
+    splits = read_splits(path)
+    if which not in splits:
+        raise ValueError(f"--cases split:{which}: splits.json has {sorted(splits)}, not {which!r}")
+    return list(splits[which])
+
+
 class _CaseStore:
     """Per-case cache entries in ``cache_dir``: arrays ``<name>_<field>.npy`` and the meta ``<name>.json`` (with
     the sources' fingerprint), written last so that its presence marks a complete entry. Memmaps stay unpickled."""

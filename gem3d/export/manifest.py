@@ -38,7 +38,8 @@ def make_record(case: str, setting: str, sample: int, seed: int, *, informed: Ma
                 mask_edits: list[Mapping[str, Any]] | None = None, sampler: str | None = None, steps: int | None = None,
                 checkpoint_sha256: str | None = None, seconds: float | None = None,
                 files: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
-    """A manifest record with the standard fields (``extra`` fields are kept as given)."""
+    """A manifest record with the standard fields (``extra`` fields are kept as given; inference adds ``channel``,
+    ``memory``: the volume's peak memory, and ``preprocess``: the preprocessing it ran with)."""
     return {
         "case": str(case),
         "setting": str(setting),

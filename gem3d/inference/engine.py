@@ -2,7 +2,8 @@
 
 Per sample it writes ``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the input label's grid,
 ``<case>_gt.nii.gz`` (``test`` only: the real image is its ground truth), ``previews/<case>_s<k>.png`` and a
-``manifest.json`` record. A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
+``manifest.json`` record (with the seconds and the peak memory of the volume, :class:`PeakMemory`, and the
+preprocessing it ran with). A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
 outputs do not depend on sharding.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import socket
+import sys
 import time
 import warnings
 import zlib
@@ -27,7 +29,7 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from gem3d.data.case import Case
-from gem3d.data.datasets import default_splits_path, read_splits
+from gem3d.data.datasets import split_cases
 from gem3d.data.nnunet import PreprocessedDataset, open_dataset
 from gem3d.data.preprocess import (
     PreparedCase,
@@ -166,6 +168,61 @@ def sample_seed(seed: int, case: str, sample: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(f"{case}/{sample}".encode())) % (2**63 - 1)
 
 
+PEAK_RSS_FILE = Path("/proc/self/clear_refs")  # Linux: writing "5" resets the process's peak RSS (VmHWM)
+MEBIBYTE = 2**20
+
+
+class PeakMemory:
+    """Peak memory of the volumes a run generates, for their manifest records. ``start()`` before a volume (``reset``:
+    each volume alone, ``batch_windows == 1``; else once per run), ``record()`` after it:
+    ``{"device", "peak_rss_mb", "peak_rss_scope", ["cuda_peak_allocated_mb", "cuda_peak_scope"]}``.
+
+    - ``peak_rss_mb``: the process's peak resident memory (MiB). Scope ``volume``: since this volume started (Linux
+      resets the peak through ``/proc/self/clear_refs``); ``run``: since the run started (volumes generated in
+      lockstep share it); ``process``: since the process started, where the peak cannot be reset (``getrusage``).
+    - ``cuda_peak_allocated_mb`` (CUDA devices): ``torch.cuda.max_memory_allocated``, reset the same way (scope
+      ``volume`` or ``run``)."""
+
+    def __init__(self, device: torch.device, reset_per_volume: bool):
+        self.device, self.reset_per_volume = torch.device(device), reset_per_volume
+        self.rss_scope = "process"
+        self.started = False
+
+    def start(self) -> None:
+        if self.started and not self.reset_per_volume:
+            return
+        scope = "volume" if self.reset_per_volume else "run"
+        self.started = True
+        try:
+            PEAK_RSS_FILE.write_text("5")
+            self.rss_scope = scope
+        except OSError:  # not Linux, or not allowed: the process's peak so far
+            self.rss_scope = "process"
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def record(self) -> dict:
+        out = {"device": str(self.device), "peak_rss_mb": round(peak_rss_bytes(self.rss_scope) / MEBIBYTE, 1),
+               "peak_rss_scope": self.rss_scope}
+        if self.device.type == "cuda":
+            out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / MEBIBYTE, 1)
+            out["cuda_peak_scope"] = "volume" if self.reset_per_volume else "run"
+        return out
+
+
+def peak_rss_bytes(scope: str) -> int:
+    """The process's peak resident memory in bytes: ``VmHWM`` of ``/proc/self/status`` (which ``PeakMemory.start``
+    resets) unless ``scope`` is ``process``, then ``getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    if scope != "process":
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # Unix only: imported where it is needed
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
 def parse_informed_from(text: str) -> tuple[str, float | None]:
     """``CASE`` or ``CASE:POS`` (POS in [0, 1]) -> (case, pos or None)."""
     name, _, pos = text.partition(":")
@@ -221,6 +278,7 @@ class Enhancer:
         # the preprocessed case; a few recently used ones are kept (donors repeat)
         self.prepared = lru_cache(PREPARED_CACHE)(lambda name: prepare_case(self.load_case(name), self.preprocess))
         self.brightness_profile = cache(self._brightness_profile)
+        self.memory = PeakMemory(self.device, reset_per_volume=cfg.sampler.batch_windows == 1)
         if cfg.informed_donor is not None:
             donor = cfg.informed_donor[0]
             if donor not in self.names:
@@ -275,14 +333,7 @@ class Enhancer:
         if spec.isdigit():
             return list(self.names[: int(spec)])
         if spec.startswith("split:"):
-            which = spec.split(":", 1)[1]
-            path = default_splits_path(self.cfg.data)  # the dataset's own, else where training wrote it
-            if not path.is_file():
-                raise FileNotFoundError(f"--cases {spec}: {path} does not exist (it is written by training)")
-            splits = read_splits(path)
-            if which not in splits:
-                raise ValueError(f"--cases {spec}: splits.json has {sorted(splits)}, not {which!r}")
-            return list(splits[which])
+            return split_cases(self.cfg.data, spec.split(":", 1)[1])  # the dataset's own, else where training wrote it
         names = [n.strip() for n in spec.split(",") if n.strip()]
         unknown = [n for n in names if n not in self.names]
         if unknown:
@@ -373,6 +424,7 @@ class Enhancer:
         """Generate, write and describe sample ``k`` of ``case_name``, as a generator that yields the rounds of its
         windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record. The
         steps draw from one ``rng`` and one torch ``generator`` seeded by :func:`sample_seed`, in this order."""
+        self.memory.start()
         t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
@@ -395,6 +447,8 @@ class Enhancer:
             seconds=round(time.perf_counter() - t0, 3),
             files={name: str(path.relative_to(self.cfg.setting_dir)) for name, path in paths.items()},
             channel={"index": self.dataset.channel, "name": self.dataset.channel_name},
+            memory=self.memory.record(),
+            preprocess=dataclasses.asdict(self.preprocess),
         )
 
     def _load_labelled_case(self, case_name: str) -> Case:

@@ -11,8 +11,13 @@ samples are matched to their real cases through the manifest. NAME (default: the
 row. Reference rows: ``reference: copy informed slice`` (the real informed slice copied into every slice), with
 ``--autoencoder``, ``reference: autoencoder`` (the real volume encoded and decoded: the ceiling), and ``reference:
 real volume`` (the real volumes themselves); stage 1 alone, ``base`` and GEM-3D are ``--synthetic`` folders. All
-volumes are compared in the canonical orientation (axial slices first) on the real case's [0, 1] intensity scale;
-"body" is the real case's body region plus its labels.
+volumes are compared in the canonical orientation (axial slices first) on one [0, 1] intensity scale per row
+(:class:`.volumes.IntensityScale`: a CT model's training window, from the manifest or ``--window``, both volumes
+clipped to it; else the real case's min/max); "body" is the real case's body region plus its labels.
+
+summary.md and report.html also hold each row's intensity scale, the time and memory per setting (from the
+manifests), and, for generated informed slices (``ig``, ``igma``; metric group ``informed``), their plane's intensity
+distance to real slices at the same position and the segmenter's Dice there, each with its real yardstick.
 
 Label fidelity (metric group ``segmenter``): a segmenter trained on the real training cases (``splits.json``
 ``train``, never the evaluated cases; cached in ``--segmenter-cache``) labels every synthetic volume and every
@@ -22,6 +27,7 @@ evaluated real volume; Dice per label against the mask the volume was made from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -30,6 +36,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import nibabel as nib
 import numpy as np
@@ -38,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from gem3d.data.case import load_case
-from gem3d.data.datasets import read_splits
+from gem3d.data.datasets import default_splits_path, read_splits, split_cases
 from gem3d.data.preprocess import PreprocessConfig
 from gem3d.export.preview import save_preview
 from gem3d.files import atomic_write_text
@@ -47,11 +54,13 @@ from gem3d.segmentation import (BACKENDS, Segmenter, SegmenterSettings, dataset_
 
 from . import distribution, features, labels as label_metrics, references, report
 from .consistency import consistency_metrics, intensity_profile, slice_jumps
+from .informed import informed_plane, plane_dice, plane_voxels, slice_distances
 from .image import MS_SSIM_WEIGHTS, SSIM_WINDOW, ms_ssim_scales, reconstruction_metrics, to_unit_range
-from .volumes import RealData, SyntheticSample, has_ground_truth, load_samples
+from .volumes import (REAL_RANGE, IntensityScale, RealData, SyntheticSample, has_ground_truth, load_samples,
+                      scale_from_preprocess)
 
 METRIC_GROUPS = ("reconstruction", "consistency", "labels", "fid", "mmd", "diversity", "frd", "counterfactual",
-                 "segmenter")
+                 "segmenter", "informed")
 COPY_ROW = "reference: copy informed slice"
 AUTOENCODER_ROW = "reference: autoencoder"
 REAL_VOLUME_ROW = "reference: real volume"
@@ -73,17 +82,20 @@ def parse_synthetic(spec: str) -> tuple[str, Path]:
     return name, Path(folder)
 
 
-def select_cases(spec: str, real: RealData) -> set[str]:
-    """``--cases``: ``a,b,c`` or ``split:NAME`` (from the dataset's ``splits.json``)."""
+def splits_file(real: RealData, args=None) -> Path:
+    """The splits file: ``--splits``, else the dataset's own ``splits.json``, else the one training wrote in the
+    dataset's cache folder (:func:`gem3d.data.datasets.default_splits_path`, as inference reads it)."""
+    given = getattr(args, "splits", None)
+    return Path(given) if given is not None else default_splits_path(real.dataset.root)
+
+
+def select_cases(spec: str, real: RealData, splits_path: Path | None = None) -> set[str]:
+    """``--cases``: ``a,b,c`` or ``split:NAME`` (from ``splits_path``, default :func:`splits_file`)."""
     if spec.startswith("split:"):
-        path = real.dataset.root / "splits.json"
-        if not path.is_file():
-            raise SystemExit(f"--cases {spec}: {path} does not exist (training writes it)")
-        splits = read_splits(path)
-        which = spec.split(":", 1)[1]
-        if which not in splits:
-            raise SystemExit(f"--cases {spec}: splits.json has {sorted(splits)}, not {which!r}")
-        return set(splits[which])
+        try:
+            return set(split_cases(real.dataset.root, spec.split(":", 1)[1], splits_path or splits_file(real)))
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from None
     names = {n.strip() for n in spec.split(",") if n.strip()}
     unknown = sorted(names - set(real.names))
     if unknown:
@@ -92,9 +104,11 @@ def select_cases(spec: str, real: RealData) -> set[str]:
 
 
 def reference_samples(real: RealData, cases: list[str], test_samples: list[SyntheticSample],
-                      first_stage=None, preprocess: PreprocessConfig | None = None) -> list[SyntheticSample]:
+                      first_stage=None, preprocess: PreprocessConfig | None = None,
+                      scale: IntensityScale = REAL_RANGE) -> list[SyntheticSample]:
     """Copy-the-informed-slice and autoencoder reference volumes of ``cases`` (the informed slice of a case's
-    ``test`` sample where there is one, else the middle slice)."""
+    ``test`` sample where there is one, else the middle slice): the copy on ``scale``, the autoencoder's
+    reconstruction on its own preprocessing's scale (:func:`scale_from_preprocess`)."""
     informed = {s.case: s.record.get("informed", {}).get("index") for s in test_samples}
     out = []
     for name in cases:
@@ -102,22 +116,27 @@ def reference_samples(real: RealData, cases: list[str], test_samples: list[Synth
         index = informed.get(name)
         record = {"case": name, "setting": "reference", "sample": 0, "files": {"gt": ""},
                   "informed": {"source": "own_middle", "case": name, "index": index}}
-        copy = references.copy_slice_volume(case.image, index)
-        out.append(SyntheticSample(COPY_ROW, record, copy, case.label, case.body, case.image_path, None))
+        copy = references.copy_slice_volume(real.image(name, scale), index)
+        out.append(SyntheticSample(COPY_ROW, record, copy, case.label, case.body, case.image_path, None, scale=scale))
         if first_stage is not None:
             raw = references.autoencoder_reconstruction(first_stage, case.raw, case.label, case.geometry, preprocess)
-            out.append(SyntheticSample(AUTOENCODER_ROW, dict(record, informed=None), to_unit_range(raw, case.raw),
-                                       case.label, case.body, case.image_path, None))
+            own = scale_from_preprocess(dataclasses.asdict(preprocess), "the autoencoder's training window")
+            image = to_unit_range(raw, case.raw) if own.window is None else own.to_unit(raw, case.raw_range)
+            out.append(SyntheticSample(AUTOENCODER_ROW, dict(record, informed=None), image,
+                                       case.label, case.body, case.image_path, None, scale=own))
     return out
 
 
-def real_volume_samples(real: RealData, cases: list[str]) -> list[SyntheticSample]:
-    """The real volumes of ``cases`` as samples of the ``reference: real volume`` row (their own labels)."""
+def real_volume_samples(real: RealData, cases: list[str],
+                        scale: IntensityScale = REAL_RANGE) -> list[SyntheticSample]:
+    """The real volumes of ``cases`` on ``scale`` as samples of the ``reference: real volume`` row (their own
+    labels)."""
     samples = []
     for name in cases:
         case = real.case(name)
-        samples.append(SyntheticSample(REAL_VOLUME_ROW, {"case": name, "setting": "real", "sample": 0}, case.image,
-                                       case.label, case.body, case.image_path, case.label_path))
+        samples.append(SyntheticSample(REAL_VOLUME_ROW, {"case": name, "setting": "real", "sample": 0},
+                                       real.image(name, scale), case.label, case.body, case.image_path,
+                                       case.label_path, scale=scale))
     return samples
 
 
@@ -129,12 +148,14 @@ def sample_row(sample: SyntheticSample, real: RealData, groups: set[str]) -> dic
     row = {"row": sample.row, "case": sample.case, "setting": record.get("setting", ""),
            "sample": record.get("sample", 0),
            "informed_from": "" if not informed.get("case") else f"{informed.get('case')}:{informed.get('index')}"}
+    reference = real.image(sample.case, sample.scale)  # the real volume on the sample's scale
     if "reconstruction" in groups and has_ground_truth(sample):
-        row.update(reconstruction_metrics(sample.image, case.image, case.body, case.label, real.label_names))
+        row.update(reconstruction_metrics(sample.image, reference, case.body, case.label, real.label_names,
+                                          unit_scale=sample.scale.window is not None))
     if "consistency" in groups:
-        row.update(consistency_metrics(sample.image, case.image, case.body))
+        row.update(consistency_metrics(sample.image, reference, case.body))
     if "labels" in groups:
-        row.update(label_metrics.label_fidelity(sample.image, case.image, sample.label, sample.body, real.label_names,
+        row.update(label_metrics.label_fidelity(sample.image, reference, sample.label, sample.body, real.label_names,
                                                 real_labels=case.label, real_body=case.body))
     return row
 
@@ -146,10 +167,10 @@ def resample(volume: np.ndarray, grid=MMD_GRID) -> np.ndarray:
 
 
 def set_metrics(rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str], groups: set[str],
-                args, out: Path, notes: list[str]) -> dict[str, dict[str, float]]:
-    """Distribution metrics per row (synthetic set vs the real cases ``cases``)."""
+                args, out: Path, notes: list[str], scale: IntensityScale = REAL_RANGE) -> dict[str, dict[str, float]]:
+    """Distribution metrics per row (synthetic set vs the real cases ``cases``, on ``scale``)."""
     result: dict[str, dict[str, float]] = {name: {} for name in rows}
-    real_cases = [real.case(n) for n in cases]
+    real_cases = [dataclasses.replace(real.case(n), image=real.image(n, scale)) for n in cases]
     if "fid" in groups:
         fid_metrics(result, rows, real_cases, args, notes)
     if "mmd" in groups:
@@ -263,10 +284,12 @@ def counterfactual_rows(samples: list[SyntheticSample], real: RealData) -> list[
     return rows
 
 
-def plots(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str]) -> list[Path]:
-    """Histograms per label, through-plane profiles (first case), slice-jump distributions."""
+def plots(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str],
+          scale: IntensityScale = REAL_RANGE) -> list[Path]:
+    """Histograms per label, through-plane profiles (first case), slice-jump distributions (the real volumes on
+    ``scale``)."""
     paths = []
-    real_cases = [real.case(n) for n in cases]
+    real_cases = [dataclasses.replace(real.case(n), image=real.image(n, scale)) for n in cases]
     values = sorted({int(v) for c in real_cases for v in np.unique(c.label) if v > 0})
     names = real.label_names
     for value in [0, *values]:
@@ -282,7 +305,7 @@ def plots(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cas
         paths.append(report.line_plot(out / f"histogram_label{value}.png", series, f"intensity histogram: {title}",
                                       "intensity [0, 1]", "density"))
     if cases:
-        case = real.case(cases[0])
+        case = real_cases[0]
         series = {REAL_ROW: (np.arange(case.image.shape[0]), intensity_profile(case.image, case.body))}
         for name, samples in rows.items():
             for s in samples:
@@ -304,10 +327,11 @@ def plots(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cas
 
 
 # ------------------------------------------------------------------------------------------------ label fidelity
-def segmenter_training_cases(real: RealData, held_out: list[str], notes: list[str]) -> list[str]:
-    """The real cases a label-fidelity segmenter trains on: ``splits.json``'s ``train`` (every case when the dataset
-    has no splits.json), never one of ``held_out`` (the evaluated cases)."""
-    path = real.dataset.root / "splits.json"
+def segmenter_training_cases(real: RealData, held_out: list[str], notes: list[str],
+                             splits_path: Path | None = None) -> list[str]:
+    """The real cases a label-fidelity segmenter trains on: the splits file's ``train`` (``splits_path``, default
+    :func:`splits_file`; every case when there is none), never one of ``held_out`` (the evaluated cases)."""
+    path = splits_path or splits_file(real)
     names = read_splits(path)["train"] if path.is_file() else real.names
     kept = [n for n in names if n not in set(held_out)]
     if len(kept) < len(names):
@@ -328,7 +352,7 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
             return None
         notes.append(f"dice: the trained segmenter in {args.segmenter} ({segmenter.settings.backend})")
         return segmenter
-    names = segmenter_training_cases(real, held_out, notes)
+    names = segmenter_training_cases(real, held_out, notes, splits_file(real, args))
     if not names:
         notes.append("dice: skipped: no real training case is left for the segmenter (every case is evaluated)")
         return None
@@ -347,10 +371,12 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
 
 
 def fidelity_dice(segmenter: Segmenter, rows: dict[str, list[SyntheticSample]], real: RealData, out: Path,
-                  zero_outside_body: bool, progress: bool = False) -> dict[int, dict[str, float]]:
+                  zero_outside_body: bool, progress: bool = False,
+                  predictions: dict | None = None) -> dict[int, dict[str, float]]:
     """``{id(sample): {dice_<label>: ..., dice_mean: ...}}`` of every sample of ``rows``: the segmenter's labels on
     the sample's volume (written to ``out/segmentations/<row>/``) against the sample's mask. With
-    ``zero_outside_body`` each volume is first set to 0 outside its body, as the real (skull-stripped) volumes are."""
+    ``zero_outside_body`` each volume is first set to 0 outside its body, as the real (skull-stripped) volumes are.
+    ``predictions``, when given, receives ``{id(sample): prediction file}``."""
     num_labels = max(1, real.dataset.max_label)
     result = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".segmenter_inputs_") as inputs:
@@ -368,12 +394,71 @@ def fidelity_dice(segmenter: Segmenter, rows: dict[str, list[SyntheticSample]], 
                     path.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(s.image_path, path)
                 images.append(path)
+            paths: list[Path] = []
             scores = label_metrics.segmenter_dice(segmenter, images, [s.label for s in samples], num_labels,
                                                   out / "segmentations" / slug, slice_axis=real.slice_axis,
-                                                  progress=progress)
-            for s, score in zip(samples, scores):
+                                                  progress=progress, prediction_paths=paths)
+            for s, score, path in zip(samples, scores, paths):
                 result[id(s)] = label_metrics.dice_columns(score, real.label_names)
+                if predictions is not None:
+                    predictions[id(s)] = path
     return result
+
+
+def informed_plane_dice(scored: list[tuple[SyntheticSample, dict]], real_samples: list[SyntheticSample],
+                        predictions: Mapping[int, Path], real: RealData, notes: list[str]) -> None:
+    """Add ``informed_dice`` (the segmenter on the volume at its generated informed slice's plane, against the
+    volume's mask there) and ``informed_dice_real`` (on the real volume of its case at that plane, against the real
+    label) to the rows of samples with a generated informed slice."""
+    real_by_case = {s.case: s for s in real_samples}
+    num_labels = max(1, real.dataset.max_label)
+    loaded: dict[Path, np.ndarray] = {}
+
+    def prediction(sample: SyntheticSample) -> np.ndarray | None:
+        path = predictions.get(id(sample))
+        if path is not None and path not in loaded:
+            loaded.clear()  # one volume at a time in memory
+            loaded[path] = np.rint(load_case(path, slice_axis=real.slice_axis).image).astype(np.int64)
+        return None if path is None else loaded[path]
+
+    done = False
+    for s, row in scored:
+        plane = informed_plane(s.record)
+        if plane is None or s.row == REAL_VOLUME_ROW or s.case not in real_by_case:
+            continue
+        generated = prediction(s)
+        if generated is not None:
+            row["informed_dice"] = plane_dice(generated, s.label, plane, num_labels)
+            done = True
+        real_sample = real_by_case[s.case]
+        real_prediction = prediction(real_sample)
+        if real_prediction is not None:
+            row["informed_dice_real"] = plane_dice(real_prediction, real_sample.label, plane, num_labels)
+    if done:
+        notes.append("informed_dice: the segmenter's labels at the plane of the generated informed slice against the "
+                     "mask there (mean over the labels the plane holds); informed_dice_real: the same on the real "
+                     "volume of the case at that plane")
+
+
+def informed_slice_rows(scored: list[tuple[SyntheticSample, dict]], real: RealData, cases: list[str],
+                        notes: list[str]) -> None:
+    """Add ``informed_w1`` and its real-vs-real yardstick ``informed_w1_real`` (:func:`.informed.slice_distances`)
+    to the rows of samples with a generated informed slice (``ig``, ``igma``), against the other evaluated cases."""
+    done = False
+    for s, row in scored:
+        plane = informed_plane(s.record)
+        if plane is None or s.case not in cases:
+            continue
+        case = real.case(s.case)
+        others = [(real.image(n, s.scale), real.case(n).body) for n in cases if n != s.case]
+        row.update(slice_distances(s.image, s.body, plane, (real.image(s.case, s.scale), case.body), others))
+        done = True
+    if done:
+        notes.append("informed_w1: the generated informed slice is measured where the volume holds it (the plane "
+                     "informed.target_index; the engine does not write the slice itself): the 1-D Wasserstein "
+                     "distance (scipy) of its body intensities to each other evaluated case's real slice at the same "
+                     "relative position, mean; informed_w1_real: the same from the real slice of the sample's own "
+                     "case (a real slice scores it exactly)")
 
 
 def add_dice_ratio(scored: list[tuple[SyntheticSample, dict]]) -> float:
@@ -420,7 +505,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="Tr", choices=("Tr", "Ts"))
     p.add_argument("--synthetic", action="append", default=[], metavar="[NAME=]FOLDER",
                    help="inference output folder OUT/<setting> (repeatable; NAME names the report row)")
-    p.add_argument("--cases", help="real cases to evaluate: 'a,b,c' or 'split:val' (splits.json of the dataset); "
+    p.add_argument("--splits", type=Path, metavar="FILE",
+                   help="splits.json of --cases split:NAME and of the segmenter's training cases (default: the "
+                   "dataset's own splits.json, else the one training wrote in the dataset's cache folder)")
+    p.add_argument("--cases", help="real cases to evaluate: 'a,b,c' or 'split:val' (from --splits); "
                    "default: the cases of the synthetic samples, or every case")
     p.add_argument("--metrics", nargs="+", default=list(METRIC_GROUPS), choices=METRIC_GROUPS)
     p.add_argument("--out", type=Path, required=True, help="report folder")
@@ -432,6 +520,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_segmenter_arguments(p, "OUT/segmenter_cache")
     p.add_argument("--body", default="nonzero", choices=("nonzero", "threshold", "none"),
                    help="body region of the real volumes: nonzero (MRI), threshold (CT), none")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="evaluate every row inside this intensity window (CT: HU), both volumes clipped to it; "
+                   "default: the window each output's manifest records (a model trained with intensity: window), "
+                   "else each real case's min/max")
     p.add_argument("--slice-axis", type=int, default=2, choices=(0, 1, 2), help="RAS axis of the slices (2 = axial)")
     p.add_argument("--frd-workers", type=int, default=1)
     p.add_argument("--link-images", action="store_true", help="link the PNGs from report.html instead of embedding")
@@ -448,17 +540,36 @@ def load_rows(args, real: RealData) -> tuple[dict[str, list[SyntheticSample]], l
         name, folder = parse_synthetic(spec)
         if name in rows:
             raise SystemExit(f"--synthetic: row name {name!r} given twice; name them NAME=FOLDER")
-        rows[name] = load_samples(folder, name, real)
+        rows[name] = load_samples(folder, name, real, window_scale(args))
     cases = sorted({s.case for samples in rows.values() for s in samples}) or real.names
     if args.cases:
-        wanted = select_cases(args.cases, real)
+        wanted = select_cases(args.cases, real, splits_file(real, args))
         rows = {name: [s for s in samples if s.case in wanted] for name, samples in rows.items()}
         cases = [c for c in real.names if c in wanted]
     return rows, cases
 
 
-def reference_rows(args, real: RealData, rows, cases: list[str], out: Path,
-                   notes: list[str]) -> dict[str, list[SyntheticSample]]:
+def window_scale(args) -> IntensityScale | None:
+    """``--window LO HI`` as a scale (None without it)."""
+    window = getattr(args, "window", None)
+    return None if window is None else IntensityScale(tuple(window), "--window")
+
+
+def evaluation_scale(rows: dict[str, list[SyntheticSample]], args, notes: list[str]) -> IntensityScale:
+    """The scale of the reference rows, the real volumes' row, the set metrics and the plots: ``--window``, else
+    the synthetic rows' one scale (the real case's min/max without rows, or when they differ: then noted)."""
+    given = window_scale(args)
+    if given is not None:
+        return given
+    scales = list(dict.fromkeys(s.scale for samples in rows.values() for s in samples))
+    if len(scales) > 1:
+        notes.append("intensity scale: the rows were generated with different preprocessing; the references, set "
+                     "metrics and plots use each real case's min/max (see 'Intensity scale' for each row's)")
+    return scales[0] if len(scales) == 1 else REAL_RANGE
+
+
+def reference_rows(args, real: RealData, rows, cases: list[str], out: Path, notes: list[str],
+                   scale: IntensityScale = REAL_RANGE) -> dict[str, list[SyntheticSample]]:
     """The copy-informed-slice and autoencoder reference rows, each sample with its preview."""
     test_samples = [s for samples in rows.values() for s in samples if s.record.get("setting") == "test"]
     first_stage = preprocess = None
@@ -470,12 +581,12 @@ def reference_rows(args, real: RealData, rows, cases: list[str], out: Path,
     else:
         notes.append(f"'{AUTOENCODER_ROW}' row: skipped: no --autoencoder model dir given")
     out_rows: dict[str, list[SyntheticSample]] = {}
-    for s in reference_samples(real, cases, test_samples, first_stage, preprocess):
+    for s in reference_samples(real, cases, test_samples, first_stage, preprocess, scale):
         out_rows.setdefault(s.row, []).append(s)
         case = real.case(s.case)
         slug = re.sub(r"[^a-z0-9]+", "_", s.row.lower()).strip("_")
-        s.preview_path = save_preview(out / "previews" / f"{slug}_{s.case}.png", [("real", case.image),
-                                                                                 (s.row, s.image)],
+        s.preview_path = save_preview(out / "previews" / f"{slug}_{s.case}.png",
+                                      [("real", real.image(s.case, s.scale)), (s.row, s.image)],
                                       mask=case.label, spacing=case.geometry.spacing, max_label=real.dataset.max_label)
     return out_rows
 
@@ -499,10 +610,13 @@ def label_fidelity_rows(scored: list[tuple[SyntheticSample, dict]], rows, real_s
     if segmenter is None:
         return
     zero_outside_body = args.body == "nonzero"
+    predictions: dict[int, Path] = {}
     dice = fidelity_dice(segmenter, {**rows, REAL_VOLUME_ROW: real_samples}, real, out, zero_outside_body,
-                         progress=progress)
+                         progress=progress, predictions=predictions)
     for s, row in scored:
         row.update(dice.get(id(s), {}))
+    if "informed" in set(args.metrics):
+        informed_plane_dice(scored, real_samples, predictions, real, notes)
     reference = add_dice_ratio(scored)
     zeroed = "; every volume is set to 0 outside its body first, as the real volumes are" if zero_outside_body else ""
     notes.append("dice_<label>: Dice (MONAI DiceMetric) of the segmenter's labels on each volume against the mask "
@@ -517,27 +631,37 @@ def main(argv=None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     real = RealData(args.real, split=args.split, slice_axis=args.slice_axis, body=args.body)
-    notes: list[str] = ["all metrics in the canonical orientation (axial slices), on each real case's [0, 1] "
-                        "intensity scale; 'body' = the real body region plus the labels"]
+    notes: list[str] = []
     rows, cases = load_rows(args, real)
-    all_rows = {**reference_rows(args, real, rows, cases, out, notes), **rows}
+    scale = evaluation_scale(rows, args, notes)
+    all_rows = {**reference_rows(args, real, rows, cases, out, notes, scale), **rows}
+    windowed = any(s.scale.window is not None for samples in all_rows.values() for s in samples)
+    notes.insert(0, "all metrics in the canonical orientation (axial slices), on "
+                 + ("each row's [0, 1] intensity scale (see 'Intensity scale')" if windowed
+                    else "each real case's [0, 1] intensity scale") + "; 'body' = the real body region plus the labels")
+    if args.body == "threshold" and not windowed:
+        notes.append("intensity scale: CT-like volumes (--body threshold) on each real case's full range: no row "
+                     "records an intensity window; pass --window LO HI to evaluate inside the model's window")
     if "reconstruction" in groups:
         ms_ssim_note(real, cases, notes)
     scored = [(s, sample_row(s, real, groups)) for samples in all_rows.values() for s in samples]
-    real_samples = real_volume_samples(real, cases)
+    real_samples = real_volume_samples(real, cases, scale)
     if groups & {"consistency", "labels", "segmenter"}:
         scored += [(s, sample_row(s, real, groups - {"reconstruction"})) for s in real_samples]
     if "segmenter" in groups:
         label_fidelity_rows(scored, rows, real_samples, real, cases, args, out, notes)
-    metric_rows = [row for _, row in scored]
+    if "informed" in groups:
+        informed_slice_rows(scored, real, cases, notes)
 
-    set_values = set_metrics(all_rows, real, cases, groups, args, out, notes)
+    set_values = set_metrics(all_rows, real, cases, groups, args, out, notes, scale)
     counterfactual = counterfactual_rows([s for samples in rows.values() for s in samples], real) \
         if "counterfactual" in groups else []
     if "counterfactual" in groups and not counterfactual:
         notes.append("counterfactual: skipped: no two samples of one case, mask and seed with different real donors "
                      "(generate them with --informed-from DONOR into two output folders)")
-    text = write_report(out, scored, all_rows, set_values, counterfactual, real, cases, notes, args.link_images)
+    sections = report_sections(out, scored, rows, {**all_rows, REAL_VOLUME_ROW: real_samples}, real, cases, groups)
+    text = write_report(out, scored, all_rows, set_values, counterfactual, real, cases, notes, args.link_images,
+                        sections, scale)
     print(text)
     print(f"report: {out / 'report.html'}")
     return 0
@@ -548,16 +672,64 @@ def train_fidelity_segmenter(argv=None) -> Path | None:
     anything (the demo trains it beside its slice model); its folder, or None when it cannot run."""
     args = parse_args(argv)
     real = RealData(args.real, split=args.split, slice_axis=args.slice_axis, body=args.body)
-    cases = [c for c in real.names if c in select_cases(args.cases, real)] if args.cases else real.names
+    cases = ([c for c in real.names if c in select_cases(args.cases, real, splits_file(real, args))] if args.cases
+             else real.names)
     notes: list[str] = []
     segmenter = fidelity_segmenter(real, cases, args, args.segmenter_cache or args.out / "segmenter_cache", notes)
     print("\n".join(notes))
     return None if segmenter is None else segmenter.work_dir
 
 
+INFORMED_COLUMNS = ("informed_w1", "informed_w1_real", "informed_dice", "informed_dice_real")
+
+
+def report_sections(out: Path, scored: list[tuple[SyntheticSample, dict]], rows: dict[str, list[SyntheticSample]],
+                    every_row: dict[str, list[SyntheticSample]], real: RealData, cases: list[str],
+                    groups: set[str]) -> list[report.Section]:
+    """The sections after the headline: each row's intensity scale, the synthetic rows' time and memory (from
+    their manifests), and the generated informed slices (rows with ``informed_w1``), with their plot."""
+    sections = [report.scale_section({name: samples[0].scale.describe() for name, samples in every_row.items()
+                                      if samples})]
+    timing = report.time_memory_section({name: [s.record for s in samples] for name, samples in rows.items()})
+    if timing is not None:
+        sections.append(timing)
+    summary = report.summarise([row for _, row in scored if any(c in row for c in INFORMED_COLUMNS)])
+    if "informed" in groups and summary:
+        lines = [f"`{c}`: {report.describe(c)}" for c in INFORMED_COLUMNS]
+        table = [(name, str(max(int(summary[name][c][2]) for c in INFORMED_COLUMNS if c in summary[name])),
+                  *(report.format_value(*summary[name][c][:3]) if c in summary[name] else report.MISSING
+                    for c in INFORMED_COLUMNS)) for name in report.order_rows(summary)]
+        sections.append(report.Section("Generated informed slices (ig, igma) against real slices at the same "
+                                       "position", ("row", "n", *INFORMED_COLUMNS), table, lines,
+                                       informed_plot(out, rows, real, cases)))
+    return sections
+
+
+def informed_plot(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str]) -> Path:
+    """One panel: the intensity histogram inside the body at the generated informed slices' planes, per row,
+    against the real slices of the same cases at the same planes."""
+    series, real_values = {}, []
+    for name, samples in rows.items():
+        values = []
+        for s in samples:
+            plane = informed_plane(s.record)
+            if plane is None or s.case not in cases:
+                continue
+            values.append(plane_voxels(s.image, s.body, plane))
+            real_values.append(plane_voxels(real.image(s.case, s.scale), real.case(s.case).body, plane))
+        if values:
+            series[name] = report.density(np.concatenate(values))
+    series = {REAL_ROW: report.density(np.concatenate(real_values)), **series}
+    return report.line_plot(out / "histogram_informed_slices.png", series,
+                            "intensity histogram at the generated informed slices' planes, inside the body",
+                            "intensity [0, 1]", "density", panels=False)
+
+
 def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows, set_values, counterfactual,
-                 real: RealData, cases: list[str], notes: list[str], link_images: bool) -> str:
-    """metrics.csv, counterfactual.csv, summary.md, the plots and report.html; returns the summary's text."""
+                 real: RealData, cases: list[str], notes: list[str], link_images: bool,
+                 sections: list | None = None, scale: IntensityScale = REAL_RANGE) -> str:
+    """metrics.csv, counterfactual.csv, summary.md, the plots and report.html (with ``sections`` after the
+    headline); returns the summary's text."""
     metric_rows = [row for _, row in scored]
     report.write_csv(out / "metrics.csv", metric_rows)
     if counterfactual:
@@ -576,13 +748,14 @@ def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows
     metrics += sorted(m for m in present if m.startswith("dice_") and m not in SUMMARY_METRICS)
     per_label = sorted(m for m in present if m.startswith(("psnr_", "ssim_axial_", "mean_diff_", "std_diff_"))
                        and m not in SUMMARY_METRICS)
-    text = report.summary_markdown(summary, metrics, notes, {"Per label (inside each label of the mask)": per_label})
+    text = report.summary_markdown(summary, metrics, notes, {"Per label (inside each label of the mask)": per_label},
+                                   sections or ())
     atomic_write_text(out / "summary.md", text)
-    plot_paths = plots(out, all_rows, real, cases)
+    plot_paths = plots(out, all_rows, real, cases, scale)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in scored if s.row != REAL_VOLUME_ROW]
     report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not link_images,
-                      summary=summary)
+                      summary=summary, sections=sections or ())
     return text
 
 

@@ -131,13 +131,17 @@ def to_unit_range(volume, reference) -> np.ndarray:
     return (np.asarray(volume, dtype=np.float64) - lo) / (hi - lo if hi > lo else 1.0)
 
 
-def reconstruction_metrics(synthetic, real, body=None, labels=None,
-                           label_names: Mapping[int, str] | None = None) -> dict[str, float]:
+def reconstruction_metrics(synthetic, real, body=None, labels=None, label_names: Mapping[int, str] | None = None,
+                           unit_scale: bool = False) -> dict[str, float]:
     """PSNR / SSIM / MS-SSIM of a canonical ``(D, H, W)`` ``synthetic`` volume against ``real``, both mapped to [0, 1]
-    with the real volume's min/max: 3D and per axial slice inside ``body`` (bool, default everywhere), and inside each
-    label > 0 of ``labels`` (int ``(D, H, W)``, named by ``label_names``)."""
-    real01 = to_unit_range(real, real)
-    fake01 = to_unit_range(synthetic, real)
+    with the real volume's min/max (``unit_scale``: both are on one [0, 1] scale already, e.g. clipped to a CT
+    window, and are used as given): 3D and per axial slice inside ``body`` (bool, default everywhere), and inside
+    each label > 0 of ``labels`` (int ``(D, H, W)``, named by ``label_names``)."""
+    if unit_scale:
+        real01, fake01 = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
+    else:
+        real01 = to_unit_range(real, real)
+        fake01 = to_unit_range(synthetic, real)
     body = np.ones(real01.shape, bool) if body is None else np.asarray(body, bool)
     out = {
         "psnr_body": psnr(fake01, real01, 1.0, body),

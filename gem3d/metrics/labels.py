@@ -110,14 +110,17 @@ def zero_outside(image_path: str | Path, body, out_path: str | Path, slice_axis:
 
 
 def segmenter_dice(segmenter: Segmenter, images: Sequence[Path], masks: Sequence, num_labels: int,
-                   out_dir: str | Path, slice_axis: int = 2, progress: bool = False) -> list[dict[int, float]]:
+                   out_dir: str | Path, slice_axis: int = 2, progress: bool = False,
+                   prediction_paths: list | None = None) -> list[dict[int, float]]:
     """Dice per label ``1..num_labels`` between ``segmenter``'s prediction on each image (written to ``out_dir``)
     and that image's mask: a label NIfTI on the image's grid, or a canonical ``(D, H, W)`` int array (the layout of
     :func:`gem3d.data.case.load_case` with ``slice_axis``). One dict per image, in order; a label absent from the
-    mask gets NaN."""
+    mask gets NaN. ``prediction_paths``, when given, is extended with the prediction files, in order."""
     if len(images) != len(masks):
         raise ValueError(f"segmenter_dice needs one mask per image, got {len(images)} images and {len(masks)} masks")
     predictions = segmenter.predict(list(images), out_dir, progress=progress)
+    if prediction_paths is not None:
+        prediction_paths.extend(predictions)
     results = []
     for image, prediction, mask in zip(images, predictions, masks):
         predicted = load_case(prediction, slice_axis=slice_axis).image

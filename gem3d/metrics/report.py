@@ -56,6 +56,13 @@ METRIC_DESCRIPTIONS = {
     "mmd": "MMD (MONAI, linear kernel) between real and synthetic volumes resampled to one grid",
     "ms_ssim_diversity": "mean MS-SSIM between pairs of samples (lower = more diverse)",
     "frd": "Fréchet Radiomics Distance inside the body (frd-score v1, log(d_F^2); lower = closer)",
+    "informed_w1": "generated informed slice's plane: 1-D Wasserstein distance of its body intensities to the real "
+                   "slices of the other evaluated cases at the same relative position, mean (lower = closer)",
+    "informed_w1_real": "the same distance from the real slice of the sample's own case at that plane: the "
+                        "real-vs-real yardstick",
+    "informed_dice": "Dice of the segmenter at the generated informed slice's plane of the volume against its mask "
+                     "there, mean over the labels the plane holds",
+    "informed_dice_real": "the segmenter's Dice on the real volume of the same case at that plane: the yardstick",
 }
 PER_LABEL_FAMILIES = ("mean_diff", "std_diff", "psnr", "ssim_axial", "dice")  # metric = f"{family}_{label name}"
 SET_METRICS = ("fid_25d", "fid_3d", "mmd", "ms_ssim_diversity", "frd")  # one value per row, not per sample
@@ -135,6 +142,81 @@ def describe(metric: str) -> str:
     if metric.startswith("corr_"):
         return "counterfactual: correlation of an output's per-label means with a donor's"
     return ""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A table of its own in summary.md and report.html (after the headline): ``columns``, ``rows`` (their cells
+    as text; a row whose first cell is a yardstick row is shaded), ``lines`` (what the columns mean) and, in
+    report.html, a ``plot``."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    lines: Sequence[str] = ()
+    plot: Path | None = None
+
+    def markdown(self) -> list[str]:
+        lines = ["", f"## {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in self.rows]
+        return lines + ([""] + [f"- {line}" for line in self.lines] if self.lines else [])
+
+    def html(self, base: Path, embed: bool) -> str:
+        head = "".join(f'<th scope="col">{_esc(c)}</th>' for c in self.columns)
+        body = []
+        for row in self.rows:
+            kind = ' class="yardstick"' if row and is_yardstick(str(row[0])) else ""
+            cells = "".join(f"<td>{_esc(c)}</td>" for c in row[1:])
+            body.append(f'<tr{kind}><th scope="row">{_esc(row[0]) if row else ""}</th>{cells}</tr>')
+        parts = [f"<h2>{_esc(self.title)}</h2>", f'<div class="wide"><table><thead><tr>{head}</tr></thead>'
+                 f'<tbody>{"".join(body)}</tbody></table></div>']
+        if self.lines:
+            parts.append("<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in self.lines) + "</ul>")
+        if self.plot is not None and Path(self.plot).is_file():
+            parts.append(_image_tag(Path(self.plot), base, embed, "plot", Path(self.plot).stem.replace("_", " ")))
+        return "".join(parts)
+
+
+def scale_section(scales: Mapping[str, str]) -> Section:
+    """The ``Intensity scale`` section: ``{row: how its volumes were mapped to [0, 1]}``, rows in report order."""
+    return Section("Intensity scale", ("row", "intensity scale"), [(r, scales[r]) for r in order_rows(scales)],
+                   ("every metric compares a row's volume with its real case on the row's scale: a CT model's "
+                    "training window (from the manifest's preprocessing, or --window), else each real case's "
+                    "min/max",))
+
+
+MEMORY_SCOPES = {"volume": "since the volume started", "run": "since the run started (volumes in lockstep)",
+                 "process": "since the process started (the peak could not be reset)"}
+
+
+def time_memory_section(records: Mapping[str, Sequence[Mapping]]) -> Section | None:
+    """The ``Time and memory per setting`` section from the manifest records of each row (``seconds``,
+    ``memory``: see :class:`gem3d.inference.engine.PeakMemory`); None when no record has seconds."""
+    rows = []
+    for name in order_rows(records):
+        seconds = [float(r["seconds"]) for r in records[name] if r.get("seconds") is not None]
+        if not seconds:
+            continue
+        memory = [r["memory"] for r in records[name] if isinstance(r.get("memory"), Mapping)]
+        devices = sorted({str(m.get("device")) for m in memory}) or [MISSING]
+        rss = [float(m["peak_rss_mb"]) for m in memory if m.get("peak_rss_mb") is not None]
+        cuda = [float(m["cuda_peak_allocated_mb"]) for m in memory if m.get("cuda_peak_allocated_mb") is not None]
+        scopes = sorted({str(m.get("peak_rss_scope")) for m in memory if m.get("peak_rss_mb") is not None})
+        rows.append((name, str(len(seconds)), ", ".join(devices),
+                     f"{np.mean(seconds):.4g} ({min(seconds):.4g}–{max(seconds):.4g})",
+                     f"{max(rss):,.0f}" if rss else MISSING, ", ".join(scopes) or MISSING,
+                     f"{max(cuda):,.0f}" if cuda else MISSING))
+    if not rows:
+        return None
+    lines = ("seconds: each volume's wall time in the manifest (loading, sampling, decoding, writing), mean and "
+             "min–max over the row's volumes",
+             "peak RSS: the largest of the volumes' peak resident memory of the generating process, in MiB; its "
+             "scope: " + "; ".join(f"{k} = {v}" for k, v in MEMORY_SCOPES.items()),
+             "CUDA peak: torch.cuda.max_memory_allocated, reset at each volume (or run), the largest, in MiB; "
+             f"{MISSING} = not measured (CPU, or a manifest written before memory was recorded)")
+    return Section("Time and memory per setting", ("row", "n", "device", "seconds per volume: mean (min–max)",
+                                                   "peak RSS (MiB)", "RSS scope", "CUDA peak (MiB)"), rows, lines)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -297,11 +379,13 @@ def _table(summary: Mapping[str, Mapping[str, Sequence]], metrics: Sequence[str]
 
 
 def summary_markdown(summary: Mapping[str, Mapping[str, Sequence]], metrics: Sequence[str],
-                     notes: Sequence[str] = (), extra_tables: Mapping[str, Sequence[str]] | None = None) -> str:
+                     notes: Sequence[str] = (), extra_tables: Mapping[str, Sequence[str]] | None = None,
+                     sections: Sequence[Section] = ()) -> str:
     """A short markdown summary: the headline table (``HEADLINE`` columns that are present; rows yardsticks first;
     cells mean ± std [95 % bootstrap interval], marked where they lose), the set-level and counterfactual metrics
     among ``metrics`` in a table each, a line per column on what it means, and ``notes``. The other ``metrics`` and
-    the ``extra_tables`` (title -> metrics) are named with a pointer to report.html and metrics.csv."""
+    the ``extra_tables`` (title -> metrics) are named with a pointer to report.html and metrics.csv. ``sections``
+    follow the column lines."""
     columns = headline_columns(summary)
     headline = [c.metric for c in columns]
     lines = ["# Evaluation summary", "",
@@ -312,6 +396,8 @@ def summary_markdown(summary: Mapping[str, Mapping[str, Sequence]], metrics: Seq
     for column in columns:
         rule = RULE_TEXT[column.rule].format(yardstick=column.yardstick, bound=column.bound)
         lines.append(f"- `{column.metric}` ({column.header}): {column.meaning}. Marked when {rule}.")
+    for section in sections:
+        lines += section.markdown()
     shown = set(headline)
     for title, group in (("Set-level metrics", SET_METRICS), ("Counterfactual", COUNTERFACTUAL_METRICS)):
         chosen = [m for m in metrics if m in group]
@@ -607,10 +693,11 @@ def _gallery_html(samples: Sequence[tuple[Path | None, Mapping]], case: str, bas
 
 def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path],
                samples: Sequence[tuple[Path | None, Mapping]], columns: Sequence[str], notes: Sequence[str],
-               embed: bool = True, *, summary: Mapping[str, Mapping[str, Sequence]] | None = None) -> Path:
+               embed: bool = True, *, summary: Mapping[str, Mapping[str, Sequence]] | None = None,
+               sections: Sequence[Section] = ()) -> Path:
     """``report.html``, readable in a browser and offline (no external resource):
 
-    1. the headline table (``headline_html``) and its legend;
+    1. the headline table (``headline_html``) and its legend, then the ``sections``;
     2. a gallery: the previews of the case most rows have, side by side;
     3. the ``plots``;
     4. folded (``<details>``): per-label tables, every metric per row, per-sample values (metrics ``columns``),
@@ -629,6 +716,7 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path],
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>gem3d evaluation</title><style>{STYLE}</style></head><body>",
              "<h1>gem3d evaluation</h1>", "<h2>Headline</h2>", headline_html(summary)]
+    parts += [section.html(base, embed) for section in sections]
     if case is not None:
         parts.append(f"<h2>Gallery: case {_esc(case)} in every row</h2>")
         parts.append("<p>Each preview: the real volume, the row's volume and the mask (axial, coronal, sagittal).</p>")

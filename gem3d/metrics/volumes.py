@@ -1,10 +1,13 @@
 """What the evaluation compares: real cases of an nnU-Net raw dataset and the synthetic samples of inference output
 folders (``OUT/<setting>/manifest.json``), matched through the manifest's ``case``. All are canonical ``(D, H, W)``
-arrays mapped to [0, 1] with the real case's min/max, so every metric reads on that scale."""
+arrays mapped to [0, 1] on one :class:`IntensityScale` per row, so every metric reads on that scale: the real case's
+min/max (MRI), or the intensity window the model was trained in (CT, HU), both volumes clipped to it."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -15,6 +18,49 @@ from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
 from gem3d.export.manifest import Manifest
 
 from .image import reconstruction_metrics, to_unit_range
+
+
+@dataclass(frozen=True)
+class IntensityScale:
+    """How raw intensities map to the evaluation's [0, 1]. ``window`` None: with the real case's min/max, not clipped
+    (the default; MRI, whose preprocessing is per volume); ``(lo, hi)``: ``(clip(x, lo, hi) - lo) / (hi - lo)`` for
+    the synthetic and the real volume alike (a CT model's training window in HU: outside it the model saw, and
+    draws, only the window's edges). ``source`` says where the window came from."""
+
+    window: tuple[float, float] | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        if self.window is not None:
+            lo, hi = (float(v) for v in self.window)
+            if not lo < hi:
+                raise ValueError(f"an intensity window must be (lo, hi) with lo < hi, got {self.window}")
+            object.__setattr__(self, "window", (lo, hi))
+
+    def to_unit(self, volume, real_range) -> np.ndarray:
+        """``volume`` (raw intensities) on this scale; ``real_range``: the real case's ``(min, max)``."""
+        if self.window is None:
+            return to_unit_range(volume, real_range)
+        lo, hi = self.window
+        return (np.clip(np.asarray(volume, dtype=np.float64), lo, hi) - lo) / (hi - lo)
+
+    def describe(self) -> str:
+        if self.window is None:
+            return "each real case's min/max (not clipped)" + (f" ({self.source})" if self.source else "")
+        lo, hi = self.window
+        return f"the window [{lo:g}, {hi:g}], both volumes clipped to it" + (f" ({self.source})" if self.source else "")
+
+
+REAL_RANGE = IntensityScale()
+
+
+def scale_from_preprocess(preprocess: Mapping | None, source: str = "") -> IntensityScale:
+    """The evaluation scale of a model's preprocessing (a ``preprocess`` dict: a manifest record's or a model
+    config's ``data.params.preprocess``): its window where it normalised with one (``intensity: window``), else the
+    real case's min/max (``minmax``, ``percentile``, or no preprocessing recorded)."""
+    if preprocess is None or PreprocessConfig.from_dict(preprocess).intensity != "window":
+        return REAL_RANGE
+    return IntensityScale(tuple(PreprocessConfig.from_dict(preprocess).window), source)
 
 
 @dataclass
@@ -51,6 +97,7 @@ class SyntheticSample:
     image_path: Path
     label_path: Path | None
     preview_path: Path | None = None
+    scale: IntensityScale = REAL_RANGE
 
     @property
     def case(self) -> str:
@@ -66,6 +113,7 @@ class RealData:
         self.split, self.slice_axis = split, slice_axis
         self.body_config = PreprocessConfig(body=body, max_label=max(1, self.dataset.max_label), size=None)
         self._cache: dict[str, RealCase] = {}
+        self._scaled: dict[tuple[str, tuple[float, float]], np.ndarray] = {}
 
     @property
     def names(self) -> list[str]:
@@ -86,15 +134,42 @@ class RealData:
                 (float(raw.min()), float(raw.max())), case.image_path, case.label_path)
         return self._cache[name]
 
+    def image(self, name: str, scale: IntensityScale = REAL_RANGE) -> np.ndarray:
+        """The real case's image ``(D, H, W)`` on ``scale`` (its ``image`` itself for the min/max scale)."""
+        case = self.case(name)
+        if scale.window is None:
+            return case.image
+        key = (name, scale.window)
+        if key not in self._scaled:
+            self._scaled[key] = scale.to_unit(case.raw, case.raw_range)
+        return self._scaled[key]
 
-def load_samples(folder: str | Path, row: str, real: RealData) -> list[SyntheticSample]:
-    """The samples of one inference output folder (``manifest.json`` + files), each on its real case's scale."""
+
+def folder_scale(folder: Path, records: list[dict], window: IntensityScale | None = None) -> IntensityScale:
+    """The scale of one output folder: ``window`` when given (``--window``), else its records' ``preprocess`` (all
+    alike; records of older runs have none: the real case's min/max)."""
+    if window is not None:
+        return window
+    recorded = {json.dumps(r.get("preprocess"), sort_keys=True) for r in records}
+    if len(recorded) > 1:
+        raise ValueError(f"{folder / 'manifest.json'}: its records ran with different preprocessing "
+                         f"{sorted(recorded)}; evaluate them as separate folders")
+    preprocess = records[0].get("preprocess") if records else None
+    return scale_from_preprocess(preprocess, "the model's training window, from the manifest")
+
+
+def load_samples(folder: str | Path, row: str, real: RealData,
+                 window: IntensityScale | None = None) -> list[SyntheticSample]:
+    """The samples of one inference output folder (``manifest.json`` + files), each on the folder's
+    :func:`folder_scale`."""
     folder = Path(folder)
     path = folder / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"--synthetic {folder}: no manifest.json (an inference output folder OUT/<setting>)")
     samples = []
-    for record in Manifest(path).records:
+    records = Manifest(path).records
+    scale = folder_scale(folder, records, window)
+    for record in records:
         files = record.get("files", {})
         if record["case"] not in real.names:
             raise ValueError(f"{path}: case {record['case']!r} is not in the real dataset {real.dataset.root}")
@@ -102,14 +177,14 @@ def load_samples(folder: str | Path, row: str, real: RealData) -> list[Synthetic
         image_path = folder / files["image"]
         label_path = folder / files["label"] if "label" in files else None
         synthetic = load_case(image_path, label_path, slice_axis=real.slice_axis)
-        image01 = to_unit_range(synthetic.image, case.raw_range)
+        image01 = scale.to_unit(synthetic.image, case.raw_range)
         if image01.shape != case.image.shape:
             raise ValueError(f"{image_path}: shape {image01.shape} differs from the real case's {case.image.shape}")
         label = case.label if label_path is None else synthetic.label
         body = case.body | (label > 0)
         preview = folder / files["preview"] if "preview" in files else None
         samples.append(SyntheticSample(row, record, image01, np.asarray(label), body, image_path, label_path,
-                                       preview if preview is not None and preview.is_file() else None))
+                                       preview if preview is not None and preview.is_file() else None, scale))
     return samples
 
 
