@@ -118,7 +118,7 @@ def test_v_target_equals_diffusers_get_velocity():
 @pytest.mark.parametrize("prediction_type", ["epsilon", V])
 def test_eps_v_x0_conversions_round_trip(prediction_type):
     g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(SHAPE, generator=g, dtype=torch.float64), torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    x0, noise = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(2))
     a = torch.tensor([0.9991, 0.3], dtype=torch.float64)  # per clip (B,)
     x = a.sqrt().view(-1, 1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1, 1) * noise
     output = model_target(x0, noise, a, prediction_type)
@@ -327,3 +327,20 @@ def test_ddim_eta_1_from_zero_snr_stays_finite_and_lands_near_x0(steps):
     out = sample(oracle_v(x0, ac), n, schedule, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
     assert float((out - ac[0].sqrt() * x0).abs().max()) < 6 * float((1 - ac[0]).sqrt())
+
+
+def test_a_converted_original_model_keeps_eps(tmp_path):
+    model = make_model()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
+               tmp_path / "run" / "checkpoints" / "last.ckpt")
+    converted = convert_model_dir(tmp_path / "run", tmp_path / "converted")
+    config_path = converted / "configs" / "model.yaml"
+    config = OmegaConf.load(config_path)
+    assert config.model.params.prediction_type == "epsilon" and config.model.params.zero_terminal_snr is False
+    config.source.kind = "original"
+    config.model.params.prediction_type, config.model.params.zero_terminal_snr = V, True
+    OmegaConf.save(config, config_path)
+    with pytest.raises(ValueError, match=r"prediction_type='v_prediction', zero_terminal_snr=True; allowed for a model "
+                                         r"converted from an original GEM-3D folder: 'epsilon' and false"):
+        load_model_dir(converted)
