@@ -34,6 +34,7 @@ import argparse
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -167,7 +168,7 @@ def write_block(path: Path, text: str, begin: str = BEGIN, end: str = END) -> No
     path.write_text(page)
 
 
-def vpred_table(results: dict[str, dict[str, float]], steps: int) -> str:
+def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict) -> str:
     """The v-prediction table: per objective and informed start, each seed's label fidelity and their mean, the
     ratio to the real volumes, PSNR and the through-plane ratio (means over both seeds)."""
     def mean(rows: list[str], key: str) -> float | None:
@@ -178,10 +179,10 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int) -> str:
         return "—" if value is None else f"{value:.{digits}f}"
 
     lines = [f"Stage 1 alone, `test` setting, the 2 val cases, 1 sample per case and sampling seed; both models "
-             f"trained {steps} steps (the demo's stage 1 in its minutes), training seed 23, on the demo's "
-             f"autoencoder; DDIM 25, eta 1, slice noise correlation 0.8 (the demo's sampler; the eps model on the "
-             f"original spacing, the v model on trailing); segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} "
-             f"iterations).", "",
+             f"trained {steps} steps with main.py's default seed, on the demo's autoencoder; the demo's sampler "
+             f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
+             f"{sampler['slice_noise_correlation']}; the eps model on its default spacing, the v model on trailing); "
+             f"segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations).", "",
              "| stage 1 | informed start | label fidelity, seed " + " / ".join(map(str, VPRED_SEEDS))
              + " | mean | ratio to real | PSNR body (dB) | through-plane / in-plane |",
              "|---|---|---|---|---|---|---|"]
@@ -219,6 +220,14 @@ def run_vpred(args: argparse.Namespace) -> str:
     if args.quick:
         steps = 4
     out = args.out.resolve() / "vpred"
+    # copies, so that nothing is written into the demo's folder (training caches latents in its dataset); copy2 keeps
+    # the files' sizes and times, which key the segmenter cache: the demo's segmenter is reused, not retrained
+    if not (out / "dataset" / "dataset.json").is_file():
+        shutil.copytree(dataset, out / "dataset", dirs_exist_ok=True)
+    dataset = out / "dataset"
+    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
+        shutil.copytree(cache, out / "segmenter_cache")
+    cache = out / "segmenter_cache"
     first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
     with ThreadPoolExecutor(max_workers=len(VPRED)) as pool:  # side by side, one thread each
         futures = {objective: pool.submit(train, f"s1_{i}", "demo_stage1", out, dataset, steps,
@@ -237,7 +246,7 @@ def run_vpred(args: argparse.Namespace) -> str:
                     metrics=("reconstruction", "consistency", "segmenter"),
                     keys=("dice_mean", "dice_ratio", "through_plane_ratio", "psnr_body"),
                     segmenter_cache=None if args.quick else cache)
-    return vpred_table(results, steps)
+    return vpred_table(results, steps, sampler)
 
 
 def main(argv=None) -> int:

@@ -88,8 +88,9 @@ class SamplerOptions:
         """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1) on
         ``model``'s schedule (its ``alphas_cumprod``) and objective (its ``prediction_type``: a v model is always
         sampled as one)."""
+        prediction_type = getattr(model, "prediction_type", "epsilon")  # every Denoiser has one; stand-ins: eps
         schedule = make_schedule(self.sampler, model.alphas_cumprod.to(x_T.device), self.steps, eta=float(self.eta),
-                                 prediction_type=model.prediction_type)
+                                 prediction_type=prediction_type)
         return sample(eps_fn, x_T, schedule, known=known, generator=generator, progress=progress,
                       clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation,
                       init=init, strength=float(self.informed_start))
