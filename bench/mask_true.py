@@ -193,7 +193,8 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict)
             lines.append(f"| {objective} | {start} | {seeds} | {fmt(mean(rows, 'dice_mean'))} | "
                          f"{fmt(mean(rows, 'dice_ratio'))} | {fmt(mean(rows, 'psnr_body'), 1)} | "
                          f"{fmt(mean(rows, 'through_plane_ratio'))} |")
-    real = results.get(evaluation.REAL_VOLUME_ROW, {})
+    real, copy = results.get(evaluation.REAL_VOLUME_ROW, {}), results.get(evaluation.COPY_ROW, {})
+    lines.append(f"| copying the informed slice to every slice | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
     lines.append(f"| real val volumes | | | {fmt(real.get('dice_mean'))} | 1.00 | | "
                  f"{fmt(real.get('through_plane_ratio'))} |")
     return "\n".join(lines)
