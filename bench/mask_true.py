@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -178,11 +179,12 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict)
     def fmt(value: float | None, digits: int = 2) -> str:
         return "—" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"Stage 1 alone, `test` setting, the 2 val cases, 1 sample per case and sampling seed; both models "
+    about = (f"Stage 1 alone, `test` setting, the 2 val cases, 1 sample per case and sampling seed; both models "
              f"trained {steps} steps with main.py's default seed, on the demo's autoencoder; the demo's sampler "
              f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
              f"{sampler['slice_noise_correlation']}; the eps model on its default spacing, the v model on trailing); "
-             f"segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations).", "",
+             f"segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations).")
+    lines = [*textwrap.wrap(about, width=116), "",
              "| stage 1 | informed start | label fidelity, seed " + " / ".join(map(str, VPRED_SEEDS))
              + " | mean | ratio to real | PSNR body (dB) | through-plane / in-plane |",
              "|---|---|---|---|---|---|---|"]
