@@ -16,6 +16,17 @@ on the test cases the demo reports):
 
 ``--quick``: a few steps per model (checks the script, no meaningful figures). The table is printed and, with
 ``--write``, replaces the generated block of that file. About an hour on 2 CPU cores at the default steps.
+
+``--only vpred --demo-out DIR`` (DIR: a finished ``make demo``'s output) is the v-prediction experiment instead
+(issue 21, item 6): the demo's stage 1 (``configs/latent-diffusion/demo_stage1.yaml`` as it is, on the demo's
+autoencoder ``DIR/models/demo_autoencoder``) trained twice for the steps the demo's own stage 1 got (or
+``--vpred-steps``), same seed, side by side with one thread each: eps-prediction, and v-prediction on the
+zero-terminal-SNR schedule. Each samples the ``test`` setting alone (the evaluation's "stage1-alone" row) on the
+val cases at informed start 1.0 (pure noise) and 0.7, with two sampling seeds, with the demo's other sampler
+options; scored by the demo's cached segmenter (``DIR/report/segmenter_cache``), with PSNR and the through-plane
+ratio. Its table goes into its own block (``--write``); about 15 minutes on 2 CPU cores.
+
+    python bench/mask_true.py --only vpred --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
 from __future__ import annotations
 
@@ -23,15 +34,19 @@ import argparse
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gem3d.checkpoint import load_checkpoint  # noqa: E402
 from gem3d.data.demo import build_demo_dataset  # noqa: E402
 from gem3d.inference.cli import load_inference_config  # noqa: E402
 from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: E402
@@ -64,10 +79,23 @@ SAMPLING = {
                                                                    "slice_noise_correlation": 0.8},
 }
 BEGIN, END = "<!-- bench:mask_true:begin -->", "<!-- bench:mask_true:end -->"
+# --only vpred: stage-1 objective -> its overrides of demo_stage1.yaml; informed starts; sampling seeds
+VPRED = {
+    "eps (the demo)": [],
+    "v-prediction, zero terminal SNR": ["model.params.prediction_type=v_prediction",
+                                        "model.params.zero_terminal_snr=true"],
+}
+VPRED_STARTS = (1.0, 0.7)
+VPRED_SEEDS = (0, 1)
+VPRED_DEFAULT_STEPS = 600  # where the demo's stage 1 left no checkpoint to read its steps from
+DEMO_SEGMENTER_ITERATIONS = 300  # scripts/demo.py's SEGMENTER_ITERATIONS: the key of the demo's segmenter cache
+VPRED_BEGIN, VPRED_END = "<!-- bench:mask_true:vpred:begin -->", "<!-- bench:mask_true:vpred:end -->"
 
 
-def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str]) -> Path:
-    """One main.py training for exactly ``steps`` steps (no time budget); its run folder (kept on a rerun)."""
+def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str],
+          threads: int | None = None) -> Path:
+    """One main.py training for exactly ``steps`` steps (no time budget); its run folder (kept on a rerun).
+    ``threads``: the child's OpenMP / torch threads (1 when two trainings share 2 cores)."""
     logs = out / "logs"
     runs = sorted(logs.glob(f"*_{name}"))
     if runs and (runs[-1] / "checkpoints" / "last.ckpt").is_file() and (runs[-1] / "done").is_file():
@@ -76,11 +104,12 @@ def train(name: str, config: str, out: Path, dataset: Path, steps: int, override
            "-l", str(logs), f"data.params.dataset_dir={dataset}", "lightning.trainer.max_time=null",
            f"lightning.trainer.max_steps={steps}", *overrides]
     log = out / "train_logs" / f"{name}.log"
+    threads_env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), **threads_env})
     run = sorted(logs.glob(f"*_{name}"))[-1]
     (run / "done").touch()
     print(f"[mask_true] trained {name} ({steps} steps) in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -88,27 +117,30 @@ def train(name: str, config: str, out: Path, dataset: Path, steps: int, override
 
 
 def synthesise(out: Path, dataset: Path, name: str, setting: str, model: Path, sampler: dict, seed: int,
-               slice_model: Path | None = None) -> Path:
+               slice_model: Path | None = None, samples_per_case: int = 2) -> Path:
     """The ``setting``'s volumes of the val cases (2 samples each) in ``out/synthetic/<name>/<setting>``."""
     cfg = InferenceConfig(setting=setting, data=dataset, out=out / "synthetic" / name, model=model,
-                          slice_model=slice_model, split="Tr", cases="split:val", samples_per_case=2,
+                          slice_model=slice_model, split="Tr", cases="split:val", samples_per_case=samples_per_case,
                           sampler=SamplerOptions(**sampler), seed=seed, device="cpu", progress=False, previews=False,
                           mask_edit=dict(load_inference_config("demo").get("mask_edit") or {}))
     run_inference(cfg)
     return cfg.setting_dir
 
 
-def score(out: Path, dataset: Path, rows: dict[str, Path], iterations: int) -> dict[str, dict[str, float]]:
-    """``{row: {dice_mean, dice_ratio, through_plane_ratio}}`` on the val cases (the evaluation's label-fidelity
-    segmenter, trained on the real train cases), plus the real volumes' row."""
+def score(out: Path, dataset: Path, rows: dict[str, Path], iterations: int, metrics: tuple[str, ...] = ("consistency",
+          "segmenter"), keys: tuple[str, ...] = ("dice_mean", "dice_ratio", "through_plane_ratio"),
+          segmenter_cache: Path | None = None) -> dict[str, dict[str, float]]:
+    """``{row: {key: mean}}`` of ``keys`` on the val cases (the evaluation's label-fidelity segmenter, trained on the
+    real train cases, in ``segmenter_cache`` or ``out/report/segmenter_cache``), plus the real volumes' row."""
     report = out / "report"
-    evaluation.main(["--real", str(dataset), "--cases", "split:val", "--out", str(report), "--metrics", "consistency",
-                     "segmenter", "--segmenter-iterations", str(iterations),
+    cache = [] if segmenter_cache is None else ["--segmenter-cache", str(segmenter_cache)]
+    evaluation.main(["--real", str(dataset), "--cases", "split:val", "--out", str(report), "--metrics", *metrics,
+                     "--segmenter-iterations", str(iterations), *cache,
                      *[a for name, folder in rows.items() for a in ("--synthetic", f"{name}={folder}")]])
     values: dict[str, dict[str, list[float]]] = {}
     with open(report / "metrics.csv") as fh:
         for row in csv.DictReader(fh):
-            for key in ("dice_mean", "dice_ratio", "through_plane_ratio"):
+            for key in keys:
                 if row.get(key) not in (None, "", "nan"):
                     values.setdefault(row["row"], {}).setdefault(key, []).append(float(row[key]))
     return {row: {k: sum(v) / len(v) for k, v in metrics.items()} for row, metrics in values.items()}
@@ -127,13 +159,116 @@ def table(results: dict[str, dict[str, float]], steps: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def write_block(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between ``begin`` and ``end`` of the markdown file ``path`` with ``text`` (appended when
+    the file has no such block)."""
+    page = path.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    page = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, page, flags=re.S) \
+        if begin in page else page + "\n" + block + "\n"
+    path.write_text(page)
+
+
+def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict) -> str:
+    """The v-prediction table: per objective and informed start, each seed's label fidelity and their mean, the
+    ratio to the real volumes, PSNR and the through-plane ratio (means over both seeds)."""
+    def mean(rows: list[str], key: str) -> float | None:
+        values = [results[r][key] for r in rows if key in results.get(r, {})]
+        return sum(values) / len(values) if values else None
+
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    about = (f"Stage 1 alone, `test` setting, the 2 val cases, 1 sample per case and sampling seed; both models "
+             f"trained {steps} steps with main.py's default seed, on the demo's autoencoder; the demo's sampler "
+             f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
+             f"{sampler['slice_noise_correlation']}; the eps model on its default spacing, the v model on trailing); "
+             f"segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations).")
+    lines = [*textwrap.wrap(about, width=116), "",
+             "| stage 1 | informed start | label fidelity, seed " + " / ".join(map(str, VPRED_SEEDS))
+             + " | mean | ratio to real | PSNR body (dB) | through-plane / in-plane |",
+             "|---|---|---|---|---|---|---|"]
+    for objective in VPRED:
+        for start in VPRED_STARTS:
+            rows = [vpred_row(objective, start, seed) for seed in VPRED_SEEDS]
+            seeds = " / ".join(fmt(results.get(r, {}).get("dice_mean")) for r in rows)
+            lines.append(f"| {objective} | {start} | {seeds} | {fmt(mean(rows, 'dice_mean'))} | "
+                         f"{fmt(mean(rows, 'dice_ratio'))} | {fmt(mean(rows, 'psnr_body'), 1)} | "
+                         f"{fmt(mean(rows, 'through_plane_ratio'))} |")
+    real, copy = results.get(evaluation.REAL_VOLUME_ROW, {}), results.get(evaluation.COPY_ROW, {})
+    lines.append(f"| copying the informed slice to every slice | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
+    lines.append(f"| real val volumes | | | {fmt(real.get('dice_mean'))} | 1.00 | | "
+                 f"{fmt(real.get('through_plane_ratio'))} |")
+    return "\n".join(lines)
+
+
+def vpred_row(objective: str, start: float, seed: int) -> str:
+    return f"stage 1 {objective}, informed start {start}, seed {seed}"
+
+
+def run_vpred(args: argparse.Namespace) -> str:
+    """The v-prediction experiment (``--only vpred``, see the module docstring); returns its table."""
+    if args.demo_out is None:
+        raise SystemExit("--only vpred needs --demo-out DIR (the output of `make demo`: DIR/dataset, "
+                         "DIR/models/demo_autoencoder, DIR/report/segmenter_cache)")
+    demo = args.demo_out.resolve()
+    dataset, autoencoder = demo / "dataset", demo / "models" / "demo_autoencoder" / "checkpoints" / "last.ckpt"
+    cache = demo / "report" / "segmenter_cache"
+    missing = [str(p) for p in (dataset / "dataset.json", autoencoder) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
+    demo_stage1 = demo / "models" / "demo_stage1" / "checkpoints" / "last.ckpt"
+    steps = args.vpred_steps or (int(load_checkpoint(demo_stage1).get("global_step", 0)) if demo_stage1.is_file()
+                                 else VPRED_DEFAULT_STEPS)
+    if args.quick:
+        steps = 4
+    out = args.out.resolve() / "vpred"
+    # copies, so that nothing is written into the demo's folder (training caches latents in its dataset); copy2 keeps
+    # the files' sizes and times, which key the segmenter cache: the demo's segmenter is reused, not retrained
+    if not (out / "dataset" / "dataset.json").is_file():
+        shutil.copytree(dataset, out / "dataset", dirs_exist_ok=True)
+    dataset = out / "dataset"
+    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
+        shutil.copytree(cache, out / "segmenter_cache")
+    cache = out / "segmenter_cache"
+    first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
+    with ThreadPoolExecutor(max_workers=len(VPRED)) as pool:  # side by side, one thread each
+        futures = {objective: pool.submit(train, f"s1_{i}", "demo_stage1", out, dataset, steps,
+                                          [first_stage, *overrides], 1)
+                   for i, (objective, overrides) in enumerate(VPRED.items())}
+        runs = {objective: future.result() for objective, future in futures.items()}
+    sampler = dict(load_inference_config("demo")["sampler"])
+    rows: dict[str, Path] = {}
+    for i, (objective, run) in enumerate(runs.items()):
+        for start in VPRED_STARTS:
+            for seed in VPRED_SEEDS:
+                rows[vpred_row(objective, start, seed)] = synthesise(
+                    out, dataset, f"s1_{i}_start{start}_seed{seed}", "test", run,
+                    {**sampler, "informed_start": start}, seed, samples_per_case=1)
+    results = score(out, dataset, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+                    metrics=("reconstruction", "consistency", "segmenter"),
+                    keys=("dice_mean", "dice_ratio", "through_plane_ratio", "psnr_body"),
+                    segmenter_cache=None if args.quick else cache)
+    return vpred_table(results, steps, sampler)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "mask_true")
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("all", "vpred"), default="all",
+                   help="all: the whole experiment above; vpred: the v-prediction experiment (needs --demo-out)")
+    p.add_argument("--demo-out", type=Path, help="vpred: a finished `make demo` output folder")
+    p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
     args = p.parse_args(argv)
+    if args.only == "vpred":
+        text = run_vpred(args)
+        print(text)
+        if args.write is not None:
+            write_block(args.write, text, VPRED_BEGIN, VPRED_END)
+        return 0
     steps = ({"ae": 4, "stage1": 4, "stage2": 4, "slice": 4, "segmenter": 2} if args.quick else
              {"ae": 1500, "stage1": 1600, "stage2": 850, "slice": 800, "segmenter": 300})
     out = args.out.resolve()
@@ -173,11 +308,7 @@ def main(argv=None) -> int:
     text = table(results, steps)
     print(text)
     if args.write is not None:
-        page = args.write.read_text()
-        block = f"{BEGIN}\n{text}\n{END}"
-        page = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, page, flags=re.S) \
-            if BEGIN in page else page + "\n" + block + "\n"
-        args.write.write_text(page)
+        write_block(args.write, text)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The plain GEM-3D denoiser: UNet + frozen first stage + conditioning + noise schedule, and ``eps``.
+"""The plain GEM-3D denoiser: UNet + frozen first stage + conditioning + noise schedule, and ``eps`` (the model
+output: the noise, as GEM-3D, or the velocity v for ``prediction_type="v_prediction"``).
 
 Sampling needs nothing else; the training LightningModules (:mod:`gem3d.training`) wrap it. One class serves the
 five :data:`VARIANTS`: ``slice_stage`` (2D, concat condition ``[noisy | mask | informed]``, one timestep per
@@ -21,7 +22,7 @@ from torch import nn
 
 from gem3d.config import instantiate_from_config, to_plain
 from gem3d.models.conditioning import concat_condition, position_embedding
-from gem3d.sampling.schedule import alphas_cumprod_tensor
+from gem3d.sampling.schedule import alphas_cumprod_tensor, model_target, validate_prediction
 
 __all__ = ["VARIANTS", "VariantSpec", "Denoiser"]
 
@@ -46,7 +47,7 @@ VARIANTS: dict[str, VariantSpec] = {
 
 
 class Denoiser(nn.Module):
-    """GEM-3D's eps-prediction denoiser for one of :data:`VARIANTS`.
+    """GEM-3D's denoiser for one of :data:`VARIANTS` (eps-prediction, or v-prediction beyond the paper).
 
     Args:
         unet_config: ``{target, params}`` of :class:`gem3d.models.unet.UNetModel`.
@@ -55,6 +56,10 @@ class Denoiser(nn.Module):
         condition_latent_factor: multiplier of the conditioning latents; 1 for every model gem3d knows, other
             values are for experiments only.
         num_train_timesteps / beta_start / beta_end: the schedule (linear in sqrt, docs/method.md §3).
+        prediction_type: what the UNet predicts, ``"epsilon"`` (the noise; GEM-3D and every original checkpoint) or
+            ``"v_prediction"`` (``v = sqrt(a) eps - sqrt(1 - a) x0``); the samplers read it from here.
+        zero_terminal_snr: the betas rescaled so that ``alphas_cumprod[T - 1] = 0`` (Lin et al. 2023); needs
+            ``prediction_type="v_prediction"``.
     """
 
     def __init__(
@@ -67,16 +72,22 @@ class Denoiser(nn.Module):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        prediction_type: str = "epsilon",
+        zero_terminal_snr: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not supported; allowed: {sorted(VARIANTS)}")
+        validate_prediction(prediction_type, zero_terminal_snr)
         unet_config, first_stage_config = to_plain(unet_config), to_plain(first_stage_config)
         self.denoiser_kwargs = {
             "unet_config": unet_config, "first_stage_config": first_stage_config, "variant": variant,
             "position_embed_dim": position_embed_dim, "condition_latent_factor": float(condition_latent_factor),
             "num_train_timesteps": int(num_train_timesteps), "beta_start": float(beta_start), "beta_end": float(beta_end),
+            "prediction_type": prediction_type, "zero_terminal_snr": bool(zero_terminal_snr),
         }  # fmt: skip
+        self.prediction_type = prediction_type
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.variant = variant
         self.spec = VARIANTS[variant]
         self.condition_latent_factor = float(condition_latent_factor)
@@ -86,7 +97,7 @@ class Denoiser(nn.Module):
         self._check_unet_fits_variant(int(self.first_stage.latent_channels), position_embed_dim)
         self.position_embed_dim = position_embed_dim or self.unet.context_dim
         self.num_train_timesteps = int(num_train_timesteps)
-        alphas_cumprod = alphas_cumprod_tensor(self.num_train_timesteps, beta_start, beta_end)
+        alphas_cumprod = alphas_cumprod_tensor(self.num_train_timesteps, beta_start, beta_end, self.zero_terminal_snr)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
     @classmethod
@@ -149,8 +160,9 @@ class Denoiser(nn.Module):
         return {"concat": concat_condition(mask_latent * factor, informed), "context": None}
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
-        """Noise prediction for clips ``x (B, F, z, h, w)`` at timesteps ``t`` ``(B,)`` (per clip) or ``(B, F)``
-        (per slice; not for the volume variants) -> ``(B, F, z, h, w)``. ``cond`` from :meth:`condition`."""
+        """The model output (noise, or v for ``prediction_type="v_prediction"``) for clips ``x (B, F, z, h, w)`` at
+        timesteps ``t`` ``(B,)`` (per clip) or ``(B, F)`` (per slice; not for the volume variants) -> ``(B, F, z,
+        h, w)``. ``cond`` from :meth:`condition`."""
         if x.ndim != 5:
             raise ValueError(f"x must be clips (B, F, z, h, w), got shape {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).long()
@@ -166,9 +178,10 @@ class Denoiser(nn.Module):
 
     def model_fn(self, cond: Mapping[str, torch.Tensor | None], null_cond: Mapping[str, torch.Tensor | None] | None = None,
                  guidance: float = 1.0):
-        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser. With ``guidance !=
-        1`` and ``null_cond`` (the condition with :meth:`null_informed_latent`) it is informed-slice guidance,
-        ``eps_null + guidance * (eps_informed - eps_null)``, from one batched UNet call."""
+        """``eps_fn(x (B, F, z, h, w), t (B,))`` with ``cond`` bound in: the samplers' denoiser (its output is
+        :attr:`prediction_type`'s). With ``guidance != 1`` and ``null_cond`` (the condition with
+        :meth:`null_informed_latent`) it is informed-slice guidance, ``eps_null + guidance * (eps_informed -
+        eps_null)``, from one batched UNet call (the same combination of v outputs: v is linear in eps at fixed x)."""
         if guidance == 1.0 or null_cond is None:
             return lambda x, t: self.eps(x, t, cond)
         both = {k: None if v is None else torch.cat([null_cond[k], v]) for k, v in cond.items()}
@@ -189,6 +202,14 @@ class Denoiser(nn.Module):
         """Forward noising ``sqrt(a_t) z0 + sqrt(1 - a_t) noise`` with ``t (B, F)``."""
         a = rearrange(self.alphas_cumprod.to(z0.device)[t].to(z0.dtype), "b f -> b f 1 1 1")
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def target(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What :meth:`eps` learns for :meth:`q_sample` ``(z0, t (B, F), noise)``: ``noise`` (epsilon, the very
+        tensor) or ``v = sqrt(a_t) noise - sqrt(1 - a_t) z0`` (v_prediction)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self.alphas_cumprod.to(z0.device)[t].to(z0.dtype)
+        return model_target(z0, noise, a, self.prediction_type)
 
     def architecture(self) -> dict[str, Any]:
         """The constructor kwargs that rebuild this denoiser from its weights alone (no checkpoint paths)."""

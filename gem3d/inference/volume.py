@@ -84,9 +84,13 @@ class SamplerOptions:
         rho = self.slice_noise_correlation
         return slice_correlated_noise(shape, rho, generator=generator, device=generator.device).to(device)
 
-    def sample(self, eps_fn, x_T, alphas_cumprod, *, known=None, generator=None, progress=False, init=None):
-        """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1)."""
-        schedule = make_schedule(self.sampler, alphas_cumprod, self.steps, eta=float(self.eta))
+    def sample(self, eps_fn, x_T, model, *, known=None, generator=None, progress=False, init=None):
+        """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1) on
+        ``model``'s schedule (its ``alphas_cumprod``) and objective (its ``prediction_type``: a v model is always
+        sampled as one)."""
+        prediction_type = getattr(model, "prediction_type", "epsilon")  # every Denoiser has one; stand-ins: eps
+        schedule = make_schedule(self.sampler, model.alphas_cumprod.to(x_T.device), self.steps, eta=float(self.eta),
+                                 prediction_type=prediction_type)
         return sample(eps_fn, x_T, schedule, known=known, generator=generator, progress=progress,
                       clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation,
                       init=init, strength=float(self.informed_start))
@@ -188,8 +192,7 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
     generators = [job.case.generator for job in jobs]  # one per window: each volume's noise from its own generator
     starts = [job.case.start_latent for job in jobs]
     init = None if None in starts else torch.stack([s[job.indices] for s, job in zip(starts, jobs)]).to(model.device)
-    return options.sample(eps_fn, x_T, model.alphas_cumprod.to(model.device), known=known, generator=generators,
-                          init=init)
+    return options.sample(eps_fn, x_T, model, known=known, generator=generators, init=init)
 
 
 @torch.no_grad()
@@ -212,11 +215,10 @@ def sample_slice_latents(slice_model, positions: torch.Tensor, latent_hw: tuple[
     if positions.numel() and (positions.min() < 0 or positions.max() > 1):
         raise ValueError(f"positions must lie in [0, 1], got {positions.tolist()}")
     c, (h, w) = slice_model.first_stage.latent_channels, latent_hw
-    alphas_cumprod = slice_model.alphas_cumprod.to(slice_model.device)
     outputs = []
     for chunk in positions.split(batch_size):
         x_T = options.noise((len(chunk), 1, c, h, w), generator, slice_model.device)
         cond = slice_model.condition(pos=chunk)
-        out = options.sample(slice_model.model_fn(cond), x_T, alphas_cumprod, generator=generator)
+        out = options.sample(slice_model.model_fn(cond), x_T, slice_model, generator=generator)
         outputs.append(rearrange(out, "b 1 c h w -> b c h w"))
     return torch.cat(outputs) if outputs else torch.empty(0, c, h, w)

@@ -109,8 +109,9 @@ def run_channel(folder: Path) -> int | str | None:
 
 def _load_run(path: str | os.PathLike, ema: bool | None,
               trust: bool) -> tuple[Denoiser, Path, bool, dict | None, int | str | None]:
-    """A gem3d training run: the denoiser is rebuilt from the checkpoint's hyper-parameters, the first stage's
-    architecture from its ``first_stage_architecture`` (so moved runs load without the autoencoder's files)."""
+    """A gem3d training run: the denoiser is rebuilt from the checkpoint's hyper-parameters (its objective too:
+    ``prediction_type`` and ``zero_terminal_snr``, eps on the original schedule where a run predates them), the first
+    stage's architecture from its ``first_stage_architecture`` (so moved runs load without the autoencoder's files)."""
     checkpoint = resolve_checkpoint(path, key="model dir")
     ckpt = load_checkpoint(checkpoint, key="model dir", trust=trust)
     hparams = dict(ckpt.get("hyper_parameters") or {})
@@ -157,7 +158,14 @@ def _load_converted(path: Path, ema: bool | None) -> tuple[Denoiser, Path, bool,
             f"and informed-slice latents {factor:.3g}x too large). Convert the original folder again "
             f"(scripts/convert_gem3d_checkpoint.py --overwrite) or set the value to 1.0"
         )
-    model = Denoiser.from_kwargs(params)
+    objective = (params.get("prediction_type", "epsilon"), bool(params.get("zero_terminal_snr", False)))
+    if source.get("kind") == "original" and objective != ("epsilon", False):
+        raise ValueError(
+            f"{path / CONVERTED_CONFIG}: model.params.prediction_type={objective[0]!r}, zero_terminal_snr="
+            f"{objective[1]}; allowed for a model converted from an original GEM-3D folder: 'epsilon' and false "
+            f"(the original trains eps-prediction on its own schedule)"
+        )
+    model = Denoiser.from_kwargs(params)  # prediction_type / zero_terminal_snr: the recorded objective (default eps)
     load_weights(model, load_file(str(path / CONVERTED_WEIGHTS)), str(path / CONVERTED_WEIGHTS))
     data_params = (config.get("data") or {}).get("params") or {}
     return model, path / CONVERTED_WEIGHTS, converted_ema, data_params.get("preprocess"), data_params.get("channel")

@@ -3,8 +3,11 @@
     schedule = make_schedule("ddim", alphas_cumprod, steps=200, eta=1.0)   # or "dpmpp"
     x0 = sample(eps_fn, x_T, schedule, known=None, generator=None, progress=False)
 
-``eps_fn(x (B,F,C,h,w), t LongTensor (B,)) -> eps (B,F,C,h,w)`` is the denoiser with its condition bound in (the
-F slices of a clip share its timestep). ``generator`` makes every random draw repeatable.
+``eps_fn(x (B,F,C,h,w), t LongTensor (B,)) -> (B,F,C,h,w)`` is the denoiser with its condition bound in (the F
+slices of a clip share its timestep); it returns what the model predicts, the noise eps or, for a
+``prediction_type="v_prediction"`` schedule, the velocity v (:mod:`gem3d.sampling.schedule`). ``generator`` makes
+every random draw repeatable. A schedule with zero terminal SNR (``alphas_cumprod[T - 1] == 0``) needs v-prediction
+and a spacing that starts at ``T - 1`` (``trailing``, its default, or ``linspace``; Lin et al. 2023).
 
 Known frames (:class:`KnownFrames`) start as their latent forward-noised, ``sqrt(a) z0 + sqrt(1 - a) noise``, are
 noised again with fresh noise after every step, and end exactly at ``z0``. ``noise_level="timestep"`` (default) uses
@@ -28,7 +31,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import einsum, rearrange
 from tqdm.auto import tqdm
 
-from .schedule import original_ddim_timesteps, trained_betas
+from .schedule import (
+    PREDICTION_TYPES,
+    TERMINAL_ALPHA_CUMPROD,
+    original_ddim_timesteps,
+    output_from_x0,
+    trained_betas,
+    x0_from_output,
+)
 
 __all__ = [
     "EpsFn", "KnownFrames", "NOISE_LEVELS", "SPACINGS", "Schedule", "make_schedule", "sample", "slice_correlated_noise",
@@ -44,6 +54,7 @@ SPACINGS = {
     "ddim": ("original", "diffusers", "leading", "trailing", "linspace"),
     "dpmpp": ("linspace", "leading", "trailing"),
 }
+ZERO_SNR_SPACING = "trailing"  # the default of both samplers on a zero-terminal-SNR schedule
 
 
 @dataclass(frozen=True)
@@ -73,31 +84,46 @@ class KnownFrames:
 @dataclass(frozen=True)
 class Schedule:
     """What :func:`sample` steps through: a diffusers ``scheduler`` with its timesteps set (the loop steps a copy),
-    the descending ``timesteps (N,)`` the model is called at and extra ``step_options`` of ``scheduler.step``."""
+    the descending ``timesteps (N,)`` the model is called at, extra ``step_options`` of ``scheduler.step`` and the
+    model's ``prediction_type`` (what its output is: eps or v)."""
 
     scheduler: SchedulerMixin
     timesteps: torch.Tensor
     step_options: dict = field(default_factory=dict)
+    prediction_type: str = "epsilon"
 
 
 def make_schedule(
     sampler: str, alphas_cumprod: torch.Tensor, steps: int, *, eta: float = 0.0, spacing: str | None = None,
-    order: int = 2,
+    order: int = 2, prediction_type: str = "epsilon",
 ) -> Schedule:
     """A :class:`Schedule` for ``sampler`` on ``alphas_cumprod (T,)`` with ``steps`` steps, validated eagerly.
 
     ``"ddim"``: ``DDIMScheduler`` (``set_alpha_to_one=False``); with ``spacing="original"`` the original's DDIM
     (GEM-3D samples with ``eta=1``, 200 steps). ``"dpmpp"``: ``DPMSolverMultistepScheduler`` (``dpmsolver++`` of
     ``order`` 1-3, final sigma 0), deterministic: ``eta`` is ignored, as in diffusers' pipelines.
+    ``prediction_type``: what the model outputs (one of :data:`~gem3d.sampling.schedule.PREDICTION_TYPES`; the
+    model's own, e.g. ``Denoiser.prediction_type``). A zero-terminal-SNR ``alphas_cumprod`` (last entry 0) needs
+    ``"v_prediction"`` and a spacing whose first timestep is ``T - 1`` (default ``"trailing"``); DPM-Solver++ then
+    runs on :data:`~gem3d.sampling.schedule.TERMINAL_ALPHA_CUMPROD` in place of the 0, as diffusers does.
     """
     if sampler not in SPACINGS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(SPACINGS)}")
-    spacing = SPACINGS[sampler][0] if spacing is None else spacing
-    if spacing not in SPACINGS[sampler]:
-        raise ValueError(f"spacing must be one of {SPACINGS[sampler]} for sampler {sampler!r}, got {spacing!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not supported; allowed: {list(PREDICTION_TYPES)}")
     if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1 or alphas_cumprod.numel() < 2:
         got = tuple(alphas_cumprod.shape) if isinstance(alphas_cumprod, torch.Tensor) else type(alphas_cumprod)
         raise ValueError(f"alphas_cumprod must be a 1-D tensor (T,) with T >= 2, got {got}")
+    zero_snr = float(alphas_cumprod[-1]) == 0.0
+    if zero_snr and prediction_type != "v_prediction":
+        raise ValueError(
+            f"alphas_cumprod ends at 0 (zero terminal SNR), which needs prediction_type='v_prediction', got "
+            f"{prediction_type!r}: the first step's input is pure noise, from which eps says nothing about x0"
+        )
+    default_spacing = ZERO_SNR_SPACING if zero_snr else SPACINGS[sampler][0]
+    spacing = default_spacing if spacing is None else spacing
+    if spacing not in SPACINGS[sampler]:
+        raise ValueError(f"spacing must be one of {SPACINGS[sampler]} for sampler {sampler!r}, got {spacing!r}")
     T = alphas_cumprod.numel()
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an int in [1, {T}] (positive, at most the training timesteps), got {steps!r}")
@@ -106,22 +132,34 @@ def make_schedule(
     if order not in (1, 2, 3):
         raise ValueError(f"order must be one of (1, 2, 3), got {order!r}")
     diffusers_spacing = {"original": "leading", "diffusers": "trailing"}.get(spacing, spacing)
-    config = dict(num_train_timesteps=T, trained_betas=trained_betas(alphas_cumprod), prediction_type="epsilon",
+    config = dict(num_train_timesteps=T, trained_betas=trained_betas(alphas_cumprod), prediction_type=prediction_type,
                   timestep_spacing=diffusers_spacing, steps_offset=int(diffusers_spacing == "leading"))
     if sampler == "ddim":
         original = original_ddim_timesteps(int(steps), T).flip(0) if spacing == "original" else None
         scheduler = DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
         scheduler.set_timesteps(int(steps))
         timesteps = scheduler.timesteps if original is None else original  # DDIM's step reads only `steps`
-        return Schedule(scheduler, timesteps, {"eta": float(eta)})
-    scheduler = DPMSolverMultistepScheduler(
-        **config, solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
-        final_sigmas_type="zero",
-    )
-    with warnings.catch_warnings():  # diffusers calls np.array on a tensor here (a numpy 2 DeprecationWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scheduler.set_timesteps(int(steps))
-    return Schedule(scheduler, scheduler.timesteps)
+        schedule = Schedule(scheduler, timesteps, {"eta": float(eta)}, prediction_type)
+    else:
+        if zero_snr:  # diffusers' rescale_betas_zero_snr stand-in: the solver's log SNR must stay finite
+            finite = alphas_cumprod.detach().to("cpu", torch.float32).clone()
+            finite[-1] = TERMINAL_ALPHA_CUMPROD
+            config["trained_betas"] = trained_betas(finite)
+        scheduler = DPMSolverMultistepScheduler(
+            **config, solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+            final_sigmas_type="zero",
+        )
+        with warnings.catch_warnings():  # diffusers calls np.array on a tensor here (a numpy 2 DeprecationWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scheduler.set_timesteps(int(steps))
+        schedule = Schedule(scheduler, scheduler.timesteps, prediction_type=prediction_type)
+    if zero_snr and int(schedule.timesteps[0]) != T - 1:
+        starting = [s for s in SPACINGS[sampler] if s not in ("original", "leading")]
+        raise ValueError(
+            f"spacing={spacing!r} starts {sampler} at timestep {int(schedule.timesteps[0])}, not at the last "
+            f"training timestep {T - 1}, where a zero-terminal-SNR model's pure noise lies; use one of {starting}"
+        )
+    return schedule
 
 
 def slice_correlated_noise(
@@ -174,13 +212,28 @@ def _known_level(known: KnownFrames | None, alphas_cumprod: torch.Tensor, timest
     return float(alphas_cumprod[len(timesteps) - k if k else -1])  # the original's DDIM step index
 
 
-def _clip_x0(eps: torch.Tensor, x: torch.Tensor, alpha_cumprod: torch.Tensor, bound: float) -> torch.Tensor:
-    """The eps whose x0 estimate ``(x - sqrt(1 - a) eps) / sqrt(a)`` is clipped to ``[-bound, bound]`` (``eps``
-    itself, bit for bit, wherever the estimate is inside the bound)."""
+def _clip_x0(output: torch.Tensor, x: torch.Tensor, alpha_cumprod: torch.Tensor, bound: float,
+             prediction_type: str = "epsilon") -> torch.Tensor:
+    """The model output (eps or v, as ``prediction_type``) whose x0 estimate is clipped to ``[-bound, bound]``
+    (``output`` itself, bit for bit, wherever the estimate is inside the bound)."""
     a = alpha_cumprod.to(x)
-    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-    clipped = (x - a.sqrt() * x0.clamp(-bound, bound)) / (1 - a).sqrt()
-    return torch.where(x0.abs() > bound, clipped, eps)
+    x0 = x0_from_output(output, x, a, prediction_type)
+    clipped = output_from_x0(x0.clamp(-bound, bound), x, a, prediction_type)
+    return torch.where(x0.abs() > bound, clipped, output)
+
+
+# DDIM's eta at a zero-SNR timestep, at most: diffusers computes sqrt(1 - a_prev - sigma^2) with sigma^2 = eta^2
+# (1 - a_prev) there, for eta = 1 the square root of a rounding error (NaN when it comes out negative)
+ZERO_SNR_MAX_ETA = 1.0 - 1e-6
+
+
+def _step_options(schedule: Schedule, alpha_cumprod: torch.Tensor) -> dict:
+    """``schedule.step_options`` for a step at ``alpha_cumprod``; DDIM's eta capped at :data:`ZERO_SNR_MAX_ETA`
+    where ``alpha_cumprod == 0`` (the first step of a zero-terminal-SNR schedule)."""
+    eta = schedule.step_options.get("eta", 0.0)
+    if eta > ZERO_SNR_MAX_ETA and float(alpha_cumprod) == 0.0:
+        return {**schedule.step_options, "eta": ZERO_SNR_MAX_ETA}
+    return schedule.step_options
 
 
 @torch.no_grad()
@@ -197,7 +250,8 @@ def sample(
     init: torch.Tensor | None = None,
     strength: float = 1.0,
 ) -> torch.Tensor:
-    """Sample ``x0 (B,F,C,h,w)`` from ``x = x_T (B,F,C,h,w)`` along ``schedule`` (:func:`make_schedule`).
+    """Sample ``x0 (B,F,C,h,w)`` from ``x = x_T (B,F,C,h,w)`` along ``schedule`` (:func:`make_schedule`);
+    ``eps_fn``'s output is read as ``schedule.prediction_type`` says (eps or v).
 
     ``clip_x0``: clip the x0 estimate to ``[-clip_x0, clip_x0]`` at every step (None: off, as in the original), by
     replacing eps with the noise the clipped x0 implies (for DDIM this is diffusers' ``clip_sample`` with
@@ -228,12 +282,13 @@ def sample(
 
     x = _replace_known(x, known, _known_level(known, alphas_cumprod, timesteps, 0), noise)
     for k, t in enumerate(tqdm(timesteps, desc=type(scheduler).__name__, disable=not progress, leave=False)):
-        eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        if tuple(eps.shape) != tuple(x.shape):
-            raise ValueError(f"eps_fn returned shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)}")
+        output = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))  # eps or v
+        if tuple(output.shape) != tuple(x.shape):
+            raise ValueError(f"eps_fn returned shape {tuple(output.shape)}, expected the input's {tuple(x.shape)}")
         if clip_x0 is not None:
-            eps = _clip_x0(eps, x, alphas_cumprod[t], clip_x0)
+            output = _clip_x0(output, x, alphas_cumprod[t], clip_x0, schedule.prediction_type)
         step_noise = noise() if schedule.step_options.get("eta", 0) > 0 else None  # DDIM's eta noise
-        x = scheduler.step(eps, t, x, variance_noise=step_noise, **schedule.step_options).prev_sample
+        x = scheduler.step(output, t, x, variance_noise=step_noise, **_step_options(schedule, alphas_cumprod[t]))
+        x = x.prev_sample
         x = _replace_known(x, known, _known_level(known, alphas_cumprod, timesteps, k + 1), noise)
     return x

@@ -1,5 +1,5 @@
 """The GEM-3D latent diffusion model as a LightningModule: a :class:`gem3d.denoiser.Denoiser` that Lightning trains
-(eps-prediction, L2 loss, EMA, AdamW, image logging). Its checkpoints keep the denoiser's parameter names
+(eps- or v-prediction, L2 loss, EMA, AdamW, image logging). Its checkpoints keep the denoiser's parameter names
 (``unet.*``, ``first_stage.*``) plus ``ema.*``, so :func:`gem3d.model_dirs.load_model_dir` rebuilds a plain denoiser.
 """
 
@@ -93,11 +93,14 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         beta_end: float = 0.012,
         informed_dropout: float = 0.0,
         label_loss_weight: float = 0.0,
+        prediction_type: str = "epsilon",
+        zero_terminal_snr: bool = False,
     ):
         super().__init__(
             unet_config, first_stage_config, variant=variant, position_embed_dim=position_embed_dim,
             condition_latent_factor=condition_latent_factor, num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start, beta_end=beta_end,
+            beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
+            zero_terminal_snr=zero_terminal_snr,
         )  # fmt: skip
         self.save_hyperparameters()
         self.base_learning_rate = float(base_learning_rate)
@@ -127,7 +130,9 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
                     f"main.py --resume to continue a run)"
                 )
             resolved = resolve_checkpoint(ckpt_path, key="model.params.ckpt_path")
-            self.unet.load_slice_weights(unet_state_dict(load_checkpoint(resolved), use_ema=ckpt_use_ema))
+            stage1 = load_checkpoint(resolved)
+            self._check_same_objective(stage1, resolved)
+            self.unet.load_slice_weights(unet_state_dict(stage1, use_ema=ckpt_use_ema))
             weights = "EMA" if ckpt_use_ema else "raw"
             rank_zero_info(f"Loaded the stage-1 UNet weights ({weights}) of {resolved} into the {variant} UNet")
         elif self.spec.volumetric:
@@ -137,6 +142,18 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
 
         self.ema = EMA(self.unet, decay=ema_decay) if use_ema else None
         self.sample_with_ema = bool(sample_with_ema) and self.ema is not None
+
+    def _check_same_objective(self, checkpoint: Mapping, path) -> None:
+        """A volume stage continues its stage 1's UNet: both must predict the same thing on the same schedule."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        theirs = (hparams.get("prediction_type", "epsilon"), bool(hparams.get("zero_terminal_snr", False)))
+        ours = (self.prediction_type, self.zero_terminal_snr)
+        if theirs != ours:
+            raise ValueError(
+                f"model.params.ckpt_path={str(path)!r} was trained with prediction_type={theirs[0]!r}, "
+                f"zero_terminal_snr={theirs[1]}; this stage has prediction_type={ours[0]!r}, zero_terminal_snr="
+                f"{ours[1]}: set model.params.prediction_type / zero_terminal_snr to the stage-1 run's"
+            )
 
     def setup(self, stage: str) -> None:
         """Hand the first stage to the data module's latent cache, if it has one: every rank encodes its share of
@@ -204,17 +221,18 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         return repeat(t, "b -> b f", f=f) if self.spec.volumetric else rearrange(t, "(b f) -> b f", b=b)
 
     def loss(self, batch: Mapping, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L2 between predicted and true noise, averaged over all elements (weighted by :meth:`label_weights` when
-        ``label_loss_weight`` > 0)."""
+        """L2 between the predicted and the true noise (or v, :meth:`target`), averaged over all elements (weighted
+        by :meth:`label_weights` when ``label_loss_weight`` > 0)."""
         z0, cond = self.encode_batch(batch, generator=generator)
         b, f = z0.shape[:2]
         t = self.sample_timesteps(b, f, generator)
         noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
         x_t = self.q_sample(z0, t, noise)
+        target = self.target(z0, t, noise)
         if not self.label_loss_weight:
-            return F.mse_loss(self.eps(x_t, t, cond), noise)
+            return F.mse_loss(self.eps(x_t, t, cond), target)
         weights = self.label_weights(batch["mask"], z0.shape[-2:])
-        return ((self.eps(x_t, t, cond) - noise) ** 2 * weights).mean() / weights.mean()
+        return ((self.eps(x_t, t, cond) - target) ** 2 * weights).mean() / weights.mean()
 
     def label_weights(self, grey_mask: torch.Tensor, latent_hw) -> torch.Tensor:
         """Grey masks ``(B, F, 1, S, S)`` -> per-latent-pixel loss weights ``(B, F, 1, h, w)``: 1 + W x the fraction
@@ -264,7 +282,8 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
             z, cond = self.encode_batch(batch, generator=torch.Generator(device=self.device).manual_seed(self.global_step))
             generator = torch.Generator(device=self.device).manual_seed(0)
             x_T = torch.randn(tuple(z.shape), generator=generator, device=self.device)
-            schedule = samplers.make_schedule("ddim", self.alphas_cumprod, self.sample_steps_for_logging, eta=1.0)
+            schedule = samplers.make_schedule("ddim", self.alphas_cumprod, self.sample_steps_for_logging, eta=1.0,
+                                              prediction_type=self.prediction_type)
             with self.ema_scope(self.sample_with_ema):
                 latents = samplers.sample(self.model_fn(cond), x_T, schedule, generator=generator)
             sample = self.first_stage.decode_grey(latents)
