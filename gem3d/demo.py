@@ -43,6 +43,8 @@ from gem3d.segmentation import DEFAULT_ITERATIONS
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: main.py, configs/latent-diffusion/, scripts/
 INFERENCE_CONFIG = "demo"  # gem3d/configs/inference/demo.yaml: the sampler, mask edits, samples per case
+AUTOENCODER = "demo_autoencoder"  # the first stage every other model encodes with
+SEGMENTER = "segmenter"
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,14 @@ class DemoModel:
 
     def waits_for(self) -> tuple[str, ...]:
         """The models that must be trained before this one starts."""
-        return (*(["demo_autoencoder"] if self.first_stage else []), *([self.stage1] if self.stage1 else []),
+        return (*([AUTOENCODER] if self.first_stage else []), *([self.stage1] if self.stage1 else []),
                 *self.after)
 
 
 # model dir name -> what it trains from. The order is the training order (two at a time): GEM-3D and the baseline
 # train side by side, so they get the same minutes on the same share of the machine (a fair comparison).
 TRAINING = {
-    "demo_autoencoder": DemoModel("demo_autoencoder"),
+    AUTOENCODER: DemoModel("demo_autoencoder"),
     "demo_stage1": DemoModel("demo_stage1", first_stage=True),
     "demo_base_stage1": DemoModel("demo_base_stage1", first_stage=True),
     "demo": DemoModel("demo_stage2", first_stage=True, stage1="demo_stage1"),
@@ -74,9 +76,8 @@ TRAINING = {
     "demo_slice": DemoModel("demo_slice", first_stage=True),
     # the label-fidelity segmenter (MONAI, on the real training cases): after both stage-2 models, so that it shares
     # the machine with the slice model and not with the models whose minutes count
-    "segmenter": DemoModel(None, after=("demo", "demo_base")),
+    SEGMENTER: DemoModel(None, after=("demo", "demo_base")),
 }
-SEGMENTER = "segmenter"
 SETTINGS = ["test", "ic", "icma", "ig", "igma", "base"]
 
 
@@ -129,7 +130,7 @@ def training_overrides(name: str, out: Path, dataset: Path, time_scale: float, m
     model, models = TRAINING[name], out / "models"
     overrides = [f"data.params.dataset_dir={dataset}"]
     if model.first_stage:
-        checkpoint = models / "demo_autoencoder" / "checkpoints" / "last.ckpt"
+        checkpoint = models / AUTOENCODER / "checkpoints" / "last.ckpt"
         overrides.append(f"model.params.first_stage_config.params.ckpt_path={checkpoint}")
     if model.stage1:
         overrides.append(f"model.params.ckpt_path={models / model.stage1 / 'checkpoints' / 'last.ckpt'}")
@@ -249,7 +250,7 @@ def evaluate(out: Path, dataset: Path, models: dict[str, Path], seed: int, split
     synthetic += [f"{s}={out / 'synthetic' / s}" for s in ("ic", "icma", "ig", "igma")]
     report = out / "report"
     run([sys.executable, "scripts/evaluate.py", *evaluation_args(out, dataset, split, max_steps),
-         "--autoencoder", str(models["demo_autoencoder"]), *[a for s in synthetic for a in ("--synthetic", s)]],
+         "--autoencoder", str(models[AUTOENCODER]), *[a for s in synthetic for a in ("--synthetic", s)]],
         out / "train_logs" / "evaluate.log")
     return report
 
