@@ -1,18 +1,151 @@
-"""`make demo`'s script end to end, shrunk: 4 cases, a few training steps per model, 2 DDIM steps.
+"""The demo (:mod:`gem3d.demo`, run by `make demo` through scripts/demo.py): its training order, overrides and
+inference configs, and the script end to end, shrunk: 4 cases, a few training steps per model, 2 DDIM steps.
 
-It checks the README contract's wiring (dataset -> 6 trainings -> 6 settings -> enhanced nnU-Net dataset -> table),
-and that a rerun resumes instead of starting again. Quality is `make demo`'s business, not this test's.
+The end-to-end test checks the README contract's wiring (dataset -> 6 trainings -> 6 settings -> enhanced nnU-Net
+dataset -> table), and that a rerun resumes instead of starting again. Quality is `make demo`'s business, not this
+test's.
 """
+import argparse
 import json
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
+from omegaconf import OmegaConf
+
 from conftest import child_env
+from gem3d import demo
 from gem3d.export.nnunet import validate_nnunet_dataset
+from gem3d.inference.cli import load_inference_config
+from gem3d.inference.engine import InferenceConfig
+from gem3d.inference.volume import SamplerOptions
+from gem3d.metrics.evaluation import add_segmenter_arguments
+from gem3d.segmentation import DEFAULT_ITERATIONS, SegmenterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("test", "ic", "icma", "ig", "igma", "base")
+
+
+def test_scaled_time():
+    assert demo.scaled_time("00:00:10:00", 1.5) == "00:00:15:00"
+    assert demo.scaled_time("00:23:30:00", 2) == "01:23:00:00"
+    assert demo.scaled_time("00:00:00:01", 0.1) == "00:00:00:01"  # at least one second
+
+
+def test_every_model_waits_for_the_checkpoints_it_starts_from(tmp_path):
+    out, dataset = tmp_path / "out", tmp_path / "dataset"
+    names = list(demo.TRAINING)
+    for position, (name, model) in enumerate(demo.TRAINING.items()):
+        assert set(model.waits_for()) <= set(names[:position]), name  # the table's order is a training order
+        if model.config is None:
+            continue
+        assert (ROOT / "configs" / "latent-diffusion" / f"{model.config}.yaml").is_file(), name
+        overrides = demo.training_overrides(name, out, dataset, 1.0, None)
+        starts_from = {Path(o.split("=", 1)[1]).parents[1].name for o in overrides if o.endswith("last.ckpt")}
+        assert starts_from == set(model.waits_for()) - set(model.after), name
+    assert demo.TRAINING["demo"].waits_for() == ("demo_autoencoder", "demo_stage1")
+    assert demo.TRAINING["segmenter"].waits_for() == ("demo", "demo_base")  # an order, not a checkpoint
+
+
+def test_training_overrides(tmp_path):
+    out, dataset = tmp_path / "out", tmp_path / "dataset"
+    config = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage2.yaml")
+    max_time = OmegaConf.select(config, "lightning.trainer.max_time")
+    assert demo.training_overrides("demo", out, dataset, 2.0, 3) == [
+        f"data.params.dataset_dir={dataset}",
+        f"model.params.first_stage_config.params.ckpt_path={out}/models/demo_autoencoder/checkpoints/last.ckpt",
+        f"model.params.ckpt_path={out}/models/demo_stage1/checkpoints/last.ckpt",
+        f"lightning.trainer.max_time={demo.scaled_time(max_time, 2.0)}",
+        "lightning.trainer.max_steps=3",
+    ]
+    assert demo.training_overrides("demo_autoencoder", out, dataset, 1.0, None) == [
+        f"data.params.dataset_dir={dataset}"]
+
+
+@pytest.mark.parametrize("first_stage2", ["demo", "demo_base"])
+def test_the_segmenter_trains_after_both_stage2_models(tmp_path, monkeypatch, first_stage2):
+    """Two at a time, each model after what it waits for; the segmenter shares the machine with the slice model only,
+    whichever stage-2 model finishes first."""
+    events, lock = [], threading.Lock()
+
+    def fake_train_one(name, out, dataset, time_scale, max_steps, threads, split):
+        with lock:
+            events.append(("start", name, threads))
+        time.sleep(0.05 if name == first_stage2 else 0.2 if name in ("demo", "demo_base") else 0.02)
+        with lock:
+            events.append(("end", name, threads))
+        return out / "models" / name
+
+    monkeypatch.setattr(demo, "train_one", fake_train_one)
+    done = demo.train_models(tmp_path, tmp_path / "dataset", 1.0, None, jobs=2)
+    assert set(done) == set(demo.TRAINING)
+    assert events[0] == ("start", "demo_autoencoder", None)  # alone: every thread
+    running: set[str] = set()
+    ended: set[str] = set()
+    for kind, name, threads in events:
+        if kind == "end":
+            running.discard(name)
+            ended.add(name)
+            continue
+        assert set(demo.TRAINING[name].waits_for()) <= ended, name
+        assert len(running) < 2, name
+        if running:
+            assert threads == 1, name  # two at once: one thread each
+        if name == "segmenter":
+            assert running <= {"demo_slice"}, running
+        running.add(name)
+
+
+@pytest.mark.parametrize("steps, informed_from", [(None, None), (2, "case_003:0.5")])
+def test_inference_runs_are_built_by_the_inference_cli(tmp_path, steps, informed_from):
+    """The demo's inference configs are those it built by hand before (gem3d/configs/inference/demo.yaml, the flags)."""
+    defaults = load_inference_config("demo")
+    sampler = {**defaults["sampler"], **({"steps": steps} if steps else {})}
+    paths = {name: tmp_path / name for name in ("dataset", "out", "model", "slice_model")}
+    cfg = demo.inference_config("ic", paths["dataset"], paths["out"], paths["model"], paths["slice_model"], "val", 3,
+                                steps, informed_from)
+    assert cfg == InferenceConfig(
+        setting="ic", data=paths["dataset"], out=paths["out"], split="Tr", cases="split:val", model=paths["model"],
+        slice_model=paths["slice_model"], samples_per_case=int(defaults.get("samples_per_case", 1)),
+        sampler=SamplerOptions(**sampler), seed=3, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}),
+        progress=False, informed_from=informed_from)
+    assert cfg.sampler.steps == (steps or defaults["sampler"]["steps"]) and cfg.previews and cfg.ema is None
+
+
+def test_the_segmenter_iterations_have_one_default(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_segmenter_arguments(parser, "cache")
+    assert parser.parse_args([]).segmenter_iterations == SegmenterSettings().iterations == DEFAULT_ITERATIONS
+    assert DEFAULT_ITERATIONS == 300  # the demo's reported figures were measured with 300
+    full = demo.evaluation_args(tmp_path, tmp_path / "dataset", "test", None)
+    assert full[full.index("--segmenter-iterations") + 1] == str(DEFAULT_ITERATIONS)
+    assert demo.evaluation_args(tmp_path, tmp_path / "dataset", "val", 1) == [
+        "--real", str(tmp_path / "dataset"), "--cases", "split:val", "--out", str(tmp_path / "report"),
+        "--segmenter-iterations", "2"]
+
+
+def test_help_failures_and_a_missing_checkout(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "The CPU demo, end to end" in text
+    for flag in ("--out", "--cases", "--split", "--seed", "--time-scale", "--max-steps", "--sampling-steps", "--jobs"):
+        assert flag in text, flag
+
+    def failing(args):
+        raise RuntimeError("command failed (3); last lines of train.log:\nboom")
+
+    monkeypatch.setattr(demo, "run_demo", failing)
+    assert demo.main(["--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "[demo] failed: command failed (3); last lines of train.log:\nboom\n"
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path} is none")):
+        demo.main([])
 
 
 def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:

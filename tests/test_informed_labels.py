@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gem3d.data import datasets, preprocess
 from gem3d.data.datasets import ClipDataset, LatentCache, SliceDataset, VolumeCache
 from gem3d.data.preprocess import PreprocessConfig, hide_labels, informed_image
 from gem3d.sampling.propagation import propagation
@@ -61,6 +62,32 @@ def test_training_items_hide_the_informed_slice_but_not_the_target(dataset):
         source = cache.get(s["case"])
         np.testing.assert_array_equal(s["image"][0].numpy(),
                                       hide_labels(source.image[s["index"]], source.label[s["index"]]))
+
+
+def test_slice_items_hide_their_slice_once(dataset, monkeypatch):
+    """A slice item hides its slice's labels once: it once also made a hidden informed slice of the same slice and
+    threw it away. The items are those of the one-slice clips they are, value for value."""
+    cache = VolumeCache(dataset, HIDDEN)
+    clips = ClipDataset(cache, cache.names, clip_len=1, seed=0, length=4, hidden_target=True)
+    expected = [clips[i] for i in range(4)]
+    calls = []
+
+    def counting_hide_labels(image, label):
+        calls.append(np.shape(image))
+        return hide_labels(image, label)
+
+    monkeypatch.setattr(datasets, "hide_labels", counting_hide_labels)
+    monkeypatch.setattr(preprocess, "hide_labels", counting_hide_labels)  # informed_image's
+    _ = clips[0]
+    assert sorted(calls) == [(1, S, S), (S, S)]  # a clip: its target and its informed slice
+    calls.clear()
+    slices = SliceDataset(cache, cache.names, seed=0, length=4)
+    items = [slices[i] for i in range(4)]
+    assert calls == [(1, S, S)] * 4
+    for item, clip in zip(items, expected):
+        assert torch.equal(item["image"], clip["image"][0]) and torch.equal(item["mask"], clip["mask"][0])
+        assert (item["index"], item["case"]) == (clip["start"], clip["case"])
+        assert "informed" in clip and set(item) == {"image", "mask", "pos", "index", "case"}
 
 
 def test_the_latent_cache_encodes_the_hidden_slices(dataset):

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model folders and conversion", ("gem3d.model_dirs", "gem3d.convert")),
     ("inference, export, segmentation and metrics",
      ("gem3d.inference", "gem3d.export", "gem3d.segmentation", "gem3d.metrics")),
-    ("experiments", ("gem3d.downstream",)),
+    ("experiments and the demo", ("gem3d.downstream", "gem3d.demo")),
 ]
 # pairs in the same or a lower layer that must still not know each other
 FORBIDDEN = [("gem3d.inference", "gem3d.convert"), ("gem3d.convert", "gem3d.inference"),

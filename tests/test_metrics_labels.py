@@ -3,21 +3,19 @@ evaluation and in enhance_dataset's --min-dice filter), copy/counterfactual refe
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from gem3d.export import enhance as enhance_dataset
 from gem3d.export.manifest import Manifest, make_record
 from gem3d.export.nifti import save_nifti
 from gem3d.metrics import evaluation, labels as label_metrics
 from gem3d.metrics.references import copy_slice_volume, counterfactual_effect
 from gem3d.segmentation import BACKENDS, SegmenterSettings, get_segmenter
 from tests._segmenters import AFFINE, TRAINED, blob_case, blob_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _phantom():
@@ -168,11 +166,6 @@ def test_evaluation_uses_a_trained_segmenter_folder(tmp_path, threshold_backend)
 
 
 def _enhance(argv):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import enhance_dataset
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     return enhance_dataset.main(argv)
 
 

@@ -1,17 +1,16 @@
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from gem3d.export import enhance as enhance_dataset
 from gem3d.export.nifti import save_nifti
 from gem3d.files import atomic_write_json
 from gem3d.export.nnunet import (crossval_folds, find_synthetic_cases, leak_free_splits, validate_nnunet_dataset,
                                  write_nnunet_dataset)
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 9, 10)
 AFFINE = np.array([[0.0, -1.5, 0.0, 10.0], [1.25, 0.0, 0.0, -4.0], [0.0, 0.0, 2.0, 3.5], [0, 0, 0, 1]])
 LABELS = {"background": 0, "edema": 1, "tumour": 2}
@@ -140,11 +139,6 @@ def test_unpaired_synthetic_files_are_refused(tmp_path, sources):
 
 def test_cli(tmp_path, sources, capsys):
     real, synthetic = sources
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import enhance_dataset
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     out = tmp_path / "Dataset105_Cli"
     code = enhance_dataset.main(["--real", str(real), "--synthetic", *map(str, synthetic), "--out", str(out),
                                  "--channel", "FLAIR"])

@@ -409,6 +409,8 @@ class ClipDataset(Dataset):
     ``hidden_target`` (the slice model, whose slices become informed slices). ``informed_slices``: ``clip`` (a slice
     of the clip, the paper) or ``volume`` (any slice of the case: ``informed_index`` may then lie outside [0, F))."""
 
+    CARRIES_INFORMED = True  # items hold the informed slice and its latent (the slice model's need neither)
+
     def __init__(self, cache: VolumeCache, names: list[str], clip_len: int = 16, seed: int = 0,
                  length: int | None = None, hidden_target: bool = False, informed_slices: str = "clip"):
         self.names = list(names)
@@ -463,32 +465,31 @@ class ClipDataset(Dataset):
         stop, k = start + self.clip_len, start + informed_index
         label = np.asarray(prepared.label[start:stop])
         image = torch.from_numpy(np.array(prepared.image[start:stop], dtype=np.float32))
-        informed = torch.from_numpy(informed_image(np.asarray(prepared.image[k], dtype=np.float32),
-                                                   np.asarray(prepared.label[k]), self.cache.cfg))
         if self.hidden_target:
             image = torch.from_numpy(hide_labels(image.numpy(), label))
         mask = torch.from_numpy(label_to_grey(label, prepared.max_label))
-        item = {
-            "image": rearrange(image, "f h w -> f 1 h w"),
-            "mask": rearrange(mask, "f h w -> f 1 h w"),
-            "informed": rearrange(informed, "h w -> 1 h w"),
-            "informed_index": informed_index,
-            "start": start,
-            "case": name,
-            "num_slices": d,
-        }
+        item = {"image": rearrange(image, "f h w -> f 1 h w"), "mask": rearrange(mask, "f h w -> f 1 h w")}
+        if self.CARRIES_INFORMED:
+            informed = torch.from_numpy(informed_image(np.asarray(prepared.image[k], dtype=np.float32),
+                                                       np.asarray(prepared.label[k]), self.cache.cfg))
+            item["informed"] = rearrange(informed, "h w -> 1 h w")
+        item |= {"informed_index": informed_index, "start": start, "case": name, "num_slices": d}
         if self.latents is not None:
             item["latent"] = self.latents.sample(name, start, stop, rng, "informed" if self.hidden_target else "image")
             item["mask_latent"] = self.latents.mean(name, "mask_mean", start, stop)
-            field = "informed_mean" if self.hidden else "image_mean"
-            item["informed_latent"] = self.latents.mean(name, field, k, k + 1)[0]
+            if self.CARRIES_INFORMED:
+                field = "informed_mean" if self.hidden else "image_mean"
+                item["informed_latent"] = self.latents.mean(name, field, k, k + 1)[0]
         return item
 
 
 class SliceDataset(ClipDataset):
     """Random single slices: clips of one slice. Item: image (1, S, S), mask (1, S, S) grey, pos = index / num_slices
     in [0, 1), index, case. With latents (:meth:`use_latents`) also latent (1, z, h, w), a scaled posterior sample.
-    With ``informed_labels: hidden`` the slices have their labels hidden: they are what informed slices look like."""
+    With ``informed_labels: hidden`` the slices have their labels hidden (once: the item's slice is the image, so no
+    informed slice is made beside it): they are what informed slices look like."""
+
+    CARRIES_INFORMED = False
 
     def __init__(self, cache: VolumeCache, names: list[str], seed: int = 0, length: int | None = None):
         super().__init__(cache, names, clip_len=1, seed=seed, length=length, hidden_target=True)

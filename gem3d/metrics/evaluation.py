@@ -3,7 +3,7 @@ the informed slice's effect, with reference rows, written as metrics.csv, summar
 
     python scripts/evaluate.py --real DATASET --synthetic gem3d=OUT/test --synthetic base=OUT/base \\
         [--autoencoder MODEL_DIR] [--fid-weights-2d RadImageNet-ResNet50.pt] [--fid-weights-3d resnet_10.pth] \\
-        [--segmenter-backend monai --segmenter-iterations 400 | --segmenter TRAINED_FOLDER] \\
+        [--segmenter-backend monai --segmenter-iterations 300 | --segmenter TRAINED_FOLDER] \\
         [--metrics reconstruction consistency labels ...] --out REPORT_DIR
 
 Every ``--synthetic [NAME=]FOLDER`` is an inference output folder (``OUT/<setting>`` with ``manifest.json``); its
@@ -49,7 +49,7 @@ from gem3d.data.datasets import default_splits_path, read_splits, split_cases
 from gem3d.data.preprocess import PreprocessConfig
 from gem3d.export.preview import save_preview
 from gem3d.files import atomic_write_text
-from gem3d.segmentation import (BACKENDS, Segmenter, SegmenterSettings, dataset_training_cases,
+from gem3d.segmentation import (BACKENDS, DEFAULT_ITERATIONS, Segmenter, SegmenterSettings, dataset_training_cases,
                                 load_trained_segmenter, trained_segmenter)
 
 from . import distribution, features, labels as label_metrics, references, report
@@ -70,7 +70,7 @@ SUMMARY_METRICS = ("psnr_body", "psnr_axial_body", "ssim_body", "ssim_axial_body
                    "slice_jump", "slice_jump_ratio", "through_plane_ratio", "outside_mean", "outside_mean_diff",
                    "label_order_kept", "dice_mean", "dice_ratio", "fid_25d", "fid_3d", "mmd", "ms_ssim_diversity",
                    "frd")
-SEGMENTER_DEFAULTS = {"backend": "monai", "iterations": 400, "seed": 0, "device": "cpu"}
+SEGMENTER_DEFAULTS = {"backend": "monai", "iterations": DEFAULT_ITERATIONS, "seed": 0, "device": "cpu"}
 
 
 def parse_synthetic(spec: str) -> tuple[str, Path]:
@@ -482,7 +482,8 @@ def add_segmenter_arguments(p: argparse.ArgumentParser, default_cache: str) -> N
     p.add_argument("--segmenter-backend", default=SEGMENTER_DEFAULTS["backend"], choices=sorted(BACKENDS),
                    help="backend of the segmenter trained on the real training cases (default monai)")
     p.add_argument("--segmenter-iterations", type=int, default=SEGMENTER_DEFAULTS["iterations"],
-                   help="its training iterations (nnU-Net: epochs x iterations per epoch; default 400)")
+                   help="its training iterations (nnU-Net: epochs x iterations per epoch; default %(default)s, the "
+                        "demo's; gem3d.segmentation.DEFAULT_ITERATIONS)")
     p.add_argument("--segmenter-seed", type=int, default=SEGMENTER_DEFAULTS["seed"])
     p.add_argument("--segmenter-device", default=None,
                    help="cpu, cuda, cuda:N (default: cpu, or a trained folder's own)")

@@ -12,9 +12,10 @@ Files are nnU-Net raw NIfTIs (one channel); predictions keep the input image's a
 """
 from __future__ import annotations
 
-from .base import (BACKENDS, SETTINGS_FILE, Segmenter, SegmenterSettings, TrainingCase, get_segmenter,
-                   prediction_name, read_settings)
+from .base import (BACKENDS, DEFAULT_ITERATIONS, SETTINGS_FILE, Segmenter, SegmenterSettings, TrainingCase,
+                   get_segmenter, prediction_name, read_settings)
 from .cache import dataset_training_cases, load_trained_segmenter, trained_segmenter
 
-__all__ = ["BACKENDS", "SETTINGS_FILE", "Segmenter", "SegmenterSettings", "TrainingCase", "dataset_training_cases",
-           "get_segmenter", "load_trained_segmenter", "prediction_name", "read_settings", "trained_segmenter"]
+__all__ = ["BACKENDS", "DEFAULT_ITERATIONS", "SETTINGS_FILE", "Segmenter", "SegmenterSettings", "TrainingCase",
+           "dataset_training_cases", "get_segmenter", "load_trained_segmenter", "prediction_name", "read_settings",
+           "trained_segmenter"]

@@ -21,6 +21,9 @@ BACKENDS = {
     "nnunet": "gem3d.segmentation.nnunet_backend:NnUNetSegmenter",
 }
 SETTINGS_FILE = "segmenter.json"  # in a work folder: the settings and training cases it was trained with
+# the one default of a segmenter's training iterations: the label-fidelity segmenter of the evaluation
+# (scripts/evaluate.py, enhance_dataset.py --min-dice) and of the demo, whose reported figures were measured with it
+DEFAULT_ITERATIONS = 300
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class SegmenterSettings:
     JSON values, e.g. MONAI ``features`` or nnU-Net ``configuration`` / ``fold``)."""
 
     backend: str = "monai"
-    iterations: int = 400
+    iterations: int = DEFAULT_ITERATIONS
     seed: int = 0
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
