@@ -57,8 +57,8 @@ REAL = "real"
 FILTERED = "real+filtered"
 RESULT_FILE = "result.json"
 MEAN = "mean"  # the per-(case, seed) mean Dice over the labels the test case holds
-# MONAI BasicUNet, a batch of two whole demo volumes: about 0.5 s an iteration on 2 CPU cores, so the default 12
-# trainings (2 real cases; real, real+icma, real+base, icma-only; 3 seeds) of 200 iterations take about 20 minutes
+# the MONAI segmenter's optimiser steps per run on the demo (every run prints its seconds an iteration; the README's
+# Downstream section gives what the 12 default runs took on a 2-core CPU)
 DEMO_ITERATIONS = 200
 
 
