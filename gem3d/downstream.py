@@ -155,24 +155,24 @@ def synthesise(config: DownstreamConfig, synthesis: Synthesis, log: Callable[[st
     """Run every setting the conditions need on the training cases of the largest regime (the first k of the
     sorted ``train`` split; every regime takes its own from these), ``synthesis.samples_per_case`` samples each, into
     ``config.synthetic/<setting>``; returns the manifests. Test cases are never synthesised."""
-    from gem3d.inference.cli import load_inference_config  # noqa: PLC0415  (inference only when synthesising)
-    from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: PLC0415
-    from gem3d.inference.volume import SamplerOptions  # noqa: PLC0415
+    from gem3d.inference.cli import config_from_args, parse_args  # noqa: PLC0415  (only when synthesising)
+    from gem3d.inference.engine import run_inference  # noqa: PLC0415
 
     if synthesis.samples_per_case < 1:
         raise ValueError(f"samples_per_case must be >= 1, got {synthesis.samples_per_case!r}")
     train = read_splits(_splits_path(config))["train"]
     names = sorted({n for regime in config.real_counts for n in regime_cases(train, regime)})
-    defaults = load_inference_config(synthesis.inference_config)
     manifests = []
     for setting in needed_settings(config):
         start = time.perf_counter()
-        cfg = InferenceConfig(
-            setting=setting, data=config.real, out=config.synthetic, cases=",".join(names),
-            model=synthesis.model_for(setting), slice_model=synthesis.slice_model,
-            samples_per_case=synthesis.samples_per_case, sampler=SamplerOptions(**defaults["sampler"]),
-            seed=synthesis.seed, device=synthesis.device, mask_edit=dict(defaults.get("mask_edit") or {}),
-            progress=config.progress)
+        # the inference scripts' own command line over the packaged config: its defaults live in one place
+        argv = ["--data", str(config.real), "--out", str(config.synthetic), "--cases", ",".join(names),
+                "--model", str(synthesis.model_for(setting)), "--samples-per-case", str(synthesis.samples_per_case),
+                "--seed", str(synthesis.seed), "--device", synthesis.device]
+        argv += ["--slice-model", str(synthesis.slice_model)] if synthesis.slice_model else []
+        argv += [] if config.progress else ["--no-progress"]
+        cfg = config_from_args(synthesis.inference_config, setting,
+                               parse_args(synthesis.inference_config, setting, argv))
         manifests.append(run_inference(cfg))
         log(f"[downstream] {setting}: {synthesis.samples_per_case} samples of each of {len(names)} training masks "
             f"in {time.perf_counter() - start:.0f} s -> {cfg.setting_dir}")
