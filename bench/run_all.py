@@ -19,6 +19,7 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
   encoder's cost per volume and per step against the cache's read;
 - ``profile``: ``torch.profiler`` of the paper's stage-1 forward, self time per op, gem3d against both peers;
 - ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
+- ``segmenter``: the MONAI segmenter's training step and forward in ``channels_last_3d`` against contiguous;
 - ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
@@ -61,9 +62,12 @@ SECTIONS = {
     "profile": ("9. Profile of the paper stage-1 forward, per op (torch.profiler)", "profile_bench", "bench_profile"),
     "temporal_conv": ("10. Temporal convolution: Conv1d against shifted 1x1 convolutions", "temporal_conv_bench",
                       "bench_temporal_conv"),
+    "segmenter": ("11. Segmenter training step and prediction, by memory format", "segmenter_bench",
+                  "bench_segmenter"),
     "targets": ("Targets, read from the sections' blocks", "targets", "bench_targets"),
 }
-DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "targets")
+DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "segmenter",
+           "targets")
 GPU_PLACEHOLDERS = DEFAULT[:-1]  # "targets" measures nothing: one block, whatever the device
 # opt-in: unet_paper (minutes), compile (minutes of compilation), quality_steps (trained demo models, minutes),
 # latent_cache (the KL-f8 encoder on 512x512 slices: a minute or two with --quick)

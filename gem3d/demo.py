@@ -2,9 +2,11 @@
 
 1. builds the embedded demo dataset (MNI152-derived, nnU-Net raw layout) and checks it;
 2. trains the demo autoencoder, stage 1 and the baseline's stage 1 side by side, stage 2 and the baseline's stage 2
-   side by side, then the slice model, with main.py; each for the MINUTES its config gives (``max_time``), so a
-   faster machine trains further; the first-stage latents are cached, so no diffusion step runs the encoder;
-3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases;
+   side by side, then the slice model and the label-fidelity segmenter, with main.py; each for the MINUTES its config
+   gives (``max_time``), so a faster machine trains further; the first-stage latents are cached, so no diffusion
+   step runs the encoder;
+3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases (and the evaluation's extra rows),
+   each in a child process as soon as its models are trained, beside the trainings still going;
 4. writes an enhanced nnU-Net dataset (real + synthetic);
 5. evaluates the outputs with ``scripts/evaluate.py`` (``demo_out/report/``: summary.md, report.html), with the
    reference rows beside GEM-3D: the informed slice copied into every slice, the autoencoder's reconstruction (the
@@ -37,7 +39,8 @@ from gem3d.data.demo import split_counts
 from gem3d.export.manifest import Manifest
 from gem3d.export.nnunet import validate_nnunet_dataset, write_nnunet_dataset
 from gem3d.inference.cli import config_from_args, parse_args
-from gem3d.inference.engine import InferenceConfig, run_inference
+from gem3d.inference.engine import InferenceConfig
+from gem3d.inference.settings import get_setting
 from gem3d.metrics.volumes import reconstruction_quality
 from gem3d.segmentation import DEFAULT_ITERATIONS
 
@@ -79,6 +82,33 @@ TRAINING = {
     SEGMENTER: DemoModel(None, after=("demo", "demo_base")),
 }
 SETTINGS = ["test", "ic", "icma", "ig", "igma", "base"]
+
+
+@dataclass(frozen=True)
+class DemoInference:
+    """One inference run of the demo, in a child process (``scripts/inference_demo_<setting>.py``): ``setting``;
+    ``model``: its volume model (a key of :data:`TRAINING`); ``folder``: where it writes, under ``--out``; ``donor``:
+    the contrast (``t1``, ``t2``) of the training case whose middle slice is every case's informed slice (the
+    counterfactual pair; None: the setting's own informed slice)."""
+
+    setting: str
+    model: str
+    folder: str = "synthetic"
+    donor: str | None = None
+
+    def waits_for(self) -> tuple[str, ...]:
+        """The models that must be trained before this run starts."""
+        return (self.model, *(["demo_slice"] if get_setting(self.setting).needs_slice_model else []))
+
+
+# run name -> what it synthesises: the six settings on the reported cases (step 3), then the evaluation's extra rows
+# (step 5). They run as soon as their models are trained, beside the trainings still going (the segmenter trains
+# alone on one core for minutes), one thread each while two things run.
+INFERENCE = {
+    **{setting: DemoInference(setting, "demo_base" if setting == "base" else "demo") for setting in SETTINGS},
+    "stage1-alone": DemoInference("test", "demo_stage1", "evaluation/stage1-alone"),
+    **{f"counterfactual-{c}": DemoInference("ic", "demo", f"evaluation/counterfactual-{c}", c) for c in ("t1", "t2")},
+}
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
@@ -175,31 +205,59 @@ def train_one(name: str, out: Path, dataset: Path, time_scale: float, max_steps:
     return target
 
 
-def train_models(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int,
-                 split: str = "test") -> dict[str, Path]:
-    """Train every demo model, ``jobs`` at a time as :meth:`DemoModel.waits_for` allows (one thread each when
-    parallel); models already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept (the segmenter: by its
-    cache)."""
+def infer_one(name: str, out: Path, dataset: Path, split: str, seed: int, sampling_steps: int | None,
+              threads: int | None) -> Path | None:
+    """Run :data:`INFERENCE` ``[name]`` with the inference script of its setting (finished samples are skipped on a
+    rerun); its setting folder (None: a counterfactual without a donor of its contrast among the training cases)."""
+    spec, models = INFERENCE[name], out / "models"
+    informed_from = None
+    if spec.donor is not None:
+        donors = donors_by_contrast(dataset)
+        if spec.donor not in donors:
+            print(f"[demo] {name}: skipped, no training case of contrast {spec.donor!r} (have {sorted(donors)})")
+            return None
+        informed_from = f"{donors[spec.donor]}:0.5"
+    argv = inference_argv(dataset, out / spec.folder, models / spec.model, models / "demo_slice", split, seed,
+                          sampling_steps, informed_from)
+    t0 = time.perf_counter()
+    run([sys.executable, f"scripts/inference_demo_{spec.setting}.py", *argv],
+        out / "train_logs" / f"inference_{name}.log", threads)
+    print(f"[demo] {name}: synthesised in {time.perf_counter() - t0:.0f} s", flush=True)
+    return inference_config(spec.setting, dataset, out / spec.folder, models / spec.model, models / "demo_slice",
+                            split, seed, sampling_steps, informed_from).setting_dir
+
+
+def run_steps(out: Path, dataset: Path, time_scale: float, max_steps: int | None, jobs: int, split: str = "test",
+              seed: int = 0, sampling_steps: int | None = None) -> dict[str, Path]:
+    """Train every demo model (:data:`TRAINING`) and run every inference (:data:`INFERENCE`), ``jobs`` at a time as
+    their ``waits_for`` allows, in the tables' order (one thread each while others run or could run); models
+    already trained (``out/models/<name>/checkpoints/last.ckpt``) are kept (the segmenter: by its cache). -> model
+    folders and setting folders by name."""
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     done = {n: models / n for n in TRAINING if (models / n / "checkpoints" / "last.ckpt").is_file()}
     for name in done:
         print(f"[demo] {name}: already trained ({done[name]})")
+    waits = {**{n: m.waits_for() for n, m in TRAINING.items()}, **{n: i.waits_for() for n, i in INFERENCE.items()}}
 
     def ready(name: str) -> bool:
-        return all(n in done for n in TRAINING[name].waits_for())
+        return all(n in done for n in waits[name])
 
-    pending = [n for n in TRAINING if n not in done]
+    def start(name: str, threads: int | None):
+        if name in TRAINING:
+            return train_one(name, out, dataset, time_scale, max_steps, threads, split)
+        return infer_one(name, out, dataset, split, seed, sampling_steps, threads)
+
+    pending = [n for n in waits if n not in done]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict = {}
         while pending or running:
             for name in [n for n in pending if ready(n)][: jobs - len(running)]:
                 pending.remove(name)
                 parallel = jobs > 1 and (len(running) > 0 or sum(ready(n) for n in pending) > 0)
-                running[pool.submit(train_one, name, out, dataset, time_scale, max_steps, 1 if parallel else None,
-                                    split)] = name
+                running[pool.submit(start, name, 1 if parallel else None)] = name
             if not running:
-                raise RuntimeError(f"cannot train {pending}: their dependencies failed")
+                raise RuntimeError(f"cannot run {pending}: their dependencies failed")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 done[running.pop(future)] = future.result()
@@ -217,12 +275,12 @@ def donors_by_contrast(dataset: Path) -> dict[str, str]:
     return found
 
 
-def inference_config(setting: str, dataset: Path, out: Path, model: Path, slice_model: Path, split: str, seed: int,
-                     sampling_steps: int | None = None, informed_from: str | None = None) -> InferenceConfig:
-    """The demo's inference run, built by the inference scripts' own command line
-    (``scripts/inference_demo_<setting>.py``) over ``gem3d/configs/inference/demo.yaml``: the cases of ``split``
-    (``splits.json``) on the CPU without progress bars; ``sampling_steps`` (when given and not 0) replaces the
-    config's DDIM steps; ``informed_from``: a counterfactual donor ``CASE:POS``."""
+def inference_argv(dataset: Path, out: Path, model: Path, slice_model: Path, split: str, seed: int,
+                   sampling_steps: int | None = None, informed_from: str | None = None) -> list[str]:
+    """The flags of the demo's inference scripts (``scripts/inference_demo_<setting>.py``) over
+    ``gem3d/configs/inference/demo.yaml``: the cases of ``split`` (``splits.json``) on the CPU without progress
+    bars; ``sampling_steps`` (when given and not 0) replaces the config's DDIM steps; ``informed_from``: a
+    counterfactual donor ``CASE:POS``."""
     argv = ["--data", str(dataset), "--out", str(out), "--split", "Tr", "--cases", f"split:{split}",
             "--model", str(model), "--slice-model", str(slice_model), "--seed", str(seed), "--device", "cpu",
             "--no-progress"]
@@ -230,48 +288,42 @@ def inference_config(setting: str, dataset: Path, out: Path, model: Path, slice_
         argv += ["--steps", str(sampling_steps)]
     if informed_from is not None:
         argv += ["--informed-from", informed_from]
+    return argv
+
+
+def inference_config(setting: str, dataset: Path, out: Path, model: Path, slice_model: Path, split: str, seed: int,
+                     sampling_steps: int | None = None, informed_from: str | None = None) -> InferenceConfig:
+    """The inference run that ``scripts/inference_demo_<setting>.py`` makes of :func:`inference_argv`'s flags."""
+    argv = inference_argv(dataset, out, model, slice_model, split, seed, sampling_steps, informed_from)
     return config_from_args(INFERENCE_CONFIG, setting, parse_args(INFERENCE_CONFIG, setting, argv))
 
 
-def evaluate(out: Path, dataset: Path, models: dict[str, Path], seed: int, split: str, max_steps: int | None,
-             sampling_steps: int | None) -> Path:
+def evaluate(out: Path, dataset: Path, folders: dict[str, Path], split: str, max_steps: int | None) -> Path:
     """5. The evaluation with its yardsticks: stage 1 alone (the test setting through the stage-1 model), ``base``
     and GEM-3D against the copy-the-informed-slice baseline and the autoencoder ceiling, and a counterfactual pair
-    (the ``ic`` setting with a T1-like and an inverted, T2-like donor slice, same seed)."""
-    synthetic = [f"gem3d={out / 'synthetic' / 'test'}", f"base={out / 'synthetic' / 'base'}"]
-    extra = [("stage1-alone", "test", models["demo_stage1"], None)]
-    for contrast, donor in sorted(donors_by_contrast(dataset).items()):
-        extra.append((f"counterfactual-{contrast}", "ic", models["demo"], f"{donor}:0.5"))
-    for name, setting, model, informed_from in extra:
-        cfg = inference_config(setting, dataset, out / "evaluation" / name, model, models["demo_slice"], split, seed,
-                               sampling_steps, informed_from)
-        run_inference(cfg)
-        synthetic.append(f"{name}={cfg.setting_dir}")
-    synthetic += [f"{s}={out / 'synthetic' / s}" for s in ("ic", "icma", "ig", "igma")]
+    (the ``ic`` setting with a T1-like and an inverted, T2-like donor slice, same seed); ``folders``: the setting
+    folders of :func:`run_steps`."""
+    rows = {"gem3d": "test", "base": "base", "stage1-alone": "stage1-alone", "counterfactual-t1": "counterfactual-t1",
+            "counterfactual-t2": "counterfactual-t2", **{s: s for s in ("ic", "icma", "ig", "igma")}}
+    synthetic = [f"{row}={folders[name]}" for row, name in rows.items() if folders[name] is not None]
     report = out / "report"
     run([sys.executable, "scripts/evaluate.py", *evaluation_args(out, dataset, split, max_steps),
-         "--autoencoder", str(models[AUTOENCODER]), *[a for s in synthetic for a in ("--synthetic", s)]],
+         "--autoencoder", str(out / "models" / AUTOENCODER), *[a for s in synthetic for a in ("--synthetic", s)]],
         out / "train_logs" / "evaluate.log")
     return report
 
 
-def synthesise(out: Path, dataset: Path, models: dict[str, Path], seed: int, split: str,
-               sampling_steps: int | None) -> list[tuple]:
-    """3. Every setting of :data:`SETTINGS` on the ``split`` cases -> rows ``(setting, samples, seconds per volume,
-    output folder, (PSNR, SSIM) of the test setting or None)``."""
+def setting_rows(folders: dict[str, Path]) -> list[tuple]:
+    """3. Every setting of :data:`SETTINGS` -> a row ``(setting, samples, seconds per volume, output folder, (PSNR,
+    SSIM) of the test setting or None)``, from the manifests of its run."""
     rows = []
     for setting in SETTINGS:
-        t0 = time.perf_counter()
-        model = models["demo_base" if setting == "base" else "demo"]
-        cfg = inference_config(setting, dataset, out / "synthetic", model, models["demo_slice"], split, seed,
-                               sampling_steps)
-        manifest = Manifest(run_inference(cfg))
-        records = [r for r in manifest.records if r["setting"] == setting]
+        folder = folders[setting]
+        records = [r for r in Manifest(folder / "manifest.json").records if r["setting"] == setting]
         per_volume = sum(r["seconds"] for r in records) / max(1, len(records))
-        quality = reconstruction_quality(cfg.setting_dir, records) if setting == "test" else None
+        quality = reconstruction_quality(folder, records) if setting == "test" else None
         quality = None if quality is None else (quality["psnr_body"], quality["ssim_axial_body"])
-        rows.append((setting, len(records), per_volume, cfg.setting_dir, quality))
-        print(f"[demo] {setting}: {len(records)} samples in {time.perf_counter() - t0:.0f} s")
+        rows.append((setting, len(records), per_volume, folder, quality))
     return rows
 
 
@@ -326,12 +378,11 @@ def run_demo(args: argparse.Namespace) -> int:
     run([sys.executable, "scripts/check_dataset.py", str(dataset)], out / "train_logs" / "check_dataset.log")
     print(f"[demo] dataset ready: {dataset}")
 
-    # 2. training
-    models = train_models(out, dataset, args.time_scale, args.max_steps, args.jobs, args.split)
-    steps = {name: trained_steps(path) for name, path in models.items() if name != SEGMENTER}
-
-    # 3. inference on the held-out cases
-    rows = synthesise(out, dataset, models, args.seed, args.split, args.sampling_steps)
+    # 2. training, 3. inference on the held-out cases (and the evaluation's extra rows), as their models are ready
+    done = run_steps(out, dataset, args.time_scale, args.max_steps, args.jobs, args.split, args.seed,
+                     args.sampling_steps)
+    steps = {name: trained_steps(done[name]) for name in TRAINING if name != SEGMENTER}
+    rows = setting_rows(done)
 
     # 4. the enhanced dataset
     enhanced = out / "enhanced" / "Dataset901_GEM3DDemoEnhanced"
@@ -344,7 +395,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     # 5. the evaluation, with its reference rows
     t0 = time.perf_counter()
-    report = evaluate(out, dataset, models, args.seed, args.split, args.max_steps, args.sampling_steps)
+    report = evaluate(out, dataset, done, args.split, args.max_steps)
     print(f"[demo] evaluation in {time.perf_counter() - t0:.0f} s")
 
     # 6. the tables

@@ -89,6 +89,7 @@ def test_write_blocks_replaces_its_own_block_and_inserts_a_new_one_in_section_or
 def toy_sizes(monkeypatch):
     """The UNet sections' configs and latent sizes shrunk to toy models, and the temporal-conv shapes to one."""
     import peers
+    import segmenter_bench
     import temporal_conv_bench
 
     for name in list(peers.CONFIGS):
@@ -96,9 +97,10 @@ def toy_sizes(monkeypatch):
     monkeypatch.setitem(peers.LATENT_SIZE, "paper", 8)
     monkeypatch.setitem(peers.LATENT_SIZE, "demo", 8)
     monkeypatch.setattr(temporal_conv_bench, "SHAPES", {"toy, 2 frames": (2, 8, 4)})
+    monkeypatch.setattr(segmenter_bench, "SHAPE", (32, 32, 32))
 
 
-@pytest.mark.parametrize("section", ["unet_paper", "profile", "temporal_conv"])
+@pytest.mark.parametrize("section", ["unet_paper", "profile", "temporal_conv", "segmenter"])
 def test_section_runs_quick_at_toy_sizes_and_writes_its_block(section, toy_sizes, tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     assert run_all.main(["--only", section, "--quick", "--out", str(out)]) == 0

@@ -67,37 +67,77 @@ def test_training_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("first_stage2", ["demo", "demo_base"])
-def test_the_segmenter_trains_after_both_stage2_models(tmp_path, monkeypatch, first_stage2):
-    """Two at a time, each model after what it waits for; the segmenter shares the machine with the slice model only,
-    whichever stage-2 model finishes first."""
+def test_trainings_and_inferences_share_the_cores_in_order(tmp_path, monkeypatch, first_stage2):
+    """Two at a time, each step after what it waits for; the segmenter starts once both stage-2 models are trained
+    and never shares the machine with a model whose minutes count; the inferences run beside it as soon as their
+    models exist (one thread each while two run)."""
     events, lock = [], threading.Lock()
+    minutes_count = {"demo_autoencoder", "demo_stage1", "demo_base_stage1", "demo", "demo_base"}
 
-    def fake_train_one(name, out, dataset, time_scale, max_steps, threads, split):
-        with lock:
-            events.append(("start", name, threads))
-        time.sleep(0.05 if name == first_stage2 else 0.2 if name in ("demo", "demo_base") else 0.02)
-        with lock:
-            events.append(("end", name, threads))
-        return out / "models" / name
+    def fake(kind, threads_at):
+        def step(name, *args):
+            threads = args[threads_at]
+            with lock:
+                events.append(("start", name, threads))
+            time.sleep({first_stage2: 0.05, "demo_slice": 0.3, "segmenter": 0.8}.get(
+                name, 0.2 if name in ("demo", "demo_base") else 0.02))
+            with lock:
+                events.append(("end", name, threads))
+            return tmp_path / kind / name
+        return step
 
-    monkeypatch.setattr(demo, "train_one", fake_train_one)
-    done = demo.train_models(tmp_path, tmp_path / "dataset", 1.0, None, jobs=2)
-    assert set(done) == set(demo.TRAINING)
+    monkeypatch.setattr(demo, "train_one", fake("models", 4))  # (out, dataset, time_scale, max_steps, threads, split)
+    monkeypatch.setattr(demo, "infer_one", fake("synthetic", 5))  # (out, dataset, split, seed, sampling_steps, threads)
+    done = demo.run_steps(tmp_path, tmp_path / "dataset", 1.0, None, jobs=2)
+    assert set(done) == set(demo.TRAINING) | set(demo.INFERENCE)
+    assert not set(demo.TRAINING) & set(demo.INFERENCE)
+    assert done["icma"] == tmp_path / "synthetic" / "icma" and done["demo"] == tmp_path / "models" / "demo"
     assert events[0] == ("start", "demo_autoencoder", None)  # alone: every thread
+    waits = {**{n: m.waits_for() for n, m in demo.TRAINING.items()},
+             **{n: i.waits_for() for n, i in demo.INFERENCE.items()}}
     running: set[str] = set()
     ended: set[str] = set()
-    for kind, name, threads in events:
+    span = {}  # name -> (index of its start event, index of its end event)
+    for index, (kind, name, threads) in enumerate(events):
+        span[name] = (span.get(name, (index,))[0], index)
         if kind == "end":
             running.discard(name)
             ended.add(name)
             continue
-        assert set(demo.TRAINING[name].waits_for()) <= ended, name
+        assert set(waits[name]) <= ended, name
         assert len(running) < 2, name
         if running:
             assert threads == 1, name  # two at once: one thread each
-        if name == "segmenter":
-            assert running <= {"demo_slice"}, running
         running.add(name)
+    seg_start, seg_end = span["segmenter"]
+    beside_segmenter = {n for n, (a, b) in span.items() if n != "segmenter" and a < seg_end and seg_start < b}
+    assert not beside_segmenter & minutes_count and {"demo_slice", "igma", "counterfactual-t2"} <= beside_segmenter
+    assert demo.INFERENCE["ig"].waits_for() == ("demo", "demo_slice")
+    assert demo.INFERENCE["base"].waits_for() == ("demo_base",)
+    assert demo.INFERENCE["stage1-alone"].waits_for() == ("demo_stage1",)
+
+
+def test_an_inference_runs_its_settings_script_with_the_flags_of_its_config(tmp_path, monkeypatch):
+    """infer_one starts scripts/inference_demo_<setting>.py with the flags inference_config parses (one config for
+    the child and the parent), the donor of a counterfactual by contrast, and skips a counterfactual without one."""
+    dataset, out = tmp_path / "dataset", tmp_path / "out"
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda cmd, log, threads=None: calls.append((cmd, log, threads)))
+    monkeypatch.setattr(demo, "donors_by_contrast", lambda d: {"t1": "case_001"})
+    folder = demo.infer_one("counterfactual-t1", out, dataset, "val", 4, 2, 1)
+    (cmd, log, threads), = calls
+    assert cmd[1] == "scripts/inference_demo_ic.py" and threads == 1
+    assert log == out / "train_logs" / "inference_counterfactual-t1.log"
+    models = out / "models"
+    assert cmd[2:] == demo.inference_argv(dataset, out / "evaluation" / "counterfactual-t1", models / "demo",
+                                          models / "demo_slice", "val", 4, 2, "case_001:0.5")
+    cfg = demo.inference_config("ic", dataset, out / "evaluation" / "counterfactual-t1", models / "demo",
+                                models / "demo_slice", "val", 4, 2, "case_001:0.5")
+    assert folder == cfg.setting_dir and cfg.informed_from == "case_001:0.5" and cfg.sampler.steps == 2
+    assert demo.infer_one("counterfactual-t2", out, dataset, "val", 4, 2, 1) is None and len(calls) == 1
+    demo.infer_one("base", out, dataset, "test", 0, None, None)
+    assert calls[-1][0][1] == "scripts/inference_demo_base.py"
+    assert calls[-1][0][calls[-1][0].index("--model") + 1] == str(models / "demo_base")
 
 
 @pytest.mark.parametrize("steps, informed_from", [(None, None), (2, "case_003:0.5")])

@@ -236,9 +236,18 @@ def test_prediction_type_and_zero_terminal_snr_are_validated_with_the_allowed_va
         make_model(prediction_type=V, zero_terminal_snr="yes")
 
 
+def test_the_demo_trains_gem3d_with_v_and_its_baseline_with_eps():
+    objectives = {}
+    for name in ("demo_stage1", "demo_stage2", "demo_slice", "demo_base_stage1", "demo_base_stage2"):
+        params = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{name}.yaml").model.params
+        objectives[name] = (params.get("prediction_type", "epsilon"), params.get("zero_terminal_snr", False))
+    assert objectives == {"demo_stage1": (V, True), "demo_stage2": (V, True), "demo_slice": (V, True),
+                          "demo_base_stage1": ("epsilon", False), "demo_base_stage2": ("epsilon", False)}
+
+
 def test_a_demo_config_with_an_unknown_prediction_type_fails_before_loading_anything():
     config = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml")
-    assert OmegaConf.select(config, "model.params.prediction_type") in (None, "epsilon")  # the demo stays eps
+    assert OmegaConf.select(config, "model.params.prediction_type") == V  # the demo's GEM-3D models predict v
     config.model.params.prediction_type = "velocity"
     with pytest.raises(ValueError, match=r"prediction_type='velocity' is not supported; allowed: \['epsilon', "
                                          r"'v_prediction'\]"):

@@ -15,6 +15,10 @@ Work folder: ``checkpoint.pt`` (weights, optimiser, iteration, torch RNG state; 
 iterations, removed when training ends) and ``model.pt`` (the finished weights). Every iteration's random choices
 (cases, flips, intensity jitter, patches) are drawn from generators seeded by ``(seed, iteration)``, so a resumed
 training draws what an uninterrupted one would, and the same seed gives the same weights (on the CPU).
+
+The network and its inputs use the ``channels_last_3d`` memory format: oneDNN's 3D convolutions with few channels
+(8-64 here) train about 1.4x faster on the CPU that way (``bench/segmenter_speed.py``); the values are the same up
+to float rounding.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ MIN_SIZE = 2 * DIVISOR  # instance norm needs more than one voxel at the coarses
 INTENSITY_SCALE = 0.1  # jitter: z-scored intensities times U(0.9, 1.1) plus U(-0.1, 0.1)
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
+MEMORY_FORMAT = torch.channels_last_3d
 
 
 def monai_options(settings: SegmenterSettings) -> dict:
@@ -116,7 +121,8 @@ class MonaiSegmenter(Segmenter):
 
     def _build(self, num_labels: int) -> BasicUNet:
         torch.manual_seed(self.settings.seed)
-        return BasicUNet(3, 1, num_labels + 1, features=tuple(self.options["features"])).to(self.device)
+        network = BasicUNet(3, 1, num_labels + 1, features=tuple(self.options["features"]))
+        return network.to(self.device, memory_format=MEMORY_FORMAT)
 
     def _augment(self, whole: bool) -> Compose:
         keys = ["image", "label"]
@@ -174,8 +180,10 @@ class MonaiSegmenter(Segmenter):
         chosen = rng.choice(len(images), size=size, replace=len(images) < size)
         augment.set_random_state(seed=seed)
         items = [augment({"image": images[i], "label": labels[i]}) for i in chosen]
-        return {k: torch.stack([convert_to_tensor(item[k], track_meta=False) for item in items]).to(self.device)
-                for k in ("image", "label")}
+        batch = {k: torch.stack([convert_to_tensor(item[k], track_meta=False) for item in items]).to(self.device)
+                 for k in ("image", "label")}
+        batch["image"] = batch["image"].contiguous(memory_format=MEMORY_FORMAT)
+        return batch
 
     def _save(self, name: str, network: BasicUNet, meta: dict, iteration: int, optimiser=None) -> None:
         state = {"model": network.state_dict(), "iteration": iteration, "meta": meta,
@@ -208,13 +216,13 @@ class MonaiSegmenter(Segmenter):
             state = torch.load(path, map_location=self.device, weights_only=True)
             network = BasicUNet(3, 1, int(state["meta"]["num_labels"]) + 1, features=tuple(self.options["features"]))
             network.load_state_dict(state["model"])
-            self._network = network.to(self.device).eval()
+            self._network = network.to(self.device, memory_format=MEMORY_FORMAT).eval()
         return self._network
 
     def predict_array(self, image: np.ndarray) -> np.ndarray:
         """Labels ``(D, H, W)`` int16 of a canonical raw-intensity volume ``(D, H, W)``."""
         network = self.network()
-        volume = normalise(image)[None].to(self.device)
+        volume = normalise(image)[None].to(self.device).contiguous(memory_format=MEMORY_FORMAT)
         shape = padded_shape(volume.shape[2:])
         with torch.inference_mode():
             if all(s <= p for s, p in zip(shape, self.options["patch"])):
