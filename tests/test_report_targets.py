@@ -68,6 +68,19 @@ def test_ratios_of_the_real_and_autoencoder_rows_with_the_targets_marked_known_a
     assert "through-plane ≤ 1.1× the autoencoder's" in section.lines[1] and "≥ 90% of samples" in section.lines[1]
 
 
+def test_a_ratio_next_to_its_target_gets_the_decimals_that_show_its_verdict():
+    below = lambda x: x >= 0.6  # noqa: E731
+    assert [report.format_ratio(r, below) for r in (0.599, 0.5996, 0.6, 0.613, float("nan"))] == [
+        "0.599×", "0.5996×", "0.60×", "0.61×", "—"]
+    assert report.format_ratio(0.599) == "0.60×" and report.format_ratio(1.1004, lambda x: x <= 1.1) == "1.1004×"
+    records = {REAL_VOLUME_ROW: dict(dice_edema=[1.0]), AUTOENCODER_ROW: dict(through_plane_ratio=[1.0]),
+               "ig": dict(dice_edema=[0.599], through_plane_ratio=[1.1004]),
+               "mine": dict(dice_edema=[0.599], through_plane_ratio=[1.1004])}
+    rows = [tuple(r) for r in report.targets_section(report.summarise(_records(records))).rows]
+    assert rows == [("ig", "1", "0.599× ✗", "≥ 0.6× ✗", "—", "1.1004× ✗", "—"),
+                    ("mine", "1", "0.60×", "none", "—", "1.10×", "—")]  # no target: two decimals
+
+
 def test_the_targets_follow_the_demos_row_names():
     assert [report.fidelity_target(r) for r in ("gem3d", "test", "stage1-alone", "ic", "icma", "counterfactual-t1",
                                                 "ig", "igma", "base", "mine", "counterfactual: ic vs icma")] == [

@@ -15,7 +15,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -252,9 +252,16 @@ def ratio_to(summary: Mapping[str, Mapping[str, Sequence]], row: str, yardstick:
     return value / reference if math.isfinite(value) and math.isfinite(reference) and reference > 0 else math.nan
 
 
-def format_ratio(ratio: float) -> str:
-    """``0.82×`` (an em dash when not measured)."""
-    return f"{ratio:.2f}×" if math.isfinite(ratio) else MISSING
+def format_ratio(ratio: float, passes: Callable[[float], bool] | None = None) -> str:
+    """``0.82×`` (an em dash when not measured), with more decimals where two would cross a target: with ``passes``
+    (the target's test), ``0.599×`` and not ``0.60×`` under a 0.6× target."""
+    if not math.isfinite(ratio):
+        return MISSING
+    for digits in range(2, 7):
+        text = f"{ratio:.{digits}f}"
+        if passes is None or passes(float(text)) == passes(ratio):
+            break
+    return text + "×"
 
 
 def _verdict(text: str, met: bool | None, marked: bool) -> str:
@@ -301,7 +308,8 @@ def targets_section(summary: Mapping[str, Mapping[str, Sequence]]) -> Section | 
         target = fidelity_target(row)
         marked = target is not None
         ratios = [ratio_to(summary, row, REAL_VOLUME_ROW, m) for m in dice]
-        cells = [format_ratio(r) + (f" {UNMET}" if marked and r < target else "") for r in ratios]
+        cells = [format_ratio(r) if not marked
+                 else format_ratio(r, lambda x: x >= target) + (f" {UNMET}" if r < target else "") for r in ratios]
         if target is None:
             verdict = "none"
         else:
@@ -313,8 +321,8 @@ def targets_section(summary: Mapping[str, Mapping[str, Sequence]]) -> Section | 
                        else _verdict("yes" if not below else "no: " + ", ".join(m[len("dice_"):] for m in below),
                                      not below, marked))
         stripes = ratio_to(summary, row, AUTOENCODER_ROW, "through_plane_ratio")
-        stripes_cell = (_verdict(format_ratio(stripes), stripes <= THROUGH_PLANE_TARGET, marked)
-                        if math.isfinite(stripes) else MISSING)
+        stripes_cell = (_verdict(format_ratio(stripes, (lambda x: x <= THROUGH_PLANE_TARGET) if marked else None),
+                                 stripes <= THROUGH_PLANE_TARGET, marked) if math.isfinite(stripes) else MISSING)
         table.append((row, str(_row_n(summary[row])), *cells, verdict, versus_base, stripes_cell,
                       order_kept_cell(summary[row].get("label_order_kept"), marked)))
     columns = ("row", "n", *(f"{label} ×real" for label in labels), "Dice target", f"≥ {BASE_ROW} on every label",
