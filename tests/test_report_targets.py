@@ -178,3 +178,17 @@ def test_evaluation_writes_the_table_into_summary_and_report(tmp_path, threshold
     page = (out / "report.html").read_text()
     assert "<h2>Label fidelity per label and targets</h2>" in page
     assert '<th scope="row">ic</th><td>2</td><td>1.00×</td><td>1.00×</td><td>≥ 0.8× ✓</td>' in page
+
+
+def test_the_section_fits_a_1280_pixel_page_in_headless_chromium(tmp_path):
+    from tests.test_report_html import CHROMIUM, render_check
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium): the page is not rendered")
+    names = {"dice_edema": "dice_peritumoral_edema_long_name", "dice_core": "dice_non-enhancing_tumor_core"}
+    records = {row: {names.get(m, m): v for m, v in metrics.items()} for row, metrics in RECORDS.items()}
+    summary = _summary(records)
+    section = report.targets_section(summary)
+    page = report.write_html(tmp_path / "report.html", "", [], [], [], [], summary=summary, sections=[section])
+    result = render_check(page)
+    assert result["page_overflow"] <= 0 and result["wide_tables"] == 0
