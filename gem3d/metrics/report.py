@@ -895,7 +895,9 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path],
 def main(argv=None) -> int:
     """``python -m gem3d.metrics.report REPORT/metrics.csv``: print the label-fidelity and targets table
     (:func:`targets_section`) of an evaluation's metrics.csv, without reading a volume again."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(description="Print the label-fidelity and targets table of an evaluation's "
+                                     "metrics.csv (Dice per label ×real, ≥ base, through-plane ×AE, label order "
+                                     "kept), without reading a volume again.")
     parser.add_argument("metrics_csv", type=Path, help="metrics.csv of scripts/evaluate.py")
     args = parser.parse_args(argv)
     if not args.metrics_csv.is_file():
