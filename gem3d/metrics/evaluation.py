@@ -23,6 +23,11 @@ Label fidelity (metric group ``segmenter``): a segmenter trained on the real tra
 ``train``, never the evaluated cases; cached in ``--segmenter-cache``) labels every synthetic volume and every
 evaluated real volume; Dice per label against the mask the volume was made from (``dice_<label>``), their mean
 (``dice_mean``) and its ratio to the real volumes' (``dice_ratio``).
+
+After the headline, summary.md and report.html hold a table of each synthetic row's Dice per label as a ratio of
+the real volumes' and its through-plane ratio as a ratio of the autoencoder's, with the label-fidelity targets met
+or not (:func:`.report.targets_section`); ``python -m gem3d.metrics.report REPORT/metrics.csv`` prints it again from
+metrics.csv alone.
 """
 from __future__ import annotations
 
@@ -729,8 +734,8 @@ def informed_plot(out: Path, rows: dict[str, list[SyntheticSample]], real: RealD
 def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows, set_values, counterfactual,
                  real: RealData, cases: list[str], notes: list[str], link_images: bool,
                  sections: list | None = None, scale: IntensityScale = REAL_RANGE) -> str:
-    """metrics.csv, counterfactual.csv, summary.md, the plots and report.html (with ``sections`` after the
-    headline); returns the summary's text."""
+    """metrics.csv, counterfactual.csv, summary.md, the plots and report.html (with the label-fidelity and targets
+    table, :func:`.report.targets_section`, then ``sections`` after the headline); returns the summary's text."""
     metric_rows = [row for _, row in scored]
     report.write_csv(out / "metrics.csv", metric_rows)
     if counterfactual:
@@ -743,6 +748,8 @@ def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows
     if counterfactual:
         cf = report.summarise([{**r, "row": f"counterfactual: {r['row_a']} vs {r['row_b']}"} for r in counterfactual])
         summary.update(cf)
+    targets = report.targets_section(summary)
+    sections = [*([targets] if targets is not None else []), *(sections or ())]
     present = {m for values in summary.values() for m in values}
     metrics = [m for m in SUMMARY_METRICS if m in present]
     metrics += [m for m in ("mean_abs_diff", "follows_donor", "order_b_is_donor_bs") if m in present]
@@ -750,13 +757,13 @@ def write_report(out: Path, scored: list[tuple[SyntheticSample, dict]], all_rows
     per_label = sorted(m for m in present if m.startswith(("psnr_", "ssim_axial_", "mean_diff_", "std_diff_"))
                        and m not in SUMMARY_METRICS)
     text = report.summary_markdown(summary, metrics, notes, {"Per label (inside each label of the mask)": per_label},
-                                   sections or ())
+                                   sections)
     atomic_write_text(out / "summary.md", text)
     plot_paths = plots(out, all_rows, real, cases, scale)
     columns = [c for c in dict.fromkeys(k for r in metric_rows for k in r) if c not in ("row",)]
     html_samples = [(s.preview_path, row) for s, row in scored if s.row != REAL_VOLUME_ROW]
     report.write_html(out / "report.html", text, plot_paths, html_samples, columns, notes, embed=not link_images,
-                      summary=summary, sections=sections or ())
+                      summary=summary, sections=sections)
     return text
 
 

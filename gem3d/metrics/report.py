@@ -6,6 +6,7 @@ The report leads with a headline table: the rows (yardsticks first) against the 
 a yardstick row or miss a target. Per-label, per-sample and every-metric tables are folded away in ``<details>``."""
 from __future__ import annotations
 
+import argparse
 import base64
 import csv
 import html
@@ -14,7 +15,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -78,6 +79,8 @@ REFERENCE_PREFIX = "reference:"
 YARDSTICK_ORDER = (COPY_ROW, AUTOENCODER_ROW, REAL_VOLUME_ROW, REAL_ROW)
 LEAD_ROWS = ("stage1-alone", "gem3d", BASE_ROW)  # after the yardsticks, before the other rows
 MISSING = "—"
+THROUGH_PLANE_TARGET = 1.1  # the through-plane gradient ratio: at most this x the autoencoder's
+LABEL_ORDER_TARGET = 0.9  # the label intensity order: kept on at least this fraction of samples
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 
@@ -109,13 +112,13 @@ HEADLINE = (
     HeadlineColumn("through_plane_ratio", "through / in-plane gradient",
                    "through-plane / in-plane gradient inside the body; stripes raise it. The row 'real' holds the "
                    "real volumes' value, the autoencoder's is the ceiling; '×AE' = this row's value / the "
-                   "autoencoder's", "above_times", AUTOENCODER_ROW, 1.1),
+                   "autoencoder's", "above_times", AUTOENCODER_ROW, THROUGH_PLANE_TARGET),
     HeadlineColumn("outside_mean_diff", "outside diff",
                    "mean intensity outside the body minus the real volume's, [0, 1] scale; target |x| ≤ 0.02",
                    "abs_above", None, 0.02),
     HeadlineColumn("label_order_kept", "label order kept",
                    "fraction of samples whose labels' mean intensities keep the real volume's order; target ≥ 0.9",
-                   "below_bound", None, 0.9),
+                   "below_bound", None, LABEL_ORDER_TARGET),
     HeadlineColumn("dice_mean", "Dice mean",
                    "a segmenter's Dice against the mask the volume was generated from, mean over labels",
                    "below", BASE_ROW),
@@ -219,6 +222,132 @@ def time_memory_section(records: Mapping[str, Sequence[Mapping]]) -> Section | N
                                                    "peak RSS (MiB)", "RSS scope", "CUDA peak (MiB)"), rows, lines)
 
 
+# ------------------------------------------------------------------------------------------------ targets
+# the mask-true work's targets on label fidelity: each label's Dice as a ratio of the real volumes', by report row (the
+# names gem3d.demo gives: gem3d = the test setting; ig and igma generate their informed slice); other rows have none
+FIDELITY_TARGETS = {"gem3d": 0.8, "test": 0.8, "stage1-alone": 0.8, "ic": 0.8, "icma": 0.8, "ig": 0.6, "igma": 0.6}
+COUNTERFACTUAL_ROW_PREFIX = "counterfactual-"  # the demo's ic rows with a chosen donor: the ic target
+COUNTERFACTUAL_TARGET = 0.8
+MET, UNMET = "✓", "✗"
+DICE_SUMMARY_COLUMNS = ("dice_mean", "dice_ratio")  # dice_* columns that are not one label's Dice
+
+
+def fidelity_target(row: str) -> float | None:
+    """The label-fidelity target of a report row (per-label Dice / the real volumes'), None where none is set."""
+    if row in FIDELITY_TARGETS:
+        return FIDELITY_TARGETS[row]
+    return COUNTERFACTUAL_TARGET if row.startswith(COUNTERFACTUAL_ROW_PREFIX) else None
+
+
+def fidelity_targets_text() -> str:
+    """``≥ 0.8× real on every label for gem3d, ..., counterfactual-*; ≥ 0.6× for ig, igma``, from the targets."""
+    by_target: dict[float, list[str]] = {}
+    for row, target in FIDELITY_TARGETS.items():
+        by_target.setdefault(target, []).append(row)
+    by_target.setdefault(COUNTERFACTUAL_TARGET, []).append(COUNTERFACTUAL_ROW_PREFIX + "*")
+    parts = [f"≥ {target:g}×" + (" real on every label" if index == 0 else "") + " for " + ", ".join(rows)
+             for index, (target, rows) in enumerate(sorted(by_target.items(), reverse=True))]
+    return "; ".join(parts)
+
+
+def dice_label_metrics(summary: Mapping[str, Mapping[str, Sequence]]) -> list[str]:
+    """The per-label Dice metrics (``dice_<label>``) of ``summary``: the real volumes' row's first, first-seen order."""
+    rows = [REAL_VOLUME_ROW, *summary] if REAL_VOLUME_ROW in summary else list(summary)
+    return list(dict.fromkeys(m for row in rows for m in summary[row]
+                              if m.startswith("dice_") and m not in DICE_SUMMARY_COLUMNS))
+
+
+def ratio_to(summary: Mapping[str, Mapping[str, Sequence]], row: str, yardstick: str, metric: str) -> float:
+    """``row``'s mean of ``metric`` / ``yardstick``'s (NaN where either is missing or the yardstick's is not > 0)."""
+    value, reference = _mean(summary, row, metric), _mean(summary, yardstick, metric)
+    return value / reference if math.isfinite(value) and math.isfinite(reference) and reference > 0 else math.nan
+
+
+def format_ratio(ratio: float, passes: Callable[[float], bool] | None = None) -> str:
+    """``0.82×`` (an em dash when not measured), with more decimals where two would cross a target: with ``passes``
+    (the target's test), ``0.599×`` and not ``0.60×`` under a 0.6× target."""
+    if not math.isfinite(ratio):
+        return MISSING
+    for digits in range(2, 7):
+        text = f"{ratio:.{digits}f}"
+        if passes is None or passes(float(text)) == passes(ratio):
+            break
+    return text + "×"
+
+
+def _verdict(text: str, met: bool | None, marked: bool) -> str:
+    return f"{text} {MET if met else UNMET}" if marked and met is not None else text
+
+
+def labels_below_base(summary: Mapping[str, Mapping[str, Sequence]], row: str,
+                      metrics: Sequence[str]) -> list[str] | None:
+    """The ``metrics`` on which ``row``'s mean is below the row ``base``'s (over the metrics both measured); None
+    for ``base`` itself, without a ``base`` row, or without a metric both measured."""
+    if row == BASE_ROW or BASE_ROW not in summary:
+        return None
+    pairs = [(m, _mean(summary, row, m), _mean(summary, BASE_ROW, m)) for m in metrics]
+    pairs = [(m, value, base) for m, value, base in pairs if math.isfinite(value) and math.isfinite(base)]
+    return None if not pairs else [m for m, value, base in pairs if value < base]
+
+
+def order_kept_cell(aggregate: Sequence | None, marked: bool) -> str:
+    """``4/6 ✗``: samples that kept the label intensity order, of the row's samples, marked against the target."""
+    if aggregate is None or not aggregate[2] or not math.isfinite(aggregate[0]):
+        return MISSING
+    n = int(aggregate[2])
+    values = getattr(aggregate, "values", ())
+    kept = sum(values) if len(values) == n else aggregate[0] * n
+    return _verdict(f"{kept:.3g}/{n}", aggregate[0] >= LABEL_ORDER_TARGET, marked)
+
+
+def targets_section(summary: Mapping[str, Mapping[str, Sequence]]) -> Section | None:
+    """The ``Label fidelity per label and targets`` section: one line per synthetic row (not the yardsticks, not
+    the counterfactual pairs) with each label's mean Dice / the ``reference: real volume`` row's, the row's
+    fidelity target and whether it is met, whether it is >= ``base`` on every label, its through-plane ratio / the
+    ``reference: autoencoder`` row's and its kept label order. Targets are marked met (✓) or unmet (✗) only on rows
+    with a fidelity target (:func:`fidelity_target`, the GEM-3D rows); a missing reference row gives em dashes.
+    None when no synthetic row has one of these metrics."""
+    dice = dice_label_metrics(summary)
+    wanted = {*dice, "through_plane_ratio", "label_order_kept"}
+    rows = [r for r in order_rows(summary)
+            if not is_yardstick(r) and not is_pair_row(summary[r]) and wanted & set(summary[r])]
+    if not rows:
+        return None
+    labels = [m[len("dice_"):] for m in dice]
+    table = []
+    for row in rows:
+        target = fidelity_target(row)
+        marked = target is not None
+        ratios = [ratio_to(summary, row, REAL_VOLUME_ROW, m) for m in dice]
+        cells = [format_ratio(r) if not marked
+                 else format_ratio(r, lambda x: x >= target) + (f" {UNMET}" if r < target else "") for r in ratios]
+        if target is None:
+            verdict = "none"
+        else:
+            measured = bool(ratios) and all(map(math.isfinite, ratios))
+            met = False if any(r < target for r in ratios) else (True if measured else None)
+            verdict = f"≥ {target:g}× " + {True: MET, False: UNMET, None: MISSING}[met]
+        below = labels_below_base(summary, row, dice)
+        versus_base = (MISSING if below is None
+                       else _verdict("yes" if not below else "no: " + ", ".join(m[len("dice_"):] for m in below),
+                                     not below, marked))
+        stripes = ratio_to(summary, row, AUTOENCODER_ROW, "through_plane_ratio")
+        stripes_cell = (_verdict(format_ratio(stripes, (lambda x: x <= THROUGH_PLANE_TARGET) if marked else None),
+                                 stripes <= THROUGH_PLANE_TARGET, marked) if math.isfinite(stripes) else MISSING)
+        table.append((row, str(_row_n(summary[row])), *cells, verdict, versus_base, stripes_cell,
+                      order_kept_cell(summary[row].get("label_order_kept"), marked)))
+    columns = ("row", "n", *(f"{label} ×real" for label in labels), "Dice target", f"≥ {BASE_ROW} on every label",
+               "through-plane ×AE", "label order kept")
+    lines = (f"LABEL ×real: the row's mean dice_LABEL / that of the row '{REAL_VOLUME_ROW}' (the same segmenter on "
+             f"the real volumes); through-plane ×AE: the row's mean through_plane_ratio / that of the row "
+             f"'{AUTOENCODER_ROW}'; label order kept: samples that keep the real volume's label intensity order, "
+             f"of n; {MISSING} = not measured (no such reference row or metric)",
+             f"targets ({MET} met, {UNMET} unmet; marked only on the GEM-3D rows): Dice {fidelity_targets_text()} "
+             f"(gem3d = the test setting); ≥ {BASE_ROW} on every label; through-plane ≤ {THROUGH_PLANE_TARGET:g}× "
+             f"the autoencoder's; label order kept on ≥ {LABEL_ORDER_TARGET:.0%} of samples")
+    return Section("Label fidelity per label and targets", columns, table, lines)
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
     """One row per dict; columns: the union of the keys, in first-seen order."""
@@ -229,6 +358,24 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
         for row in rows:
             writer.writerow({k: _cell(v) for k, v in row.items()})
     return Path(path)
+
+
+def read_csv(path: str | Path) -> list[dict[str, object]]:
+    """The rows of a metrics.csv that :func:`write_csv` wrote: the identity columns (``IDENTITY_KEYS``) as text,
+    the other cells as floats where they are numbers, empty cells left out (as :func:`summarise` reads them)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            row: dict[str, object] = {}
+            for key, text in record.items():
+                if text in ("", None):
+                    continue
+                try:
+                    row[key] = text if key in IDENTITY_KEYS else float(text)
+                except ValueError:
+                    row[key] = text
+            rows.append(row)
+    return rows
 
 
 def _cell(value) -> object:
@@ -742,3 +889,26 @@ def write_html(path: str | Path, summary_md_table: str, plots: Sequence[Path],
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>")
     return atomic_write_text(path, "\n".join(parts))
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def main(argv=None) -> int:
+    """``python -m gem3d.metrics.report REPORT/metrics.csv``: print the label-fidelity and targets table
+    (:func:`targets_section`) of an evaluation's metrics.csv, without reading a volume again."""
+    parser = argparse.ArgumentParser(description="Print the label-fidelity and targets table of an evaluation's "
+                                     "metrics.csv (Dice per label ×real, ≥ base, through-plane ×AE, label order "
+                                     "kept), without reading a volume again.")
+    parser.add_argument("metrics_csv", type=Path, help="metrics.csv of scripts/evaluate.py")
+    args = parser.parse_args(argv)
+    if not args.metrics_csv.is_file():
+        parser.error(f"no such file: {args.metrics_csv}")
+    section = targets_section(summarise(read_csv(args.metrics_csv)))
+    if section is None:
+        print(f"{args.metrics_csv}: no synthetic row has dice_<label>, through_plane_ratio or label_order_kept")
+        return 1
+    print("\n".join(section.markdown()).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
