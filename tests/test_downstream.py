@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -92,7 +92,7 @@ class RecordingSegmenter(FakeSegmenter):
             FakeSegmenter.stop_after = len(FakeSegmenter.steps) + self.factory.fail_after
         waiter, awaited = self.factory.side_by_side or ("", "")
         if waiter and waiter in str(self.work_dir):  # wait until the other run has started: both run at once
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while not any(line.startswith("train-start") and awaited in line
                           for line in Path(self.factory.record).read_text().splitlines()):
                 if time.monotonic() > deadline:
@@ -427,8 +427,8 @@ def test_jobs_2_failure_names_the_run_keeps_finished_runs_and_resumes(data, tmp_
                                         r"their result.json, a rerun resumes the others$") as raised:
         run_experiment(cfg, factory=failing, log=messages.append)
     assert isinstance(raised.value.__cause__, KeyboardInterrupt)
-    assert "[downstream 2/3] 2 real, real+icma, seed 0: failed (KeyboardInterrupt: simulated interruption); " \
-           "starting no more runs, 1 still in flight" in messages
+    assert any(re.fullmatch(r"\[downstream 2/3\] 2 real, real\+icma, seed 0: failed \(KeyboardInterrupt: simulated "
+                            r"interruption\); starting no more runs, [01] still in flight", m) for m in messages)
     assert (cfg.out / "runs/n2/real/seed0/result.json").is_file()  # in flight beside the failure: finished
     assert not (cfg.out / "runs/n2/real+icma/seed0/result.json").exists()
     assert json.loads((cfg.out / "runs/n2/real+icma/seed0/segmenter/state.json").read_text())["step"] == 2
