@@ -38,12 +38,14 @@ demo: venv
 	$(PY) scripts/demo.py --out $(DEMO_OUT)
 
 # the downstream experiment on the demo's models: it synthesises from the first training cases' masks (never a
-# test case's), then trains segmenters; DOWNSTREAM_ARGS adds or overrides flags (see --help)
+# test case's), then trains segmenters, two at once (one thread each, both cores); DOWNSTREAM_ARGS adds or
+# overrides flags (see --help; e.g. --jobs 1)
 DOWNSTREAM_ARGS ?=
 downstream: venv
 	$(PY) scripts/downstream.py --real $(DEMO_OUT)/dataset --out $(DEMO_OUT)/downstream \
 		--synthetic $(DEMO_OUT)/downstream/synthetic --model gem3d=$(DEMO_OUT)/models/demo \
-		--model base=$(DEMO_OUT)/models/demo_base --slice-model $(DEMO_OUT)/models/demo_slice $(DOWNSTREAM_ARGS)
+		--model base=$(DEMO_OUT)/models/demo_base --slice-model $(DEMO_OUT)/models/demo_slice --jobs 2 \
+		$(DOWNSTREAM_ARGS)
 
 BENCH_ARGS ?= --quick --threads 1
 

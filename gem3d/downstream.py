@@ -22,23 +22,34 @@ Layout of ``out``: ``runs/<regime>/<condition>/seed<k>/`` (``segmenter/`` the ba
 ``predictions/``, ``result.json`` written last: the done-stamp), ``results.csv`` (one row per run, test case and
 label), ``summary.md``, ``summary.json``, ``downstream.png`` and ``downstream.html``. A rerun skips every run with a
 ``result.json`` and lets the backend resume an interrupted training.
+
+**Parallel runs** (``jobs`` > 1, ``--jobs N``): up to N runs train at once, each in a worker process of its own
+(``spawn``, one torch thread, ``OMP_NUM_THREADS=1``, progress bars off); a ``real+filtered`` run starts only after
+the ``real`` run of its regime and seed has finished (it scores the synthetic cases with that segmenter). Every run
+seeds itself, so its result does not depend on ``jobs``; log lines are printed as runs finish, and the results are
+summarised in run order. ``jobs`` = 1 trains every run in this process, one after another.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import html
 import json
 import math
+import multiprocessing
+import os
+import pickle
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy import stats
 
 from gem3d.data.datasets import default_splits_path, read_splits
@@ -48,8 +59,8 @@ from gem3d.files import atomic_path, atomic_write_json, atomic_write_text
 from gem3d.metrics.labels import dice_per_label, mean_dice
 from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase, get_segmenter
 
-__all__ = ["DownstreamConfig", "Run", "Synthesis", "synthesise", "needed_settings", "parse_condition", "plan_runs", "run_experiment", "bootstrap_ci",
-           "paired_differences", "summarise", "main"]
+__all__ = ["DownstreamConfig", "Run", "RunFailed", "Synthesis", "synthesise", "needed_settings", "parse_condition",
+           "plan_runs", "run_experiment", "bootstrap_ci", "paired_differences", "summarise", "main"]
 
 SETTINGS = ("ic", "icma", "ig", "igma", "base")
 GEM3D_SETTINGS = ("ic", "icma", "ig", "igma")
@@ -65,7 +76,7 @@ DEMO_ITERATIONS = 200
 @dataclass(frozen=True)
 class DownstreamConfig:
     """One experiment: where the data are, what to train, how (``segmenter``: backend, iterations, device, options;
-    its seed is replaced by each run's seed)."""
+    its seed is replaced by each run's seed); ``jobs``: runs trained at once, each in its own worker process."""
 
     real: Path
     synthetic: Path
@@ -79,6 +90,11 @@ class DownstreamConfig:
     filter_settings: tuple[str, ...] = GEM3D_SETTINGS
     resamples: int = 10000
     progress: bool = True
+    jobs: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
+            raise ValueError(f"jobs must be an int >= 1 (runs trained at once), got {self.jobs!r}")
 
 
 @dataclass(frozen=True)
@@ -302,38 +318,167 @@ def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], datas
     return result
 
 
+class RunFailed(RuntimeError):
+    """A run failed in its worker process (``jobs`` > 1); the message names the run and the worker's error."""
+
+
+def _tag(index: int, total: int, run: Run) -> str:
+    return f"[downstream {index}/{total}] {run.regime} real, {run.condition}, seed {run.seed}"
+
+
+def _finished_result(config: DownstreamConfig, run: Run, factory: Callable[..., Segmenter],
+                     dataset: RawDataset) -> dict[str, Any] | None:
+    """The run's ``result.json`` when it is finished (trained with the asked segmenter settings), else None."""
+    path = run.folder(config.out) / RESULT_FILE
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    wanted = _segmenter(config, run, factory, dataset.labels).settings
+    held = done["segmenter"]
+    if (held["backend"], held["iterations"], held["options"]) != (wanted.backend, wanted.iterations,
+                                                                  json.loads(json.dumps(wanted.options))):
+        raise ValueError(f"{path} was trained with other segmenter settings ({held}); asked for "
+                         f"{wanted.backend}, {wanted.iterations} iterations, options {wanted.options}: "
+                         "use another --out")
+    return done
+
+
+def _training_line(tag: str, run: Run) -> str:
+    candidates = " candidate (before the filter)" if run.condition == FILTERED else ""
+    return f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)}{candidates} synthetic cases"
+
+
+def _finished_line(tag: str, config: DownstreamConfig, result: dict[str, Any]) -> str:
+    per_iteration = result["train_seconds"] / max(1, config.segmenter.iterations)
+    return (f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s "
+            f"({per_iteration:.2f} s an iteration)")
+
+
 def run_experiment(config: DownstreamConfig, factory: Callable[..., Segmenter] = get_segmenter,
                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every run's result (finished runs read from their ``result.json``), then the summary files."""
+    """Every run's result in run order (finished runs read from their ``result.json``), then the summary files.
+    ``config.jobs`` > 1 trains in worker processes, so ``factory`` must then pickle (a module-level function or
+    class); a run that fails there raises :class:`RunFailed`."""
     runs, test_cases, dataset = plan_runs(config)
-    results, real_segmenters = [], {}
     start = time.perf_counter()
+    if config.jobs == 1:
+        results = _run_in_process(config, runs, test_cases, dataset, factory, log)
+    else:
+        results = _run_in_workers(config, runs, test_cases, dataset, factory, log)
+    write_summary(config, results, dataset, time.perf_counter() - start)
+    return results
+
+
+def _run_in_process(config: DownstreamConfig, runs: Sequence[Run], test_cases: Sequence[str], dataset: RawDataset,
+                    factory: Callable[..., Segmenter], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``jobs`` = 1: every run in this process, one after another, in run order."""
+    results, real_segmenters = [], {}
     for index, run in enumerate(runs, 1):
-        path = run.folder(config.out) / RESULT_FILE
-        tag = f"[downstream {index}/{len(runs)}] {run.regime} real, {run.condition}, seed {run.seed}"
-        if path.is_file():
-            done = json.loads(path.read_text())
-            wanted = _segmenter(config, run, factory, dataset.labels).settings
-            held = done["segmenter"]
-            if (held["backend"], held["iterations"], held["options"]) != (wanted.backend, wanted.iterations,
-                                                                          json.loads(json.dumps(wanted.options))):
-                raise ValueError(f"{path} was trained with other segmenter settings ({held}); asked for "
-                                 f"{wanted.backend}, {wanted.iterations} iterations, options {wanted.options}: "
-                                 "use another --out")
+        tag = _tag(index, len(runs), run)
+        done = _finished_result(config, run, factory, dataset)
+        if done is not None:
             results.append(done)
             if run.condition == REAL:
                 real_segmenters[(run.regime, run.seed)] = (run, _segmenter(config, run, factory, dataset.labels))
             log(f"{tag}: done before, skipped")
             continue
-        candidates = " candidate (before the filter)" if run.condition == FILTERED else ""
-        log(f"{tag}: training on {len(run.real_cases)} real + {len(run.synthetic_cases)}{candidates} synthetic cases")
+        log(_training_line(tag, run))
         result = run_one(config, run, test_cases, dataset, factory, real_segmenters)
         results.append(result)
-        per_iteration = result["train_seconds"] / max(1, config.segmenter.iterations)
-        log(f"{tag}: mean Dice {np.nanmean(list(_case_means(result).values())):.3f} in {result['seconds']:.0f} s "
-            f"({per_iteration:.2f} s an iteration)")
-    write_summary(config, results, dataset, time.perf_counter() - start)
+        log(_finished_line(tag, config, result))
     return results
+
+
+def _start_worker(backends: dict[str, str]) -> None:
+    """Set up a worker process: one OpenMP and torch thread (two one-thread trainings on two cores are faster than
+    one two-thread training after the other), and the parent's segmenter backends (those registered at run time
+    included)."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # and for the processes it starts (nnU-Net's augmentation workers)
+    torch.set_num_threads(1)
+    BACKENDS.update(backends)
+
+
+def _train_in_worker(config: DownstreamConfig, run: Run, real_run: Run | None, test_cases: Sequence[str],
+                     dataset: RawDataset, factory: Callable[..., Segmenter]) -> dict[str, Any]:
+    """One run in a worker process; a ``real+filtered`` run reads the trained segmenter of ``real_run`` from its
+    folder."""
+    real_segmenters = {}
+    if real_run is not None:
+        real_segmenters[(real_run.regime, real_run.seed)] = (
+            real_run, _segmenter(config, real_run, factory, dataset.labels))
+    return run_one(config, run, test_cases, dataset, factory, real_segmenters)
+
+
+def _check_picklable(factory: Callable[..., Segmenter], jobs: int) -> None:
+    try:
+        pickle.dumps(factory)
+    except Exception as err:  # noqa: BLE001  (PicklingError, AttributeError, TypeError: whatever pickle raises)
+        raise ValueError(f"jobs={jobs} trains each run in a worker process, which needs a segmenter factory that "
+                         f"pickles (a module-level function or class, or an instance of one); {factory!r} does "
+                         f"not: {err}") from err
+
+
+def _run_in_workers(config: DownstreamConfig, runs: Sequence[Run], test_cases: Sequence[str], dataset: RawDataset,
+                    factory: Callable[..., Segmenter], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``jobs`` > 1: finished runs are skipped here; the others train in up to ``jobs`` spawned worker processes,
+    started in run order as soon as a worker is free (``real+filtered`` once its ``real`` run has finished). After a
+    failure no run starts; the runs in flight finish (and keep their ``result.json``), then :class:`RunFailed`."""
+    results: dict[int, dict[str, Any]] = {}
+    pending: list[int] = []
+    real_finished: set[tuple[str, int]] = set()
+    for index, run in enumerate(runs):
+        done = _finished_result(config, run, factory, dataset)
+        if done is None:
+            pending.append(index)
+            continue
+        results[index] = done
+        if run.condition == REAL:
+            real_finished.add((run.regime, run.seed))
+        log(f"{_tag(index + 1, len(runs), run)}: done before, skipped")
+    if not pending:
+        return [results[i] for i in sorted(results)]
+    _check_picklable(factory, config.jobs)
+    real_runs = {(r.regime, r.seed): r for r in runs if r.condition == REAL}
+    worker_config = replace(config, progress=False)  # one progress bar per worker would interleave
+    failures: list[tuple[int, BaseException]] = []
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(config.jobs, len(pending)), mp_context=context,
+                                                initializer=_start_worker, initargs=(dict(BACKENDS),)) as pool:
+        running: dict[concurrent.futures.Future, int] = {}
+        while running or (pending and not failures):
+            ready = [i for i in pending if runs[i].condition != FILTERED
+                     or (runs[i].regime, runs[i].seed) in real_finished]
+            for index in ([] if failures else ready[: config.jobs - len(running)]):
+                run = runs[index]
+                pending.remove(index)
+                real_run = real_runs[(run.regime, run.seed)] if run.condition == FILTERED else None
+                log(_training_line(_tag(index + 1, len(runs), run), run))
+                future = pool.submit(_train_in_worker, worker_config, run, real_run, test_cases, dataset, factory)
+                running[future] = index
+            if not running:  # cannot happen: a real run is always ready, and it is planned before its filtered run
+                raise RuntimeError(f"no run can start: {[_tag(i + 1, len(runs), runs[i]) for i in pending]}")
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in sorted(finished, key=running.__getitem__):
+                index = running.pop(future)
+                run, tag = runs[index], _tag(index + 1, len(runs), runs[index])
+                try:
+                    results[index] = future.result()
+                except BaseException as err:  # noqa: BLE001  (a worker's KeyboardInterrupt included)
+                    failures.append((index, err))
+                    log(f"{tag}: failed ({type(err).__name__}: {err}); starting no more runs, "
+                        f"{len(running)} still in flight")
+                    continue
+                if run.condition == REAL:
+                    real_finished.add((run.regime, run.seed))
+                log(_finished_line(tag, config, results[index]))
+    if failures:
+        index, err = failures[0]
+        others = [_tag(i + 1, len(runs), runs[i]) for i, _ in failures[1:]]
+        also = f" (failed too: {'; '.join(others)})" if others else ""
+        raise RunFailed(f"{_tag(index + 1, len(runs), runs[index])}: failed in its worker process: "
+                        f"{type(err).__name__}: {err}{also}; finished runs keep their result.json, a rerun "
+                        "resumes the others") from err
+    return [results[i] for i in sorted(results)]
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------
@@ -548,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the settings whose synthetic cases real+filtered considers")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--jobs", type=int, default=DownstreamConfig.jobs,
+                   help="runs trained at once, each in its own process at one thread (2 on a 2-core CPU); "
+                        "real+filtered runs wait for their real run")
     g = p.add_argument_group("synthesis", "make the synthetic cases first, from the regimes' training masks")
     g.add_argument("--model", action="append", type=_model, default=[], metavar="gem3d=DIR|base=DIR",
                    help="model folders: gem3d (ic, icma, ig, igma) and base; without --model, SYNTHETIC must hold "
@@ -589,7 +737,7 @@ def config_from_args(args: argparse.Namespace) -> DownstreamConfig:
     return DownstreamConfig(real=args.real, synthetic=args.synthetic, out=args.out, conditions=tuple(conditions),
                             real_counts=tuple(args.real_counts), seeds=tuple(args.seeds), segmenter=segmenter,
                             splits=args.splits, min_dice=args.min_dice, filter_settings=tuple(args.filter_settings),
-                            resamples=args.resamples, progress=not args.no_progress)
+                            resamples=args.resamples, progress=not args.no_progress, jobs=args.jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

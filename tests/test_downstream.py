@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -12,8 +16,8 @@ import numpy as np
 import pytest
 
 from gem3d import downstream
-from gem3d.downstream import (DownstreamConfig, bootstrap_ci, paired_differences, parse_condition, plan_runs,
-                              run_experiment, summarise)
+from gem3d.downstream import (DownstreamConfig, RunFailed, bootstrap_ci, paired_differences, parse_condition,
+                              plan_runs, run_experiment, summarise)
 from gem3d.files import atomic_write_json
 from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase
 
@@ -70,6 +74,64 @@ class FakeSegmenter(Segmenter):
         return outputs
 
 
+class RecordingSegmenter(FakeSegmenter):
+    """A :class:`FakeSegmenter` that appends what it does to a record file shared by every process (``event pid
+    work_dir [out_dir]`` lines); made by :class:`RecordingFactory`."""
+
+    factory: "RecordingFactory"
+
+    def _note(self, event: str, *more: object) -> None:
+        with open(self.factory.record, "a") as handle:
+            handle.write(" ".join([event, str(os.getpid()), str(self.work_dir), *map(str, more)]) + "\n")
+
+    def train(self, cases: Sequence[TrainingCase], progress: bool = True) -> None:
+        state_path = self.work_dir / "state.json"
+        self._note("train-start", json.loads(state_path.read_text())["step"] if state_path.is_file() else 0)
+        interrupted = self.factory.fail_in is not None and self.factory.fail_in in str(self.work_dir)
+        if interrupted:  # after fail_after iterations
+            FakeSegmenter.stop_after = len(FakeSegmenter.steps) + self.factory.fail_after
+        waiter, awaited = self.factory.side_by_side or ("", "")
+        if waiter and waiter in str(self.work_dir):  # wait until the other run has started: both run at once
+            deadline = time.monotonic() + 120
+            while not any(line.startswith("train-start") and awaited in line
+                          for line in Path(self.factory.record).read_text().splitlines()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.work_dir}: no run of {awaited!r} started beside it")
+                time.sleep(0.05)
+        try:
+            super().train(cases, progress)
+        finally:
+            if interrupted:
+                FakeSegmenter.stop_after = None
+        self._note("trained")
+
+    def predict(self, images: Sequence[Path], out_dir, progress: bool = True) -> list[Path]:
+        self._note("predict", out_dir)
+        return super().predict(images, out_dir, progress)
+
+
+@dataclass(frozen=True)
+class RecordingFactory:
+    """A segmenter factory that pickles (``jobs`` > 1 sends it to worker processes): :class:`RecordingSegmenter`
+    objects writing to ``record``; ``fail_in``: training in work folders containing it is interrupted
+    (``KeyboardInterrupt``) after ``fail_after`` iterations; ``side_by_side`` = (waiter, awaited): a run whose folder
+    contains ``waiter`` trains only once one containing ``awaited`` has started."""
+
+    record: Path
+    fail_in: str | None = None
+    fail_after: int = 0
+    side_by_side: tuple[str, str] | None = None
+
+    def __call__(self, settings: SegmenterSettings, work_dir) -> RecordingSegmenter:
+        segmenter = RecordingSegmenter(settings, work_dir)
+        segmenter.factory = self
+        return segmenter
+
+
+def read_record(path: Path) -> list[list[str]]:
+    return [line.split(" ") for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 @pytest.fixture()
 def fake_backend(monkeypatch):
     monkeypatch.setitem(BACKENDS, "fake", f"{__name__}:FakeSegmenter")
@@ -124,7 +186,7 @@ def config(data, tmp_path, settings, **kw) -> DownstreamConfig:
     real, synthetic = data
     defaults = dict(conditions=("real", "real+icma", "real+base", "icma-only"), real_counts=("2",), seeds=(0, 1),
                     segmenter=settings, resamples=2000, progress=False)
-    return DownstreamConfig(real=real, synthetic=synthetic, out=tmp_path / "out", **{**defaults, **kw})
+    return DownstreamConfig(real=real, synthetic=synthetic, **{"out": tmp_path / "out", **defaults, **kw})
 
 
 # -- conditions, regimes -------------------------------------------------------------------------------------------
@@ -277,6 +339,125 @@ def test_cli_prints_the_table(data, tmp_path, fake_backend, capsys):
     code = downstream.main(["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "bad"),
                             "--backend", "fake", "--conditions", "real", "synthetic"])
     assert code == 2 and "error: condition 'synthetic' is not one of" in capsys.readouterr().err
+
+
+# -- --jobs N: runs in worker processes ---------------------------------------------------------------------------
+def dice_lines(messages: Sequence[str]) -> list[str]:
+    """The finished-run log lines without their times: ``[downstream i/n] ...: mean Dice x.xxx``, sorted."""
+    return sorted(m.partition(" in ")[0] for m in messages if ": mean Dice " in m)
+
+
+def outputs(out: Path) -> tuple[list, str, str]:
+    """What a summary says, without its times: the summary rows, the markdown table and ``results.csv``."""
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    for row in rows:
+        row.pop("minutes")
+    table = (out / "summary.md").read_text().partition("\n\n|")[2]
+    return rows, table, (out / "results.csv").read_text()
+
+
+def test_jobs_2_gives_the_results_of_jobs_1_runs_side_by_side_and_filtered_after_real(data, tmp_path, fake_backend):
+    """The same result.json values and summary as jobs=1; two runs at once in worker processes; a real+filtered
+    run waits for its real run while later runs go ahead; a rerun skips everything and rewrites the same summary."""
+    kw = dict(conditions=("real", "real+filtered", "real+icma", "real+base"), min_dice=0.8,
+              filter_settings=("icma", "base"))
+    one = config(data, tmp_path, fake_backend, **kw)
+    two = config(data, tmp_path, fake_backend, out=tmp_path / "two", jobs=2, **kw)
+    record = tmp_path / "record.txt"
+    # real seed 0 trains only once real+icma seed 0 has started beside it (it would time out one run at a time)
+    factory = RecordingFactory(record, side_by_side=("/real/seed0/", "/real+icma/seed0/"))
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    results_one = run_experiment(one, log=logs[1].append)
+    results_two = run_experiment(two, factory=factory, log=logs[2].append)
+
+    keys = ("regime", "condition", "seed", "real_cases", "synthetic_cases", "filter_scores", "dice")
+    assert [{k: r[k] for k in keys} for r in results_two] == [{k: r[k] for k in keys} for r in results_one]
+    folders = sorted(p.parent.relative_to(one.out) for p in (one.out / "runs").glob("*/*/seed*/result.json"))
+    assert len(folders) == 8 and folders == sorted(p.parent.relative_to(two.out)
+                                                   for p in (two.out / "runs").glob("*/*/seed*/result.json"))
+    for folder in folders:
+        read = [json.loads((out / folder / "result.json").read_text()) for out in (one.out, two.out)]
+        assert [r["dice"] for r in read[1:]] == [read[0]["dice"]] and read[1]["filter_scores"] == \
+            read[0]["filter_scores"], folder
+    filtered = json.loads((two.out / "runs/n2/real+filtered/seed1/result.json").read_text())
+    assert filtered["synthetic_cases"] == ["c0_icma_s0", "c0_icma_s1", "c1_icma_s0", "c1_icma_s1"]
+    assert outputs(two.out) == outputs(one.out)
+    assert dice_lines(logs[2]) == dice_lines(logs[1]) and len(dice_lines(logs[2])) == 8
+
+    events = read_record(record)
+    assert events and all(int(pid) != os.getpid() for _, pid, *_ in events)  # every run trained in a worker
+    runs = two.out / "runs/n2"
+
+    def first(event: str, condition: str, seed: int, more: str = "") -> int:
+        folder = str(runs / condition / f"seed{seed}/segmenter")
+        return next(i for i, (e, _, f, *rest) in enumerate(events) if (e, f) == (event, folder)
+                    and more in " ".join(rest))
+
+    assert first("train-start", "real+icma", 0) < first("trained", "real", 0)  # side by side
+    for seed in (0, 1):  # the filtered run scores its candidates with the finished real segmenter, then trains
+        assert first("trained", "real", seed) < first("predict", "real", seed, "filter_predictions") < \
+            first("train-start", "real+filtered", seed)
+    # real seed 1 finishes first; real+filtered seed 0 (3/8) must wait for real seed 0, so seed 1's (4/8) goes ahead
+    assert [m.split(": ")[0] for m in logs[2] if "training on" in m][:4] == [
+        "[downstream 1/8] 2 real, real, seed 0", "[downstream 2/8] 2 real, real, seed 1",
+        "[downstream 4/8] 2 real, real+filtered, seed 1", "[downstream 5/8] 2 real, real+icma, seed 0"]
+
+    expected = outputs(two.out)
+    for name in ("summary.json", "summary.md", "results.csv", "downstream.html", "downstream.png"):
+        (two.out / name).unlink()
+    record.unlink()
+    logs[2].clear()
+    run_experiment(two, factory=factory, log=logs[2].append)
+    assert not record.exists()  # nothing trained or predicted: no worker started
+    assert logs[2] == [f"[downstream {i}/8] 2 real, {c}, seed {s}: done before, skipped"
+                       for i, (c, s) in enumerate(((c, s) for c in kw["conditions"] for s in (0, 1)), 1)]
+    assert outputs(two.out) == expected
+    assert (two.out / "downstream.html").is_file() and (two.out / "downstream.png").is_file()
+
+
+def test_jobs_2_failure_names_the_run_keeps_finished_runs_and_resumes(data, tmp_path, fake_backend):
+    """real+icma is interrupted after 2 of its 4 iterations in its worker while real trains beside it: RunFailed
+    names it, real keeps its result.json, and a rerun with jobs=2 resumes real+icma at iteration 2."""
+    record = tmp_path / "record.txt"
+    failing = RecordingFactory(record, fail_in="/real+icma/", fail_after=2, side_by_side=("/real/", "/real+icma/"))
+    cfg = config(data, tmp_path, fake_backend, conditions=("real", "real+icma", "real+base"), seeds=(0,), jobs=2)
+    messages = []
+    with pytest.raises(RunFailed, match=r"^\[downstream 2/3\] 2 real, real\+icma, seed 0: failed in its worker "
+                                        r"process: KeyboardInterrupt: simulated interruption; finished runs keep "
+                                        r"their result.json, a rerun resumes the others$") as raised:
+        run_experiment(cfg, factory=failing, log=messages.append)
+    assert isinstance(raised.value.__cause__, KeyboardInterrupt)
+    assert any(re.fullmatch(r"\[downstream 2/3\] 2 real, real\+icma, seed 0: failed \(KeyboardInterrupt: simulated "
+                            r"interruption\); starting no more runs, [01] still in flight", m) for m in messages)
+    assert (cfg.out / "runs/n2/real/seed0/result.json").is_file()  # in flight beside the failure: finished
+    assert not (cfg.out / "runs/n2/real+icma/seed0/result.json").exists()
+    assert json.loads((cfg.out / "runs/n2/real+icma/seed0/segmenter/state.json").read_text())["step"] == 2
+    assert not (cfg.out / "summary.json").exists()
+
+    record.unlink()
+    messages.clear()
+    run_experiment(cfg, factory=RecordingFactory(record), log=messages.append)
+    started = {Path(e[2]).parent.parent.name: e[3] for e in read_record(record) if e[0] == "train-start"}
+    assert started.pop("real+icma") == "2" and set(started) <= {"real+base"}  # resumed; real not trained again
+    assert messages[0] == "[downstream 1/3] 2 real, real, seed 0: done before, skipped"
+    assert all((cfg.out / "runs/n2" / c / "seed0/result.json").is_file() for c in ("real", "real+icma", "real+base"))
+
+
+def test_jobs_needs_a_factory_that_pickles_and_an_int_of_at_least_1(data, tmp_path, fake_backend, capsys):
+    cfg = config(data, tmp_path, fake_backend, conditions=("real",), seeds=(0,), jobs=2)
+    with pytest.raises(ValueError, match=r"jobs=2 trains each run in a worker process, which needs a segmenter "
+                                         r"factory that pickles \(a module-level function or class, or an instance "
+                                         r"of one\); <function .*<lambda>.* does not: "):
+        run_experiment(cfg, factory=lambda settings, work_dir: FakeSegmenter(settings, work_dir), log=print)
+    assert not (cfg.out / "runs/n2/real/seed0/segmenter").exists()
+    with pytest.raises(ValueError, match=r"jobs must be an int >= 1 \(runs trained at once\), got 0"):
+        config(data, tmp_path, fake_backend, jobs=0)
+    real, synthetic = data
+    argv = ["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "cli"), "--backend", "fake"]
+    assert downstream.config_from_args(downstream.build_parser().parse_args(argv)).jobs == 1
+    assert downstream.config_from_args(downstream.build_parser().parse_args([*argv, "--jobs", "2"])).jobs == 2
+    assert downstream.main([*argv, "--jobs", "0"]) == 2
+    assert "error: jobs must be an int >= 1 (runs trained at once), got 0" in capsys.readouterr().err
 
 
 # -- synthesis from the training masks -----------------------------------------------------------------------------
