@@ -76,7 +76,9 @@ DEMO_ITERATIONS = 200
 @dataclass(frozen=True)
 class DownstreamConfig:
     """One experiment: where the data are, what to train, how (``segmenter``: backend, iterations, device, options;
-    its seed is replaced by each run's seed); ``jobs``: runs trained at once, each in its own worker process."""
+    its seed is replaced by each run's seed); ``jobs``: runs trained at once, each in its own worker process;
+    ``real_share``: the share of real cases in a real + synthetic training set, reached by repeating the real cases
+    (:func:`real_copies`; None: every case once)."""
 
     real: Path
     synthetic: Path
@@ -91,10 +93,13 @@ class DownstreamConfig:
     resamples: int = 10000
     progress: bool = True
     jobs: int = 1
+    real_share: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.jobs, int) or isinstance(self.jobs, bool) or self.jobs < 1:
             raise ValueError(f"jobs must be an int >= 1 (runs trained at once), got {self.jobs!r}")
+        if self.real_share is not None and not 0.0 < self.real_share < 1.0:
+            raise ValueError(f"real_share must be in (0, 1) or None (every case once), got {self.real_share!r}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,19 @@ def filter_scores(config: DownstreamConfig, real_run: Run, segmenter: Segmenter,
     return {c.name: scores[c.name] for c in candidates}
 
 
+def real_copies(n_real: int, n_synthetic: int, share: float | None) -> int:
+    """How many times each real case enters a training set of ``n_real`` real and ``n_synthetic`` synthetic cases so
+    that the real ones make up about ``share`` of it (>= 1; 1 without a share, real or synthetic cases)."""
+    if share is None or n_real == 0 or n_synthetic == 0:
+        return 1
+    return max(1, round(share / (1.0 - share) * n_synthetic / n_real))
+
+
+def repeated(cases: Sequence[TrainingCase], copies: int) -> list[TrainingCase]:
+    """``cases`` and ``copies - 1`` more of each, named ``<name>_copy<k>`` (the same files)."""
+    return [*cases, *(TrainingCase(f"{c.name}_copy{k}", c.image, c.label) for k in range(1, copies) for c in cases)]
+
+
 def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], dataset: RawDataset,
             factory: Callable[..., Segmenter], real_segmenters: dict) -> dict[str, Any]:
     """Train (or resume) one run, predict the test cases, write and return its ``result.json``."""
@@ -294,7 +312,8 @@ def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], datas
         real_run, real_segmenter = real_segmenters[(run.regime, run.seed)]
         scores = filter_scores(config, real_run, real_segmenter, synthetic, dataset.max_label)
         synthetic = [c for c in synthetic if math.isfinite(scores[c.name]) and scores[c.name] >= config.min_dice]
-    cases = [*run.real_cases, *(TrainingCase(c.name, c.image, c.label) for c in synthetic)]
+    copies = real_copies(len(run.real_cases), len(synthetic), config.real_share)
+    cases = [*repeated(run.real_cases, copies), *(TrainingCase(c.name, c.image, c.label) for c in synthetic)]
     segmenter = _segmenter(config, run, factory, dataset.labels)
     start = time.perf_counter()
     if cases:
@@ -309,6 +328,7 @@ def run_one(config: DownstreamConfig, run: Run, test_cases: Sequence[str], datas
         "regime": run.regime, "condition": run.condition, "seed": run.seed,
         "real_cases": [c.name for c in run.real_cases], "synthetic_cases": [c.name for c in synthetic],
         "filter_scores": scores, "min_dice": config.min_dice if scores is not None else None,
+        "real_share": config.real_share, "real_copies": copies,
         "dice": {name: {str(k): v for k, v in d.items()} for name, d in zip(test_cases, dice)},
         "train_seconds": round(train_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
         "segmenter": {"backend": segmenter.settings.backend, "iterations": segmenter.settings.iterations,
@@ -340,6 +360,9 @@ def _finished_result(config: DownstreamConfig, run: Run, factory: Callable[..., 
         raise ValueError(f"{path} was trained with other segmenter settings ({held}); asked for "
                          f"{wanted.backend}, {wanted.iterations} iterations, options {wanted.options}: "
                          "use another --out")
+    if done.get("real_share") != config.real_share:
+        raise ValueError(f"{path} was trained with real share {done.get('real_share')!r}; asked for "
+                         f"{config.real_share!r}: use another --out")
     return done
 
 
@@ -650,6 +673,10 @@ def write_summary(config: DownstreamConfig, results: Sequence[dict[str, Any]], d
             "and seed (mean Dice over labels), with its percentile bootstrap 95 % interval; better pairs: pairs "
             f"where the condition scores higher. Runs took {sum(r['seconds'] for r in results) / 60:.1f} minutes "
             f"in all (this call {seconds / 60:.1f}).")
+    if config.real_share is not None:
+        copies = sorted({r.get("real_copies", 1) for r in results if r["synthetic_cases"] and r["real_cases"]})
+        note += (f" Real share {config.real_share:g}: in real + synthetic runs each real case enters the training set "
+                 f"{' or '.join(map(str, copies)) or '1'} times.")
     table = markdown_table(summary, label_names)
     atomic_write_json(out / "summary.json", {"rows": summary, "note": note})
     atomic_write_text(out / "summary.md", f"# Downstream\n\n{note}\n\n{table}\n")
@@ -693,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the settings whose synthetic cases real+filtered considers")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--real-share", type=float, default=None,
+                   help="share of real cases in real + synthetic training sets, by repeating the real cases (e.g. "
+                        "0.5; default: every case once)")
     p.add_argument("--jobs", type=int, default=DownstreamConfig.jobs,
                    help="runs trained at once, each in its own process at one thread (2 on a 2-core CPU); "
                         "real+filtered runs wait for their real run")
@@ -737,7 +767,8 @@ def config_from_args(args: argparse.Namespace) -> DownstreamConfig:
     return DownstreamConfig(real=args.real, synthetic=args.synthetic, out=args.out, conditions=tuple(conditions),
                             real_counts=tuple(args.real_counts), seeds=tuple(args.seeds), segmenter=segmenter,
                             splits=args.splits, min_dice=args.min_dice, filter_settings=tuple(args.filter_settings),
-                            resamples=args.resamples, progress=not args.no_progress, jobs=args.jobs)
+                            resamples=args.resamples, progress=not args.no_progress, jobs=args.jobs,
+                            real_share=args.real_share)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -749,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if synthesis is not None:
             synthesise(config, synthesis)
         run_experiment(config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, RunFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print((config.out / "summary.md").read_text())

@@ -17,7 +17,7 @@ import pytest
 
 from gem3d import downstream
 from gem3d.downstream import (DownstreamConfig, RunFailed, bootstrap_ci, paired_differences, parse_condition,
-                              plan_runs, run_experiment, summarise)
+                              plan_runs, real_copies, repeated, run_experiment, summarise)
 from gem3d.files import atomic_write_json
 from gem3d.segmentation import BACKENDS, Segmenter, SegmenterSettings, TrainingCase
 
@@ -297,6 +297,40 @@ def test_experiment_outputs_and_known_effects(data, tmp_path, fake_backend):
     assert len(csv_lines) == 1 + 5 * 2 * 3 * 3  # conditions x seeds x test cases x (2 labels + mean)
 
 
+def test_real_copies_known_answers():
+    assert real_copies(2, 8, None) == 1 and real_copies(2, 0, 0.5) == 1 and real_copies(0, 8, 0.5) == 1
+    assert real_copies(2, 8, 0.5) == 4  # 8 real entries beside 8 synthetic
+    assert real_copies(2, 8, 0.2) == 1 and real_copies(2, 8, 0.75) == 12 and real_copies(3, 8, 0.5) == 3
+    cases = [TrainingCase("a", Path("a.nii.gz"), Path("a_l.nii.gz")), TrainingCase("b", Path("b.nii.gz"), Path("x"))]
+    assert [c.name for c in repeated(cases, 3)] == ["a", "b", "a_copy1", "b_copy1", "a_copy2", "b_copy2"]
+    assert repeated(cases, 3)[4].image == Path("a.nii.gz") and repeated(cases, 1) == cases
+
+
+def test_a_real_share_repeats_the_real_cases_and_dilutes_harmful_synthetic_ones(data, tmp_path, fake_backend):
+    """Label-swapped synthetic cases (base) hurt less when the real cases make up 90 % of the training set; the share
+    and the copies are recorded, and a rerun with another share is refused."""
+    plain = config(data, tmp_path / "plain", fake_backend, conditions=("real", "real+base"), seeds=(0,))
+    shared = config(data, tmp_path / "shared", fake_backend, conditions=("real", "real+base"), seeds=(0,),
+                    real_share=0.9)
+    differences = {}
+    for cfg in (plain, shared):
+        run_experiment(cfg, log=lambda _: None)
+        rows = {r["condition"]: r for r in json.loads((cfg.out / "summary.json").read_text())["rows"]}
+        differences[cfg.real_share] = rows["real+base"]["difference"]
+    assert differences[None] < -0.2 and differences[None] < differences[0.9] <= 0
+    result = json.loads((shared.out / "runs/n2/real+base/seed0/result.json").read_text())
+    assert (result["real_share"], result["real_copies"]) == (0.9, 18)  # 2 real x 18 beside 4 synthetic
+    assert json.loads((shared.out / "runs/n2/real/seed0/result.json").read_text())["real_copies"] == 1
+    assert "Real share 0.9: in real + synthetic runs each real case enters the training set 18 times." in (
+        shared.out / "summary.md").read_text()
+    again = config(data, tmp_path / "shared", fake_backend, conditions=("real", "real+base"), seeds=(0,),
+                   real_share=0.5)
+    with pytest.raises(ValueError, match=r"trained with real share 0.9; asked for 0.5: use another --out"):
+        run_experiment(again, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"real_share must be in \(0, 1\) or None \(every case once\), got 1.0"):
+        config(data, tmp_path, fake_backend, real_share=1.0)
+
+
 def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(data, tmp_path, fake_backend):
     cfg = config(data, tmp_path, fake_backend, conditions=("real", "real+icma"), seeds=(0,))
     FakeSegmenter.stop_after = 6  # run 1 (real) takes 4 iterations, run 2 stops after 2 of its 4
@@ -458,6 +492,18 @@ def test_jobs_needs_a_factory_that_pickles_and_an_int_of_at_least_1(data, tmp_pa
     assert downstream.config_from_args(downstream.build_parser().parse_args([*argv, "--jobs", "2"])).jobs == 2
     assert downstream.main([*argv, "--jobs", "0"]) == 2
     assert "error: jobs must be an int >= 1 (runs trained at once), got 0" in capsys.readouterr().err
+
+
+def test_a_failed_worker_run_ends_main_with_an_error_line(data, tmp_path, fake_backend, monkeypatch, capsys):
+    def failing(config, *args, **kwargs):
+        raise RunFailed("[downstream 2/3] 2 real, real+icma, seed 0: failed in its worker process: boom")
+
+    monkeypatch.setattr(downstream, "run_experiment", failing)
+    real, synthetic = data
+    argv = ["--real", str(real), "--synthetic", str(synthetic), "--out", str(tmp_path / "cli"), "--backend", "fake"]
+    assert downstream.main([*argv, "--jobs", "2"]) == 2
+    assert capsys.readouterr().err == ("error: [downstream 2/3] 2 real, real+icma, seed 0: failed in its worker "
+                                       "process: boom\n")
 
 
 # -- synthesis from the training masks -----------------------------------------------------------------------------
