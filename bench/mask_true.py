@@ -27,6 +27,14 @@ options; scored by the demo's cached segmenter (``DIR/report/segmenter_cache``),
 ratio. Its table goes into its own block (``--write``); about 15 minutes on 2 CPU cores.
 
     python bench/mask_true.py --only vpred --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
+
+``--only starts --demo-out DIR`` samples with the demo's own trained GEM-3D (``DIR/models/demo``, stage 2) the
+``test`` and ``ic`` settings on the val cases at several informed starts (the SDEdit strength; 1.0 = pure noise),
+two sampling seeds each, and scores every label: Dice per label over the real val volumes' (the non-enhancing core
+is the label the demo draws worst), the core's mean intensity minus the real one's, the label intensity order,
+PSNR and the through-plane ratio. No training; a few minutes on 2 CPU cores.
+
+    python bench/mask_true.py --only starts --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
 
 from gem3d.checkpoint import load_checkpoint  # noqa: E402
 from gem3d.data.demo import build_demo_dataset  # noqa: E402
@@ -90,6 +100,13 @@ VPRED_SEEDS = (0, 1)
 VPRED_DEFAULT_STEPS = 600  # where the demo's stage 1 left no checkpoint to read its steps from
 DEMO_SEGMENTER_ITERATIONS = 300  # scripts/demo.py's SEGMENTER_ITERATIONS: the key of the demo's segmenter cache
 VPRED_BEGIN, VPRED_END = "<!-- bench:mask_true:vpred:begin -->", "<!-- bench:mask_true:vpred:end -->"
+# --only starts: informed starts of the demo's stage 2, settings, sampling seeds, the labels (demo dataset) scored
+STARTS = (0.7, 0.85, 1.0)
+STARTS_SETTINGS = ("test", "ic")
+STARTS_SEEDS = (0, 1)
+LABELS = {"edema": "edema", "non-enhancing_tumor": "core", "enhancing_tumour": "enhancing"}  # dice_<key> -> shown
+CORE_MEAN = "mean_diff_non-enhancing tumor"
+STARTS_BEGIN, STARTS_END = "<!-- bench:mask_true:starts:begin -->", "<!-- bench:mask_true:starts:end -->"
 
 
 def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str],
@@ -252,22 +269,107 @@ def run_vpred(args: argparse.Namespace) -> str:
     return vpred_table(results, steps, sampler)
 
 
+def starts_table(results: dict[str, dict[str, float]], sampler: dict, prediction: str) -> str:
+    """The informed-start table: per setting and start, the mean over both seeds of each label's Dice over the real
+    volumes', the core's mean intensity difference, the label order kept, PSNR (``test``) and the stripes."""
+    real = results.get(evaluation.REAL_VOLUME_ROW, {})
+
+    def mean(rows: list[str], key: str) -> float | None:
+        values = [results[r][key] for r in rows if key in results.get(r, {})]
+        return sum(values) / len(values) if values else None
+
+    def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+        return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+    def ratio(rows: list[str], key: str) -> str:
+        value, reference = mean(rows, key), real.get(key)
+        return "—" if value is None or not reference else f"{value / reference:.2f}×"
+
+    about = (f"The demo's trained GEM-3D (stage 2, {prediction}), the 2 val cases, 1 sample per case and sampling "
+             f"seed {' and '.join(map(str, STARTS_SEEDS))} (means over both); the demo's sampler otherwise "
+             f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
+             f"{sampler['slice_noise_correlation']}); segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations). "
+             "Dice per label as a ratio of the same segmenter's on the real val volumes; core mean: the "
+             "non-enhancing core's mean intensity minus the real volume's ([0, 1] scale; the real core is dark).")
+    lines = [*textwrap.wrap(about, width=116), "",
+             "| setting | informed start | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
+             + " | core mean − real | label order kept | PSNR body (dB) | through-plane / in-plane |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for setting in STARTS_SETTINGS:
+        for start in STARTS:
+            rows = [starts_row(setting, start, seed) for seed in STARTS_SEEDS]
+            lines.append(f"| `{setting}` | {start} | {fmt(mean(rows, 'dice_mean'))} | "
+                         + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS)
+                         + f" | {fmt(mean(rows, CORE_MEAN), 3)} | {fmt(mean(rows, 'label_order_kept'))} | "
+                         f"{fmt(mean(rows, 'psnr_body'), 1) if setting == 'test' else ''} | "
+                         f"{fmt(mean(rows, 'through_plane_ratio'))} |")
+    copy = results.get(evaluation.COPY_ROW, {})
+    lines.append(f"| copying the informed slice | | | | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
+    lines.append(f"| real val volumes | | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 0 | 1 | | "
+                 f"{fmt(real.get('through_plane_ratio'))} |")
+    return "\n".join(lines)
+
+
+def starts_row(setting: str, start: float, seed: int) -> str:
+    return f"{setting}, informed start {start}, seed {seed}"
+
+
+def run_starts(args: argparse.Namespace) -> str:
+    """The informed-start experiment (``--only starts``, see the module docstring); returns its table."""
+    if args.demo_out is None:
+        raise SystemExit("--only starts needs --demo-out DIR (the output of `make demo`: DIR/dataset, DIR/models/demo, "
+                         "DIR/report/segmenter_cache)")
+    demo = args.demo_out.resolve()
+    model, cache = demo / "models" / "demo", demo / "report" / "segmenter_cache"
+    missing = [str(p) for p in (demo / "dataset" / "dataset.json", model / "checkpoints" / "last.ckpt")
+               if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
+    out = args.out.resolve() / "starts"
+    # the same copies as --only vpred: nothing is written into the demo's folder, and the segmenter is reused
+    if not (out / "dataset" / "dataset.json").is_file():
+        shutil.copytree(demo / "dataset", out / "dataset", dirs_exist_ok=True)
+    dataset = out / "dataset"
+    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
+        shutil.copytree(cache, out / "segmenter_cache")
+    sampler = dict(load_inference_config("demo")["sampler"])
+    if args.quick:
+        sampler["steps"] = 2
+    rows: dict[str, Path] = {}
+    for setting in STARTS_SETTINGS:
+        for start in STARTS:
+            for seed in STARTS_SEEDS:
+                rows[starts_row(setting, start, seed)] = synthesise(
+                    out, dataset, f"{setting}_start{start}_seed{seed}", setting, model,
+                    {**sampler, "informed_start": start}, seed, samples_per_case=1)
+    results = score(out, dataset, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+                    metrics=("reconstruction", "consistency", "segmenter", "labels"),
+                    keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
+                          "through_plane_ratio"),
+                    segmenter_cache=None if args.quick else out / "segmenter_cache")
+    project = sorted((model / "configs").glob("*-project.yaml"))
+    params = OmegaConf.load(project[-1]).model.params if project else {}
+    return starts_table(results, sampler, str(params.get("prediction_type", "epsilon")))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "mask_true")
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("all", "vpred"), default="all",
-                   help="all: the whole experiment above; vpred: the v-prediction experiment (needs --demo-out)")
-    p.add_argument("--demo-out", type=Path, help="vpred: a finished `make demo` output folder")
+    p.add_argument("--only", choices=("all", "vpred", "starts"), default="all",
+                   help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
+                        "starts of the demo's stage 2 (both need --demo-out)")
+    p.add_argument("--demo-out", type=Path, help="vpred, starts: a finished `make demo` output folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
     args = p.parse_args(argv)
-    if args.only == "vpred":
-        text = run_vpred(args)
+    if args.only in ("vpred", "starts"):
+        text = run_vpred(args) if args.only == "vpred" else run_starts(args)
         print(text)
         if args.write is not None:
-            write_block(args.write, text, VPRED_BEGIN, VPRED_END)
+            write_block(args.write, text, *((VPRED_BEGIN, VPRED_END) if args.only == "vpred" else
+                                            (STARTS_BEGIN, STARTS_END)))
         return 0
     steps = ({"ae": 4, "stage1": 4, "stage2": 4, "slice": 4, "segmenter": 2} if args.quick else
              {"ae": 1500, "stage1": 1600, "stage2": 850, "slice": 800, "segmenter": 300})
