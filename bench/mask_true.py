@@ -29,10 +29,11 @@ ratio. Its table goes into its own block (``--write``); about 15 minutes on 2 CP
     python bench/mask_true.py --only vpred --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 
 ``--only starts --demo-out DIR`` samples with the demo's own trained GEM-3D (``DIR/models/demo``, stage 2) the
-``test`` and ``ic`` settings on the val cases at several informed starts (the SDEdit strength; 1.0 = pure noise),
-two sampling seeds each, and scores every label: Dice per label over the real val volumes' (the non-enhancing core
-is the label the demo draws worst), the core's mean intensity minus the real one's, the label intensity order,
-PSNR and the through-plane ratio. No training; a few minutes on 2 CPU cores.
+``test`` and ``ic`` settings on the val cases at several informed starts (the SDEdit strength; 1.0 = pure noise)
+and with the labelled structures started earlier (``label_start``), two sampling seeds each, and scores every
+label: Dice per label over the real val volumes' (the non-enhancing core is the label the demo draws worst), the
+core's mean intensity minus the real one's, the label intensity order, PSNR and the through-plane ratio. No
+training; a few minutes on 2 CPU cores.
 
     python bench/mask_true.py --only starts --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
@@ -101,7 +102,7 @@ VPRED_DEFAULT_STEPS = 600  # where the demo's stage 1 left no checkpoint to read
 DEMO_SEGMENTER_ITERATIONS = 300  # scripts/demo.py's SEGMENTER_ITERATIONS: the key of the demo's segmenter cache
 VPRED_BEGIN, VPRED_END = "<!-- bench:mask_true:vpred:begin -->", "<!-- bench:mask_true:vpred:end -->"
 # --only starts: informed starts of the demo's stage 2, settings, sampling seeds, the labels (demo dataset) scored
-STARTS = (0.7, 0.85, 1.0)
+STARTS = ((0.7, None), (0.85, None), (1.0, None), (0.7, 0.85), (0.7, 1.0))  # (informed_start, label_start)
 STARTS_SETTINGS = ("test", "ic")
 STARTS_SEEDS = (0, 1)
 LABELS = {"edema": "edema", "non-enhancing_tumor": "core", "enhancing_tumour": "enhancing"}  # dice_<key> -> shown
@@ -289,29 +290,30 @@ def starts_table(results: dict[str, dict[str, float]], sampler: dict, prediction
              f"seed {' and '.join(map(str, STARTS_SEEDS))} (means over both); the demo's sampler otherwise "
              f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
              f"{sampler['slice_noise_correlation']}); segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations). "
+             "Label start: where the labelled structures start (`=`: the informed start). "
              "Dice per label as a ratio of the same segmenter's on the real val volumes; core mean: the "
              "non-enhancing core's mean intensity minus the real volume's ([0, 1] scale; the real core is dark).")
     lines = [*textwrap.wrap(about, width=116), "",
-             "| setting | informed start | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
+             "| setting | informed start | label start | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
              + " | core mean − real | label order kept | PSNR body (dB) | through-plane / in-plane |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting in STARTS_SETTINGS:
-        for start in STARTS:
-            rows = [starts_row(setting, start, seed) for seed in STARTS_SEEDS]
-            lines.append(f"| `{setting}` | {start} | {fmt(mean(rows, 'dice_mean'))} | "
+        for start, label_start in STARTS:
+            rows = [starts_row(setting, start, label_start, seed) for seed in STARTS_SEEDS]
+            lines.append(f"| `{setting}` | {start} | {label_start or '='} | {fmt(mean(rows, 'dice_mean'))} | "
                          + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS)
                          + f" | {fmt(mean(rows, CORE_MEAN), 3)} | {fmt(mean(rows, 'label_order_kept'))} | "
                          f"{fmt(mean(rows, 'psnr_body'), 1) if setting == 'test' else ''} | "
                          f"{fmt(mean(rows, 'through_plane_ratio'))} |")
     copy = results.get(evaluation.COPY_ROW, {})
-    lines.append(f"| copying the informed slice | | | | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
-    lines.append(f"| real val volumes | | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 0 | 1 | | "
+    lines.append(f"| copying the informed slice | | | | | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
+    lines.append(f"| real val volumes | | | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 0 | 1 | | "
                  f"{fmt(real.get('through_plane_ratio'))} |")
     return "\n".join(lines)
 
 
-def starts_row(setting: str, start: float, seed: int) -> str:
-    return f"{setting}, informed start {start}, seed {seed}"
+def starts_row(setting: str, start: float, label_start: float | None, seed: int) -> str:
+    return f"{setting}, informed start {start}, label start {label_start}, seed {seed}"
 
 
 def run_starts(args: argparse.Namespace) -> str:
@@ -337,11 +339,11 @@ def run_starts(args: argparse.Namespace) -> str:
         sampler["steps"] = 2
     rows: dict[str, Path] = {}
     for setting in STARTS_SETTINGS:
-        for start in STARTS:
+        for start, label_start in STARTS:
             for seed in STARTS_SEEDS:
-                rows[starts_row(setting, start, seed)] = synthesise(
-                    out, dataset, f"{setting}_start{start}_seed{seed}", setting, model,
-                    {**sampler, "informed_start": start}, seed, samples_per_case=1)
+                rows[starts_row(setting, start, label_start, seed)] = synthesise(
+                    out, dataset, f"{setting}_start{start}_label{label_start}_seed{seed}", setting, model,
+                    {**sampler, "informed_start": start, "label_start": label_start}, seed, samples_per_case=1)
     results = score(out, dataset, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
                     metrics=("reconstruction", "consistency", "segmenter", "labels"),
                     keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",

@@ -118,6 +118,22 @@ def test_flags_override_the_dataset_config(tiny, tmp_path):
     assert defaults.model == Path("demo_out/models/demo_base")
 
 
+def test_label_start_and_background_come_from_the_config_and_the_flags(tiny):
+    def config(dataset, *flags):
+        args = cli.build_parser(dataset, "icma").parse_args(["--data", str(tiny["data"]), "--model", "m", *flags])
+        return cli.config_from_args(dataset, "icma", args)
+
+    assert (config("demo").background, config("brain").background, config("abdomen").background) == (
+        "real", "real", "generated")  # skull-stripped MRI keep their zeros; CT keeps its decoded background
+    assert config("demo", "--background", "generated").background == "generated"
+    assert config("demo").sampler.label_start is None
+    assert config("demo", "--label-start", "1.0").sampler.label_start == 1.0
+    with pytest.raises(ValueError, match=r"--as-original runs the original computation; it conflicts with "
+                                         r"background='real' \(the original: 'generated'\)"):
+        config("brain", "--as-original", "--background", "real")
+    assert config("brain", "--as-original").background == "generated"
+
+
 def test_default_split_cases_fall_back_to_all_cases_without_splits_json(tmp_path, capsys):
     def cases(data, *argv):
         return cli.config_from_args("demo", "ic", cli.build_parser("demo", "ic").parse_args(["--data", str(data), *argv])).cases

@@ -18,7 +18,7 @@ from gem3d.files import file_sha256
 from gem3d.inference.engine import Enhancer, InferenceConfig, merge_rank_manifests, run_inference
 from gem3d.model_dirs import load_model_dir
 from gem3d.inference.settings import SETTINGS, Setting
-from gem3d.inference.volume import SamplerOptions, informed_start_latents, sample_volume_latents
+from gem3d.inference.volume import SamplerOptions, informed_start_latents, label_region_latent, sample_volume_latents
 from tests import _tiny_models
 
 EDIT = {"distance": [2, 6], "reference_size": None}
@@ -322,6 +322,51 @@ def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_bod
     assert (near - starts).abs().mean() < 0.2 * (far - starts).abs().mean()
     with pytest.raises(ValueError, match=r"informed_start must lie in \(0, 1\] \(1 = off: from pure noise\), got 0"):
         SamplerOptions(informed_start=0)
+
+
+def test_label_start_samples_the_labelled_structures_from_an_earlier_level(tiny, tmp_path):
+    """label_start: the latent region of the labelled structures (max over each latent pixel's patch) starts earlier;
+    the volumes change, cases sampled together still match cases sampled alone; bad values fail with the range."""
+    labels = np.full((2, 8, 8), -1)
+    labels[:, 1:7, 1:7] = 0
+    labels[0, 5, 2] = 2
+    region = label_region_latent(labels, (2, 2))
+    assert region.shape == (2, 1, 2, 2) and region.sum() == 1 and region[0, 0, 1, 0] == 1
+    with pytest.raises(ValueError, match=r"labels of in-plane shape \(8, 8\) do not tile the latent grid \(3, 3\)"):
+        label_region_latent(labels, (3, 3))
+    with pytest.raises(ValueError, match=r"label_start must be None or lie in \[informed_start, 1\] = \[0.7, 1\], "
+                                         r"got 0.5"):
+        SamplerOptions(informed_start=0.7, label_start=0.5)
+    images = {}
+    for label_start, batch in ((None, 1), (1.0, 1), (1.0, 2)):
+        config = make_config(tiny, "test", tmp_path / f"l{label_start}-{batch}", cases="all", previews=False,
+                             sampler=SamplerOptions(steps=4, informed_start=0.5, label_start=label_start,
+                                                    batch_windows=batch))
+        records = Manifest(run_inference(config)).records
+        images[label_start, batch] = {r["case"]: load(config.setting_dir / r["files"]["image"])[0] for r in records}
+    for case, image in images[1.0, 1].items():
+        np.testing.assert_allclose(images[1.0, 2][case], image, atol=1e-4)
+        assert not np.allclose(images[None, 1][case], image, atol=1e-3)
+
+
+def test_background_real_keeps_the_real_voxels_outside_the_body_and_the_sample_inside(tiny, tmp_path):
+    """background='real': outside the body the written volume is the real case's (its exact zeros), inside it is the
+    generated volume of the same seed, voxel for voxel; recorded in the manifest; bad values fail with the choices."""
+    name = [n for n in tiny["names"] if n != tiny["oblique"]][0]
+    written = {}
+    for background in ("generated", "real"):
+        config = make_config(tiny, "test", tmp_path / background, cases=name, previews=False, background=background)
+        record, = Manifest(run_inference(config)).records
+        assert record["background"] == background
+        written[background] = load(config.setting_dir / record["files"]["image"])[0]
+    real = np.asarray(nib.load(str(RawDataset(tiny["data"]).image_path(name))).dataobj, dtype=np.float32)
+    body = body_mask(tiny, name)
+    assert (~body).any() and body.any()
+    np.testing.assert_array_equal(written["real"][~body], real[~body])
+    np.testing.assert_array_equal(written["real"][body], written["generated"][body])
+    assert not np.array_equal(written["generated"][~body], real[~body])  # the decoded background differs
+    with pytest.raises(ValueError, match=r"background='zeros' is not one of \['generated', 'real'\]"):
+        make_config(tiny, "test", tmp_path / "bad", background="zeros")
 
 
 def test_a_setting_row_names_only_known_sources():

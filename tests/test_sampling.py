@@ -393,6 +393,56 @@ def test_init_with_strength_runs_only_the_last_steps_from_the_noised_init(sample
     with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\] \(1: from pure noise\), got 0"):
         sample(zero_eps, x_T, schedule, init=init, strength=0)
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_label_strength_starts_the_labelled_region_earlier_and_keeps_the_rest_on_the_noised_init(sampler):
+    """label_strength 0.75 with strength 0.35 (10 steps): the last 8 steps run; in the first 4 of them the result
+    outside the labelled region is replaced by init noised to the next timestep, so the SDEdit start (the 5th call)
+    sees outside exactly init at that level with the 4th noise draw; inside, a run from init at 0.75."""
+    ac, init = alphas_cumprod_tensor(), torch.randn(SHAPE)
+    schedule = make_schedule(sampler, ac, 10, eta=0.0)
+    region = torch.zeros(SHAPE[0], SHAPE[1], 1, *SHAPE[3:])
+    region[..., : SHAPE[-1] // 2] = 1.0
+    inside = region.expand(SHAPE).bool()
+    calls, inputs = [], []
+
+    def zero_eps(x, t):
+        calls.append(int(t[0]))
+        inputs.append(x.clone())
+        return torch.zeros_like(x)
+
+    sample(zero_eps, torch.zeros(SHAPE), schedule, init=init, strength=0.35, label_region=region, label_strength=0.75,
+           generator=torch.Generator().manual_seed(3))
+    assert calls == [int(t) for t in schedule.timesteps[-8:]]  # ceil(0.75 * 10) = 8
+    if sampler == "ddim":  # eta 0 and eps 0: no other noise is drawn, the replacement draws are the generator's
+        generator = torch.Generator().manual_seed(3)
+        draws = [slice_correlated_noise(SHAPE, 0.0, generator=generator) for _ in range(4)]
+        a = ac[calls[4]]
+        torch.testing.assert_close(inputs[4][~inside], (a.sqrt() * init + (1 - a).sqrt() * draws[3])[~inside])
+        torch.testing.assert_close(inputs[4][inside], (a.sqrt() * init)[inside])  # x_T = 0: init rescaled, no noise
+    x_T = torch.randn(SHAPE)
+    plain = sample(zero_eps, x_T, schedule, init=init, strength=0.35)
+    assert torch.equal(sample(zero_eps, x_T, schedule, init=init, strength=0.35, label_region=region,
+                              label_strength=0.35), plain)  # not earlier: plain SDEdit
+    assert torch.equal(sample(zero_eps, x_T, schedule, init=init, strength=0.35, label_strength=0.75), plain)
+    with pytest.raises(ValueError, match=r"label_strength must lie in \(strength, 1\] \(1: from pure noise\), "
+                                         r"got 1.5"):
+        sample(zero_eps, x_T, schedule, init=init, strength=0.35, label_region=region, label_strength=1.5)
+
+
+def test_label_strength_1_starts_the_labelled_region_from_pure_noise():
+    ac, init, x_T = alphas_cumprod_tensor(), torch.randn(SHAPE), torch.randn(SHAPE)
+    schedule = make_schedule("ddim", ac, 10, eta=0.0)
+    region = torch.ones(SHAPE[0], SHAPE[1], 1, *SHAPE[3:])
+    inputs = []
+
+    def zero_eps(x, t):
+        inputs.append(x.clone())
+        return torch.zeros_like(x)
+
+    sample(zero_eps, x_T, schedule, init=init, strength=0.35, label_region=region, label_strength=1.0)
+    assert len(inputs) == 10 and torch.equal(inputs[0], x_T)  # every step, from the noise itself
+
+
 def test_sample_options_are_validated():
     x_T, schedule = torch.randn(SHAPE), make_schedule("ddim", alphas_cumprod_tensor(), 2)
     with pytest.raises(ValueError, match=r"clip_x0 must be None \(off\) or a float > 0, got 0"):

@@ -33,9 +33,9 @@ from gem3d.models import precision
 CONFIG_DIR = packaged("inference")
 
 CONFIG_KEYS = ("data", "split", "cases", "out", "models", "samples_per_case", "seed", "device", "ema", "slice_ema",
-               "sampler", "mask_edit", "preprocess", "fallback_preprocess", "channel")
+               "sampler", "mask_edit", "preprocess", "fallback_preprocess", "channel", "background")
 SAMPLER_FLAGS = ("steps", "sampler", "eta", "window", "overlap", "known_noise", "clip_x0", "slice_noise_correlation",
-                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start",
+                 "condition_posterior", "informed_guidance", "batch_windows", "informed_start", "label_start",
                  "window_informed")
 MASK_EDIT_FLAGS = ("lesion_labels", "flip_probability", "max_degrees", "distance")
 # --as-original: the original GEM-3D computation (docs/original-models.md); every option it sets, and its value
@@ -43,7 +43,7 @@ AS_ORIGINAL_SAMPLER = {"sampler": "ddim", "steps": 200, "eta": 1.0, "window": 16
                        "known_noise": "original", "condition_posterior": "sample", "clip_x0": None,
                        "slice_noise_correlation": 0.0, "informed_guidance": 1.0, "informed_start": 1.0}
 AS_ORIGINAL = {"precision": "fp32", "donor": "original", "ema": False, "slice_ema": False,
-               "require_preprocessed": True}
+               "require_preprocessed": True, "background": "generated"}
 
 
 def _check_config(config: dict, where: str) -> None:
@@ -164,6 +164,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
     p.add_argument("--informed-start", type=float, metavar="S",
                    help="start every slice from the informed slice (inside its body), noised to the last S of the steps "
                         "(SDEdit strength in (0, 1]; 1 = off, from pure noise, as the paper)")
+    p.add_argument("--label-start", type=float, metavar="L",
+                   help="with --informed-start S < 1: the mask's labelled structures start at the level of the last L "
+                        "of the steps (L in [S, 1]; 1: pure noise), the rest at S (default: S everywhere)")
     p.add_argument("--window-informed", choices=["nearest", "first"],
                    help="each later window's informed latent: the nearest generated slice (the paper) or the real "
                         "informed slice (first)")
@@ -187,6 +190,9 @@ def build_parser(dataset: str, setting: str) -> argparse.ArgumentParser:
                    help="let model folders' configs name any 'target:' (default: gem3d., torch., diffusers., lightning.)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--no-previews", action="store_true", help="skip the PNG previews")
+    p.add_argument("--background", choices=["generated", "real"],
+                   help="outside the body: the volume as generated (the paper) or the real case's own voxels (a "
+                        "skull-stripped MRI's zeros, which nonzero z-score normalisation needs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help=argparse.SUPPRESS)
     return p
@@ -196,7 +202,8 @@ def apply_as_original(args: argparse.Namespace, sampler: dict) -> dict:
     """The ``--as-original`` preset: sets every option of :data:`AS_ORIGINAL_SAMPLER` and :data:`AS_ORIGINAL` on
     ``args`` / ``sampler``; a flag given with another value is refused, naming both."""
     given = {key: getattr(args, key) for key in SAMPLER_FLAGS if getattr(args, key, None) is not None}
-    given.update({key: getattr(args, key) for key in ("ema", "slice_ema") if getattr(args, key, None) is not None})
+    given.update({key: getattr(args, key) for key in ("ema", "slice_ema", "background")
+                  if getattr(args, key, None) is not None})
     if getattr(args, "precision", "auto") != "auto":
         given["precision"] = args.precision
     wanted = {**AS_ORIGINAL_SAMPLER, **AS_ORIGINAL}
@@ -270,6 +277,8 @@ def config_from_args(dataset: str, setting: str, args: argparse.Namespace):
         previews=not args.no_previews,
         progress=not args.no_progress,
         trust_checkpoint=bool(args.trust_checkpoint),
+        background=AS_ORIGINAL["background"] if as_original else pick(getattr(args, "background", None), "background",
+                                                                       "generated"),
     )
 
 

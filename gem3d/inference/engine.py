@@ -49,6 +49,7 @@ from gem3d.inference.volume import (
     decode_volume,
     encode_slices,
     informed_start_latents,
+    label_region_latent,
     sample_rounds,
     sample_slice_latents,
     volume_propagation,
@@ -58,6 +59,9 @@ from gem3d.sampling.propagation import run_lockstep
 
 INFORMED_SELECT_RULES = ("brightest", "darkest")
 DONOR_RULES = ("other", "original")  # ic/icma donors: another case (gem3d) or the original's draw (may be the case)
+# outside the body: the decoded volume as generated (the paper), or the real case's own voxels there (a skull-stripped
+# MRI's exact zeros, which z-score normalisations over the nonzero voxels, nnU-Net's among them, rely on)
+BACKGROUNDS = ("generated", "real")
 PREPARED_CACHE = 4  # preprocessed cases kept in memory
 
 
@@ -73,7 +77,8 @@ class InferenceConfig:
     ``data.params.channel``, else 0); part: ``(i, n)``, this process generates the i-th of n shares of the samples
     (SLURM arrays; :func:`merge_rank_manifests` joins them); donor: ``other`` (another case) or ``original`` (the
     original's draw); require_preprocessed: refuse raw datasets (``--as-original``); ema / slice_ema: None = the
-    model's default."""
+    model's default; background: outside the body, the volume as ``generated`` or the ``real`` case's own voxels
+    (:func:`real_background`)."""
 
     setting: str
     data: Path
@@ -101,9 +106,12 @@ class InferenceConfig:
     previews: bool = True
     progress: bool = True
     trust_checkpoint: bool = False
+    background: str = "generated"
 
     def __post_init__(self):
         self.setting_spec: Setting = get_setting(self.setting)
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background={self.background!r} is not one of {list(BACKGROUNDS)}")
         if self.donor not in DONOR_RULES:
             raise ValueError(f"donor={self.donor!r} is not one of {list(DONOR_RULES)}")
         if self.part is not None:
@@ -436,6 +444,8 @@ class Enhancer:
         loaded = self.slice_model if self.setting.model == "slice" else self.volume_model
         latents, informed = yield from self._sample_latents(prepared, informed, generator)
         image = restore_volume(decode_volume(loaded.model, latents).numpy(), prepared)
+        if self.cfg.background == "real":
+            image = real_background(image, case, label, self.preprocess)
         paths = self._write_outputs(case, k, image, np.maximum(label, 0).astype(np.int16), informed)
         return make_record(
             case_name, self.cfg.setting, k, seed,
@@ -449,6 +459,7 @@ class Enhancer:
             channel={"index": self.dataset.channel, "name": self.dataset.channel_name},
             memory=self.memory.record(),
             preprocess=dataclasses.asdict(self.preprocess),
+            background=self.cfg.background,
         )
 
     def _load_labelled_case(self, case_name: str) -> Case:
@@ -515,11 +526,13 @@ class Enhancer:
         elif informed.image is not None:
             image = torch.as_tensor(np.asarray(informed.image))
             informed_latent = encode_slices(model, image[None], **draw)[0]
-        start_latent = None
+        start_latent = label_region = None
         if informed_latent is not None and float(options.informed_start) < 1.0:
             start_latent = informed_start_latents(model, np.asarray(informed.image), np.asarray(prepared.label))
+            if options.label_start is not None:
+                label_region = label_region_latent(prepared.label, tuple(start_latent.shape[-2:]))
         latents = yield from volume_propagation(model, mask_latent, informed_latent, informed.target_index, options,
-                                                generator, start_latent)
+                                                generator, start_latent, label_region)
         return latents, informed
 
     def _latent_hw(self, prepared: PreparedCase) -> tuple[int, int]:
@@ -613,6 +626,17 @@ def first_stage_fingerprint(model) -> tuple[str, float]:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest(), float(model.first_stage.scale_factor)
+
+
+def real_background(image: np.ndarray, case: Case, label: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    """``image`` (the sample, source grid) with every voxel outside the body replaced by the real case's own voxel
+    there. The body: the real image's (:func:`compute_body_mask` with the model's preprocessing) plus the sample's
+    labelled voxels (``label`` canonical; where it marks the outside with -1, as nnU-Net's seg does, that instead)."""
+    body = compute_body_mask(np.asarray(case.image), preprocess) | (label > 0)
+    if (label < 0).any():
+        body = label >= 0
+    outside = case.geometry.to_source(~body)
+    return np.where(outside, case.geometry.to_source(np.asarray(case.image, np.float32)), image).astype(np.float32)
 
 
 def check_shared_first_stage(volume_model, slice_model, volume_path, slice_path) -> None:

@@ -10,7 +10,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from gem3d.sampling.propagation import (
@@ -38,8 +40,11 @@ class SamplerOptions:
     draws), ``informed_guidance`` (W: ``eps_null + W (eps_informed - eps_null)``; 1 = off; for models trained with
     ``informed_dropout``), ``batch_windows`` (volumes sampled in lockstep; a volume's result does not depend on it),
     ``informed_start`` (SDEdit strength S in (0, 1]: windows start from :func:`informed_start_latents` noised to the
-    level of the last S of the steps; 1 = off: from pure noise, as the original), ``window_informed`` (each later
-    window's informed latent: ``nearest`` generated slice, as the paper, or the ``first``, real one)."""
+    level of the last S of the steps; 1 = off: from pure noise, as the original), ``label_start`` (None, or L in
+    (S, 1]: the mask's labelled structures start at the level of the last L of the steps, the rest at S; the
+    structures then get more steps to depart from the informed slice's tissue; :func:`gem3d.sampling.samplers.sample`'s
+    ``label_strength``), ``window_informed`` (each later window's informed latent: ``nearest`` generated slice, as
+    the paper, or the ``first``, real one)."""
 
     sampler: str = "ddim"
     steps: int = 200
@@ -54,6 +59,7 @@ class SamplerOptions:
     informed_guidance: float = 1.0
     batch_windows: int = 1
     informed_start: float = 1.0
+    label_start: float | None = None
     window_informed: str = "nearest"
 
     def __post_init__(self):
@@ -73,6 +79,9 @@ class SamplerOptions:
                 f"level follows the step index of a run from pure noise, so a run that starts mid-schedule would noise "
                 f"its known frames as if at the start; use known_noise='timestep' or informed_start=1"
             )
+        if self.label_start is not None and not float(self.informed_start) <= float(self.label_start) <= 1.0:
+            raise ValueError(f"label_start must be None or lie in [informed_start, 1] = [{self.informed_start}, 1], "
+                             f"got {self.label_start!r}")
         if not isinstance(self.batch_windows, int) or isinstance(self.batch_windows, bool) or self.batch_windows < 1:
             raise ValueError(f"batch_windows must be an int >= 1, got {self.batch_windows!r}")
         if self.window < 2 or not 0 <= self.overlap < self.window:
@@ -84,8 +93,9 @@ class SamplerOptions:
         rho = self.slice_noise_correlation
         return slice_correlated_noise(shape, rho, generator=generator, device=generator.device).to(device)
 
-    def sample(self, eps_fn, x_T, model, *, known=None, generator=None, progress=False, init=None):
-        """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1) on
+    def sample(self, eps_fn, x_T, model, *, known=None, generator=None, progress=False, init=None, label_region=None):
+        """Run the chosen sampler on ``x_T (B, F, C, h, w)`` (from ``init`` when ``informed_start`` < 1; the
+        labelled structures ``label_region (B, F, 1, h, w)`` from ``label_start``) on
         ``model``'s schedule (its ``alphas_cumprod``) and objective (its ``prediction_type``: a v model is always
         sampled as one)."""
         prediction_type = getattr(model, "prediction_type", "epsilon")  # every Denoiser has one; stand-ins: eps
@@ -93,7 +103,8 @@ class SamplerOptions:
                                  prediction_type=prediction_type)
         return sample(eps_fn, x_T, schedule, known=known, generator=generator, progress=progress,
                       clip_x0=self.clip_x0, slice_noise_correlation=self.slice_noise_correlation,
-                      init=init, strength=float(self.informed_start))
+                      init=init, strength=float(self.informed_start), label_region=label_region,
+                      label_strength=None if self.label_start is None else float(self.label_start))
 
 
 @torch.no_grad()
@@ -118,12 +129,14 @@ def decode_volume(model, latents: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class VolumeCase:
     """What the sampler needs to know about one volume (a :class:`~gem3d.sampling.propagation.WindowJob`'s ``case``):
-    ``mask_latent (D, C, h, w)``, the ``generator`` its noise comes from and ``start_latent (D, C, h, w)``
-    (:func:`informed_start_latents`) or None."""
+    ``mask_latent (D, C, h, w)``, the ``generator`` its noise comes from, ``start_latent (D, C, h, w)``
+    (:func:`informed_start_latents`) or None and ``label_region (D, 1, h, w)`` (:func:`label_region_latent`, for
+    ``label_start``) or None."""
 
     mask_latent: torch.Tensor
     generator: torch.Generator
     start_latent: torch.Tensor | None = None
+    label_region: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -140,16 +153,30 @@ def informed_start_latents(model, informed_image: torch.Tensor, labels: torch.Te
     return encode_slices(model, images)
 
 
+def label_region_latent(labels: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``labels (D, S, S)`` -> ``(D, 1, h, w)`` float: 1 where a latent pixel's ``S/h x S/w`` patch holds a labelled
+    voxel (> 0), else 0 (for ``label_start``)."""
+    labels = torch.as_tensor(np.asarray(labels))
+    factor = (labels.shape[1] // latent_hw[0], labels.shape[2] // latent_hw[1])
+    if labels.shape[1:] != (latent_hw[0] * factor[0], latent_hw[1] * factor[1]):
+        raise ValueError(f"labels of in-plane shape {tuple(labels.shape[1:])} do not tile the latent grid {latent_hw}")
+    labelled = rearrange((labels > 0).float(), "d h w -> d 1 h w")
+    return F.max_pool2d(labelled, kernel_size=factor, stride=factor)
+
+
 def volume_propagation(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
                        options: SamplerOptions, generator: torch.Generator,
-                       start_latent: torch.Tensor | None = None) -> Propagation:
+                       start_latent: torch.Tensor | None = None,
+                       label_region: torch.Tensor | None = None) -> Propagation:
     """One volume's :func:`~gem3d.sampling.propagation.propagation`, for ``run_lockstep(partial(sample_rounds, model,
     options), ...)``. ``mask_latent (D, C, h, w)``; ``informed_latent (C, h, w)`` at slice index ``start`` (GEM-3D),
     or None with a mask-only (baseline) model, whose windows are sampled independently (the paper's baseline);
-    ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1."""
+    ``start_latent (D, C, h, w)``: :func:`informed_start_latents`, used when ``options.informed_start`` < 1;
+    ``label_region (D, 1, h, w)``: :func:`label_region_latent`, used with ``options.label_start``."""
     mode = "informed" if model.spec.use_informed else "base"
     return propagation(mask_latent.shape[0], start, informed_latent, options.window, options.overlap, mode=mode,
-                       case=VolumeCase(mask_latent, generator, start_latent), window_informed=options.window_informed)
+                       case=VolumeCase(mask_latent, generator, start_latent, label_region),
+                       window_informed=options.window_informed)
 
 
 @torch.no_grad()
@@ -192,15 +219,20 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
     generators = [job.case.generator for job in jobs]  # one per window: each volume's noise from its own generator
     starts = [job.case.start_latent for job in jobs]
     init = None if None in starts else torch.stack([s[job.indices] for s, job in zip(starts, jobs)]).to(model.device)
-    return options.sample(eps_fn, x_T, model, known=known, generator=generators, init=init)
+    regions = [job.case.label_region for job in jobs]
+    region = (None if None in regions else
+              torch.stack([r[job.indices] for r, job in zip(regions, jobs)]).to(model.device))
+    return options.sample(eps_fn, x_T, model, known=known, generator=generators, init=init, label_region=region)
 
 
 @torch.no_grad()
 def sample_volume_latents(model, mask_latent: torch.Tensor, informed_latent: torch.Tensor | None, start: int | None,
                           options: SamplerOptions, generator: torch.Generator,
-                          start_latent: torch.Tensor | None = None) -> torch.Tensor:
+                          start_latent: torch.Tensor | None = None,
+                          label_region: torch.Tensor | None = None) -> torch.Tensor:
     """All slice latents ``(D, C, h, w)`` of one volume (arguments as :func:`volume_propagation`)."""
-    steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator, start_latent)
+    steps = volume_propagation(model, mask_latent, informed_latent, start, options, generator, start_latent,
+                               label_region)
     return next(run_lockstep(partial(sample_rounds, model, options), [steps]))
 
 

@@ -249,6 +249,8 @@ def sample(
     slice_noise_correlation: float = 0.0,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    label_region: torch.Tensor | None = None,
+    label_strength: float | None = None,
 ) -> torch.Tensor:
     """Sample ``x0 (B,F,C,h,w)`` from ``x = x_T (B,F,C,h,w)`` along ``schedule`` (:func:`make_schedule`);
     ``eps_fn``'s output is read as ``schedule.prediction_type`` says (eps or v).
@@ -259,6 +261,11 @@ def sample(
     ``slice_noise_correlation``: rho in [0, 1); every noise draw is :func:`slice_correlated_noise`.
     ``init`` (x's shape) and ``strength`` in (0, 1): SDEdit, as diffusers' img2img ``strength``: only the last
     ``ceil(strength * N)`` timesteps run, from ``init`` forward-noised to the first of them (``x`` is the noise).
+    ``label_region`` (broadcastable to x, e.g. ``(B,F,1,h,w)``, 1 inside the labelled structures, 0 elsewhere) and
+    ``label_strength`` in (``strength``, 1]: the labelled structures start earlier, at the SDEdit level of
+    ``label_strength`` (1: pure noise); until the ``strength`` step, every step's result outside them is replaced by
+    ``init`` forward-noised to the next timestep, so from there on the run is SDEdit outside and has had more steps
+    inside (RePaint's replacement of a known region, without its resampling).
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 5:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)
@@ -271,10 +278,20 @@ def sample(
         raise ValueError(f"strength must lie in (0, 1] (1: from pure noise), got {strength!r}")
     scheduler, timesteps = copy.deepcopy(schedule.scheduler), [int(t) for t in schedule.timesteps]
     alphas_cumprod = scheduler.alphas_cumprod
+    replaced_steps = 0  # steps whose result outside label_region is replaced by the forward-noised init
     if init is not None and strength < 1.0:
-        timesteps = timesteps[len(timesteps) - math.ceil(strength * len(timesteps)):]
-        a = alphas_cumprod[timesteps[0]].to(x)
-        x = a.sqrt() * init.to(x) + (1 - a).sqrt() * x
+        first = len(timesteps) - math.ceil(strength * len(timesteps))
+        if label_region is not None and label_strength is not None and label_strength > strength:
+            if not label_strength <= 1.0:
+                raise ValueError(f"label_strength must lie in (strength, 1] (1: from pure noise), got {label_strength!r}")
+            label_first = len(timesteps) - math.ceil(label_strength * len(timesteps))
+            replaced_steps, timesteps = first - label_first, timesteps[label_first:]
+            label_region = label_region.to(x)
+        else:
+            timesteps = timesteps[first:]
+        if replaced_steps == 0 or label_strength < 1.0:
+            a = alphas_cumprod[timesteps[0]].to(x)
+            x = a.sqrt() * init.to(x) + (1 - a).sqrt() * x
 
     def noise() -> torch.Tensor:
         rho = slice_noise_correlation
@@ -290,5 +307,8 @@ def sample(
         step_noise = noise() if schedule.step_options.get("eta", 0) > 0 else None  # DDIM's eta noise
         x = scheduler.step(output, t, x, variance_noise=step_noise, **_step_options(schedule, alphas_cumprod[t]))
         x = x.prev_sample
+        if k < replaced_steps:  # outside the labelled structures: init at the next timestep's level
+            a = alphas_cumprod[timesteps[k + 1]].to(x)
+            x = label_region * x + (1 - label_region) * (a.sqrt() * init.to(x) + (1 - a).sqrt() * noise())
         x = _replace_known(x, known, _known_level(known, alphas_cumprod, timesteps, k + 1), noise)
     return x
