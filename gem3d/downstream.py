@@ -671,8 +671,8 @@ def write_summary(config: DownstreamConfig, results: Sequence[dict[str, Any]], d
             f"seeds {list(config.seeds)}. Dice on {test_count} real test cases (never trained on): mean ± std over "
             "seeds of each seed's mean over the test cases. Δ: the condition minus real only, paired by test case "
             "and seed (mean Dice over labels), with its percentile bootstrap 95 % interval; better pairs: pairs "
-            f"where the condition scores higher. Runs took {sum(r['seconds'] for r in results) / 60:.1f} minutes "
-            f"in all (this call {seconds / 60:.1f}).")
+            f"where the condition scores higher. The runs took {sum(r['seconds'] for r in results) / 60:.1f} "
+            f"minutes summed over runs ({config.jobs} at a time in this call, which took {seconds / 60:.1f} minutes).")
     if config.real_share is not None:
         copies = sorted({r.get("real_copies", 1) for r in results if r["synthetic_cases"] and r["real_cases"]})
         note += (f" Real share {config.real_share:g}: in real + synthetic runs each real case enters the training set "

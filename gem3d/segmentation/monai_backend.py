@@ -17,8 +17,8 @@ iterations, removed when training ends) and ``model.pt`` (the finished weights).
 training draws what an uninterrupted one would, and the same seed gives the same weights (on the CPU).
 
 The network and its inputs use the ``channels_last_3d`` memory format: oneDNN's 3D convolutions with few channels
-(8-64 here) train about 1.4x faster on the CPU that way (``bench/segmenter_speed.py``); the values are the same up
-to float rounding.
+(8-64 here) train faster on the CPU that way (BENCHMARKS.md section 11, ``bench/segmenter_bench.py``); the values
+are the same up to float rounding.
 """
 from __future__ import annotations
 
