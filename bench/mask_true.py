@@ -220,6 +220,18 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict)
     return "\n".join(lines)
 
 
+def demo_copies(demo: Path, out: Path) -> tuple[Path, Path]:
+    """Copies of a demo's dataset and segmenter cache in ``out`` (made once), so that nothing is written into the
+    demo's folder (training caches latents in its dataset); copytree's copy2 keeps the files' sizes and times, which
+    key the segmenter cache: the demo's segmenter is reused, not retrained. -> (dataset, segmenter cache)."""
+    if not (out / "dataset" / "dataset.json").is_file():
+        shutil.copytree(demo / "dataset", out / "dataset", dirs_exist_ok=True)
+    cache = demo / "report" / "segmenter_cache"
+    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
+        shutil.copytree(cache, out / "segmenter_cache")
+    return out / "dataset", out / "segmenter_cache"
+
+
 def vpred_row(objective: str, start: float, seed: int) -> str:
     return f"stage 1 {objective}, informed start {start}, seed {seed}"
 
@@ -231,7 +243,6 @@ def run_vpred(args: argparse.Namespace) -> str:
                          "DIR/models/demo_autoencoder, DIR/report/segmenter_cache)")
     demo = args.demo_out.resolve()
     dataset, autoencoder = demo / "dataset", demo / "models" / "demo_autoencoder" / "checkpoints" / "last.ckpt"
-    cache = demo / "report" / "segmenter_cache"
     missing = [str(p) for p in (dataset / "dataset.json", autoencoder) if not p.is_file()]
     if missing:
         raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
@@ -241,14 +252,7 @@ def run_vpred(args: argparse.Namespace) -> str:
     if args.quick:
         steps = 4
     out = args.out.resolve() / "vpred"
-    # copies, so that nothing is written into the demo's folder (training caches latents in its dataset); copy2 keeps
-    # the files' sizes and times, which key the segmenter cache: the demo's segmenter is reused, not retrained
-    if not (out / "dataset" / "dataset.json").is_file():
-        shutil.copytree(dataset, out / "dataset", dirs_exist_ok=True)
-    dataset = out / "dataset"
-    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
-        shutil.copytree(cache, out / "segmenter_cache")
-    cache = out / "segmenter_cache"
+    dataset, cache = demo_copies(demo, out)
     first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
     with ThreadPoolExecutor(max_workers=len(VPRED)) as pool:  # side by side, one thread each
         futures = {objective: pool.submit(train, f"s1_{i}", "demo_stage1", out, dataset, steps,
@@ -322,18 +326,13 @@ def run_starts(args: argparse.Namespace) -> str:
         raise SystemExit("--only starts needs --demo-out DIR (the output of `make demo`: DIR/dataset, DIR/models/demo, "
                          "DIR/report/segmenter_cache)")
     demo = args.demo_out.resolve()
-    model, cache = demo / "models" / "demo", demo / "report" / "segmenter_cache"
+    model = demo / "models" / "demo"
     missing = [str(p) for p in (demo / "dataset" / "dataset.json", model / "checkpoints" / "last.ckpt")
                if not p.is_file()]
     if missing:
         raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
     out = args.out.resolve() / "starts"
-    # the same copies as --only vpred: nothing is written into the demo's folder, and the segmenter is reused
-    if not (out / "dataset" / "dataset.json").is_file():
-        shutil.copytree(demo / "dataset", out / "dataset", dirs_exist_ok=True)
-    dataset = out / "dataset"
-    if cache.is_dir() and not (out / "segmenter_cache").is_dir():
-        shutil.copytree(cache, out / "segmenter_cache")
+    dataset, cache = demo_copies(demo, out)
     sampler = dict(load_inference_config("demo")["sampler"])
     if args.quick:
         sampler["steps"] = 2
@@ -348,7 +347,7 @@ def run_starts(args: argparse.Namespace) -> str:
                     metrics=("reconstruction", "consistency", "segmenter", "labels"),
                     keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
                           "through_plane_ratio"),
-                    segmenter_cache=None if args.quick else out / "segmenter_cache")
+                    segmenter_cache=None if args.quick else cache)
     project = sorted((model / "configs").glob("*-project.yaml"))
     params = OmegaConf.load(project[-1]).model.params if project else {}
     return starts_table(results, sampler, str(params.get("prediction_type", "epsilon")))
