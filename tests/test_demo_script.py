@@ -152,8 +152,9 @@ def test_inference_runs_are_built_by_the_inference_cli(tmp_path, steps, informed
         setting="ic", data=paths["dataset"], out=paths["out"], split="Tr", cases="split:val", model=paths["model"],
         slice_model=paths["slice_model"], samples_per_case=int(defaults.get("samples_per_case", 1)),
         sampler=SamplerOptions(**sampler), seed=3, device="cpu", mask_edit=dict(defaults.get("mask_edit") or {}),
-        progress=False, informed_from=informed_from)
+        progress=False, informed_from=informed_from, background=defaults.get("background", "generated"))
     assert cfg.sampler.steps == (steps or defaults["sampler"]["steps"]) and cfg.previews and cfg.ema is None
+    assert cfg.background == "real"  # the demo's skull-stripped cases keep their zeros outside the head
 
 
 def test_the_segmenter_iterations_have_one_default(tmp_path):

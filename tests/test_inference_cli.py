@@ -172,8 +172,10 @@ class _Unlisted:
 def test_sharding_over_two_processes_matches_one_process(tiny, tmp_path):
     cases = "3"
     sampler = SamplerOptions(**{**cli.load_inference_config("demo")["sampler"], "steps": 2})  # what the script uses
+    background = cli.load_inference_config("demo")["background"]  # what the script uses
     one = run_inference(InferenceConfig(setting="ic", data=tiny["data"], out=tmp_path / "one", model=tiny["volume_stage"],
-                                        cases=cases, sampler=sampler, progress=False, previews=False))
+                                        cases=cases, sampler=sampler, progress=False, previews=False,
+                                        background=background))
     result = run_script("inference_demo_ic.py", "--data", tiny["data"], "--model", tiny["volume_stage"],
                         "--out", tmp_path / "two", "--steps", "2", "--no-progress", "--no-previews", "--cases", cases,
                         "--num-processes", "2", timeout=300)
