@@ -495,9 +495,7 @@ class Enhancer:
                 f"{'> 0' if lesions is None else list(lesions)}) for setting {self.cfg.setting!r} to edit; use ic "
                 f"(or ig) for this case, or exclude it with --cases"
             )
-        body = compute_body_mask(np.asarray(case.image), self.preprocess) | (label > 0)
-        if (label < 0).any():  # nnU-Net's seg: -1 outside its crop, the body is the rest
-            body = label >= 0
+        body = sample_body(case, label, self.preprocess)
         flip_axis = mask_edit.left_right_axis(self.preprocess.slice_axis)  # the label is canonical (D, H, W)
         edited, edits = mask_edit.icma_edit(label, body, rng, **{"lr_axis": flip_axis, **self.cfg.mask_edit})
         return edited.astype(np.int16), edits
@@ -628,14 +626,19 @@ def first_stage_fingerprint(model) -> tuple[str, float]:
     return digest.hexdigest(), float(model.first_stage.scale_factor)
 
 
+def sample_body(case: Case, label: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    """The body of a sample, canonical ``(D, H, W)`` bool: the real image's (:func:`compute_body_mask`) plus the
+    mask's labelled voxels, or, where ``label`` marks the outside with -1 (nnU-Net's seg: -1 outside its crop),
+    the rest."""
+    if (label < 0).any():
+        return label >= 0
+    return compute_body_mask(np.asarray(case.image), preprocess) | (label > 0)
+
+
 def real_background(image: np.ndarray, case: Case, label: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
     """``image`` (the sample, source grid) with every voxel outside the body replaced by the real case's own voxel
-    there. The body: the real image's (:func:`compute_body_mask` with the model's preprocessing) plus the sample's
-    labelled voxels (``label`` canonical; where it marks the outside with -1, as nnU-Net's seg does, that instead)."""
-    body = compute_body_mask(np.asarray(case.image), preprocess) | (label > 0)
-    if (label < 0).any():
-        body = label >= 0
-    outside = case.geometry.to_source(~body)
+    there (the body: :func:`sample_body` of the sample's canonical ``label``)."""
+    outside = case.geometry.to_source(~sample_body(case, label, preprocess))
     return np.where(outside, case.geometry.to_source(np.asarray(case.image, np.float32)), image).astype(np.float32)
 
 

@@ -217,12 +217,17 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
         eps_fn = model.model_fn(cond)
     known = known_frames_for_jobs(jobs, shape[1:], options.known_noise, device=model.device)
     generators = [job.case.generator for job in jobs]  # one per window: each volume's noise from its own generator
-    starts = [job.case.start_latent for job in jobs]
-    init = None if None in starts else torch.stack([s[job.indices] for s, job in zip(starts, jobs)]).to(model.device)
-    regions = [job.case.label_region for job in jobs]
-    region = (None if None in regions else
-              torch.stack([r[job.indices] for r, job in zip(regions, jobs)]).to(model.device))
+    init, region = (_window_stack([getattr(job.case, name) for job in jobs], jobs, model.device)
+                    for name in ("start_latent", "label_region"))
     return options.sample(eps_fn, x_T, model, known=known, generator=generators, init=init, label_region=region)
+
+
+def _window_stack(per_volume: list[torch.Tensor | None], jobs: list[WindowJob], device) -> torch.Tensor | None:
+    """Each job's window (its ``indices``) of its volume's ``(D, ...)`` tensor, stacked -> ``(B, F, ...)`` on
+    ``device``; None when any volume has none."""
+    if any(t is None for t in per_volume):
+        return None
+    return torch.stack([t[job.indices] for t, job in zip(per_volume, jobs)]).to(device)
 
 
 @torch.no_grad()

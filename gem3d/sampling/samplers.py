@@ -236,6 +236,11 @@ def _step_options(schedule: Schedule, alpha_cumprod: torch.Tensor) -> dict:
     return schedule.step_options
 
 
+def _noised(x0: torch.Tensor, alpha_cumprod: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``x0`` forward-noised to the level ``alpha_cumprod``: ``sqrt(a) x0 + sqrt(1 - a) noise``."""
+    return alpha_cumprod.sqrt() * x0 + (1 - alpha_cumprod).sqrt() * noise
+
+
 @torch.no_grad()
 def sample(
     eps_fn: EpsFn,
@@ -290,8 +295,7 @@ def sample(
         else:
             timesteps = timesteps[first:]
         if replaced_steps == 0 or label_strength < 1.0:
-            a = alphas_cumprod[timesteps[0]].to(x)
-            x = a.sqrt() * init.to(x) + (1 - a).sqrt() * x
+            x = _noised(init.to(x), alphas_cumprod[timesteps[0]].to(x), x)
 
     def noise() -> torch.Tensor:
         rho = slice_noise_correlation
@@ -308,7 +312,7 @@ def sample(
         x = scheduler.step(output, t, x, variance_noise=step_noise, **_step_options(schedule, alphas_cumprod[t]))
         x = x.prev_sample
         if k < replaced_steps:  # outside the labelled structures: init at the next timestep's level
-            a = alphas_cumprod[timesteps[k + 1]].to(x)
-            x = label_region * x + (1 - label_region) * (a.sqrt() * init.to(x) + (1 - a).sqrt() * noise())
+            outside = _noised(init.to(x), alphas_cumprod[timesteps[k + 1]].to(x), noise())
+            x = label_region * x + (1 - label_region) * outside
         x = _replace_known(x, known, _known_level(known, alphas_cumprod, timesteps, k + 1), noise)
     return x
