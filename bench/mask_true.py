@@ -36,11 +36,25 @@ core's mean intensity minus the real one's, the label intensity order, PSNR and 
 training; a few minutes on 2 CPU cores.
 
     python bench/mask_true.py --only starts --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
+
+``--only encoding --demo-out DIR`` asks how the mask should reach the model. First, does the paper's encoding (the
+grey mask image through the frozen autoencoder) keep every label: the demo autoencoder's decode(encode(mask)), Dice
+per label against the mask, over the demo's cases. Then the demo's stage 1 and stage 2 are trained twice, side by
+side with one thread each, for the steps the demo's own models got and with the same seed: with the paper's mask
+encoding, and with ``mask_encoding: label_fractions`` (each label's share of every latent pixel). Both sample the
+``test`` setting, with two sampling seeds, on 12 tuning cases of their own: a second demo dataset drawn with
+another seed (``--seed`` + 1), which no model trained on and no earlier choice saw. The demo's ``base`` samples
+them too (one seed), as the peer. All are scored by the demo's segmenter (``DIR/report/segmenter_cache``), with each
+label's Dice over the real volumes', the core's brightness, the label order, PSNR and the through-plane ratio.
+About 20 minutes on 2 CPU cores.
+
+    python bench/mask_true.py --only encoding --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import shutil
@@ -62,7 +76,11 @@ from gem3d.data.demo import build_demo_dataset  # noqa: E402
 from gem3d.inference.cli import load_inference_config  # noqa: E402
 from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: E402
 from gem3d.inference.volume import SamplerOptions  # noqa: E402
+from gem3d.data.nnunet import RawDataset  # noqa: E402
+from gem3d.data.preprocess import PreprocessConfig, prepare_case  # noqa: E402
 from gem3d.metrics import evaluation  # noqa: E402
+from gem3d.metrics import labels as label_metrics  # noqa: E402
+from gem3d.models.autoencoder import FirstStage  # noqa: E402
 
 HIDDEN = "data.params.preprocess.informed_labels=hidden"
 NO_VARIANTS = "data.params.contrast_variants=[]"
@@ -108,6 +126,15 @@ STARTS_SEEDS = (0, 1)
 LABELS = {"edema": "edema", "non-enhancing_tumor": "core", "enhancing_tumour": "enhancing"}  # dice_<key> -> shown
 CORE_MEAN = "mean_diff_non-enhancing tumor"
 STARTS_BEGIN, STARTS_END = "<!-- bench:mask_true:starts:begin -->", "<!-- bench:mask_true:starts:end -->"
+# --only encoding: mask encoding -> its overrides of demo_stage1.yaml / demo_stage2.yaml; tuning cases; seeds
+ENCODINGS = {
+    "autoencoder (the paper)": ["model.params.mask_encoding=autoencoder", "model.params.unet_config.params.in_channels=12"],
+    "label fractions": ["model.params.mask_encoding=label_fractions", "model.params.max_label=3",
+                        "model.params.unet_config.params.in_channels=13"],
+}
+ENCODING_TUNING_CASES = 12
+ENCODING_SEEDS = (0, 1)
+ENCODING_BEGIN, ENCODING_END = "<!-- bench:mask_true:encoding:begin -->", "<!-- bench:mask_true:encoding:end -->"
 
 
 def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str],
@@ -147,13 +174,16 @@ def synthesise(out: Path, dataset: Path, name: str, setting: str, model: Path, s
 
 def score(out: Path, dataset: Path, rows: dict[str, Path], iterations: int, metrics: tuple[str, ...] = ("consistency",
           "segmenter"), keys: tuple[str, ...] = ("dice_mean", "dice_ratio", "through_plane_ratio"),
-          segmenter_cache: Path | None = None) -> dict[str, dict[str, float]]:
+          segmenter_cache: Path | None = None, segmenter: Path | None = None,
+          extra: list[str] | None = None) -> dict[str, dict[str, float]]:
     """``{row: {key: mean}}`` of ``keys`` on the val cases (the evaluation's label-fidelity segmenter, trained on the
-    real train cases, in ``segmenter_cache`` or ``out/report/segmenter_cache``), plus the real volumes' row."""
+    real train cases, in ``segmenter_cache`` or ``out/report/segmenter_cache``; or the trained ``segmenter`` folder),
+    plus the real volumes' row. ``extra``: more evaluate.py arguments."""
     report = out / "report"
     cache = [] if segmenter_cache is None else ["--segmenter-cache", str(segmenter_cache)]
+    cache += [] if segmenter is None else ["--segmenter", str(segmenter)]
     evaluation.main(["--real", str(dataset), "--cases", "split:val", "--out", str(report), "--metrics", *metrics,
-                     "--segmenter-iterations", str(iterations), *cache,
+                     "--segmenter-iterations", str(iterations), *cache, *(extra or []),
                      *[a for name, folder in rows.items() for a in ("--synthetic", f"{name}={folder}")]])
     values: dict[str, dict[str, list[float]]] = {}
     with open(report / "metrics.csv") as fh:
@@ -353,24 +383,146 @@ def run_starts(args: argparse.Namespace) -> str:
     return starts_table(results, sampler, str(params.get("prediction_type", "epsilon")))
 
 
+def encoding_table(roundtrip: dict[str, float], results: dict[str, dict[str, float]], steps: dict[str, int],
+                   sampler: dict) -> str:
+    """The mask-encoding table: the autoencoder's mask roundtrip per label, then per encoding (means over the seeds)
+    each label's Dice over the real volumes', the core's brightness, the label order, PSNR and the stripes."""
+    real = results.get(evaluation.REAL_VOLUME_ROW, {})
+
+    def mean(rows: list[str], key: str) -> float | None:
+        values = [results[r][key] for r in rows if key in results.get(r, {})]
+        return sum(values) / len(values) if values else None
+
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    def ratio(rows: list[str], key: str) -> str:
+        value, reference = mean(rows, key), real.get(key)
+        return "—" if value is None or not reference else f"{value / reference:.2f}×"
+
+    about = (f"The paper's mask encoding through the demo's autoencoder: decode(encode(grey mask)) read back as the "
+             f"nearest grey level, Dice per label against the mask, mean over the demo's cases: "
+             + ", ".join(f"{name} {value:.2f}" for name, value in roundtrip.items()) + ". "
+             f"Then stage 1 ({steps['stage1']} steps) and stage 2 ({steps['stage2']} steps) trained once per mask "
+             f"encoding, same seed, sampled ({sampler['sampler']} {sampler['steps']}, informed start "
+             f"{sampler['informed_start']}) on {ENCODING_TUNING_CASES} tuning cases that no model or choice saw, "
+             f"sampling seeds {' and '.join(map(str, ENCODING_SEEDS))} (means over both; `base`: the demo's, seed 0). "
+             "Dice per label as a ratio of the demo's segmenter's on the real tuning volumes; core mean: the "
+             "non-enhancing core's mean intensity minus the real volume's ([0, 1] scale).")
+    lines = [*textwrap.wrap(about, width=116), "",
+             "| `test`, mask encoding | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
+             + " | core mean − real | label order kept | PSNR body (dB) | through-plane / in-plane |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    named = {**{name: [encoding_row(name, seed) for seed in ENCODING_SEEDS] for name in ENCODINGS},
+             "`base` (the peer, autoencoder)": ["base"], "the autoencoder's reconstruction (ceiling)":
+             [evaluation.AUTOENCODER_ROW], "copying the informed slice": [evaluation.COPY_ROW]}
+    for name, rows in named.items():
+        lines.append(f"| {name} | {fmt(mean(rows, 'dice_mean'))} | " + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS)
+                     + f" | {fmt(mean(rows, CORE_MEAN), 3)} | {fmt(mean(rows, 'label_order_kept'))} | "
+                     f"{fmt(mean(rows, 'psnr_body'), 1)} | {fmt(mean(rows, 'through_plane_ratio'))} |")
+    lines.append(f"| real tuning volumes | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 0 | 1 | | "
+                 f"{fmt(real.get('through_plane_ratio'))} |")
+    return "\n".join(lines)
+
+
+def encoding_row(encoding: str, seed: int) -> str:
+    return f"test, {encoding}, seed {seed}"
+
+
+def trained_segmenter(cache: Path) -> Path:
+    """The one trained segmenter folder (``segmenter.json``) in a segmenter cache."""
+    found = sorted(p.parent for p in cache.glob("*/segmenter.json"))
+    if len(found) != 1:
+        raise SystemExit(f"{cache}: expected one trained segmenter (*/segmenter.json), found {len(found)}")
+    return found[0]
+
+
+def run_encoding(args: argparse.Namespace) -> str:
+    """The mask-encoding experiment (``--only encoding``, see the module docstring); returns its table."""
+    if args.demo_out is None:
+        raise SystemExit("--only encoding needs --demo-out DIR (the output of `make demo`: DIR/dataset, DIR/models, "
+                         "DIR/report/segmenter_cache)")
+    demo = args.demo_out.resolve()
+    models = demo / "models"
+    autoencoder = models / "demo_autoencoder" / "checkpoints" / "last.ckpt"
+    needed = [demo / "dataset" / "dataset.json", autoencoder, models / "demo_base" / "checkpoints" / "last.ckpt"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
+    out = args.out.resolve() / "encoding"
+    dataset, cache = demo_copies(demo, out)
+    segmenter = None if args.quick else trained_segmenter(cache)
+    cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml").data.params.preprocess
+    max_label = int(cfg.max_label)
+    first = FirstStage.from_run(autoencoder).eval()
+    volumes = RawDataset(dataset)
+    scores: dict[int, list[float]] = {}
+    for name in volumes.case_names():
+        prepared = prepare_case(volumes.load_case(name), PreprocessConfig.from_dict(OmegaConf.to_container(cfg)))
+        for label, value in label_metrics.autoencoder_mask_dice(first, prepared.label, max_label).items():
+            if value == value:  # NaN: the case lacks the label
+                scores.setdefault(label, []).append(value)
+    names = json.loads((dataset / "dataset.json").read_text())["labels"]
+    label_names = {int(v): k for k, v in names.items()}
+    roundtrip = {label_names.get(k, str(k)): sum(v) / len(v) for k, v in sorted(scores.items())}
+
+    steps = {name: int(load_checkpoint(models / f"demo_{name}" / "checkpoints" / "last.ckpt").get("global_step", 0))
+             if (models / f"demo_{name}" / "checkpoints" / "last.ckpt").is_file() else VPRED_DEFAULT_STEPS
+             for name in ("stage1",)}
+    stage2_ckpt = models / "demo" / "checkpoints" / "last.ckpt"
+    steps["stage2"] = int(load_checkpoint(stage2_ckpt).get("global_step", 0)) if stage2_ckpt.is_file() else 300
+    if args.quick:
+        steps = {"stage1": 4, "stage2": 4}
+    first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
+    with ThreadPoolExecutor(max_workers=len(ENCODINGS)) as pool:  # side by side, one thread each
+        stage1 = {name: pool.submit(train, f"enc{i}_s1", "demo_stage1", out, dataset, steps["stage1"],
+                                    [first_stage, *overrides], 1) for i, (name, overrides) in enumerate(ENCODINGS.items())}
+        stage1 = {name: future.result() for name, future in stage1.items()}
+        stage2 = {name: pool.submit(train, f"enc{i}_s2", "demo_stage2", out, dataset, steps["stage2"],
+                                    [first_stage, *overrides, f"model.params.ckpt_path={stage1[name]}/checkpoints/last.ckpt"],
+                                    1) for i, (name, overrides) in enumerate(ENCODINGS.items())}
+        stage2 = {name: future.result() for name, future in stage2.items()}
+
+    tuning = out / "tuning"
+    if not (tuning / "dataset.json").is_file():
+        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
+                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    sampler = dict(load_inference_config("demo")["sampler"])
+    if args.quick:
+        sampler["steps"] = 2
+    rows: dict[str, Path] = {}
+    for i, (name, run) in enumerate(stage2.items()):
+        for seed in ENCODING_SEEDS:
+            rows[encoding_row(name, seed)] = synthesise(out, tuning, f"enc{i}_seed{seed}", "test", run, sampler, seed,
+                                                        samples_per_case=1)
+    rows["base"] = synthesise(out, tuning, "base", "base", models / "demo_base", sampler, 0, samples_per_case=1)
+    results = score(out, tuning, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+                    metrics=("reconstruction", "consistency", "segmenter", "labels"),
+                    keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
+                          "through_plane_ratio"),
+                    segmenter=segmenter, extra=["--autoencoder", str(models / "demo_autoencoder")])
+    return encoding_table(roundtrip, results, steps, sampler)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "mask_true")
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("all", "vpred", "starts"), default="all",
+    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding"), default="all",
                    help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
-                        "starts of the demo's stage 2 (both need --demo-out)")
-    p.add_argument("--demo-out", type=Path, help="vpred, starts: a finished `make demo` output folder")
+                        "starts of the demo's stage 2; encoding: the mask encoding (all three need --demo-out)")
+    p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding: a finished `make demo` output folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
     args = p.parse_args(argv)
-    if args.only in ("vpred", "starts"):
-        text = run_vpred(args) if args.only == "vpred" else run_starts(args)
+    if args.only != "all":
+        run, begin, end = {"vpred": (run_vpred, VPRED_BEGIN, VPRED_END), "starts": (run_starts, STARTS_BEGIN, STARTS_END),
+                           "encoding": (run_encoding, ENCODING_BEGIN, ENCODING_END)}[args.only]
+        text = run(args)
         print(text)
         if args.write is not None:
-            write_block(args.write, text, *((VPRED_BEGIN, VPRED_END) if args.only == "vpred" else
-                                            (STARTS_BEGIN, STARTS_END)))
+            write_block(args.write, text, begin, end)
         return 0
     steps = ({"ae": 4, "stage1": 4, "stage2": 4, "slice": 4, "segmenter": 2} if args.quick else
              {"ae": 1500, "stage1": 1600, "stage2": 850, "slice": 800, "segmenter": 300})

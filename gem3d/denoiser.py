@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from gem3d.config import instantiate_from_config, to_plain
-from gem3d.models.conditioning import concat_condition, position_embedding
+from gem3d.models.conditioning import MASK_ENCODINGS, concat_condition, label_fractions, position_embedding
 from gem3d.sampling.schedule import alphas_cumprod_tensor, model_target, validate_prediction
 
 __all__ = ["VARIANTS", "VariantSpec", "Denoiser"]
@@ -60,6 +60,10 @@ class Denoiser(nn.Module):
             ``"v_prediction"`` (``v = sqrt(a) eps - sqrt(1 - a) x0``); the samplers read it from here.
         zero_terminal_snr: the betas rescaled so that ``alphas_cumprod[T - 1] = 0`` (Lin et al. 2023); needs
             ``prediction_type="v_prediction"``.
+        mask_encoding: how the grey mask becomes its condition, one of :data:`MASK_ENCODINGS`: ``"autoencoder"``
+            (the paper and every original checkpoint: ``z`` channels) or ``"label_fractions"`` (each label's share
+            of every latent pixel, ``max_label + 2`` channels; beyond the paper, docs/mask-true.md).
+        max_label: the largest label (the preprocessing's ``max_label``); needed by ``"label_fractions"``.
     """
 
     def __init__(
@@ -74,18 +78,27 @@ class Denoiser(nn.Module):
         beta_end: float = 0.012,
         prediction_type: str = "epsilon",
         zero_terminal_snr: bool = False,
+        mask_encoding: str = "autoencoder",
+        max_label: int | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is not supported; allowed: {sorted(VARIANTS)}")
         validate_prediction(prediction_type, zero_terminal_snr)
+        if mask_encoding not in MASK_ENCODINGS:
+            raise ValueError(f"mask_encoding={mask_encoding!r} is not supported; allowed: {list(MASK_ENCODINGS)}")
+        if mask_encoding == "label_fractions" and (max_label is None or int(max_label) != max_label or max_label < 1):
+            raise ValueError(f"mask_encoding='label_fractions' needs max_label, the largest label (a positive integer, "
+                             f"the preprocessing's max_label), got max_label={max_label!r}")
         unet_config, first_stage_config = to_plain(unet_config), to_plain(first_stage_config)
         self.denoiser_kwargs = {
             "unet_config": unet_config, "first_stage_config": first_stage_config, "variant": variant,
             "position_embed_dim": position_embed_dim, "condition_latent_factor": float(condition_latent_factor),
             "num_train_timesteps": int(num_train_timesteps), "beta_start": float(beta_start), "beta_end": float(beta_end),
             "prediction_type": prediction_type, "zero_terminal_snr": bool(zero_terminal_snr),
+            "mask_encoding": mask_encoding, "max_label": None if max_label is None else int(max_label),
         }  # fmt: skip
+        self.mask_encoding, self.max_label = mask_encoding, None if max_label is None else int(max_label)
         self.prediction_type = prediction_type
         self.zero_terminal_snr = bool(zero_terminal_snr)
         self.variant = variant
@@ -110,17 +123,24 @@ class Denoiser(nn.Module):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the mask's condition: the latent's, or one per level (outside, tissue, labels)."""
+        return int(self.first_stage.latent_channels) if self.mask_encoding == "autoencoder" else self.max_label + 2
+
     def _check_unet_fits_variant(self, latent_channels: int, position_embed_dim: int | None) -> None:
         spec, unet = self.spec, self.unet
-        conditions = {"concat": 1 + int(spec.use_informed), "crossattn": 0}[spec.conditioning]
-        layout = {"concat": "noisy + mask" + (" + informed" if spec.use_informed else ""), "crossattn": "noisy"}
-        expected = {"in_channels": latent_channels * (1 + conditions), "out_channels": latent_channels,
+        concat = self.mask_channels + latent_channels * int(spec.use_informed)
+        conditions = {"concat": concat, "crossattn": 0}[spec.conditioning]
+        layout = {"concat": f"noisy {latent_channels} + mask {self.mask_channels} ({self.mask_encoding})"
+                            + (f" + informed {latent_channels}" if spec.use_informed else ""), "crossattn": "noisy"}
+        expected = {"in_channels": latent_channels + conditions, "out_channels": latent_channels,
                     "volumetric": spec.volumetric}
         for key, value in expected.items():
             if getattr(unet, key) != value:
                 raise ValueError(
                     f"unet_config.params.{key}={getattr(unet, key)!r} does not fit variant={self.variant!r}: expected "
-                    f"{value!r} ({layout[spec.conditioning]}, {latent_channels} latent channels each)"
+                    f"{value!r} ({layout[spec.conditioning]} channels)"
                 )
         if spec.conditioning != "crossattn":
             return
@@ -133,6 +153,16 @@ class Denoiser(nn.Module):
             raise ValueError(
                 f"position_embed_dim={position_embed_dim!r} must equal unet context_dim={unet.context_dim!r}"
             )
+
+    @torch.no_grad()
+    def encode_mask(self, grey: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+                    progress: bool = False) -> torch.Tensor:
+        """Grey masks ``(N, 1, S, S)`` or clips ``(B, F, 1, S, S)`` -> the mask's condition ``(..., mask_channels,
+        h, w)`` by :attr:`mask_encoding`: the scaled posterior mean through the first stage (a posterior draw with
+        ``sample``), or :func:`~gem3d.models.conditioning.label_fractions`."""
+        if self.mask_encoding == "label_fractions":
+            return label_fractions(grey.to(self.device), self.max_label, int(self.first_stage.downsample_factor))
+        return self.first_stage.encode(grey, sample=sample, generator=generator, progress=progress)
 
     def condition(
         self,
@@ -151,6 +181,9 @@ class Denoiser(nn.Module):
             return {"concat": None, "context": position_embedding(pos, self.position_embed_dim).to(self.device)}
         if mask_latent is None:
             raise ValueError(f"variant {self.variant!r} needs mask_latent (B, F, z, h, w)")
+        if mask_latent.shape[-3] != self.mask_channels:
+            raise ValueError(f"mask_latent has {mask_latent.shape[-3]} channels; mask_encoding={self.mask_encoding!r} "
+                             f"gives {self.mask_channels} (encode masks with Denoiser.encode_mask)")
         if spec.use_informed and informed_latent is None:
             raise ValueError(f"variant {self.variant!r} needs informed_latent (B, z, h, w) or (B, F, z, h, w)")
         if not spec.use_informed and informed_latent is not None:

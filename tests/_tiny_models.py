@@ -53,22 +53,27 @@ def randomise_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def build_model(variant: str, seed: int = 0):
+def build_model(variant: str, seed: int = 0, **model_kwargs):
+    """``model_kwargs``: more Gem3dLDM arguments; ``mask_encoding="label_fractions"`` widens the UNet's input to
+    ``max_label + 2`` mask channels."""
     torch.manual_seed(seed)
+    unet = unet_config(variant)
+    if model_kwargs.get("mask_encoding") == "label_fractions":
+        unet["params"]["in_channels"] += model_kwargs["max_label"] + 2 - FIRST_STAGE["params"]["latent_channels"]
     with warnings.catch_warnings():  # "volume stage without ckpt_path": intended, the weights are random anyway
         warnings.simplefilter("ignore", UserWarning)
-        model = Gem3dLDM(unet_config=unet_config(variant), first_stage_config=FIRST_STAGE, variant=variant,
-                         use_ema=False, sample_with_ema=False)
+        model = Gem3dLDM(unet_config=unet, first_stage_config=FIRST_STAGE, variant=variant,
+                         use_ema=False, sample_with_ema=False, **model_kwargs)
     randomise_(model.unet, seed + 1)
     return model.eval()
 
 
 def build_model_dir(folder: str | Path, variant: str, seed: int = 0, preprocess: dict | None = None,
-                    first_stage: dict | None = None) -> Path:
+                    first_stage: dict | None = None, **model_kwargs) -> Path:
     """A training-run-like folder for ``variant`` (see the module docstring); ``first_stage``: a first stage's
-    state dict to use (models that share an autoencoder)."""
+    state dict to use (models that share an autoencoder); ``model_kwargs``: see :func:`build_model`."""
     folder = Path(folder)
-    model = build_model(variant, seed)
+    model = build_model(variant, seed, **model_kwargs)
     if first_stage is not None:
         model.first_stage.load_state_dict(first_stage)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
+from einops import rearrange
 from filelock import FileLock, Timeout
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
@@ -514,7 +515,10 @@ class Enhancer:
             return latents, informed
         model = self.volume_model.model
         draw = {"sample": options.condition_posterior == "sample", "generator": generator}
-        mask_latent = encode_slices(model, torch.from_numpy(prepared.grey_mask()), progress=False, **draw)
+        if model.mask_encoding == "label_fractions" and model.max_label != prepared.max_label:
+            raise ValueError(f"the volume model encodes masks with max_label={model.max_label}, but the preprocessing "
+                             f"has max_label={prepared.max_label}: set preprocess.max_label to the model's")
+        mask_latent = model.encode_mask(rearrange(torch.from_numpy(prepared.grey_mask()), "d h w -> d 1 h w"), **draw)
         informed_latent = None
         if informed.source == "generated":  # its image: the generated slice, decoded
             position = torch.tensor([informed.position])

@@ -205,7 +205,8 @@ def _sample_batch(model, options: SamplerOptions, calls: list[list[WindowJob]]) 
     """One sampler run over the windows of ``calls`` (one list per volume) -> ``(B, F, C, h, w)``. A job's ``case`` is
     its volume's :class:`VolumeCase`."""
     jobs = [job for call in calls for job in call]
-    shape = (len(jobs[0].indices), *jobs[0].case.mask_latent.shape[1:])
+    latent_hw = jobs[0].case.mask_latent.shape[-2:]  # the mask's condition may have other channels than the latents
+    shape = (len(jobs[0].indices), int(model.first_stage.latent_channels), *latent_hw)
     x_T = torch.cat([options.noise((len(call), *shape), call[0].case.generator, model.device) for call in calls])
     masks = torch.stack([job.case.mask_latent[job.indices] for job in jobs]).to(model.device)
     informed = informed_latents_for_jobs(jobs, model.device)

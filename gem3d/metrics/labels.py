@@ -9,11 +9,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
 from gem3d.data.case import load_case
 from gem3d.data.geometry import load_nifti
+from gem3d.data.preprocess import grey_to_label, label_to_grey
 from gem3d.export.nifti import save_nifti
 from gem3d.segmentation import Segmenter
 
@@ -80,6 +82,19 @@ def dice_per_label(prediction, reference, num_labels: int | None = None) -> dict
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     scores = metric(one_hot(pred, num_classes=n + 1, dim=1), one_hot(ref, num_classes=n + 1, dim=1))[0]
     return {k + 1: float(scores[k]) for k in range(n)}
+
+
+@torch.no_grad()
+def autoencoder_mask_dice(first_stage, labels, max_label: int) -> dict[int, float]:
+    """Does the paper's mask encoding keep every label? ``labels (D, S, S)`` (-1 outside the body, 0..max_label) ->
+    grey masks -> ``first_stage.encode_mask`` -> ``decode_grey`` -> the nearest grey level's label, and its Dice per
+    label against ``labels`` (:func:`dice_per_label`). The diffusion model reads the latent, not its decoding, so a
+    low score says the latent blurs that label into its neighbours, not that the label is gone."""
+    labels = np.asarray(labels)
+    grey = rearrange(torch.from_numpy(label_to_grey(labels, max_label)), "d h w -> d 1 h w")
+    back = first_stage.decode_grey(first_stage.encode_mask(grey.to(first_stage.device)))
+    decoded = grey_to_label(rearrange(back.float().cpu(), "d 1 h w -> d h w").numpy(), max_label)
+    return dice_per_label(decoded, labels, max_label)
 
 
 def mean_dice(scores: Mapping[int, float]) -> float:

@@ -95,12 +95,14 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         label_loss_weight: float = 0.0,
         prediction_type: str = "epsilon",
         zero_terminal_snr: bool = False,
+        mask_encoding: str = "autoencoder",
+        max_label: int | None = None,
     ):
         super().__init__(
             unet_config, first_stage_config, variant=variant, position_embed_dim=position_embed_dim,
             condition_latent_factor=condition_latent_factor, num_train_timesteps=num_train_timesteps,
             beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
-            zero_terminal_snr=zero_terminal_snr,
+            zero_terminal_snr=zero_terminal_snr, mask_encoding=mask_encoding, max_label=max_label,
         )  # fmt: skip
         self.save_hyperparameters()
         self.base_learning_rate = float(base_learning_rate)
@@ -144,7 +146,8 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         self.sample_with_ema = bool(sample_with_ema) and self.ema is not None
 
     def _check_same_objective(self, checkpoint: Mapping, path) -> None:
-        """A volume stage continues its stage 1's UNet: both must predict the same thing on the same schedule."""
+        """A volume stage continues its stage 1's UNet: both must predict the same thing on the same schedule, from
+        the mask encoded the same way."""
         hparams = checkpoint.get("hyper_parameters") or {}
         theirs = (hparams.get("prediction_type", "epsilon"), bool(hparams.get("zero_terminal_snr", False)))
         ours = (self.prediction_type, self.zero_terminal_snr)
@@ -154,11 +157,25 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
                 f"zero_terminal_snr={theirs[1]}; this stage has prediction_type={ours[0]!r}, zero_terminal_snr="
                 f"{ours[1]}: set model.params.prediction_type / zero_terminal_snr to the stage-1 run's"
             )
+        encoding = lambda enc, max_label: (enc, max_label if enc == "label_fractions" else None)  # noqa: E731
+        theirs = encoding(hparams.get("mask_encoding", "autoencoder"), hparams.get("max_label"))
+        ours = encoding(self.mask_encoding, self.max_label)
+        if theirs != ours:
+            raise ValueError(
+                f"model.params.ckpt_path={str(path)!r} was trained with mask_encoding={theirs[0]!r}, max_label="
+                f"{theirs[1]!r}; this stage has mask_encoding={ours[0]!r}, max_label={ours[1]!r}: set "
+                "model.params.mask_encoding / max_label to the stage-1 run's"
+            )
 
     def setup(self, stage: str) -> None:
         """Hand the first stage to the data module's latent cache, if it has one: every rank encodes its share of
         the cases (those not cached yet), then they wait for each other once; the batches hold latents and no
         training step runs the encoder. ``python -m gem3d.training.encode`` fills the cache ahead of training."""
+        preprocess = getattr(self.trainer.datamodule, "preprocess", None)
+        if self.mask_encoding == "label_fractions" and preprocess is not None and preprocess.max_label != self.max_label:
+            raise ValueError(f"model.params.max_label={self.max_label} differs from data.params.preprocess.max_label="
+                             f"{preprocess.max_label}: the label fractions would read the grey masks wrongly; set "
+                             "model.params.max_label: ${data.params.preprocess.max_label}")
         attach = getattr(self.trainer.datamodule, "attach_first_stage", None)
         if attach is None:
             return
@@ -199,7 +216,10 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
             z = self.first_stage.encode(images, sample=True, generator=generator)
         if self.spec.data_kind == "slice":
             return z, self.condition(pos=batch["pos"])
-        mask_latent = batch["mask_latent"].to(self.device) if cached else self.first_stage.encode_mask(batch["mask"])
+        if cached and self.mask_encoding == "autoencoder":
+            mask_latent = batch["mask_latent"].to(self.device)
+        else:
+            mask_latent = self.encode_mask(batch["mask"].to(self.device))
         informed_latent = None
         if self.spec.use_informed:
             if cached:
