@@ -53,7 +53,7 @@ def demo_model(device: str):
     from gem3d.training.ldm import Gem3dLDM
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(load_config_file(DEMO_CONFIG))
+    cfg = OmegaConf.to_container(load_config_file(DEMO_CONFIG), resolve=True)
     autoencoder = OmegaConf.to_container(load_config_file(DEMO_AUTOENCODER))
     params = cfg["model"]["params"]
     params["first_stage_config"] = autoencoder["model"]["params"]["first_stage_config"]

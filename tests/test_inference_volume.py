@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 from itertools import compress
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ class FakeModel:
     """
 
     device = torch.device("cpu")
+    first_stage = SimpleNamespace(latent_channels=C)  # the sampled latents' channels (the masks' here too)
 
     def __init__(self, variant: str):
         self.variant = variant

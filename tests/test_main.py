@@ -152,7 +152,7 @@ def test_stage1_writes_run_folder_and_logs(stage1_run):
     loaded = load_model_dir(run_dir)  # what inference does; EMA weights by default (sample_with_ema)
     model = loaded.model
     assert loaded.ema and model.variant == "slice_stage" and not model.training
-    mask = model.first_stage.encode_mask(torch.zeros(1, 4, 1, 32, 32) - 1)
+    mask = model.encode_mask(torch.zeros(1, 4, 1, 32, 32) - 1)
     informed = model.first_stage.encode(torch.zeros(1, 1, 32, 32))
     cond = model.condition(mask, informed)
     eps = model.model_fn(cond)(torch.randn(1, 4, 4, 8, 8), torch.tensor([500]))
