@@ -304,21 +304,29 @@ def run_vpred(args: argparse.Namespace) -> str:
     return vpred_table(results, steps, sampler)
 
 
-def starts_table(results: dict[str, dict[str, float]], sampler: dict, prediction: str) -> str:
-    """The informed-start table: per setting and start, the mean over both seeds of each label's Dice over the real
-    volumes', the core's mean intensity difference, the label order kept, PSNR (``test``) and the stripes."""
+def table_cells(results: dict[str, dict[str, float]]):
+    """The cells of a table over ``results``: ``(real row, mean(rows, key), fmt(value, digits), ratio(rows, key))``;
+    ``mean`` over the rows that hold the key, ``ratio`` to the real volumes' row, "—" where there is nothing."""
     real = results.get(evaluation.REAL_VOLUME_ROW, {})
 
     def mean(rows: list[str], key: str) -> float | None:
         values = [results[r][key] for r in rows if key in results.get(r, {})]
         return sum(values) / len(values) if values else None
 
-    def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
-        return "—" if value is None else f"{value:.{digits}f}{suffix}"
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
 
     def ratio(rows: list[str], key: str) -> str:
         value, reference = mean(rows, key), real.get(key)
         return "—" if value is None or not reference else f"{value / reference:.2f}×"
+
+    return real, mean, fmt, ratio
+
+
+def starts_table(results: dict[str, dict[str, float]], sampler: dict, prediction: str) -> str:
+    """The informed-start table: per setting and start, the mean over both seeds of each label's Dice over the real
+    volumes', the core's mean intensity difference, the label order kept, PSNR (``test``) and the stripes."""
+    real, mean, fmt, ratio = table_cells(results)
 
     about = (f"The demo's trained GEM-3D (stage 2, {prediction}), the 2 val cases, 1 sample per case and sampling "
              f"seed {' and '.join(map(str, STARTS_SEEDS))} (means over both); the demo's sampler otherwise "
@@ -387,18 +395,7 @@ def encoding_table(roundtrip: dict[str, float], results: dict[str, dict[str, flo
                    sampler: dict) -> str:
     """The mask-encoding table: the autoencoder's mask roundtrip per label, then per encoding (means over the seeds)
     each label's Dice over the real volumes', the core's brightness, the label order, PSNR and the stripes."""
-    real = results.get(evaluation.REAL_VOLUME_ROW, {})
-
-    def mean(rows: list[str], key: str) -> float | None:
-        values = [results[r][key] for r in rows if key in results.get(r, {})]
-        return sum(values) / len(values) if values else None
-
-    def fmt(value: float | None, digits: int = 2) -> str:
-        return "—" if value is None else f"{value:.{digits}f}"
-
-    def ratio(rows: list[str], key: str) -> str:
-        value, reference = mean(rows, key), real.get(key)
-        return "—" if value is None or not reference else f"{value / reference:.2f}×"
+    real, mean, fmt, ratio = table_cells(results)
 
     about = (f"The paper's mask encoding through the demo's autoencoder: decode(encode(grey mask)) read back as the "
              f"nearest grey level, Dice per label against the mask, mean over the demo's cases: "
