@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import shutil
@@ -117,6 +116,7 @@ VPRED = {
 VPRED_STARTS = (1.0, 0.7)
 VPRED_SEEDS = (0, 1)
 VPRED_DEFAULT_STEPS = 600  # where the demo's stage 1 left no checkpoint to read its steps from
+STAGE2_DEFAULT_STEPS = 300  # the same for the demo's stage 2 (--only encoding)
 DEMO_SEGMENTER_ITERATIONS = 300  # scripts/demo.py's SEGMENTER_ITERATIONS: the key of the demo's segmenter cache
 VPRED_BEGIN, VPRED_END = "<!-- bench:mask_true:vpred:begin -->", "<!-- bench:mask_true:vpred:end -->"
 # --only starts: informed starts of the demo's stage 2, settings, sampling seeds, the labels (demo dataset) scored
@@ -262,6 +262,12 @@ def demo_copies(demo: Path, out: Path) -> tuple[Path, Path]:
     return out / "dataset", out / "segmenter_cache"
 
 
+def trained_steps(model_dir: Path, default: int) -> int:
+    """The global step of a demo model's ``checkpoints/last.ckpt``, or ``default`` where it has none."""
+    checkpoint = model_dir / "checkpoints" / "last.ckpt"
+    return int(load_checkpoint(checkpoint).get("global_step", 0)) if checkpoint.is_file() else default
+
+
 def vpred_row(objective: str, start: float, seed: int) -> str:
     return f"stage 1 {objective}, informed start {start}, seed {seed}"
 
@@ -276,9 +282,7 @@ def run_vpred(args: argparse.Namespace) -> str:
     missing = [str(p) for p in (dataset / "dataset.json", autoencoder) if not p.is_file()]
     if missing:
         raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
-    demo_stage1 = demo / "models" / "demo_stage1" / "checkpoints" / "last.ckpt"
-    steps = args.vpred_steps or (int(load_checkpoint(demo_stage1).get("global_step", 0)) if demo_stage1.is_file()
-                                 else VPRED_DEFAULT_STEPS)
+    steps = args.vpred_steps or trained_steps(demo / "models" / "demo_stage1", VPRED_DEFAULT_STEPS)
     if args.quick:
         steps = 4
     out = args.out.resolve() / "vpred"
@@ -449,25 +453,21 @@ def run_encoding(args: argparse.Namespace) -> str:
     out = args.out.resolve() / "encoding"
     dataset, cache = demo_copies(demo, out)
     segmenter = None if args.quick else trained_segmenter(cache)
-    cfg = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml").data.params.preprocess
-    max_label = int(cfg.max_label)
+    preprocess = PreprocessConfig.from_dict(OmegaConf.to_container(
+        OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml").data.params.preprocess))
     first = FirstStage.from_run(autoencoder).eval()
     volumes = RawDataset(dataset)
     scores: dict[int, list[float]] = {}
     for name in volumes.case_names():
-        prepared = prepare_case(volumes.load_case(name), PreprocessConfig.from_dict(OmegaConf.to_container(cfg)))
-        for label, value in label_metrics.autoencoder_mask_dice(first, prepared.label, max_label).items():
+        prepared = prepare_case(volumes.load_case(name), preprocess)
+        for label, value in label_metrics.autoencoder_mask_dice(first, prepared.label, preprocess.max_label).items():
             if value == value:  # NaN: the case lacks the label
                 scores.setdefault(label, []).append(value)
-    names = json.loads((dataset / "dataset.json").read_text())["labels"]
-    label_names = {int(v): k for k, v in names.items()}
+    label_names = {value: name for name, value in volumes.labels.items()}
     roundtrip = {label_names.get(k, str(k)): sum(v) / len(v) for k, v in sorted(scores.items())}
 
-    steps = {name: int(load_checkpoint(models / f"demo_{name}" / "checkpoints" / "last.ckpt").get("global_step", 0))
-             if (models / f"demo_{name}" / "checkpoints" / "last.ckpt").is_file() else VPRED_DEFAULT_STEPS
-             for name in ("stage1",)}
-    stage2_ckpt = models / "demo" / "checkpoints" / "last.ckpt"
-    steps["stage2"] = int(load_checkpoint(stage2_ckpt).get("global_step", 0)) if stage2_ckpt.is_file() else 300
+    steps = {"stage1": trained_steps(models / "demo_stage1", VPRED_DEFAULT_STEPS),
+             "stage2": trained_steps(models / "demo", STAGE2_DEFAULT_STEPS)}
     if args.quick:
         steps = {"stage1": 4, "stage2": 4}
     first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"

@@ -91,14 +91,14 @@ class Denoiser(nn.Module):
             raise ValueError(f"mask_encoding='label_fractions' needs max_label, the largest label (a positive integer, "
                              f"the preprocessing's max_label), got max_label={max_label!r}")
         unet_config, first_stage_config = to_plain(unet_config), to_plain(first_stage_config)
+        self.mask_encoding, self.max_label = mask_encoding, None if max_label is None else int(max_label)
         self.denoiser_kwargs = {
             "unet_config": unet_config, "first_stage_config": first_stage_config, "variant": variant,
             "position_embed_dim": position_embed_dim, "condition_latent_factor": float(condition_latent_factor),
             "num_train_timesteps": int(num_train_timesteps), "beta_start": float(beta_start), "beta_end": float(beta_end),
             "prediction_type": prediction_type, "zero_terminal_snr": bool(zero_terminal_snr),
-            "mask_encoding": mask_encoding, "max_label": None if max_label is None else int(max_label),
+            "mask_encoding": mask_encoding, "max_label": self.max_label,
         }  # fmt: skip
-        self.mask_encoding, self.max_label = mask_encoding, None if max_label is None else int(max_label)
         self.prediction_type = prediction_type
         self.zero_terminal_snr = bool(zero_terminal_snr)
         self.variant = variant
