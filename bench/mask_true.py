@@ -49,11 +49,20 @@ label's Dice over the real volumes', the core's brightness, the label order, PSN
 About 20 minutes on 2 CPU cores.
 
     python bench/mask_true.py --only encoding --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
+
+``--only segmenter --demo-out DIR`` asks how to train the label-fidelity segmenter itself, the instrument every
+label-fidelity figure rests on: on whole volumes (as before) or on random 32 x 48 x 48 patches, for 300 or 450
+iterations, two training seeds each, on the demo's real training cases. Each is timed and scored (Dice per label) on
+the real volumes of the 12 tuning cases of ``--only encoding`` (another seed's demo dataset; no test case). About 10
+minutes on 2 CPU cores.
+
+    python bench/mask_true.py --only segmenter --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import shutil
@@ -68,10 +77,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from gem3d.checkpoint import load_checkpoint  # noqa: E402
 from gem3d.data.demo import build_demo_dataset  # noqa: E402
+from gem3d.demo import SEGMENTER_OPTIONS  # noqa: E402
 from gem3d.inference.cli import load_inference_config  # noqa: E402
 from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: E402
 from gem3d.inference.volume import SamplerOptions  # noqa: E402
@@ -80,6 +93,9 @@ from gem3d.data.preprocess import PreprocessConfig, prepare_case  # noqa: E402
 from gem3d.metrics import evaluation  # noqa: E402
 from gem3d.metrics import labels as label_metrics  # noqa: E402
 from gem3d.models.autoencoder import FirstStage  # noqa: E402
+from gem3d.data.datasets import split_cases  # noqa: E402
+from gem3d.segmentation import DEFAULT_ITERATIONS, SegmenterSettings  # noqa: E402
+from gem3d.segmentation.cache import dataset_training_cases, trained_segmenter as cached_segmenter  # noqa: E402
 
 HIDDEN = "data.params.preprocess.informed_labels=hidden"
 NO_VARIANTS = "data.params.contrast_variants=[]"
@@ -117,7 +133,8 @@ VPRED_STARTS = (1.0, 0.7)
 VPRED_SEEDS = (0, 1)
 VPRED_DEFAULT_STEPS = 600  # where the demo's stage 1 left no checkpoint to read its steps from
 STAGE2_DEFAULT_STEPS = 300  # the same for the demo's stage 2 (--only encoding)
-DEMO_SEGMENTER_ITERATIONS = 300  # scripts/demo.py's SEGMENTER_ITERATIONS: the key of the demo's segmenter cache
+# the demo's label-fidelity segmenter (its cache key): DEFAULT_ITERATIONS iterations with gem3d.demo.SEGMENTER_OPTIONS
+DEMO_SEGMENTER = f"{DEFAULT_ITERATIONS} iterations, options {json.dumps(SEGMENTER_OPTIONS)}"
 VPRED_BEGIN, VPRED_END = "<!-- bench:mask_true:vpred:begin -->", "<!-- bench:mask_true:vpred:end -->"
 # --only starts: informed starts of the demo's stage 2, settings, sampling seeds, the labels (demo dataset) scored
 STARTS = ((0.7, None), (0.85, None), (1.0, None), (0.7, 0.85), (0.7, 1.0))  # (informed_start, label_start)
@@ -135,6 +152,14 @@ ENCODINGS = {
 ENCODING_TUNING_CASES = 12
 ENCODING_SEEDS = (0, 1)
 ENCODING_BEGIN, ENCODING_END = "<!-- bench:mask_true:encoding:begin -->", "<!-- bench:mask_true:encoding:end -->"
+# --only segmenter: the label-fidelity segmenter's training -> (backend options, iterations); training seeds
+SEGMENTER_VARIANTS = {
+    "whole volumes, 300 iterations (before)": ({}, 300),
+    "32 x 48 x 48 patches, 300 iterations": ({"patch": [32, 48, 48]}, 300),
+    f"32 x 48 x 48 patches, {DEFAULT_ITERATIONS} iterations (the demo's)": (SEGMENTER_OPTIONS, DEFAULT_ITERATIONS),
+}
+SEGMENTER_SEEDS = (0, 1)
+SEGMENTER_BEGIN, SEGMENTER_END = "<!-- bench:mask_true:segmenter:begin -->", "<!-- bench:mask_true:segmenter:end -->"
 
 
 def train(name: str, config: str, out: Path, dataset: Path, steps: int, overrides: list[str],
@@ -183,7 +208,8 @@ def score(out: Path, dataset: Path, rows: dict[str, Path], iterations: int, metr
     cache = [] if segmenter_cache is None else ["--segmenter-cache", str(segmenter_cache)]
     cache += [] if segmenter is None else ["--segmenter", str(segmenter)]
     evaluation.main(["--real", str(dataset), "--cases", "split:val", "--out", str(report), "--metrics", *metrics,
-                     "--segmenter-iterations", str(iterations), *cache, *(extra or []),
+                     "--segmenter-iterations", str(iterations), "--segmenter-options", json.dumps(SEGMENTER_OPTIONS),
+                     *cache, *(extra or []),
                      *[a for name, folder in rows.items() for a in ("--synthetic", f"{name}={folder}")]])
     values: dict[str, dict[str, list[float]]] = {}
     with open(report / "metrics.csv") as fh:
@@ -231,7 +257,7 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict)
              f"trained {steps} steps with main.py's default seed, on the demo's autoencoder; the demo's sampler "
              f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
              f"{sampler['slice_noise_correlation']}; the eps model on its default spacing, the v model on trailing); "
-             f"segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations).")
+             f"segmenter: the demo's ({DEMO_SEGMENTER}).")
     lines = [*textwrap.wrap(about, width=116), "",
              "| stage 1 | informed start | label fidelity, seed " + " / ".join(map(str, VPRED_SEEDS))
              + " | mean | ratio to real | PSNR body (dB) | through-plane / in-plane |",
@@ -301,7 +327,7 @@ def run_vpred(args: argparse.Namespace) -> str:
                 rows[vpred_row(objective, start, seed)] = synthesise(
                     out, dataset, f"s1_{i}_start{start}_seed{seed}", "test", run,
                     {**sampler, "informed_start": start}, seed, samples_per_case=1)
-    results = score(out, dataset, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+    results = score(out, dataset, rows, 2 if args.quick else DEFAULT_ITERATIONS,
                     metrics=("reconstruction", "consistency", "segmenter"),
                     keys=("dice_mean", "dice_ratio", "through_plane_ratio", "psnr_body"),
                     segmenter_cache=None if args.quick else cache)
@@ -335,7 +361,7 @@ def starts_table(results: dict[str, dict[str, float]], sampler: dict, prediction
     about = (f"The demo's trained GEM-3D (stage 2, {prediction}), the 2 val cases, 1 sample per case and sampling "
              f"seed {' and '.join(map(str, STARTS_SEEDS))} (means over both); the demo's sampler otherwise "
              f"({sampler['sampler']} {sampler['steps']}, eta {sampler['eta']}, slice noise correlation "
-             f"{sampler['slice_noise_correlation']}); segmenter: the demo's ({DEMO_SEGMENTER_ITERATIONS} iterations). "
+             f"{sampler['slice_noise_correlation']}); segmenter: the demo's ({DEMO_SEGMENTER}). "
              "Label start: where the labelled structures start (`=`: the informed start). "
              "Dice per label as a ratio of the same segmenter's on the real val volumes; core mean: the "
              "non-enhancing core's mean intensity minus the real volume's ([0, 1] scale; the real core is dark).")
@@ -385,7 +411,7 @@ def run_starts(args: argparse.Namespace) -> str:
                 rows[starts_row(setting, start, label_start, seed)] = synthesise(
                     out, dataset, f"{setting}_start{start}_label{label_start}_seed{seed}", setting, model,
                     {**sampler, "informed_start": start, "label_start": label_start}, seed, samples_per_case=1)
-    results = score(out, dataset, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+    results = score(out, dataset, rows, 2 if args.quick else DEFAULT_ITERATIONS,
                     metrics=("reconstruction", "consistency", "segmenter", "labels"),
                     keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
                           "through_plane_ratio"),
@@ -493,12 +519,73 @@ def run_encoding(args: argparse.Namespace) -> str:
             rows[encoding_row(name, seed)] = synthesise(out, tuning, f"enc{i}_seed{seed}", "test", run, sampler, seed,
                                                         samples_per_case=1)
     rows["base"] = synthesise(out, tuning, "base", "base", models / "demo_base", sampler, 0, samples_per_case=1)
-    results = score(out, tuning, rows, 2 if args.quick else DEMO_SEGMENTER_ITERATIONS,
+    results = score(out, tuning, rows, 2 if args.quick else DEFAULT_ITERATIONS,
                     metrics=("reconstruction", "consistency", "segmenter", "labels"),
                     keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
                           "through_plane_ratio"),
                     segmenter=segmenter, extra=["--autoencoder", str(models / "demo_autoencoder")])
     return encoding_table(roundtrip, results, steps, sampler)
+
+
+def run_segmenter(args: argparse.Namespace) -> str:
+    """The label-fidelity segmenter experiment (``--only segmenter``, see the module docstring); returns its table."""
+    if args.demo_out is None:
+        raise SystemExit("--only segmenter needs --demo-out DIR (the output of `make demo`: DIR/dataset)")
+    dataset = args.demo_out.resolve() / "dataset"
+    if not (dataset / "dataset.json").is_file():
+        raise SystemExit(f"--demo-out {args.demo_out}: missing {dataset / 'dataset.json'} (run `make demo` first)")
+    out = args.out.resolve() / "segmenter"
+    tuning = out / "tuning"
+    if not (tuning / "dataset.json").is_file():
+        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
+                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    real, held_out = RawDataset(dataset), split_cases(tuning, "val")
+    cases = dataset_training_cases(real, split_cases(dataset, "train"))
+    torch.set_num_threads(1)  # two trainings side by side, one core each
+
+    def one(name: str, seed: int) -> tuple[float, dict[int, float]]:
+        options, iterations = SEGMENTER_VARIANTS[name]
+        settings = SegmenterSettings(backend="monai", iterations=2 if args.quick else iterations, seed=seed,
+                                     device="cpu", options={"num_labels": real.max_label, **options})
+        work = out / "cache" / settings.key(cases)
+        timing = work / "bench_seconds.json"  # the training's time, kept beside the cached segmenter
+        if not timing.is_file():
+            start = time.perf_counter()
+            cached_segmenter(settings, cases, out / "cache", progress=False)
+            timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        segmenter = cached_segmenter(settings, cases, out / "cache", progress=False)
+        images = [tuning / "imagesTr" / f"{case}_0000.nii.gz" for case in held_out]
+        predictions = segmenter.predict(images, work / "tuning_predictions", progress=False)
+        scores: dict[int, list[float]] = {}
+        for case, prediction in zip(held_out, predictions):
+            label = np.asarray(nib.load(tuning / "labelsTr" / f"{case}.nii.gz").dataobj)
+            for k, value in label_metrics.dice_per_label(np.asarray(nib.load(prediction).dataobj), label,
+                                                         real.max_label).items():
+                if value == value:  # NaN: the case lacks the label
+                    scores.setdefault(k, []).append(value)
+        return json.loads(timing.read_text())["seconds"], {k: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {(name, seed): pool.submit(one, name, seed) for name in SEGMENTER_VARIANTS for seed in SEGMENTER_SEEDS}
+        results = {key: future.result() for key, future in futures.items()}
+    names = {value: name for name, value in real.labels.items()}
+    labels = sorted(results[next(iter(results))][1])
+    seeds = " / ".join(map(str, SEGMENTER_SEEDS))
+    about = (f"MONAI BasicUNet (features 8-64), trained on the demo's {len(cases)} real training cases, one thread "
+             f"each (two trainings side by side); Dice (MONAI) on the real volumes of {len(held_out)} tuning cases "
+             f"(a demo dataset drawn with seed {args.seed + 1}: no test case of the demo), per label the mean over "
+             f"the cases that hold it and over the seeds {seeds}.")
+    lines = [*textwrap.wrap(about, width=116), "",
+             f"| segmenter training | training s, seed {seeds} | "
+             + " | ".join(names.get(k, str(k)) for k in labels) + f" | mean Dice, seed {seeds} |",
+             "|---|---|" + "---|" * len(labels) + "---|"]
+    for name in SEGMENTER_VARIANTS:
+        runs = [results[(name, seed)] for seed in SEGMENTER_SEEDS]
+        per_label = [sum(r[1][k] for r in runs) / len(runs) for k in labels]
+        lines.append(f"| {name} | " + " / ".join(f"{r[0]:.0f}" for r in runs) + " | "
+                     + " | ".join(f"{v:.2f}" for v in per_label) + " | "
+                     + " / ".join(f"{sum(r[1].values()) / len(r[1]):.2f}" for r in runs) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -507,15 +594,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding"), default="all",
+    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "segmenter"), default="all",
                    help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
-                        "starts of the demo's stage 2; encoding: the mask encoding (all three need --demo-out)")
-    p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding: a finished `make demo` output folder")
+                        "starts of the demo's stage 2; encoding: the mask encoding; segmenter: the label-fidelity "
+                        "segmenter's training (all four need --demo-out)")
+    p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding, segmenter: a finished `make demo` output "
+                                                 "folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
     args = p.parse_args(argv)
     if args.only != "all":
         run, begin, end = {"vpred": (run_vpred, VPRED_BEGIN, VPRED_END), "starts": (run_starts, STARTS_BEGIN, STARTS_END),
-                           "encoding": (run_encoding, ENCODING_BEGIN, ENCODING_END)}[args.only]
+                           "encoding": (run_encoding, ENCODING_BEGIN, ENCODING_END),
+                           "segmenter": (run_segmenter, SEGMENTER_BEGIN, SEGMENTER_END)}[args.only]
         text = run(args)
         print(text)
         if args.write is not None:

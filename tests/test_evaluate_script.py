@@ -99,6 +99,7 @@ def test_evaluate_writes_csv_summary_plots_and_offline_html(folders, capsys):
         "--metrics", "reconstruction", "consistency", "labels", "fid", "mmd", "counterfactual", "segmenter",
         "--fid-weights-2d", str(root / "ResNet50.pt"), "--fid-weights-3d", str(root / "resnet_10.pth"),
         "--segmenter-iterations", "2",  # a MONAI segmenter trained on case_003, the one case not evaluated
+        "--segmenter-options", '{"batch_size": 1, "features": [4, 4, 8, 8, 16, 4]}',
     ])
     assert code == 0
     for name in ("metrics.csv", "summary.md", "report.html", "slice_jumps.png", "profile_through_plane.png",
@@ -125,7 +126,10 @@ def test_evaluate_writes_csv_summary_plots_and_offline_html(folders, capsys):
     assert sorted(p.name for p in (report / "segmentations" / "gem3d").glob("*.nii.gz")) == [
         f"case_00{i}_s0.nii.gz" for i in range(3)]
     cache = list((report / "segmenter_cache").iterdir())
-    assert len(cache) == 1 and json.loads((cache[0] / "segmenter.json").read_text())["cases"] == ["case_003"]
+    held = json.loads((cache[0] / "segmenter.json").read_text())
+    assert len(cache) == 1 and held["cases"] == ["case_003"]
+    assert held["settings"]["options"] == {"num_labels": 2, "batch_size": 1, "features": [4, 4, 8, 8, 16, 4]}
+    assert "batch_size 1, features [4, 4, 8, 8, 16, 4])" in (report / "summary.md").read_text()
     # the striped volume jumps more between slices than the noisy one; the real one has ratio 1
     mean = lambda r, m: np.mean([float(x[m]) for x in by_row[r]])  # noqa: E731
     assert mean("stage1", "slice_jump_ratio") > mean("gem3d", "slice_jump_ratio")
@@ -188,11 +192,19 @@ def test_reconstruction_quality_for_the_demo_table_matches_the_report(folders, t
         assert quality[key] == pytest.approx(np.mean([float(r[key]) for r in rows]), rel=1e-4), key
 
 
+@pytest.mark.parametrize("text, message", [("[32, 48, 48]", "must be a JSON object"), ("{patch: 1}", "not JSON")])
+def test_segmenter_options_must_be_a_json_object(text, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--real", "data", "--synthetic", "a=b", "--segmenter-options", text])
+    err = capsys.readouterr().err
+    assert "--segmenter-options" in err and message in err and text in err
+
+
 def test_the_script_is_a_thin_entry_point_to_the_package():
     script = ROOT / "scripts" / "evaluate.py"
     assert len(script.read_text().splitlines()) <= 30
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT,
                           check=True)
     for flag in ("--segmenter-backend", "--segmenter-iterations", "--segmenter-seed", "--segmenter-device",
-                 "--segmenter-cache", "--segmenter TRAINED_FOLDER"):
+                 "--segmenter-cache", "--segmenter-options", "--segmenter TRAINED_FOLDER"):
         assert flag in done.stdout, flag

@@ -118,6 +118,7 @@ def test_evaluation_scores_generated_informed_slices_against_the_real_yardstick(
     section = summary.split("## Generated informed slices")[1].split("\n## ")[0]
     assert "| row | n | informed_w1 | informed_w1_real | informed_dice | informed_dice_real |" in section
     assert "| flat | 3 |" in section and "| real_plane | 3 |" in section and "| shuffled | 3 |" in section
+    assert "not its anatomy" in section  # the shuffled slice keeps its histogram: the table says what it cannot see
     assert (report / "histogram_informed_slices.png").is_file()
     html = (report / "report.html").read_text()
     assert "Generated informed slices" in html and 'alt="histogram informed slices"' in html

@@ -3,7 +3,7 @@ the informed slice's effect, with reference rows, written as metrics.csv, summar
 
     python scripts/evaluate.py --real DATASET --synthetic gem3d=OUT/test --synthetic base=OUT/base \\
         [--autoencoder MODEL_DIR] [--fid-weights-2d RadImageNet-ResNet50.pt] [--fid-weights-3d resnet_10.pth] \\
-        [--segmenter-backend monai --segmenter-iterations 300 | --segmenter TRAINED_FOLDER] \\
+        [--segmenter-backend monai --segmenter-iterations 450 --segmenter-options JSON | --segmenter TRAINED_FOLDER] \\
         [--metrics reconstruction consistency labels ...] --out REPORT_DIR
 
 Every ``--synthetic [NAME=]FOLDER`` is an inference output folder (``OUT/<setting>`` with ``manifest.json``); its
@@ -362,6 +362,7 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
         notes.append("dice: skipped: no real training case is left for the segmenter (every case is evaluated)")
         return None
     options = {"num_labels": max(1, real.dataset.max_label)} if args.segmenter_backend == "monai" else {}
+    options.update(args.segmenter_options)
     settings = SegmenterSettings(backend=args.segmenter_backend, iterations=args.segmenter_iterations,
                                  seed=args.segmenter_seed, device=args.segmenter_device or "cpu", options=options)
     cases = dataset_training_cases(real.dataset, names)
@@ -370,7 +371,8 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
     except ImportError as err:
         notes.append(f"dice: skipped: {err}")
         return None
-    notes.append(f"dice: a {settings.backend} segmenter ({settings.iterations} iterations, seed {settings.seed}) "
+    chosen = "".join(f", {key} {value}" for key, value in args.segmenter_options.items())
+    notes.append(f"dice: a {settings.backend} segmenter ({settings.iterations} iterations, seed {settings.seed}{chosen}) "
                  f"trained on the {len(names)} real training cases {names}, cached in {segmenter.work_dir}")
     return segmenter
 
@@ -490,11 +492,26 @@ def add_segmenter_arguments(p: argparse.ArgumentParser, default_cache: str) -> N
                    help="its training iterations (nnU-Net: epochs x iterations per epoch; default %(default)s, the "
                         "demo's; gem3d.segmentation.DEFAULT_ITERATIONS)")
     p.add_argument("--segmenter-seed", type=int, default=SEGMENTER_DEFAULTS["seed"])
+    p.add_argument("--segmenter-options", type=segmenter_options, default={}, metavar="JSON",
+                   help="backend options of the segmenter trained on the real training cases, a JSON object, e.g. "
+                        "'{\"patch\": [32, 48, 48]}' (MONAI: features, patch, batch_size, learning_rate; "
+                        "gem3d/segmentation/monai_backend.py); checked by the backend")
     p.add_argument("--segmenter-device", default=None,
                    help="cpu, cuda, cuda:N (default: cpu, or a trained folder's own)")
     p.add_argument("--segmenter-fold", default=None, help="fold of an nnU-Net model folder: 0..4 or all (default 0)")
     p.add_argument("--segmenter-cache", type=Path, metavar="DIR",
                    help=f"folder of trained segmenters, one per settings and training cases (default {default_cache})")
+
+
+def segmenter_options(text: str) -> dict:
+    """``--segmenter-options``: a JSON object (its keys and values are checked by the backend)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"patch\": [32, 48, 48]}}', got {text!r}")
+    return value
 
 
 def check_segmenter_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -702,6 +719,9 @@ def report_sections(out: Path, scored: list[tuple[SyntheticSample, dict]], rows:
     summary = report.summarise([row for _, row in scored if any(c in row for c in INFORMED_COLUMNS)])
     if "informed" in groups and summary:
         lines = [f"`{c}`: {report.describe(c)}" for c in INFORMED_COLUMNS]
+        lines.append("these measures see the slice's intensities and the segmenter's labels, not its anatomy: a "
+                     "head-shaped cloud with the right histogram scores like a real slice; the previews show the "
+                     "anatomy (the informed slice's panel)")
         table = [(name, str(max(int(summary[name][c][2]) for c in INFORMED_COLUMNS if c in summary[name])),
                   *(report.format_value(*summary[name][c][:3]) if c in summary[name] else report.MISSING
                     for c in INFORMED_COLUMNS)) for name in report.order_rows(summary)]

@@ -23,7 +23,8 @@ BACKENDS = {
 SETTINGS_FILE = "segmenter.json"  # in a work folder: the settings and training cases it was trained with
 # the one default of a segmenter's training iterations: the label-fidelity segmenter of the evaluation
 # (scripts/evaluate.py, enhance_dataset.py --min-dice) and of the demo, whose reported figures were measured with it
-DEFAULT_ITERATIONS = 300
+# (on 32 x 48 x 48 patches, gem3d.demo.SEGMENTER_OPTIONS; docs/mask-true.md, "The label-fidelity segmenter")
+DEFAULT_ITERATIONS = 450
 
 
 @dataclass(frozen=True)
