@@ -50,6 +50,13 @@ About 20 minutes on 2 CPU cores.
 
     python bench/mask_true.py --only encoding --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 
+``--only label-weight --demo-out DIR`` trains the demo's stage 1 and stage 2 (label fractions) as ``--only encoding``
+does, once as the demo does and once with ``label_loss_weight: 4`` (each latent pixel's loss weighted by 1 + 4 x
+its share inside the labelled structures), and scores both in the same way on the same 12 tuning cases. About 20
+minutes on 2 CPU cores.
+
+    python bench/mask_true.py --only label-weight --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
+
 ``--only segmenter --demo-out DIR`` asks how to train the label-fidelity segmenter itself, the instrument every
 label-fidelity figure rests on: on whole volumes (as before) or on random 32 x 48 x 48 patches, for 300 or 450
 iterations, two training seeds each, on the demo's real training cases. Each is timed and scored (Dice per label) on
@@ -150,6 +157,11 @@ ENCODINGS = {
                         "model.params.unet_config.params.in_channels=13"],
 }
 ENCODING_TUNING_CASES = 12
+# --only label-weight: the demo's label-fraction stages without and with a loss weighted inside the labels
+LABEL_WEIGHTS = {"label fractions (the demo)": [],
+                 "label fractions, label loss weight 4": ["model.params.label_loss_weight=4"]}
+LABEL_WEIGHT_BEGIN, LABEL_WEIGHT_END = ("<!-- bench:mask_true:label_weight:begin -->",
+                                        "<!-- bench:mask_true:label_weight:end -->")
 ENCODING_SEEDS = (0, 1)
 ENCODING_BEGIN, ENCODING_END = "<!-- bench:mask_true:encoding:begin -->", "<!-- bench:mask_true:encoding:end -->"
 # --only segmenter: the label-fidelity segmenter's training -> (backend options, iterations); training seeds
@@ -421,28 +433,23 @@ def run_starts(args: argparse.Namespace) -> str:
     return starts_table(results, sampler, str(params.get("prediction_type", "epsilon")))
 
 
-def encoding_table(roundtrip: dict[str, float], results: dict[str, dict[str, float]], steps: dict[str, int],
-                   sampler: dict) -> str:
-    """The mask-encoding table: the autoencoder's mask roundtrip per label, then per encoding (means over the seeds)
-    each label's Dice over the real volumes', the core's brightness, the label order, PSNR and the stripes."""
+def variants_table(about: str, what: str, variants: dict[str, list[str]], base_name: str,
+                   results: dict[str, dict[str, float]], sampler: dict) -> str:
+    """The table of :func:`compare_variants`: per variant (means over the seeds) each label's Dice over the real
+    volumes', the core's brightness, the label order, PSNR and the stripes; ``about`` starts its caption."""
     real, mean, fmt, ratio = table_cells(results)
-
-    about = (f"The paper's mask encoding through the demo's autoencoder: decode(encode(grey mask)) read back as the "
-             f"nearest grey level, Dice per label against the mask, mean over the demo's cases: "
-             + ", ".join(f"{name} {value:.2f}" for name, value in roundtrip.items()) + ". "
-             f"Then stage 1 ({steps['stage1']} steps) and stage 2 ({steps['stage2']} steps) trained once per mask "
-             f"encoding, same seed, sampled ({sampler['sampler']} {sampler['steps']}, informed start "
-             f"{sampler['informed_start']}) on {ENCODING_TUNING_CASES} tuning cases that no model or choice saw, "
-             f"sampling seeds {' and '.join(map(str, ENCODING_SEEDS))} (means over both; `base`: the demo's, seed 0). "
-             "Dice per label as a ratio of the demo's segmenter's on the real tuning volumes; core mean: the "
-             "non-enhancing core's mean intensity minus the real volume's ([0, 1] scale).")
+    about += (f", sampled ({sampler['sampler']} {sampler['steps']}, informed start {sampler['informed_start']}) on "
+              f"{ENCODING_TUNING_CASES} tuning cases that no model or choice saw, sampling seeds "
+              f"{' and '.join(map(str, ENCODING_SEEDS))} (means over both; `base`: the demo's, seed 0). Dice per label "
+              f"as a ratio of the demo's segmenter's on the real tuning volumes (segmenter: {DEMO_SEGMENTER}); core "
+              f"mean: the non-enhancing core's mean intensity minus the real volume's ([0, 1] scale).")
     lines = [*textwrap.wrap(about, width=116), "",
-             "| `test`, mask encoding | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
+             f"| `test`, {what} | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
              + " | core mean − real | label order kept | PSNR body (dB) | through-plane / in-plane |",
              "|---|---|---|---|---|---|---|---|---|"]
-    named = {**{name: [encoding_row(name, seed) for seed in ENCODING_SEEDS] for name in ENCODINGS},
-             "`base` (the peer, autoencoder)": ["base"], "the autoencoder's reconstruction (ceiling)":
-             [evaluation.AUTOENCODER_ROW], "copying the informed slice": [evaluation.COPY_ROW]}
+    named = {**{name: [encoding_row(name, seed) for seed in ENCODING_SEEDS] for name in variants},
+             base_name: ["base"], "the autoencoder's reconstruction (ceiling)": [evaluation.AUTOENCODER_ROW],
+             "copying the informed slice": [evaluation.COPY_ROW]}
     for name, rows in named.items():
         lines.append(f"| {name} | {fmt(mean(rows, 'dice_mean'))} | " + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS)
                      + f" | {fmt(mean(rows, CORE_MEAN), 3)} | {fmt(mean(rows, 'label_order_kept'))} | "
@@ -464,46 +471,42 @@ def trained_segmenter(cache: Path) -> Path:
     return found[0]
 
 
-def run_encoding(args: argparse.Namespace) -> str:
-    """The mask-encoding experiment (``--only encoding``, see the module docstring); returns its table."""
+def demo_models(args: argparse.Namespace, mode: str) -> tuple[Path, Path]:
+    """The demo output of ``--demo-out`` and its models folder, checked for what ``--only MODE`` reads."""
     if args.demo_out is None:
-        raise SystemExit("--only encoding needs --demo-out DIR (the output of `make demo`: DIR/dataset, DIR/models, "
+        raise SystemExit(f"--only {mode} needs --demo-out DIR (the output of `make demo`: DIR/dataset, DIR/models, "
                          "DIR/report/segmenter_cache)")
     demo = args.demo_out.resolve()
     models = demo / "models"
-    autoencoder = models / "demo_autoencoder" / "checkpoints" / "last.ckpt"
-    needed = [demo / "dataset" / "dataset.json", autoencoder, models / "demo_base" / "checkpoints" / "last.ckpt"]
+    needed = [demo / "dataset" / "dataset.json", models / "demo_autoencoder" / "checkpoints" / "last.ckpt",
+              models / "demo_base" / "checkpoints" / "last.ckpt"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise SystemExit(f"--demo-out {demo}: missing {missing} (run `make demo` first)")
-    out = args.out.resolve() / "encoding"
+    return demo, models
+
+
+def compare_variants(args: argparse.Namespace, demo: Path, out: Path, variants: dict[str, list[str]],
+                     prefix: str) -> tuple[dict[str, dict[str, float]], dict[str, int], dict]:
+    """Train the demo's stage 1 and stage 2 once per variant (``name -> overrides`` of both configs), side by side
+    with one thread each, for the demo models' steps and the same seed; sample ``test`` on the tuning cases with
+    each of :data:`ENCODING_SEEDS` (and the demo's ``base``, seed 0); score them with the demo's segmenter.
+    -> (results by row, the steps, the sampler)."""
+    models = demo / "models"
     dataset, cache = demo_copies(demo, out)
     segmenter = None if args.quick else trained_segmenter(cache)
-    preprocess = PreprocessConfig.from_dict(OmegaConf.to_container(
-        OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml").data.params.preprocess))
-    first = FirstStage.from_run(autoencoder).eval()
-    volumes = RawDataset(dataset)
-    scores: dict[int, list[float]] = {}
-    for name in volumes.case_names():
-        prepared = prepare_case(volumes.load_case(name), preprocess)
-        for label, value in label_metrics.autoencoder_mask_dice(first, prepared.label, preprocess.max_label).items():
-            if value == value:  # NaN: the case lacks the label
-                scores.setdefault(label, []).append(value)
-    label_names = {value: name for name, value in volumes.labels.items()}
-    roundtrip = {label_names.get(k, str(k)): sum(v) / len(v) for k, v in sorted(scores.items())}
-
     steps = {"stage1": trained_steps(models / "demo_stage1", VPRED_DEFAULT_STEPS),
              "stage2": trained_steps(models / "demo", STAGE2_DEFAULT_STEPS)}
     if args.quick:
         steps = {"stage1": 4, "stage2": 4}
-    first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
-    with ThreadPoolExecutor(max_workers=len(ENCODINGS)) as pool:  # side by side, one thread each
-        stage1 = {name: pool.submit(train, f"enc{i}_s1", "demo_stage1", out, dataset, steps["stage1"],
-                                    [first_stage, *overrides], 1) for i, (name, overrides) in enumerate(ENCODINGS.items())}
+    first_stage = f"model.params.first_stage_config.params.ckpt_path={models / 'demo_autoencoder'}/checkpoints/last.ckpt"
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # side by side, one thread each
+        stage1 = {name: pool.submit(train, f"{prefix}{i}_s1", "demo_stage1", out, dataset, steps["stage1"],
+                                    [first_stage, *overrides], 1) for i, (name, overrides) in enumerate(variants.items())}
         stage1 = {name: future.result() for name, future in stage1.items()}
-        stage2 = {name: pool.submit(train, f"enc{i}_s2", "demo_stage2", out, dataset, steps["stage2"],
+        stage2 = {name: pool.submit(train, f"{prefix}{i}_s2", "demo_stage2", out, dataset, steps["stage2"],
                                     [first_stage, *overrides, f"model.params.ckpt_path={stage1[name]}/checkpoints/last.ckpt"],
-                                    1) for i, (name, overrides) in enumerate(ENCODINGS.items())}
+                                    1) for i, (name, overrides) in enumerate(variants.items())}
         stage2 = {name: future.result() for name, future in stage2.items()}
 
     tuning = out / "tuning"
@@ -516,15 +519,51 @@ def run_encoding(args: argparse.Namespace) -> str:
     rows: dict[str, Path] = {}
     for i, (name, run) in enumerate(stage2.items()):
         for seed in ENCODING_SEEDS:
-            rows[encoding_row(name, seed)] = synthesise(out, tuning, f"enc{i}_seed{seed}", "test", run, sampler, seed,
-                                                        samples_per_case=1)
+            rows[encoding_row(name, seed)] = synthesise(out, tuning, f"{prefix}{i}_seed{seed}", "test", run, sampler,
+                                                        seed, samples_per_case=1)
     rows["base"] = synthesise(out, tuning, "base", "base", models / "demo_base", sampler, 0, samples_per_case=1)
     results = score(out, tuning, rows, 2 if args.quick else DEFAULT_ITERATIONS,
                     metrics=("reconstruction", "consistency", "segmenter", "labels"),
                     keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
                           "through_plane_ratio"),
                     segmenter=segmenter, extra=["--autoencoder", str(models / "demo_autoencoder")])
-    return encoding_table(roundtrip, results, steps, sampler)
+    return results, steps, sampler
+
+
+def run_encoding(args: argparse.Namespace) -> str:
+    """The mask-encoding experiment (``--only encoding``, see the module docstring); returns its table."""
+    demo, models = demo_models(args, "encoding")
+    out = args.out.resolve() / "encoding"
+    dataset, _ = demo_copies(demo, out)
+    preprocess = PreprocessConfig.from_dict(OmegaConf.to_container(
+        OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage1.yaml").data.params.preprocess))
+    first = FirstStage.from_run(models / "demo_autoencoder" / "checkpoints" / "last.ckpt").eval()
+    volumes = RawDataset(dataset)
+    scores: dict[int, list[float]] = {}
+    for name in volumes.case_names():
+        prepared = prepare_case(volumes.load_case(name), preprocess)
+        for label, value in label_metrics.autoencoder_mask_dice(first, prepared.label, preprocess.max_label).items():
+            if value == value:  # NaN: the case lacks the label
+                scores.setdefault(label, []).append(value)
+    label_names = {value: name for name, value in volumes.labels.items()}
+    roundtrip = {label_names.get(k, str(k)): sum(v) / len(v) for k, v in sorted(scores.items())}
+    results, steps, sampler = compare_variants(args, demo, out, ENCODINGS, "enc")
+    about = (f"The paper's mask encoding through the demo's autoencoder: decode(encode(grey mask)) read back as the "
+             f"nearest grey level, Dice per label against the mask, mean over the demo's cases: "
+             + ", ".join(f"{name} {value:.2f}" for name, value in roundtrip.items()) + ". "
+             f"Then stage 1 ({steps['stage1']} steps) and stage 2 ({steps['stage2']} steps) trained once per mask "
+             f"encoding, same seed")
+    return variants_table(about, "mask encoding", ENCODINGS, "`base` (the peer, autoencoder)", results, sampler)
+
+
+def run_label_weight(args: argparse.Namespace) -> str:
+    """The label-weighted loss experiment (``--only label-weight``, see the module docstring); returns its table."""
+    demo, _ = demo_models(args, "label-weight")
+    results, steps, sampler = compare_variants(args, demo, args.out.resolve() / "label_weight", LABEL_WEIGHTS, "lw")
+    about = (f"The demo's stage 1 ({steps['stage1']} steps) and stage 2 ({steps['stage2']} steps), label fractions, "
+             f"trained once without and once with a loss weighted inside the labelled structures (both stages), "
+             f"same seed")
+    return variants_table(about, "loss", LABEL_WEIGHTS, "`base` (the peer)", results, sampler)
 
 
 def run_segmenter(args: argparse.Namespace) -> str:
@@ -594,10 +633,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "segmenter"), default="all",
+    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "label-weight", "segmenter"), default="all",
                    help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
-                        "starts of the demo's stage 2; encoding: the mask encoding; segmenter: the label-fidelity "
-                        "segmenter's training (all four need --demo-out)")
+                        "starts of the demo's stage 2; encoding: the mask encoding; label-weight: a loss weighted inside the "
+                        "labels; segmenter: the label-fidelity segmenter's training (all five need --demo-out)")
     p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding, segmenter: a finished `make demo` output "
                                                  "folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
@@ -605,6 +644,7 @@ def main(argv=None) -> int:
     if args.only != "all":
         run, begin, end = {"vpred": (run_vpred, VPRED_BEGIN, VPRED_END), "starts": (run_starts, STARTS_BEGIN, STARTS_END),
                            "encoding": (run_encoding, ENCODING_BEGIN, ENCODING_END),
+                           "label-weight": (run_label_weight, LABEL_WEIGHT_BEGIN, LABEL_WEIGHT_END),
                            "segmenter": (run_segmenter, SEGMENTER_BEGIN, SEGMENTER_END)}[args.only]
         text = run(args)
         print(text)

@@ -1,8 +1,8 @@
 """11. The label-fidelity / downstream segmenter: one MONAI training step and one prediction, by memory format.
 
-The segmenter (gem3d/segmentation/monai_backend.py) is the longest single step of the demo on a CPU: MONAI's
-``BasicUNet`` with 8-64 channels on whole 48x64x64 volumes, where oneDNN's 3D convolution backward costs several
-times its forward. The backend keeps the network and its inputs in ``channels_last_3d``; this section times a
+The segmenter (gem3d/segmentation/monai_backend.py) is MONAI's ``BasicUNet`` with 8-64 channels, trained on whole
+48x64x64 demo volumes by the downstream experiment (the demo's label-fidelity segmenter trains on 32x48x48 patches
+of them), where oneDNN's 3D convolution backward costs several times its forward. The backend keeps the network and its inputs in ``channels_last_3d``; this section times a
 training step (forward, DiceCE loss, backward, Adam) and a forward on the backend's own network and loss, in that
 format against the default (contiguous) one, from the same weights, interleaved.
 """
