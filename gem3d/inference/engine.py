@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from einops import rearrange
 from filelock import FileLock, Timeout
-from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from gem3d.data.case import Case
@@ -702,6 +701,8 @@ def run_inference(cfg: InferenceConfig, gpus: list[int] | None = None, num_proce
         if gpus:
             cfg.device = f"cuda:{gpus[0]}"
         return Enhancer(cfg).run()
+    from lightning.fabric import Fabric  # here: a one-device run (every demo run) needs no Lightning (4 s to import)
+
     fabric = Fabric(accelerator="cuda" if gpus else "cpu", devices=gpus or devices, strategy="ddp")
     fabric.launch()
     cfg.device = str(fabric.device)
