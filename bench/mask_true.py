@@ -51,9 +51,9 @@ About 20 minutes on 2 CPU cores.
     python bench/mask_true.py --only encoding --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 
 ``--only label-weight --demo-out DIR`` trains the demo's stage 1 and stage 2 (label fractions) as ``--only encoding``
-does, once as the demo does and once with ``label_loss_weight: 4`` (each latent pixel's loss weighted by 1 + 4 x
-its share inside the labelled structures), and scores both in the same way on the same 12 tuning cases. About 20
-minutes on 2 CPU cores.
+does, once with the paper's plain loss and once with ``label_loss_weight: 4``, the demo's (each latent pixel's loss
+weighted by 1 + 4 x its share inside the labelled structures), and scores both in the same way on the same 12
+tuning cases. About 20 minutes on 2 CPU cores.
 
     python bench/mask_true.py --only label-weight --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 
@@ -158,8 +158,8 @@ ENCODINGS = {
 }
 ENCODING_TUNING_CASES = 12
 # --only label-weight: the demo's label-fraction stages without and with a loss weighted inside the labels
-LABEL_WEIGHTS = {"label fractions (the demo)": [],
-                 "label fractions, label loss weight 4": ["model.params.label_loss_weight=4"]}
+LABEL_WEIGHTS = {"label fractions, plain loss (the paper's)": ["model.params.label_loss_weight=0"],
+                 "label fractions, label loss weight 4 (the demo's)": ["model.params.label_loss_weight=4"]}
 LABEL_WEIGHT_BEGIN, LABEL_WEIGHT_END = ("<!-- bench:mask_true:label_weight:begin -->",
                                         "<!-- bench:mask_true:label_weight:end -->")
 ENCODING_SEEDS = (0, 1)
@@ -443,18 +443,25 @@ def variants_table(about: str, what: str, variants: dict[str, list[str]], base_n
               f"{' and '.join(map(str, ENCODING_SEEDS))} (means over both; `base`: the demo's, seed 0). Dice per label "
               f"as a ratio of the demo's segmenter's on the real tuning volumes (segmenter: {DEMO_SEGMENTER}); core "
               f"mean: the non-enhancing core's mean intensity minus the real volume's ([0, 1] scale).")
+    seeds = " / ".join(map(str, ENCODING_SEEDS))
     lines = [*textwrap.wrap(about, width=116), "",
-             f"| `test`, {what} | Dice mean | " + " | ".join(f"{v} ×real" for v in LABELS.values())
-             + " | core mean − real | label order kept | PSNR body (dB) | through-plane / in-plane |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| `test`, {what} | Dice mean | seed {seeds} | " + " | ".join(f"{v} ×real" for v in LABELS.values())
+             + f" | core ×real, seed {seeds} | core mean − real | label order kept | PSNR body (dB) | "
+             "through-plane / in-plane |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     named = {**{name: [encoding_row(name, seed) for seed in ENCODING_SEEDS] for name in variants},
              base_name: ["base"], "the autoencoder's reconstruction (ceiling)": [evaluation.AUTOENCODER_ROW],
              "copying the informed slice": [evaluation.COPY_ROW]}
+    core = f"dice_{next(k for k, v in LABELS.items() if v == 'core')}"
     for name, rows in named.items():
-        lines.append(f"| {name} | {fmt(mean(rows, 'dice_mean'))} | " + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS)
+        each = len(rows) > 1  # a variant: one row per sampling seed, shown one by one beside their mean
+        lines.append(f"| {name} | {fmt(mean(rows, 'dice_mean'))} | "
+                     + (" / ".join(fmt(mean([r], "dice_mean")) for r in rows) if each else "") + " | "
+                     + " | ".join(ratio(rows, f"dice_{k}") for k in LABELS) + " | "
+                     + (" / ".join(ratio([r], core) for r in rows) if each else "")
                      + f" | {fmt(mean(rows, CORE_MEAN), 3)} | {fmt(mean(rows, 'label_order_kept'))} | "
                      f"{fmt(mean(rows, 'psnr_body'), 1)} | {fmt(mean(rows, 'through_plane_ratio'))} |")
-    lines.append(f"| real tuning volumes | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 0 | 1 | | "
+    lines.append(f"| real tuning volumes | {fmt(real.get('dice_mean'))} | | 1 | 1 | 1 | | 0 | 1 | | "
                  f"{fmt(real.get('through_plane_ratio'))} |")
     return "\n".join(lines)
 
@@ -499,14 +506,17 @@ def compare_variants(args: argparse.Namespace, demo: Path, out: Path, variants: 
              "stage2": trained_steps(models / "demo", STAGE2_DEFAULT_STEPS)}
     if args.quick:
         steps = {"stage1": 4, "stage2": 4}
-    first_stage = f"model.params.first_stage_config.params.ckpt_path={models / 'demo_autoencoder'}/checkpoints/last.ckpt"
+    autoencoder = models / "demo_autoencoder" / "checkpoints" / "last.ckpt"
+    first_stage = f"model.params.first_stage_config.params.ckpt_path={autoencoder}"
     with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # side by side, one thread each
         stage1 = {name: pool.submit(train, f"{prefix}{i}_s1", "demo_stage1", out, dataset, steps["stage1"],
-                                    [first_stage, *overrides], 1) for i, (name, overrides) in enumerate(variants.items())}
+                                    [first_stage, *overrides], 1)
+                  for i, (name, overrides) in enumerate(variants.items())}
         stage1 = {name: future.result() for name, future in stage1.items()}
         stage2 = {name: pool.submit(train, f"{prefix}{i}_s2", "demo_stage2", out, dataset, steps["stage2"],
-                                    [first_stage, *overrides, f"model.params.ckpt_path={stage1[name]}/checkpoints/last.ckpt"],
-                                    1) for i, (name, overrides) in enumerate(variants.items())}
+                                    [first_stage, *overrides,
+                                     f"model.params.ckpt_path={stage1[name]}/checkpoints/last.ckpt"], 1)
+                  for i, (name, overrides) in enumerate(variants.items())}
         stage2 = {name: future.result() for name, future in stage2.items()}
 
     tuning = out / "tuning"
@@ -605,7 +615,8 @@ def run_segmenter(args: argparse.Namespace) -> str:
         return json.loads(timing.read_text())["seconds"], {k: sum(v) / len(v) for k, v in sorted(scores.items())}
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {(name, seed): pool.submit(one, name, seed) for name in SEGMENTER_VARIANTS for seed in SEGMENTER_SEEDS}
+        futures = {(name, seed): pool.submit(one, name, seed)
+                   for name in SEGMENTER_VARIANTS for seed in SEGMENTER_SEEDS}
         results = {key: future.result() for key, future in futures.items()}
     names = {value: name for name, value in real.labels.items()}
     labels = sorted(results[next(iter(results))][1])
@@ -635,8 +646,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "label-weight", "segmenter"), default="all",
                    help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
-                        "starts of the demo's stage 2; encoding: the mask encoding; label-weight: a loss weighted inside the "
-                        "labels; segmenter: the label-fidelity segmenter's training (all five need --demo-out)")
+                        "starts of the demo's stage 2; encoding: the mask encoding; label-weight: a loss weighted "
+                        "inside the labels; segmenter: the label-fidelity segmenter's training (all five need "
+                        "--demo-out)")
     p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding, segmenter: a finished `make demo` output "
                                                  "folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")

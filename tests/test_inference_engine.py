@@ -398,3 +398,14 @@ def test_sharded_ranks_merge_into_one_manifest(tiny, tmp_path):
     assert sorted(r["case"] for r in records) == sorted(tiny["names"][:3])
     assert all("note" not in r and r["seed"] >= 0 for r in records)  # the regenerated sample replaced the stale one
     assert sorted(p.name for p in cfg.setting_dir.glob("manifest*.json")) == ["manifest.json"]
+
+
+def test_a_one_device_inference_script_does_not_import_lightning():
+    """Each demo inference run is its own process: Lightning (for sharded runs only) would add seconds to each."""
+    import subprocess
+    import sys
+
+    code = "import sys, gem3d.inference.cli; print('lightning' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": ""}, cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "False", done.stderr

@@ -372,8 +372,8 @@ def fidelity_segmenter(real: RealData, held_out: list[str], args, cache_root: Pa
         notes.append(f"dice: skipped: {err}")
         return None
     chosen = "".join(f", {key} {value}" for key, value in args.segmenter_options.items())
-    notes.append(f"dice: a {settings.backend} segmenter ({settings.iterations} iterations, seed {settings.seed}{chosen}) "
-                 f"trained on the {len(names)} real training cases {names}, cached in {segmenter.work_dir}")
+    notes.append(f"dice: a {settings.backend} segmenter ({settings.iterations} iterations, seed {settings.seed}"
+                 f"{chosen}) trained on the {len(names)} real training cases {names}, cached in {segmenter.work_dir}")
     return segmenter
 
 
