@@ -170,6 +170,7 @@ def test_the_segmenter_iterations_have_one_default(tmp_path):
     # the options parse back to what the segmenter gets, and fit the demo's 48 x 64 x 64 volumes
     parsed = parser.parse_args(full[full.index("--segmenter-iterations"):])
     assert parsed.segmenter_options == demo.SEGMENTER_OPTIONS == {"patch": [32, 48, 48]}
+    assert all(p < s and p % 16 == 0 for p, s in zip(demo.SEGMENTER_OPTIONS["patch"], (48, 64, 64)))  # patches
 
 
 def test_help_failures_and_a_missing_checkout(tmp_path, monkeypatch, capsys):
