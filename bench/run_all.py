@@ -19,7 +19,8 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
   encoder's cost per volume and per step against the cache's read;
 - ``profile``: ``torch.profiler`` of the paper's stage-1 forward, self time per op, gem3d against both peers;
 - ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
-- ``segmenter``: the MONAI segmenter's training step and forward in ``channels_last_3d`` against contiguous;
+- ``segmenter``: the MONAI segmenter's training step and forward in ``channels_last_3d`` against contiguous, and its
+  sliding-window prediction with one window against ``sw_batch_size`` windows per forward pass;
 - ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
@@ -62,7 +63,7 @@ SECTIONS = {
     "profile": ("9. Profile of the paper stage-1 forward, per op (torch.profiler)", "profile_bench", "bench_profile"),
     "temporal_conv": ("10. Temporal convolution: Conv1d against shifted 1x1 convolutions", "temporal_conv_bench",
                       "bench_temporal_conv"),
-    "segmenter": ("11. Segmenter training step and prediction, by memory format", "segmenter_bench",
+    "segmenter": ("11. Segmenter training step and prediction, by memory format; sliding windows per pass", "segmenter_bench",
                   "bench_segmenter"),
     "targets": ("Targets, read from the sections' blocks", "targets", "bench_targets"),
 }

@@ -49,6 +49,8 @@ def test_options_are_checked_with_the_allowed_values(tmp_path):
         get_segmenter(SegmenterSettings(options={"depth": 3}), tmp_path)
     with pytest.raises(ValueError, match=r"patch must be three multiples of 16 >= 32 .* got \[48, 40, 64\]"):
         get_segmenter(SegmenterSettings(options={"patch": [48, 40, 64]}), tmp_path)
+    with pytest.raises(ValueError, match=r"sw_batch_size must be an int >= 1, got 0"):
+        get_segmenter(SegmenterSettings(options={"sw_batch_size": 0}), tmp_path)
     with pytest.raises(ValueError, match=r"features must be six ints > 0, got \[8, 8\]"):
         get_segmenter(SegmenterSettings(options={"features": [8, 8]}), tmp_path)
     with pytest.raises(ValueError, match="at least one training case"):
@@ -92,6 +94,12 @@ def test_volumes_larger_than_the_patch_train_on_patches_and_predict_by_sliding_w
     assert batch["image"].shape == batch["label"].shape == (2, 1, 32, 32, 32)
     (written,) = segmenter.predict([tmp_path / "big_0000.nii.gz"], tmp_path / "predicted", progress=False)
     assert nib.load(str(written)).shape == (40, 24, 20)
+    # several windows per forward pass (the default, 4) predict what one window at a time does
+    assert segmenter.options["sw_batch_size"] == 4
+    one_at_a_time = MonaiSegmenter(_settings(iterations=1, patch=[32, 32, 32], batch_size=2, sw_batch_size=1),
+                                   tmp_path / "work")
+    volume = image + 0.05 * np.random.default_rng(0).standard_normal(image.shape).astype(np.float32)
+    assert np.array_equal(segmenter.predict_array(volume), one_at_a_time.predict_array(volume))
 
 
 def test_an_interrupted_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, cases, monkeypatch):

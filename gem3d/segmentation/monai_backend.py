@@ -9,7 +9,9 @@ with MONAI's ``sliding_window_inference``.
 
 Options (``SegmenterSettings.options``): ``features`` (six ints, BasicUNet's), ``patch`` (three multiples of 16,
 canonical order), ``batch_size``, ``learning_rate`` (Adam), ``checkpoint_every`` (iterations), ``num_labels``
-(foreground labels; default the largest label value of the training cases), ``overlap`` (sliding window).
+(foreground labels; default the largest label value of the training cases), ``overlap`` (sliding window),
+``sw_batch_size`` (sliding windows per forward pass: 4 predicts the same labels as 1, several times faster on the CPU;
+BENCHMARKS.md section 11).
 
 Work folder: ``checkpoint.pt`` (weights, optimiser, iteration, torch RNG state; written every ``checkpoint_every``
 iterations, removed when training ends) and ``model.pt`` (the finished weights). Every iteration's random choices
@@ -51,6 +53,7 @@ DEFAULTS = {
     "checkpoint_every": 50,
     "num_labels": None,
     "overlap": 0.25,
+    "sw_batch_size": 4,
 }
 DIVISOR = 16  # BasicUNet halves the volume four times
 MIN_SIZE = 2 * DIVISOR  # instance norm needs more than one voxel at the coarsest level
@@ -73,7 +76,7 @@ def monai_options(settings: SegmenterSettings) -> dict:
     if len(patch) != 3 or not all(isinstance(p, int) and p >= MIN_SIZE and p % DIVISOR == 0 for p in patch):
         raise ValueError(f"MONAI segmenter option patch must be three multiples of {DIVISOR} >= {MIN_SIZE} "
                          f"(canonical D, H, W), got {patch!r}")
-    for name in ("batch_size", "checkpoint_every"):
+    for name in ("batch_size", "checkpoint_every", "sw_batch_size"):
         if not isinstance(options[name], int) or options[name] < 1:
             raise ValueError(f"MONAI segmenter option {name} must be an int >= 1, got {options[name]!r}")
     num_labels = options["num_labels"]
@@ -228,7 +231,8 @@ class MonaiSegmenter(Segmenter):
             if all(s <= p for s, p in zip(shape, self.options["patch"])):
                 logits = network(pad_end(volume, shape))
             else:
-                logits = sliding_window_inference(volume, roi_size=self.options["patch"], sw_batch_size=1,
+                logits = sliding_window_inference(volume, roi_size=self.options["patch"],
+                                                  sw_batch_size=self.options["sw_batch_size"],
                                                   predictor=network, overlap=self.options["overlap"], mode="gaussian")
         depth, height, width = image.shape
         return logits[0, :, :depth, :height, :width].argmax(0).cpu().numpy().astype(np.int16)
