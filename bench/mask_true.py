@@ -64,6 +64,14 @@ the real volumes of the 12 tuning cases of ``--only encoding`` (another seed's d
 minutes on 2 CPU cores.
 
     python bench/mask_true.py --only segmenter --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
+
+``--only steps --demo-out DIR`` asks what the sampler's step count costs in label fidelity: the demo's own trained
+GEM-3D and ``base`` (no training) sample ``test``, ``ic`` and ``base`` on the 12 tuning cases of ``--only encoding``
+with DDIM 25 (the demo's until this bench), 20 and 15 steps, the demo's sampler otherwise, two sampling seeds each,
+scored by the demo's segmenter like the modes above, with each run's seconds per volume. About 15 minutes on 2 CPU
+cores.
+
+    python bench/mask_true.py --only steps --demo-out demo_out --out bench_out/mask_true [--write docs/mask-true.md]
 """
 from __future__ import annotations
 
@@ -92,6 +100,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from gem3d.checkpoint import load_checkpoint  # noqa: E402
 from gem3d.data.demo import build_demo_dataset  # noqa: E402
 from gem3d.demo import SEGMENTER_OPTIONS  # noqa: E402
+from gem3d.export.manifest import Manifest  # noqa: E402
 from gem3d.inference.cli import load_inference_config  # noqa: E402
 from gem3d.inference.engine import InferenceConfig, run_inference  # noqa: E402
 from gem3d.inference.volume import SamplerOptions  # noqa: E402
@@ -171,6 +180,10 @@ SEGMENTER_VARIANTS = {
     f"32 x 48 x 48 patches, {DEFAULT_ITERATIONS} iterations (the demo's)": (SEGMENTER_OPTIONS, DEFAULT_ITERATIONS),
 }
 SEGMENTER_SEEDS = (0, 1)
+# --only steps: DDIM step counts of the demo's sampler, on the demo's trained models
+STEP_COUNTS = (25, 20, 15)
+STEP_SETTINGS = ("test", "ic", "base")
+STEPS_BEGIN, STEPS_END = "<!-- bench:mask_true:steps:begin -->", "<!-- bench:mask_true:steps:end -->"
 SEGMENTER_BEGIN, SEGMENTER_END = "<!-- bench:mask_true:segmenter:begin -->", "<!-- bench:mask_true:segmenter:end -->"
 
 
@@ -637,26 +650,92 @@ def run_segmenter(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def steps_row(setting: str, steps: int, seed: int) -> str:
+    return f"{setting}, DDIM {steps}, seed {seed}"
+
+
+def run_steps(args: argparse.Namespace) -> str:
+    """The sampling-steps experiment (``--only steps``, see the module docstring); returns its table."""
+    demo, models = demo_models(args, "steps")
+    out = args.out.resolve() / "steps"
+    _, cache = demo_copies(demo, out)
+    segmenter = None if args.quick else trained_segmenter(cache)
+    tuning = out / "tuning"
+    if not (tuning / "dataset.json").is_file():
+        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
+                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    sampler = dict(load_inference_config("demo")["sampler"])
+    counts = (4, 2) if args.quick else STEP_COUNTS
+    rows: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    for setting in STEP_SETTINGS:
+        model = models / ("demo_base" if setting == "base" else "demo")
+        for steps in counts:
+            for seed in ENCODING_SEEDS:
+                row = steps_row(setting, steps, seed)
+                rows[row] = synthesise(out, tuning, f"{setting}_steps{steps}_seed{seed}", setting, model,
+                                       {**sampler, "steps": steps}, seed, samples_per_case=1)
+                records = Manifest(rows[row] / "manifest.json").records
+                seconds[row] = sum(r["seconds"] for r in records) / len(records)
+    results = score(out, tuning, rows, 2 if args.quick else DEFAULT_ITERATIONS,
+                    metrics=("reconstruction", "consistency", "segmenter", "labels"),
+                    keys=("dice_mean", *(f"dice_{k}" for k in LABELS), CORE_MEAN, "label_order_kept", "psnr_body",
+                          "through_plane_ratio"),
+                    segmenter=segmenter, extra=["--autoencoder", str(models / "demo_autoencoder")])
+    real, mean, fmt, ratio = table_cells(results)
+    seeds = " / ".join(map(str, ENCODING_SEEDS))
+    about = (f"The demo's trained GEM-3D (stage 2, {trained_steps(models / 'demo', 0)} steps) and `base` "
+             f"({trained_steps(models / 'demo_base', 0)} steps), the {ENCODING_TUNING_CASES} tuning cases (a demo "
+             f"dataset drawn with seed {args.seed + 1}: no test case of the demo), 1 sample per case, sampling seeds "
+             f"{seeds}; the demo's sampler but for the step count ({sampler['sampler']}, eta {sampler['eta']}, "
+             f"informed start {sampler['informed_start']}: the last {sampler['informed_start']:.0%} of the steps "
+             f"run); segmenter: the demo's ({DEMO_SEGMENTER}). Dice per label as a ratio of the same segmenter's on "
+             "the real tuning volumes, means over the seeds; s / volume: the manifests' wall time per volume "
+             "(loading, sampling, decoding, writing; one process, torch's threads), mean over the seeds' runs.")
+    lines = [*textwrap.wrap(about, width=116), "",
+             f"| setting | DDIM steps | s / volume | Dice mean, seed {seeds} | "
+             + " | ".join(f"{v} ×real" for v in LABELS.values())
+             + " | label order kept | PSNR body (dB) | through-plane / in-plane |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for setting in STEP_SETTINGS:
+        for steps in counts:
+            named = [steps_row(setting, steps, seed) for seed in ENCODING_SEEDS]
+            per_seed = " / ".join(fmt(results.get(r, {}).get("dice_mean")) for r in named)
+            lines.append(f"| `{setting}` | {steps} | {sum(seconds[r] for r in named) / len(named):.1f} | {per_seed} | "
+                         + " | ".join(ratio(named, f"dice_{k}") for k in LABELS)
+                         + f" | {fmt(mean(named, 'label_order_kept'))} | "
+                         f"{fmt(mean(named, 'psnr_body'), 1) if setting == 'test' else ''} | "
+                         f"{fmt(mean(named, 'through_plane_ratio'))} |")
+    copy, autoencoder = results.get(evaluation.COPY_ROW, {}), results.get(evaluation.AUTOENCODER_ROW, {})
+    lines.append(f"| copying the informed slice | | | | | | | | {fmt(copy.get('psnr_body'), 1)} | |")
+    lines.append(f"| the autoencoder (ceiling) | | | | | | | | {fmt(autoencoder.get('psnr_body'), 1)} | "
+                 f"{fmt(autoencoder.get('through_plane_ratio'))} |")
+    lines.append(f"| real tuning volumes | | | {fmt(real.get('dice_mean'))} | 1 | 1 | 1 | 1 | | "
+                 f"{fmt(real.get('through_plane_ratio'))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "mask_true")
     p.add_argument("--quick", action="store_true", help="a few steps per model: checks the script only")
     p.add_argument("--write", type=Path, help="replace the generated block of this markdown file with the table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "label-weight", "segmenter"), default="all",
+    p.add_argument("--only", choices=("all", "vpred", "starts", "encoding", "label-weight", "segmenter", "steps"),
+                   default="all",
                    help="all: the whole experiment above; vpred: the v-prediction experiment; starts: informed "
                         "starts of the demo's stage 2; encoding: the mask encoding; label-weight: a loss weighted "
-                        "inside the labels; segmenter: the label-fidelity segmenter's training (all five need "
-                        "--demo-out)")
-    p.add_argument("--demo-out", type=Path, help="vpred, starts, encoding, segmenter: a finished `make demo` output "
-                                                 "folder")
+                        "inside the labels; segmenter: the label-fidelity segmenter's training; steps: the sampler's "
+                        "step count (all six need --demo-out)")
+    p.add_argument("--demo-out", type=Path, help="every --only mode: a finished `make demo` output folder")
     p.add_argument("--vpred-steps", type=int, help="vpred: stage-1 steps (default: what the demo's stage 1 got)")
     args = p.parse_args(argv)
     if args.only != "all":
         run, begin, end = {"vpred": (run_vpred, VPRED_BEGIN, VPRED_END), "starts": (run_starts, STARTS_BEGIN, STARTS_END),
                            "encoding": (run_encoding, ENCODING_BEGIN, ENCODING_END),
                            "label-weight": (run_label_weight, LABEL_WEIGHT_BEGIN, LABEL_WEIGHT_END),
-                           "segmenter": (run_segmenter, SEGMENTER_BEGIN, SEGMENTER_END)}[args.only]
+                           "segmenter": (run_segmenter, SEGMENTER_BEGIN, SEGMENTER_END),
+                           "steps": (run_steps, STEPS_BEGIN, STEPS_END)}[args.only]
         text = run(args)
         print(text)
         if args.write is not None:

@@ -1,5 +1,6 @@
-"""5. Quality vs steps: the ``test`` setting on the trained demo models for DDIM 200 / 100 / 50 / 25 / 10 and
-DPM-Solver++ 25 / 15 / 10, one seed for all, scored with the evaluation metrics.
+"""5. Quality vs steps: the ``test`` setting on the trained demo models for DDIM 200 / 100 / 50 / 25 / 10,
+DPM-Solver++ 25 / 15 / 10 and the demo's own sampler (demo.yaml) where it is none of these, one seed for all,
+scored with the evaluation metrics.
 
 Needs trained demo models (``make demo``): ``DEMO_OUT/models/demo`` (stage 2) and ``DEMO_OUT/dataset`` with its
 ``splits.json`` (the held-out ``val`` cases are sampled). The other sampler options (eta, window, overlap,
@@ -154,7 +155,10 @@ def bench_quality_steps(device: str, quick: bool, demo_out: Path | None = None, 
             raise SystemExit(f"--demo-out {demo_out}: {needed} does not exist (run `make demo` first)")
     work = Path(work or "/tmp/gem3d-quality-steps")
     base = dict(load_inference_config("demo")["sampler"])
-    results = [run_recipe(s, n, demo_out, work, base, seed, device) for s, n in RECIPES]
+    demo_default = (base["sampler"], int(base["steps"]))  # measured too, wherever it falls among RECIPES
+    recipes = RECIPES if demo_default in RECIPES else sorted(
+        [*RECIPES, demo_default], key=lambda r: (list(NAMES).index(r[0]), -r[1]))
+    results = [run_recipe(s, n, demo_out, work, base, seed, device) for s, n in recipes]
     reference = next(r for r in results if (r["sampler"], r["steps"]) == REFERENCE)
     original = reference
     if any(base.get(k) != v for k, v in ORIGINAL.items()):

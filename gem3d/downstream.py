@@ -68,8 +68,9 @@ REAL = "real"
 FILTERED = "real+filtered"
 RESULT_FILE = "result.json"
 MEAN = "mean"  # the per-(case, seed) mean Dice over the labels the test case holds
-# the MONAI segmenter's optimiser steps per run on the demo (every run prints its seconds an iteration; the README's
-# Downstream section gives what the 12 default runs took on a 2-core CPU)
+# the MONAI segmenter's optimiser steps per run by default (whole volumes); `make downstream` trains as the demo's
+# label-fidelity segmenter instead (450 iterations on patches; the Makefile's DOWNSTREAM_SEGMENTER). Every run
+# prints its seconds an iteration; the README's Downstream section gives what `make downstream` took on 2 cores.
 DEMO_ITERATIONS = 200
 
 
@@ -711,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=list(DownstreamConfig.seeds))
     p.add_argument("--backend", default="monai", choices=sorted(BACKENDS))
     p.add_argument("--iterations", type=int, default=DEMO_ITERATIONS,
-                   help="optimiser steps per training (the default fits `make downstream` in 30 min on 2 cores)")
+                   help=f"optimiser steps per training (default {DEMO_ITERATIONS}; `make downstream` passes 450 with "
+                        "32 x 48 x 48 patches, the demo's label-fidelity segmenter)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. configuration=3d_fullres iterations_per_epoch=250 (nnunet)")

@@ -173,6 +173,22 @@ def test_the_segmenter_iterations_have_one_default(tmp_path):
     assert all(p < s and p % 16 == 0 for p, s in zip(demo.SEGMENTER_OPTIONS["patch"], (48, 64, 64)))  # patches
 
 
+def test_make_downstream_trains_its_segmenters_as_the_demo_trains_the_label_fidelity_one():
+    """`make downstream`'s segmenter flags (the Makefile's DOWNSTREAM_SEGMENTER) parse to the demo's iterations and
+    backend options, as `make` passes them (one shell word per quoted option)."""
+    import shlex
+
+    from gem3d.downstream import build_parser
+
+    line = next(line for line in (ROOT / "Makefile").read_text().splitlines()
+                if line.startswith("DOWNSTREAM_SEGMENTER :="))
+    args = build_parser().parse_args(["--real", "r", "--synthetic", "s", "--out", "o",
+                                      *shlex.split(line.partition(":=")[2])])
+    assert args.iterations == DEFAULT_ITERATIONS
+    assert dict(args.option) == demo.SEGMENTER_OPTIONS
+    assert len(args.seeds) == 4 and "$(DOWNSTREAM_SEGMENTER) $(DOWNSTREAM_ARGS)" in (ROOT / "Makefile").read_text()
+
+
 def test_help_failures_and_a_missing_checkout(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exited:
         demo.main(["--help"])
