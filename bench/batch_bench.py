@@ -2,7 +2,7 @@
 
 A demo dataset of 64x64x48 cases (``gem3d.data.demo``) and a model dir holding the demo's stage-2 UNet and first
 stage with random weights (the cost, not the quality, of sampling), sampled with the demo's sampler options
-(``gem3d/configs/inference/demo.yaml``: DDIM 25) in the ``ic`` setting (each case's informed slice at a random
+(``gem3d/configs/inference/demo.yaml``) in the ``ic`` setting (each case's informed slice at a random
 position, so the cases' propagation plans differ in length). Variants, interleaved: ``batch_windows`` 1, 2 and 4
 (cases in lockstep, their windows in shared UNet calls). Seconds per volume: the engine's run (model loading
 excluded) over the number of cases.
@@ -43,6 +43,14 @@ def save_model_dir(model, folder: Path) -> Path:
     return folder
 
 
+def demo_sampler_name() -> str:
+    """``DDIM 20``: the demo's sampler and steps, from gem3d/configs/inference/demo.yaml."""
+    from quality_steps import NAMES
+
+    sampler = load_inference_config("demo")["sampler"]
+    return f"{NAMES[sampler['sampler']]} {sampler['steps']}"
+
+
 def run_once(data: Path, model_dir: Path, out: Path, batch: int, device: str) -> dict:
     sampler = load_inference_config("demo")["sampler"]
     cfg = InferenceConfig("ic", data, out, model=model_dir, sampler=SamplerOptions(**sampler, batch_windows=batch),
@@ -74,7 +82,8 @@ def bench_batch(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     rows = []
     for batch, runs in results.items():
         rows.append({
-            "what": f"demo: {cases} cases of 48x64x64, ic, DDIM 25 (demo.yaml)", "variant": f"batch_windows {batch}",
+            "what": f"demo: {cases} cases of 48x64x64, ic, {demo_sampler_name()} (demo.yaml)",
+            "variant": f"batch_windows {batch}",
             "s / volume": f"{seconds[batch]:.2f} s", "CPU s / volume": f"{cpu[batch]:.2f} s",
             "UNet calls (slice evaluations) / volume":
                 f"{runs[0]['calls'] / cases:.1f} ({runs[0]['slices'] / cases:.0f})",

@@ -24,15 +24,17 @@ from peers import CONFIGS
 from gem3d.training.ldm import Gem3dLDM
 from gem3d.export.nifti import save_nifti
 from gem3d.models.precision import default_precision, sampling_precision
+from gem3d.inference.cli import load_inference_config
 from gem3d.inference.volume import SamplerOptions, decode_volume, encode_slices, sample_volume_latents
 from gem3d.sampling.propagation import plan_windows, window_rounds
 
+DEMO_STEPS = int(load_inference_config("demo")["sampler"]["steps"])
 RECIPES = {  # name: (options, what it is)
     "original": (SamplerOptions(steps=200, eta=1.0, batch_directions=False),
                  "DDIM 200, eta 1, one direction at a time"),
     "gem3d default": (SamplerOptions(), "DDIM 200, eta 1, both directions in one call (SamplerOptions())"),
-    "demo steps": (SamplerOptions(steps=25), "DDIM 25, eta 1, both directions, from pure noise (the steps of "
-                   "gem3d/configs/inference/demo.yaml, not its informed_start)"),
+    "demo steps": (SamplerOptions(steps=DEMO_STEPS), f"DDIM {DEMO_STEPS}, eta 1, both directions, from pure noise "
+                   "(the steps of gem3d/configs/inference/demo.yaml, not its informed_start)"),
     "fastest": (SamplerOptions(sampler="dpmpp", steps=10), "DPM-Solver++ 10, both directions"),
 }
 DEMO_FIRST_STAGE = {"target": "gem3d.models.autoencoder.FirstStage.from_diffusers_config",

@@ -3,7 +3,8 @@
 1. builds the embedded demo dataset (MNI152-derived, nnU-Net raw layout) and checks it;
 2. trains the demo autoencoder, stage 1 and the baseline's stage 1 side by side, stage 2 and the baseline's stage 2
    side by side, then the slice model and the label-fidelity segmenter, with main.py; each for the MINUTES its config
-   gives (``max_time``), so a faster machine trains further; the first-stage latents are cached, so no diffusion
+   gives (``max_time``), so a faster machine trains further, but never fewer than its floor of steps (``min_steps``),
+   so a slower machine takes longer instead of training less; the first-stage latents are cached, so no diffusion
    step runs the encoder;
 3. runs the settings ic, icma, ig, igma, test and base on the held-out demo cases (and the evaluation's extra rows),
    each in a child process as soon as its models are trained, beside the trainings still going;
@@ -362,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="the cases to synthesise and report: test (never used to choose a setting) or val (tuning)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-scale", type=float, default=1.0, help="scale every training's minutes (max_time)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="scale every training's minutes (max_time; its floor of steps, min_steps, stays)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training's steps (quick checks)")
     p.add_argument("--sampling-steps", type=int, default=None, help="override the demo's DDIM steps")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once (one thread each when > 1)")

@@ -47,6 +47,9 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
 def test_slurm_requeue_after_the_signal_checkpoint_and_the_requeued_job_resumes(tmp_path, dataset, autoencoder_run,
                                                                                   fake_slurm, capsys):
     logdir = tmp_path / "logs"
+    # the config's floor of steps (min_steps, kept past should_stop by Lightning) must not delay the requeue's stop
+    assert OmegaConf.load(Path(main_module.__file__).parent / "configs" / "latent-diffusion" /
+                          "demo_base_stage1.yaml").lightning.trainer.min_steps > 6
     args = stage_args("demo_base_stage1.yaml", dataset, autoencoder_run, logdir, "lightning.trainer.max_steps=6",
                       "model.params.log_images_every_n_steps=0", "data.params.samples_per_epoch=100",
                       "lightning.callbacks.sender.target=test_main.SignalSender",

@@ -51,6 +51,18 @@ def test_every_model_waits_for_the_checkpoints_it_starts_from(tmp_path):
     assert demo.TRAINING["segmenter"].waits_for() == ("demo", "demo_base")  # an order, not a checkpoint
 
 
+def test_every_demo_training_has_minutes_and_a_floor_of_steps():
+    """Each demo model trains for its config's minutes, but never fewer than its floor (``min_steps``, which Lightning
+    keeps past ``max_time``): the steps with which the demo met its targets; GEM-3D and the baseline share both."""
+    trainers = {name: OmegaConf.load(ROOT / "configs" / "latent-diffusion" / f"{model.config}.yaml").lightning.trainer
+                for name, model in demo.TRAINING.items() if model.config is not None}
+    for name, trainer in trainers.items():
+        assert trainer.max_time and 0 < trainer.min_steps < trainer.max_steps, name
+    for gem3d, base in (("demo_stage1", "demo_base_stage1"), ("demo", "demo_base")):
+        assert trainers[gem3d].min_steps == trainers[base].min_steps
+        assert trainers[gem3d].max_time == trainers[base].max_time
+
+
 def test_training_overrides(tmp_path):
     out, dataset = tmp_path / "out", tmp_path / "dataset"
     config = OmegaConf.load(ROOT / "configs" / "latent-diffusion" / "demo_stage2.yaml")

@@ -222,6 +222,16 @@ def test_sigusr1_saves_and_sigterm_stops_cleanly(tmp_path, dataset, autoencoder_
     assert ckpt["global_step"] == 3
 
 
+def test_the_floor_of_steps_trains_past_the_minutes(tmp_path, dataset, autoencoder_run, capsys):
+    """The demo configs' ``min_steps``: a machine too slow for the floor within ``max_time`` trains on to it."""
+    args = stage_args("demo_base_stage1.yaml", dataset, autoencoder_run, tmp_path, "lightning.trainer.max_time={microseconds: 1}",
+                      "lightning.trainer.min_steps=3", "lightning.trainer.max_steps=6",
+                      "model.params.log_images_every_n_steps=0", "data.params.samples_per_epoch=2")
+    # (epochs of 2 steps: with min_steps Lightning also waits for one whole epoch)
+    trainer = main_module.run(args)
+    assert trainer.global_step == 3 and load_ckpt(only_run(tmp_path))["global_step"] == 3
+
+
 # ---------------------------------------------------------------------------------------------- start-up errors
 
 

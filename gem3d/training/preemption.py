@@ -50,6 +50,14 @@ def requeue_slurm_job(job_id: str) -> bool:
     return True
 
 
+def stop_now(trainer) -> None:
+    """Stop after this batch even below a floor of steps or epochs (``min_steps``, ``min_epochs``: Lightning would
+    otherwise keep training past ``should_stop`` until they are met)."""
+    trainer.fit_loop.epoch_loop.min_steps = None
+    trainer.fit_loop.min_epochs = None
+    trainer.should_stop = True
+
+
 class SignalCheckpoint(L.Callback):
     """Saves ``ckpt_dir/last.ckpt`` at the end of the batch in which a signal arrived, and at the end of training.
 
@@ -113,7 +121,7 @@ class SignalCheckpoint(L.Callback):
             if trainer.world_size > 1:
                 requeued = trainer.strategy.broadcast(requeued, src=0)
             if requeued:  # the job ends now; the requeued one resumes from last.ckpt
-                trainer.should_stop = True
+                stop_now(trainer)
         self.signalled = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
