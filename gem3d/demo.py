@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="the cases to synthesise and report: test (never used to choose a setting) or val (tuning)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-scale", type=float, default=1.0, help="scale every training's minutes (max_time; its floor of steps, min_steps, stays)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="scale every training's minutes (max_time; its floor of steps, min_steps, stays)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training's steps (quick checks)")
     p.add_argument("--sampling-steps", type=int, default=None, help="override the demo's DDIM steps")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once (one thread each when > 1)")
