@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from common import fmt_bytes, peak_memory
+from targets import demo_sampler
 from volume_bench import EvaluationCounter, build_model
 
 from gem3d.data.demo import build_demo_dataset
@@ -41,14 +42,6 @@ def save_model_dir(model, folder: Path) -> Path:
                "data": {"target": "gem3d.data.module.Gem3dDataModule", "params": {"preprocess": PREPROCESS}}}
     (folder / "configs" / "bench-project.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(project))))
     return folder
-
-
-def demo_sampler_name() -> str:
-    """``DDIM 20``: the demo's sampler and steps, from gem3d/configs/inference/demo.yaml."""
-    from quality_steps import NAMES
-
-    sampler = load_inference_config("demo")["sampler"]
-    return f"{NAMES[sampler['sampler']]} {sampler['steps']}"
 
 
 def run_once(data: Path, model_dir: Path, out: Path, batch: int, device: str) -> dict:
@@ -82,7 +75,7 @@ def bench_batch(device: str, quick: bool) -> tuple[list[dict], list[str]]:
     rows = []
     for batch, runs in results.items():
         rows.append({
-            "what": f"demo: {cases} cases of 48x64x64, ic, {demo_sampler_name()} (demo.yaml)",
+            "what": f"demo: {cases} cases of 48x64x64, ic, {demo_sampler()} (demo.yaml)",
             "variant": f"batch_windows {batch}",
             "s / volume": f"{seconds[batch]:.2f} s", "CPU s / volume": f"{cpu[batch]:.2f} s",
             "UNet calls (slice evaluations) / volume":

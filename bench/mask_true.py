@@ -491,6 +491,16 @@ def trained_segmenter(cache: Path) -> Path:
     return found[0]
 
 
+def tuning_dataset(args: argparse.Namespace, out: Path) -> Path:
+    """``out/tuning``: the tuning cases of the ``--demo-out`` modes, a demo dataset drawn with ``--seed`` + 1 (made
+    once): :data:`ENCODING_TUNING_CASES` val cases that no demo model or choice saw (2 with ``--quick``)."""
+    tuning = out / "tuning"
+    if not (tuning / "dataset.json").is_file():
+        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
+                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    return tuning
+
+
 def demo_models(args: argparse.Namespace, mode: str) -> tuple[Path, Path]:
     """The demo output of ``--demo-out`` and its models folder, checked for what ``--only MODE`` reads."""
     if args.demo_out is None:
@@ -532,10 +542,7 @@ def compare_variants(args: argparse.Namespace, demo: Path, out: Path, variants: 
                   for i, (name, overrides) in enumerate(variants.items())}
         stage2 = {name: future.result() for name, future in stage2.items()}
 
-    tuning = out / "tuning"
-    if not (tuning / "dataset.json").is_file():
-        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
-                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    tuning = tuning_dataset(args, out)
     sampler = dict(load_inference_config("demo")["sampler"])
     if args.quick:
         sampler["steps"] = 2
@@ -597,10 +604,7 @@ def run_segmenter(args: argparse.Namespace) -> str:
     if not (dataset / "dataset.json").is_file():
         raise SystemExit(f"--demo-out {args.demo_out}: missing {dataset / 'dataset.json'} (run `make demo` first)")
     out = args.out.resolve() / "segmenter"
-    tuning = out / "tuning"
-    if not (tuning / "dataset.json").is_file():
-        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
-                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    tuning = tuning_dataset(args, out)
     real, held_out = RawDataset(dataset), split_cases(tuning, "val")
     cases = dataset_training_cases(real, split_cases(dataset, "train"))
     torch.set_num_threads(1)  # two trainings side by side, one core each
@@ -660,10 +664,7 @@ def run_steps(args: argparse.Namespace) -> str:
     out = args.out.resolve() / "steps"
     _, cache = demo_copies(demo, out)
     segmenter = None if args.quick else trained_segmenter(cache)
-    tuning = out / "tuning"
-    if not (tuning / "dataset.json").is_file():
-        build_demo_dataset(tuning, cases=4 if args.quick else ENCODING_TUNING_CASES + 2, seed=args.seed + 1,
-                           val=2 if args.quick else ENCODING_TUNING_CASES, test=1)
+    tuning = tuning_dataset(args, out)
     sampler = dict(load_inference_config("demo")["sampler"])
     counts = (4, 2) if args.quick else STEP_COUNTS
     rows: dict[str, Path] = {}

@@ -67,7 +67,7 @@ def peer_rows(text: str) -> list[dict]:
 
 
 def demo_sampler() -> str:
-    """The demo's default sampler as section 5 names it (``DDIM 25``), from gem3d/configs/inference/demo.yaml."""
+    """The demo's default sampler as section 5 names it (e.g. ``DDIM 20``), from gem3d/configs/inference/demo.yaml."""
     from gem3d.inference.cli import load_inference_config
     from quality_steps import NAMES
 
