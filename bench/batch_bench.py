@@ -46,8 +46,8 @@ def save_model_dir(model, folder: Path) -> Path:
 
 def run_once(data: Path, model_dir: Path, out: Path, batch: int, device: str) -> dict:
     sampler = load_inference_config("demo")["sampler"]
-    cfg = InferenceConfig("ic", data, out, model=model_dir, sampler=SamplerOptions(**sampler, batch_windows=batch),
-                          device=device, progress=False)
+    cfg = InferenceConfig("ic", data, out, model=model_dir, device=device, progress=False,
+                          sampler=SamplerOptions(**{**sampler, "batch_windows": batch}))
     enhancer = Enhancer(cfg)
     counter = EvaluationCounter(enhancer.volume_model.model.unet)
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -21,6 +21,7 @@ Sections (``--only`` picks some; each rewrites only its own block, per device ki
 - ``temporal_conv``: the volumetric layers' temporal ``Conv1d`` against three shifted 1x1 convolutions;
 - ``segmenter``: the MONAI segmenter's training step and forward in ``channels_last_3d`` against contiguous, and its
   sliding-window prediction with one window against ``sw_batch_size`` windows per forward pass;
+- ``optimiser``: torch's fused Adam kernel against the default loop, on the demo's models (CPU);
 - ``targets`` (last): the targets table, read from the blocks the other sections wrote (measures nothing).
 
 Comparisons run side by side in one process, interleaved (A B A B ...), as medians and ratios.
@@ -65,10 +66,12 @@ SECTIONS = {
                       "bench_temporal_conv"),
     "segmenter": ("11. Segmenter training step and prediction, by memory format; sliding windows per pass", "segmenter_bench",
                   "bench_segmenter"),
+    "optimiser": ("12. Optimiser: the fused Adam kernel against the loop (the demo's trainings)", "optimiser_bench",
+                  "bench_optimiser"),
     "targets": ("Targets, read from the sections' blocks", "targets", "bench_targets"),
 }
 DEFAULT = ("unet", "volume", "training", "data", "batch", "channels_last", "profile", "temporal_conv", "segmenter",
-           "targets")
+           "optimiser", "targets")
 GPU_PLACEHOLDERS = DEFAULT[:-1]  # "targets" measures nothing: one block, whatever the device
 # opt-in: unet_paper (minutes), compile (minutes of compilation), quality_steps (trained demo models, minutes),
 # latent_cache (the KL-f8 encoder on 512x512 slices: a minute or two with --quick)

@@ -221,6 +221,7 @@ def test_volume_stage_trains_only_volumetric_parameters(tmp_path):
     model = make_model("volume_stage", ckpt_path=str(path))
     model.set_learning_rate(ngpu=1, batch_size=1)
     optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True  # gem3d.optim
     volumetric = {n for n, _ in model.unet.named_parameters() if is_volumetric_parameter_name(n)}
     assert volumetric and {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for n, p in model.unet.named_parameters() if n in volumetric
@@ -341,6 +342,7 @@ def test_autoencoder_module_adam_betas():
     config["params"]["frozen"] = False
     default = AutoencoderModule(first_stage_config=config).configure_optimizers()
     assert default.param_groups[0]["betas"] == (0.5, 0.9)  # latent-diffusion's
+    assert isinstance(default, torch.optim.Adam) and default.defaults["fused"] is True  # gem3d.optim
     plain = AutoencoderModule(first_stage_config=config, betas=[0.9, 0.999]).configure_optimizers()
     assert plain.param_groups[0]["betas"] == (0.9, 0.999)
     with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"):

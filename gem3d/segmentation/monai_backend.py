@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from gem3d.data.case import load_case
 from gem3d.export.nifti import save_nifti
 from gem3d.files import atomic_path
+from gem3d.optim import make_adam
 
 from .base import Segmenter, SegmenterSettings, TrainingCase, prediction_name
 
@@ -153,7 +154,7 @@ class MonaiSegmenter(Segmenter):
         images = torch.stack([pad_end(image, shape) for image in images])
         labels = torch.stack([pad_end(label, shape) for label in labels])
         network = self._build(num_labels)
-        optimiser = torch.optim.Adam(network.parameters(), lr=self.options["learning_rate"])
+        optimiser = make_adam("adam", network.parameters(), lr=self.options["learning_rate"])
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
         augment = self._augment(whole)
         start = self._resume(network, optimiser, key)

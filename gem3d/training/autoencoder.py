@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from gem3d.config import instantiate_from_config, to_plain
+from gem3d.optim import make_adam
 from gem3d.training.common import LearningRateRule, image_grid, log_image_grids
 from gem3d.training.faults import check_finite_loss
 
@@ -117,4 +118,5 @@ class AutoencoderModule(LearningRateRule, L.LightningModule):
         return log_image_grids(self, grid)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.first_stage.parameters(), lr=self.learning_rate, betas=tuple(self.hparams.betas))
+        return make_adam("adam", self.first_stage.parameters(), lr=self.learning_rate,
+                         betas=tuple(self.hparams.betas))

@@ -21,6 +21,7 @@ from torch import nn
 from gem3d.checkpoint import load_checkpoint, resolve_checkpoint, unet_state_dict
 from gem3d.denoiser import Denoiser
 from gem3d.ema import EMA
+from gem3d.optim import make_adam
 from gem3d.sampling import samplers
 from gem3d.training.common import LearningRateRule, image_grid, log_image_grids
 from gem3d.training.faults import check_finite_loss
@@ -329,7 +330,7 @@ class Gem3dLDM(Denoiser, LearningRateRule, L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError(f"variant {self.variant!r}: no trainable parameters")
-        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        return make_adam("adamw", params, lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_stage_scale_factor"] = float(self.first_stage.scale_factor)
