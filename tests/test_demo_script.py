@@ -85,16 +85,22 @@ def test_trainings_and_inferences_share_the_cores_in_order(tmp_path, monkeypatch
     models exist (one thread each while two run)."""
     events, lock = [], threading.Lock()
     minutes_count = {"demo_autoencoder", "demo_stage1", "demo_base_stage1", "demo", "demo_base"}
+    last_inference_done = threading.Event()  # the segmenter runs until then (or 10 s): no race with a loaded machine
 
     def fake(kind, threads_at):
         def step(name, *args):
             threads = args[threads_at]
             with lock:
                 events.append(("start", name, threads))
-            time.sleep({first_stage2: 0.05, "demo_slice": 0.3, "segmenter": 0.8}.get(
-                name, 0.2 if name in ("demo", "demo_base") else 0.02))
+            if name == "segmenter":
+                last_inference_done.wait(timeout=10)
+            else:
+                time.sleep({first_stage2: 0.05, "demo_slice": 0.3}.get(
+                    name, 0.2 if name in ("demo", "demo_base") else 0.02))
             with lock:
                 events.append(("end", name, threads))
+            if name == "counterfactual-t2":
+                last_inference_done.set()
             return tmp_path / kind / name
         return step
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +16,7 @@ from gem3d.data.preprocess import PreprocessConfig, compute_body_mask
 from gem3d.export.manifest import Manifest, make_record
 from gem3d.export.preview import TITLE_HEIGHT
 from gem3d.files import file_sha256
-from gem3d.inference.engine import Enhancer, InferenceConfig, merge_rank_manifests, run_inference
+from gem3d.inference.engine import Enhancer, InferenceConfig, SharedClock, merge_rank_manifests, run_inference
 from gem3d.model_dirs import load_model_dir
 from gem3d.inference.settings import SETTINGS, Setting
 from gem3d.inference.volume import SamplerOptions, informed_start_latents, label_region_latent, sample_volume_latents
@@ -285,6 +286,43 @@ def test_batch_windows_leaves_the_samples_unchanged(tiny, tmp_path):
     with pytest.raises(ValueError, match="batch_windows must be an int >= 1, got 0"):
         SamplerOptions(batch_windows=0)
 
+
+
+def test_volumes_in_lockstep_split_the_runs_seconds(tiny, tmp_path):
+    """With batch_windows > 1 each record's seconds is the volume's share of the run (its own loading, decoding and
+    writing, and its part of each shared sampling round), so the shares add up to the run's wall time instead of
+    counting a shared round once per volume."""
+    for batch in (1, 3):
+        config = make_config(tiny, "ic", tmp_path / f"b{batch}", cases="all", previews=False,
+                             sampler=SamplerOptions(steps=2, batch_windows=batch))
+        enhancer = Enhancer(config)
+        t0 = time.perf_counter()
+        records = Manifest(enhancer.run()).records
+        wall = time.perf_counter() - t0
+        seconds = [r["seconds"] for r in records]
+        assert len(seconds) == len(tiny["names"]) >= 3 and min(seconds) > 0
+        assert 0.7 * wall < sum(seconds) <= wall
+
+
+def test_shared_clock_splits_each_round_among_the_volumes_in_it():
+    """SharedClock: a round of two volumes costs each half its time; a volume's own steps count in full."""
+    clock = SharedClock()
+    rounds = clock.shared(lambda jobs: (time.sleep(0.2), [None] * len(jobs))[1])
+
+    def volume(own: float):
+        time.sleep(own)
+        yield ["job"]
+        return {"seconds": None}
+
+    a, b = clock.timed(volume(0.1)), clock.timed(volume(0.0))
+    jobs = [next(a), next(b)]
+    outputs = rounds(jobs)
+    done = []
+    for stepper, out in zip((a, b), outputs):
+        with pytest.raises(StopIteration) as stop:
+            stepper.send(out)
+        done.append(stop.value.value["seconds"])
+    assert done[0] == pytest.approx(0.2, abs=0.03) and done[1] == pytest.approx(0.1, abs=0.03)
 
 
 def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_body(tiny, tmp_path):

@@ -12,7 +12,8 @@ PACKAGE = ROOT / "gem3d"
 
 # lowest first; a module may import its own layer or the ones below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("gem3d", "gem3d.files", "gem3d.config", "gem3d.configs", "gem3d.checkpoint", "gem3d.ema")),
+    ("core", ("gem3d", "gem3d.files", "gem3d.config", "gem3d.configs", "gem3d.checkpoint", "gem3d.ema",
+              "gem3d.optim")),
     ("data and models", ("gem3d.data", "gem3d.models")),
     ("sampling and training", ("gem3d.sampling", "gem3d.denoiser", "gem3d.training")),
     ("model folders and conversion", ("gem3d.model_dirs", "gem3d.convert")),

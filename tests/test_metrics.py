@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from gem3d.metrics.consistency import consistency_metrics, intensity_profile, slice_jumps, through_plane_gradient
-from gem3d.metrics.image import ms_ssim, ms_ssim_scales, psnr, reconstruction_metrics, ssim, to_unit_range
+from gem3d.metrics.image import ms_ssim, ms_ssim_scales, psnr, reconstruction_metrics, ssim, ssim_map, to_unit_range
 from gem3d.metrics.report import density, line_plot
 
 
@@ -64,6 +64,31 @@ def test_ssim_runs_over_axial_slices_and_inside_the_mask():
     assert ssim(pred, ref, 1.0, mask=mask) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="mode must be one of"):
         ssim(pred, ref, mode="sagittal")
+
+
+def test_one_ssim_map_serves_every_mask_as_ssim_would():
+    """reconstruction_metrics computes the axial SSIM map once and averages it over the body and each label: the
+    same numbers as one ssim() call per mask; a mask only at the border is refused as ssim() refuses it."""
+    ref = _volume(7, (6, 32, 32))
+    pred = ref + np.random.default_rng(8).normal(0, 0.1, ref.shape)
+    labels = np.zeros(ref.shape, int)
+    labels[1:4, 8:20, 10:22] = 1
+    labels[2:5, 14:18, 6:12] = 2
+    body = np.zeros(ref.shape, bool)
+    body[:, 4:28, 4:28] = True
+    for mode in ("axial", "3d"):
+        shared = ssim_map(pred, ref, 1.0, mode=mode)
+        for mask in (None, body, labels == 1, labels == 2):
+            assert shared.mean(mask) == pytest.approx(ssim(pred, ref, 1.0, mask=mask, mode=mode), abs=1e-7)
+    out = reconstruction_metrics(pred, ref, body=body, labels=labels, label_names={1: "a", 2: "b"})
+    real01, fake01 = to_unit_range(ref, ref), to_unit_range(pred, ref)
+    assert out["ssim_axial_body"] == pytest.approx(ssim(fake01, real01, 1.0, body), abs=1e-7)
+    for value, name in ((1, "a"), (2, "b")):
+        assert out[f"ssim_axial_{name}"] == pytest.approx(ssim(fake01, real01, 1.0, labels == value), abs=1e-7)
+    border = np.zeros(ref.shape, bool)
+    border[:, 0, :] = True
+    with pytest.raises(ValueError, match="no voxel at least 5 voxels from the border"):
+        ssim_map(pred, ref, 1.0).mean(border)
 
 
 def test_ms_ssim_identity_scales_and_noise():

@@ -2,9 +2,9 @@
 
 Per sample it writes ``OUT/<setting>/<case>_s<k>_image.nii.gz`` and ``..._label.nii.gz`` on the input label's grid,
 ``<case>_gt.nii.gz`` (``test`` only: the real image is its ground truth), ``previews/<case>_s<k>.png`` and a
-``manifest.json`` record (with the seconds and the peak memory of the volume, :class:`PeakMemory`, and the
-preprocessing it ran with). A rerun skips finished samples; each sample's seed comes from ``(seed, case, k)``, so
-outputs do not depend on sharding.
+``manifest.json`` record (with the volume's share of the run's seconds, :class:`SharedClock`, its peak memory,
+:class:`PeakMemory`, and the preprocessing it ran with). A rerun skips finished samples; each sample's seed comes
+from ``(seed, case, k)``, so outputs do not depend on sharding.
 """
 from __future__ import annotations
 
@@ -595,13 +595,51 @@ class Enhancer:
             todo = [(c, k) for c, k in jobs if not (self.is_done(merged, c, k) or self.is_done(manifest, c, k))]
             name = f"{self.cfg.setting} ({'part' if self.cfg.part else 'rank'} {rank})" if world_size > 1 else None
             with tqdm(total=len(todo), desc=name or self.cfg.setting, disable=not self.cfg.progress) as bar:
-                samples = (self.sample(case, k) for case, k in todo)
+                clock = SharedClock()
+                samples = (clock.timed(self.sample(case, k)) for case, k in todo)
                 model = None if self.volume_model is None else self.volume_model.model
-                rounds = partial(sample_rounds, model, self.cfg.sampler)
+                rounds = clock.shared(partial(sample_rounds, model, self.cfg.sampler))
                 for record in run_lockstep(rounds, samples, self.cfg.sampler.batch_windows):
                     manifest.add(record, replace=True)
                     bar.update(1)
             return own_path
+
+
+class SharedClock:
+    """Each volume's share of a run's wall time when volumes are sampled in lockstep (``batch_windows`` > 1): its
+    own work (loading, decoding, writing, in its generator) plus, for every sampling round it took part in, that
+    round's time divided by the volumes in the round. The shares add up to the run's time; one volume at a time,
+    a share is the volume's wall time. :meth:`timed` writes it into the record's ``seconds``."""
+
+    def __init__(self):
+        self.per_volume = 0.0  # seconds of shared rounds per taking part, summed over the rounds so far
+
+    def shared(self, sample_rounds):
+        """``sample_rounds`` (one call per round, a list of each volume's jobs), timed and split among them."""
+        def call(rounds):
+            t0 = time.perf_counter()
+            outputs = sample_rounds(rounds)
+            self.per_volume += (time.perf_counter() - t0) / max(1, len(rounds))
+            return outputs
+        return call
+
+    def timed(self, stepper: Generator) -> Generator:
+        """``stepper`` (:meth:`Enhancer.sample`) as seen by ``run_lockstep``, its record's ``seconds`` replaced by
+        the volume's share."""
+        seconds, t0 = 0.0, time.perf_counter()
+        try:
+            jobs = next(stepper)
+            while True:
+                seconds += time.perf_counter() - t0
+                mark = self.per_volume
+                outputs = yield jobs
+                seconds += self.per_volume - mark
+                t0 = time.perf_counter()
+                jobs = stepper.send(outputs)
+        except StopIteration as done:
+            record = done.value
+            record["seconds"] = round(seconds + time.perf_counter() - t0, 3)
+            return record
 
 
 LOCK_NAME = ".gem3d.lock"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -68,20 +69,43 @@ def ssim(prediction, reference, data_range: float | None = None, mask=None, mode
          window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> float:
     """Mean SSIM (MONAI ``compute_ssim_and_cs``) of ``(D, H, W)`` volumes, per axial slice (``mode="axial"``) or
     3D; with ``mask`` only windows centred inside it count. The window shrinks (odd) to fit small volumes."""
+    return ssim_map(prediction, reference, data_range, mode, window, sigma).mean(mask)
+
+
+@dataclass(frozen=True)
+class SsimMap:
+    """The SSIM of every valid window (``values``: the volume of ``shape`` less ``half`` voxels at each border of
+    the ``dims`` last axes, those the window spans), to be averaged over one mask or several without computing it
+    again."""
+
+    values: torch.Tensor
+    shape: tuple[int, int, int]
+    half: int
+    dims: int
+
+    def mean(self, mask=None) -> float:
+        """The mean SSIM over the windows centred inside ``mask`` (bool ``(D, H, W)``; None: all of them)."""
+        if mask is None:
+            return float(self.values.mean())
+        valid = [slice(None)] * (3 - self.dims) + [slice(self.half, s - self.half)
+                                                   for s in self.shape[3 - self.dims:]]
+        m = _as_mask(mask, self.shape)[tuple(valid)]
+        if not m.any():
+            raise ValueError(f"mask has no voxel at least {self.half} voxels from the border "
+                             f"(SSIM window {2 * self.half + 1})")
+        return float(self.values[m].mean())
+
+
+def ssim_map(prediction, reference, data_range: float | None = None, mode: str = "axial",
+             window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> SsimMap:
+    """The SSIM map of ``(D, H, W)`` volumes (per axial slice or 3D) that :func:`ssim` averages."""
     pattern, dims = _layout(mode)
     x, y, data_range = _pair(prediction, reference, data_range)
     size = _odd_window(window, x.shape[3 - dims:])
     full, _ = compute_ssim_and_cs(rearrange(x, pattern), rearrange(y, pattern), spatial_dims=dims,
                                   kernel_size=[size] * dims, kernel_sigma=[sigma] * dims, data_range=data_range)
     values = full.reshape(full.shape[-3:]) if mode == "3d" else full[:, 0]  # the valid-window map
-    if mask is None:
-        return float(values.mean())
-    half = size // 2  # only the centres of valid windows count
-    valid = [slice(None)] * (3 - dims) + [slice(half, s - half) for s in x.shape[3 - dims:]]
-    m = _as_mask(mask, x.shape)[tuple(valid)]
-    if not m.any():
-        raise ValueError(f"mask has no voxel at least {half} voxels from the border (SSIM window {size})")
-    return float(values[m].mean())
+    return SsimMap(values, tuple(x.shape), size // 2, dims)
 
 
 def ms_ssim_scales(shape, window: int = SSIM_WINDOW, max_scales: int = len(MS_SSIM_WEIGHTS)) -> tuple[int, int]:
@@ -143,11 +167,12 @@ def reconstruction_metrics(synthetic, real, body=None, labels=None, label_names:
         real01 = to_unit_range(real, real)
         fake01 = to_unit_range(synthetic, real)
     body = np.ones(real01.shape, bool) if body is None else np.asarray(body, bool)
+    axial = ssim_map(fake01, real01, 1.0, mode="axial")  # one map for the body and every label
     out = {
         "psnr_body": psnr(fake01, real01, 1.0, body),
         "psnr_axial_body": _slicewise_psnr(fake01, real01, body, 1.0),
         "ssim_body": ssim(fake01, real01, 1.0, body, mode="3d"),
-        "ssim_axial_body": ssim(fake01, real01, 1.0, body, mode="axial"),
+        "ssim_axial_body": axial.mean(body),
     }
     out["ms_ssim"], out["ms_ssim_scales"], _ = ms_ssim(fake01, real01, 1.0, mode="3d")
     out["ms_ssim_axial"], _, _ = ms_ssim(fake01, real01, 1.0, mode="axial")
@@ -158,7 +183,7 @@ def reconstruction_metrics(synthetic, real, body=None, labels=None, label_names:
             region = labels == value
             out[f"psnr_{name}"] = psnr(fake01, real01, 1.0, region)
             try:
-                out[f"ssim_axial_{name}"] = ssim(fake01, real01, 1.0, region, mode="axial")
+                out[f"ssim_axial_{name}"] = axial.mean(region)
             except ValueError:  # a label only at the border: no valid SSIM window
                 out[f"ssim_axial_{name}"] = math.nan
     return out

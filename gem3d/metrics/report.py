@@ -212,8 +212,9 @@ def time_memory_section(records: Mapping[str, Sequence[Mapping]]) -> Section | N
                      f"{max(cuda):,.0f}" if cuda else MISSING))
     if not rows:
         return None
-    lines = ("seconds: each volume's wall time in the manifest (loading, sampling, decoding, writing), mean and "
-             "min–max over the row's volumes",
+    lines = ("seconds: each volume's share of its run's wall time in the manifest (its loading, decoding and "
+             "writing, and of each sampling round the round's time over the volumes sampled in it: volumes in "
+             "lockstep split it), mean and min–max over the row's volumes",
              "peak RSS: the largest of the volumes' peak resident memory of the generating process, in MiB; its "
              "scope: " + "; ".join(f"{k} = {v}" for k, v in MEMORY_SCOPES.items()),
              "CUDA peak: torch.cuda.max_memory_allocated, reset at each volume (or run), the largest, in MiB; "
