@@ -305,24 +305,31 @@ def test_volumes_in_lockstep_split_the_runs_seconds(tiny, tmp_path):
 
 
 def test_shared_clock_splits_each_round_among_the_volumes_in_it():
-    """SharedClock: a round of two volumes costs each half its time; a volume's own steps count in full."""
-    clock = SharedClock()
-    rounds = clock.shared(lambda jobs: (time.sleep(0.2), [None] * len(jobs))[1])
+    """SharedClock (on a clock the test moves): a round of two volumes costs each half its time; a volume's own steps
+    count in full."""
+    now = [0.0]
+    clock = SharedClock(clock=lambda: now[0])
 
-    def volume(own: float):
-        time.sleep(own)
+    def advance(seconds):
+        now[0] += seconds
+
+    rounds = clock.shared(lambda jobs: (advance(0.2), [None] * len(jobs))[1])
+
+    def volume(own_before: float, own_after: float):
+        advance(own_before)
         yield ["job"]
+        advance(own_after)
         return {"seconds": None}
 
-    a, b = clock.timed(volume(0.1)), clock.timed(volume(0.0))
-    jobs = [next(a), next(b)]
-    outputs = rounds(jobs)
+    a, b = clock.timed(volume(0.1, 0.05)), clock.timed(volume(0.0, 0.0))
+    outputs = rounds([next(a), next(b)])
     done = []
     for stepper, out in zip((a, b), outputs):
         with pytest.raises(StopIteration) as stop:
             stepper.send(out)
         done.append(stop.value.value["seconds"])
-    assert done[0] == pytest.approx(0.2, abs=0.03) and done[1] == pytest.approx(0.1, abs=0.03)
+    assert done == [pytest.approx(0.25), pytest.approx(0.1)]  # 0.1 + 0.2 / 2 + 0.05, and 0.2 / 2
+    assert sum(done) == pytest.approx(now[0])  # the shares add up to the time that passed
 
 
 def test_informed_start_begins_each_slice_from_the_informed_slice_inside_its_body(tiny, tmp_path):

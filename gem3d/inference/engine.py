@@ -611,34 +611,35 @@ class SharedClock:
     round's time divided by the volumes in the round. The shares add up to the run's time; one volume at a time,
     a share is the volume's wall time. :meth:`timed` writes it into the record's ``seconds``."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock  # seconds, monotonic
         self.per_volume = 0.0  # seconds of shared rounds per taking part, summed over the rounds so far
 
     def shared(self, sample_rounds):
         """``sample_rounds`` (one call per round, a list of each volume's jobs), timed and split among them."""
         def call(rounds):
-            t0 = time.perf_counter()
+            t0 = self.clock()
             outputs = sample_rounds(rounds)
-            self.per_volume += (time.perf_counter() - t0) / max(1, len(rounds))
+            self.per_volume += (self.clock() - t0) / max(1, len(rounds))
             return outputs
         return call
 
     def timed(self, stepper: Generator) -> Generator:
         """``stepper`` (:meth:`Enhancer.sample`) as seen by ``run_lockstep``, its record's ``seconds`` replaced by
         the volume's share."""
-        seconds, t0 = 0.0, time.perf_counter()
+        seconds, t0 = 0.0, self.clock()
         try:
             jobs = next(stepper)
             while True:
-                seconds += time.perf_counter() - t0
+                seconds += self.clock() - t0
                 mark = self.per_volume
                 outputs = yield jobs
                 seconds += self.per_volume - mark
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 jobs = stepper.send(outputs)
         except StopIteration as done:
             record = done.value
-            record["seconds"] = round(seconds + time.perf_counter() - t0, 3)
+            record["seconds"] = round(seconds + self.clock() - t0, 3)
             return record
 
 
