@@ -10,7 +10,6 @@ BasicUNet, two 32x48x48 patches).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
