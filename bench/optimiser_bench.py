@@ -60,7 +60,8 @@ def _segmenter(device: str):
 MODELS = {  # what -> (builder, Adam kind)
     "demo autoencoder (demo_autoencoder.yaml), batch 8x1x64x64": (_autoencoder, "adam"),
     "demo stage 1 (demo_stage1.yaml), 16x13x16x16": (lambda device: _unet("demo_stage1", device), "adamw"),
-    "demo stage 2 (demo_stage2.yaml, volumetric layers), 16x13x16x16": (lambda device: _unet("demo_stage2", device), "adamw"),
+    "demo stage 2 (demo_stage2.yaml, volumetric layers), 16x13x16x16":
+        (lambda device: _unet("demo_stage2", device), "adamw"),
     "label-fidelity segmenter (MONAI BasicUNet 8-64), 2x1x32x48x48": (_segmenter, "adam"),
 }
 

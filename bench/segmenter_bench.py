@@ -4,8 +4,9 @@ sliding-window prediction, by windows per forward pass.
 The segmenter (gem3d/segmentation/monai_backend.py) is MONAI's ``BasicUNet`` with 8-64 channels, trained on whole
 48x64x64 demo volumes by the downstream experiment (the demo's label-fidelity segmenter trains on 32x48x48 patches
 of them), where oneDNN's 3D convolution backward costs several times its forward. The backend keeps the network
-and its inputs in ``channels_last_3d``; this section times a training step (forward, DiceCE loss, backward, Adam) and a forward on the backend's own network and loss, in that
-format against the default (contiguous) one, from the same weights, interleaved. Then the label-fidelity segmenter's
+and its inputs in ``channels_last_3d``; this section times a training step (forward, DiceCE loss, backward, Adam)
+and a forward on the backend's own network and loss, in that format against the default (contiguous) one, from the
+same weights, interleaved. Then the label-fidelity segmenter's
 prediction of one demo volume: MONAI's ``sliding_window_inference`` over 32x48x48 windows (eight of them, overlap
 0.25, Gaussian blending), one window per forward pass against the backend's ``sw_batch_size`` (4).
 """

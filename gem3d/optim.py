@@ -2,7 +2,7 @@
 
 The default Adam loops over the parameters, a few small ops each; the fused kernel updates them all in one call
 (the same update up to float rounding). On the demo's CPU models the loop is a measurable share of a training step
-(BENCHMARKS.md section 3, the optimiser rows).
+(BENCHMARKS.md section 12).
 """
 
 from __future__ import annotations

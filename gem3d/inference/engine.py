@@ -430,10 +430,10 @@ class Enhancer:
 
     def sample(self, case_name: str, k: int) -> Generator:
         """Generate, write and describe sample ``k`` of ``case_name``, as a generator that yields the rounds of its
-        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record. The
-        steps draw from one ``rng`` and one torch ``generator`` seeded by :func:`sample_seed`, in this order."""
+        windows (:func:`gem3d.sampling.propagation.run_lockstep` samples them) and returns its manifest record (its
+        ``seconds`` are written by :meth:`SharedClock.timed`, which drives it in :meth:`run`). The steps draw from one
+        ``rng`` and one torch ``generator`` seeded by :func:`sample_seed`, in this order."""
         self.memory.start()
-        t0 = time.perf_counter()
         seed = sample_seed(self.cfg.seed, case_name, k)
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -454,7 +454,6 @@ class Enhancer:
             sampler=dataclasses.asdict(self.cfg.sampler),
             steps=self.cfg.sampler.steps,
             checkpoint_sha256=loaded.sha256,
-            seconds=round(time.perf_counter() - t0, 3),
             files={name: str(path.relative_to(self.cfg.setting_dir)) for name, path in paths.items()},
             channel={"index": self.dataset.channel, "name": self.dataset.channel_name},
             memory=self.memory.record(),
