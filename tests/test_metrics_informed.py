@@ -122,3 +122,40 @@ def test_evaluation_scores_generated_informed_slices_against_the_real_yardstick(
     assert (report / "histogram_informed_slices.png").is_file()
     html = (report / "report.html").read_text()
     assert "Generated informed slices" in html and 'alt="histogram informed slices"' in html
+
+
+def test_the_report_shows_each_generated_plane_above_the_real_slice_there(blob_outputs, tmp_path, monkeypatch):
+    data, folders = blob_outputs
+    drawn = {}
+    image_grid = evaluation.report.image_grid
+
+    def spy(path, lines, title, **kw):
+        drawn.update(lines)
+        return image_grid(path, lines, title, **kw)
+
+    monkeypatch.setattr(evaluation.report, "image_grid", spy)
+    report = tmp_path / "report"
+    assert evaluation.main(["--real", str(data), "--cases", "split:val", "--out", str(report), "--metrics",
+                            "informed", *(f"--synthetic={k}={v}" for k, v in folders.items())]) == 0
+    assert (report / "informed_slices.png").is_file()
+    assert 'alt="informed slices"' in (report / "report.html").read_text()
+    rows = [name for name in drawn if name.endswith(": generated")]
+    assert sorted(rows) == ["flat: generated", "real_plane: generated", "shuffled: generated"]
+    real = drawn["real, same plane"]  # the last row's real line (every row's real line is the same here)
+    assert len(real) == len(VAL) and all("plane" in title for title, _ in real)
+    for (_, generated), (_, truth) in zip(drawn["real_plane: generated"], real):
+        np.testing.assert_array_equal(generated, truth)  # the real plane kept: the same picture
+    for (_, generated), (_, truth) in zip(drawn["flat: generated"], real):
+        assert not np.array_equal(generated, truth)
+
+
+def test_image_grid_draws_lines_of_panels_and_refuses_nothing(tmp_path):
+    from PIL import Image
+
+    images = [("a", np.zeros((8, 6))), ("b", np.ones((8, 6)))]
+    path = evaluation.report.image_grid(tmp_path / "grid.png", [("one", images), ("two", images[:1])], "t",
+                                        panel_size=50)
+    width, height = Image.open(path).size
+    assert width == 2 * 50 and height > 2 * 50  # two columns, two lines of panels plus titles
+    with pytest.raises(ValueError, match="at least one line"):
+        evaluation.report.image_grid(tmp_path / "none.png", [("one", [])], "t")

@@ -49,14 +49,14 @@ def _centre_index(shape: Sequence[int], mask: np.ndarray | None) -> tuple[int, i
     return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
 
 
-def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+def view_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """2-D slice to draw with ``origin="lower"``: axial ``(W, H)`` (anterior up), else ``(D, other)`` (superior up)."""
     plane = np.take(volume, index, axis=axis)
     return plane.T if axis == 0 else plane
 
 
 def _aspect(spacing: Sequence[float], axis: int) -> float:
-    """Height / width of a pixel of ``_view``."""
+    """Height / width of a pixel of ``view_slice``."""
     d, h, w = spacing
     if axis == 0:
         return w / h
@@ -150,10 +150,10 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
         top += TITLE_HEIGHT
         for column, (_, axis) in enumerate(VIEWS):
             axes = panel(column, top)
-            axes.imshow(_view(array, axis, centre[axis]), cmap="gray", vmin=low, vmax=high, origin="lower",
+            axes.imshow(view_slice(array, axis, centre[axis]), cmap="gray", vmin=low, vmax=high, origin="lower",
                         aspect=_aspect(spacing, axis), interpolation="bilinear")
             if label is not None and title in contour_titles:
-                labels = _view(label, axis, centre[axis])
+                labels = view_slice(label, axis, centre[axis])
                 values, voxels = np.unique(labels[labels > 0], return_counts=True)
                 for value in values[np.argsort(-voxels, kind="stable")]:  # the smallest drawn last, on top
                     colour = _PALETTE[(value - 1) % len(_PALETTE)] / 255
@@ -178,7 +178,7 @@ def save_preview(path: str | os.PathLike, volumes: Sequence[tuple[str, np.ndarra
         caption(3, top + 1, f"mask ({legend})" if legend else "mask (empty)")
         top += TITLE_HEIGHT
         for column, (_, axis) in enumerate(VIEWS):
-            panel(column, top).imshow(_label_rgb(_view(label, axis, centre[axis])), origin="lower",
+            panel(column, top).imshow(_label_rgb(view_slice(label, axis, centre[axis])), origin="lower",
                                       aspect=_aspect(spacing, axis), interpolation="nearest")
 
     with atomic_path(path) as tmp:

@@ -52,7 +52,7 @@ from einops import rearrange
 from gem3d.data.case import load_case
 from gem3d.data.datasets import default_splits_path, read_splits, split_cases
 from gem3d.data.preprocess import PreprocessConfig
-from gem3d.export.preview import save_preview
+from gem3d.export.preview import save_preview, view_slice
 from gem3d.files import atomic_write_text
 from gem3d.segmentation import (BACKENDS, DEFAULT_ITERATIONS, Segmenter, SegmenterSettings, dataset_training_cases,
                                 load_trained_segmenter, trained_segmenter)
@@ -720,15 +720,40 @@ def report_sections(out: Path, scored: list[tuple[SyntheticSample, dict]], rows:
     if "informed" in groups and summary:
         lines = [f"`{c}`: {report.describe(c)}" for c in INFORMED_COLUMNS]
         lines.append("these measures see the slice's intensities and the segmenter's labels, not its anatomy: a "
-                     "head-shaped cloud with the right histogram scores like a real slice; the previews show the "
-                     "anatomy (the informed slice's panel)")
+                     "head-shaped cloud with the right histogram scores like a real slice; the picture below "
+                     "(informed_slices.png) shows each generated plane above the real slice of its case there")
         table = [(name, str(max(int(summary[name][c][2]) for c in INFORMED_COLUMNS if c in summary[name])),
                   *(report.format_value(*summary[name][c][:3]) if c in summary[name] else report.MISSING
                     for c in INFORMED_COLUMNS)) for name in report.order_rows(summary)]
         sections.append(report.Section("Generated informed slices (ig, igma) against real slices at the same "
                                        "position", ("row", "n", *INFORMED_COLUMNS), table, lines,
-                                       informed_plot(out, rows, real, cases)))
+                                       informed_plot(out, rows, real, cases),
+                                       [p for p in [informed_slices_figure(out, rows, real, cases)] if p]))
     return sections
+
+
+def informed_slices_figure(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData,
+                           cases: list[str]) -> Path | None:
+    """``informed_slices.png``: for each row with generated informed slices (``ig``, ``igma``), its volumes' planes
+    at the generated slice (``informed.target_index``) on one line and the real volume of the same case at the same
+    plane on the next, axial, anterior up, on the [0, 1] scale of the row; None when no sample has such a plane."""
+    lines = []
+    for name in report.order_rows(rows):
+        planes = [(s, informed_plane(s.record)) for s in rows[name] if s.case in cases]
+        planes = [(s, k) for s, k in planes if k is not None]
+        if not planes:
+            continue
+        position = lambda s, k: (s.record.get("informed") or {}).get("position")  # noqa: E731
+        titles = [f"{s.case} s{s.record.get('sample', 0)}\nplane {k}"
+                  + (f" (pos {position(s, k):.2f})" if position(s, k) is not None else "") for s, k in planes]
+        lines.append((f"{name}: generated", [(t, view_slice(s.image, 0, k)) for t, (s, k) in zip(titles, planes)]))
+        lines.append(("real, same plane", [(t, view_slice(real.image(s.case, s.scale), 0, k))
+                                           for t, (s, k) in zip(titles, planes)]))
+    if not lines:
+        return None
+    return report.image_grid(out / "informed_slices.png", lines,
+                             "generated informed slices where the volume holds them, above the real slice of the "
+                             "same case at the same plane")
 
 
 def informed_plot(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str]) -> Path:

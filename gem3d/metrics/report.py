@@ -158,6 +158,7 @@ class Section:
     rows: Sequence[Sequence[str]]
     lines: Sequence[str] = ()
     plot: Path | None = None
+    figures: Sequence[Path] = ()  # more pictures after the plot (report.html)
 
     def markdown(self) -> list[str]:
         lines = ["", f"## {self.title}", "", "| " + " | ".join(self.columns) + " |",
@@ -176,8 +177,8 @@ class Section:
                  f'<tbody>{"".join(body)}</tbody></table></div>']
         if self.lines:
             parts.append("<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in self.lines) + "</ul>")
-        if self.plot is not None and Path(self.plot).is_file():
-            parts.append(_image_tag(Path(self.plot), base, embed, "plot", Path(self.plot).stem.replace("_", " ")))
+        for picture in [p for p in (self.plot, *self.figures) if p is not None and Path(p).is_file()]:
+            parts.append(_image_tag(Path(picture), base, embed, "plot", Path(picture).stem.replace("_", " ")))
         return "".join(parts)
 
 
@@ -632,6 +633,36 @@ def _small_multiples(series: Mapping[str, tuple[np.ndarray, np.ndarray]], title:
     figure.supxlabel(xlabel, fontsize="x-small")
     figure.supylabel(ylabel, fontsize="x-small")
     return figure
+
+
+def image_grid(path: str | Path, lines: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], title: str,
+               panel_size: int = 120, value_range: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """A PNG grid of grey 2-D images drawn with ``origin="lower"``: ``lines`` of ``(line name, [(panel title,
+    image (H, W)), ...])``, one line per entry, every panel on the grey scale ``value_range``, the line's name on
+    its first panel."""
+    lines = [(name, list(panels)) for name, panels in lines]
+    if not lines or not any(panels for _, panels in lines):
+        raise ValueError("image_grid needs at least one line with one image")
+    n_columns = max(len(panels) for _, panels in lines)
+    figure = Figure(figsize=(n_columns * panel_size / PLOT_DPI, (len(lines) * (panel_size + 16) + 30) / PLOT_DPI),
+                    dpi=PLOT_DPI, layout="constrained")
+    grid = figure.subplots(len(lines), n_columns, squeeze=False)
+    for axes_line, (name, panels) in zip(grid, lines):
+        for column, axes in enumerate(axes_line):
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if column >= len(panels):
+                axes.set_visible(False)
+                continue
+            panel_title, image = panels[column]
+            axes.imshow(np.asarray(image, float), cmap="gray", vmin=value_range[0], vmax=value_range[1],
+                        origin="lower", interpolation="nearest")
+            axes.set_title(panel_title, fontsize="xx-small")
+        axes_line[0].set_ylabel(name, fontsize="x-small")
+    figure.suptitle(title, fontsize="small")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return Path(path)
 
 
 def density(values: np.ndarray, bins: int = 50,
