@@ -27,16 +27,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def abba_order(names: list[str], repeats: int) -> list[list[str]]:
+    """``repeats`` rounds of ``names``, every second one reversed: A B C, C B A, A B C, ..."""
+    return [names if r % 2 == 0 else names[::-1] for r in range(repeats)]
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: str,
                         warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each ``fns[name]()``, run A B C A B C ... so that load hits all of them alike."""
+    """Median seconds per call of each ``fns[name]()``, interleaved so that load hits all of them alike, in the
+    order A B C, C B A, A B C, ... (:func:`abba_order`): each function runs first as often as last (with an even
+    ``repeats``), so the position in a round (a warm cache after the one before, a throttled core) does not favour
+    one of them."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for order in abba_order(list(fns), repeats):
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             sync(device)

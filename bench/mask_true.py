@@ -301,16 +301,22 @@ def vpred_table(results: dict[str, dict[str, float]], steps: int, sampler: dict)
     return "\n".join(lines)
 
 
-def demo_copies(demo: Path, out: Path) -> tuple[Path, Path]:
-    """Copies of a demo's dataset and segmenter cache in ``out`` (made once), so that nothing is written into the
-    demo's folder (training caches latents in its dataset); copytree's copy2 keeps the files' sizes and times, which
-    key the segmenter cache: the demo's segmenter is reused, not retrained. -> (dataset, segmenter cache)."""
-    if not (out / "dataset" / "dataset.json").is_file():
-        shutil.copytree(demo / "dataset", out / "dataset", dirs_exist_ok=True)
+def segmenter_cache_copy(demo: Path, out: Path) -> Path:
+    """A copy of a demo's segmenter cache in ``out`` (made once; none where the demo has none): copytree's copy2
+    keeps the files' sizes and times, which key the cache, so the demo's segmenter is reused, not retrained."""
     cache = demo / "report" / "segmenter_cache"
     if cache.is_dir() and not (out / "segmenter_cache").is_dir():
         shutil.copytree(cache, out / "segmenter_cache")
-    return out / "dataset", out / "segmenter_cache"
+    return out / "segmenter_cache"
+
+
+def demo_copies(demo: Path, out: Path) -> tuple[Path, Path]:
+    """Copies of a demo's dataset and segmenter cache in ``out`` (made once), for the modes that train on the
+    demo's dataset, so that nothing is written into the demo's folder (training caches latents in its dataset).
+    -> (dataset, segmenter cache)."""
+    if not (out / "dataset" / "dataset.json").is_file():
+        shutil.copytree(demo / "dataset", out / "dataset", dirs_exist_ok=True)
+    return out / "dataset", segmenter_cache_copy(demo, out)
 
 
 def trained_steps(model_dir: Path, default: int) -> int:
@@ -662,7 +668,7 @@ def run_steps(args: argparse.Namespace) -> str:
     """The sampling-steps experiment (``--only steps``, see the module docstring); returns its table."""
     demo, models = demo_models(args, "steps")
     out = args.out.resolve() / "steps"
-    _, cache = demo_copies(demo, out)
+    cache = segmenter_cache_copy(demo, out)  # it samples the tuning cases only: the demo's dataset is not needed
     segmenter = None if args.quick else trained_segmenter(cache)
     tuning = tuning_dataset(args, out)
     sampler = dict(load_inference_config("demo")["sampler"])

@@ -158,3 +158,14 @@ def test_latent_cache_script_writes_section_6(monkeypatch, tmp_path):
     assert re.search(r"\| [\d.]+ ms \|  \|  \| 1/[\d,]+ of the time of encode every batch \| 20 \|$", rows[5])
     with pytest.raises(SystemExit, match="runs the latent_cache section only"):
         latent_cache.main(["--only", "unet"])
+
+
+def test_interleaved_medians_runs_the_functions_in_abba_rounds():
+    import common
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    medians = common.interleaved_medians(fns, repeats=4, device="cpu", warmup=0)
+    assert "".join(calls) == "ABCCBAABCCBA"  # each first as often as last
+    assert set(medians) == set("ABC") and all(v >= 0 for v in medians.values())
+    assert common.abba_order(["A", "B"], 3) == [["A", "B"], ["B", "A"], ["A", "B"]]
