@@ -52,7 +52,7 @@ def test_readme_names_no_project_history():
 
 def test_license_is_the_mit_license_pyproject_names():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["project"]["license"] == {"text": "MIT"}
+    assert pyproject["project"]["license"] == "MIT" and pyproject["project"]["license-files"] == ["LICENSE"]
     license_text = (ROOT / "LICENSE").read_text()
     assert license_text.startswith("MIT License\n") and "the gem3d authors" in license_text
 
