@@ -126,11 +126,12 @@ def test_evaluation_scores_generated_informed_slices_against_the_real_yardstick(
 
 def test_the_report_shows_each_generated_plane_above_the_real_slice_there(blob_outputs, tmp_path, monkeypatch):
     data, folders = blob_outputs
-    drawn = {}
+    drawn, titles = {}, []
     image_grid = evaluation.report.image_grid
 
     def spy(path, lines, title, **kw):
         drawn.update(lines)
+        titles.append(title)
         return image_grid(path, lines, title, **kw)
 
     monkeypatch.setattr(evaluation.report, "image_grid", spy)
@@ -147,6 +148,12 @@ def test_the_report_shows_each_generated_plane_above_the_real_slice_there(blob_o
         np.testing.assert_array_equal(generated, truth)  # the real plane kept: the same picture
     for (_, generated), (_, truth) in zip(drawn["flat: generated"], real):
         assert not np.array_equal(generated, truth)
+    assert "the first" not in titles[0]
+
+    monkeypatch.setattr(evaluation, "INFORMED_PANELS", 2)  # a larger run: the first samples of each row
+    assert evaluation.main(["--real", str(data), "--cases", "split:val", "--out", str(tmp_path / "capped"),
+                            "--metrics", "informed", *(f"--synthetic={k}={v}" for k, v in folders.items())]) == 0
+    assert all(len(panels) == 2 for panels in drawn.values()) and "(the first 2 samples of each row)" in titles[1]
 
 
 def test_image_grid_draws_lines_of_panels_and_refuses_nothing(tmp_path):

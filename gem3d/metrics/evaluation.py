@@ -732,28 +732,37 @@ def report_sections(out: Path, scored: list[tuple[SyntheticSample, dict]], rows:
     return sections
 
 
+INFORMED_PANELS = 8  # samples per row in informed_slices.png: the picture stays readable whatever the run's size
+
+
 def informed_slices_figure(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData,
                            cases: list[str]) -> Path | None:
-    """``informed_slices.png``: for each row with generated informed slices (``ig``, ``igma``), its volumes' planes
-    at the generated slice (``informed.target_index``) on one line and the real volume of the same case at the same
-    plane on the next, axial, anterior up, on the [0, 1] scale of the row; None when no sample has such a plane."""
-    lines = []
+    """``informed_slices.png``: for each row with generated informed slices (``ig``, ``igma``), the planes of its
+    first :data:`INFORMED_PANELS` volumes at their generated slice (``informed.target_index``) on one line and the
+    real volume of the same case at the same plane on the next, axial, anterior up, on the [0, 1] scale of the row;
+    None when no sample has such a plane."""
+    def title(sample: SyntheticSample, plane: int) -> str:
+        position = (sample.record.get("informed") or {}).get("position")
+        return (f"{sample.case} s{sample.record.get('sample', 0)}\nplane {plane}"
+                + ("" if position is None else f" (pos {position:.2f})"))
+
+    lines, capped = [], False
     for name in report.order_rows(rows):
         planes = [(s, informed_plane(s.record)) for s in rows[name] if s.case in cases]
         planes = [(s, k) for s, k in planes if k is not None]
+        capped |= len(planes) > INFORMED_PANELS
+        planes = planes[:INFORMED_PANELS]
         if not planes:
             continue
-        position = lambda s, k: (s.record.get("informed") or {}).get("position")  # noqa: E731
-        titles = [f"{s.case} s{s.record.get('sample', 0)}\nplane {k}"
-                  + (f" (pos {position(s, k):.2f})" if position(s, k) is not None else "") for s, k in planes]
-        lines.append((f"{name}: generated", [(t, view_slice(s.image, 0, k)) for t, (s, k) in zip(titles, planes)]))
-        lines.append(("real, same plane", [(t, view_slice(real.image(s.case, s.scale), 0, k))
-                                           for t, (s, k) in zip(titles, planes)]))
+        lines.append((f"{name}: generated", [(title(s, k), view_slice(s.image, 0, k)) for s, k in planes]))
+        lines.append(("real, same plane", [(title(s, k), view_slice(real.image(s.case, s.scale), 0, k))
+                                           for s, k in planes]))
     if not lines:
         return None
     return report.image_grid(out / "informed_slices.png", lines,
                              "generated informed slices where the volume holds them, above the real slice of the "
-                             "same case at the same plane")
+                             "same case at the same plane" + (f" (the first {INFORMED_PANELS} samples of each row)"
+                                                              if capped else ""))
 
 
 def informed_plot(out: Path, rows: dict[str, list[SyntheticSample]], real: RealData, cases: list[str]) -> Path:
