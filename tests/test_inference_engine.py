@@ -313,7 +313,11 @@ def test_shared_clock_splits_each_round_among_the_volumes_in_it():
     def advance(seconds):
         now[0] += seconds
 
-    rounds = clock.shared(lambda jobs: (advance(0.2), [None] * len(jobs))[1])
+    def one_round(jobs):  # a shared sampling round: 0.2 s, one output per volume
+        advance(0.2)
+        return [None] * len(jobs)
+
+    rounds = clock.shared(one_round)
 
     def volume(own_before: float, own_after: float):
         advance(own_before)

@@ -732,6 +732,13 @@ def report_sections(out: Path, scored: list[tuple[SyntheticSample, dict]], rows:
     return sections
 
 
+def generated_planes(samples: list[SyntheticSample], cases: list[str]) -> list[tuple[SyntheticSample, int]]:
+    """``(sample, plane)`` of the samples of ``cases`` that hold a generated informed slice, at its plane
+    (:func:`.informed.informed_plane`), in their order."""
+    planes = [(s, informed_plane(s.record)) for s in samples if s.case in cases]
+    return [(s, k) for s, k in planes if k is not None]
+
+
 INFORMED_PANELS = 8  # samples per row in informed_slices.png: the picture stays readable whatever the run's size
 
 
@@ -748,8 +755,7 @@ def informed_slices_figure(out: Path, rows: dict[str, list[SyntheticSample]], re
 
     lines, capped = [], False
     for name in report.order_rows(rows):
-        planes = [(s, informed_plane(s.record)) for s in rows[name] if s.case in cases]
-        planes = [(s, k) for s, k in planes if k is not None]
+        planes = generated_planes(rows[name], cases)
         capped |= len(planes) > INFORMED_PANELS
         planes = planes[:INFORMED_PANELS]
         if not planes:
@@ -771,10 +777,7 @@ def informed_plot(out: Path, rows: dict[str, list[SyntheticSample]], real: RealD
     series, real_values = {}, []
     for name, samples in rows.items():
         values = []
-        for s in samples:
-            plane = informed_plane(s.record)
-            if plane is None or s.case not in cases:
-                continue
+        for s, plane in generated_planes(samples, cases):
             values.append(plane_voxels(s.image, s.body, plane))
             real_values.append(plane_voxels(real.image(s.case, s.scale), real.case(s.case).body, plane))
         if values:
